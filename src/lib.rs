@@ -1,0 +1,3 @@
+//! sdpipe: fine-tune Stable Diffusion from declarative, cached TOML pipelines.
+
+pub mod diffusion;
