@@ -1,3 +1,13 @@
 //! sdpipe: fine-tune Stable Diffusion from declarative, cached TOML pipelines.
+//!
+//! The pieces: [`pipeline`] (the TOML file → a DAG of stage instances), [`cache`] (blobs,
+//! records, locks), [`engine`] (plan, run, watch), [`stages`] (what each kind does), [`image`]
+//! (decoding and resizing), [`diffusion`] (the Stable Diffusion core on dfdx), [`cli`].
 
+pub mod cache;
+pub mod cli;
 pub mod diffusion;
+pub mod engine;
+pub mod image;
+pub mod pipeline;
+pub mod stages;

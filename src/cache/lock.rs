@@ -1,0 +1,63 @@
+//! Per-key locks with `std::fs::File::lock`: the OS releases them when the process dies.
+
+use std::fs::{File, OpenOptions, TryLockError};
+use std::io::{self, Read, Seek, Write};
+use std::path::{Path, PathBuf};
+
+/// An exclusive lock on one cache key, held until dropped.
+#[derive(Debug)]
+pub struct KeyLock {
+    file: File,
+    path: PathBuf,
+}
+
+impl KeyLock {
+    /// Takes the lock at `path`, calling `on_wait` with a description of the holder when another
+    /// process has it, then waiting for it.
+    pub fn acquire(path: &Path, on_wait: impl FnOnce(&str)) -> io::Result<KeyLock> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                let holder = if holder.is_empty() {
+                    "another sdpipe process".to_string()
+                } else {
+                    holder.to_string()
+                };
+                on_wait(&holder);
+                file.lock()?;
+            }
+            Err(TryLockError::Error(e)) => return Err(e),
+        }
+        // Best effort: say who holds it, for the next waiter.
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = write!(file, "sdpipe pid {}", std::process::id());
+        Ok(KeyLock {
+            file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for KeyLock {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
+}

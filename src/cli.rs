@@ -1,0 +1,319 @@
+//! The command line: parsing with clap and dispatch to the library. Exit codes:
+//!
+//! | code | meaning |
+//! |---|---|
+//! | 0 | success |
+//! | 1 | a stage failed (the others that could finish did; the summary says which) |
+//! | 2 | usage error, or the pipeline file is invalid (the message points at the key) |
+//! | 3 | the environment failed: cache or outputs not writable, I/O error |
+//! | 130 | interrupted (Ctrl-C); finished stages are kept, nothing half-written remains |
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::cache::{FileHasher, Store};
+use crate::engine::{self, CancelToken, Progress, RunLock, RunOptions, Workspace};
+use crate::pipeline;
+
+/// Exit code: success.
+pub const EXIT_OK: i32 = 0;
+/// Exit code: a stage failed.
+pub const EXIT_STAGE_FAILED: i32 = 1;
+/// Exit code: usage or pipeline-file error.
+pub const EXIT_USAGE: i32 = 2;
+/// Exit code: environment / I/O failure.
+pub const EXIT_ENVIRONMENT: i32 = 3;
+/// Exit code: interrupted.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// Fine-tune Stable Diffusion from declarative, cached TOML pipelines.
+#[derive(Debug, Parser)]
+#[command(name = "sdpipe", version, about, long_about = None)]
+pub struct Cli {
+    /// Cache directory (holds `cache-v1/`). Default: ./.sdpipe
+    #[arg(long, global = true, env = "SDPIPE_CACHE_DIR", value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Outputs directory (a pipeline writes under `<DIR>/<name>/`). Default: ./outputs
+    #[arg(long, global = true, env = "SDPIPE_OUTPUTS", value_name = "DIR")]
+    pub outputs: Option<PathBuf>,
+    /// No progress bars or messages, only results and errors.
+    #[arg(long, short, global = true)]
+    pub quiet: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a pipeline: plan, compute what is stale, print a summary.
+    Run {
+        /// The pipeline file.
+        file: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+    },
+    /// Show which stages are fresh or stale and why, writing nothing.
+    Plan {
+        /// The pipeline file.
+        file: PathBuf,
+        /// Print a JSON array of {"stage", "status", "reason", "key"}.
+        #[arg(long)]
+        json: bool,
+        /// Treat these stages as forced.
+        #[arg(long, value_name = "STAGE")]
+        force: Vec<String>,
+    },
+    /// Run, then re-plan and run again on every save of the file or its inputs.
+    Watch {
+        /// The pipeline file.
+        file: PathBuf,
+        #[command(flatten)]
+        run: RunArgs,
+        /// Quiet time after a change before re-planning, in milliseconds.
+        #[arg(long, default_value_t = 300)]
+        debounce_ms: u64,
+    },
+    /// Inspect or clean the cache.
+    Cache {
+        #[command(subcommand)]
+        command: CacheCommand,
+    },
+}
+
+/// Options of `run` and `watch`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Recompute this stage (instance or stage name) even if cached; repeatable.
+    #[arg(long, value_name = "STAGE")]
+    pub force: Vec<String>,
+    /// Stop at the first failure (default: keep going; a failure skips only its dependents).
+    #[arg(long)]
+    pub fail_fast: bool,
+}
+
+/// `cache` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum CacheCommand {
+    /// Print what the cache holds.
+    Size {
+        /// As JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Free space: drop entries no pipeline's last run uses and not used within --max-age.
+    Gc {
+        /// Say what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Keep unreferenced entries used more recently than this (e.g. 7d, 12h, 0s).
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        max_age: Duration,
+    },
+    /// Re-hash every blob the cache references and report any damage.
+    Verify,
+}
+
+/// Runs the parsed command line; returns the process exit code.
+pub fn run(cli: Cli) -> i32 {
+    let ws = Workspace::new(cli.cache_dir.as_deref(), cli.outputs.as_deref());
+    let progress = Progress::new(cli.quiet);
+    match cli.command {
+        Command::Run { file, run } => cmd_run(&file, &ws, &run, &progress, cli.quiet),
+        Command::Plan { file, json, force } => cmd_plan(&file, &ws, json, force),
+        Command::Watch {
+            file,
+            run,
+            debounce_ms,
+        } => {
+            engine::install_ctrlc_handler();
+            let opts = RunOptions {
+                force: run.force.into_iter().collect(),
+                fail_fast: run.fail_fast,
+                ..Default::default()
+            };
+            match engine::watch(
+                &file,
+                &ws,
+                opts,
+                &progress,
+                Duration::from_millis(debounce_ms),
+            ) {
+                Ok(code) => code,
+                Err(e) => environment_error(&e),
+            }
+        }
+        Command::Cache { command } => cmd_cache(command, &ws),
+    }
+}
+
+fn load(file: &Path) -> Result<pipeline::Pipeline, i32> {
+    pipeline::load(file).map_err(|e| {
+        eprintln!("{:?}", miette::Report::new(e));
+        EXIT_USAGE
+    })
+}
+
+fn cmd_run(file: &Path, ws: &Workspace, args: &RunArgs, progress: &Progress, quiet: bool) -> i32 {
+    let p = match load(file) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    engine::install_ctrlc_handler();
+    let force: BTreeSet<String> = args.force.iter().cloned().collect();
+    if let Err(code) = check_force(&p, &force) {
+        return code;
+    }
+    if !quiet {
+        let store = Store::open_existing(&ws.cache_root);
+        let hasher = match &store {
+            Some(s) => FileHasher::with_memo(s.memo_path()),
+            None => FileHasher::without_memo(),
+        };
+        let lock = RunLock::load(&ws.pipeline_outputs(p.name()));
+        let entries = engine::plan(&p, store.as_ref(), &hasher, &lock, &force);
+        eprint!("{}", engine::print_plan(p.name(), &entries));
+    }
+    let opts = RunOptions {
+        force,
+        fail_fast: args.fail_fast,
+        ..Default::default()
+    };
+    match engine::execute(&p, ws, &opts, progress, &CancelToken::new()) {
+        Ok(report) => {
+            print!("{}", engine::print_summary(&report));
+            if report.cancelled() || engine::interrupted() {
+                EXIT_INTERRUPTED
+            } else if report.failed() {
+                EXIT_STAGE_FAILED
+            } else {
+                EXIT_OK
+            }
+        }
+        Err(e) => environment_error(&e),
+    }
+}
+
+fn check_force(p: &pipeline::Pipeline, force: &BTreeSet<String>) -> Result<(), i32> {
+    for name in force {
+        if p.select(name).is_empty() {
+            let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
+            let hint = pipeline::did_you_mean(name, names.iter().copied())
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
+            eprintln!(
+                "error: --force {name}: no such stage{hint}; stages: {}",
+                names.join(", ")
+            );
+            return Err(EXIT_USAGE);
+        }
+    }
+    Ok(())
+}
+
+fn cmd_plan(file: &Path, ws: &Workspace, json: bool, force: Vec<String>) -> i32 {
+    let p = match load(file) {
+        Ok(p) => p,
+        Err(code) => return code,
+    };
+    let force: BTreeSet<String> = force.into_iter().collect();
+    if let Err(code) = check_force(&p, &force) {
+        return code;
+    }
+    // Read-only: open the cache without creating it, and never save the hash memo.
+    let store = Store::open_existing(&ws.cache_root);
+    let hasher = match &store {
+        Some(s) => FileHasher::with_memo(s.memo_path()),
+        None => FileHasher::without_memo(),
+    };
+    let lock = RunLock::load(&ws.pipeline_outputs(p.name()));
+    let entries = engine::plan(&p, store.as_ref(), &hasher, &lock, &force);
+    if json {
+        match serde_json::to_string_pretty(&entries) {
+            Ok(s) => println!("{s}"),
+            Err(e) => return environment_error(&e.into()),
+        }
+    } else {
+        print!("{}", engine::print_plan(p.name(), &entries));
+    }
+    EXIT_OK
+}
+
+fn cmd_cache(command: CacheCommand, ws: &Workspace) -> i32 {
+    let Some(store) = Store::open_existing(&ws.cache_root) else {
+        println!("no cache at {}", ws.cache_root.display());
+        return EXIT_OK;
+    };
+    match command {
+        CacheCommand::Size { json } => {
+            let u = store.usage();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&u).unwrap_or_default());
+            } else {
+                println!("cache {}", store.root().display());
+                println!("  blobs    {} ({})", u.blobs, human_bytes(u.blob_bytes));
+                println!("  records  {}", u.records);
+                println!("  scratch  {}", human_bytes(u.scratch_bytes));
+                if u.temp_files > 0 {
+                    println!(
+                        "  leftover temp files {} (removed by `sdpipe cache gc`)",
+                        u.temp_files
+                    );
+                }
+            }
+            EXIT_OK
+        }
+        CacheCommand::Gc { dry_run, max_age } => {
+            let roots = RunLock::all_keys(&ws.outputs_root);
+            match store.gc(&roots, max_age, dry_run) {
+                Ok(r) => {
+                    println!(
+                        "{} {} records, {} blobs ({}), {} temp files/scratch dirs",
+                        if dry_run { "would remove" } else { "removed" },
+                        r.records,
+                        r.blobs,
+                        human_bytes(r.bytes),
+                        r.other
+                    );
+                    EXIT_OK
+                }
+                Err(e) => environment_error(&e.into()),
+            }
+        }
+        CacheCommand::Verify => {
+            let problems = store.verify();
+            if problems.is_empty() {
+                println!("cache {} is consistent", store.root().display());
+                EXIT_OK
+            } else {
+                for p in &problems {
+                    println!("{p}");
+                }
+                EXIT_ENVIRONMENT
+            }
+        }
+    }
+}
+
+fn environment_error(e: &anyhow::Error) -> i32 {
+    eprintln!("error: {e:#}");
+    EXIT_ENVIRONMENT
+}
+
+fn human_bytes(n: u64) -> String {
+    const UNITS: &[&str] = &["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}

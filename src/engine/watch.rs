@@ -1,0 +1,209 @@
+//! `watch`: re-plan and run on every save of the pipeline file or a declared input.
+//!
+//! Changes are debounced. A change invalidates the stages whose parameters or inputs changed,
+//! and everything downstream of them: the running stage is cancelled if it is among them,
+//! stages of the current run that are not are left to finish, and the new plan runs next.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use notify::{RecursiveMode, Watcher};
+
+use super::cancel::CancelToken;
+use super::execute::{RunOptions, RunningSlot, execute};
+use super::outputs::RunLock;
+use super::plan::{PlanStatus, plan};
+use super::progress::Progress;
+use super::report::{print_plan, print_summary};
+use super::workspace::Workspace;
+use crate::cache::{FileHasher, Store};
+use crate::pipeline::{self, Pipeline};
+
+/// Watches `file` and its inputs until Ctrl-C; returns the exit code of the last run.
+pub fn watch(
+    file: &Path,
+    ws: &Workspace,
+    base: RunOptions,
+    progress: &Progress,
+    debounce: Duration,
+) -> anyhow::Result<i32> {
+    let (tx, rx) = mpsc::channel::<PathBuf>();
+    let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+        if let Ok(event) = event
+            && !matches!(event.kind, notify::EventKind::Access(_))
+        {
+            for p in event.paths {
+                let _ = tx.send(p);
+            }
+        }
+    })
+    .context("cannot start the file watcher")?;
+    let file = std::path::absolute(file).unwrap_or_else(|_| file.to_path_buf());
+    // Watch the folder so that editors that save by rename are seen too.
+    let file_dir = file
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_else(|| PathBuf::from("."));
+    watcher
+        .watch(&file_dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("cannot watch {}", file_dir.display()))?;
+    let mut watched: BTreeSet<PathBuf> = BTreeSet::new();
+    let mut exit_code;
+    let mut current: Option<Pipeline> = None;
+    let mut changed: Vec<PathBuf> = Vec::new();
+
+    loop {
+        // (Re)load and run.
+        match pipeline::load(&file) {
+            Err(e) => {
+                progress.message(&format!("{:?}", miette::Report::new(e)));
+                progress.message("waiting for the pipeline file to be fixed...");
+                exit_code = 2;
+            }
+            Ok(p) => {
+                for stage in &p.stages {
+                    for path in stage.params.watch_paths() {
+                        if watched.insert(path.clone()) {
+                            let _ = watcher.watch(&path, RecursiveMode::Recursive);
+                        }
+                    }
+                }
+                let running: RunningSlot = Arc::new(Mutex::new(None));
+                let invalidated: Arc<Mutex<BTreeSet<String>>> =
+                    Arc::new(Mutex::new(BTreeSet::new()));
+                let opts = RunOptions {
+                    running: Some(running.clone()),
+                    invalidated: Some(invalidated.clone()),
+                    ..base.clone()
+                };
+                print_plan_for(&p, ws, progress);
+                let run_token = CancelToken::new();
+                let outcome = std::thread::scope(|scope| {
+                    let handle = scope.spawn(|| execute(&p, ws, &opts, progress, &run_token));
+                    // While it runs, react to changes.
+                    while !handle.is_finished() {
+                        match rx.recv_timeout(Duration::from_millis(100)) {
+                            Ok(path) => {
+                                changed.push(path);
+                                drain(&rx, debounce, &mut changed);
+                                if let Ok(next) = pipeline::load(&file) {
+                                    let names = invalidated_stages(&p, &next, &changed);
+                                    if !names.is_empty() {
+                                        let mut inv =
+                                            invalidated.lock().unwrap_or_else(|e| e.into_inner());
+                                        inv.extend(names.iter().cloned());
+                                        if let Some((name, _, token)) =
+                                            &*running.lock().unwrap_or_else(|e| e.into_inner())
+                                            && names.contains(name)
+                                        {
+                                            progress
+                                                .message(&format!("{name} changed: cancelling it"));
+                                            token.cancel();
+                                        }
+                                    }
+                                }
+                            }
+                            Err(RecvTimeoutError::Timeout) => {}
+                            Err(RecvTimeoutError::Disconnected) => break,
+                        }
+                        if super::cancel::interrupted() {
+                            run_token.cancel();
+                        }
+                    }
+                    handle.join()
+                });
+                match outcome {
+                    Ok(Ok(report)) => {
+                        progress.message(&print_summary(&report));
+                        exit_code = i32::from(report.failed());
+                    }
+                    Ok(Err(e)) => {
+                        progress.message(&format!("error: {e:#}"));
+                        exit_code = 3;
+                    }
+                    Err(_) => {
+                        progress.message("error: the run panicked");
+                        exit_code = 3;
+                    }
+                }
+                current = Some(p);
+            }
+        }
+        if super::cancel::interrupted() {
+            return Ok(130);
+        }
+        // Wait for the next relevant change (unless one arrived during the run).
+        if changed.is_empty() {
+            progress.message(&format!("watching {} (Ctrl-C to stop)", file.display()));
+            loop {
+                match rx.recv_timeout(Duration::from_millis(200)) {
+                    Ok(path) => {
+                        changed.push(path);
+                        drain(&rx, debounce, &mut changed);
+                        break;
+                    }
+                    Err(RecvTimeoutError::Timeout) => {
+                        if super::cancel::interrupted() {
+                            return Ok(130);
+                        }
+                    }
+                    Err(RecvTimeoutError::Disconnected) => return Ok(exit_code),
+                }
+            }
+        }
+        let relevant = changed
+            .iter()
+            .any(|p| p == &file || watched.iter().any(|w| p.starts_with(w)));
+        let names: Vec<String> = changed.drain(..).map(|p| p.display().to_string()).collect();
+        if !relevant {
+            continue;
+        }
+        progress.message(&format!("\nchanged: {}", names.join(", ")));
+        let _ = &current;
+    }
+}
+
+/// Collects further events until none arrives for `debounce`.
+fn drain(rx: &mpsc::Receiver<PathBuf>, debounce: Duration, into: &mut Vec<PathBuf>) {
+    while let Ok(p) = rx.recv_timeout(debounce) {
+        into.push(p);
+    }
+}
+
+/// Stages of `old` whose parameters changed in `new`, or whose inputs are among `changed`,
+/// plus everything downstream of them.
+fn invalidated_stages(old: &Pipeline, new: &Pipeline, changed: &[PathBuf]) -> BTreeSet<String> {
+    let mut out = BTreeSet::new();
+    for stage in &old.stages {
+        let params_changed = new
+            .stage(&stage.name)
+            .is_none_or(|n| n.params != stage.params || n.needs != stage.needs);
+        let input_changed = stage
+            .params
+            .watch_paths()
+            .iter()
+            .any(|w| changed.iter().any(|c| c.starts_with(w)));
+        let upstream_changed = stage.needs.iter().any(|n| out.contains(n));
+        if params_changed || input_changed || upstream_changed {
+            out.insert(stage.name.clone());
+        }
+    }
+    out
+}
+
+fn print_plan_for(p: &Pipeline, ws: &Workspace, progress: &Progress) {
+    let store = Store::open_existing(&ws.cache_root);
+    let hasher = match &store {
+        Some(s) => FileHasher::with_memo(s.memo_path()),
+        None => FileHasher::without_memo(),
+    };
+    let lock = RunLock::load(&ws.pipeline_outputs(p.name()));
+    let entries = plan(p, store.as_ref(), &hasher, &lock, &BTreeSet::new());
+    if entries.iter().any(|e| e.status != PlanStatus::Fresh) {
+        progress.message(&print_plan(p.name(), &entries));
+    }
+}

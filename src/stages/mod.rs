@@ -1,0 +1,162 @@
+//! Stage kinds: their parameters (parsed with spans, defaulted, normalised, validated), what
+//! they read from outside, and how they run.
+
+mod caption;
+mod context;
+mod preprocess;
+
+pub use caption::{CaptionItem, CaptionManifest, CaptionParams};
+pub use context::{Cancelled, StageContext, StageResult};
+pub use preprocess::{PreprocessItem, PreprocessManifest, PreprocessParams};
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use toml::Spanned;
+use toml::de::DeValue;
+
+use crate::cache::FileHasher;
+use crate::pipeline::PipelineSettings;
+
+/// The stage kinds this version knows, as written in `kind = "..."`.
+pub const KINDS: &[&str] = &["caption", "preprocess"];
+
+/// A parameter problem found after parsing, reported at the key `field` (dotted).
+#[derive(Debug, Clone)]
+pub struct ParamError {
+    /// Dotted key inside the stage table.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+    /// How to fix it.
+    pub help: Option<String>,
+}
+
+impl ParamError {
+    pub(crate) fn new(field: &str, message: impl Into<String>, help: impl Into<String>) -> Self {
+        ParamError {
+            field: field.into(),
+            message: message.into(),
+            help: Some(help.into()),
+        }
+    }
+}
+
+/// The parameters of one stage instance, by kind.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum StageParams {
+    /// `kind = "caption"`.
+    Caption(CaptionParams),
+    /// `kind = "preprocess"`.
+    Preprocess(PreprocessParams),
+}
+
+impl StageParams {
+    /// Deserializes the table of a stage of `kind` (without `kind`, `needs`, `matrix`).
+    pub fn parse(kind: &str, value: Spanned<DeValue<'_>>) -> Result<Self, toml::de::Error> {
+        use serde::de::IntoDeserializer;
+        let de = value.into_deserializer();
+        Ok(match kind {
+            "caption" => StageParams::Caption(Deserialize::deserialize(de)?),
+            "preprocess" => StageParams::Preprocess(Deserialize::deserialize(de)?),
+            other => {
+                return Err(serde::de::Error::custom(format!(
+                    "unknown stage kind `{other}`"
+                )));
+            }
+        })
+    }
+
+    /// The kind name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StageParams::Caption(_) => "caption",
+            StageParams::Preprocess(_) => "preprocess",
+        }
+    }
+
+    /// Implementation version of the kind: bumped by hand whenever its results change.
+    pub fn version(&self) -> u32 {
+        match self {
+            StageParams::Caption(_) => caption::VERSION,
+            StageParams::Preprocess(_) => preprocess::VERSION,
+        }
+    }
+
+    /// Kinds a stage of `kind` must have exactly one of in its `needs`.
+    pub fn required_upstream(kind: &str) -> &'static [&'static str] {
+        match kind {
+            "preprocess" => &["caption"],
+            _ => &[],
+        }
+    }
+
+    /// Checks values serde cannot (ranges, placeholders, combinations).
+    pub fn validate(&self) -> Result<(), ParamError> {
+        match self {
+            StageParams::Caption(p) => p.validate(),
+            StageParams::Preprocess(p) => p.validate(),
+        }
+    }
+
+    /// Resolves relative paths against `dir` and fills derived defaults.
+    pub fn normalize(&mut self, dir: &Path) -> Result<(), ParamError> {
+        match self {
+            StageParams::Caption(p) => p.normalize(dir),
+            StageParams::Preprocess(p) => {
+                p.normalize();
+                Ok(())
+            }
+        }
+    }
+
+    /// The parameters as hashed into the stage key: defaulted and normalised, without file
+    /// paths (their contents are inputs) and without fields that cannot change the result.
+    pub fn key_params(&self, settings: &PipelineSettings) -> serde_json::Value {
+        match self {
+            StageParams::Caption(p) => p.key_params(),
+            StageParams::Preprocess(p) => p.key_params(settings),
+        }
+    }
+
+    /// External files the stage reads: relative name → blake3.
+    pub fn inputs(&self, hasher: &FileHasher) -> anyhow::Result<BTreeMap<String, String>> {
+        match self {
+            StageParams::Caption(p) => p.inputs(hasher),
+            StageParams::Preprocess(_) => Ok(BTreeMap::new()),
+        }
+    }
+
+    /// Files and folders `watch` should observe.
+    pub fn watch_paths(&self) -> Vec<PathBuf> {
+        match self {
+            StageParams::Caption(p) => vec![p.images.clone()],
+            StageParams::Preprocess(_) => Vec::new(),
+        }
+    }
+
+    /// Runs the stage.
+    pub fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+        match self {
+            StageParams::Caption(p) => p.run(ctx),
+            StageParams::Preprocess(p) => p.run(ctx),
+        }
+    }
+}
+
+/// What kind of thing an input file is, for plan reasons ("2 images added").
+pub fn input_noun(name: &str) -> &'static str {
+    let ext = Path::new(name)
+        .extension()
+        .map(|e| e.to_string_lossy().to_ascii_lowercase())
+        .unwrap_or_default();
+    if crate::image::IMAGE_EXTENSIONS.contains(&ext.as_str()) {
+        "image"
+    } else if ext == "txt" || ext == "caption" {
+        "caption file"
+    } else {
+        "input file"
+    }
+}
