@@ -1,0 +1,151 @@
+//! Helpers for tests that drive the real `sdpipe` binary in a temporary project.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+/// A temporary project: a copy of the toy dataset and a pipeline file.
+pub struct Project {
+    pub dir: tempfile::TempDir,
+}
+
+/// The result of one command.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from(out: Output) -> Run {
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+pub const BASIC: &str = r#"
+[pipeline]
+name = "t"
+seed = 1
+
+[stage.caption]
+kind = "caption"
+images = "images"
+template = "a photo of {token} {class}"
+token = "zorb"
+class = "star"
+
+[stage.preprocess]
+kind = "preprocess"
+needs = ["caption"]
+resolution = 32
+"#;
+
+impl Project {
+    /// A project with the toy dataset in `images/` and `pipeline` as `p.toml`.
+    pub fn new(pipeline: &str) -> Project {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/toy-shapes");
+        for entry in std::fs::read_dir(src).unwrap() {
+            let p = entry.unwrap().path();
+            if p.extension().is_some_and(|e| e != "md") {
+                std::fs::copy(&p, images.join(p.file_name().unwrap())).unwrap();
+            }
+        }
+        let project = Project { dir };
+        project.write_pipeline(pipeline);
+        project
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub fn write_pipeline(&self, text: &str) {
+        std::fs::write(self.path("p.toml"), text).unwrap();
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_sdpipe"));
+        cmd.args(args)
+            .current_dir(self.dir.path())
+            .env_remove("SDPIPE_CACHE_DIR")
+            .env_remove("SDPIPE_OUTPUTS")
+            .env_remove("SDPIPE_TEST_ITEM_DELAY_MS")
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    pub fn sdpipe(&self, args: &[&str]) -> Run {
+        Run::from(self.command(args).output().unwrap())
+    }
+
+    pub fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> Child {
+        let mut cmd = self.command(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+    }
+
+    /// `plan --json` as (stage, status, reason) triples.
+    pub fn plan(&self) -> Vec<(String, String, String)> {
+        let run = self.sdpipe(&["plan", "--json", "p.toml"]);
+        assert_eq!(run.code, 0, "plan failed: {}", run.stderr);
+        let v: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                (
+                    e["stage"].as_str().unwrap().to_string(),
+                    e["status"].as_str().unwrap().to_string(),
+                    e["reason"].as_str().unwrap().to_string(),
+                )
+            })
+            .collect()
+    }
+
+    pub fn status_of(&self, stage: &str) -> (String, String) {
+        self.plan()
+            .into_iter()
+            .find(|(s, _, _)| s == stage)
+            .map(|(_, st, r)| (st, r))
+            .unwrap_or_else(|| panic!("no stage {stage} in plan"))
+    }
+
+    /// The last run record.
+    pub fn last_run(&self) -> serde_json::Value {
+        let bytes = std::fs::read(self.path("outputs/t/last-run.json")).unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    /// Outcome status of `stage` in the last run ("computed", "cached", "failed", ...).
+    pub fn outcome(&self, stage: &str) -> String {
+        let run = self.last_run();
+        run["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == stage)
+            .map(|s| s["outcome"]["status"].as_str().unwrap().to_string())
+            .unwrap_or_else(|| panic!("no stage {stage} in last run"))
+    }
+
+    pub fn stats(&self, stage: &str) -> serde_json::Value {
+        let run = self.last_run();
+        run["stages"].as_array().unwrap().iter().find(|s| s["stage"] == stage).unwrap()["stats"].clone()
+    }
+
+    /// Writes a new PNG (content differs per `seed`) into `images/`.
+    pub fn add_image(&self, name: &str, seed: u8) {
+        let img = image::RgbImage::from_fn(48, 40, |x, y| image::Rgb([seed, (x * 5) as u8, (y * 6) as u8]));
+        img.save(self.path("images").join(name)).unwrap();
+    }
+}
