@@ -1,3 +1,4 @@
 //! sdpipe: fine-tune Stable Diffusion from declarative, cached TOML pipelines.
 
 pub mod diffusion;
+pub mod render;
