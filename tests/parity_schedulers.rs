@@ -17,8 +17,13 @@ struct Goldens(Vec<u8>);
 
 impl Goldens {
     fn load() -> Self {
+        Self::load_file("schedulers.safetensors")
+    }
+
+    fn load_file(name: &str) -> Self {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-            .join("tests/fixtures/goldens/schedulers.safetensors");
+            .join("tests/fixtures/goldens")
+            .join(name);
         Goldens(std::fs::read(path).unwrap())
     }
 
@@ -430,4 +435,56 @@ fn seeded_noise_is_standard_normal() {
     let mut w = vec![0.0f32; 10];
     SeededNoise::new(42).fill_normal(&mut w);
     assert_eq!(&v[..10], &w[..]);
+}
+
+/// The 4-step DDIM loop of `StableDiffusionPipeline` (guidance 7.5), replayed from the stored
+/// UNet outputs: checks the sampler end to end (timesteps 751…1, each step, CFG arithmetic).
+#[test]
+fn ddim_loop_reproduces_pipeline_latents() {
+    let g = Goldens::load_file("pipeline_ddim4.safetensors");
+    let dev = Cpu::default();
+    let sampler = SamplerKind::Ddim
+        .build(&SchedulerConfig::default(), 4)
+        .unwrap();
+    let want_ts: Vec<f32> = g.vec("timesteps").iter().map(|&t| t as f32).collect();
+    assert_eq!(sampler.timesteps(), want_ts.as_slice());
+    let guidance = g.vec("guidance_scale")[0] as f32;
+    let mut x = g.tensor4(&dev, "initial_latents");
+    x = x * sampler.init_noise_sigma();
+    let (_, uncond) = g.get("noise_pred_uncond");
+    let (_, text) = g.get("noise_pred_text");
+    let (_, per_step) = g.get("latents_per_step");
+    let n = x.shape().num_elements();
+    let shape = *x.shape();
+    let mut noise = SeededNoise::new(0);
+    for i in 0..sampler.num_steps() {
+        let slice = |v: &[f64]| -> T4 {
+            dev.tensor_from_vec(
+                v[i * n..(i + 1) * n].iter().map(|&x| x as f32).collect(),
+                shape,
+            )
+        };
+        let (u, c) = (slice(&uncond), slice(&text));
+        let guided = u.clone() + (c - u) * guidance;
+        let input = sampler.scale_model_input(x.clone(), i).unwrap();
+        assert_eq!(input.as_vec(), x.as_vec());
+        x = sampler
+            .step(&guided, i, &x, &mut noise)
+            .unwrap()
+            .prev_sample;
+        check(
+            &format!("pipeline_ddim4 latents after step {i}"),
+            &x.as_vec(),
+            &per_step[i * n..(i + 1) * n],
+            1e-3,
+            0.0,
+        );
+    }
+    check(
+        "pipeline_ddim4.final_latents",
+        &x.as_vec(),
+        &g.vec("final_latents"),
+        1e-3,
+        0.0,
+    );
 }

@@ -192,3 +192,86 @@ fn missing_folder_is_a_clear_error() {
     assert!(matches!(err, TokenizerError::MissingFiles { .. }), "{err}");
     assert!(err.to_string().contains("no-such-dir"));
 }
+
+#[test]
+fn truncation_warns_with_the_dropped_count_and_text() {
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    let buf = Buf::default();
+    let writer = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let tok = ClipTokenizer::bundled().unwrap();
+    let prompt = format!("{} tail end", "word ".repeat(75));
+    let enc = tracing::subscriber::with_default(subscriber, || tok.encode(&prompt).unwrap());
+    assert_eq!(enc.dropped_tokens, 2);
+    let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+    assert!(log.contains("WARN"), "{log}");
+    assert!(log.contains("dropped_tokens=2"), "{log}");
+    assert!(log.contains("\"tail end\""), "{log}");
+    // A prompt that fits logs nothing.
+    let buf2 = Buf::default();
+    let writer2 = buf2.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer2.clone())
+        .finish();
+    tracing::subscriber::with_default(subscriber, || tok.encode("a photo").unwrap());
+    assert!(buf2.0.lock().unwrap().is_empty());
+}
+
+#[test]
+fn pipeline_prompt_ids_and_model_lookup() {
+    // The ids the diffusers pipeline golden was made with.
+    let bytes = std::fs::read(fixtures().join("goldens/pipeline_ddim4.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let ids = |name: &str| -> Vec<u32> {
+        st.tensor(name)
+            .unwrap()
+            .data()
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as u32)
+            .collect()
+    };
+    // A diffusers model folder (here: the fixture's tokenizer folder's parent) and a
+    // single-file path (bundled tokenizer) give the same ids.
+    for tok in [
+        ClipTokenizer::for_model(fixtures().join("tiny-sd")).unwrap(),
+        ClipTokenizer::for_model(fixtures().join("model.safetensors")).unwrap(),
+    ] {
+        assert_eq!(
+            tok.encode("a photo of sks dog").unwrap().input_ids,
+            ids("input_ids_cond")
+        );
+        assert_eq!(tok.encode("").unwrap().input_ids, ids("input_ids_uncond"));
+    }
+    assert_eq!(
+        ClipTokenizer::for_model(fixtures().join("tiny-sd"))
+            .unwrap()
+            .origin(),
+        format!(
+            "{} + {}",
+            fixtures().join("tiny-sd/tokenizer/vocab.json").display(),
+            fixtures().join("tiny-sd/tokenizer/merges.txt").display()
+        )
+    );
+    assert_eq!(
+        ClipTokenizer::for_model("/no/such.safetensors")
+            .unwrap()
+            .origin(),
+        "<bundled>"
+    );
+}

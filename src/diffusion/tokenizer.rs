@@ -287,6 +287,23 @@ impl ClipTokenizer {
         }
     }
 
+    /// The tokenizer for a model path: the `tokenizer/` folder of a diffusers model (or a
+    /// tokenizer folder itself) when there is one, else the bundled CLIP tokenizer (single-file
+    /// checkpoints carry none).
+    pub fn for_model(model: impl AsRef<Path>) -> Result<Self> {
+        let model = model.as_ref();
+        if model.is_dir() {
+            let sub = model.join("tokenizer");
+            if sub.is_dir() {
+                return Self::from_dir(sub);
+            }
+            if model.join("tokenizer.json").is_file() || model.join("vocab.json").is_file() {
+                return Self::from_dir(model);
+            }
+        }
+        Self::bundled()
+    }
+
     fn from_tokenizer(mut inner: Tokenizer, origin: String) -> Result<Self> {
         // Padding and truncation are done here, never by the library.
         inner.with_padding(None);
@@ -413,11 +430,11 @@ impl ClipTokenizer {
             tracing::warn!(
                 dropped_tokens = dropped,
                 max_length = self.max_length,
-                "prompt is longer than the text encoder's {} tokens: the last {} token(s) were \
-                 dropped: {:?}",
+                "prompt is longer than the text encoder's {} tokens: {} token(s) were dropped: \
+                 {:?}",
                 self.max_length,
                 dropped,
-                prompt
+                self.decode_lossy(&content[kept..])
             );
         }
         let mut input_ids = Vec::with_capacity(self.max_length);
@@ -434,6 +451,19 @@ impl ClipTokenizer {
             num_tokens_untruncated: content.len() + 2,
             dropped_tokens: dropped,
         })
+    }
+
+    /// Text of `ids` (byte-level decoded, `</w>` word ends turned into spaces), for messages.
+    pub fn decode_lossy(&self, ids: &[u32]) -> String {
+        let text = match self.inner.decode(ids, true) {
+            Ok(t) => t,
+            Err(_) => ids
+                .iter()
+                .filter_map(|&id| self.id_to_token(id))
+                .collect::<Vec<_>>()
+                .concat(),
+        };
+        text.replace(END_OF_WORD_SUFFIX, " ").trim().to_string()
     }
 
     /// [`Self::encode`] for several prompts.
