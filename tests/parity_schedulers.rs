@@ -404,6 +404,21 @@ fn sampler_enum_dispatches() {
         SamplerKind::Ddim.build(&cfg, 4).unwrap().timesteps(),
         &[751.0, 501.0, 251.0, 1.0]
     );
+    // A type-erased noise source works too (`&mut dyn NoiseSource`).
+    let ea = SamplerKind::EulerAncestral.build(&cfg, 4).unwrap();
+    let x: Tensor<(usize, usize), f32, Cpu> = dev.tensor_from_vec(vec![0.5; 6], (2, 3));
+    let mut boxed: Box<dyn NoiseSource> = Box::new(SeededNoise::new(9));
+    let a = ea
+        .step(&x, 0, &x, boxed.as_mut())
+        .unwrap()
+        .prev_sample
+        .as_vec();
+    let b = ea
+        .step(&x, 0, &x, &mut SeededNoise::new(9))
+        .unwrap()
+        .prev_sample
+        .as_vec();
+    assert_eq!(a, b);
     assert!("plms".parse::<SamplerKind>().is_err());
     assert!(SamplerKind::Euler.build(&cfg, 0).is_err());
 }

@@ -4,7 +4,8 @@ use dfdx::prelude::*;
 
 use super::schedule::inference_timesteps;
 use super::{
-    NoiseSchedule, NoiseSource, PredictionType, Result, SchedulerConfig, SchedulerError, StepOutput,
+    NoiseSchedule, NoiseSource, PredictionType, Result, SchedulerConfig, SchedulerError,
+    StepOutput, noise_tensor,
 };
 
 /// DDIM for a fixed number of steps. `eta` = 0 is deterministic; `eta` = 1 matches DDPM's
@@ -107,7 +108,7 @@ impl Ddim {
         model_output: &Tensor<S, f32, D>,
         i: usize,
         sample: &Tensor<S, f32, D>,
-        noise: &mut impl NoiseSource,
+        noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput<S, D>> {
         let (a_t, a_prev) = self.alphas(i)?;
         let b_t = 1.0 - a_t;
@@ -137,7 +138,7 @@ impl Ddim {
         let dir_coef = (1.0 - a_prev - std_dev * std_dev).max(0.0).sqrt();
         let mut prev = x0.clone() * a_prev.sqrt() + eps * dir_coef;
         if std_dev > 0.0 {
-            let z = noise.normal_tensor(*sample.shape(), &sample.device().clone());
+            let z = noise_tensor(noise, *sample.shape(), &sample.device().clone());
             prev = prev + z * std_dev;
         }
         Ok(StepOutput {

@@ -4,7 +4,7 @@
 use dfdx::prelude::*;
 
 use super::euler::SigmaSchedule;
-use super::{NoiseSource, Result, SchedulerConfig, StepOutput};
+use super::{NoiseSource, Result, SchedulerConfig, StepOutput, noise_tensor};
 
 /// Euler ancestral sampler for a fixed number of steps.
 #[derive(Debug, Clone)]
@@ -62,7 +62,7 @@ impl EulerAncestral {
         model_output: &Tensor<S, f32, D>,
         i: usize,
         sample: &Tensor<S, f32, D>,
-        noise: &mut impl NoiseSource,
+        noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput<S, D>> {
         let (sigma, _) = self.sigmas.sigma(i)?;
         let (sigma_up, sigma_down) = self.ancestral_sigmas(i)?;
@@ -70,7 +70,7 @@ impl EulerAncestral {
         let derivative = (sample.clone() - x0.clone()) / sigma;
         let mut prev = sample.clone() + derivative * (sigma_down - sigma);
         if sigma_up > 0.0 {
-            let z = noise.normal_tensor(*sample.shape(), &sample.device().clone());
+            let z = noise_tensor(noise, *sample.shape(), &sample.device().clone());
             prev = prev + z * sigma_up;
         }
         Ok(StepOutput {

@@ -247,9 +247,31 @@ pub trait NoiseSource {
     where
         Self: Sized,
     {
-        let mut v = vec![0.0f32; shape.num_elements()];
-        self.fill_normal(&mut v);
-        device.tensor_from_vec(v, shape)
+        noise_tensor(self, shape, device)
+    }
+}
+
+/// A tensor of shape `shape` on `device` filled with N(0, 1) samples from `noise` (the initial
+/// latents of txt2img are `noise_tensor(..) * sampler.init_noise_sigma()`).
+pub fn noise_tensor<S: Shape, D: Device<f32>>(
+    noise: &mut dyn NoiseSource,
+    shape: S,
+    device: &D,
+) -> Tensor<S, f32, D> {
+    let mut v = vec![0.0f32; shape.num_elements()];
+    noise.fill_normal(&mut v);
+    device.tensor_from_vec(v, shape)
+}
+
+impl<N: NoiseSource + ?Sized> NoiseSource for &mut N {
+    fn fill_normal(&mut self, out: &mut [f32]) {
+        (**self).fill_normal(out)
+    }
+}
+
+impl<N: NoiseSource + ?Sized> NoiseSource for Box<N> {
+    fn fill_normal(&mut self, out: &mut [f32]) {
+        (**self).fill_normal(out)
     }
 }
 
@@ -449,7 +471,7 @@ impl Sampler {
         model_output: &Tensor<S, f32, D>,
         i: usize,
         sample: &Tensor<S, f32, D>,
-        noise: &mut impl NoiseSource,
+        noise: &mut dyn NoiseSource,
     ) -> Result<StepOutput<S, D>> {
         match self {
             Self::Ddim(s) => s.step(model_output, i, sample, noise),
