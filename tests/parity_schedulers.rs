@@ -503,3 +503,54 @@ fn ddim_loop_reproduces_pipeline_latents() {
         0.0,
     );
 }
+
+/// For every parameterisation, feeding the exact target of a known (x₀, ε) recovers x₀ (DDIM on
+/// x_t; Euler on the k-diffusion sample x₀ + σ·ε).
+#[test]
+fn prediction_types_recover_the_clean_sample() {
+    let dev = Cpu::default();
+    let mut rng = SeededNoise::new(11);
+    let shape = (2usize, 3usize, 4usize, 4usize);
+    let x0: T4 = rng.normal_tensor(shape, &dev);
+    let eps: T4 = rng.normal_tensor(shape, &dev);
+    for pt in [
+        PredictionType::Epsilon,
+        PredictionType::VPrediction,
+        PredictionType::Sample,
+    ] {
+        let cfg = SchedulerConfig {
+            prediction_type: pt,
+            ..SchedulerConfig::default()
+        };
+        // DDIM at step i: x_t = sqrt(ᾱ)x0 + sqrt(1-ᾱ)ε.
+        let ddim = Ddim::new(&cfg, 10).unwrap();
+        let ddpm = Ddpm::new(&cfg).unwrap();
+        let i = 2;
+        let t = ddim.timesteps()[i];
+        let xt = ddpm.add_noise(&x0, &eps, &[t, t]).unwrap();
+        let target = ddpm.training_target(&x0, &eps, &[t, t]).unwrap();
+        let out = ddim
+            .step(&target, i, &xt, &mut SeededNoise::new(0))
+            .unwrap();
+        let want: Vec<f64> = x0.as_vec().iter().map(|&v| v as f64).collect();
+        check(
+            &format!("ddim {pt:?} x0"),
+            &out.pred_original_sample.as_vec(),
+            &want,
+            1e-4,
+            0.0,
+        );
+        // Euler: x = x0 + σ·ε, and the model sees the same target as at timestep t.
+        let euler = Euler::new(&cfg, 10).unwrap();
+        let sigma = euler.sigmas()[i];
+        let x = x0.clone() + eps.clone() * sigma;
+        let out = euler.step(&target, i, &x).unwrap();
+        check(
+            &format!("euler {pt:?} x0"),
+            &out.pred_original_sample.as_vec(),
+            &want,
+            1e-4,
+            0.0,
+        );
+    }
+}

@@ -275,3 +275,36 @@ fn pipeline_prompt_ids_and_model_lookup() {
         "<bundled>"
     );
 }
+
+/// The pipeline built in code from vocab.json + merges.txt must behave like tokenizer.json on
+/// arbitrary text, not only on the fixture prompts.
+#[test]
+fn folder_and_json_agree_on_random_text() {
+    use rand_chacha::ChaCha8Rng;
+    use rand_chacha::rand_core::{Rng, SeedableRng};
+
+    let json = ClipTokenizer::bundled().unwrap();
+    let folder = ClipTokenizer::from_dir(fixtures().join("tiny-sd/tokenizer")).unwrap();
+    let pool: Vec<char> = "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789     \
+        \t\n.,;:!?'\"()[]{}<>-_/\\@#$%^&*+=~`|éèêëàâäçñößøåÉÀÇ東京タワー夜景Ωμέγα Привет 🐶😎👍🏽ﬁ\u{301}"
+        .chars()
+        .collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let mut specials = ["<|startoftext|>", "<|endoftext|>", "'s", "'ll", "don't"]
+        .iter()
+        .cycle();
+    for k in 0..300 {
+        let len = (rng.next_u32() % 60) as usize;
+        let mut text: String = (0..len)
+            .map(|_| pool[(rng.next_u32() as usize) % pool.len()])
+            .collect();
+        if k % 5 == 0 {
+            text.push_str(specials.next().unwrap());
+        }
+        assert_eq!(
+            json.encode_untruncated(&text).unwrap(),
+            folder.encode_untruncated(&text).unwrap(),
+            "{text:?}"
+        );
+    }
+}
