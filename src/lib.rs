@@ -2,7 +2,8 @@
 //!
 //! The pieces: [`pipeline`] (the TOML file → a DAG of stage instances), [`cache`] (blobs,
 //! records, locks), [`engine`] (plan, run, watch), [`stages`] (what each kind does), [`image`]
-//! (decoding and resizing), [`diffusion`] (the Stable Diffusion core on dfdx), [`cli`].
+//! (decoding and resizing), [`diffusion`] (the Stable Diffusion core on dfdx), [`render`]
+//! (sample grids and PNG metadata), [`cli`].
 
 pub mod cache;
 pub mod cli;
@@ -10,4 +11,5 @@ pub mod diffusion;
 pub mod engine;
 pub mod image;
 pub mod pipeline;
+pub mod render;
 pub mod stages;

@@ -1,2 +1,5 @@
 //! The diffusion core: Stable Diffusion 1.x on dfdx (text encoder, UNet, VAE, schedulers),
 //! generic over the device so the same code runs on the CPU (tests, CI) and on CUDA.
+
+pub mod schedulers;
+pub mod tokenizer;
