@@ -119,6 +119,10 @@ pub enum CacheCommand {
 
 /// Runs the parsed command line; returns the process exit code.
 pub fn run(cli: Cli) -> i32 {
+    // Long diagnostics stay on one line so `file:line:col: message` can be grepped.
+    let _ = miette::set_hook(Box::new(|_| {
+        Box::new(miette::MietteHandlerOpts::new().wrap_lines(false).build())
+    }));
     let ws = Workspace::new(cli.cache_dir.as_deref(), cli.outputs.as_deref());
     let progress = Progress::new(cli.quiet);
     match cli.command {

@@ -12,11 +12,18 @@ fn second_run_is_all_cached_and_does_no_work() {
     assert_eq!(p.outcome("caption"), "computed");
     assert_eq!(p.outcome("preprocess"), "computed");
     assert!(p.path("outputs/t/preprocess/manifest.json").is_file());
-    assert!(p.path("outputs/t/preprocess/items/zorb-01.png.safetensors").is_file());
+    assert!(
+        p.path("outputs/t/preprocess/items/zorb-01.png.safetensors")
+            .is_file()
+    );
 
     let second = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(second.code, 0);
-    assert!(second.stdout.contains("0 computed, 2 cached"), "{}", second.stdout);
+    assert!(
+        second.stdout.contains("0 computed, 2 cached"),
+        "{}",
+        second.stdout
+    );
     assert_eq!(p.outcome("caption"), "cached");
     assert_eq!(p.outcome("preprocess"), "cached");
     assert!(p.plan().iter().all(|(_, status, _)| status == "fresh"));
@@ -27,7 +34,10 @@ fn plan_writes_nothing() {
     let p = Project::new(BASIC);
     let plan = p.plan();
     assert_eq!(plan.len(), 2);
-    assert!(plan.iter().all(|(_, s, r)| s == "stale" && r == "never run"));
+    assert!(
+        plan.iter()
+            .all(|(_, s, r)| s == "stale" && r == "never run")
+    );
     assert!(!p.path(".sdpipe").exists(), "plan created the cache");
     assert!(!p.path("outputs").exists(), "plan created outputs");
 }
@@ -66,15 +76,42 @@ fn editing_one_param_makes_exactly_that_stage_and_its_dependents_stale() {
 
     p.write_pipeline(&TWO_BRANCHES.replacen("resolution = 32", "resolution = 48", 1));
     let plan = p.plan();
-    let status: Vec<(&str, &str)> = plan.iter().map(|(s, st, _)| (s.as_str(), st.as_str())).collect();
-    assert_eq!(status, vec![("caption", "fresh"), ("preprocess", "stale"), ("other", "fresh"), ("other_pre", "fresh")]);
+    let status: Vec<(&str, &str)> = plan
+        .iter()
+        .map(|(s, st, _)| (s.as_str(), st.as_str()))
+        .collect();
+    assert_eq!(
+        status,
+        vec![
+            ("caption", "fresh"),
+            ("preprocess", "stale"),
+            ("other", "fresh"),
+            ("other_pre", "fresh")
+        ]
+    );
     // min_size follows the resolution (half of it) unless set, so it changes too.
-    assert_eq!(p.status_of("preprocess").1, "preprocess.min_size 16 → 24; preprocess.resolution 32 → 48");
+    assert_eq!(
+        p.status_of("preprocess").1,
+        "preprocess.min_size 16 → 24; preprocess.resolution 32 → 48"
+    );
 
-    p.write_pipeline(&TWO_BRANCHES.replace("a photo of {token} {class}", "a drawing of {token} {class}"));
+    p.write_pipeline(
+        &TWO_BRANCHES.replace("a photo of {token} {class}", "a drawing of {token} {class}"),
+    );
     let plan = p.plan();
-    let status: Vec<(&str, &str)> = plan.iter().map(|(s, st, _)| (s.as_str(), st.as_str())).collect();
-    assert_eq!(status, vec![("caption", "stale"), ("preprocess", "stale"), ("other", "fresh"), ("other_pre", "fresh")]);
+    let status: Vec<(&str, &str)> = plan
+        .iter()
+        .map(|(s, st, _)| (s.as_str(), st.as_str()))
+        .collect();
+    assert_eq!(
+        status,
+        vec![
+            ("caption", "stale"),
+            ("preprocess", "stale"),
+            ("other", "fresh"),
+            ("other_pre", "fresh")
+        ]
+    );
     assert_eq!(
         p.status_of("caption").1,
         r#"caption.template "a photo of {token} {class}" → "a drawing of {token} {class}""#
@@ -130,18 +167,45 @@ fn each_result_affecting_field_changes_the_key() {
         ("token = \"zorb\"", "token = \"zorp\"", "caption"),
         ("class = \"star\"", "class = \"sun\"", "caption"),
         ("resolution = 32", "resolution = 40", "preprocess"),
-        ("resolution = 32", "resolution = 32\nflip = true", "preprocess"),
-        ("resolution = 32", "resolution = 32\ncrop = \"random\"", "preprocess"),
-        ("resolution = 32", "resolution = 32\nmin_size = 8", "preprocess"),
-        ("resolution = 32", "resolution = 32\nmode = \"bucket\"\nbucket = { min = 16, max = 64, step = 16 }", "preprocess"),
-        ("resolution = 32", "resolution = 32\non_bad_image = \"skip\"", "preprocess"),
-        ("template = \"a photo of {token} {class}\"", "template = \"a photo of {token} {class}\"\nuse_sidecars = false", "caption"),
+        (
+            "resolution = 32",
+            "resolution = 32\nflip = true",
+            "preprocess",
+        ),
+        (
+            "resolution = 32",
+            "resolution = 32\ncrop = \"random\"",
+            "preprocess",
+        ),
+        (
+            "resolution = 32",
+            "resolution = 32\nmin_size = 8",
+            "preprocess",
+        ),
+        (
+            "resolution = 32",
+            "resolution = 32\nmode = \"bucket\"\nbucket = { min = 16, max = 64, step = 16 }",
+            "preprocess",
+        ),
+        (
+            "resolution = 32",
+            "resolution = 32\non_bad_image = \"skip\"",
+            "preprocess",
+        ),
+        (
+            "template = \"a photo of {token} {class}\"",
+            "template = \"a photo of {token} {class}\"\nuse_sidecars = false",
+            "caption",
+        ),
     ];
     for (from, to, stage) in &edits[1..] {
         p.write_pipeline(&BASIC.replacen(from, to, 1));
         let (status, reason) = p.status_of(stage);
         assert_eq!(status, "stale", "editing {to:?} left {stage} fresh");
-        assert!(reason.contains(stage), "reason {reason:?} does not name the field");
+        assert!(
+            reason.contains(stage),
+            "reason {reason:?} does not name the field"
+        );
     }
     // A random crop depends on the pipeline seed; a center crop does not.
     let random = BASIC.replacen("resolution = 32", "resolution = 32\ncrop = \"random\"", 1);
@@ -162,12 +226,18 @@ fn adding_one_image_preprocesses_only_that_image() {
 
     p.add_image("new-one.png", 7);
     let (status, reason) = p.status_of("caption");
-    assert_eq!((status.as_str(), reason.as_str()), ("stale", "1 image added"));
+    assert_eq!(
+        (status.as_str(), reason.as_str()),
+        ("stale", "1 image added")
+    );
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     assert_eq!(p.stats("preprocess")["images_computed"], 1);
     assert_eq!(p.stats("preprocess")["images_reused"], 6);
-    assert!(p.path("outputs/t/preprocess/items/new-one.png.safetensors").is_file());
+    assert!(
+        p.path("outputs/t/preprocess/items/new-one.png.safetensors")
+            .is_file()
+    );
 
     // Editing a sidecar changes the caption stage only through that file.
     std::fs::write(p.path("images/zorb-01.txt"), "a zorb, edited").unwrap();
@@ -184,12 +254,20 @@ fn force_recomputes_a_cached_stage() {
     assert_eq!(p.outcome("preprocess"), "computed");
     let bad = p.sdpipe(&["run", "p.toml", "--force", "preproces"]);
     assert_eq!(bad.code, 2);
-    assert!(bad.stderr.contains("did you mean `preprocess`"), "{}", bad.stderr);
+    assert!(
+        bad.stderr.contains("did you mean `preprocess`"),
+        "{}",
+        bad.stderr
+    );
 }
 
 #[test]
 fn matrix_expands_into_named_instances_sharing_upstream() {
-    let text = BASIC.replacen("resolution = 32", "matrix.resolution = [32, 48]\nmatrix.flip = [false, true]", 1);
+    let text = BASIC.replacen(
+        "resolution = 32",
+        "matrix.resolution = [32, 48]\nmatrix.flip = [false, true]",
+        1,
+    );
     let p = Project::new(&text);
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -204,7 +282,10 @@ fn matrix_expands_into_named_instances_sharing_upstream() {
             "preprocess@resolution=48,flip=true",
         ]
     );
-    assert!(p.path("outputs/t/preprocess@resolution=48,flip=true/manifest.json").is_file());
+    assert!(
+        p.path("outputs/t/preprocess@resolution=48,flip=true/manifest.json")
+            .is_file()
+    );
 }
 
 #[test]
@@ -215,13 +296,21 @@ fn gc_keeps_what_the_last_run_uses() {
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
     let dry = p.sdpipe(&["cache", "gc", "--dry-run", "--max-age", "0s"]);
     // The first run's stage record and its six per-image records are no longer used.
-    assert!(dry.stdout.starts_with("would remove 7 records"), "{}", dry.stdout);
+    assert!(
+        dry.stdout.starts_with("would remove 7 records"),
+        "{}",
+        dry.stdout
+    );
     let gc = p.sdpipe(&["cache", "gc", "--max-age", "0s"]);
     assert_eq!(gc.code, 0);
     assert!(p.plan().iter().all(|(_, s, _)| s == "fresh"));
     assert_eq!(p.sdpipe(&["cache", "verify"]).code, 0);
     p.write_pipeline(BASIC);
-    assert_eq!(p.status_of("preprocess").0, "stale", "the collected entry is gone");
+    assert_eq!(
+        p.status_of("preprocess").0,
+        "stale",
+        "the collected entry is gone"
+    );
     let size = p.sdpipe(&["cache", "size", "--json"]);
     let v: serde_json::Value = serde_json::from_str(&size.stdout).unwrap();
     assert!(v["blobs"].as_u64().unwrap() > 0);

@@ -270,9 +270,7 @@ pub fn execute(
                     };
                     let name = instance.name.clone();
                     let _ = update_lock(&out_dir, |lock| {
-                        if let Some(entry) = lock.stages.get_mut(&name) {
-                            entry.last_failure = Some(failure);
-                        }
+                        lock.failures.insert(name, failure);
                         Ok(())
                     });
                     outcome.outcome = Outcome::Failed(error);
@@ -299,12 +297,12 @@ pub fn execute(
                 params: outcome.params.clone(),
                 outputs: record.outputs.clone(),
                 output_digest: record.output_digest(),
-                last_failure: None,
             };
             let name = instance.name.clone();
             update_lock(&out_dir, |lock| {
                 publish(&store, &out_dir, &name, &entry.outputs)?;
                 lock.stages.insert(name.clone(), entry);
+                lock.failures.remove(&name);
                 Ok(())
             })?;
         }

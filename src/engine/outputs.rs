@@ -18,8 +18,11 @@ pub const LOCK_FILE: &str = "sdpipe.lock.json";
 pub struct RunLock {
     /// sdpipe version that last wrote it.
     pub tool_version: String,
-    /// Per stage instance.
+    /// Per stage instance: its last successful result.
     pub stages: BTreeMap<String, LockEntry>,
+    /// Per stage instance: the last attempt, if it failed.
+    #[serde(default)]
+    pub failures: BTreeMap<String, Failure>,
 }
 
 /// The last result of one stage instance.
@@ -35,9 +38,6 @@ pub struct LockEntry {
     pub outputs: BTreeMap<String, BlobRef>,
     /// The digest downstream keys chain on.
     pub output_digest: String,
-    /// The last failure, if the most recent attempt failed.
-    #[serde(default)]
-    pub last_failure: Option<Failure>,
 }
 
 /// A failed attempt.

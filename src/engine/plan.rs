@@ -91,17 +91,21 @@ pub fn plan(
                 (PlanStatus::Fresh, Some(key))
             } else {
                 reasons = diff_reasons(instance, &material, &[], prev);
-                let failed = prev
-                    .and_then(|p| p.last_failure.as_ref())
+                let failed = previous
+                    .failures
+                    .get(&instance.name)
                     .filter(|f| f.key == key);
                 if forced {
                     reasons.insert(0, "forced".into());
                     (PlanStatus::Forced, Some(key))
                 } else if let Some(f) = failed {
-                    reasons.insert(
-                        0,
-                        format!("last run failed: {}", f.error.lines().next().unwrap_or("")),
-                    );
+                    let error: Vec<&str> = f
+                        .error
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .collect();
+                    reasons = vec![format!("last run failed: {}", error.join(" "))];
                     (PlanStatus::Failed, Some(key))
                 } else {
                     (PlanStatus::Stale, Some(key))

@@ -24,7 +24,7 @@ use crate::image::{
 use crate::pipeline::PipelineSettings;
 
 /// Implementation version (part of the key).
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 
 /// `[stage.NAME] kind = "preprocess"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -510,15 +510,15 @@ impl PreprocessParams {
             &bytes,
         )
         .map_err(|e| ItemFailure::Fatal(anyhow::anyhow!("tensor for {}: {e}", path.display())))?;
-        let mut meta = HashMap::new();
-        meta.insert(
-            "source".to_string(),
-            path.file_name()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-        );
-        meta.insert("flipped".to_string(), flipped.to_string());
-        meta.insert("range".to_string(), "[-1, 1]".to_string());
+        // One metadata key: safetensors writes its metadata map in hash order, and the bytes
+        // must not vary between runs (they are content-addressed).
+        let description = serde_json::json!({
+            "source": path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            "flipped": flipped,
+            "range": [-1.0, 1.0],
+            "layout": "CHW",
+        });
+        let meta = HashMap::from([("sdpipe".to_string(), description.to_string())]);
         let file = safetensors::tensor::serialize([("image", view)], Some(meta)).map_err(|e| {
             ItemFailure::Fatal(anyhow::anyhow!("serializing {}: {e}", path.display()))
         })?;

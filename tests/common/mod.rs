@@ -91,7 +91,10 @@ impl Project {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap()
+        cmd.stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
     }
 
     /// `plan --json` as (stage, status, reason) triples.
@@ -140,12 +143,20 @@ impl Project {
 
     pub fn stats(&self, stage: &str) -> serde_json::Value {
         let run = self.last_run();
-        run["stages"].as_array().unwrap().iter().find(|s| s["stage"] == stage).unwrap()["stats"].clone()
+        run["stages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|s| s["stage"] == stage)
+            .unwrap()["stats"]
+            .clone()
     }
 
     /// Writes a new PNG (content differs per `seed`) into `images/`.
     pub fn add_image(&self, name: &str, seed: u8) {
-        let img = image::RgbImage::from_fn(48, 40, |x, y| image::Rgb([seed, (x * 5) as u8, (y * 6) as u8]));
+        let img = image::RgbImage::from_fn(48, 40, |x, y| {
+            image::Rgb([seed, (x * 5) as u8, (y * 6) as u8])
+        });
         img.save(self.path("images").join(name)).unwrap();
     }
 }

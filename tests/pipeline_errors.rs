@@ -1,0 +1,209 @@
+//! A broken pipeline file: exit code 2, `file:line:column` of the offending key, and a fix.
+
+mod common;
+
+use common::{BASIC, Project};
+
+/// Runs `plan` and `run` on `text`; both must fail with exit 2 at `p.toml:LINE:COL`, and the
+/// message must contain every string of `expect`.
+fn assert_error(text: &str, line: usize, col: usize, expect: &[&str]) {
+    let p = Project::new(text);
+    for cmd in ["plan", "run"] {
+        let run = p.sdpipe(&[cmd, "p.toml"]);
+        assert_eq!(run.code, 2, "`{cmd}` exit code; stderr:\n{}", run.stderr);
+        let location = format!("p.toml:{line}:{col}");
+        assert!(
+            run.stderr.contains(&location),
+            "`{cmd}`: expected {location} in:\n{}",
+            run.stderr
+        );
+        for e in expect {
+            assert!(
+                run.stderr.contains(e),
+                "`{cmd}`: expected {e:?} in:\n{}",
+                run.stderr
+            );
+        }
+    }
+    assert!(!p.path("outputs").exists(), "a failed load wrote outputs");
+}
+
+#[test]
+fn unknown_key_suggests_the_right_one() {
+    let text = BASIC.replace("template = ", "templat = ");
+    assert_error(
+        &text,
+        9,
+        1,
+        &["unknown key `templat`", "did you mean `template`?"],
+    );
+}
+
+#[test]
+fn unknown_key_in_pipeline_table() {
+    let text = BASIC.replace("seed = 1", "sed = 1");
+    assert_error(
+        &text,
+        4,
+        1,
+        &["[pipeline] unknown key `sed`", "did you mean `seed`?"],
+    );
+}
+
+#[test]
+fn unknown_top_level_table() {
+    let text = format!("{BASIC}\n[stages.extra]\nkind = \"caption\"\n");
+    assert_error(
+        &text,
+        18,
+        2,
+        &["unknown key `stages`", "did you mean `stage`?"],
+    );
+}
+
+#[test]
+fn wrong_type_points_at_the_value() {
+    let text = BASIC.replace("resolution = 32", "resolution = \"large\"");
+    assert_error(&text, 16, 14, &["invalid type", "expected u32"]);
+}
+
+#[test]
+fn invalid_enum_value() {
+    let text = BASIC.replace("resolution = 32", "resolution = 32\ncrop = \"middle\"");
+    assert_error(
+        &text,
+        17,
+        8,
+        &["unknown variant `middle`", "center", "random"],
+    );
+}
+
+#[test]
+fn invalid_device_says_what_is_allowed() {
+    let text = BASIC.replace("seed = 1", "seed = 1\ndevice = \"gpu\"");
+    assert_error(&text, 5, 10, &["unknown device `gpu`", "cuda:N"]);
+}
+
+#[test]
+fn unknown_stage_in_needs() {
+    let text = BASIC.replace("needs = [\"caption\"]", "needs = [\"captoin\"]");
+    assert_error(
+        &text,
+        15,
+        10,
+        &["needs unknown stage `captoin`", "did you mean `caption`?"],
+    );
+}
+
+#[test]
+fn cycle_names_its_stages() {
+    let text = r#"[pipeline]
+name = "t"
+
+[stage.a]
+kind = "caption"
+images = "images"
+template = "x"
+needs = ["c"]
+
+[stage.b]
+kind = "caption"
+images = "images"
+template = "x"
+needs = ["a"]
+
+[stage.c]
+kind = "caption"
+images = "images"
+template = "x"
+needs = ["b"]
+"#;
+    assert_error(text, 8, 9, &["stages form a cycle: a → b → c → a"]);
+}
+
+#[test]
+fn matrix_over_an_unknown_param() {
+    let text = BASIC.replace("resolution = 32", "resolution = 32\nmatrix.rank = [4, 16]");
+    assert_error(
+        &text,
+        17,
+        8,
+        &["matrix over unknown parameter `rank` of kind `preprocess`"],
+    );
+}
+
+#[test]
+fn matrix_param_also_set_in_the_stage() {
+    let text = BASIC.replace(
+        "resolution = 32",
+        "resolution = 32\nmatrix.resolution = [32, 64]",
+    );
+    assert_error(
+        &text,
+        17,
+        8,
+        &["`resolution` is set both in the stage and in its matrix"],
+    );
+}
+
+#[test]
+fn unknown_kind_suggests() {
+    let text = BASIC.replace("kind = \"preprocess\"", "kind = \"preprocesss\"");
+    assert_error(
+        &text,
+        14,
+        8,
+        &[
+            "unknown stage kind `preprocesss`",
+            "did you mean `preprocess`?",
+        ],
+    );
+}
+
+#[test]
+fn missing_kind() {
+    let text = BASIC.replace("kind = \"preprocess\"\n", "");
+    assert_error(&text, 13, 8, &["stage `preprocess` has no `kind`"]);
+}
+
+#[test]
+fn toml_syntax_error() {
+    let text = BASIC.replace("resolution = 32", "resolution = = 32");
+    assert_error(&text, 16, 14, &[]);
+}
+
+#[test]
+fn validation_errors_point_at_the_key() {
+    let text = BASIC.replace("resolution = 32", "resolution = 30");
+    assert_error(
+        &text,
+        16,
+        1,
+        &["resolution 30 is not a positive multiple of 8"],
+    );
+    let text = BASIC.replace("{class}", "{klass}");
+    assert_error(
+        &text,
+        9,
+        1,
+        &["unknown placeholder {klass}", "did you mean {class}?"],
+    );
+    let text = BASIC.replace("images = \"images\"", "images = \"no-such-folder\"");
+    assert_error(&text, 8, 1, &["no-such-folder does not exist"]);
+}
+
+#[test]
+fn preprocess_without_a_caption_stage() {
+    let text = BASIC.replace("needs = [\"caption\"]\n", "");
+    assert_error(&text, 13, 8, &["needs exactly one `caption` stage"]);
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    let p = Project::new(BASIC);
+    assert_eq!(p.sdpipe(&["frobnicate"]).code, 2);
+    assert_eq!(p.sdpipe(&["run"]).code, 2);
+    let missing = p.sdpipe(&["run", "nope.toml"]);
+    assert_eq!(missing.code, 2);
+    assert!(missing.stderr.contains("nope.toml"), "{}", missing.stderr);
+}

@@ -1,0 +1,225 @@
+//! Bad images, failures, kills and concurrent runs: errors name the file, nothing is lost,
+//! and the cache stays consistent.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{BASIC, Project};
+
+fn count_files(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
+
+#[test]
+fn corrupt_image_is_named_and_fails_the_stage() {
+    let p = Project::new(BASIC);
+    std::fs::write(
+        p.path("images/broken.png"),
+        b"\x89PNG\r\n\x1a\nthis is not really a png",
+    )
+    .unwrap();
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    assert!(run.stdout.contains("broken.png"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("corrupt or unreadable image"),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("on_bad_image = \"skip\""),
+        "the fix is suggested: {}",
+        run.stdout
+    );
+    assert_eq!(p.outcome("caption"), "computed");
+    assert_eq!(p.outcome("preprocess"), "failed");
+    let (status, reason) = p.status_of("preprocess");
+    assert_eq!(status, "failed");
+    assert!(reason.contains("broken.png"), "{reason}");
+
+    // Skipping reports it and keeps the rest.
+    p.write_pipeline(&BASIC.replace(
+        "resolution = 32",
+        "resolution = 32\non_bad_image = \"skip\"",
+    ));
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(p.stats("preprocess")["skipped"], 1);
+    assert!(run.stdout.contains("1 skipped"), "{}", run.stdout);
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(p.path("outputs/t/preprocess/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(manifest["skipped"][0][0], "broken.png");
+}
+
+#[test]
+fn too_small_image_is_named() {
+    let p = Project::new(BASIC);
+    image::RgbImage::from_pixel(8, 8, image::Rgb([1, 2, 3]))
+        .save(p.path("images/tiny.png"))
+        .unwrap();
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stdout
+            .contains("tiny.png: image is 8x8, smaller than the minimum 16 px"),
+        "{}",
+        run.stdout
+    );
+}
+
+#[test]
+fn missing_captions_list_the_files() {
+    let text = BASIC.replace("template = \"a photo of {token} {class}\"\n", "");
+    let p = Project::new(&text);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 1);
+    assert!(run.stdout.contains("2 image(s)"), "{}", run.stdout);
+    assert!(
+        run.stdout.contains("zorb-03.png") && run.stdout.contains("zorb-05.jpg"),
+        "{}",
+        run.stdout
+    );
+    assert_eq!(p.outcome("preprocess"), "skipped");
+}
+
+const BRANCHES: &str = r#"
+[pipeline]
+name = "t"
+
+[stage.good]
+kind = "caption"
+images = "images"
+template = "ok"
+
+[stage.good_pre]
+kind = "preprocess"
+needs = ["good"]
+resolution = 32
+
+[stage.bad]
+kind = "caption"
+images = "images"
+
+[stage.bad_pre]
+kind = "preprocess"
+needs = ["bad"]
+resolution = 32
+"#;
+
+#[test]
+fn a_failure_skips_only_its_dependents() {
+    let p = Project::new(BRANCHES);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 1);
+    assert_eq!(p.outcome("good"), "computed");
+    assert_eq!(p.outcome("good_pre"), "computed");
+    assert_eq!(p.outcome("bad"), "failed");
+    assert_eq!(p.outcome("bad_pre"), "skipped");
+    assert!(run.stdout.contains("error in stage bad"), "{}", run.stdout);
+}
+
+#[test]
+fn fail_fast_stops_at_the_first_failure() {
+    // `bad` comes first in this file, so fail-fast never starts the good branch.
+    let text = BRANCHES.replace(
+        "[stage.good]",
+        "[stage.bad0]\nkind = \"caption\"\nimages = \"images\"\n\n[stage.good]",
+    );
+    let p = Project::new(&text);
+    let run = p.sdpipe(&["run", "p.toml", "--fail-fast"]);
+    assert_eq!(run.code, 1);
+    assert_eq!(p.outcome("bad0"), "failed");
+    assert_eq!(p.outcome("good"), "notrun");
+}
+
+/// Waits until `cond` holds, for at most 60 s.
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn kill_during_a_stage_then_rerun_gives_the_right_result() {
+    // Reference: an uninterrupted run in its own project.
+    let reference = Project::new(BASIC);
+    assert_eq!(reference.sdpipe(&["run", "p.toml"]).code, 0);
+    let expected =
+        std::fs::read_to_string(reference.path("outputs/t/preprocess/manifest.json")).unwrap();
+
+    let p = Project::new(BASIC);
+    let mut child = p.spawn(
+        &["run", "p.toml"],
+        &[
+            ("SDPIPE_TEST_ITEM_DELAY_MS", "400"),
+            ("RAYON_NUM_THREADS", "1"),
+        ],
+    );
+    let items = p.path(".sdpipe/cache-v1/records/items");
+    wait_for("the first preprocessed item", || count_files(&items) >= 2);
+    child.kill().unwrap(); // SIGKILL: no cleanup runs
+    child.wait().unwrap();
+    let stages = p.path(".sdpipe/cache-v1/records/stages");
+    assert_eq!(
+        count_files(&stages),
+        1,
+        "only the caption stage was committed"
+    );
+
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(p.outcome("caption"), "cached");
+    assert_eq!(p.outcome("preprocess"), "computed");
+    let reused = p.stats("preprocess")["images_reused"].as_u64().unwrap();
+    assert!(reused >= 1, "items finished before the kill are reused");
+    let got = std::fs::read_to_string(p.path("outputs/t/preprocess/manifest.json")).unwrap();
+    assert!(
+        got == expected,
+        "the resumed result differs from an uninterrupted run"
+    );
+    let verify = p.sdpipe(&["cache", "verify"]);
+    assert_eq!(verify.code, 0, "{}", verify.stdout);
+}
+
+#[test]
+fn two_concurrent_runs_compute_each_stage_once() {
+    let p = Project::new(BASIC);
+    let env = [
+        ("SDPIPE_TEST_ITEM_DELAY_MS", "150"),
+        ("RAYON_NUM_THREADS", "1"),
+    ];
+    let a = p.spawn(&["run", "p.toml"], &env);
+    std::thread::sleep(Duration::from_millis(100));
+    let b = p.spawn(&["run", "p.toml"], &env);
+    let a = a.wait_with_output().unwrap();
+    let b = b.wait_with_output().unwrap();
+    assert!(a.status.success() && b.status.success());
+    let outs = [
+        String::from_utf8_lossy(&a.stdout).into_owned(),
+        String::from_utf8_lossy(&b.stdout).into_owned(),
+    ];
+    let computed = outs
+        .iter()
+        .filter(|o| o.contains("preprocess  computed"))
+        .count();
+    let cached = outs
+        .iter()
+        .filter(|o| o.contains("preprocess  cached"))
+        .count();
+    assert_eq!((computed, cached), (1, 1), "{outs:?}");
+    let errs =
+        String::from_utf8_lossy(&a.stderr).into_owned() + &String::from_utf8_lossy(&b.stderr);
+    assert!(
+        errs.contains("waiting for stage"),
+        "the waiting run says what it waits for: {errs}"
+    );
+    assert_eq!(p.sdpipe(&["cache", "verify"]).code, 0);
+}
