@@ -53,7 +53,6 @@ pub fn watch(
         .with_context(|| format!("cannot watch {}", file_dir.display()))?;
     let mut watched: BTreeSet<PathBuf> = BTreeSet::new();
     let mut exit_code;
-    let mut current: Option<Pipeline> = None;
     let mut changed: Vec<PathBuf> = Vec::new();
 
     loop {
@@ -90,6 +89,10 @@ pub fn watch(
                             Ok(path) => {
                                 changed.push(path);
                                 drain(&rx, debounce, &mut changed);
+                                changed.retain(|p| is_relevant(p, &file, &watched));
+                                if changed.is_empty() {
+                                    continue;
+                                }
                                 if let Ok(next) = pipeline::load(&file) {
                                     let names = invalidated_stages(&p, &next, &changed);
                                     if !names.is_empty() {
@@ -130,41 +133,44 @@ pub fn watch(
                         exit_code = 3;
                     }
                 }
-                current = Some(p);
             }
         }
         if super::cancel::interrupted() {
             return Ok(130);
         }
-        // Wait for the next relevant change (unless one arrived during the run).
+        // Wait for the next relevant change (one may have arrived during the run).
+        changed.retain(|p| is_relevant(p, &file, &watched));
         if changed.is_empty() {
             progress.message(&format!("watching {} (Ctrl-C to stop)", file.display()));
-            loop {
-                match rx.recv_timeout(Duration::from_millis(200)) {
-                    Ok(path) => {
+        }
+        while changed.is_empty() {
+            match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(path) => {
+                    if is_relevant(&path, &file, &watched) {
                         changed.push(path);
                         drain(&rx, debounce, &mut changed);
-                        break;
+                        changed.retain(|p| is_relevant(p, &file, &watched));
                     }
-                    Err(RecvTimeoutError::Timeout) => {
-                        if super::cancel::interrupted() {
-                            return Ok(130);
-                        }
-                    }
-                    Err(RecvTimeoutError::Disconnected) => return Ok(exit_code),
                 }
+                Err(RecvTimeoutError::Timeout) => {
+                    if super::cancel::interrupted() {
+                        return Ok(130);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => return Ok(exit_code),
             }
         }
-        let relevant = changed
-            .iter()
-            .any(|p| p == &file || watched.iter().any(|w| p.starts_with(w)));
-        let names: Vec<String> = changed.drain(..).map(|p| p.display().to_string()).collect();
-        if !relevant {
-            continue;
-        }
-        progress.message(&format!("\nchanged: {}", names.join(", ")));
-        let _ = &current;
+        let names: BTreeSet<String> = changed.drain(..).map(|p| p.display().to_string()).collect();
+        progress.message(&format!(
+            "\nchanged: {}",
+            names.into_iter().collect::<Vec<_>>().join(", ")
+        ));
     }
+}
+
+/// The pipeline file itself, or something under a declared input (not our own outputs).
+fn is_relevant(path: &Path, file: &Path, watched: &BTreeSet<PathBuf>) -> bool {
+    path == file || watched.iter().any(|w| path.starts_with(w))
 }
 
 /// Collects further events until none arrives for `debounce`.
