@@ -1,0 +1,338 @@
+//! 2-D convolution on dfdx's stable ops (its own `conv2d` needs nightly).
+//!
+//! Implementation: im2col. The `kh·kw` shifted (strided, zero-padded) windows of the input are
+//! gathered into `[b, c·kh·kw, ho·wo]` in one op, and one batched matmul with the weight viewed
+//! as `[c_out, c·kh·kw]` gives the output. Every step is a differentiable dfdx op, so gradients flow
+//! to the input through the tape. This file is the only place convolution is implemented: a
+//! faster kernel can replace [`conv2d`] without touching the models.
+
+use dfdx::prelude::*;
+
+use super::{Tensor1, Tensor3, Tensor4};
+use crate::diffusion::error::Result;
+use crate::diffusion::weights::Loader;
+
+/// Zero padding of a convolution: rows added on top/bottom, columns on left/right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Padding2d {
+    /// Rows of zeros above.
+    pub top: usize,
+    /// Rows of zeros below.
+    pub bottom: usize,
+    /// Columns of zeros on the left.
+    pub left: usize,
+    /// Columns of zeros on the right.
+    pub right: usize,
+}
+
+impl Padding2d {
+    /// The same padding `p` on all four sides (PyTorch's `padding=p`).
+    pub fn same(p: usize) -> Self {
+        Self {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        }
+    }
+}
+
+/// A 2-D convolution layer with PyTorch's weight layout `[c_out, c_in, kh, kw]`.
+#[derive(Debug, Clone)]
+pub struct Conv2d<D: Storage<f32>> {
+    /// `[c_out, c_in, kh, kw]`
+    pub weight: Tensor4<D>,
+    /// `[c_out]`
+    pub bias: Option<Tensor1<D>>,
+    /// Stride along both axes.
+    pub stride: usize,
+    /// Zero padding.
+    pub padding: Padding2d,
+}
+
+impl<D: Device<f32>> Conv2d<D> {
+    /// Loads a square-kernel convolution with bias under the loader's prefix.
+    pub fn load(
+        l: &Loader<D>,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: Padding2d,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: l.tensor4("weight", (c_out, c_in, kernel, kernel))?,
+            bias: Some(l.tensor1("bias", c_out)?),
+            stride,
+            padding,
+        })
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.weight.shape().0
+    }
+
+    /// `[b, c_in, h, w] -> [b, c_out, ho, wo]`
+    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
+        conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding)
+    }
+}
+
+/// Convolution of `x: [b, c, h, w]` with `weight: [c_out, c, kh, kw]` (+ `bias: [c_out]`),
+/// stride `stride` on both axes, zero padding `padding`: PyTorch's `F.conv2d` semantics.
+///
+/// Panics if the input's channels differ from the weight's (the models check their inputs).
+pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
+    x: Tensor4<D, T>,
+    weight: &Tensor4<D>,
+    bias: Option<&Tensor1<D>>,
+    stride: usize,
+    padding: Padding2d,
+) -> Tensor4<D, T> {
+    let (c_out, c_in, kh, kw) = *weight.shape();
+    let (b, c, _, _) = *x.shape();
+    assert_eq!(c, c_in, "conv2d: input has {c} channels, weight expects {c_in}");
+    assert!(stride > 0, "conv2d: stride 0");
+    let (_, _, h, w) = *x.shape();
+    let hp = h + padding.top + padding.bottom;
+    let wp = w + padding.left + padding.right;
+    assert!(hp >= kh && wp >= kw, "conv2d: input smaller than the kernel");
+    let ho = (hp - kh) / stride + 1;
+    let wo = (wp - kw) / stride + 1;
+    let k = c_in * kh * kw;
+
+    // [b, c*kh*kw, ho*wo]
+    let cols: Tensor3<D, T> = if kh == 1 && kw == 1 && stride == 1 && padding == Padding2d::default()
+    {
+        x.reshape_like(&(b, c, h * w))
+    } else {
+        im2col(x, (kh, kw), stride, padding, (ho, wo))
+    };
+
+    // [c_out, k] viewed for every batch item: [b, c_out, k] (stride 0 on b, no copy)
+    let w = weight
+        .clone()
+        .reshape_like(&(c_out, k))
+        .broadcast_like::<_, Axis<0>>(&(b, c_out, k));
+    // the tape moves to the left operand, dfdx's binary ops merge right tapes into left ones
+    let (cols, tape) = cols.split_tape();
+    // [b, c_out, k] x [b, k, ho*wo] -> [b, c_out, ho*wo]
+    let y = w.put_tape(tape).matmul(cols);
+    let y = y.reshape_like(&(b, c_out, ho, wo));
+    match bias {
+        Some(bias) => y + bias
+            .clone()
+            .broadcast_like::<_, Axes3<0, 2, 3>>(&(b, c_out, ho, wo)),
+        None => y,
+    }
+}
+
+/// `[b, c, h, w]` -> `[b, c*kh*kw, ho*wo]`: row `ci*kh*kw + ky*kw + kx`, column `oy*wo + ox`
+/// holds input pixel `(oy*s + ky - top, ox*s + kx - left)` of channel `ci`, or 0 in the padding.
+///
+/// Done as one gather over the pixel axis (the padding is an extra all-zero row), because
+/// dfdx 0.13's `slice` backward assigns instead of accumulating, which breaks the gradient of
+/// overlapping windows; `gather`'s backward accumulates.
+fn im2col<D: Device<f32>, T: Tape<f32, D>>(
+    x: Tensor4<D, T>,
+    (kh, kw): (usize, usize),
+    s: usize,
+    padding: Padding2d,
+    (ho, wo): (usize, usize),
+) -> Tensor3<D, T> {
+    let (b, c, h, w) = *x.shape();
+    let dev = x.device().clone();
+    let bc = b * c;
+    let zero_row = h * w;
+    // [h*w, b*c]: one row per pixel position
+    let rows = x
+        .reshape_like(&(bc, h * w))
+        .permute::<_, Axes2<1, 0>>()
+        .reshape_like(&(h * w, bc));
+    // [h*w + 1, b*c]: the last row is the zero padding
+    let rows = (rows, dev.zeros_like(&(1, bc))).concat_along(Axis::<0>);
+    let n = ho * wo;
+    let mut index = Vec::with_capacity(kh * kw * n);
+    for ky in 0..kh {
+        for kx in 0..kw {
+            for oy in 0..ho {
+                let iy = (oy * s + ky) as isize - padding.top as isize;
+                for ox in 0..wo {
+                    let ix = (ox * s + kx) as isize - padding.left as isize;
+                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                        index.push(zero_row);
+                    } else {
+                        index.push(iy as usize * w + ix as usize);
+                    }
+                }
+            }
+        }
+    }
+    let k = kh * kw;
+    let index = dev.tensor_from_vec(index, (k * n,));
+    // [k*n, b*c]
+    let cols: Tensor<(usize, usize), f32, D, T> = rows.gather(index);
+    cols.reshape_like(&(k, n, b, c))
+        // [b, c, k, n]
+        .permute::<_, Axes4<2, 3, 0, 1>>()
+        .reshape_like(&(b, c * k, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct (loop) convolution, the reference.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_ref(
+        x: &[f32],
+        (b, c, h, w): (usize, usize, usize, usize),
+        wt: &[f32],
+        (co, kh, kw): (usize, usize, usize),
+        bias: &[f32],
+        s: usize,
+        p: Padding2d,
+    ) -> (Vec<f32>, (usize, usize, usize, usize)) {
+        let hp = h + p.top + p.bottom;
+        let wp = w + p.left + p.right;
+        let ho = (hp - kh) / s + 1;
+        let wo = (wp - kw) / s + 1;
+        let mut out = vec![0f32; b * co * ho * wo];
+        for bi in 0..b {
+            for o in 0..co {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut acc = bias[o] as f64;
+                        for ci in 0..c {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = (oy * s + ky) as isize - p.top as isize;
+                                    let ix = (ox * s + kx) as isize - p.left as isize;
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let xv = x[((bi * c + ci) * h + iy as usize) * w + ix as usize];
+                                    let wv = wt[((o * c + ci) * kh + ky) * kw + kx];
+                                    acc += (xv * wv) as f64;
+                                }
+                            }
+                        }
+                        out[((bi * co + o) * ho + oy) * wo + ox] = acc as f32;
+                    }
+                }
+            }
+        }
+        (out, (b, co, ho, wo))
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        // deterministic pseudo-random values in [-1, 1]
+        let mut state = seed.wrapping_mul(2654435761).wrapping_add(12345);
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn check(shape: (usize, usize, usize, usize), co: usize, k: usize, s: usize, p: Padding2d) {
+        let dev = Cpu::default();
+        let (b, c, h, w) = shape;
+        let xv = values(b * c * h * w, 1);
+        let wv = values(co * c * k * k, 2);
+        let bv = values(co, 3);
+        let x = dev.tensor_from_vec(xv.clone(), shape);
+        let wt = dev.tensor_from_vec(wv.clone(), (co, c, k, k));
+        let bias = dev.tensor_from_vec(bv.clone(), (co,));
+        let y = conv2d(x, &wt, Some(&bias), s, p);
+        let (expected, eshape) = conv_ref(&xv, shape, &wv, (co, k, k), &bv, s, p);
+        assert_eq!(*y.shape(), eshape);
+        let got = y.as_vec();
+        let max = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(max < 1e-5, "max abs error {max} for {shape:?} k{k} s{s} {p:?}");
+    }
+
+    #[test]
+    fn conv_matches_direct_convolution() {
+        check((2, 3, 5, 6), 4, 3, 1, Padding2d::same(1));
+        check((1, 3, 6, 6), 5, 3, 2, Padding2d::same(1));
+        check((1, 2, 7, 5), 3, 3, 2, Padding2d::same(1));
+        // VAE downsampler: pad right/bottom by 1, 3x3 stride 2, no padding
+        check(
+            (2, 3, 8, 8),
+            4,
+            3,
+            2,
+            Padding2d {
+                top: 0,
+                bottom: 1,
+                left: 0,
+                right: 1,
+            },
+        );
+        check((2, 6, 4, 5), 3, 1, 1, Padding2d::default());
+        check((1, 2, 6, 6), 3, 1, 2, Padding2d::default());
+    }
+
+    /// Gradient of `sum(conv(x) * r)` w.r.t. `x` against central finite differences.
+    fn grad_check(s: usize, p: Padding2d) {
+        let dev = Cpu::default();
+        let shape = (2, 3, 6, 5);
+        let (co, k) = (4, 3);
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let xv = values(n, 7);
+        let wt = dev.tensor_from_vec(values(co * shape.1 * k * k, 8), (co, shape.1, k, k));
+        let bias = dev.tensor_from_vec(values(co, 9), (co,));
+        let f = |xv: Vec<f64>| -> f64 {
+            let x = dev.tensor_from_vec(xv.iter().map(|v| *v as f32).collect(), shape);
+            let y = conv2d(x, &wt, Some(&bias), s, p);
+            let r = values(y.shape().num_elements(), 10);
+            y.as_vec()
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum()
+        };
+        let x = dev.tensor_from_vec(xv.clone(), shape);
+        let y = conv2d(x.leaky_trace(), &wt, Some(&bias), s, p);
+        let r = dev.tensor_from_vec(values(y.shape().num_elements(), 10), *y.shape());
+        let grads = (y * r).sum().backward();
+        let g = grads.get(&x).as_vec();
+        let eps = 1e-2;
+        for i in (0..n).step_by(7) {
+            let mut plus: Vec<f64> = xv.iter().map(|v| *v as f64).collect();
+            let mut minus = plus.clone();
+            plus[i] += eps;
+            minus[i] -= eps;
+            let fd = (f(plus) - f(minus)) / (2.0 * eps);
+            assert!(
+                (fd - g[i] as f64).abs() < 2e-3,
+                "grad {i}: tape {} vs finite difference {fd} (stride {s})",
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn conv_gradient_matches_finite_differences() {
+        grad_check(1, Padding2d::same(1));
+        grad_check(2, Padding2d::same(1));
+        grad_check(
+            2,
+            Padding2d {
+                top: 0,
+                bottom: 1,
+                left: 0,
+                right: 1,
+            },
+        );
+    }
+}

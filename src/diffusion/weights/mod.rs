@@ -1,0 +1,360 @@
+//! Weight loading: memory-mapped safetensors files (F32, F16, BF16 converted to f32) seen through
+//! diffusers tensor names, whichever layout they come from.
+//!
+//! * [`SafetensorsFile`]: one memory-mapped file, its header parsed and validated (a truncated
+//!   file is an error here, before any tensor is read).
+//! * [`WeightStore`]: the tensors of one model component (UNet, VAE or text encoder) under their
+//!   diffusers names, each pointing into a file (under its own name there, possibly a 1x1-conv
+//!   shape for a linear weight).
+//! * [`Loader`]: builds dfdx tensors from a store with a name prefix, checking shapes.
+//! * [`single_file`]: the original LDM/CompVis single-file layout, mapped to diffusers names, and
+//!   the architecture inferred from the tensor shapes.
+//! * [`checkpoint`]: [`Checkpoint`] (either layout, configs included) and [`StableDiffusion`].
+
+// pub mod checkpoint;
+// pub mod single_file;
+
+// pub use checkpoint::{Checkpoint, CheckpointLayout, StableDiffusion};
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use dfdx::prelude::*;
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, Metadata, SafeTensors};
+
+use super::error::{DiffusionError, Result};
+
+/// A memory-mapped safetensors file with its parsed header.
+pub struct SafetensorsFile {
+    path: PathBuf,
+    mmap: Mmap,
+    data_start: usize,
+    metadata: Metadata,
+}
+
+impl std::fmt::Debug for SafetensorsFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SafetensorsFile")
+            .field("path", &self.path)
+            .field("tensors", &self.metadata.tensors().len())
+            .finish()
+    }
+}
+
+impl SafetensorsFile {
+    /// Memory-maps `path` and validates its header against the file size.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        let path = path.as_ref().to_path_buf();
+        let file = File::open(&path).map_err(|source| DiffusionError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        // SAFETY: the map is read-only; like every safetensors reader we assume the file is not
+        // truncated or rewritten by another process while it is mapped.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| DiffusionError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| DiffusionError::CorruptFile {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok(Self {
+            path,
+            mmap,
+            data_start: 8 + header_len,
+            metadata,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The names of all tensors in the file.
+    pub fn names(&self) -> Vec<String> {
+        self.metadata.tensors().into_keys().collect()
+    }
+
+    /// The stored shape of tensor `name`, if present.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.metadata.info(name).map(|i| i.shape.clone())
+    }
+
+    /// The `__metadata__` string map of the header.
+    pub fn user_metadata(&self) -> Option<&std::collections::HashMap<String, String>> {
+        self.metadata.metadata().as_ref()
+    }
+
+    /// Reads tensor `name` converted to f32 (from F32, F16, BF16 or F64), with its shape.
+    pub fn read_f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let desc = || self.path.display().to_string();
+        let info = self
+            .metadata
+            .info(name)
+            .ok_or_else(|| DiffusionError::MissingTensor {
+                name: name.to_string(),
+                source_desc: desc(),
+            })?;
+        let (start, end) = info.data_offsets;
+        let bytes = self
+            .mmap
+            .get(self.data_start + start..self.data_start + end)
+            .ok_or_else(|| DiffusionError::CorruptFile {
+                path: self.path.clone(),
+                reason: format!("tensor `{name}` lies outside the file"),
+            })?;
+        let values: Vec<f32> = match info.dtype {
+            StDtype::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            StDtype::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            StDtype::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            StDtype::F64 => bytes
+                .chunks_exact(8)
+                .map(|c| {
+                    f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
+                })
+                .collect(),
+            other => {
+                return Err(DiffusionError::UnsupportedDtype {
+                    name: name.to_string(),
+                    source_desc: desc(),
+                    dtype: format!("{other:?}"),
+                });
+            }
+        };
+        let numel: usize = info.shape.iter().product();
+        if values.len() != numel {
+            return Err(DiffusionError::CorruptFile {
+                path: self.path.clone(),
+                reason: format!(
+                    "tensor `{name}` holds {} values for shape {:?}",
+                    values.len(),
+                    info.shape
+                ),
+            });
+        }
+        Ok((values, info.shape.clone()))
+    }
+}
+
+/// Where a diffusers-named tensor lives.
+#[derive(Debug, Clone)]
+struct Entry {
+    file: usize,
+    key: String,
+    /// The file stores a linear weight `[o, i]` as a 1x1 convolution `[o, i, 1, 1]`.
+    squeeze_1x1: bool,
+}
+
+/// The tensors of one model component under diffusers names.
+#[derive(Debug, Clone, Default)]
+pub struct WeightStore {
+    files: Vec<Arc<SafetensorsFile>>,
+    entries: BTreeMap<String, Entry>,
+}
+
+impl WeightStore {
+    /// A store over every tensor of `files`, each under its own name with `strip_prefix` removed
+    /// when present.
+    pub fn from_files(files: Vec<Arc<SafetensorsFile>>, strip_prefix: &str) -> Self {
+        let mut store = Self {
+            files,
+            entries: BTreeMap::new(),
+        };
+        for fi in 0..store.files.len() {
+            for key in store.files[fi].names() {
+                let name = key.strip_prefix(strip_prefix).unwrap_or(&key).to_string();
+                store.entries.insert(
+                    name,
+                    Entry {
+                        file: fi,
+                        key,
+                        squeeze_1x1: false,
+                    },
+                );
+            }
+        }
+        store
+    }
+
+    /// An empty store reading from `files`; fill it with [`WeightStore::insert`].
+    pub fn with_files(files: Vec<Arc<SafetensorsFile>>) -> Self {
+        Self {
+            files,
+            entries: BTreeMap::new(),
+        }
+    }
+
+    /// Maps diffusers name `name` to tensor `key` of file number `file`.
+    pub fn insert(&mut self, name: String, file: usize, key: String, squeeze_1x1: bool) {
+        self.entries.insert(
+            name,
+            Entry {
+                file,
+                key,
+                squeeze_1x1,
+            },
+        );
+    }
+
+    /// All diffusers names in the store, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(|s| s.as_str())
+    }
+
+    /// Whether the store has tensor `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// The number of tensors.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether the store has no tensor.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    fn describe(&self) -> String {
+        let paths: Vec<String> = self
+            .files
+            .iter()
+            .map(|f| f.path().display().to_string())
+            .collect();
+        paths.join(", ")
+    }
+
+    /// The shape of tensor `name` as the model sees it (1x1-conv storage squeezed).
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let e = self.entries.get(name)?;
+        let mut shape = self.files[e.file].shape(&e.key)?;
+        if e.squeeze_1x1 && shape.len() == 4 && shape[2] == 1 && shape[3] == 1 {
+            shape.truncate(2);
+        }
+        Some(shape)
+    }
+
+    /// Reads tensor `name` as f32 with its (model-side) shape.
+    pub fn read(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
+        let e = self
+            .entries
+            .get(name)
+            .ok_or_else(|| DiffusionError::MissingTensor {
+                name: name.to_string(),
+                source_desc: self.describe(),
+            })?;
+        let file = &self.files[e.file];
+        let (values, mut shape) = file.read_f32(&e.key)?;
+        if e.squeeze_1x1 && shape.len() == 4 && shape[2] == 1 && shape[3] == 1 {
+            shape.truncate(2);
+        }
+        Ok((values, shape))
+    }
+
+    /// Reads tensor `name`, checking that its shape is `expected`.
+    pub fn read_checked(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let (values, shape) = self.read(name)?;
+        if shape != expected {
+            let source_desc = match self.entries.get(name) {
+                Some(e) if e.key != name => {
+                    format!("{} (stored as `{}`)", self.files[e.file].path().display(), e.key)
+                }
+                _ => self.describe(),
+            };
+            return Err(DiffusionError::ShapeMismatch {
+                name: name.to_string(),
+                source_desc,
+                expected: expected.to_vec(),
+                found: shape,
+            });
+        }
+        Ok(values)
+    }
+}
+
+/// Builds dfdx tensors from a [`WeightStore`] under a name prefix (`down_blocks.0.` …).
+#[derive(Clone)]
+pub struct Loader<'a, D> {
+    store: &'a WeightStore,
+    dev: D,
+    prefix: String,
+}
+
+impl<'a, D: Device<f32>> Loader<'a, D> {
+    /// A loader at the root of `store`, creating tensors on `dev`.
+    pub fn new(store: &'a WeightStore, dev: &D) -> Self {
+        Self {
+            store,
+            dev: dev.clone(),
+            prefix: String::new(),
+        }
+    }
+
+    /// The same store under `prefix.name.`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Self {
+        Self {
+            store: self.store,
+            dev: self.dev.clone(),
+            prefix: format!("{}{}.", self.prefix, name),
+        }
+    }
+
+    /// The device tensors are created on.
+    pub fn device(&self) -> &D {
+        &self.dev
+    }
+
+    fn full(&self, name: &str) -> String {
+        format!("{}{}", self.prefix, name)
+    }
+
+    /// Whether `prefix + name` exists.
+    pub fn contains(&self, name: &str) -> bool {
+        self.store.contains(&self.full(name))
+    }
+
+    /// The shape of `prefix + name`, if present.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        self.store.shape(&self.full(name))
+    }
+
+    /// A rank-1 tensor `[n]`.
+    pub fn tensor1(&self, name: &str, n: usize) -> Result<Tensor<(usize,), f32, D>> {
+        let v = self.store.read_checked(&self.full(name), &[n])?;
+        Ok(self.dev.tensor_from_vec(v, (n,)))
+    }
+
+    /// A rank-2 tensor `[a, b]`.
+    pub fn tensor2(&self, name: &str, s: (usize, usize)) -> Result<Tensor<(usize, usize), f32, D>> {
+        let v = self.store.read_checked(&self.full(name), &[s.0, s.1])?;
+        Ok(self.dev.tensor_from_vec(v, s))
+    }
+
+    /// A rank-4 tensor `[a, b, c, d]`.
+    pub fn tensor4(
+        &self,
+        name: &str,
+        s: (usize, usize, usize, usize),
+    ) -> Result<Tensor<(usize, usize, usize, usize), f32, D>> {
+        let v = self
+            .store
+            .read_checked(&self.full(name), &[s.0, s.1, s.2, s.3])?;
+        Ok(self.dev.tensor_from_vec(v, s))
+    }
+}
