@@ -4,3 +4,4 @@
 pub mod error;
 pub mod nn;
 pub mod weights;
+pub mod clip;

@@ -2,8 +2,24 @@
 
 use dfdx::prelude::*;
 
-use super::Tensor4;
 use super::ops::concat_many;
+use super::{Tensor3, Tensor4};
+
+/// `[b, n, heads*d] -> [b, heads, n, d]` (contiguous).
+pub fn split_heads<D: Device<f32>, T: Tape<f32, D>>(x: Tensor3<D, T>, heads: usize) -> Tensor4<D, T> {
+    let (b, n, c) = *x.shape();
+    let d = c / heads;
+    x.reshape_like(&(b, n, heads, d))
+        .permute::<_, Axes4<0, 2, 1, 3>>()
+        .reshape_like(&(b, heads, n, d))
+}
+
+/// `[b, heads, n, d] -> [b, n, heads*d]`.
+pub fn merge_heads<D: Device<f32>, T: Tape<f32, D>>(x: Tensor4<D, T>) -> Tensor3<D, T> {
+    let (b, h, n, d) = *x.shape();
+    x.permute::<_, Axes4<0, 2, 1, 3>>()
+        .reshape_like(&(b, n, h * d))
+}
 
 /// Default number of queries per attention chunk: a 512x512 image's 4096-token self-attention
 /// then holds at most `heads x 1024 x 4096` scores at once per batch item.

@@ -2,7 +2,7 @@
 //! dfdx tape carried by the activations (parameters are plain, un-taped tensors).
 //!
 //! * [`linear`]: `Linear` (`y = x Wᵀ + b`).
-//! * [`conv2d`]: `Conv2d` by im2col (shifted slices, stacked) and one batched matmul; the only
+//! * [`conv2d`]: `Conv2d` by im2col (one gather of the shifted windows) and one matmul; the only
 //!   place convolution is implemented, so a faster kernel can replace it.
 //! * [`norm`]: `GroupNorm`, `LayerNorm`.
 //! * [`attention`]: scaled dot-product attention computed in chunks of queries.
@@ -18,7 +18,7 @@ pub mod linear;
 pub mod norm;
 pub mod ops;
 
-pub use attention::{DEFAULT_ATTENTION_CHUNK, scaled_dot_product_attention};
+pub use attention::{DEFAULT_ATTENTION_CHUNK, merge_heads, scaled_dot_product_attention, split_heads};
 pub use conv2d::{Conv2d, Padding2d};
 pub use linear::Linear;
 pub use norm::{GroupNorm, LayerNorm};
