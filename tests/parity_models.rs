@@ -97,3 +97,27 @@ fn text_encoder_matches_transformers() {
     let skip1 = te.encode(&ids, 1).unwrap();
     assert_close("text encoder clip_skip=1", &skip1.as_vec(), &g.f32("penultimate_hidden_state_final_ln").0, 1e-4);
 }
+
+fn unet_parity(unet: &sdpipe::diffusion::unet::UNet<Cpu>, what: &str) {
+    let dev = Cpu::default();
+    let g = Golden::open("unet.safetensors");
+    let (sample, ss) = g.f32("sample");
+    let (ctx, cs) = g.f32("encoder_hidden_states");
+    let (ts, _) = g.f32("timesteps");
+    let sample = dev.tensor_from_vec(sample, (ss[0], ss[1], ss[2], ss[3]));
+    let ctx = dev.tensor_from_vec(ctx, (cs[0], cs[1], cs[2]));
+    let out = unet.forward(sample, &ts, ctx).unwrap();
+    assert_close(what, &out.as_vec(), &g.f32("noise_pred").0, 1e-4);
+}
+
+#[test]
+fn unet_matches_diffusers() {
+    let dev = Cpu::default();
+    let dir = fixtures().join("tiny-sd/unet");
+    let file = Arc::new(SafetensorsFile::open(dir.join("diffusion_pytorch_model.safetensors")).unwrap());
+    let store = WeightStore::from_files(vec![file], "");
+    let config: sdpipe::diffusion::unet::UNetConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let unet = sdpipe::diffusion::unet::UNet::load(&Loader::new(&store, &dev), &config).unwrap();
+    unet_parity(&unet, "unet noise_pred (diffusers folder)");
+}

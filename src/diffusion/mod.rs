@@ -5,3 +5,7 @@ pub mod error;
 pub mod nn;
 pub mod weights;
 pub mod clip;
+pub mod attention;
+pub mod resnet;
+pub mod unet_blocks;
+pub mod unet;
