@@ -121,3 +121,28 @@ fn unet_matches_diffusers() {
     let unet = sdpipe::diffusion::unet::UNet::load(&Loader::new(&store, &dev), &config).unwrap();
     unet_parity(&unet, "unet noise_pred (diffusers folder)");
 }
+
+fn vae_parity(vae: &sdpipe::diffusion::vae::Vae<Cpu>, what: &str) {
+    let dev = Cpu::default();
+    let g = Golden::open("vae.safetensors");
+    let (image, s) = g.f32("image");
+    let post = vae.encode(dev.tensor_from_vec(image, (s[0], s[1], s[2], s[3]))).unwrap();
+    assert_close(&format!("vae latent_mean ({what})"), &post.mean.as_vec(), &g.f32("latent_mean").0, 1e-4);
+    assert_close(&format!("vae latent_logvar ({what})"), &post.logvar.as_vec(), &g.f32("latent_logvar").0, 1e-4);
+    assert_close(&format!("vae latent_std ({what})"), &post.std.as_vec(), &g.f32("latent_std").0, 1e-4);
+    let (z, s) = g.f32("decode_latent");
+    let decoded = vae.decode(dev.tensor_from_vec(z, (s[0], s[1], s[2], s[3]))).unwrap();
+    assert_close(&format!("vae decoded ({what})"), &decoded.as_vec(), &g.f32("decoded").0, 1e-4);
+}
+
+#[test]
+fn vae_matches_diffusers() {
+    let dev = Cpu::default();
+    let dir = fixtures().join("tiny-sd/vae");
+    let file = Arc::new(SafetensorsFile::open(dir.join("diffusion_pytorch_model.safetensors")).unwrap());
+    let store = WeightStore::from_files(vec![file], "");
+    let config: sdpipe::diffusion::vae::VaeConfig =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
+    let vae = sdpipe::diffusion::vae::Vae::load(&Loader::new(&store, &dev), &config).unwrap();
+    vae_parity(&vae, "diffusers folder");
+}

@@ -9,3 +9,4 @@ pub mod attention;
 pub mod resnet;
 pub mod unet_blocks;
 pub mod unet;
+pub mod vae;
