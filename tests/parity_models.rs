@@ -2,12 +2,14 @@
 //! (copied from the shared reference fixtures; tolerances from their README).
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use dfdx::prelude::*;
 use safetensors::SafeTensors;
-use sdpipe::diffusion::clip::{ClipConfig, TextEncoder};
-use sdpipe::diffusion::weights::{Loader, SafetensorsFile, WeightStore};
+use sdpipe::diffusion::clip::TextEncoder;
+use sdpipe::diffusion::error::DiffusionError;
+use sdpipe::diffusion::unet::UNet;
+use sdpipe::diffusion::vae::Vae;
+use sdpipe::diffusion::weights::{Checkpoint, CheckpointLayout, StableDiffusion};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -62,7 +64,10 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
-        .fold(0f32, |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) })
+        .fold(
+            0f32,
+            |m, d| if d.is_nan() { f32::INFINITY } else { m.max(d) },
+        )
 }
 
 fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
@@ -71,34 +76,66 @@ fn assert_close(what: &str, got: &[f32], want: &[f32], tol: f32) {
     assert!(err <= tol, "{what}: max abs error {err} > {tol}");
 }
 
-#[test]
-fn text_encoder_matches_transformers() {
-    let dev = Cpu::default();
-    let dir = fixtures().join("tiny-sd/text_encoder");
-    let file = Arc::new(SafetensorsFile::open(dir.join("model.safetensors")).unwrap());
-    let store = WeightStore::from_files(vec![file], "text_model.");
-    let config: ClipConfig =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let te = TextEncoder::load(&Loader::new(&store, &dev), &config).unwrap();
+fn diffusers() -> Checkpoint {
+    let ckpt = Checkpoint::open(fixtures().join("tiny-sd")).unwrap();
+    assert_eq!(ckpt.layout, CheckpointLayout::Diffusers);
+    ckpt
+}
 
+/// The single file with the tiny model's configs: its 4 CLIP heads and 8 GroupNorm groups
+/// differ from SD 1.x's, which is all a single file's shapes cannot tell.
+fn single_file() -> Checkpoint {
+    let ckpt = Checkpoint::open(fixtures().join("tiny-sd-single-file.safetensors")).unwrap();
+    assert_eq!(ckpt.layout, CheckpointLayout::SingleFile);
+    ckpt.with_configs_from(fixtures().join("tiny-sd")).unwrap()
+}
+
+fn text_encoder_parity(te: &TextEncoder<Cpu>, what: &str) {
     let g = Golden::open("text_encoder.safetensors");
     let (ids, shape) = g.i64("input_ids");
-    let ids: Vec<Vec<u32>> = ids.chunks(shape[1]).map(|r| r.iter().map(|&i| i as u32).collect()).collect();
+    let ids: Vec<Vec<u32>> = ids
+        .chunks(shape[1])
+        .map(|r| r.iter().map(|&i| i as u32).collect())
+        .collect();
     let out = te.forward(&ids).unwrap();
-    assert_close("text encoder last_hidden_state", &out.last_hidden_state.as_vec(), &g.f32("last_hidden_state").0, 1e-4);
-    assert_close("text encoder pooler_output", &out.pooler_output.as_vec(), &g.f32("pooler_output").0, 1e-4);
     assert_close(
-        "text encoder penultimate_hidden_state_final_ln",
+        &format!("text encoder last_hidden_state ({what})"),
+        &out.last_hidden_state.as_vec(),
+        &g.f32("last_hidden_state").0,
+        1e-4,
+    );
+    assert_close(
+        &format!("text encoder pooler_output ({what})"),
+        &out.pooler_output.as_vec(),
+        &g.f32("pooler_output").0,
+        1e-4,
+    );
+    assert_close(
+        &format!("text encoder penultimate_hidden_state_final_ln ({what})"),
         &out.penultimate_hidden_state_final_ln.as_vec(),
         &g.f32("penultimate_hidden_state_final_ln").0,
         1e-4,
     );
-    // clip_skip through the embedding path gives the same tensors
+    // clip_skip through the embedding-input path gives the same tensors
     let skip1 = te.encode(&ids, 1).unwrap();
-    assert_close("text encoder clip_skip=1", &skip1.as_vec(), &g.f32("penultimate_hidden_state_final_ln").0, 1e-4);
+    assert_close(
+        &format!("text encoder clip_skip=1 ({what})"),
+        &skip1.as_vec(),
+        &g.f32("penultimate_hidden_state_final_ln").0,
+        1e-4,
+    );
+    let skip0 = te
+        .forward_embeds(te.embed_tokens(&ids).unwrap(), 0)
+        .unwrap();
+    assert_close(
+        &format!("text encoder forward_embeds ({what})"),
+        &skip0.as_vec(),
+        &g.f32("last_hidden_state").0,
+        1e-4,
+    );
 }
 
-fn unet_parity(unet: &sdpipe::diffusion::unet::UNet<Cpu>, what: &str) {
+fn unet_parity(unet: &UNet<Cpu>, what: &str) {
     let dev = Cpu::default();
     let g = Golden::open("unet.safetensors");
     let (sample, ss) = g.f32("sample");
@@ -107,42 +144,282 @@ fn unet_parity(unet: &sdpipe::diffusion::unet::UNet<Cpu>, what: &str) {
     let sample = dev.tensor_from_vec(sample, (ss[0], ss[1], ss[2], ss[3]));
     let ctx = dev.tensor_from_vec(ctx, (cs[0], cs[1], cs[2]));
     let out = unet.forward(sample, &ts, ctx).unwrap();
-    assert_close(what, &out.as_vec(), &g.f32("noise_pred").0, 1e-4);
+    assert_close(
+        &format!("unet noise_pred ({what})"),
+        &out.as_vec(),
+        &g.f32("noise_pred").0,
+        1e-4,
+    );
+}
+
+fn vae_parity(vae: &Vae<Cpu>, what: &str) {
+    let dev = Cpu::default();
+    let g = Golden::open("vae.safetensors");
+    let (image, s) = g.f32("image");
+    let post = vae
+        .encode(dev.tensor_from_vec(image, (s[0], s[1], s[2], s[3])))
+        .unwrap();
+    assert_close(
+        &format!("vae latent_mean ({what})"),
+        &post.mean.as_vec(),
+        &g.f32("latent_mean").0,
+        1e-4,
+    );
+    assert_close(
+        &format!("vae latent_logvar ({what})"),
+        &post.logvar.as_vec(),
+        &g.f32("latent_logvar").0,
+        1e-4,
+    );
+    assert_close(
+        &format!("vae latent_std ({what})"),
+        &post.std.as_vec(),
+        &g.f32("latent_std").0,
+        1e-4,
+    );
+    let (z, s) = g.f32("decode_latent");
+    let decoded = vae
+        .decode(dev.tensor_from_vec(z, (s[0], s[1], s[2], s[3])))
+        .unwrap();
+    assert_close(
+        &format!("vae decoded ({what})"),
+        &decoded.as_vec(),
+        &g.f32("decoded").0,
+        1e-4,
+    );
+}
+
+#[test]
+fn text_encoder_matches_transformers() {
+    let dev = Cpu::default();
+    text_encoder_parity(
+        &diffusers().load_text_encoder(&dev).unwrap(),
+        "diffusers folder",
+    );
+    text_encoder_parity(
+        &single_file().load_text_encoder(&dev).unwrap(),
+        "single file",
+    );
 }
 
 #[test]
 fn unet_matches_diffusers() {
     let dev = Cpu::default();
-    let dir = fixtures().join("tiny-sd/unet");
-    let file = Arc::new(SafetensorsFile::open(dir.join("diffusion_pytorch_model.safetensors")).unwrap());
-    let store = WeightStore::from_files(vec![file], "");
-    let config: sdpipe::diffusion::unet::UNetConfig =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let unet = sdpipe::diffusion::unet::UNet::load(&Loader::new(&store, &dev), &config).unwrap();
-    unet_parity(&unet, "unet noise_pred (diffusers folder)");
-}
-
-fn vae_parity(vae: &sdpipe::diffusion::vae::Vae<Cpu>, what: &str) {
-    let dev = Cpu::default();
-    let g = Golden::open("vae.safetensors");
-    let (image, s) = g.f32("image");
-    let post = vae.encode(dev.tensor_from_vec(image, (s[0], s[1], s[2], s[3]))).unwrap();
-    assert_close(&format!("vae latent_mean ({what})"), &post.mean.as_vec(), &g.f32("latent_mean").0, 1e-4);
-    assert_close(&format!("vae latent_logvar ({what})"), &post.logvar.as_vec(), &g.f32("latent_logvar").0, 1e-4);
-    assert_close(&format!("vae latent_std ({what})"), &post.std.as_vec(), &g.f32("latent_std").0, 1e-4);
-    let (z, s) = g.f32("decode_latent");
-    let decoded = vae.decode(dev.tensor_from_vec(z, (s[0], s[1], s[2], s[3]))).unwrap();
-    assert_close(&format!("vae decoded ({what})"), &decoded.as_vec(), &g.f32("decoded").0, 1e-4);
+    unet_parity(&diffusers().load_unet(&dev).unwrap(), "diffusers folder");
+    unet_parity(&single_file().load_unet(&dev).unwrap(), "single file");
 }
 
 #[test]
 fn vae_matches_diffusers() {
     let dev = Cpu::default();
-    let dir = fixtures().join("tiny-sd/vae");
-    let file = Arc::new(SafetensorsFile::open(dir.join("diffusion_pytorch_model.safetensors")).unwrap());
-    let store = WeightStore::from_files(vec![file], "");
-    let config: sdpipe::diffusion::vae::VaeConfig =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("config.json")).unwrap()).unwrap();
-    let vae = sdpipe::diffusion::vae::Vae::load(&Loader::new(&store, &dev), &config).unwrap();
-    vae_parity(&vae, "diffusers folder");
+    vae_parity(&diffusers().load_vae(&dev).unwrap(), "diffusers folder");
+    vae_parity(&single_file().load_vae(&dev).unwrap(), "single file");
+}
+
+#[test]
+fn stable_diffusion_load_builds_all_models() {
+    let dev = Cpu::default();
+    let sd = StableDiffusion::load(fixtures().join("tiny-sd"), &dev).unwrap();
+    assert_eq!(sd.unet.config.block_out_channels, vec![32, 64]);
+    assert_eq!(sd.vae.config.scaling_factor, 0.18215);
+    assert_eq!(sd.vae.config.downsampling_factor(), 2);
+    assert_eq!(sd.text_encoder.config.num_attention_heads, 4);
+}
+
+/// Every tensor of the fp16 single file, mapped to diffusers names, equals the f32 diffusers
+/// folder exactly (the fixture's values are all f16-representable).
+#[test]
+fn single_file_tensors_equal_diffusers_folder() {
+    let a = diffusers();
+    let b = Checkpoint::open(fixtures().join("tiny-sd-single-file.safetensors")).unwrap();
+    let pairs = [
+        ("unet", a.unet_weights(), b.unet_weights()),
+        ("vae", a.vae_weights(), b.vae_weights()),
+        (
+            "text_encoder",
+            a.text_encoder_weights(),
+            b.text_encoder_weights(),
+        ),
+    ];
+    let mut count = 0;
+    for (component, da, sb) in pairs {
+        let na: Vec<&str> = da.names().collect();
+        let nb: Vec<&str> = sb.names().collect();
+        assert_eq!(na, nb, "{component}: tensor names differ");
+        for name in na {
+            let (va, sa) = da.read(name).unwrap();
+            let (vb, sbs) = sb.read(name).unwrap();
+            assert_eq!(sa, sbs, "{component} {name}: shape");
+            assert!(
+                va.iter().zip(&vb).all(|(x, y)| x.to_bits() == y.to_bits()),
+                "{component} {name}: values differ"
+            );
+            count += 1;
+        }
+    }
+    assert_eq!(count, 400, "the fixture has 400 weight tensors");
+}
+
+/// What can be inferred from the single file's shapes alone.
+#[test]
+fn single_file_architecture_is_inferred_from_shapes() {
+    let inferred = Checkpoint::open(fixtures().join("tiny-sd-single-file.safetensors")).unwrap();
+    let reference = diffusers();
+    let (u, r) = (&inferred.unet_config, &reference.unet_config);
+    assert_eq!(u.block_out_channels, r.block_out_channels);
+    assert_eq!(u.layers_per_block, r.layers_per_block);
+    assert_eq!(u.down_block_types, r.down_block_types);
+    assert_eq!(u.up_block_types, r.up_block_types);
+    assert_eq!(u.cross_attention_dim, r.cross_attention_dim);
+    assert_eq!(u.in_channels, r.in_channels);
+    assert_eq!(u.out_channels, r.out_channels);
+    assert_eq!(u.heads(0), r.heads(0));
+    assert_eq!(u.use_linear_projection, r.use_linear_projection);
+    let (v, rv) = (&inferred.vae_config, &reference.vae_config);
+    assert_eq!(v.block_out_channels, rv.block_out_channels);
+    assert_eq!(v.layers_per_block, rv.layers_per_block);
+    assert_eq!(v.latent_channels, rv.latent_channels);
+    assert_eq!(v.scaling_factor, 0.18215);
+    let (c, rc) = (&inferred.clip_config, &reference.clip_config);
+    assert_eq!(c.hidden_size, rc.hidden_size);
+    assert_eq!(c.intermediate_size, rc.intermediate_size);
+    assert_eq!(c.num_hidden_layers, rc.num_hidden_layers);
+    assert_eq!(c.vocab_size, rc.vocab_size);
+    assert_eq!(c.max_position_embeddings, rc.max_position_embeddings);
+}
+
+/// Writes a safetensors file holding `tensors` (name, f32 values, shape).
+fn write_safetensors(path: &Path, tensors: Vec<(String, Vec<f32>, Vec<usize>)>) {
+    let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
+        .into_iter()
+        .map(|(n, v, s)| (n, v.iter().flat_map(|x| x.to_le_bytes()).collect(), s))
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
+        .iter()
+        .map(|(n, b, s)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, path).unwrap();
+}
+
+/// The single file's tensors (as f32), optionally transformed.
+fn single_file_tensors() -> Vec<(String, Vec<f32>, Vec<usize>)> {
+    let path = fixtures().join("tiny-sd-single-file.safetensors");
+    let f = sdpipe::diffusion::weights::SafetensorsFile::open(&path).unwrap();
+    f.names()
+        .into_iter()
+        .filter(|n| !n.ends_with("position_ids"))
+        .map(|n| {
+            let (v, s) = f.read_f32(&n).unwrap();
+            (n, v, s)
+        })
+        .collect()
+}
+
+#[test]
+fn truncated_file_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = std::fs::read(fixtures().join("tiny-sd-single-file.safetensors")).unwrap();
+    let path = dir.path().join("truncated.safetensors");
+    std::fs::write(&path, &src[..src.len() / 2]).unwrap();
+    let err = Checkpoint::open(&path).unwrap_err();
+    assert!(matches!(err, DiffusionError::CorruptFile { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("truncated.safetensors") && msg.contains("truncated"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("missing.safetensors");
+    let removed = "model.diffusion_model.input_blocks.1.1.proj_out.weight";
+    let tensors = single_file_tensors()
+        .into_iter()
+        .filter(|(n, _, _)| n != removed)
+        .collect();
+    write_safetensors(&path, tensors);
+    let ckpt = Checkpoint::open(&path)
+        .unwrap()
+        .with_configs_from(fixtures().join("tiny-sd"))
+        .unwrap();
+    let err = ckpt.load_unet(&Cpu::default()).unwrap_err();
+    let msg = err.to_string();
+    println!("{msg}");
+    assert!(matches!(err, DiffusionError::MissingTensor { .. }), "{msg}");
+    assert!(
+        msg.contains("down_blocks.0.attentions.0.proj_out.weight"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn wrong_shape_is_named_with_both_shapes() {
+    let mut ckpt = diffusers();
+    ckpt.clip_config.intermediate_size = 128;
+    let err = ckpt.load_text_encoder(&Cpu::default()).unwrap_err();
+    let msg = err.to_string();
+    println!("{msg}");
+    match err {
+        DiffusionError::ShapeMismatch {
+            name,
+            expected,
+            found,
+            ..
+        } => {
+            assert_eq!(name, "encoder.layers.0.mlp.fc1.weight");
+            assert_eq!(expected, vec![128, 32]);
+            assert_eq!(found, vec![64, 32]);
+        }
+        other => panic!("expected a shape error, got {other}"),
+    }
+}
+
+#[test]
+fn sd2_and_sdxl_files_are_rejected_with_what_was_found() {
+    let dir = tempfile::tempdir().unwrap();
+    // SDXL: `conditioner.*` keys
+    let sdxl = dir.path().join("sdxl.safetensors");
+    let mut tensors = single_file_tensors();
+    tensors.push((
+        "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight".into(),
+        vec![1.0; 4],
+        vec![4],
+    ));
+    write_safetensors(&sdxl, tensors);
+    let msg = Checkpoint::open(&sdxl).unwrap_err().to_string();
+    println!("{msg}");
+    assert!(
+        msg.contains("conditioner.")
+            && msg.contains("SDXL")
+            && msg.contains("Stable Diffusion 1.x"),
+        "{msg}"
+    );
+
+    // SD 2.x: 1024-wide cross-attention context
+    let sd2 = dir.path().join("sd2.safetensors");
+    let tensors = single_file_tensors()
+        .into_iter()
+        .map(|(n, v, s)| {
+            if n.ends_with("attn2.to_k.weight") || n.ends_with("attn2.to_v.weight") {
+                (n, vec![0.0; s[0] * 1024], vec![s[0], 1024])
+            } else {
+                (n, v, s)
+            }
+        })
+        .collect();
+    write_safetensors(&sd2, tensors);
+    let msg = Checkpoint::open(&sd2).unwrap_err().to_string();
+    println!("{msg}");
+    assert!(
+        msg.contains("1024") && msg.contains("SD 2.x") && msg.contains("Stable Diffusion 1.x"),
+        "{msg}"
+    );
 }

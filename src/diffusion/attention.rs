@@ -150,8 +150,15 @@ impl<D: Device<f32>> BasicTransformerBlock<D> {
     }
 
     /// `[b, n, dim] -> [b, n, dim]`
-    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor3<D, T>, context: &Tensor3<D>) -> Tensor3<D, T> {
-        let x = self.attn1.forward(self.norm1.forward(x.retaped::<T>()), None) + x;
+    pub fn forward<T: Tape<f32, D>>(
+        &self,
+        x: Tensor3<D, T>,
+        context: &Tensor3<D>,
+    ) -> Tensor3<D, T> {
+        let x = self
+            .attn1
+            .forward(self.norm1.forward(x.retaped::<T>()), None)
+            + x;
         let x = self
             .attn2
             .forward(self.norm2.forward(x.retaped::<T>()), Some(context))
@@ -241,7 +248,11 @@ impl<D: Device<f32>> Transformer2D<D> {
     }
 
     /// `[b, c, h, w]` with text states `[b, m, context_dim]` -> `[b, c, h, w]`.
-    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor4<D, T>, context: &Tensor3<D>) -> Tensor4<D, T> {
+    pub fn forward<T: Tape<f32, D>>(
+        &self,
+        x: Tensor4<D, T>,
+        context: &Tensor3<D>,
+    ) -> Tensor4<D, T> {
         let (b, c, h, w) = *x.shape();
         let hs = self.norm.forward(x.retaped::<T>());
         // [b, h*w, inner]

@@ -177,7 +177,7 @@ impl<D: Device<f32>> TextEncoder<D> {
     /// prefix (`embeddings.token_embedding.weight`, `encoder.layers.0…`, `final_layer_norm…`).
     pub fn load(l: &Loader<D>, config: &ClipConfig) -> Result<Self> {
         let c = config;
-        if c.num_attention_heads == 0 || c.hidden_size % c.num_attention_heads != 0 {
+        if c.num_attention_heads == 0 || !c.hidden_size.is_multiple_of(c.num_attention_heads) {
             return Err(DiffusionError::Input {
                 model: "TextEncoder",
                 reason: format!(
@@ -228,7 +228,9 @@ impl<D: Device<f32>> TextEncoder<D> {
         }
         let vocab = self.token_embedding.shape().0;
         if let Some(bad) = ids.iter().flatten().find(|&&i| i as usize >= vocab) {
-            return Err(err(format!("token id {bad} outside the vocabulary of {vocab}")));
+            return Err(err(format!(
+                "token id {bad} outside the vocabulary of {vocab}"
+            )));
         }
         Ok((b, n))
     }
@@ -325,7 +327,10 @@ impl<D: Device<f32>> TextEncoder<D> {
             let start = (bi * n + pos) * d;
             pooled.extend_from_slice(&values[start..start + d]);
         }
-        let pooler_output = self.token_embedding.device().tensor_from_vec(pooled, (b, d));
+        let pooler_output = self
+            .token_embedding
+            .device()
+            .tensor_from_vec(pooled, (b, d));
         Ok(TextEncoderOutput {
             last_hidden_state: last,
             pooler_output,

@@ -46,7 +46,9 @@ pub enum DiffusionError {
         found: Vec<usize>,
     },
     /// A tensor is stored in a dtype that cannot be converted to f32 weights.
-    #[error("tensor `{name}` in {source_desc} has dtype {dtype}; weights must be F32, F16, BF16 or F64")]
+    #[error(
+        "tensor `{name}` in {source_desc} has dtype {dtype}; weights must be F32, F16, BF16 or F64"
+    )]
     UnsupportedDtype {
         /// The tensor's name.
         name: String,

@@ -77,7 +77,9 @@ impl<D: Device<f32>> ResnetBlock2D<D> {
         x: Tensor4<D, T>,
         temb: Option<&Tensor2<D>>,
     ) -> Tensor4<D, T> {
-        let h = self.conv1.forward(silu(self.norm1.forward(x.retaped::<T>())));
+        let h = self
+            .conv1
+            .forward(silu(self.norm1.forward(x.retaped::<T>())));
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
                 let shape = *h.shape();

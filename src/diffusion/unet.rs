@@ -209,7 +209,9 @@ impl UNetConfig {
             }
             let h = self.heads(i);
             if h == 0 || c % h != 0 {
-                return Err(format!("level {i}: {c} channels cannot be split into {h} heads"));
+                return Err(format!(
+                    "level {i}: {c} channels cannot be split into {h} heads"
+                ));
             }
         }
         Ok(())
@@ -274,7 +276,12 @@ impl<D: Device<f32>> UNet<D> {
                 i + 1 < n,
             )?);
         }
-        let mid_block = MidBlock::load(&l.pp("mid_block"), &settings(n - 1), ch[n - 1], c.heads(n - 1))?;
+        let mid_block = MidBlock::load(
+            &l.pp("mid_block"),
+            &settings(n - 1),
+            ch[n - 1],
+            c.heads(n - 1),
+        )?;
         let mut up_blocks = Vec::with_capacity(n);
         let mut prev_output = ch[n - 1];
         for i in 0..n {
@@ -296,12 +303,31 @@ impl<D: Device<f32>> UNet<D> {
         Ok(Self {
             time_linear_1: Linear::load(&te.pp("linear_1"), c0, temb, true)?,
             time_linear_2: Linear::load(&te.pp("linear_2"), temb, temb, true)?,
-            conv_in: Conv2d::load(&l.pp("conv_in"), c.in_channels, c0, 3, 1, Padding2d::same(1))?,
+            conv_in: Conv2d::load(
+                &l.pp("conv_in"),
+                c.in_channels,
+                c0,
+                3,
+                1,
+                Padding2d::same(1),
+            )?,
             down_blocks,
             mid_block,
             up_blocks,
-            conv_norm_out: GroupNorm::load(&l.pp("conv_norm_out"), c.norm_num_groups, c0, c.norm_eps)?,
-            conv_out: Conv2d::load(&l.pp("conv_out"), c0, c.out_channels, 3, 1, Padding2d::same(1))?,
+            conv_norm_out: GroupNorm::load(
+                &l.pp("conv_norm_out"),
+                c.norm_num_groups,
+                c0,
+                c.norm_eps,
+            )?,
+            conv_out: Conv2d::load(
+                &l.pp("conv_out"),
+                c0,
+                c.out_channels,
+                3,
+                1,
+                Padding2d::same(1),
+            )?,
             config: c.clone(),
         })
     }
@@ -310,11 +336,15 @@ impl<D: Device<f32>> UNet<D> {
     /// [`super::nn::DEFAULT_ATTENTION_CHUNK`]); smaller bounds memory, larger is faster.
     pub fn set_attention_chunk(&mut self, chunk: usize) {
         for b in &mut self.down_blocks {
-            b.attentions.iter_mut().for_each(|a| a.set_attention_chunk(chunk));
+            b.attentions
+                .iter_mut()
+                .for_each(|a| a.set_attention_chunk(chunk));
         }
         self.mid_block.attention.set_attention_chunk(chunk);
         for b in &mut self.up_blocks {
-            b.attentions.iter_mut().for_each(|a| a.set_attention_chunk(chunk));
+            b.attentions
+                .iter_mut()
+                .for_each(|a| a.set_attention_chunk(chunk));
         }
     }
 
@@ -391,7 +421,9 @@ impl<D: Device<f32>> UNet<D> {
         let t_feat: Tensor2<D, T> = dev
             .tensor_from_vec(self.timestep_features(&timesteps), (b, c0))
             .retaped::<T>();
-        let temb = self.time_linear_2.forward2(silu(self.time_linear_1.forward2(t_feat)));
+        let temb = self
+            .time_linear_2
+            .forward2(silu(self.time_linear_1.forward2(t_feat)));
 
         // every block re-tapes the shared time embedding and context; their own tapes join
         // the main one here, once
@@ -409,8 +441,6 @@ impl<D: Device<f32>> UNet<D> {
         for block in &self.up_blocks {
             x = block.forward(x, &temb, &context, &mut skips);
         }
-        Ok(self
-            .conv_out
-            .forward(silu(self.conv_norm_out.forward(x))))
+        Ok(self.conv_out.forward(silu(self.conv_norm_out.forward(x))))
     }
 }

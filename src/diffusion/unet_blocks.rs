@@ -246,7 +246,11 @@ impl<D: Device<f32>> UpBlock<D> {
         let mut resnets = Vec::with_capacity(layers + 1);
         let mut attentions = Vec::new();
         for j in 0..=layers {
-            let skip = if j == layers { in_channels } else { out_channels };
+            let skip = if j == layers {
+                in_channels
+            } else {
+                out_channels
+            };
             let input = if j == 0 {
                 prev_output_channels
             } else {
@@ -284,7 +288,9 @@ impl<D: Device<f32>> UpBlock<D> {
         skips: &mut Vec<Tensor4<D, T>>,
     ) -> Tensor4<D, T> {
         for (j, resnet) in self.resnets.iter().enumerate() {
-            let skip = skips.pop().expect("the UNet pushes one skip state per up ResNet");
+            let skip = skips
+                .pop()
+                .expect("the UNet pushes one skip state per up ResNet");
             // [b, c + c_skip, h, w]
             x = (x, skip).concat_along(Axis::<1>);
             x = resnet.forward(x, Some(temb));

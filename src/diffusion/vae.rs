@@ -113,8 +113,14 @@ impl<D: Device<f32>> VaeAttention<D> {
             .permute::<_, Axes3<0, 2, 1>>()
             .reshape_like(&(b, n, c));
         // one head: [b, 1, h*w, c]
-        let q = self.to_q.forward(hs.retaped::<T>()).reshape_like(&(b, 1, n, c));
-        let k = self.to_k.forward(hs.retaped::<T>()).reshape_like(&(b, 1, n, c));
+        let q = self
+            .to_q
+            .forward(hs.retaped::<T>())
+            .reshape_like(&(b, 1, n, c));
+        let k = self
+            .to_k
+            .forward(hs.retaped::<T>())
+            .reshape_like(&(b, 1, n, c));
         let v = self.to_v.forward(hs).reshape_like(&(b, 1, n, c));
         let o = scaled_dot_product_attention(q, k, v, false, self.chunk).reshape_like(&(b, n, c));
         let o = self
@@ -234,7 +240,14 @@ impl<D: Device<f32>> Encoder<D> {
         }
         let last = ch[n - 1];
         Ok(Self {
-            conv_in: Conv2d::load(&l.pp("conv_in"), c.in_channels, ch[0], 3, 1, Padding2d::same(1))?,
+            conv_in: Conv2d::load(
+                &l.pp("conv_in"),
+                c.in_channels,
+                ch[0],
+                3,
+                1,
+                Padding2d::same(1),
+            )?,
             down_blocks,
             mid_block: VaeMidBlock::load(&l.pp("mid_block"), g, last, c.mid_block_add_attention)?,
             conv_norm_out: GroupNorm::load(&l.pp("conv_norm_out"), g, last, VAE_EPS)?,
@@ -309,19 +322,30 @@ impl<D: Device<f32>> Decoder<D> {
             } else {
                 None
             };
-            up_blocks.push(DecoderBlock {
-                resnets,
-                upsampler,
-            });
+            up_blocks.push(DecoderBlock { resnets, upsampler });
             prev = out;
         }
         let c0 = c.block_out_channels[0];
         Ok(Self {
-            conv_in: Conv2d::load(&l.pp("conv_in"), c.latent_channels, rev[0], 3, 1, Padding2d::same(1))?,
+            conv_in: Conv2d::load(
+                &l.pp("conv_in"),
+                c.latent_channels,
+                rev[0],
+                3,
+                1,
+                Padding2d::same(1),
+            )?,
             mid_block: VaeMidBlock::load(&l.pp("mid_block"), g, rev[0], c.mid_block_add_attention)?,
             up_blocks,
             conv_norm_out: GroupNorm::load(&l.pp("conv_norm_out"), g, c0, VAE_EPS)?,
-            conv_out: Conv2d::load(&l.pp("conv_out"), c0, c.out_channels, 3, 1, Padding2d::same(1))?,
+            conv_out: Conv2d::load(
+                &l.pp("conv_out"),
+                c0,
+                c.out_channels,
+                3,
+                1,
+                Padding2d::same(1),
+            )?,
         })
     }
 

@@ -6,7 +6,10 @@ use super::ops::concat_many;
 use super::{Tensor3, Tensor4};
 
 /// `[b, n, heads*d] -> [b, heads, n, d]` (contiguous).
-pub fn split_heads<D: Device<f32>, T: Tape<f32, D>>(x: Tensor3<D, T>, heads: usize) -> Tensor4<D, T> {
+pub fn split_heads<D: Device<f32>, T: Tape<f32, D>>(
+    x: Tensor3<D, T>,
+    heads: usize,
+) -> Tensor4<D, T> {
     let (b, n, c) = *x.shape();
     let d = c / heads;
     x.reshape_like(&(b, n, heads, d))
@@ -92,7 +95,9 @@ mod tests {
         let dev = Cpu::default();
         let (b, h, n, m, d) = (2, 3, 10, 7, 4);
         let gen_vals = |len: usize, s: usize| -> Vec<f32> {
-            (0..len).map(|i| (((i * 31 + s * 17) % 23) as f32 - 11.0) * 0.1).collect()
+            (0..len)
+                .map(|i| (((i * 31 + s * 17) % 23) as f32 - 11.0) * 0.1)
+                .collect()
         };
         let q = dev.tensor_from_vec(gen_vals(b * h * n * d, 1), (b, h, n, d));
         let k = dev.tensor_from_vec(gen_vals(b * h * m * d, 2), (b, h, m, d));

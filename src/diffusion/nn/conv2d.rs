@@ -75,7 +75,13 @@ impl<D: Device<f32>> Conv2d<D> {
 
     /// `[b, c_in, h, w] -> [b, c_out, ho, wo]`
     pub fn forward<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
-        conv2d(x, &self.weight, self.bias.as_ref(), self.stride, self.padding)
+        conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
     }
 }
 
@@ -92,23 +98,29 @@ pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
 ) -> Tensor4<D, T> {
     let (c_out, c_in, kh, kw) = *weight.shape();
     let (b, c, _, _) = *x.shape();
-    assert_eq!(c, c_in, "conv2d: input has {c} channels, weight expects {c_in}");
+    assert_eq!(
+        c, c_in,
+        "conv2d: input has {c} channels, weight expects {c_in}"
+    );
     assert!(stride > 0, "conv2d: stride 0");
     let (_, _, h, w) = *x.shape();
     let hp = h + padding.top + padding.bottom;
     let wp = w + padding.left + padding.right;
-    assert!(hp >= kh && wp >= kw, "conv2d: input smaller than the kernel");
+    assert!(
+        hp >= kh && wp >= kw,
+        "conv2d: input smaller than the kernel"
+    );
     let ho = (hp - kh) / stride + 1;
     let wo = (wp - kw) / stride + 1;
     let k = c_in * kh * kw;
 
     // [b, c*kh*kw, ho*wo]
-    let cols: Tensor3<D, T> = if kh == 1 && kw == 1 && stride == 1 && padding == Padding2d::default()
-    {
-        x.reshape_like(&(b, c, h * w))
-    } else {
-        im2col(x, (kh, kw), stride, padding, (ho, wo))
-    };
+    let cols: Tensor3<D, T> =
+        if kh == 1 && kw == 1 && stride == 1 && padding == Padding2d::default() {
+            x.reshape_like(&(b, c, h * w))
+        } else {
+            im2col(x, (kh, kw), stride, padding, (ho, wo))
+        };
 
     // [c_out, k] viewed for every batch item: [b, c_out, k] (stride 0 on b, no copy)
     let w = weight
@@ -121,9 +133,11 @@ pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
     let y = w.put_tape(tape).matmul(cols);
     let y = y.reshape_like(&(b, c_out, ho, wo));
     match bias {
-        Some(bias) => y + bias
-            .clone()
-            .broadcast_like::<_, Axes3<0, 2, 3>>(&(b, c_out, ho, wo)),
+        Some(bias) => {
+            y + bias
+                .clone()
+                .broadcast_like::<_, Axes3<0, 2, 3>>(&(b, c_out, ho, wo))
+        }
         None => y,
     }
 }
@@ -257,7 +271,10 @@ mod tests {
             .zip(&expected)
             .map(|(a, b)| (a - b).abs())
             .fold(0f32, f32::max);
-        assert!(max < 1e-5, "max abs error {max} for {shape:?} k{k} s{s} {p:?}");
+        assert!(
+            max < 1e-5,
+            "max abs error {max} for {shape:?} k{k} s{s} {p:?}"
+        );
     }
 
     #[test]

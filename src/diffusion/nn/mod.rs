@@ -18,7 +18,9 @@ pub mod linear;
 pub mod norm;
 pub mod ops;
 
-pub use attention::{DEFAULT_ATTENTION_CHUNK, merge_heads, scaled_dot_product_attention, split_heads};
+pub use attention::{
+    DEFAULT_ATTENTION_CHUNK, merge_heads, scaled_dot_product_attention, split_heads,
+};
 pub use conv2d::{Conv2d, Padding2d};
 pub use linear::Linear;
 pub use norm::{GroupNorm, LayerNorm};

@@ -24,7 +24,7 @@ pub struct GroupNorm<D: Storage<f32>> {
 impl<D: Device<f32>> GroupNorm<D> {
     /// Loads `weight` and `bias` of `channels` channels.
     pub fn load(l: &Loader<D>, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if num_groups == 0 || channels % num_groups != 0 {
+        if num_groups == 0 || !channels.is_multiple_of(num_groups) {
             return Err(DiffusionError::Input {
                 model: "GroupNorm",
                 reason: format!("{channels} channels cannot be split into {num_groups} groups"),
@@ -48,8 +48,14 @@ impl<D: Device<f32>> GroupNorm<D> {
             .reshape_like(&(b, g, c / g * h * w))
             .normalize::<Axis<2>>(self.eps)
             .reshape_like(&shape);
-        x * self.weight.clone().broadcast_like::<_, Axes3<0, 2, 3>>(&shape)
-            + self.bias.clone().broadcast_like::<_, Axes3<0, 2, 3>>(&shape)
+        x * self
+            .weight
+            .clone()
+            .broadcast_like::<_, Axes3<0, 2, 3>>(&shape)
+            + self
+                .bias
+                .clone()
+                .broadcast_like::<_, Axes3<0, 2, 3>>(&shape)
     }
 }
 
@@ -112,8 +118,7 @@ mod tests {
                 let var = vals.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / per as f64;
                 for (k, v) in vals.iter().enumerate() {
                     let ch = gi * (c / g) + k / (h * w);
-                    let want = (*v as f64 - mean) / (var + 1e-5).sqrt()
-                        * (1.0 + ch as f64 * 0.1)
+                    let want = (*v as f64 - mean) / (var + 1e-5).sqrt() * (1.0 + ch as f64 * 0.1)
                         + ch as f64 * -0.05;
                     assert!((y[start + k] as f64 - want).abs() < 1e-5);
                 }

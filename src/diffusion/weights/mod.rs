@@ -11,10 +11,10 @@
 //!   the architecture inferred from the tensor shapes.
 //! * [`checkpoint`]: [`Checkpoint`] (either layout, configs included) and [`StableDiffusion`].
 
-// pub mod checkpoint;
-// pub mod single_file;
+pub mod checkpoint;
+pub mod single_file;
 
-// pub use checkpoint::{Checkpoint, CheckpointLayout, StableDiffusion};
+pub use checkpoint::{Checkpoint, CheckpointLayout, StableDiffusion};
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -26,6 +26,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, Metadata, SafeTensors};
 
 use super::error::{DiffusionError, Result};
+use super::nn::{Tensor1, Tensor2, Tensor4};
 
 /// A memory-mapped safetensors file with its parsed header.
 pub struct SafetensorsFile {
@@ -273,7 +274,11 @@ impl WeightStore {
         if shape != expected {
             let source_desc = match self.entries.get(name) {
                 Some(e) if e.key != name => {
-                    format!("{} (stored as `{}`)", self.files[e.file].path().display(), e.key)
+                    format!(
+                        "{} (stored as `{}`)",
+                        self.files[e.file].path().display(),
+                        e.key
+                    )
                 }
                 _ => self.describe(),
             };
@@ -335,23 +340,19 @@ impl<'a, D: Device<f32>> Loader<'a, D> {
     }
 
     /// A rank-1 tensor `[n]`.
-    pub fn tensor1(&self, name: &str, n: usize) -> Result<Tensor<(usize,), f32, D>> {
+    pub fn tensor1(&self, name: &str, n: usize) -> Result<Tensor1<D>> {
         let v = self.store.read_checked(&self.full(name), &[n])?;
         Ok(self.dev.tensor_from_vec(v, (n,)))
     }
 
     /// A rank-2 tensor `[a, b]`.
-    pub fn tensor2(&self, name: &str, s: (usize, usize)) -> Result<Tensor<(usize, usize), f32, D>> {
+    pub fn tensor2(&self, name: &str, s: (usize, usize)) -> Result<Tensor2<D>> {
         let v = self.store.read_checked(&self.full(name), &[s.0, s.1])?;
         Ok(self.dev.tensor_from_vec(v, s))
     }
 
     /// A rank-4 tensor `[a, b, c, d]`.
-    pub fn tensor4(
-        &self,
-        name: &str,
-        s: (usize, usize, usize, usize),
-    ) -> Result<Tensor<(usize, usize, usize, usize), f32, D>> {
+    pub fn tensor4(&self, name: &str, s: (usize, usize, usize, usize)) -> Result<Tensor4<D>> {
         let v = self
             .store
             .read_checked(&self.full(name), &[s.0, s.1, s.2, s.3])?;
