@@ -423,3 +423,109 @@ fn sd2_and_sdxl_files_are_rejected_with_what_was_found() {
         "{msg}"
     );
 }
+
+/// Gradients reach the UNet's inputs through the tape (sample via the skip connections and
+/// resnets, context via every cross-attention): checked against central finite differences.
+#[test]
+fn unet_gradients_reach_sample_and_context() {
+    let dev = Cpu::default();
+    let unet = diffusers().load_unet(&dev).unwrap();
+    let g = Golden::open("unet.safetensors");
+    let (sample, ss) = g.f32("sample");
+    let (ctx, cs) = g.f32("encoder_hidden_states");
+    let (ts, _) = g.f32("timesteps");
+    let sshape = (ss[0], ss[1], ss[2], ss[3]);
+    let cshape = (cs[0], cs[1], cs[2]);
+    let weights: Vec<f32> = (0..sample.len())
+        .map(|i| ((i * 7919) % 13) as f32 / 13.0 - 0.5)
+        .collect();
+    let loss = |s: &[f32], c: &[f32]| -> f64 {
+        let out = unet
+            .forward(
+                dev.tensor_from_vec(s.to_vec(), sshape),
+                &ts,
+                dev.tensor_from_vec(c.to_vec(), cshape),
+            )
+            .unwrap()
+            .as_vec();
+        out.iter()
+            .zip(&weights)
+            .map(|(a, b)| (*a as f64) * (*b as f64))
+            .sum()
+    };
+    let x = dev.tensor_from_vec(sample.clone(), sshape);
+    let c = dev.tensor_from_vec(ctx.clone(), cshape);
+    let out = unet.forward(x.leaky_trace(), &ts, c.retaped()).unwrap();
+    let r = dev.tensor_from_vec(weights.clone(), sshape);
+    let grads = (out * r).sum().backward();
+    let gx = grads.get(&x).as_vec();
+    let gc = grads.get(&c).as_vec();
+    let eps = 1e-2f32;
+    let mut worst = 0f64;
+    for &i in &[0usize, 77, 300, 511] {
+        let (mut p, mut m) = (sample.clone(), sample.clone());
+        p[i] += eps;
+        m[i] -= eps;
+        let fd = (loss(&p, &ctx) - loss(&m, &ctx)) / (2.0 * eps as f64);
+        worst = worst.max((fd - gx[i] as f64).abs() / fd.abs().max(1.0));
+        assert!(
+            (fd - gx[i] as f64).abs() < 2e-3 * fd.abs().max(1.0),
+            "d/dsample[{i}]: tape {} vs {fd}",
+            gx[i]
+        );
+    }
+    for &i in &[0usize, 33, 2500, 4900] {
+        let (mut p, mut m) = (ctx.clone(), ctx.clone());
+        p[i] += eps;
+        m[i] -= eps;
+        let fd = (loss(&sample, &p) - loss(&sample, &m)) / (2.0 * eps as f64);
+        worst = worst.max((fd - gc[i] as f64).abs() / fd.abs().max(1.0));
+        assert!(
+            (fd - gc[i] as f64).abs() < 2e-3 * fd.abs().max(1.0),
+            "d/dcontext[{i}]: tape {} vs {fd}",
+            gc[i]
+        );
+    }
+    println!("unet input gradients: worst relative error vs finite differences {worst:.2e}");
+}
+
+/// Gradients reach the text encoder's input embeddings (what textual inversion trains).
+#[test]
+fn text_encoder_gradients_reach_embeddings() {
+    let dev = Cpu::default();
+    let te = diffusers().load_text_encoder(&dev).unwrap();
+    let ids = vec![vec![49406u32, 320, 1125, 539, 48136, 1929, 49407, 49407]];
+    let embeds = te.embed_tokens(&ids).unwrap();
+    let shape = *embeds.shape();
+    let base = embeds.as_vec();
+    let weights: Vec<f32> = (0..base.len())
+        .map(|i| ((i * 31) % 17) as f32 / 17.0 - 0.5)
+        .collect();
+    let loss = |v: &[f32]| -> f64 {
+        let out = te
+            .forward_embeds(dev.tensor_from_vec(v.to_vec(), shape), 0)
+            .unwrap()
+            .as_vec();
+        out.iter()
+            .zip(&weights)
+            .map(|(a, b)| *a as f64 * *b as f64)
+            .sum()
+    };
+    let out = te.forward_embeds(embeds.leaky_trace(), 0).unwrap();
+    let r = dev.tensor_from_vec(weights.clone(), shape);
+    let g = (out * r).sum().backward().get(&embeds).as_vec();
+    let eps = 1e-2f32;
+    let mut worst = 0f64;
+    for &i in &[0usize, 40, 130, 200, 255] {
+        let (mut p, mut m) = (base.clone(), base.clone());
+        p[i] += eps;
+        m[i] -= eps;
+        let fd = (loss(&p) - loss(&m)) / (2.0 * eps as f64);
+        let err = (fd - g[i] as f64).abs() / fd.abs().max(1.0);
+        worst = worst.max(err);
+        assert!(err < 2e-3, "d/dembeds[{i}]: tape {} vs {fd}", g[i]);
+    }
+    println!(
+        "text encoder embedding gradients: worst relative error vs finite differences {worst:.2e}"
+    );
+}

@@ -21,10 +21,22 @@ pub fn quick_gelu<S: Shape, D: Device<f32>, T: Tape<f32, D>>(
 }
 
 /// Exact (erf) GELU: `0.5 x (1 + erf(x / √2))`, PyTorch's default `gelu`.
+///
+/// dfdx 0.13's `accurate_gelu` computes this value but its derivative's second term
+/// `x·φ(x)` is too large by a factor √2. The gradient is corrected with a term whose value is
+/// exactly zero, `(√2 - 1)(φ(x) - φ(x)|detached)`, since `φ'(x) = -x·φ(x)`
+/// (`φ` = standard normal density).
 pub fn gelu<S: Shape, D: Device<f32>, T: Tape<f32, D>>(
     x: Tensor<S, f32, D, T>,
 ) -> Tensor<S, f32, D, T> {
-    x.accurate_gelu()
+    if !T::OWNS_TAPE {
+        return x.accurate_gelu();
+    }
+    let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
+    let phi = |t: Tensor<S, f32, D, T>| (t.square() * -0.5f32).exp() * inv_sqrt_2pi;
+    let detached = phi(x.retaped::<T>()).split_tape().0;
+    let correction = (phi(x.retaped::<T>()) - detached) * (std::f32::consts::SQRT_2 - 1.0);
+    x.accurate_gelu() + correction
 }
 
 /// Zero padding of the last two axes of `[b, c, h, w]`: `(top, bottom, left, right)`.
@@ -84,4 +96,42 @@ where
         parts = next;
     }
     parts.pop().expect("one part left")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// erf by its Taylor series (f64, |x| <= 4).
+    fn erf(x: f64) -> f64 {
+        let mut sum = 0.0;
+        let mut term = x; // (-1)^n x^(2n+1) / n!
+        for n in 0..80 {
+            sum += term / (2 * n + 1) as f64;
+            term *= -x * x / (n + 1) as f64;
+        }
+        sum * 2.0 / std::f64::consts::PI.sqrt()
+    }
+
+    #[test]
+    fn gelu_value_and_gradient_are_exact() {
+        let dev = Cpu::default();
+        let xs: Vec<f32> = (-12..=12).map(|i| i as f32 * 0.3).collect();
+        let x = dev.tensor_from_vec(xs.clone(), (xs.len(),));
+        let y = gelu(x.leaky_trace());
+        let values = y.as_vec();
+        let g = y.sum().backward().get(&x).as_vec();
+        for (i, &v) in xs.iter().enumerate() {
+            let v = v as f64;
+            let cdf = 0.5 * (1.0 + erf(v / std::f64::consts::SQRT_2));
+            let pdf = (-0.5 * v * v).exp() / (2.0 * std::f64::consts::PI).sqrt();
+            assert!((values[i] as f64 - v * cdf).abs() < 1e-6, "gelu({v})");
+            assert!(
+                (g[i] as f64 - (cdf + v * pdf)).abs() < 1e-5,
+                "gelu'({v}): {} vs {}",
+                g[i],
+                cdf + v * pdf
+            );
+        }
+    }
 }
