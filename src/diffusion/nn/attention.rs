@@ -116,4 +116,39 @@ mod tests {
             assert!((out[i] - vv[i]).abs() < 1e-6);
         }
     }
+
+    #[test]
+    fn chunked_gradients_equal_unchunked() {
+        let dev = Cpu::default();
+        let (b, h, n, d) = (1, 2, 9, 4);
+        let vals = |s: usize| -> Vec<f32> {
+            (0..b * h * n * d)
+                .map(|i| (((i * 13 + s * 7) % 19) as f32 - 9.0) * 0.1)
+                .collect()
+        };
+        let q = dev.tensor_from_vec(vals(1), (b, h, n, d));
+        let k = dev.tensor_from_vec(vals(2), (b, h, n, d));
+        let v = dev.tensor_from_vec(vals(3), (b, h, n, d));
+        let r = dev.tensor_from_vec(vals(4), (b, h, n, d));
+        let grads = |chunk: usize, causal: bool| {
+            let out = scaled_dot_product_attention(
+                q.leaky_trace(),
+                k.retaped(),
+                v.retaped(),
+                causal,
+                chunk,
+            );
+            let g = (out * r.clone()).sum().backward();
+            [g.get(&q).as_vec(), g.get(&k).as_vec(), g.get(&v).as_vec()]
+        };
+        for causal in [false, true] {
+            let full = grads(n, causal);
+            let chunked = grads(4, causal);
+            for (a, c) in full.iter().zip(&chunked) {
+                for (x, y) in a.iter().zip(c) {
+                    assert!((x - y).abs() < 1e-6, "chunked gradient {y} vs {x}");
+                }
+            }
+        }
+    }
 }
