@@ -338,3 +338,47 @@ impl<D: Device<f32>> TextEncoder<D> {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::weights::WeightStore;
+
+    #[test]
+    fn other_architectures_and_clip_skip() {
+        let dev = Cpu::default();
+        let config = ClipConfig {
+            vocab_size: 100,
+            hidden_size: 24,
+            intermediate_size: 40,
+            num_hidden_layers: 3,
+            num_attention_heads: 3,
+            max_position_embeddings: 10,
+            hidden_act: ClipActivation::Gelu,
+            eos_token_id: 99,
+            ..ClipConfig::default()
+        };
+        let store = WeightStore::synthetic(9);
+        let te = TextEncoder::load(&Loader::new(&store, &dev), &config).unwrap();
+        let ids = vec![
+            vec![98, 5, 6, 7, 99, 99, 99],
+            vec![98, 99, 99, 99, 99, 99, 99],
+        ];
+        let out = te.forward(&ids).unwrap();
+        assert_eq!(*out.last_hidden_state.shape(), (2, 7, 24));
+        assert_eq!(*out.pooler_output.shape(), (2, 24));
+        // pooled = hidden state at the first eos
+        let last = out.last_hidden_state.as_vec();
+        let pooled = out.pooler_output.as_vec();
+        assert_eq!(&pooled[..24], &last[4 * 24..5 * 24]);
+        assert_eq!(&pooled[24..], &last[7 * 24 + 24..7 * 24 + 48]);
+        let skip1 = te.encode(&ids, 1).unwrap().as_vec();
+        assert_eq!(skip1, out.penultimate_hidden_state_final_ln.as_vec());
+        assert!(te.encode(&ids, 3).is_err(), "clip_skip leaving no layer");
+        assert!(te.encode(&[vec![1; 11]], 0).is_err(), "too many tokens");
+        assert!(
+            te.encode(&[vec![100]], 0).is_err(),
+            "id outside the vocabulary"
+        );
+    }
+}

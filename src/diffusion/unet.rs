@@ -444,3 +444,55 @@ impl<D: Device<f32>> UNet<D> {
         Ok(self.conv_out.forward(silu(self.conv_norm_out.forward(x))))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::weights::WeightStore;
+
+    /// An architecture unlike the fixture's: 3 levels, 2 ResNets per level, per-level head
+    /// counts, 2 transformer blocks per attention, linear projections, odd widths.
+    #[test]
+    fn other_architectures_run_forward_and_backward() {
+        let dev = Cpu::default();
+        let config = UNetConfig {
+            block_out_channels: vec![16, 32, 48],
+            down_block_types: vec![
+                "CrossAttnDownBlock2D".into(),
+                "CrossAttnDownBlock2D".into(),
+                "DownBlock2D".into(),
+            ],
+            up_block_types: vec![
+                "UpBlock2D".into(),
+                "CrossAttnUpBlock2D".into(),
+                "CrossAttnUpBlock2D".into(),
+            ],
+            layers_per_block: 2,
+            attention_head_dim: PerLevel::Each(vec![2, 4, 4]),
+            cross_attention_dim: 24,
+            norm_num_groups: 4,
+            use_linear_projection: true,
+            transformer_layers_per_block: PerLevel::One(2),
+            ..UNetConfig::default()
+        };
+        let store = WeightStore::synthetic(3);
+        let mut unet = UNet::load(&Loader::new(&store, &dev), &config).unwrap();
+        unet.set_attention_chunk(7);
+        let sample: Tensor4<Cpu> = dev.sample_normal_like(&(2, 4, 12, 12));
+        let context: Tensor3<Cpu> = dev.sample_normal_like(&(2, 5, 24));
+        let out = unet
+            .forward(sample.leaky_trace(), &[3.0, 700.0], context.retaped())
+            .unwrap();
+        assert_eq!(*out.shape(), (2, 4, 12, 12));
+        let grads = out.square().mean().backward();
+        let gs = grads.get(&sample).as_vec();
+        let gc = grads.get(&context).as_vec();
+        assert!(gs.iter().chain(&gc).all(|v| v.is_finite()));
+        assert!(gs.iter().any(|v| *v != 0.0) && gc.iter().any(|v| *v != 0.0));
+
+        // a size that the levels cannot halve is an error, not a panic
+        let bad: Tensor4<Cpu> = dev.sample_normal_like(&(2, 4, 10, 12));
+        let ctx: Tensor3<Cpu> = dev.sample_normal_like(&(2, 5, 24));
+        assert!(unet.forward(bad, &[1.0], ctx).is_err());
+    }
+}

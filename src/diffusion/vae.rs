@@ -490,3 +490,33 @@ impl<D: Device<f32>> Vae<D> {
         Ok(self.decoder.forward(z))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::weights::WeightStore;
+
+    #[test]
+    fn other_architectures_encode_and_decode() {
+        let dev = Cpu::default();
+        let config = VaeConfig {
+            block_out_channels: vec![8, 16, 16],
+            layers_per_block: 1,
+            norm_num_groups: 4,
+            latent_channels: 3,
+            ..VaeConfig::default()
+        };
+        let store = WeightStore::synthetic(5);
+        let mut vae = Vae::load(&Loader::new(&store, &dev), &config).unwrap();
+        vae.set_attention_chunk(4);
+        assert_eq!(config.downsampling_factor(), 4);
+        let image: Tensor4<Cpu> = dev.sample_normal_like(&(2, 3, 12, 8));
+        let post = vae.encode(image).unwrap();
+        assert_eq!(*post.mean.shape(), (2, 3, 3, 2));
+        assert!(post.std.as_vec().iter().all(|v| *v > 0.0));
+        let decoded = vae.decode(post.mean).unwrap();
+        assert_eq!(*decoded.shape(), (2, 3, 12, 8));
+        let bad: Tensor4<Cpu> = dev.sample_normal_like(&(1, 3, 10, 8));
+        assert!(vae.encode(bad).is_err());
+    }
+}

@@ -166,6 +166,17 @@ struct Entry {
 pub struct WeightStore {
     files: Vec<Arc<SafetensorsFile>>,
     entries: BTreeMap<String, Entry>,
+    /// When set, every requested tensor is generated (see [`WeightStore::synthetic`]).
+    synthetic_seed: Option<u64>,
+}
+
+/// A deterministic value in [-1, 1) from a seed, a tensor name and an index (splitmix64).
+fn synthetic_value(seed: u64, name_hash: u64, i: u64) -> f32 {
+    let mut z = seed ^ name_hash ^ i.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^= z >> 31;
+    ((z >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
 }
 
 impl WeightStore {
@@ -175,6 +186,7 @@ impl WeightStore {
         let mut store = Self {
             files,
             entries: BTreeMap::new(),
+            synthetic_seed: None,
         };
         for fi in 0..store.files.len() {
             for key in store.files[fi].names() {
@@ -197,7 +209,38 @@ impl WeightStore {
         Self {
             files,
             entries: BTreeMap::new(),
+            synthetic_seed: None,
         }
+    }
+
+    /// A store without files that generates every tensor a model asks for, deterministically
+    /// from `seed` and the tensor's name: norm weights `1 + 0.1u`, other 1-D tensors `0.05u`,
+    /// matrices and kernels `u / sqrt(fan_in)` (`u` uniform in [-1, 1)). For tests and
+    /// benchmarks of architectures without a checkpoint.
+    pub fn synthetic(seed: u64) -> Self {
+        Self {
+            synthetic_seed: Some(seed),
+            ..Self::default()
+        }
+    }
+
+    fn generate(seed: u64, name: &str, shape: &[usize]) -> Vec<f32> {
+        let name_hash = name.bytes().fold(0xCBF2_9CE4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01B3)
+        });
+        let numel: usize = shape.iter().product();
+        let is_norm = name.contains("norm") && !name.contains("proj");
+        let (offset, scale) = match shape.len() {
+            1 if is_norm && name.ends_with("weight") => (1.0, 0.1),
+            1 => (0.0, 0.05),
+            _ => {
+                let fan_in: usize = shape[1..].iter().product();
+                (0.0, 1.0 / (fan_in.max(1) as f32).sqrt())
+            }
+        };
+        (0..numel as u64)
+            .map(|i| offset + scale * synthetic_value(seed, name_hash, i))
+            .collect()
     }
 
     /// Maps diffusers name `name` to tensor `key` of file number `file`.
@@ -270,6 +313,9 @@ impl WeightStore {
 
     /// Reads tensor `name`, checking that its shape is `expected`.
     pub fn read_checked(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        if let Some(seed) = self.synthetic_seed {
+            return Ok(Self::generate(seed, name, expected));
+        }
         let (values, shape) = self.read(name)?;
         if shape != expected {
             let source_desc = match self.entries.get(name) {

@@ -504,3 +504,144 @@ pub fn vae_name(key: &str, levels: usize) -> Option<(String, bool)> {
     }
     None
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SD 1.5's layout (2 ResNets per level, 4 levels, no attention on the last).
+    #[test]
+    fn sd15_unet_keys_map_to_diffusers() {
+        let cases = [
+            ("time_embed.0.weight", "time_embedding.linear_1.weight"),
+            ("input_blocks.0.0.bias", "conv_in.bias"),
+            (
+                "input_blocks.1.0.in_layers.0.weight",
+                "down_blocks.0.resnets.0.norm1.weight",
+            ),
+            (
+                "input_blocks.2.1.proj_in.weight",
+                "down_blocks.0.attentions.1.proj_in.weight",
+            ),
+            (
+                "input_blocks.3.0.op.weight",
+                "down_blocks.0.downsamplers.0.conv.weight",
+            ),
+            (
+                "input_blocks.4.0.skip_connection.weight",
+                "down_blocks.1.resnets.0.conv_shortcut.weight",
+            ),
+            (
+                "input_blocks.8.1.transformer_blocks.0.attn2.to_k.weight",
+                "down_blocks.2.attentions.1.transformer_blocks.0.attn2.to_k.weight",
+            ),
+            (
+                "input_blocks.11.0.emb_layers.1.bias",
+                "down_blocks.3.resnets.1.time_emb_proj.bias",
+            ),
+            (
+                "middle_block.0.out_layers.3.weight",
+                "mid_block.resnets.0.conv2.weight",
+            ),
+            (
+                "middle_block.1.norm.weight",
+                "mid_block.attentions.0.norm.weight",
+            ),
+            (
+                "middle_block.2.in_layers.2.weight",
+                "mid_block.resnets.1.conv1.weight",
+            ),
+            (
+                "output_blocks.0.0.in_layers.2.weight",
+                "up_blocks.0.resnets.0.conv1.weight",
+            ),
+            (
+                "output_blocks.2.1.conv.weight",
+                "up_blocks.0.upsamplers.0.conv.weight",
+            ),
+            (
+                "output_blocks.3.1.proj_out.bias",
+                "up_blocks.1.attentions.0.proj_out.bias",
+            ),
+            (
+                "output_blocks.5.2.conv.bias",
+                "up_blocks.1.upsamplers.0.conv.bias",
+            ),
+            (
+                "output_blocks.11.1.transformer_blocks.0.ff.net.2.weight",
+                "up_blocks.3.attentions.2.transformer_blocks.0.ff.net.2.weight",
+            ),
+            ("out.0.weight", "conv_norm_out.weight"),
+            ("out.2.bias", "conv_out.bias"),
+        ];
+        for (ldm, diffusers) in cases {
+            assert_eq!(unet_name(ldm, 2).as_deref(), Some(diffusers), "{ldm}");
+        }
+    }
+
+    #[test]
+    fn sd15_vae_keys_map_to_diffusers() {
+        let cases = [
+            (
+                "encoder.down.3.block.1.norm2.weight",
+                "encoder.down_blocks.3.resnets.1.norm2.weight",
+                false,
+            ),
+            (
+                "encoder.down.1.block.0.nin_shortcut.weight",
+                "encoder.down_blocks.1.resnets.0.conv_shortcut.weight",
+                false,
+            ),
+            (
+                "encoder.down.2.downsample.conv.weight",
+                "encoder.down_blocks.2.downsamplers.0.conv.weight",
+                false,
+            ),
+            (
+                "decoder.up.3.block.0.conv1.weight",
+                "decoder.up_blocks.0.resnets.0.conv1.weight",
+                false,
+            ),
+            (
+                "decoder.up.0.block.2.conv2.bias",
+                "decoder.up_blocks.3.resnets.2.conv2.bias",
+                false,
+            ),
+            (
+                "decoder.up.1.upsample.conv.weight",
+                "decoder.up_blocks.2.upsamplers.0.conv.weight",
+                false,
+            ),
+            (
+                "decoder.mid.attn_1.proj_out.weight",
+                "decoder.mid_block.attentions.0.to_out.0.weight",
+                true,
+            ),
+            (
+                "decoder.mid.attn_1.q.bias",
+                "decoder.mid_block.attentions.0.to_q.bias",
+                false,
+            ),
+            (
+                "encoder.mid.attn_1.norm.weight",
+                "encoder.mid_block.attentions.0.group_norm.weight",
+                false,
+            ),
+            (
+                "encoder.mid.block_2.conv1.weight",
+                "encoder.mid_block.resnets.1.conv1.weight",
+                false,
+            ),
+            ("encoder.norm_out.bias", "encoder.conv_norm_out.bias", false),
+            ("post_quant_conv.weight", "post_quant_conv.weight", false),
+        ];
+        for (ldm, diffusers, squeeze) in cases {
+            assert_eq!(
+                vae_name(ldm, 4),
+                Some((diffusers.to_string(), squeeze)),
+                "{ldm}"
+            );
+        }
+        assert_eq!(vae_name("loss.logvar", 4), None);
+    }
+}
