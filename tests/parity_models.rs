@@ -529,3 +529,27 @@ fn text_encoder_gradients_reach_embeddings() {
         "text encoder embedding gradients: worst relative error vs finite differences {worst:.2e}"
     );
 }
+
+/// Textual-inversion vectors as added tokens (diffusers numbering from 49408): the encoder's
+/// output matches diffusers' `load_textual_inversion` pipeline.
+#[test]
+fn text_encoder_with_added_token_vectors_matches_diffusers() {
+    let dev = Cpu::default();
+    let te = diffusers().load_text_encoder(&dev).unwrap();
+    let g = Golden::open("textual_inversion.safetensors");
+    for (case, emb) in [("sks", "emb_sks"), ("cat_toy", "emb_cat_toy")] {
+        let (ids, _) = g.i64(&format!("{case}.input_ids"));
+        let ids = vec![ids.iter().map(|&i| i as u32).collect::<Vec<_>>()];
+        let (vectors, shape) = g.f32(emb);
+        let rows = if shape.len() == 2 { shape[0] } else { 1 };
+        let extra = dev.tensor_from_vec(vectors, (rows, te.config.hidden_size));
+        let embeds = te.embed_tokens_with_extra(&ids, extra).unwrap();
+        let out = te.forward_embeds(embeds, 0).unwrap();
+        assert_close(
+            &format!("textual inversion {case} last_hidden_state"),
+            &out.as_vec(),
+            &g.f32(&format!("{case}.last_hidden_state")).0,
+            1e-4,
+        );
+    }
+}

@@ -207,7 +207,7 @@ impl<D: Device<f32>> TextEncoder<D> {
         })
     }
 
-    fn check_ids(&self, ids: &[Vec<u32>]) -> Result<(usize, usize)> {
+    fn check_ids(&self, ids: &[Vec<u32>], extra: usize) -> Result<(usize, usize)> {
         let err = |reason: String| DiffusionError::Input {
             model: "TextEncoder",
             reason,
@@ -226,7 +226,7 @@ impl<D: Device<f32>> TextEncoder<D> {
                 self.config.max_position_embeddings
             )));
         }
-        let vocab = self.token_embedding.shape().0;
+        let vocab = self.token_embedding.shape().0 + extra;
         if let Some(bad) = ids.iter().flatten().find(|&&i| i as usize >= vocab) {
             return Err(err(format!(
                 "token id {bad} outside the vocabulary of {vocab}"
@@ -238,10 +238,52 @@ impl<D: Device<f32>> TextEncoder<D> {
     /// Looks up the token embeddings of `ids` (`b` rows of `n` ids): `[b, n, d]`. Textual
     /// inversion replaces rows of this before [`TextEncoder::forward_embeds`].
     pub fn embed_tokens(&self, ids: &[Vec<u32>]) -> Result<Tensor3<D>> {
-        let (b, n) = self.check_ids(ids)?;
+        let (b, n) = self.check_ids(ids, 0)?;
         let flat: Vec<usize> = ids.iter().flatten().map(|&i| i as usize).collect();
         let idx = self.token_embedding.device().tensor_from_vec(flat, (b, n));
         Ok(self.token_embedding.clone().gather(idx))
+    }
+
+    /// Token embeddings `[b, n, d]` where ids from `vocab_size` on index the rows of `extra`
+    /// (`[k, d]`): the added tokens of textual inversion, numbered as diffusers does (49408,
+    /// 49409, … for SD 1.x). Gradients flow to `extra` when it carries a tape; the table itself
+    /// is not copied.
+    pub fn embed_tokens_with_extra<T: Tape<f32, D>>(
+        &self,
+        ids: &[Vec<u32>],
+        extra: Tensor2<D, T>,
+    ) -> Result<Tensor3<D, T>> {
+        let (k, d) = *extra.shape();
+        if d != self.config.hidden_size {
+            return Err(DiffusionError::Input {
+                model: "TextEncoder",
+                reason: format!(
+                    "extra embeddings are {d} wide, the encoder is {}",
+                    self.config.hidden_size
+                ),
+            });
+        }
+        let (b, n) = self.check_ids(ids, k)?;
+        let vocab = self.token_embedding.shape().0;
+        let dev = self.token_embedding.device().clone();
+        let flat: Vec<usize> = ids.iter().flatten().map(|&i| i as usize).collect();
+        let base_idx: Vec<usize> = flat
+            .iter()
+            .map(|&i| if i < vocab { i } else { 0 })
+            .collect();
+        let extra_idx: Vec<usize> = flat.iter().map(|&i| i.saturating_sub(vocab)).collect();
+        let mask: Vec<f32> = flat.iter().map(|&i| (i >= vocab) as u8 as f32).collect();
+        // [b, n, d]
+        let base = self
+            .token_embedding
+            .clone()
+            .gather(dev.tensor_from_vec(base_idx, (b, n)));
+        let added: Tensor3<D, T> = extra.gather(dev.tensor_from_vec(extra_idx, (b, n)));
+        let mask = dev
+            .tensor_from_vec(mask, (b, n))
+            .broadcast_like::<_, Axis<2>>(&(b, n, d));
+        let keep = mask.clone().negate() + 1.0f32;
+        Ok(added * mask + base * keep)
     }
 
     /// Runs the transformer on token embeddings `[b, n, d]` (position embeddings are added
@@ -380,5 +422,26 @@ mod tests {
             te.encode(&[vec![100]], 0).is_err(),
             "id outside the vocabulary"
         );
+
+        // added tokens: ids 100 and 101 take the rows of `extra`, gradients reach them
+        let extra: Tensor2<Cpu> = dev.sample_normal_like(&(2, 24));
+        let ids = vec![vec![98, 5, 100, 101, 99]];
+        let emb = te
+            .embed_tokens_with_extra(&ids, extra.leaky_trace())
+            .unwrap();
+        let v = emb.as_vec();
+        let table = te.token_embedding.as_vec();
+        assert_eq!(&v[..24], &table[98 * 24..99 * 24]);
+        assert_eq!(&v[2 * 24..4 * 24], &extra.as_vec()[..]);
+        let g = te
+            .forward_embeds(emb, 0)
+            .unwrap()
+            .square()
+            .sum()
+            .backward()
+            .get(&extra)
+            .as_vec();
+        assert!(g.iter().all(|x| x.is_finite()) && g.iter().any(|x| *x != 0.0));
+        assert!(te.embed_tokens_with_extra(&[vec![102]], extra).is_err());
     }
 }
