@@ -31,12 +31,20 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for _ in 0..3 {
             f();
         }
-        let start = Instant::now();
-        for _ in 0..iters {
-            f();
-        }
-        let ms = start.elapsed().as_secs_f64() * 1e3 / iters as f64;
-        println!("{label}: {ms:.2} ms/iter ({iters} iterations)");
+        // min and median: the machine may be shared, the minimum is the least disturbed run
+        let mut ms: Vec<f64> = (0..iters)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        println!(
+            "{label}: min {:.2} ms, median {:.2} ms ({iters} iterations)",
+            ms[0],
+            ms[ms.len() / 2]
+        );
     };
     time("tiny UNet forward", &mut || {
         let out = unet

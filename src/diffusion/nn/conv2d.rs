@@ -1,8 +1,9 @@
 //! 2-D convolution on dfdx's stable ops (its own `conv2d` needs nightly).
 //!
 //! Implementation: im2col. The `kh·kw` shifted (strided, zero-padded) windows of the input are
-//! gathered into `[b, c·kh·kw, ho·wo]` in one op, and one batched matmul with the weight viewed
-//! as `[c_out, c·kh·kw]` gives the output. Every step is a differentiable dfdx op, so gradients flow
+//! gathered into `[b, c·kh·kw, ho·wo]`, and one batched matmul with the weight viewed as
+//! `[c_out, c·kh·kw]` gives the output. On the CPU the gather is plain host loops with a custom
+//! backward (col2im); on other devices it is one dfdx `gather` op (its backward accumulates). Every step is a differentiable dfdx op, so gradients flow
 //! to the input through the tape. This file is the only place convolution is implemented: a
 //! faster kernel can replace [`conv2d`] without touching the models.
 
@@ -89,12 +90,27 @@ impl<D: Device<f32>> Conv2d<D> {
 /// stride `stride` on both axes, zero padding `padding`: PyTorch's `F.conv2d` semantics.
 ///
 /// Panics if the input's channels differ from the weight's (the models check their inputs).
+///
+/// On the CPU the im2col is host loops with a custom backward; on other devices it is one
+/// dfdx `gather` (same numbers, slower on the CPU).
 pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
     x: Tensor4<D, T>,
     weight: &Tensor4<D>,
     bias: Option<&Tensor1<D>>,
     stride: usize,
     padding: Padding2d,
+) -> Tensor4<D, T> {
+    let host = std::any::TypeId::of::<D>() == std::any::TypeId::of::<Cpu>();
+    conv2d_with(x, weight, bias, stride, padding, host)
+}
+
+fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
+    x: Tensor4<D, T>,
+    weight: &Tensor4<D>,
+    bias: Option<&Tensor1<D>>,
+    stride: usize,
+    padding: Padding2d,
+    host_im2col: bool,
 ) -> Tensor4<D, T> {
     let (c_out, c_in, kh, kw) = *weight.shape();
     let (b, c, _, _) = *x.shape();
@@ -119,7 +135,24 @@ pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
         if kh == 1 && kw == 1 && stride == 1 && padding == Padding2d::default() {
             x.reshape_like(&(b, c, h * w))
         } else {
-            im2col(x, (kh, kw), stride, padding, (ho, wo))
+            let g = Geometry {
+                b,
+                c,
+                h,
+                w,
+                kh,
+                kw,
+                s: stride,
+                top: padding.top,
+                left: padding.left,
+                ho,
+                wo,
+            };
+            if host_im2col {
+                im2col_host(x, g)
+            } else {
+                im2col(x, (kh, kw), stride, padding, (ho, wo))
+            }
         };
 
     // [c_out, k] viewed for every batch item: [b, c_out, k] (stride 0 on b, no copy)
@@ -140,6 +173,89 @@ pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
         }
         None => y,
     }
+}
+
+/// Geometry of an im2col: input `[b, c, h, w]`, kernel `kh x kw`, stride `s`, padding
+/// `top`/`left` (bottom/right follow from the output size `ho x wo`).
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    s: usize,
+    top: usize,
+    left: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geometry {
+    /// Calls `f(col_index, x_index)` for every column entry that reads an input pixel
+    /// (entries in the padding are skipped), in the order of the column matrix.
+    #[inline(always)]
+    fn for_each(&self, mut f: impl FnMut(usize, usize)) {
+        let (k, n) = (self.kh * self.kw, self.ho * self.wo);
+        for plane in 0..self.b * self.c {
+            let x_plane = plane * self.h * self.w;
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let row = (plane * k + ky * self.kw + kx) * n;
+                    // output columns whose input column lies inside the image
+                    let ox_lo = self.left.saturating_sub(kx).div_ceil(self.s);
+                    let ox_hi = ((self.w + self.left).saturating_sub(kx)).div_ceil(self.s);
+                    let ox_hi = ox_hi.min(self.wo);
+                    for oy in 0..self.ho {
+                        let iy = oy * self.s + ky;
+                        if iy < self.top || iy - self.top >= self.h {
+                            continue;
+                        }
+                        let x_row = x_plane + (iy - self.top) * self.w;
+                        let out_row = row + oy * self.wo;
+                        for ox in ox_lo..ox_hi {
+                            f(out_row + ox, x_row + ox * self.s + kx - self.left);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// im2col computed on the host for the CPU device (plain loops instead of dfdx's per-element
+/// indexed gather), with a custom backward op that scatters the column gradient back
+/// (col2im). Same output as [`im2col`].
+fn im2col_host<D: Device<f32>, T: Tape<f32, D>>(x: Tensor4<D, T>, g: Geometry) -> Tensor3<D, T> {
+    // the gradient buffer is indexed like the data: work on a contiguous input (a no-op when
+    // it already is)
+    let x = x.contiguous();
+    let (x, mut tape) = x.split_tape();
+    let xv = x.as_vec();
+    let dev = x.device().clone();
+    let (k, n) = (g.kh * g.kw, g.ho * g.wo);
+    let mut cols = vec![0f32; g.b * g.c * k * n];
+    g.for_each(|o, i| cols[o] = xv[i]);
+    let cols = dev.tensor_from_vec(cols, (g.b, g.c * k, n));
+    if T::OWNS_TAPE {
+        let cols_ghost = cols.clone();
+        tape.add_backward_op(move |grads| {
+            grads.try_alloc_for(&cols_ghost)?;
+            let gc = grads.get(&cols_ghost).as_vec();
+            let mut gx = vec![0f32; g.b * g.c * g.h * g.w];
+            g.for_each(|o, i| gx[i] += gc[o]);
+            let dst: &mut dyn std::any::Any = grads.get_or_alloc_mut(&x)?;
+            let dst = dst
+                .downcast_mut::<<Cpu as Storage<f32>>::Vec>()
+                .expect("the host im2col only runs on the Cpu device");
+            for (d, v) in dst.iter_mut().zip(&gx) {
+                *d += v;
+            }
+            Ok(())
+        });
+    }
+    cols.put_tape(tape)
 }
 
 /// `[b, c, h, w]` -> `[b, c*kh*kw, ho*wo]`: row `ci*kh*kw + ky*kw + kx`, column `oy*wo + ox`
@@ -300,31 +416,39 @@ mod tests {
     }
 
     /// Gradient of `sum(conv(x) * r)` w.r.t. `x` against central finite differences.
-    fn grad_check(s: usize, p: Padding2d) {
+    /// Gradient of `sum(conv(x) * r) + sum(x * q)` w.r.t. `x` (the second term checks that
+    /// the conv's gradient adds to other uses of `x`) against central finite differences.
+    fn grad_check(s: usize, p: Padding2d, host: bool) {
         let dev = Cpu::default();
         let shape = (2, 3, 6, 5);
         let (co, k) = (4, 3);
         let n = shape.0 * shape.1 * shape.2 * shape.3;
         let xv = values(n, 7);
+        let qv = values(n, 11);
         let wt = dev.tensor_from_vec(values(co * shape.1 * k * k, 8), (co, shape.1, k, k));
         let bias = dev.tensor_from_vec(values(co, 9), (co,));
         let f = |xv: Vec<f64>| -> f64 {
             let x = dev.tensor_from_vec(xv.iter().map(|v| *v as f32).collect(), shape);
-            let y = conv2d(x, &wt, Some(&bias), s, p);
+            let y = conv2d_with(x, &wt, Some(&bias), s, p, host);
             let r = values(y.shape().num_elements(), 10);
-            y.as_vec()
+            let conv: f64 = y
+                .as_vec()
                 .iter()
                 .zip(&r)
                 .map(|(a, b)| *a as f64 * *b as f64)
-                .sum()
+                .sum();
+            conv + xv.iter().zip(&qv).map(|(a, b)| a * *b as f64).sum::<f64>()
         };
         let x = dev.tensor_from_vec(xv.clone(), shape);
-        let y = conv2d(x.leaky_trace(), &wt, Some(&bias), s, p);
+        let q = dev.tensor_from_vec(qv.clone(), shape);
+        let xt = x.leaky_trace();
+        let other = (xt.retaped::<OwnedTape<f32, Cpu>>() * q).sum();
+        let y = conv2d_with(xt, &wt, Some(&bias), s, p, host);
         let r = dev.tensor_from_vec(values(y.shape().num_elements(), 10), *y.shape());
-        let grads = (y * r).sum().backward();
+        let grads = ((y * r).sum() + other).backward();
         let g = grads.get(&x).as_vec();
         let eps = 1e-2;
-        for i in (0..n).step_by(7) {
+        for i in 0..n {
             let mut plus: Vec<f64> = xv.iter().map(|v| *v as f64).collect();
             let mut minus = plus.clone();
             plus[i] += eps;
@@ -332,7 +456,7 @@ mod tests {
             let fd = (f(plus) - f(minus)) / (2.0 * eps);
             assert!(
                 (fd - g[i] as f64).abs() < 2e-3,
-                "grad {i}: tape {} vs finite difference {fd} (stride {s})",
+                "grad {i}: tape {} vs finite difference {fd} (stride {s}, host {host})",
                 g[i]
             );
         }
@@ -340,16 +464,19 @@ mod tests {
 
     #[test]
     fn conv_gradient_matches_finite_differences() {
-        grad_check(1, Padding2d::same(1));
-        grad_check(2, Padding2d::same(1));
-        grad_check(
-            2,
-            Padding2d {
-                top: 0,
-                bottom: 1,
-                left: 0,
-                right: 1,
-            },
-        );
+        for host in [true, false] {
+            grad_check(1, Padding2d::same(1), host);
+            grad_check(2, Padding2d::same(1), host);
+            grad_check(
+                2,
+                Padding2d {
+                    top: 0,
+                    bottom: 1,
+                    left: 0,
+                    right: 1,
+                },
+                host,
+            );
+        }
     }
 }
