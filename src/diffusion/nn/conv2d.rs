@@ -9,6 +9,7 @@
 
 use dfdx::prelude::*;
 
+use super::ops::concat_many;
 use super::{Tensor1, Tensor3, Tensor4};
 use crate::diffusion::error::Result;
 use crate::diffusion::weights::Loader;
@@ -101,8 +102,12 @@ pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
     padding: Padding2d,
 ) -> Tensor4<D, T> {
     let host = std::any::TypeId::of::<D>() == std::any::TypeId::of::<Cpu>();
-    conv2d_with(x, weight, bias, stride, padding, host)
+    conv2d_with(x, weight, bias, stride, padding, host, MAX_COLS_ELEMENTS)
 }
+
+/// Largest im2col matrix built at once (elements, 128 MiB of f32): bigger outputs are computed
+/// in bands of rows, so a 512x512 VAE level does not need a multi-GB column matrix.
+const MAX_COLS_ELEMENTS: usize = 1 << 25;
 
 fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
     x: Tensor4<D, T>,
@@ -111,6 +116,7 @@ fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
     stride: usize,
     padding: Padding2d,
     host_im2col: bool,
+    max_cols: usize,
 ) -> Tensor4<D, T> {
     let (c_out, c_in, kh, kw) = *weight.shape();
     let (b, c, _, _) = *x.shape();
@@ -130,31 +136,58 @@ fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
     let wo = (wp - kw) / stride + 1;
     let k = c_in * kh * kw;
 
-    // [b, c*kh*kw, ho*wo]
-    let cols: Tensor3<D, T> =
-        if kh == 1 && kw == 1 && stride == 1 && padding == Padding2d::default() {
-            x.reshape_like(&(b, c, h * w))
-        } else {
-            let g = Geometry {
-                b,
-                c,
-                h,
-                w,
-                kh,
-                kw,
-                s: stride,
-                top: padding.top,
-                left: padding.left,
-                ho,
-                wo,
-            };
-            if host_im2col {
-                im2col_host(x, g)
-            } else {
-                im2col(x, (kh, kw), stride, padding, (ho, wo))
-            }
+    if kh == 1 && kw == 1 && stride == 1 && padding == Padding2d::default() {
+        // the input is its own column matrix: [b, c, h*w]
+        let y = weight_matmul(x.reshape_like(&(b, c, h * w)), weight);
+        return add_bias(y.reshape_like(&(b, c_out, ho, wo)), bias);
+    }
+    // output rows per band, so that the column matrix stays under `max_cols` elements
+    let band = (max_cols / (b * k * wo).max(1)).clamp(1, ho);
+    let (x, tape) = x.contiguous().split_tape();
+    let mut tape = Some(tape);
+    let mut bands = Vec::with_capacity(ho.div_ceil(band));
+    let mut oy0 = 0;
+    while oy0 < ho {
+        let rows = band.min(ho - oy0);
+        let xi = x.clone().put_tape(tape.take().unwrap_or_default());
+        let g = Geometry {
+            b,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            s: stride,
+            top: padding.top,
+            left: padding.left,
+            oy0,
+            ho: rows,
+            wo,
         };
+        // [b, c*kh*kw, rows*wo]
+        let cols = if host_im2col {
+            im2col_host(xi, g)
+        } else {
+            im2col(xi, g)
+        };
+        bands.push(weight_matmul(cols, weight).reshape_like(&(b, c_out, rows, wo)));
+        oy0 += rows;
+    }
+    let y = if bands.len() == 1 {
+        bands.pop().expect("one band")
+    } else {
+        concat_many::<2, D, T>(bands)
+    };
+    add_bias(y, bias)
+}
 
+/// `[c_out, c, kh, kw]` (viewed `[c_out, k]`) times columns `[b, k, n]` -> `[b, c_out, n]`.
+fn weight_matmul<D: Device<f32>, T: Tape<f32, D>>(
+    cols: Tensor3<D, T>,
+    weight: &Tensor4<D>,
+) -> Tensor3<D, T> {
+    let (b, k, _) = *cols.shape();
+    let c_out = weight.shape().0;
     // [c_out, k] viewed for every batch item: [b, c_out, k] (stride 0 on b, no copy)
     let w = weight
         .clone()
@@ -162,21 +195,23 @@ fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
         .broadcast_like::<_, Axis<0>>(&(b, c_out, k));
     // the tape moves to the left operand, dfdx's binary ops merge right tapes into left ones
     let (cols, tape) = cols.split_tape();
-    // [b, c_out, k] x [b, k, ho*wo] -> [b, c_out, ho*wo]
-    let y = w.put_tape(tape).matmul(cols);
-    let y = y.reshape_like(&(b, c_out, ho, wo));
+    w.put_tape(tape).matmul(cols)
+}
+
+fn add_bias<D: Device<f32>, T: Tape<f32, D>>(
+    y: Tensor4<D, T>,
+    bias: Option<&Tensor1<D>>,
+) -> Tensor4<D, T> {
+    let shape = *y.shape();
     match bias {
-        Some(bias) => {
-            y + bias
-                .clone()
-                .broadcast_like::<_, Axes3<0, 2, 3>>(&(b, c_out, ho, wo))
-        }
+        Some(bias) => y + bias.clone().broadcast_like::<_, Axes3<0, 2, 3>>(&shape),
         None => y,
     }
 }
 
 /// Geometry of an im2col: input `[b, c, h, w]`, kernel `kh x kw`, stride `s`, padding
-/// `top`/`left` (bottom/right follow from the output size `ho x wo`).
+/// `top`/`left` (bottom/right follow from the output width `wo`), output rows
+/// `oy0 .. oy0 + ho` (a band of the full output).
 #[derive(Debug, Clone, Copy)]
 struct Geometry {
     b: usize,
@@ -188,6 +223,7 @@ struct Geometry {
     s: usize,
     top: usize,
     left: usize,
+    oy0: usize,
     ho: usize,
     wo: usize,
 }
@@ -208,7 +244,7 @@ impl Geometry {
                     let ox_hi = ((self.w + self.left).saturating_sub(kx)).div_ceil(self.s);
                     let ox_hi = ox_hi.min(self.wo);
                     for oy in 0..self.ho {
-                        let iy = oy * self.s + ky;
+                        let iy = (self.oy0 + oy) * self.s + ky;
                         if iy < self.top || iy - self.top >= self.h {
                             continue;
                         }
@@ -264,14 +300,8 @@ fn im2col_host<D: Device<f32>, T: Tape<f32, D>>(x: Tensor4<D, T>, g: Geometry) -
 /// Done as one gather over the pixel axis (the padding is an extra all-zero row), because
 /// dfdx 0.13's `slice` backward assigns instead of accumulating, which breaks the gradient of
 /// overlapping windows; `gather`'s backward accumulates.
-fn im2col<D: Device<f32>, T: Tape<f32, D>>(
-    x: Tensor4<D, T>,
-    (kh, kw): (usize, usize),
-    s: usize,
-    padding: Padding2d,
-    (ho, wo): (usize, usize),
-) -> Tensor3<D, T> {
-    let (b, c, h, w) = *x.shape();
+fn im2col<D: Device<f32>, T: Tape<f32, D>>(x: Tensor4<D, T>, g: Geometry) -> Tensor3<D, T> {
+    let (b, c, h, w) = (g.b, g.c, g.h, g.w);
     let dev = x.device().clone();
     let bc = b * c;
     let zero_row = h * w;
@@ -282,14 +312,14 @@ fn im2col<D: Device<f32>, T: Tape<f32, D>>(
         .reshape_like(&(h * w, bc));
     // [h*w + 1, b*c]: the last row is the zero padding
     let rows = (rows, dev.zeros_like(&(1, bc))).concat_along(Axis::<0>);
-    let n = ho * wo;
-    let mut index = Vec::with_capacity(kh * kw * n);
-    for ky in 0..kh {
-        for kx in 0..kw {
-            for oy in 0..ho {
-                let iy = (oy * s + ky) as isize - padding.top as isize;
-                for ox in 0..wo {
-                    let ix = (ox * s + kx) as isize - padding.left as isize;
+    let (k, n) = (g.kh * g.kw, g.ho * g.wo);
+    let mut index = Vec::with_capacity(k * n);
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            for oy in 0..g.ho {
+                let iy = ((g.oy0 + oy) * g.s + ky) as isize - g.top as isize;
+                for ox in 0..g.wo {
+                    let ix = (ox * g.s + kx) as isize - g.left as isize;
                     if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
                         index.push(zero_row);
                     } else {
@@ -299,7 +329,6 @@ fn im2col<D: Device<f32>, T: Tape<f32, D>>(
             }
         }
     }
-    let k = kh * kw;
     let index = dev.tensor_from_vec(index, (k * n,));
     // [k*n, b*c]
     let cols: Tensor<(usize, usize), f32, D, T> = rows.gather(index);
@@ -418,7 +447,7 @@ mod tests {
     /// Gradient of `sum(conv(x) * r)` w.r.t. `x` against central finite differences.
     /// Gradient of `sum(conv(x) * r) + sum(x * q)` w.r.t. `x` (the second term checks that
     /// the conv's gradient adds to other uses of `x`) against central finite differences.
-    fn grad_check(s: usize, p: Padding2d, host: bool) {
+    fn grad_check(s: usize, p: Padding2d, host: bool, max_cols: usize) {
         let dev = Cpu::default();
         let shape = (2, 3, 6, 5);
         let (co, k) = (4, 3);
@@ -429,7 +458,7 @@ mod tests {
         let bias = dev.tensor_from_vec(values(co, 9), (co,));
         let f = |xv: Vec<f64>| -> f64 {
             let x = dev.tensor_from_vec(xv.iter().map(|v| *v as f32).collect(), shape);
-            let y = conv2d_with(x, &wt, Some(&bias), s, p, host);
+            let y = conv2d_with(x, &wt, Some(&bias), s, p, host, max_cols);
             let r = values(y.shape().num_elements(), 10);
             let conv: f64 = y
                 .as_vec()
@@ -443,7 +472,7 @@ mod tests {
         let q = dev.tensor_from_vec(qv.clone(), shape);
         let xt = x.leaky_trace();
         let other = (xt.retaped::<OwnedTape<f32, Cpu>>() * q).sum();
-        let y = conv2d_with(xt, &wt, Some(&bias), s, p, host);
+        let y = conv2d_with(xt, &wt, Some(&bias), s, p, host, max_cols);
         let r = dev.tensor_from_vec(values(y.shape().num_elements(), 10), *y.shape());
         let grads = ((y * r).sum() + other).backward();
         let g = grads.get(&x).as_vec();
@@ -464,9 +493,15 @@ mod tests {
 
     #[test]
     fn conv_gradient_matches_finite_differences() {
-        for host in [true, false] {
-            grad_check(1, Padding2d::same(1), host);
-            grad_check(2, Padding2d::same(1), host);
+        // max_cols 100: bands of one or two output rows
+        for (host, max_cols) in [
+            (true, usize::MAX),
+            (false, usize::MAX),
+            (true, 100),
+            (false, 100),
+        ] {
+            grad_check(1, Padding2d::same(1), host, max_cols);
+            grad_check(2, Padding2d::same(1), host, max_cols);
             grad_check(
                 2,
                 Padding2d {
@@ -476,6 +511,7 @@ mod tests {
                     right: 1,
                 },
                 host,
+                max_cols,
             );
         }
     }
