@@ -553,3 +553,69 @@ fn text_encoder_with_added_token_vectors_matches_diffusers() {
         );
     }
 }
+
+/// The models inside the 4-step DDIM pipeline golden (schedulers aside): prompt embeddings,
+/// the UNet on the [uncond, cond] batch at every step's latents, and the VAE decode of the
+/// final latents, from both layouts.
+#[test]
+fn models_match_the_pipeline_golden() {
+    let dev = Cpu::default();
+    let g = Golden::open("pipeline_ddim4.safetensors");
+    for (what, ckpt) in [
+        ("diffusers folder", diffusers()),
+        ("single file", single_file()),
+    ] {
+        let sd = ckpt.load(&dev).unwrap();
+        let ids: Vec<Vec<u32>> = ["input_ids_uncond", "input_ids_cond"]
+            .iter()
+            .map(|k| g.i64(k).0.iter().map(|&i| i as u32).collect())
+            .collect();
+        let embeds = sd.text_encoder.encode(&ids, 0).unwrap();
+        assert_close(
+            &format!("pipeline prompt_embeds ({what})"),
+            &embeds.as_vec(),
+            &g.f32("prompt_embeds").0,
+            1e-4,
+        );
+        let (ts, _) = g.i64("timesteps");
+        let (initial, _) = g.f32("initial_latents");
+        let (per_step, _) = g.f32("latents_per_step");
+        let (uncond, _) = g.f32("noise_pred_uncond");
+        let (cond, _) = g.f32("noise_pred_text");
+        let n = initial.len();
+        let mut worst = 0f32;
+        for (i, &t) in ts.iter().enumerate() {
+            let latents = if i == 0 {
+                initial.clone()
+            } else {
+                per_step[(i - 1) * n..i * n].to_vec()
+            };
+            // the pipeline's batch: [uncond, cond] with the same latents
+            let batch: Vec<f32> = latents.iter().chain(&latents).copied().collect();
+            let out = sd
+                .unet
+                .forward(
+                    dev.tensor_from_vec(batch, (2, 4, 8, 8)),
+                    &[t as f32],
+                    embeds.clone(),
+                )
+                .unwrap()
+                .as_vec();
+            worst = worst.max(max_abs_diff(&out[..n], &uncond[i * n..(i + 1) * n]));
+            worst = worst.max(max_abs_diff(&out[n..], &cond[i * n..(i + 1) * n]));
+        }
+        println!(
+            "pipeline unet noise_pred, 4 steps x [uncond, cond] ({what}): max abs error {worst:.3e}"
+        );
+        assert!(worst <= 1e-4, "pipeline unet: {worst}");
+        let scale = sd.vae.config.scaling_factor as f32;
+        let z: Vec<f32> = g.f32("final_latents").0.iter().map(|v| v / scale).collect();
+        let decoded = sd.vae.decode(dev.tensor_from_vec(z, (1, 4, 8, 8))).unwrap();
+        assert_close(
+            &format!("pipeline decoded_raw ({what})"),
+            &decoded.as_vec(),
+            &g.f32("decoded_raw").0,
+            1e-4,
+        );
+    }
+}
