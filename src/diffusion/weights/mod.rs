@@ -405,3 +405,86 @@ impl<'a, D: Device<f32>> Loader<'a, D> {
         Ok(self.dev.tensor_from_vec(v, s))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use safetensors::tensor::TensorView;
+
+    #[test]
+    fn f32_f16_bf16_load_as_f32_and_other_dtypes_are_named_errors() {
+        let values = [1.5f32, -0.25, 3.0, 1e-3];
+        let f32_bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        let f16_bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        let bf16_bytes: Vec<u8> = values
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect();
+        let i64_bytes: Vec<u8> = [1i64, 2].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let views = vec![
+            (
+                "a",
+                TensorView::new(StDtype::F32, vec![2, 2], &f32_bytes).unwrap(),
+            ),
+            (
+                "b",
+                TensorView::new(StDtype::F16, vec![4], &f16_bytes).unwrap(),
+            ),
+            (
+                "c",
+                TensorView::new(StDtype::BF16, vec![4, 1, 1], &bf16_bytes).unwrap(),
+            ),
+            (
+                "d",
+                TensorView::new(StDtype::I64, vec![2], &i64_bytes).unwrap(),
+            ),
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("dtypes.safetensors");
+        safetensors::serialize_to_file(views, None, &path).unwrap();
+        let file = SafetensorsFile::open(&path).unwrap();
+        assert_eq!(file.read_f32("a").unwrap(), (values.to_vec(), vec![2, 2]));
+        let (f16, _) = file.read_f32("b").unwrap();
+        let (bf16, shape) = file.read_f32("c").unwrap();
+        assert_eq!(shape, vec![4, 1, 1]);
+        for i in 0..4 {
+            assert_eq!(f16[i], half::f16::from_f32(values[i]).to_f32());
+            assert_eq!(bf16[i], half::bf16::from_f32(values[i]).to_f32());
+        }
+        let err = file.read_f32("d").unwrap_err().to_string();
+        assert!(err.contains("`d`") && err.contains("I64"), "{err}");
+
+        // a store squeezes 1x1-conv storage of linear weights, and checks shapes by name
+        let mut store = WeightStore::with_files(vec![Arc::new(file)]);
+        store.insert("lin.weight".into(), 0, "c".into(), false);
+        let err = store
+            .read_checked("lin.weight", &[4])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("lin.weight") && err.contains("[4, 1, 1]"),
+            "{err}"
+        );
+        let err = store.read_checked("nope", &[1]).unwrap_err().to_string();
+        assert!(err.contains("`nope` is missing"), "{err}");
+    }
+
+    #[test]
+    fn synthetic_store_is_deterministic() {
+        let a = WeightStore::synthetic(1)
+            .read_checked("x.norm1.weight", &[8])
+            .unwrap();
+        let b = WeightStore::synthetic(1)
+            .read_checked("x.norm1.weight", &[8])
+            .unwrap();
+        let c = WeightStore::synthetic(2)
+            .read_checked("x.norm1.weight", &[8])
+            .unwrap();
+        assert_eq!(a, b);
+        assert_ne!(a, c);
+        assert!(a.iter().all(|v| (0.9..=1.1).contains(v)));
+    }
+}
