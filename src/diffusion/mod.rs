@@ -1,5 +1,29 @@
 //! The diffusion core: Stable Diffusion 1.x on dfdx (text encoder, UNet, VAE, schedulers),
 //! generic over the device so the same code runs on the CPU (tests, CI) and on CUDA.
+//!
+//! Models: [`clip::TextEncoder`], [`unet::UNet`], [`vae::Vae`], each with a config struct
+//! whose defaults are SD 1.5's. Weights: [`weights::Checkpoint`] opens a diffusers folder or a
+//! single-file checkpoint; [`weights::StableDiffusion`] holds the three loaded models.
+//!
+//! Conventions: parameters are plain (un-taped) dfdx tensors; activations may carry a tape
+//! (`T: Tape<f32, D>`), so gradients reach inputs (latents, text embeddings) and anything
+//! trained outside the frozen weights. Model forwards validate their inputs and return
+//! [`error::DiffusionError`]s.
 
+pub mod attention;
+pub mod clip;
+pub mod error;
+pub mod nn;
+pub mod resnet;
 pub mod schedulers;
 pub mod tokenizer;
+pub mod unet;
+pub mod unet_blocks;
+pub mod vae;
+pub mod weights;
+
+pub use clip::{ClipConfig, TextEncoder, TextEncoderOutput};
+pub use error::{DiffusionError, Result};
+pub use unet::{UNet, UNetConfig};
+pub use vae::{LatentDistribution, Vae, VaeConfig};
+pub use weights::{Checkpoint, CheckpointLayout, StableDiffusion};

@@ -1,0 +1,71 @@
+//! Times the tiny fixture UNet (tests/fixtures/tiny-sd) on the CPU: forward, and forward +
+//! backward of an MSE loss with the gradient flowing to the input (frozen weights, as when
+//! training LoRA / textual inversion). Batch 2, 8x8 latents, 77 context tokens, like the
+//! training golden.
+//!
+//! `cargo run --release --example bench_unet [iterations]`
+//!
+//! Measured on the project's shared 2-core CPU machine (dev profile, dependencies at
+//! opt-level 3): forward about 14 ms, forward + backward about 43-50 ms per iteration (minimum
+//! of 30; medians 30-50% higher because the cores are shared). About a quarter of the time is
+//! gemm, the rest is dfdx's per-op overhead on these tiny tensors (allocation, strided copies
+//! for permutes, elementwise kernels). PyTorch could not be timed on that machine (no torch
+//! there), so the ratio to PyTorch is still to be measured on a machine that has both.
+
+use std::time::Instant;
+
+use dfdx::prelude::*;
+use sdpipe::diffusion::Checkpoint;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let iters: usize = std::env::args()
+        .nth(1)
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(20);
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
+    let dev = Cpu::default();
+    let unet = Checkpoint::open(&dir)?.load_unet(&dev)?;
+    let (b, c, h, w) = (2, unet.config.in_channels, 8, 8);
+    let ctx_dim = unet.config.cross_attention_dim;
+    let sample: Tensor<(usize, usize, usize, usize), f32, _> =
+        dev.sample_normal_like(&(b, c, h, w));
+    let noise: Tensor<(usize, usize, usize, usize), f32, _> = dev.sample_normal_like(&(b, c, h, w));
+    let context: Tensor<(usize, usize, usize), f32, _> = dev.sample_normal_like(&(b, 77, ctx_dim));
+    let timesteps = [10.0f32, 500.0];
+
+    let time = |label: &str, f: &mut dyn FnMut()| {
+        for _ in 0..3 {
+            f();
+        }
+        // min and median: the machine may be shared, the minimum is the least disturbed run
+        let mut ms: Vec<f64> = (0..iters)
+            .map(|_| {
+                let start = Instant::now();
+                f();
+                start.elapsed().as_secs_f64() * 1e3
+            })
+            .collect();
+        ms.sort_by(f64::total_cmp);
+        println!(
+            "{label}: min {:.2} ms, median {:.2} ms ({iters} iterations)",
+            ms[0],
+            ms[ms.len() / 2]
+        );
+    };
+    time("tiny UNet forward", &mut || {
+        let out = unet
+            .forward(sample.clone(), &timesteps, context.clone())
+            .expect("forward");
+        std::hint::black_box(out.as_vec());
+    });
+    time("tiny UNet forward+backward", &mut || {
+        let out = unet
+            .forward(sample.leaky_trace(), &timesteps, context.retaped())
+            .expect("forward");
+        let loss = mse_loss(out, noise.clone());
+        let grads = loss.backward();
+        std::hint::black_box(grads.get(&sample).as_vec());
+    });
+    Ok(())
+}

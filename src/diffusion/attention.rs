@@ -1,0 +1,289 @@
+//! The UNet's attention: diffusers `Transformer2DModel` holding `BasicTransformerBlock`s
+//! (self-attention, cross-attention on the text states, GEGLU feed-forward), and the
+//! multi-head `Attention` they use.
+
+use dfdx::prelude::*;
+
+use super::error::Result;
+use super::nn::{
+    Conv2d, DEFAULT_ATTENTION_CHUNK, GroupNorm, LayerNorm, Linear, Padding2d, Tensor3, Tensor4,
+    gelu, merge_heads, scaled_dot_product_attention, split_heads,
+};
+use super::weights::Loader;
+
+/// diffusers `Attention` as SD 1.x uses it: bias-free q/k/v projections, a biased output
+/// projection, `heads` heads of width `inner / heads`.
+#[derive(Debug, Clone)]
+pub struct CrossAttention<D: Storage<f32>> {
+    /// `[inner, query_dim]`, no bias.
+    pub to_q: Linear<D>,
+    /// `[inner, context_dim]`, no bias.
+    pub to_k: Linear<D>,
+    /// `[inner, context_dim]`, no bias.
+    pub to_v: Linear<D>,
+    /// `to_out.0`: `[query_dim, inner]` with bias.
+    pub to_out: Linear<D>,
+    /// Number of heads.
+    pub heads: usize,
+    /// Queries per attention chunk (bounds the memory of long self-attention).
+    pub chunk: usize,
+}
+
+impl<D: Device<f32>> CrossAttention<D> {
+    /// Loads `to_q`, `to_k`, `to_v`, `to_out.0`.
+    pub fn load(
+        l: &Loader<D>,
+        query_dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let inner = heads * head_dim;
+        Ok(Self {
+            to_q: Linear::load(&l.pp("to_q"), query_dim, inner, false)?,
+            to_k: Linear::load(&l.pp("to_k"), context_dim, inner, false)?,
+            to_v: Linear::load(&l.pp("to_v"), context_dim, inner, false)?,
+            to_out: Linear::load(&l.pp("to_out").pp(0), inner, query_dim, true)?,
+            heads,
+            chunk: DEFAULT_ATTENTION_CHUNK,
+        })
+    }
+
+    /// `x: [b, n, query_dim]` attending to `context: [b, m, context_dim]` (or to itself when
+    /// `None`) -> `[b, n, query_dim]`. The context is re-taped here (see
+    /// [`super::resnet::ResnetBlock2D::forward`] for the convention).
+    pub fn forward<T: Tape<f32, D>>(
+        &self,
+        x: Tensor3<D, T>,
+        context: Option<&Tensor3<D>>,
+    ) -> Tensor3<D, T> {
+        let (q, k, v) = match context {
+            None => (
+                self.to_q.forward(x.retaped::<T>()),
+                self.to_k.forward(x.retaped::<T>()),
+                self.to_v.forward(x),
+            ),
+            Some(ctx) => (
+                self.to_q.forward(x),
+                self.to_k.forward(ctx.retaped::<T>()),
+                self.to_v.forward(ctx.retaped::<T>()),
+            ),
+        };
+        let o = scaled_dot_product_attention(
+            split_heads(q, self.heads),
+            split_heads(k, self.heads),
+            split_heads(v, self.heads),
+            false,
+            self.chunk,
+        );
+        self.to_out.forward(merge_heads(o))
+    }
+}
+
+/// GEGLU feed-forward: `ff.net.0.proj` (C -> 2F) split into `h, gate`, `h * gelu(gate)`, then
+/// `ff.net.2` (F -> C).
+#[derive(Debug, Clone)]
+pub struct FeedForward<D: Storage<f32>> {
+    /// `ff.net.0.proj`: `[2F, C]`.
+    pub proj: Linear<D>,
+    /// `ff.net.2`: `[C, F]`.
+    pub out: Linear<D>,
+}
+
+impl<D: Device<f32>> FeedForward<D> {
+    /// Loads a GEGLU feed-forward of width `dim` with inner width `4 * dim`.
+    pub fn load(l: &Loader<D>, dim: usize) -> Result<Self> {
+        let inner = 4 * dim;
+        Ok(Self {
+            proj: Linear::load(&l.pp("net").pp(0).pp("proj"), dim, 2 * inner, true)?,
+            out: Linear::load(&l.pp("net").pp(2), inner, dim, true)?,
+        })
+    }
+
+    /// `[b, n, C] -> [b, n, C]`
+    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor3<D, T>) -> Tensor3<D, T> {
+        // [b, n, 2F]
+        let h = self.proj.forward(x);
+        let f = h.shape().2 / 2;
+        // two non-overlapping slices of a tensor used nowhere else (see nn's slice caveat)
+        let gate = gelu(h.retaped::<T>().slice((.., .., f..2 * f)));
+        let h = h.slice((.., .., 0..f));
+        self.out.forward(h * gate)
+    }
+}
+
+/// diffusers `BasicTransformerBlock` (pre-LN): self-attention, cross-attention, feed-forward,
+/// each with a residual.
+#[derive(Debug, Clone)]
+pub struct BasicTransformerBlock<D: Storage<f32>> {
+    /// Norm before self-attention.
+    pub norm1: LayerNorm<D>,
+    /// Self-attention.
+    pub attn1: CrossAttention<D>,
+    /// Norm before cross-attention.
+    pub norm2: LayerNorm<D>,
+    /// Cross-attention on the text states.
+    pub attn2: CrossAttention<D>,
+    /// Norm before the feed-forward.
+    pub norm3: LayerNorm<D>,
+    /// GEGLU feed-forward.
+    pub ff: FeedForward<D>,
+}
+
+impl<D: Device<f32>> BasicTransformerBlock<D> {
+    /// Loads one block of width `dim`.
+    pub fn load(
+        l: &Loader<D>,
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        Ok(Self {
+            norm1: LayerNorm::load(&l.pp("norm1"), dim, 1e-5)?,
+            attn1: CrossAttention::load(&l.pp("attn1"), dim, dim, heads, head_dim)?,
+            norm2: LayerNorm::load(&l.pp("norm2"), dim, 1e-5)?,
+            attn2: CrossAttention::load(&l.pp("attn2"), dim, context_dim, heads, head_dim)?,
+            norm3: LayerNorm::load(&l.pp("norm3"), dim, 1e-5)?,
+            ff: FeedForward::load(&l.pp("ff"), dim)?,
+        })
+    }
+
+    /// `[b, n, dim] -> [b, n, dim]`
+    pub fn forward<T: Tape<f32, D>>(
+        &self,
+        x: Tensor3<D, T>,
+        context: &Tensor3<D>,
+    ) -> Tensor3<D, T> {
+        let x = self
+            .attn1
+            .forward(self.norm1.forward(x.retaped::<T>()), None)
+            + x;
+        let x = self
+            .attn2
+            .forward(self.norm2.forward(x.retaped::<T>()), Some(context))
+            + x;
+        self.ff.forward(self.norm3.forward(x.retaped::<T>())) + x
+    }
+}
+
+/// `proj_in` / `proj_out` of a `Transformer2DModel`: a 1x1 conv (SD 1.x,
+/// `use_linear_projection = false`) or a linear layer.
+#[derive(Debug, Clone)]
+pub enum Projection<D: Storage<f32>> {
+    /// 1x1 convolution on `[b, c, h, w]`.
+    Conv(Conv2d<D>),
+    /// Linear layer on `[b, h*w, c]`.
+    Linear(Linear<D>),
+}
+
+/// Configuration of one `Transformer2DModel`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Transformer2DConfig {
+    /// Channels in and out.
+    pub in_channels: usize,
+    /// Number of heads.
+    pub heads: usize,
+    /// Width of a head (`in_channels / heads` in SD 1.x).
+    pub head_dim: usize,
+    /// Width of the text states.
+    pub context_dim: usize,
+    /// Number of `BasicTransformerBlock`s (1 in SD 1.x).
+    pub layers: usize,
+    /// GroupNorm groups of the input norm.
+    pub groups: usize,
+    /// Linear instead of 1x1-conv projections.
+    pub use_linear_projection: bool,
+}
+
+/// diffusers `Transformer2DModel` (continuous input): GroupNorm (eps 1e-6), `proj_in`,
+/// transformer blocks over the `h*w` tokens, `proj_out`, plus the input.
+#[derive(Debug, Clone)]
+pub struct Transformer2D<D: Storage<f32>> {
+    /// Input GroupNorm (eps 1e-6).
+    pub norm: GroupNorm<D>,
+    /// Input projection.
+    pub proj_in: Projection<D>,
+    /// Transformer blocks.
+    pub transformer_blocks: Vec<BasicTransformerBlock<D>>,
+    /// Output projection.
+    pub proj_out: Projection<D>,
+}
+
+impl<D: Device<f32>> Transformer2D<D> {
+    /// Loads `norm`, `proj_in`, `transformer_blocks.*`, `proj_out`.
+    pub fn load(l: &Loader<D>, c: &Transformer2DConfig) -> Result<Self> {
+        let inner = c.heads * c.head_dim;
+        let proj = |name: &str, i: usize, o: usize| -> Result<Projection<D>> {
+            Ok(if c.use_linear_projection {
+                Projection::Linear(Linear::load(&l.pp(name), i, o, true)?)
+            } else {
+                Projection::Conv(Conv2d::load(&l.pp(name), i, o, 1, 1, Padding2d::default())?)
+            })
+        };
+        Ok(Self {
+            norm: GroupNorm::load(&l.pp("norm"), c.groups, c.in_channels, 1e-6)?,
+            proj_in: proj("proj_in", c.in_channels, inner)?,
+            transformer_blocks: (0..c.layers)
+                .map(|i| {
+                    BasicTransformerBlock::load(
+                        &l.pp("transformer_blocks").pp(i),
+                        inner,
+                        c.context_dim,
+                        c.heads,
+                        c.head_dim,
+                    )
+                })
+                .collect::<Result<_>>()?,
+            proj_out: proj("proj_out", inner, c.in_channels)?,
+        })
+    }
+
+    /// Sets the number of queries per attention chunk of every attention in this model.
+    pub fn set_attention_chunk(&mut self, chunk: usize) {
+        for b in &mut self.transformer_blocks {
+            b.attn1.chunk = chunk;
+            b.attn2.chunk = chunk;
+        }
+    }
+
+    /// `[b, c, h, w]` with text states `[b, m, context_dim]` -> `[b, c, h, w]`.
+    pub fn forward<T: Tape<f32, D>>(
+        &self,
+        x: Tensor4<D, T>,
+        context: &Tensor3<D>,
+    ) -> Tensor4<D, T> {
+        let (b, c, h, w) = *x.shape();
+        let hs = self.norm.forward(x.retaped::<T>());
+        // [b, h*w, inner]
+        let mut hs = match &self.proj_in {
+            Projection::Conv(conv) => {
+                let hs = conv.forward(hs);
+                let inner = hs.shape().1;
+                hs.reshape_like(&(b, inner, h * w))
+                    .permute::<_, Axes3<0, 2, 1>>()
+                    .reshape_like(&(b, h * w, inner))
+            }
+            Projection::Linear(lin) => lin.forward(
+                hs.reshape_like(&(b, c, h * w))
+                    .permute::<_, Axes3<0, 2, 1>>()
+                    .reshape_like(&(b, h * w, c)),
+            ),
+        };
+        for block in &self.transformer_blocks {
+            hs = block.forward(hs, context);
+        }
+        let inner = hs.shape().2;
+        let out = match &self.proj_out {
+            Projection::Conv(conv) => conv.forward(
+                hs.permute::<_, Axes3<0, 2, 1>>()
+                    .reshape_like(&(b, inner, h, w)),
+            ),
+            Projection::Linear(lin) => lin
+                .forward(hs)
+                .permute::<_, Axes3<0, 2, 1>>()
+                .reshape_like(&(b, c, h, w)),
+        };
+        out + x
+    }
+}

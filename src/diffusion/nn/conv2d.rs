@@ -1,0 +1,518 @@
+//! 2-D convolution on dfdx's stable ops (its own `conv2d` needs nightly).
+//!
+//! Implementation: im2col. The `kh·kw` shifted (strided, zero-padded) windows of the input are
+//! gathered into `[b, c·kh·kw, ho·wo]`, and one batched matmul with the weight viewed as
+//! `[c_out, c·kh·kw]` gives the output. On the CPU the gather is plain host loops with a custom
+//! backward (col2im); on other devices it is one dfdx `gather` op (its backward accumulates). Every step is a differentiable dfdx op, so gradients flow
+//! to the input through the tape. This file is the only place convolution is implemented: a
+//! faster kernel can replace [`conv2d`] without touching the models.
+
+use dfdx::prelude::*;
+
+use super::ops::concat_many;
+use super::{Tensor1, Tensor3, Tensor4};
+use crate::diffusion::error::Result;
+use crate::diffusion::weights::Loader;
+
+/// Zero padding of a convolution: rows added on top/bottom, columns on left/right.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Padding2d {
+    /// Rows of zeros above.
+    pub top: usize,
+    /// Rows of zeros below.
+    pub bottom: usize,
+    /// Columns of zeros on the left.
+    pub left: usize,
+    /// Columns of zeros on the right.
+    pub right: usize,
+}
+
+impl Padding2d {
+    /// The same padding `p` on all four sides (PyTorch's `padding=p`).
+    pub fn same(p: usize) -> Self {
+        Self {
+            top: p,
+            bottom: p,
+            left: p,
+            right: p,
+        }
+    }
+}
+
+/// A 2-D convolution layer with PyTorch's weight layout `[c_out, c_in, kh, kw]`.
+#[derive(Debug, Clone)]
+pub struct Conv2d<D: Storage<f32>> {
+    /// `[c_out, c_in, kh, kw]`
+    pub weight: Tensor4<D>,
+    /// `[c_out]`
+    pub bias: Option<Tensor1<D>>,
+    /// Stride along both axes.
+    pub stride: usize,
+    /// Zero padding.
+    pub padding: Padding2d,
+}
+
+impl<D: Device<f32>> Conv2d<D> {
+    /// Loads a square-kernel convolution with bias under the loader's prefix.
+    pub fn load(
+        l: &Loader<D>,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: Padding2d,
+    ) -> Result<Self> {
+        Ok(Self {
+            weight: l.tensor4("weight", (c_out, c_in, kernel, kernel))?,
+            bias: Some(l.tensor1("bias", c_out)?),
+            stride,
+            padding,
+        })
+    }
+
+    /// Output channels.
+    pub fn out_channels(&self) -> usize {
+        self.weight.shape().0
+    }
+
+    /// `[b, c_in, h, w] -> [b, c_out, ho, wo]`
+    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
+        conv2d(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            self.stride,
+            self.padding,
+        )
+    }
+}
+
+/// Convolution of `x: [b, c, h, w]` with `weight: [c_out, c, kh, kw]` (+ `bias: [c_out]`),
+/// stride `stride` on both axes, zero padding `padding`: PyTorch's `F.conv2d` semantics.
+///
+/// Panics if the input's channels differ from the weight's (the models check their inputs).
+///
+/// On the CPU the im2col is host loops with a custom backward; on other devices it is one
+/// dfdx `gather` (same numbers, slower on the CPU).
+pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
+    x: Tensor4<D, T>,
+    weight: &Tensor4<D>,
+    bias: Option<&Tensor1<D>>,
+    stride: usize,
+    padding: Padding2d,
+) -> Tensor4<D, T> {
+    let host = std::any::TypeId::of::<D>() == std::any::TypeId::of::<Cpu>();
+    conv2d_with(x, weight, bias, stride, padding, host, MAX_COLS_ELEMENTS)
+}
+
+/// Largest im2col matrix built at once (elements, 128 MiB of f32): bigger outputs are computed
+/// in bands of rows, so a 512x512 VAE level does not need a multi-GB column matrix.
+const MAX_COLS_ELEMENTS: usize = 1 << 25;
+
+fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
+    x: Tensor4<D, T>,
+    weight: &Tensor4<D>,
+    bias: Option<&Tensor1<D>>,
+    stride: usize,
+    padding: Padding2d,
+    host_im2col: bool,
+    max_cols: usize,
+) -> Tensor4<D, T> {
+    let (c_out, c_in, kh, kw) = *weight.shape();
+    let (b, c, _, _) = *x.shape();
+    assert_eq!(
+        c, c_in,
+        "conv2d: input has {c} channels, weight expects {c_in}"
+    );
+    assert!(stride > 0, "conv2d: stride 0");
+    let (_, _, h, w) = *x.shape();
+    let hp = h + padding.top + padding.bottom;
+    let wp = w + padding.left + padding.right;
+    assert!(
+        hp >= kh && wp >= kw,
+        "conv2d: input smaller than the kernel"
+    );
+    let ho = (hp - kh) / stride + 1;
+    let wo = (wp - kw) / stride + 1;
+    let k = c_in * kh * kw;
+
+    if kh == 1 && kw == 1 && stride == 1 && padding == Padding2d::default() {
+        // the input is its own column matrix: [b, c, h*w]
+        let y = weight_matmul(x.reshape_like(&(b, c, h * w)), weight);
+        return add_bias(y.reshape_like(&(b, c_out, ho, wo)), bias);
+    }
+    // output rows per band, so that the column matrix stays under `max_cols` elements
+    let band = (max_cols / (b * k * wo).max(1)).clamp(1, ho);
+    let (x, tape) = x.contiguous().split_tape();
+    let mut tape = Some(tape);
+    let mut bands = Vec::with_capacity(ho.div_ceil(band));
+    let mut oy0 = 0;
+    while oy0 < ho {
+        let rows = band.min(ho - oy0);
+        let xi = x.clone().put_tape(tape.take().unwrap_or_default());
+        let g = Geometry {
+            b,
+            c,
+            h,
+            w,
+            kh,
+            kw,
+            s: stride,
+            top: padding.top,
+            left: padding.left,
+            oy0,
+            ho: rows,
+            wo,
+        };
+        // [b, c*kh*kw, rows*wo]
+        let cols = if host_im2col {
+            im2col_host(xi, g)
+        } else {
+            im2col(xi, g)
+        };
+        bands.push(weight_matmul(cols, weight).reshape_like(&(b, c_out, rows, wo)));
+        oy0 += rows;
+    }
+    let y = if bands.len() == 1 {
+        bands.pop().expect("one band")
+    } else {
+        concat_many::<2, D, T>(bands)
+    };
+    add_bias(y, bias)
+}
+
+/// `[c_out, c, kh, kw]` (viewed `[c_out, k]`) times columns `[b, k, n]` -> `[b, c_out, n]`.
+fn weight_matmul<D: Device<f32>, T: Tape<f32, D>>(
+    cols: Tensor3<D, T>,
+    weight: &Tensor4<D>,
+) -> Tensor3<D, T> {
+    let (b, k, _) = *cols.shape();
+    let c_out = weight.shape().0;
+    // [c_out, k] viewed for every batch item: [b, c_out, k] (stride 0 on b, no copy)
+    let w = weight
+        .clone()
+        .reshape_like(&(c_out, k))
+        .broadcast_like::<_, Axis<0>>(&(b, c_out, k));
+    // the tape moves to the left operand, dfdx's binary ops merge right tapes into left ones
+    let (cols, tape) = cols.split_tape();
+    w.put_tape(tape).matmul(cols)
+}
+
+fn add_bias<D: Device<f32>, T: Tape<f32, D>>(
+    y: Tensor4<D, T>,
+    bias: Option<&Tensor1<D>>,
+) -> Tensor4<D, T> {
+    let shape = *y.shape();
+    match bias {
+        Some(bias) => y + bias.clone().broadcast_like::<_, Axes3<0, 2, 3>>(&shape),
+        None => y,
+    }
+}
+
+/// Geometry of an im2col: input `[b, c, h, w]`, kernel `kh x kw`, stride `s`, padding
+/// `top`/`left` (bottom/right follow from the output width `wo`), output rows
+/// `oy0 .. oy0 + ho` (a band of the full output).
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    kh: usize,
+    kw: usize,
+    s: usize,
+    top: usize,
+    left: usize,
+    oy0: usize,
+    ho: usize,
+    wo: usize,
+}
+
+impl Geometry {
+    /// Calls `f(col_index, x_index)` for every column entry that reads an input pixel
+    /// (entries in the padding are skipped), in the order of the column matrix.
+    #[inline(always)]
+    fn for_each(&self, mut f: impl FnMut(usize, usize)) {
+        let (k, n) = (self.kh * self.kw, self.ho * self.wo);
+        for plane in 0..self.b * self.c {
+            let x_plane = plane * self.h * self.w;
+            for ky in 0..self.kh {
+                for kx in 0..self.kw {
+                    let row = (plane * k + ky * self.kw + kx) * n;
+                    // output columns whose input column lies inside the image
+                    let ox_lo = self.left.saturating_sub(kx).div_ceil(self.s);
+                    let ox_hi = ((self.w + self.left).saturating_sub(kx)).div_ceil(self.s);
+                    let ox_hi = ox_hi.min(self.wo);
+                    for oy in 0..self.ho {
+                        let iy = (self.oy0 + oy) * self.s + ky;
+                        if iy < self.top || iy - self.top >= self.h {
+                            continue;
+                        }
+                        let x_row = x_plane + (iy - self.top) * self.w;
+                        let out_row = row + oy * self.wo;
+                        for ox in ox_lo..ox_hi {
+                            f(out_row + ox, x_row + ox * self.s + kx - self.left);
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// im2col computed on the host for the CPU device (plain loops instead of dfdx's per-element
+/// indexed gather), with a custom backward op that scatters the column gradient back
+/// (col2im). Same output as [`im2col`].
+fn im2col_host<D: Device<f32>, T: Tape<f32, D>>(x: Tensor4<D, T>, g: Geometry) -> Tensor3<D, T> {
+    // the gradient buffer is indexed like the data: work on a contiguous input (a no-op when
+    // it already is)
+    let x = x.contiguous();
+    let (x, mut tape) = x.split_tape();
+    let xv = x.as_vec();
+    let dev = x.device().clone();
+    let (k, n) = (g.kh * g.kw, g.ho * g.wo);
+    let mut cols = vec![0f32; g.b * g.c * k * n];
+    g.for_each(|o, i| cols[o] = xv[i]);
+    let cols = dev.tensor_from_vec(cols, (g.b, g.c * k, n));
+    if T::OWNS_TAPE {
+        let cols_ghost = cols.clone();
+        tape.add_backward_op(move |grads| {
+            grads.try_alloc_for(&cols_ghost)?;
+            let gc = grads.get(&cols_ghost).as_vec();
+            let mut gx = vec![0f32; g.b * g.c * g.h * g.w];
+            g.for_each(|o, i| gx[i] += gc[o]);
+            let dst: &mut dyn std::any::Any = grads.get_or_alloc_mut(&x)?;
+            let dst = dst
+                .downcast_mut::<<Cpu as Storage<f32>>::Vec>()
+                .expect("the host im2col only runs on the Cpu device");
+            for (d, v) in dst.iter_mut().zip(&gx) {
+                *d += v;
+            }
+            Ok(())
+        });
+    }
+    cols.put_tape(tape)
+}
+
+/// `[b, c, h, w]` -> `[b, c*kh*kw, ho*wo]`: row `ci*kh*kw + ky*kw + kx`, column `oy*wo + ox`
+/// holds input pixel `(oy*s + ky - top, ox*s + kx - left)` of channel `ci`, or 0 in the padding.
+///
+/// Done as one gather over the pixel axis (the padding is an extra all-zero row), because
+/// dfdx 0.13's `slice` backward assigns instead of accumulating, which breaks the gradient of
+/// overlapping windows; `gather`'s backward accumulates.
+fn im2col<D: Device<f32>, T: Tape<f32, D>>(x: Tensor4<D, T>, g: Geometry) -> Tensor3<D, T> {
+    let (b, c, h, w) = (g.b, g.c, g.h, g.w);
+    let dev = x.device().clone();
+    let bc = b * c;
+    let zero_row = h * w;
+    // [h*w, b*c]: one row per pixel position
+    let rows = x
+        .reshape_like(&(bc, h * w))
+        .permute::<_, Axes2<1, 0>>()
+        .reshape_like(&(h * w, bc));
+    // [h*w + 1, b*c]: the last row is the zero padding
+    let rows = (rows, dev.zeros_like(&(1, bc))).concat_along(Axis::<0>);
+    let (k, n) = (g.kh * g.kw, g.ho * g.wo);
+    let mut index = Vec::with_capacity(k * n);
+    for ky in 0..g.kh {
+        for kx in 0..g.kw {
+            for oy in 0..g.ho {
+                let iy = ((g.oy0 + oy) * g.s + ky) as isize - g.top as isize;
+                for ox in 0..g.wo {
+                    let ix = (ox * g.s + kx) as isize - g.left as isize;
+                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                        index.push(zero_row);
+                    } else {
+                        index.push(iy as usize * w + ix as usize);
+                    }
+                }
+            }
+        }
+    }
+    let index = dev.tensor_from_vec(index, (k * n,));
+    // [k*n, b*c]
+    let cols: Tensor<(usize, usize), f32, D, T> = rows.gather(index);
+    cols.reshape_like(&(k, n, b, c))
+        // [b, c, k, n]
+        .permute::<_, Axes4<2, 3, 0, 1>>()
+        .reshape_like(&(b, c * k, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct (loop) convolution, the reference.
+    #[allow(clippy::too_many_arguments)]
+    fn conv_ref(
+        x: &[f32],
+        (b, c, h, w): (usize, usize, usize, usize),
+        wt: &[f32],
+        (co, kh, kw): (usize, usize, usize),
+        bias: &[f32],
+        s: usize,
+        p: Padding2d,
+    ) -> (Vec<f32>, (usize, usize, usize, usize)) {
+        let hp = h + p.top + p.bottom;
+        let wp = w + p.left + p.right;
+        let ho = (hp - kh) / s + 1;
+        let wo = (wp - kw) / s + 1;
+        let mut out = vec![0f32; b * co * ho * wo];
+        for bi in 0..b {
+            for o in 0..co {
+                for oy in 0..ho {
+                    for ox in 0..wo {
+                        let mut acc = bias[o] as f64;
+                        for ci in 0..c {
+                            for ky in 0..kh {
+                                for kx in 0..kw {
+                                    let iy = (oy * s + ky) as isize - p.top as isize;
+                                    let ix = (ox * s + kx) as isize - p.left as isize;
+                                    if iy < 0 || ix < 0 || iy >= h as isize || ix >= w as isize {
+                                        continue;
+                                    }
+                                    let xv = x[((bi * c + ci) * h + iy as usize) * w + ix as usize];
+                                    let wv = wt[((o * c + ci) * kh + ky) * kw + kx];
+                                    acc += (xv * wv) as f64;
+                                }
+                            }
+                        }
+                        out[((bi * co + o) * ho + oy) * wo + ox] = acc as f32;
+                    }
+                }
+            }
+        }
+        (out, (b, co, ho, wo))
+    }
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        // deterministic pseudo-random values in [-1, 1]
+        let mut state = seed.wrapping_mul(2654435761).wrapping_add(12345);
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn check(shape: (usize, usize, usize, usize), co: usize, k: usize, s: usize, p: Padding2d) {
+        let dev = Cpu::default();
+        let (b, c, h, w) = shape;
+        let xv = values(b * c * h * w, 1);
+        let wv = values(co * c * k * k, 2);
+        let bv = values(co, 3);
+        let x = dev.tensor_from_vec(xv.clone(), shape);
+        let wt = dev.tensor_from_vec(wv.clone(), (co, c, k, k));
+        let bias = dev.tensor_from_vec(bv.clone(), (co,));
+        let y = conv2d(x, &wt, Some(&bias), s, p);
+        let (expected, eshape) = conv_ref(&xv, shape, &wv, (co, k, k), &bv, s, p);
+        assert_eq!(*y.shape(), eshape);
+        let got = y.as_vec();
+        let max = got
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            max < 1e-5,
+            "max abs error {max} for {shape:?} k{k} s{s} {p:?}"
+        );
+    }
+
+    #[test]
+    fn conv_matches_direct_convolution() {
+        check((2, 3, 5, 6), 4, 3, 1, Padding2d::same(1));
+        check((1, 3, 6, 6), 5, 3, 2, Padding2d::same(1));
+        check((1, 2, 7, 5), 3, 3, 2, Padding2d::same(1));
+        // VAE downsampler: pad right/bottom by 1, 3x3 stride 2, no padding
+        check(
+            (2, 3, 8, 8),
+            4,
+            3,
+            2,
+            Padding2d {
+                top: 0,
+                bottom: 1,
+                left: 0,
+                right: 1,
+            },
+        );
+        check((2, 6, 4, 5), 3, 1, 1, Padding2d::default());
+        check((1, 2, 6, 6), 3, 1, 2, Padding2d::default());
+    }
+
+    /// Gradient of `sum(conv(x) * r)` w.r.t. `x` against central finite differences.
+    /// Gradient of `sum(conv(x) * r) + sum(x * q)` w.r.t. `x` (the second term checks that
+    /// the conv's gradient adds to other uses of `x`) against central finite differences.
+    fn grad_check(s: usize, p: Padding2d, host: bool, max_cols: usize) {
+        let dev = Cpu::default();
+        let shape = (2, 3, 6, 5);
+        let (co, k) = (4, 3);
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let xv = values(n, 7);
+        let qv = values(n, 11);
+        let wt = dev.tensor_from_vec(values(co * shape.1 * k * k, 8), (co, shape.1, k, k));
+        let bias = dev.tensor_from_vec(values(co, 9), (co,));
+        let f = |xv: Vec<f64>| -> f64 {
+            let x = dev.tensor_from_vec(xv.iter().map(|v| *v as f32).collect(), shape);
+            let y = conv2d_with(x, &wt, Some(&bias), s, p, host, max_cols);
+            let r = values(y.shape().num_elements(), 10);
+            let conv: f64 = y
+                .as_vec()
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum();
+            conv + xv.iter().zip(&qv).map(|(a, b)| a * *b as f64).sum::<f64>()
+        };
+        let x = dev.tensor_from_vec(xv.clone(), shape);
+        let q = dev.tensor_from_vec(qv.clone(), shape);
+        let xt = x.leaky_trace();
+        let other = (xt.retaped::<OwnedTape<f32, Cpu>>() * q).sum();
+        let y = conv2d_with(xt, &wt, Some(&bias), s, p, host, max_cols);
+        let r = dev.tensor_from_vec(values(y.shape().num_elements(), 10), *y.shape());
+        let grads = ((y * r).sum() + other).backward();
+        let g = grads.get(&x).as_vec();
+        let eps = 1e-2;
+        for i in 0..n {
+            let mut plus: Vec<f64> = xv.iter().map(|v| *v as f64).collect();
+            let mut minus = plus.clone();
+            plus[i] += eps;
+            minus[i] -= eps;
+            let fd = (f(plus) - f(minus)) / (2.0 * eps);
+            assert!(
+                (fd - g[i] as f64).abs() < 2e-3,
+                "grad {i}: tape {} vs finite difference {fd} (stride {s}, host {host})",
+                g[i]
+            );
+        }
+    }
+
+    #[test]
+    fn conv_gradient_matches_finite_differences() {
+        // max_cols 100: bands of one or two output rows
+        for (host, max_cols) in [
+            (true, usize::MAX),
+            (false, usize::MAX),
+            (true, 100),
+            (false, 100),
+        ] {
+            grad_check(1, Padding2d::same(1), host, max_cols);
+            grad_check(2, Padding2d::same(1), host, max_cols);
+            grad_check(
+                2,
+                Padding2d {
+                    top: 0,
+                    bottom: 1,
+                    left: 0,
+                    right: 1,
+                },
+                host,
+                max_cols,
+            );
+        }
+    }
+}

@@ -1,0 +1,59 @@
+//! Fully connected layer.
+
+use dfdx::prelude::*;
+
+use super::{Tensor1, Tensor2, Tensor3};
+use crate::diffusion::error::Result;
+use crate::diffusion::weights::Loader;
+
+/// `y = x Wᵀ + b` with `W: [out, in]` (PyTorch layout) and an optional bias `[out]`.
+#[derive(Debug, Clone)]
+pub struct Linear<D: Storage<f32>> {
+    /// `[out, in]`
+    pub weight: Tensor2<D>,
+    /// `[out]`
+    pub bias: Option<Tensor1<D>>,
+}
+
+impl<D: Device<f32>> Linear<D> {
+    /// Loads `weight` (and `bias` when `bias` is true) under the loader's prefix.
+    pub fn load(l: &Loader<D>, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+        Ok(Self {
+            weight: l.tensor2("weight", (out_dim, in_dim))?,
+            bias: if bias {
+                Some(l.tensor1("bias", out_dim)?)
+            } else {
+                None
+            },
+        })
+    }
+
+    /// Input width.
+    pub fn in_features(&self) -> usize {
+        self.weight.shape().1
+    }
+
+    /// Output width.
+    pub fn out_features(&self) -> usize {
+        self.weight.shape().0
+    }
+
+    /// `[m, in] -> [m, out]`
+    pub fn forward2<T: Tape<f32, D>>(&self, x: Tensor2<D, T>) -> Tensor2<D, T> {
+        let m = x.shape().0;
+        let out = self.out_features();
+        // [m, in] x [in, out] -> [m, out]
+        let y = x.matmul(self.weight.clone().permute::<_, Axes2<1, 0>>());
+        match &self.bias {
+            Some(b) => y + b.clone().broadcast_like::<_, Axis<0>>(&(m, out)),
+            None => y,
+        }
+    }
+
+    /// `[b, n, in] -> [b, n, out]`
+    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor3<D, T>) -> Tensor3<D, T> {
+        let (b, n, i) = *x.shape();
+        let y = self.forward2(x.reshape_like(&(b * n, i)));
+        y.reshape_like(&(b, n, self.out_features()))
+    }
+}

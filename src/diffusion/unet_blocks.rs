@@ -1,0 +1,306 @@
+//! The UNet's down, mid and up blocks (diffusers `CrossAttnDownBlock2D`/`DownBlock2D`,
+//! `UNetMidBlock2DCrossAttn`, `CrossAttnUpBlock2D`/`UpBlock2D`) and their down/upsamplers.
+
+use dfdx::prelude::*;
+
+use super::attention::{Transformer2D, Transformer2DConfig};
+use super::error::Result;
+use super::nn::{Conv2d, Padding2d, Tensor2, Tensor3, Tensor4, upsample_nearest2x};
+use super::resnet::{ResnetBlock2D, ResnetConfig};
+use super::weights::Loader;
+
+/// 3x3 stride-2 conv with padding 1 (`downsamplers.0.conv`).
+#[derive(Debug, Clone)]
+pub struct Downsample2D<D: Storage<f32>> {
+    /// The strided conv.
+    pub conv: Conv2d<D>,
+}
+
+impl<D: Device<f32>> Downsample2D<D> {
+    /// Loads `conv` of `channels` channels with the given padding (`downsample_padding`, 1).
+    pub fn load(l: &Loader<D>, channels: usize, padding: usize) -> Result<Self> {
+        Ok(Self {
+            conv: Conv2d::load(
+                &l.pp("conv"),
+                channels,
+                channels,
+                3,
+                2,
+                Padding2d::same(padding),
+            )?,
+        })
+    }
+
+    /// `[b, c, h, w] -> [b, c, h/2, w/2]`
+    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
+        self.conv.forward(x)
+    }
+}
+
+/// Nearest x2 upsampling, then a 3x3 conv (`upsamplers.0.conv`).
+#[derive(Debug, Clone)]
+pub struct Upsample2D<D: Storage<f32>> {
+    /// The conv after upsampling.
+    pub conv: Conv2d<D>,
+}
+
+impl<D: Device<f32>> Upsample2D<D> {
+    /// Loads `conv` of `channels` channels.
+    pub fn load(l: &Loader<D>, channels: usize) -> Result<Self> {
+        Ok(Self {
+            conv: Conv2d::load(&l.pp("conv"), channels, channels, 3, 1, Padding2d::same(1))?,
+        })
+    }
+
+    /// `[b, c, h, w] -> [b, c, 2h, 2w]`
+    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
+        self.conv.forward(upsample_nearest2x(x))
+    }
+}
+
+/// Shared settings of the blocks of one UNet.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BlockSettings {
+    /// Time-embedding width.
+    pub temb_channels: usize,
+    /// GroupNorm groups.
+    pub groups: usize,
+    /// ResNet GroupNorm epsilon.
+    pub eps: f64,
+    /// Text-state width.
+    pub context_dim: usize,
+    /// Transformer blocks per attention.
+    pub transformer_layers: usize,
+    /// Linear instead of 1x1-conv projections in attentions.
+    pub use_linear_projection: bool,
+    /// Downsampler padding.
+    pub downsample_padding: usize,
+}
+
+impl BlockSettings {
+    fn resnet(&self, i: usize, o: usize) -> ResnetConfig {
+        ResnetConfig {
+            in_channels: i,
+            out_channels: o,
+            temb_channels: Some(self.temb_channels),
+            groups: self.groups,
+            eps: self.eps,
+        }
+    }
+
+    fn transformer(&self, channels: usize, heads: usize) -> Transformer2DConfig {
+        Transformer2DConfig {
+            in_channels: channels,
+            heads,
+            head_dim: channels / heads.max(1),
+            context_dim: self.context_dim,
+            layers: self.transformer_layers,
+            groups: self.groups,
+            use_linear_projection: self.use_linear_projection,
+        }
+    }
+}
+
+/// A down block: `layers` ResNets (each followed by a transformer when `heads` is set), then
+/// an optional downsampler. Returns its output and the skip states it produced.
+#[derive(Debug, Clone)]
+pub struct DownBlock<D: Storage<f32>> {
+    /// ResNets.
+    pub resnets: Vec<ResnetBlock2D<D>>,
+    /// Transformers (empty for `DownBlock2D`).
+    pub attentions: Vec<Transformer2D<D>>,
+    /// Downsampler (absent on the last level).
+    pub downsampler: Option<Downsample2D<D>>,
+}
+
+impl<D: Device<f32>> DownBlock<D> {
+    /// Loads `down_blocks.i`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        l: &Loader<D>,
+        s: &BlockSettings,
+        in_channels: usize,
+        out_channels: usize,
+        layers: usize,
+        heads: Option<usize>,
+        add_downsample: bool,
+    ) -> Result<Self> {
+        let mut resnets = Vec::with_capacity(layers);
+        let mut attentions = Vec::new();
+        for j in 0..layers {
+            let i = if j == 0 { in_channels } else { out_channels };
+            resnets.push(ResnetBlock2D::load(
+                &l.pp("resnets").pp(j),
+                &s.resnet(i, out_channels),
+            )?);
+            if let Some(h) = heads {
+                attentions.push(Transformer2D::load(
+                    &l.pp("attentions").pp(j),
+                    &s.transformer(out_channels, h),
+                )?);
+            }
+        }
+        let downsampler = if add_downsample {
+            Some(Downsample2D::load(
+                &l.pp("downsamplers").pp(0),
+                out_channels,
+                s.downsample_padding,
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            downsampler,
+        })
+    }
+
+    /// Runs the block; pushes one skip state per ResNet and one for the downsampler.
+    pub fn forward<T: Tape<f32, D>>(
+        &self,
+        mut x: Tensor4<D, T>,
+        temb: &Tensor2<D>,
+        context: &Tensor3<D>,
+        skips: &mut Vec<Tensor4<D, T>>,
+    ) -> Tensor4<D, T> {
+        for (j, resnet) in self.resnets.iter().enumerate() {
+            x = resnet.forward(x, Some(temb));
+            if let Some(attn) = self.attentions.get(j) {
+                x = attn.forward(x, context);
+            }
+            skips.push(x.retaped::<T>());
+        }
+        if let Some(down) = &self.downsampler {
+            x = down.forward(x);
+            skips.push(x.retaped::<T>());
+        }
+        x
+    }
+}
+
+/// `UNetMidBlock2DCrossAttn`: ResNet, transformer, ResNet.
+#[derive(Debug, Clone)]
+pub struct MidBlock<D: Storage<f32>> {
+    /// First ResNet.
+    pub resnet0: ResnetBlock2D<D>,
+    /// Transformer.
+    pub attention: Transformer2D<D>,
+    /// Second ResNet.
+    pub resnet1: ResnetBlock2D<D>,
+}
+
+impl<D: Device<f32>> MidBlock<D> {
+    /// Loads `mid_block`.
+    pub fn load(l: &Loader<D>, s: &BlockSettings, channels: usize, heads: usize) -> Result<Self> {
+        Ok(Self {
+            resnet0: ResnetBlock2D::load(&l.pp("resnets").pp(0), &s.resnet(channels, channels))?,
+            attention: Transformer2D::load(
+                &l.pp("attentions").pp(0),
+                &s.transformer(channels, heads),
+            )?,
+            resnet1: ResnetBlock2D::load(&l.pp("resnets").pp(1), &s.resnet(channels, channels))?,
+        })
+    }
+
+    /// `[b, c, h, w] -> [b, c, h, w]`
+    pub fn forward<T: Tape<f32, D>>(
+        &self,
+        x: Tensor4<D, T>,
+        temb: &Tensor2<D>,
+        context: &Tensor3<D>,
+    ) -> Tensor4<D, T> {
+        let x = self.resnet0.forward(x, Some(temb));
+        let x = self.attention.forward(x, context);
+        self.resnet1.forward(x, Some(temb))
+    }
+}
+
+/// An up block: `layers + 1` ResNets, each on the concatenation of the running state and a
+/// skip state (each followed by a transformer when `heads` is set), then an optional upsampler.
+#[derive(Debug, Clone)]
+pub struct UpBlock<D: Storage<f32>> {
+    /// ResNets.
+    pub resnets: Vec<ResnetBlock2D<D>>,
+    /// Transformers (empty for `UpBlock2D`).
+    pub attentions: Vec<Transformer2D<D>>,
+    /// Upsampler (absent on the last level).
+    pub upsampler: Option<Upsample2D<D>>,
+}
+
+impl<D: Device<f32>> UpBlock<D> {
+    /// Loads `up_blocks.i` (diffusers' channel rule: ResNet `j` takes `prev_output_channels`
+    /// (first) or `out_channels`, plus the skip: `in_channels` for the last, else
+    /// `out_channels`).
+    #[allow(clippy::too_many_arguments)]
+    pub fn load(
+        l: &Loader<D>,
+        s: &BlockSettings,
+        in_channels: usize,
+        prev_output_channels: usize,
+        out_channels: usize,
+        layers: usize,
+        heads: Option<usize>,
+        add_upsample: bool,
+    ) -> Result<Self> {
+        let mut resnets = Vec::with_capacity(layers + 1);
+        let mut attentions = Vec::new();
+        for j in 0..=layers {
+            let skip = if j == layers {
+                in_channels
+            } else {
+                out_channels
+            };
+            let input = if j == 0 {
+                prev_output_channels
+            } else {
+                out_channels
+            };
+            resnets.push(ResnetBlock2D::load(
+                &l.pp("resnets").pp(j),
+                &s.resnet(input + skip, out_channels),
+            )?);
+            if let Some(h) = heads {
+                attentions.push(Transformer2D::load(
+                    &l.pp("attentions").pp(j),
+                    &s.transformer(out_channels, h),
+                )?);
+            }
+        }
+        let upsampler = if add_upsample {
+            Some(Upsample2D::load(&l.pp("upsamplers").pp(0), out_channels)?)
+        } else {
+            None
+        };
+        Ok(Self {
+            resnets,
+            attentions,
+            upsampler,
+        })
+    }
+
+    /// Runs the block, popping one skip state per ResNet.
+    pub fn forward<T: Tape<f32, D>>(
+        &self,
+        mut x: Tensor4<D, T>,
+        temb: &Tensor2<D>,
+        context: &Tensor3<D>,
+        skips: &mut Vec<Tensor4<D, T>>,
+    ) -> Tensor4<D, T> {
+        for (j, resnet) in self.resnets.iter().enumerate() {
+            let skip = skips
+                .pop()
+                .expect("the UNet pushes one skip state per up ResNet");
+            // [b, c + c_skip, h, w]
+            x = (x, skip).concat_along(Axis::<1>);
+            x = resnet.forward(x, Some(temb));
+            if let Some(attn) = self.attentions.get(j) {
+                x = attn.forward(x, context);
+            }
+        }
+        if let Some(up) = &self.upsampler {
+            x = up.forward(x);
+        }
+        x
+    }
+}
