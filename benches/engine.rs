@@ -52,12 +52,17 @@ fn main() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    copy_dir(&root.join("datasets/toy-shapes"), &dir.join("datasets/toy-shapes"));
+    copy_dir(
+        &root.join("datasets/toy-shapes"),
+        &dir.join("datasets/toy-shapes"),
+    );
     copy_dir(&root.join("pipelines"), &dir.join("pipelines"));
 
     // 1. Fully cached quickstart rerun.
     sdpipe(dir, &["run", "pipelines/quickstart.toml"]);
-    let times = (0..15).map(|_| sdpipe(dir, &["run", "pipelines/quickstart.toml"])).collect();
+    let times = (0..15)
+        .map(|_| sdpipe(dir, &["run", "pipelines/quickstart.toml"]))
+        .collect();
     report("quickstart, fully cached rerun", 0.5, times);
 
     // 2. A generated 200-stage pipeline: 100 caption stages, each feeding a preprocess stage.

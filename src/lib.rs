@@ -7,6 +7,7 @@
 
 pub mod cache;
 pub mod cli;
+pub mod device;
 pub mod diffusion;
 pub mod engine;
 pub mod image;

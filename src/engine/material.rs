@@ -18,7 +18,7 @@ pub fn stage_material(
         kind: instance.params.kind().to_string(),
         version: instance.params.version(),
         params: instance.params.key_params(&pipeline.settings),
-        inputs: instance.params.inputs(hasher)?,
+        inputs: instance.params.inputs(&pipeline.settings, hasher)?,
         upstream,
     })
 }

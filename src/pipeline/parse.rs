@@ -91,10 +91,14 @@ impl<'a> Parser<'a> {
             .parent()
             .map(Path::to_path_buf)
             .unwrap_or_default();
-        let settings = match doc.remove("pipeline") {
-            Some(value) => self.settings(value)?,
-            None => self.settings(Spanned::new(0..0, DeValue::Table(DeTable::new())))?,
+        let settings_value = doc
+            .remove("pipeline")
+            .unwrap_or_else(|| Spanned::new(0..0, DeValue::Table(DeTable::new())));
+        let settings_table = match settings_value.get_ref() {
+            DeValue::Table(t) => Spanned::new(settings_value.span(), t.clone()),
+            _ => Spanned::new(settings_value.span(), DeTable::new()),
         };
+        let settings = self.settings(settings_value)?;
 
         let stage_tables = match doc.remove("stage") {
             Some(v) => v,
@@ -148,10 +152,12 @@ impl<'a> Parser<'a> {
         let stages = order_stages(self, &raw, instances)?;
 
         let path = std::path::absolute(self.path).unwrap_or_else(|_| self.path.to_path_buf());
+        let settings = self.finish_settings(settings, &pipeline_dir);
+        self.check_settings(&settings, &settings_table, &stages)?;
         Ok(Pipeline {
             dir: path.parent().map(Path::to_path_buf).unwrap_or_default(),
             path,
-            settings: self.finish_settings(settings, &pipeline_dir),
+            settings,
             stages,
         })
     }
@@ -181,7 +187,68 @@ impl<'a> Parser<'a> {
                 .unwrap_or_else(|| "pipeline".into());
         }
         s.base_model = s.base_model.map(|p| resolve(dir, &p));
+        s.model_config = s.model_config.map(|p| resolve(dir, &p));
         s
+    }
+
+    /// Settings checks that need the stages: a model stage needs an existing `base_model`, and
+    /// half precision needs a GPU.
+    fn check_settings(
+        &self,
+        s: &PipelineSettings,
+        table: &Spanned<DeTable<'_>>,
+        stages: &[StageInstance],
+    ) -> Result<(), Box<PipelineError>> {
+        let model_stage = stages.iter().find(|st| st.params.uses_model());
+        if let Some(stage) = model_stage {
+            match &s.base_model {
+                None => {
+                    return Err(self.error(
+                        self.field_span(table, "base_model"),
+                        format!("stage `{}` needs a model but [pipeline] has no `base_model`", stage.name),
+                        Some("add base_model = \"path/to/model.safetensors\" (a single file or a diffusers folder) to [pipeline]".into()),
+                    ));
+                }
+                Some(p) if !p.exists() => {
+                    return Err(self.error(
+                        self.field_span(table, "base_model"),
+                        format!("[pipeline] base_model {} does not exist", p.display()),
+                        Some("`base_model` is relative to the pipeline file".into()),
+                    ));
+                }
+                _ => {}
+            }
+        }
+        if let Some(dir) = &s.model_config
+            && !dir.is_dir()
+        {
+            return Err(self.error(
+                self.field_span(table, "model_config"),
+                format!("[pipeline] model_config {} is not a folder", dir.display()),
+                Some("point it at a diffusers folder with unet/, vae/, text_encoder/ config.json files".into()),
+            ));
+        }
+        if s.precision != super::Precision::F32 && !crate::device::cuda_available() {
+            return Err(self.error(
+                self.field_span(table, "precision"),
+                format!(
+                    "precision {:?} needs a CUDA device; this build runs on the CPU in f32 only",
+                    s.precision
+                )
+                .to_lowercase(),
+                Some("use precision = \"f32\", or build with --features cuda".into()),
+            ));
+        }
+        if let super::Device::Cuda(n) = s.device
+            && !crate::device::cuda_available()
+        {
+            return Err(self.error(
+                self.field_span(table, "device"),
+                format!("device \"cuda:{n}\" is not available: this binary was built without CUDA"),
+                Some("use device = \"auto\" or \"cpu\", or build with --features cuda".into()),
+            ));
+        }
+        Ok(())
     }
 
     fn raw_stage<'i>(

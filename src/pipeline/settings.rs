@@ -18,6 +18,11 @@ pub struct PipelineSettings {
     /// Base checkpoint (single-file `.safetensors` or diffusers folder), relative to the file.
     #[serde(default)]
     pub base_model: Option<PathBuf>,
+    /// A diffusers-style folder whose `unet/`, `vae/`, `text_encoder/` `config.json` files
+    /// describe the architecture of a single-file `base_model` (only needed for models whose
+    /// shape cannot be inferred from the tensors, like the tiny test models). Relative to the file.
+    #[serde(default)]
+    pub model_config: Option<PathBuf>,
     /// Where model stages run.
     #[serde(default)]
     pub device: Device,

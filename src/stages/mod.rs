@@ -3,10 +3,13 @@
 
 mod caption;
 mod context;
+mod encode_latents;
+pub mod model;
 mod preprocess;
 
 pub use caption::{CaptionItem, CaptionManifest, CaptionParams};
 pub use context::{Cancelled, StageContext, StageResult};
+pub use encode_latents::{EncodeLatentsParams, LatentItem, LatentsManifest};
 pub use preprocess::{PreprocessItem, PreprocessManifest, PreprocessParams};
 
 use std::collections::BTreeMap;
@@ -20,7 +23,7 @@ use crate::cache::FileHasher;
 use crate::pipeline::PipelineSettings;
 
 /// The stage kinds this version knows, as written in `kind = "..."`.
-pub const KINDS: &[&str] = &["caption", "preprocess"];
+pub const KINDS: &[&str] = &["caption", "preprocess", "encode_latents"];
 
 /// A parameter problem found after parsing, reported at the key `field` (dotted).
 #[derive(Debug, Clone)]
@@ -51,6 +54,8 @@ pub enum StageParams {
     Caption(CaptionParams),
     /// `kind = "preprocess"`.
     Preprocess(PreprocessParams),
+    /// `kind = "encode_latents"`.
+    EncodeLatents(EncodeLatentsParams),
 }
 
 impl StageParams {
@@ -61,6 +66,7 @@ impl StageParams {
         Ok(match kind {
             "caption" => StageParams::Caption(Deserialize::deserialize(de)?),
             "preprocess" => StageParams::Preprocess(Deserialize::deserialize(de)?),
+            "encode_latents" => StageParams::EncodeLatents(Deserialize::deserialize(de)?),
             other => {
                 return Err(serde::de::Error::custom(format!(
                     "unknown stage kind `{other}`"
@@ -74,6 +80,7 @@ impl StageParams {
         match self {
             StageParams::Caption(_) => "caption",
             StageParams::Preprocess(_) => "preprocess",
+            StageParams::EncodeLatents(_) => "encode_latents",
         }
     }
 
@@ -82,6 +89,7 @@ impl StageParams {
         match self {
             StageParams::Caption(_) => caption::VERSION,
             StageParams::Preprocess(_) => preprocess::VERSION,
+            StageParams::EncodeLatents(_) => encode_latents::VERSION,
         }
     }
 
@@ -89,6 +97,7 @@ impl StageParams {
     pub fn required_upstream(kind: &str) -> &'static [&'static str] {
         match kind {
             "preprocess" => &["caption"],
+            "encode_latents" => &["preprocess"],
             _ => &[],
         }
     }
@@ -98,6 +107,7 @@ impl StageParams {
         match self {
             StageParams::Caption(p) => p.validate(),
             StageParams::Preprocess(p) => p.validate(),
+            StageParams::EncodeLatents(p) => p.validate(),
         }
     }
 
@@ -109,6 +119,7 @@ impl StageParams {
                 p.normalize();
                 Ok(())
             }
+            StageParams::EncodeLatents(_) => Ok(()),
         }
     }
 
@@ -118,22 +129,35 @@ impl StageParams {
         match self {
             StageParams::Caption(p) => p.key_params(),
             StageParams::Preprocess(p) => p.key_params(settings),
+            StageParams::EncodeLatents(p) => p.key_params(settings),
         }
     }
 
     /// External files the stage reads: relative name → blake3.
-    pub fn inputs(&self, hasher: &FileHasher) -> anyhow::Result<BTreeMap<String, String>> {
+    pub fn inputs(
+        &self,
+        settings: &PipelineSettings,
+        hasher: &FileHasher,
+    ) -> anyhow::Result<BTreeMap<String, String>> {
         match self {
             StageParams::Caption(p) => p.inputs(hasher),
             StageParams::Preprocess(_) => Ok(BTreeMap::new()),
+            StageParams::EncodeLatents(_) => {
+                model::model_inputs(settings, hasher, EncodeLatentsParams::components())
+            }
         }
+    }
+
+    /// Whether the stage reads `[pipeline] base_model`.
+    pub fn uses_model(&self) -> bool {
+        matches!(self, StageParams::EncodeLatents(_))
     }
 
     /// Files and folders `watch` should observe.
     pub fn watch_paths(&self) -> Vec<PathBuf> {
         match self {
             StageParams::Caption(p) => vec![p.images.clone()],
-            StageParams::Preprocess(_) => Vec::new(),
+            StageParams::Preprocess(_) | StageParams::EncodeLatents(_) => Vec::new(),
         }
     }
 
@@ -142,6 +166,7 @@ impl StageParams {
         match self {
             StageParams::Caption(p) => p.run(ctx),
             StageParams::Preprocess(p) => p.run(ctx),
+            StageParams::EncodeLatents(p) => p.run(ctx),
         }
     }
 }
