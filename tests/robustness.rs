@@ -223,3 +223,34 @@ fn two_concurrent_runs_compute_each_stage_once() {
     );
     assert_eq!(p.sdpipe(&["cache", "verify"]).code, 0);
 }
+
+#[test]
+fn ctrl_c_stops_cleanly_with_exit_130() {
+    let p = Project::new(BASIC);
+    let child = p.spawn(
+        &["run", "p.toml"],
+        &[
+            ("SDPIPE_TEST_ITEM_DELAY_MS", "300"),
+            ("RAYON_NUM_THREADS", "1"),
+        ],
+    );
+    let items = p.path(".sdpipe/cache-v1/records/items");
+    wait_for("the first preprocessed item", || count_files(&items) >= 1);
+    let status = std::process::Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(p.outcome("preprocess"), "cancelled");
+    assert_eq!(p.sdpipe(&["cache", "verify"]).code, 0);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0);
+    assert!(p.stats("preprocess")["images_reused"].as_u64().unwrap() >= 1);
+}
