@@ -315,3 +315,50 @@ fn gc_keeps_what_the_last_run_uses() {
     let v: serde_json::Value = serde_json::from_str(&size.stdout).unwrap();
     assert!(v["blobs"].as_u64().unwrap() > 0);
 }
+
+#[test]
+fn exif_orientation_buckets_and_flips_are_applied_and_reported() {
+    let text = BASIC.replacen(
+        "resolution = 32",
+        "resolution = 64\nmode = \"bucket\"\nbucket = { min = 32, max = 128, step = 16 }\nflip = true\ncrop = \"random\"",
+        1,
+    );
+    let p = Project::new(&text);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(p.path("outputs/t/preprocess/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let items = manifest["items"].as_array().unwrap();
+    assert_eq!(items.len(), 12, "six images and their flipped copies");
+    let rotated = items.iter().find(|i| i["name"] == "zorb-05.jpg").unwrap();
+    // Stored as 108x192 with EXIF orientation 6: decoded as the 192x108 landscape it shows.
+    assert_eq!(rotated["original"], serde_json::json!([192, 108]));
+    assert_eq!(
+        rotated["size"],
+        serde_json::json!([80, 48]),
+        "a wide bucket"
+    );
+    let flipped = items
+        .iter()
+        .find(|i| i["name"] == "zorb-05.jpg.flip")
+        .unwrap();
+    assert_eq!(flipped["flipped"], true);
+    assert_ne!(flipped["tensor"]["digest"], rotated["tensor"]["digest"]);
+    let report: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(p.path("outputs/t/preprocess/buckets.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        report["items"]["zorb-05.jpg"][0],
+        serde_json::json!([80, 48])
+    );
+    let counted: u64 = report["buckets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["count"].as_u64().unwrap())
+        .sum();
+    assert_eq!(counted, 12);
+}
