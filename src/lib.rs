@@ -12,4 +12,5 @@ pub mod engine;
 pub mod image;
 pub mod pipeline;
 pub mod render;
+pub mod sample;
 pub mod stages;

@@ -208,7 +208,7 @@ impl NoiseSource for BatchNoise {
         let n = self.sources.len();
         if n == 0 {
             out.fill(0.0);
-        } else if out.len() % n == 0 {
+        } else if out.len().is_multiple_of(n) {
             let part = out.len() / n;
             if part == 0 {
                 return;
@@ -389,7 +389,9 @@ impl<D: Device<f32>> TextToImage<D> {
         let b = options.batch;
         let f = self.vae_factor();
         let latent_shape = (b, unet.config.in_channels, height / f, width / f);
-        let sampler = options.sampler.build(&self.scheduler_config, options.steps)?;
+        let sampler = options
+            .sampler
+            .build(&self.scheduler_config, options.steps)?;
         let guided = options.cfg_scale > 1.0;
 
         let (embeds, prompt_dropped, negative_dropped) = self.encode_text(options, guided)?;
