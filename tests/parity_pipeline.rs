@@ -338,3 +338,107 @@ fn ancestral_noise_comes_from_the_seed() {
     println!("euler_a with fixed initial latents, seed 1 vs 2: max abs difference {diff:.3e}");
     assert!(diff > 1e-3);
 }
+
+/// Nothing is tied to the fixture's architecture: a 3-level UNet (linear projections, 2
+/// transformer layers), a 3-level VAE (factor 4) and a 3-layer text encoder with synthetic
+/// weights generate non-square batches, and the size rule follows the total downsampling.
+#[test]
+fn other_architectures_generate() {
+    use sdpipe::diffusion::clip::{ClipConfig, TextEncoder};
+    use sdpipe::diffusion::schedulers::SchedulerConfig;
+    use sdpipe::diffusion::tokenizer::ClipTokenizer;
+    use sdpipe::diffusion::unet::{PerLevel, UNet, UNetConfig};
+    use sdpipe::diffusion::vae::{Vae, VaeConfig};
+    use sdpipe::diffusion::weights::{Loader, StableDiffusion, WeightStore};
+
+    let dev = Cpu::default();
+    let store = WeightStore::synthetic(21);
+    let l = Loader::new(&store, &dev);
+    let clip = ClipConfig {
+        hidden_size: 24,
+        intermediate_size: 48,
+        num_hidden_layers: 3,
+        num_attention_heads: 3,
+        ..ClipConfig::default()
+    };
+    let unet = UNetConfig {
+        block_out_channels: vec![16, 32, 32],
+        down_block_types: vec![
+            "CrossAttnDownBlock2D".into(),
+            "CrossAttnDownBlock2D".into(),
+            "DownBlock2D".into(),
+        ],
+        up_block_types: vec![
+            "UpBlock2D".into(),
+            "CrossAttnUpBlock2D".into(),
+            "CrossAttnUpBlock2D".into(),
+        ],
+        layers_per_block: 1,
+        attention_head_dim: PerLevel::Each(vec![2, 4, 4]),
+        cross_attention_dim: 24,
+        norm_num_groups: 4,
+        use_linear_projection: true,
+        transformer_layers_per_block: PerLevel::One(2),
+        sample_size: 4,
+        ..UNetConfig::default()
+    };
+    let vae = VaeConfig {
+        block_out_channels: vec![8, 16, 16],
+        layers_per_block: 1,
+        norm_num_groups: 4,
+        ..VaeConfig::default()
+    };
+    let models = StableDiffusion {
+        text_encoder: TextEncoder::load(&l.pp("te"), &clip).unwrap(),
+        unet: UNet::load(&l.pp("unet"), &unet).unwrap(),
+        vae: Vae::load(&l.pp("vae"), &vae).unwrap(),
+    };
+    let pipe = TextToImage::new(
+        models,
+        ClipTokenizer::bundled().unwrap(),
+        SchedulerConfig::sd15(),
+    );
+    // VAE factor 4 x UNet 2^2 = 16
+    assert_eq!(pipe.vae_factor(), 4);
+    assert_eq!(pipe.size_multiple(), 16);
+    assert_eq!(pipe.default_size(), (16, 16));
+    let options = TextToImageOptions {
+        prompt: "a red square".into(),
+        width: Some(32),
+        height: Some(48),
+        steps: 3,
+        batch: 2,
+        clip_skip: 1,
+        ..TextToImageOptions::default()
+    };
+    let mut steps = 0;
+    let g = pipe
+        .generate(&options, None, &mut |p| {
+            assert_eq!(*p.latents.shape(), (2, 4, 12, 8));
+            steps += 1;
+        })
+        .unwrap();
+    assert_eq!(steps, 3);
+    assert_eq!(*g.latents.shape(), (2, 4, 12, 8));
+    assert_eq!(*g.images.shape(), (2, 3, 48, 32));
+    let pixels = g.images.as_vec();
+    assert!(pixels.iter().all(|v| (0.0..=1.0).contains(v)));
+    let half = pixels.len() / 2;
+    assert_ne!(
+        &pixels[..half],
+        &pixels[half..],
+        "the two seeds gave one image"
+    );
+    // a multiple of 8 that the model cannot take
+    let bad = TextToImageOptions {
+        width: Some(24),
+        ..options
+    };
+    match pipe.generate(&bad, None, &mut |_| {}) {
+        Err(PipelineError::InvalidOption { option, reason }) => {
+            assert_eq!(option, "width");
+            assert!(reason.contains("multiple of 16"), "{reason}");
+        }
+        other => panic!("expected InvalidOption, got {:?}", other.map(|_| ())),
+    }
+}
