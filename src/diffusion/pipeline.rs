@@ -80,6 +80,9 @@ pub struct TextToImageOptions {
     pub seed: u64,
     /// Text-encoder layers skipped from the end, diffusers' convention (0 = last layer, 1 =
     /// penultimate, which A1111 calls "Clip skip: 2"); the final layer norm is always applied.
+    /// It applies to the prompt and the negative prompt alike, as in A1111; diffusers'
+    /// `StableDiffusionPipeline` applies it to the prompt only (it encodes the negative prompt
+    /// at the last layer), so with `clip_skip > 0` the two differ on purpose.
     pub clip_skip: usize,
 }
 
