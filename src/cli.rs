@@ -77,6 +77,9 @@ pub enum Command {
         #[arg(long, default_value_t = 300)]
         debounce_ms: u64,
     },
+    /// Generate images from a prompt with a Stable Diffusion 1.x model (one-off text-to-image;
+    /// PNGs carry A1111 `parameters`; see `sdpipe::sample`).
+    Sample(crate::sample::SampleArgs),
     /// Inspect or clean the cache.
     Cache {
         #[command(subcommand)]
@@ -150,6 +153,7 @@ pub fn run(cli: Cli) -> i32 {
                 Err(e) => environment_error(&e),
             }
         }
+        Command::Sample(args) => crate::sample::run(args),
         Command::Cache { command } => cmd_cache(command, &ws),
     }
 }

@@ -13,4 +13,5 @@ pub mod engine;
 pub mod image;
 pub mod pipeline;
 pub mod render;
+pub mod sample;
 pub mod stages;
