@@ -57,7 +57,10 @@ fn main() {
         &dir.join("datasets/toy-shapes"),
     );
     copy_dir(&root.join("pipelines"), &dir.join("pipelines"));
-    copy_dir(&root.join("tests/fixtures/tiny-sd"), &dir.join("tests/fixtures/tiny-sd"));
+    copy_dir(
+        &root.join("tests/fixtures/tiny-sd"),
+        &dir.join("tests/fixtures/tiny-sd"),
+    );
 
     // 1. Fully cached quickstart rerun (caption, preprocess, encode_latents).
     sdpipe(dir, &["run", "pipelines/quickstart.toml"]);

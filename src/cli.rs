@@ -153,7 +153,7 @@ pub fn run(cli: Cli) -> i32 {
                 Err(e) => environment_error(&e),
             }
         }
-        Command::Sample(args) => crate::sample::run(args),
+        Command::Sample(args) => crate::sample::run_with(args, cli.quiet),
         Command::Cache { command } => cmd_cache(command, &ws),
     }
 }

@@ -6,11 +6,13 @@ mod context;
 mod encode_latents;
 pub mod model;
 mod preprocess;
+mod sample_grid;
 
 pub use caption::{CaptionItem, CaptionManifest, CaptionParams};
 pub use context::{Cancelled, StageContext, StageResult};
 pub use encode_latents::{EncodeLatentsParams, LatentItem, LatentsManifest};
 pub use preprocess::{PreprocessItem, PreprocessManifest, PreprocessParams};
+pub use sample_grid::{GridCell, GridManifest, SampleGridParams};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,7 +25,7 @@ use crate::cache::FileHasher;
 use crate::pipeline::PipelineSettings;
 
 /// The stage kinds this version knows, as written in `kind = "..."`.
-pub const KINDS: &[&str] = &["caption", "preprocess", "encode_latents"];
+pub const KINDS: &[&str] = &["caption", "preprocess", "encode_latents", "sample_grid"];
 
 /// A parameter problem found after parsing, reported at the key `field` (dotted).
 #[derive(Debug, Clone)]
@@ -56,6 +58,8 @@ pub enum StageParams {
     Preprocess(PreprocessParams),
     /// `kind = "encode_latents"`.
     EncodeLatents(EncodeLatentsParams),
+    /// `kind = "sample_grid"`.
+    SampleGrid(SampleGridParams),
 }
 
 impl StageParams {
@@ -67,6 +71,7 @@ impl StageParams {
             "caption" => StageParams::Caption(Deserialize::deserialize(de)?),
             "preprocess" => StageParams::Preprocess(Deserialize::deserialize(de)?),
             "encode_latents" => StageParams::EncodeLatents(Deserialize::deserialize(de)?),
+            "sample_grid" => StageParams::SampleGrid(Deserialize::deserialize(de)?),
             other => {
                 return Err(serde::de::Error::custom(format!(
                     "unknown stage kind `{other}`"
@@ -81,6 +86,7 @@ impl StageParams {
             StageParams::Caption(_) => "caption",
             StageParams::Preprocess(_) => "preprocess",
             StageParams::EncodeLatents(_) => "encode_latents",
+            StageParams::SampleGrid(_) => "sample_grid",
         }
     }
 
@@ -90,6 +96,7 @@ impl StageParams {
             StageParams::Caption(_) => caption::VERSION,
             StageParams::Preprocess(_) => preprocess::VERSION,
             StageParams::EncodeLatents(_) => encode_latents::VERSION,
+            StageParams::SampleGrid(_) => sample_grid::VERSION,
         }
     }
 
@@ -108,6 +115,7 @@ impl StageParams {
             StageParams::Caption(p) => p.validate(),
             StageParams::Preprocess(p) => p.validate(),
             StageParams::EncodeLatents(p) => p.validate(),
+            StageParams::SampleGrid(p) => p.validate(),
         }
     }
 
@@ -119,7 +127,7 @@ impl StageParams {
                 p.normalize();
                 Ok(())
             }
-            StageParams::EncodeLatents(_) => Ok(()),
+            StageParams::EncodeLatents(_) | StageParams::SampleGrid(_) => Ok(()),
         }
     }
 
@@ -130,6 +138,7 @@ impl StageParams {
             StageParams::Caption(p) => p.key_params(),
             StageParams::Preprocess(p) => p.key_params(settings),
             StageParams::EncodeLatents(p) => p.key_params(settings),
+            StageParams::SampleGrid(p) => p.key_params(settings),
         }
     }
 
@@ -145,19 +154,27 @@ impl StageParams {
             StageParams::EncodeLatents(_) => {
                 model::model_inputs(settings, hasher, EncodeLatentsParams::components())
             }
+            StageParams::SampleGrid(_) => {
+                model::model_inputs(settings, hasher, SampleGridParams::components())
+            }
         }
     }
 
     /// Whether the stage reads `[pipeline] base_model`.
     pub fn uses_model(&self) -> bool {
-        matches!(self, StageParams::EncodeLatents(_))
+        matches!(
+            self,
+            StageParams::EncodeLatents(_) | StageParams::SampleGrid(_)
+        )
     }
 
     /// Files and folders `watch` should observe.
     pub fn watch_paths(&self) -> Vec<PathBuf> {
         match self {
             StageParams::Caption(p) => vec![p.images.clone()],
-            StageParams::Preprocess(_) | StageParams::EncodeLatents(_) => Vec::new(),
+            StageParams::Preprocess(_)
+            | StageParams::EncodeLatents(_)
+            | StageParams::SampleGrid(_) => Vec::new(),
         }
     }
 
@@ -167,6 +184,7 @@ impl StageParams {
             StageParams::Caption(p) => p.run(ctx),
             StageParams::Preprocess(p) => p.run(ctx),
             StageParams::EncodeLatents(p) => p.run(ctx),
+            StageParams::SampleGrid(p) => p.run(ctx),
         }
     }
 }

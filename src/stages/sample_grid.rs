@@ -1,0 +1,376 @@
+//! `sample_grid`: text-to-image for every variant × prompt × seed with identical sampler
+//! settings, always with the untouched base model as the first row; a labelled grid PNG plus
+//! one PNG per image carrying A1111's `parameters` text. Images are cached one by one, so adding
+//! a seed or a prompt renders only the new cells.
+
+use std::collections::BTreeMap;
+
+use anyhow::{Context as _, bail};
+use dfdx::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::ParamError;
+use super::context::{StageContext, StageResult};
+use super::model::{Component, model_inputs, open_checkpoint};
+use crate::cache::store::ITEMS;
+use crate::cache::{BlobRef, KEY_SCHEMA, Record, canonical_json, hash_bytes};
+use crate::diffusion::pipeline::{TextToImage, TextToImageOptions};
+use crate::diffusion::schedulers::SamplerKind;
+use crate::pipeline::PipelineSettings;
+use crate::render::grid::{GridStyle, SampleGrid};
+use crate::render::png_meta::{GenerationParameters, encode_png, read_png_text_bytes};
+use crate::render::rgb_image_from_chw;
+
+/// Implementation version (part of the key).
+pub const VERSION: u32 = 1;
+
+/// `[stage.NAME] kind = "sample_grid"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SampleGridParams {
+    /// Prompts, one grid column group each.
+    pub prompts: Vec<String>,
+    /// Negative prompt shared by every image.
+    #[serde(default)]
+    pub negative_prompt: String,
+    /// Seeds, one column per prompt and seed. Default: the pipeline seed.
+    #[serde(default)]
+    pub seeds: Vec<u64>,
+    /// Sampling steps.
+    #[serde(default = "default_steps")]
+    pub steps: usize,
+    /// `"ddim"`, `"euler"` or `"euler_a"`.
+    #[serde(default = "default_sampler")]
+    pub sampler: SamplerKind,
+    /// Classifier-free guidance scale.
+    #[serde(default = "default_cfg")]
+    pub cfg: f32,
+    /// Image width (default: the model's native size).
+    #[serde(default)]
+    pub width: Option<usize>,
+    /// Image height (default: the model's native size).
+    #[serde(default)]
+    pub height: Option<usize>,
+    /// Text-encoder layers skipped from the end (diffusers' convention: 1 = A1111's "Clip skip: 2").
+    #[serde(default)]
+    pub clip_skip: usize,
+}
+
+fn default_steps() -> usize {
+    20
+}
+fn default_sampler() -> SamplerKind {
+    SamplerKind::EulerAncestral
+}
+fn default_cfg() -> f32 {
+    7.5
+}
+
+/// One cell of the grid.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GridCell {
+    /// Row (variant) name.
+    pub variant: String,
+    /// Index into the prompts.
+    pub prompt_index: usize,
+    /// The prompt.
+    pub prompt: String,
+    /// The seed.
+    pub seed: u64,
+    /// The PNG (with its `parameters` text).
+    pub image: BlobRef,
+}
+
+/// The `manifest.json` output of a sample_grid stage.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GridManifest {
+    /// Row names, top to bottom (`base` first).
+    pub variants: Vec<String>,
+    /// Column labels, left to right.
+    pub columns: Vec<String>,
+    /// Every image.
+    pub cells: Vec<GridCell>,
+    /// The grid.
+    pub grid: BlobRef,
+}
+
+impl SampleGridParams {
+    pub(super) fn validate(&self) -> Result<(), ParamError> {
+        if self.prompts.is_empty() {
+            return Err(ParamError::new(
+                "prompts",
+                "`prompts` is empty",
+                "give at least one prompt, e.g. prompts = [\"a photo of sks dog\"]",
+            ));
+        }
+        if self.steps == 0 || self.steps > 1000 {
+            return Err(ParamError::new(
+                "steps",
+                format!("steps = {} is out of range", self.steps),
+                "use 1..=1000 (20-50 is typical)",
+            ));
+        }
+        if !(self.cfg.is_finite() && self.cfg >= 0.0) {
+            return Err(ParamError::new(
+                "cfg",
+                "cfg must be a non-negative number",
+                "7.5 is the usual value; 1 or less disables guidance",
+            ));
+        }
+        for (field, v) in [("width", self.width), ("height", self.height)] {
+            if let Some(v) = v
+                && (v == 0 || !v.is_multiple_of(8))
+            {
+                return Err(ParamError::new(
+                    field,
+                    format!("{field} = {v} is not a positive multiple of 8"),
+                    "SD sizes are multiples of 8, e.g. 512",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The seeds used: `seeds`, or the pipeline seed.
+    fn seeds(&self, settings: &PipelineSettings) -> Vec<u64> {
+        if self.seeds.is_empty() {
+            vec![settings.seed]
+        } else {
+            self.seeds.clone()
+        }
+    }
+
+    pub(super) fn key_params(&self, settings: &PipelineSettings) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(map) = v.as_object_mut() {
+            map.insert(
+                "seeds".into(),
+                serde_json::to_value(self.seeds(settings)).unwrap_or_default(),
+            );
+            map.insert(
+                "device".into(),
+                crate::device::key_fragment(settings.device, settings.precision),
+            );
+        }
+        v
+    }
+
+    pub(super) fn components() -> &'static [Component] {
+        &[Component::Unet, Component::Vae, Component::TextEncoder]
+    }
+
+    pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+        let settings = &ctx.pipeline.settings;
+        let seeds = self.seeds(settings);
+        let model_path = settings
+            .base_model
+            .clone()
+            .context("[pipeline] has no base_model")?;
+        let inputs = model_inputs(settings, ctx.hasher, Self::components())?;
+        let model_digest = hash_bytes(canonical_json(&serde_json::to_value(&inputs)?).as_bytes());
+        let device_key = crate::device::key_fragment(settings.device, settings.precision);
+        // The variants: the base model (trained variants join as the training stages land).
+        let variants = vec!["base".to_string()];
+
+        let cell_key = |variant: &str, prompt: &str, seed: u64| {
+            let material = serde_json::json!({
+                "schema": KEY_SCHEMA,
+                "kind": "sample_grid-image",
+                "version": VERSION,
+                "model": model_digest,
+                "variant": variant,
+                "prompt": prompt,
+                "negative": self.negative_prompt,
+                "seed": seed,
+                "steps": self.steps,
+                "sampler": self.sampler,
+                "cfg": self.cfg,
+                "width": self.width,
+                "height": self.height,
+                "clip_skip": self.clip_skip,
+                "device": device_key,
+            });
+            hash_bytes(canonical_json(&material).as_bytes())
+        };
+
+        let mut todo = 0usize;
+        let mut cells: BTreeMap<(usize, usize, usize), Option<Record>> = BTreeMap::new();
+        for (vi, variant) in variants.iter().enumerate() {
+            for (pi, prompt) in self.prompts.iter().enumerate() {
+                for (si, seed) in seeds.iter().enumerate() {
+                    let r = ctx.store.record(ITEMS, &cell_key(variant, prompt, *seed))?;
+                    todo += usize::from(r.is_none());
+                    cells.insert((vi, pi, si), r);
+                }
+            }
+        }
+
+        let dev = Cpu::default();
+        let mut pipe = None;
+        let model_hash = if todo > 0 {
+            crate::sample::short_model_hash(&model_path).ok()
+        } else {
+            None
+        };
+        let model_name = model_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned());
+        let bar = ctx.progress.bar(
+            (todo * self.steps) as u64,
+            &format!("{} sampling", ctx.instance.name),
+        );
+        let mut computed = 0usize;
+        for ((vi, pi, si), record) in cells.iter_mut() {
+            if record.is_some() {
+                continue;
+            }
+            ctx.check_cancelled()?;
+            if pipe.is_none() {
+                let ckpt = open_checkpoint(settings)?;
+                pipe = Some(
+                    TextToImage::load(&ckpt, settings.model_config.as_deref(), &dev)
+                        .with_context(|| format!("loading {}", model_path.display()))?,
+                );
+            }
+            let Some(t2i) = pipe.as_ref() else {
+                bail!("model not loaded")
+            };
+            let started = std::time::Instant::now();
+            let (prompt, seed) = (&self.prompts[*pi], seeds[*si]);
+            let options = TextToImageOptions {
+                prompt: prompt.clone(),
+                negative_prompt: self.negative_prompt.clone(),
+                width: self.width,
+                height: self.height,
+                steps: self.steps,
+                sampler: self.sampler,
+                cfg_scale: self.cfg,
+                batch: 1,
+                seed,
+                clip_skip: self.clip_skip,
+            };
+            let generation = t2i
+                .generate(&options, None, &mut |_| bar.inc(1))
+                .with_context(|| format!("sampling {prompt:?} seed {seed}"))?;
+            let (_, _, h, w) = *generation.images.shape();
+            let chw = generation.image_chw(0).context("no image generated")?;
+            let image = rgb_image_from_chw(&chw, h as u32, w as u32)?;
+            let params = GenerationParameters {
+                prompt: prompt.clone(),
+                negative_prompt: self.negative_prompt.clone(),
+                steps: self.steps as u32,
+                sampler: self.sampler.a1111_name().to_string(),
+                cfg_scale: self.cfg,
+                seed,
+                width: w as u32,
+                height: h as u32,
+                model_hash: model_hash.clone(),
+                model: model_name.clone(),
+                extra: if self.clip_skip > 0 {
+                    vec![("Clip skip".into(), (self.clip_skip + 1).to_string())]
+                } else {
+                    Vec::new()
+                },
+            };
+            let infotext = params.to_infotext();
+            let png = encode_png(&image, &[("parameters", infotext.as_str())])?;
+            let blob = ctx.store.put_bytes(&png)?;
+            let variant = &variants[*vi];
+            let key = cell_key(variant, prompt, seed);
+            let r = Record {
+                key: key.clone(),
+                kind: "sample_grid-image".into(),
+                stage: ctx.instance.name.clone(),
+                material: None,
+                outputs: [("image".to_string(), blob)].into(),
+                stats: serde_json::json!({ "width": w, "height": h }),
+                summary: format!("{variant} / {prompt} / seed {seed}"),
+                created_unix: 0,
+                duration_s: started.elapsed().as_secs_f64(),
+                tool_version: env!("CARGO_PKG_VERSION").into(),
+            };
+            ctx.store.put_record(ITEMS, &key, &r)?;
+            computed += 1;
+            *record = Some(r);
+        }
+        bar.finish_and_clear();
+
+        // Assemble the grid from the cached cells.
+        let columns: Vec<String> = self
+            .prompts
+            .iter()
+            .flat_map(|p| seeds.iter().map(move |s| format!("{p} · seed {s}")))
+            .collect();
+        let mut grid = SampleGrid::new(columns.clone());
+        let mut manifest_cells = Vec::new();
+        let mut result = StageResult::default();
+        for (vi, variant) in variants.iter().enumerate() {
+            let mut row = Vec::new();
+            for (pi, prompt) in self.prompts.iter().enumerate() {
+                for (si, seed) in seeds.iter().enumerate() {
+                    let record = cells
+                        .get(&(vi, pi, si))
+                        .and_then(Option::as_ref)
+                        .context("a grid cell is missing")?;
+                    let blob = record
+                        .outputs
+                        .get("image")
+                        .context("image record without image")?
+                        .clone();
+                    let bytes = ctx.store.read_blob(&blob)?;
+                    if read_png_text_bytes(&bytes)
+                        .map(|t| t.is_empty())
+                        .unwrap_or(true)
+                    {
+                        bail!("cached image of {variant} / seed {seed} has no parameters text");
+                    }
+                    let img = image::load_from_memory(&bytes)
+                        .context("decoding a cached image")?
+                        .to_rgb8();
+                    row.push(Some(img));
+                    result
+                        .outputs
+                        .insert(format!("images/{variant}/{pi:02}-{seed}.png"), blob.clone());
+                    manifest_cells.push(GridCell {
+                        variant: variant.clone(),
+                        prompt_index: pi,
+                        prompt: prompt.clone(),
+                        seed: *seed,
+                        image: blob,
+                    });
+                }
+            }
+            grid.add_row(variant.clone(), row)?;
+        }
+        let grid_image = grid.render(&GridStyle::default())?;
+        let grid_png = encode_png(&grid_image, &[("Software", "sdpipe")])?;
+        let grid_blob = ctx.store.put_bytes(&grid_png)?;
+        result.outputs.insert("grid.png".into(), grid_blob.clone());
+        let manifest = GridManifest {
+            variants: variants.clone(),
+            columns,
+            cells: manifest_cells,
+            grid: grid_blob,
+        };
+        result.outputs.insert(
+            "manifest.json".into(),
+            ctx.store
+                .put_bytes(&serde_json::to_vec_pretty(&manifest)?)?,
+        );
+        let total = manifest.cells.len();
+        result.stats.insert("images".into(), total.into());
+        result
+            .stats
+            .insert("images_computed".into(), computed.into());
+        result
+            .stats
+            .insert("images_reused".into(), (total - computed).into());
+        result.summary = format!(
+            "{} rows × {} columns ({computed} sampled, {} reused) → grid.png",
+            variants.len(),
+            manifest.columns.len(),
+            total - computed
+        );
+        Ok(result)
+    }
+}
