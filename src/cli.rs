@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::cache::{FileHasher, Store};
+use crate::cache::Store;
 use crate::engine::{self, CancelToken, Progress, RunLock, RunOptions, Workspace};
 use crate::pipeline;
 
@@ -176,13 +176,7 @@ fn cmd_run(file: &Path, ws: &Workspace, args: &RunArgs, progress: &Progress, qui
         return code;
     }
     if !quiet {
-        let store = Store::open_existing(&ws.cache_root);
-        let hasher = match &store {
-            Some(s) => FileHasher::with_memo(s.memo_path()),
-            None => FileHasher::without_memo(),
-        };
-        let lock = RunLock::load(&ws.pipeline_outputs(p.name()));
-        let entries = engine::plan(&p, store.as_ref(), &hasher, &lock, &force);
+        let entries = engine::plan_readonly(&p, ws, &force);
         eprint!("{}", engine::print_plan(p.name(), &entries));
     }
     let opts = RunOptions {
@@ -231,14 +225,7 @@ fn cmd_plan(file: &Path, ws: &Workspace, json: bool, force: Vec<String>) -> i32 
     if let Err(code) = check_force(&p, &force) {
         return code;
     }
-    // Read-only: open the cache without creating it, and never save the hash memo.
-    let store = Store::open_existing(&ws.cache_root);
-    let hasher = match &store {
-        Some(s) => FileHasher::with_memo(s.memo_path()),
-        None => FileHasher::without_memo(),
-    };
-    let lock = RunLock::load(&ws.pipeline_outputs(p.name()));
-    let entries = engine::plan(&p, store.as_ref(), &hasher, &lock, &force);
+    let entries = engine::plan_readonly(&p, ws, &force);
     if json {
         match serde_json::to_string_pretty(&entries) {
             Ok(s) => println!("{s}"),

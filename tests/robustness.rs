@@ -3,13 +3,9 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{BASIC, Project};
-
-fn count_files(dir: &std::path::Path) -> usize {
-    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
-}
+use common::{BASIC, Project, count_files, wait_for};
 
 #[test]
 fn corrupt_image_is_named_and_fails_the_stage() {
@@ -133,18 +129,6 @@ fn fail_fast_stops_at_the_first_failure() {
     assert_eq!(run.code, 1);
     assert_eq!(p.outcome("bad0"), "failed");
     assert_eq!(p.outcome("good"), "notrun");
-}
-
-/// Waits until `cond` holds, for at most 60 s.
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -4,20 +4,9 @@
 mod common;
 
 use std::io::Read;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use common::{BASIC, Project};
-
-fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use common::{BASIC, Project, wait_for};
 
 fn item_records(p: &Project) -> usize {
     std::fs::read_dir(p.path(".sdpipe/cache-v1/records/items"))

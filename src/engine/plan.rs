@@ -7,6 +7,7 @@ use serde_json::Value;
 
 use super::material::stage_material;
 use super::outputs::{LockEntry, RunLock};
+use super::workspace::Workspace;
 use crate::cache::{FileHasher, KeyMaterial, Store, store::STAGES};
 use crate::pipeline::{Pipeline, StageInstance};
 use crate::stages::input_noun;
@@ -43,6 +44,22 @@ pub struct PlanEntry {
     /// The key material, when known.
     #[serde(skip)]
     pub material: Option<KeyMaterial>,
+}
+
+/// Plans `pipeline` against the cache and run lock of `ws` without writing anything: the
+/// cache is not created and the hash memo is read but never saved.
+pub fn plan_readonly(
+    pipeline: &Pipeline,
+    ws: &Workspace,
+    force: &BTreeSet<String>,
+) -> Vec<PlanEntry> {
+    let store = Store::open_existing(&ws.cache_root);
+    let hasher = match &store {
+        Some(s) => FileHasher::with_memo(s.memo_path()),
+        None => FileHasher::without_memo(),
+    };
+    let lock = RunLock::load(&ws.pipeline_outputs(pipeline.name()));
+    plan(pipeline, store.as_ref(), &hasher, &lock, force)
 }
 
 /// Plans `pipeline` against the cache (`store`, if it exists) and the last run lock.

@@ -15,12 +15,10 @@ use notify::{RecursiveMode, Watcher};
 
 use super::cancel::CancelToken;
 use super::execute::{RunOptions, RunningSlot, execute};
-use super::outputs::RunLock;
-use super::plan::{PlanStatus, plan};
+use super::plan::PlanStatus;
 use super::progress::Progress;
 use super::report::{print_plan, print_summary};
 use super::workspace::Workspace;
-use crate::cache::{FileHasher, Store};
 use crate::pipeline::{self, Pipeline};
 
 /// Watches `file` and its inputs until Ctrl-C; returns the exit code of the last run.
@@ -202,13 +200,7 @@ fn invalidated_stages(old: &Pipeline, new: &Pipeline, changed: &[PathBuf]) -> BT
 }
 
 fn print_plan_for(p: &Pipeline, ws: &Workspace, progress: &Progress) {
-    let store = Store::open_existing(&ws.cache_root);
-    let hasher = match &store {
-        Some(s) => FileHasher::with_memo(s.memo_path()),
-        None => FileHasher::without_memo(),
-    };
-    let lock = RunLock::load(&ws.pipeline_outputs(p.name()));
-    let entries = plan(p, store.as_ref(), &hasher, &lock, &BTreeSet::new());
+    let entries = super::plan::plan_readonly(p, ws, &BTreeSet::new());
     if entries.iter().any(|e| e.status != PlanStatus::Fresh) {
         progress.message(&print_plan(p.name(), &entries));
     }

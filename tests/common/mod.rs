@@ -160,3 +160,20 @@ impl Project {
         img.save(self.path("images").join(name)).unwrap();
     }
 }
+
+/// Waits until `cond` holds, for at most 60 s.
+pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let start = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(60),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// Number of entries in `dir` (0 if absent).
+pub fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
+}
