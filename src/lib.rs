@@ -9,6 +9,7 @@ pub mod cache;
 pub mod cli;
 pub mod diffusion;
 pub mod engine;
+pub mod formats;
 pub mod image;
 pub mod pipeline;
 pub mod render;
