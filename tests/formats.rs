@@ -279,3 +279,594 @@ fn lora_foreign_files_are_clear_errors() {
     let e = read_lora(&p, None).unwrap_err().to_string();
     assert!(e.contains("`weight`"), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Torch checkpoint archive
+
+use sdpipe::formats::torch_pickle::{PyValue, parse_torch, read_torch, torch_bytes, write_torch};
+
+fn t(shape: Vec<usize>, data: Vec<f32>) -> HostTensor {
+    HostTensor::new(shape, data).unwrap()
+}
+
+#[test]
+fn torch_archive_round_trip() {
+    let value = PyValue::Dict(vec![
+        (
+            PyValue::Int(768),
+            PyValue::Tuple(vec![
+                PyValue::OrderedDict(vec![
+                    (
+                        PyValue::str("linear.0.weight"),
+                        PyValue::Tensor(t(vec![2, 3], vec![1.0, -2.5, 3.0, 4.0, 5.0, 6.0])),
+                    ),
+                    (
+                        PyValue::str("linear.0.bias"),
+                        PyValue::Tensor(t(vec![2], vec![0.5, f32::MIN_POSITIVE])),
+                    ),
+                ]),
+                PyValue::OrderedDict(vec![]),
+            ]),
+        ),
+        (
+            PyValue::str("scalar"),
+            PyValue::Tensor(t(vec![], vec![7.0])),
+        ),
+        (
+            PyValue::str("empty"),
+            PyValue::Tensor(t(vec![0, 4], vec![])),
+        ),
+        (
+            PyValue::str("ints"),
+            PyValue::List(vec![
+                PyValue::Int(0),
+                PyValue::Int(255),
+                PyValue::Int(256),
+                PyValue::Int(65535),
+                PyValue::Int(65536),
+                PyValue::Int(-1),
+                PyValue::Int(i32::MIN as i64),
+                PyValue::Int(1 << 40),
+                PyValue::Int(-(1 << 40)),
+                PyValue::Int(i64::MAX),
+                PyValue::Int(i64::MIN),
+            ]),
+        ),
+        (PyValue::str("f"), PyValue::Float(-0.1)),
+        (
+            PyValue::str("flags"),
+            PyValue::Tuple(vec![
+                PyValue::Bool(true),
+                PyValue::Bool(false),
+                PyValue::None,
+            ]),
+        ),
+        (
+            PyValue::str("tuples"),
+            PyValue::List(vec![
+                PyValue::Tuple(vec![]),
+                PyValue::Tuple(vec![PyValue::Int(1)]),
+                PyValue::Tuple(vec![
+                    PyValue::Int(1),
+                    PyValue::Int(2),
+                    PyValue::Int(3),
+                    PyValue::Int(4),
+                ]),
+            ]),
+        ),
+        (PyValue::str("unicode ✓"), PyValue::str("naïve")),
+        (
+            PyValue::str("nested"),
+            PyValue::Dict(vec![(PyValue::str("list"), PyValue::List(vec![]))]),
+        ),
+    ]);
+    let bytes = torch_bytes(&value).unwrap();
+    assert_eq!(parse_torch(&bytes).unwrap(), value);
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.pt");
+    write_torch(&p, &value).unwrap();
+    assert_eq!(read_torch(&p).unwrap(), value);
+    // Corrupt archives are errors, not panics.
+    for cut in [10, bytes.len() / 2, bytes.len() - 5] {
+        assert!(parse_torch(&bytes[..cut]).is_err());
+    }
+    assert!(
+        parse_torch(b"\x80\x02}q\x00.")
+            .unwrap_err()
+            .contains("legacy")
+    );
+}
+
+/// `tests/fixtures/torch/torch_saved.pt` was written by torch 2.15 (CPU):
+/// ```python
+/// sd = OrderedDict([("linear.0.weight", torch.arange(6.).reshape(2, 3)), ("linear.0.bias", torch.tensor([1.5, -2.0]))])
+/// torch.save({768: (sd, sd), "step": 5, "name": "x", "f": 0.5, "n": None, "b": True, "l": [1, 2],
+///             "big": 2**40, "neg": -3, "t": torch.arange(12.).reshape(3, 4).t(), "sl": torch.arange(10.)[3:7],
+///             "h": torch.tensor([1.0, 2.0], dtype=torch.float16), "p": torch.nn.Parameter(torch.ones(2)),
+///             "scalar": torch.tensor(3.25)}, "torch_saved.pt")
+/// ```
+#[test]
+fn torch_archive_reads_a_torch_saved_file() {
+    let v = read_torch(&fixture("torch/torch_saved.pt")).unwrap();
+    let (k, sds) = &v.dict_items().unwrap()[0];
+    assert_eq!(*k, PyValue::Int(768));
+    let sds = sds.as_seq().unwrap();
+    assert_eq!(sds[0], sds[1]); // the same state dict, referenced twice through the memo
+    assert!(matches!(sds[0], PyValue::OrderedDict(_)));
+    assert_eq!(
+        sds[0].get("linear.0.weight").unwrap().as_tensor().unwrap(),
+        &t(vec![2, 3], vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0])
+    );
+    assert_eq!(
+        sds[0].get("linear.0.bias").unwrap().as_tensor().unwrap(),
+        &t(vec![2], vec![1.5, -2.0])
+    );
+    assert_eq!(v.get("step").unwrap().as_int(), Some(5));
+    assert_eq!(v.get("name").unwrap().as_str(), Some("x"));
+    assert_eq!(v.get("f").unwrap().as_f64(), Some(0.5));
+    assert_eq!(v.get("n"), Some(&PyValue::None));
+    assert_eq!(v.get("b").unwrap().as_bool(), Some(true));
+    assert_eq!(
+        v.get("l"),
+        Some(&PyValue::List(vec![PyValue::Int(1), PyValue::Int(2)]))
+    );
+    assert_eq!(v.get("big").unwrap().as_int(), Some(1 << 40));
+    assert_eq!(v.get("neg").unwrap().as_int(), Some(-3));
+    // A transposed (strided) view and an offset slice come out contiguous.
+    let tr: Vec<f32> = (0..4)
+        .flat_map(|c| (0..3).map(move |r| (r * 4 + c) as f32))
+        .collect();
+    assert_eq!(v.get("t").unwrap().as_tensor().unwrap(), &t(vec![4, 3], tr));
+    assert_eq!(
+        v.get("sl").unwrap().as_tensor().unwrap(),
+        &t(vec![4], vec![3.0, 4.0, 5.0, 6.0])
+    );
+    assert_eq!(
+        v.get("h").unwrap().as_tensor().unwrap(),
+        &t(vec![2], vec![1.0, 2.0])
+    );
+    assert_eq!(
+        v.get("p").unwrap().as_tensor().unwrap(),
+        &t(vec![2], vec![1.0, 1.0])
+    );
+    assert_eq!(
+        v.get("scalar").unwrap().as_tensor().unwrap(),
+        &t(vec![], vec![3.25])
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Textual-inversion embeddings
+
+use sdpipe::formats::embedding::{
+    Embedding, EmbeddingFormat, read_embedding, write_a1111_pt, write_a1111_safetensors,
+    write_diffusers,
+};
+
+#[test]
+fn embeddings_a1111_and_diffusers_files_agree_with_golden() {
+    let golden = read_safetensors(&fixture("goldens/textual_inversion.safetensors")).unwrap();
+    let (a, fa) =
+        read_embedding(&fixture("textual_inversion/ti_sks_a1111.safetensors"), None).unwrap();
+    let (d, fd) = read_embedding(
+        &fixture("textual_inversion/ti_sks_diffusers.safetensors"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(fa, EmbeddingFormat::A1111Safetensors);
+    assert_eq!(fd, EmbeddingFormat::Diffusers);
+    assert_eq!(a.token, "ti_sks_a1111"); // A1111 names an embedding after its file
+    assert_eq!(d.token, "<sks>");
+    assert_eq!(a.vectors, d.vectors);
+    assert_eq!(a.vectors, golden.tensors["emb_sks"]);
+    assert_eq!((a.num_vectors(), a.dim()), (2, 32));
+    let (c, _) = read_embedding(
+        &fixture("textual_inversion/ti_cat_toy_diffusers.safetensors"),
+        None,
+    )
+    .unwrap();
+    assert_eq!(c.token, "<cat-toy>");
+    assert_eq!(c.vectors.shape, vec![1, 32]);
+    assert_eq!(c.vectors.data, golden.tensors["emb_cat_toy"].data);
+    let (named, _) = read_embedding(
+        &fixture("textual_inversion/ti_sks_a1111.safetensors"),
+        Some("sks"),
+    )
+    .unwrap();
+    assert_eq!(named.token, "sks");
+}
+
+/// `tests/fixtures/textual_inversion/a1111_emb.pt` was written by torch 2.15 in A1111's layout:
+/// `{"string_to_token": {"*": 265}, "string_to_param": {"*": Parameter(linspace(-1, 1, 64).reshape(2, 32))},
+///   "name": "sks", "step": 100, "sd_checkpoint": "abcd1234", "sd_checkpoint_name": "tiny"}`.
+#[test]
+fn embeddings_read_a1111_pt() {
+    let (e, f) = read_embedding(&fixture("textual_inversion/a1111_emb.pt"), None).unwrap();
+    assert_eq!(f, EmbeddingFormat::A1111Torch);
+    assert_eq!(e.token, "a1111_emb");
+    assert_eq!(e.vectors.shape, vec![2, 32]);
+    for (i, v) in e.vectors.data.iter().enumerate() {
+        let want = -1.0 + 2.0 * i as f64 / 63.0;
+        assert!((*v as f64 - want).abs() < 1e-6, "{i}: {v} vs {want}");
+    }
+    assert_eq!(e.step, Some(100));
+    assert_eq!(e.sd_checkpoint.as_deref(), Some("abcd1234"));
+    assert_eq!(e.sd_checkpoint_name.as_deref(), Some("tiny"));
+}
+
+#[test]
+fn embeddings_write_read_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let emb = Embedding {
+        token: "my-style".into(),
+        vectors: t(vec![3, 4], (0..12).map(|i| i as f32 * 0.25 - 1.0).collect()),
+        step: Some(1500),
+        sd_checkpoint: Some("0123abcd".into()),
+        sd_checkpoint_name: Some("v1-5".into()),
+    };
+    let p = dir.path().join("my-style.safetensors");
+    write_a1111_safetensors(&p, &emb).unwrap();
+    let raw = read_safetensors(&p).unwrap();
+    assert_eq!(raw.tensors.keys().collect::<Vec<_>>(), vec!["emb_params"]);
+    assert_eq!(raw.metadata["name"], "my-style");
+    assert_eq!(raw.metadata["step"], "1500");
+    let (back, _) = read_embedding(&p, None).unwrap();
+    assert_eq!(back, emb);
+
+    let p = dir.path().join("learned_embeds.safetensors");
+    write_diffusers(&p, &emb).unwrap();
+    let (back, f) = read_embedding(&p, None).unwrap();
+    assert_eq!(f, EmbeddingFormat::Diffusers);
+    assert_eq!(
+        (back.token.as_str(), &back.vectors),
+        ("my-style", &emb.vectors)
+    );
+
+    let p = dir.path().join("my-style.pt");
+    write_a1111_pt(&p, &emb).unwrap();
+    let (back, f) = read_embedding(&p, None).unwrap();
+    assert_eq!(f, EmbeddingFormat::A1111Torch);
+    assert_eq!(back, emb);
+}
+
+#[test]
+fn embeddings_bad_files_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("two.safetensors");
+    let two = BTreeMap::from([
+        ("a".to_string(), t(vec![2], vec![0.0; 2])),
+        ("b".to_string(), t(vec![2], vec![0.0; 2])),
+    ]);
+    write_safetensors(&p, &two, None).unwrap();
+    let e = read_embedding(&p, None).unwrap_err().to_string();
+    assert!(
+        e.contains("two.safetensors") && e.contains("emb_params"),
+        "{e}"
+    );
+    let p = dir.path().join("cube.safetensors");
+    write_safetensors(
+        &p,
+        &BTreeMap::from([("emb_params".to_string(), t(vec![1, 1, 2], vec![0.0; 2]))]),
+        None,
+    )
+    .unwrap();
+    let e = read_embedding(&p, None).unwrap_err().to_string();
+    assert!(e.contains("emb_params") && e.contains("[1, 1, 2]"), "{e}");
+    let p = dir.path().join("sdxl.safetensors");
+    write_safetensors(
+        &p,
+        &BTreeMap::from([
+            ("clip_l".to_string(), t(vec![1, 2], vec![0.0; 2])),
+            ("clip_g".to_string(), t(vec![1, 2], vec![0.0; 2])),
+        ]),
+        None,
+    )
+    .unwrap();
+    assert!(
+        read_embedding(&p, None)
+            .unwrap_err()
+            .to_string()
+            .contains("SDXL")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hypernetworks
+
+use sdpipe::formats::hypernetwork::{
+    HyperLinear, Hypernetwork, HypernetworkConfig, HypernetworkModule, SeqLayer,
+    parse_dropout_structure, read_hypernetwork, sequential_layout, write_hypernetwork_pt,
+    write_hypernetwork_safetensors,
+};
+
+fn param_indices(dim: usize, c: &HypernetworkConfig) -> Vec<usize> {
+    sequential_layout(dim, c)
+        .unwrap()
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| matches!(l, SeqLayer::Linear { .. } | SeqLayer::LayerNorm { .. }))
+        .map(|(i, _)| i)
+        .collect()
+}
+
+fn cfg(
+    ls: &[f64],
+    act: &str,
+    ln: bool,
+    activate_output: bool,
+    dropout: bool,
+    last: bool,
+) -> HypernetworkConfig {
+    HypernetworkConfig {
+        layer_structure: ls.to_vec(),
+        activation_func: Some(act.to_string()),
+        is_layer_norm: ln,
+        activate_output,
+        use_dropout: dropout,
+        last_layer_dropout: last,
+        ..Default::default()
+    }
+}
+
+/// Expected indices worked out from A1111's `HypernetworkModule.__init__`: per linear i, append
+/// Linear; the activation unless it is `linear` or (i is the last linear and not
+/// activate_output); LayerNorm if enabled; Dropout if dropout_structure[i + 1] > 0.
+#[test]
+fn hypernetwork_sequential_indices_follow_a1111() {
+    // Default: Linear, Linear.
+    assert_eq!(
+        param_indices(768, &HypernetworkConfig::default()),
+        vec![0, 1]
+    );
+    // relu: L0 ReLU1 L2.
+    assert_eq!(
+        param_indices(
+            768,
+            &cfg(&[1.0, 2.0, 1.0], "relu", false, false, false, false)
+        ),
+        vec![0, 2]
+    );
+    // relu + activate_output: L0 ReLU1 L2 ReLU3.
+    let c = cfg(&[1.0, 2.0, 1.0], "relu", false, true, false, false);
+    assert_eq!(sequential_layout(768, &c).unwrap().len(), 4);
+    assert_eq!(param_indices(768, &c), vec![0, 2]);
+    // relu + layer norm: L0 ReLU1 LN2 L3 LN4.
+    assert_eq!(
+        param_indices(
+            768,
+            &cfg(&[1.0, 2.0, 1.0], "relu", true, false, false, false)
+        ),
+        vec![0, 2, 3, 4]
+    );
+    // Dropout [0, .3, .3, 0]: L0 A1 D2 L3 A4 D5 L6.
+    assert_eq!(
+        param_indices(
+            768,
+            &cfg(&[1.0, 2.0, 2.0, 1.0], "relu", false, false, true, true)
+        ),
+        vec![0, 3, 6]
+    );
+    // Dropout [0, .3, 0, 0]: L0 A1 D2 L3 A4 L5.
+    assert_eq!(
+        param_indices(
+            768,
+            &cfg(&[1.0, 2.0, 2.0, 1.0], "relu", false, false, true, false)
+        ),
+        vec![0, 3, 5]
+    );
+    // linear activation + dropout + layer norm, 5 entries: [0, .3, .3, .3, 0]: L0 LN1 D2 L3 LN4 D5 L6 LN7 D8 L9 LN10.
+    assert_eq!(
+        param_indices(
+            320,
+            &cfg(
+                &[1.0, 2.0, 4.0, 2.0, 1.0],
+                "linear",
+                true,
+                false,
+                true,
+                true
+            )
+        ),
+        vec![0, 1, 3, 4, 6, 7, 9, 10]
+    );
+    // [1, 1] with last-layer dropout: A1111's parse gives [0, 0.3, 0] → L0 D1.
+    assert_eq!(
+        parse_dropout_structure(&[1.0, 1.0], true, true),
+        vec![0.0, 0.3, 0.0]
+    );
+    let layout =
+        sequential_layout(640, &cfg(&[1.0, 1.0], "tanh", false, false, true, true)).unwrap();
+    assert_eq!(
+        layout,
+        vec![
+            SeqLayer::Linear {
+                in_features: 640,
+                out_features: 640
+            },
+            SeqLayer::Dropout { p: 0.3 }
+        ]
+    );
+    // Widths are Python's int(dim * m).
+    let layout = sequential_layout(
+        320,
+        &cfg(&[1.0, 1.33, 1.0], "linear", false, false, false, false),
+    )
+    .unwrap();
+    assert_eq!(
+        layout[0],
+        SeqLayer::Linear {
+            in_features: 320,
+            out_features: 425
+        }
+    );
+    // A1111's asserts.
+    assert!(sequential_layout(768, &cfg(&[2.0, 1.0], "relu", false, false, false, false)).is_err());
+    assert!(sequential_layout(768, &cfg(&[1.0, 2.0], "relu", false, false, false, false)).is_err());
+}
+
+fn sample_hypernetwork(config: HypernetworkConfig, widths: &[usize]) -> Hypernetwork {
+    let mut seed = 0.0f32;
+    let mut t = |shape: Vec<usize>| {
+        seed += 1.0;
+        let n = shape.iter().product::<usize>();
+        let s = seed;
+        HostTensor::new(
+            shape,
+            (0..n)
+                .map(|i| ((i as f32 + s) * 0.71).sin() * 0.01)
+                .collect(),
+        )
+        .unwrap()
+    };
+    let mut modules = BTreeMap::new();
+    for &w in widths {
+        let ls = &config.layer_structure;
+        let mut module = || HypernetworkModule {
+            layers: (0..ls.len() - 1)
+                .map(|i| {
+                    let (a, b) = ((w as f64 * ls[i]) as usize, (w as f64 * ls[i + 1]) as usize);
+                    HyperLinear {
+                        weight: t(vec![b, a]),
+                        bias: t(vec![b]),
+                        layer_norm: config.is_layer_norm.then(|| (t(vec![b]), t(vec![b]))),
+                    }
+                })
+                .collect(),
+        };
+        let k = module();
+        let v = module();
+        modules.insert(w, (k, v));
+    }
+    Hypernetwork {
+        name: "my_hn".into(),
+        step: 1234,
+        sd_checkpoint: Some("deadbeef".into()),
+        sd_checkpoint_name: Some("v1-5-pruned".into()),
+        optional_info: Some("made by sdpipe".into()),
+        config,
+        modules,
+    }
+}
+
+#[test]
+fn hypernetwork_round_trips_through_pt_and_safetensors() {
+    let dir = tempfile::tempdir().unwrap();
+    for config in [
+        HypernetworkConfig::default(),
+        cfg(&[1.0, 2.0, 2.0, 1.0], "swish", true, true, true, false),
+        cfg(&[1.0, 1.5, 1.0], "leakyrelu", true, false, true, true),
+    ] {
+        let mut hn = sample_hypernetwork(config, &[8, 12]);
+        // Written files always carry the effective dropout structure.
+        hn.config.dropout_structure = Some(hn.config.effective_dropout_structure());
+        hn.config.last_layer_dropout = {
+            let d = hn.config.dropout_structure.as_ref().unwrap();
+            d[d.len() - 2] != 0.0
+        };
+        let p = dir.path().join("my_hn.pt");
+        write_hypernetwork_pt(&p, &hn).unwrap();
+        assert_eq!(read_hypernetwork(&p).unwrap(), hn);
+        let p = dir.path().join("my_hn.safetensors");
+        write_hypernetwork_safetensors(&p, &hn).unwrap();
+        assert_eq!(read_hypernetwork(&p).unwrap(), hn);
+    }
+    let hn = sample_hypernetwork(
+        cfg(&[1.0, 2.0, 1.0], "relu", true, false, false, false),
+        &[768],
+    );
+    let (tensors, meta) = hn.to_safetensors().unwrap();
+    let keys: Vec<&str> = tensors
+        .keys()
+        .map(String::as_str)
+        .filter(|k| k.starts_with("768.k."))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "768.k.linear.0.bias",
+            "768.k.linear.0.weight",
+            "768.k.linear.2.bias",
+            "768.k.linear.2.weight",
+            "768.k.linear.3.bias",
+            "768.k.linear.3.weight",
+            "768.k.linear.4.bias",
+            "768.k.linear.4.weight"
+        ]
+    );
+    assert_eq!(meta["layer_structure"], "[1.0,2.0,1.0]");
+    assert_eq!(meta["activation_func"], "relu");
+    assert_eq!(meta["is_layer_norm"], "true");
+    // The .pt dict has A1111's keys, widths as int keys and (k, v) tuples of OrderedDicts.
+    let v = hn.to_pyvalue().unwrap();
+    let keys: Vec<String> = v
+        .dict_items()
+        .unwrap()
+        .iter()
+        .map(|(k, _)| match k {
+            PyValue::Int(i) => i.to_string(),
+            PyValue::Str(s) => s.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "768",
+            "step",
+            "name",
+            "layer_structure",
+            "activation_func",
+            "is_layer_norm",
+            "weight_initialization",
+            "sd_checkpoint",
+            "sd_checkpoint_name",
+            "activate_output",
+            "use_dropout",
+            "dropout_structure",
+            "last_layer_dropout",
+            "optional_info"
+        ]
+    );
+}
+
+/// `tests/fixtures/hypernetwork/a1111_hn.pt` was written by torch 2.15 with real `nn.Sequential`
+/// modules built as A1111 builds them (`make_a1111_hn.py` beside it): layer_structure
+/// `[1, 2, 2, 1]`, relu, layer norm, dropout structure `[0, 0.3, 0.3, 0]`, widths 8 and 16.
+#[test]
+fn hypernetwork_reads_a_torch_written_a1111_file() {
+    let hn = read_hypernetwork(&fixture("hypernetwork/a1111_hn.pt")).unwrap();
+    assert_eq!(hn.name, "a1111_hn");
+    assert_eq!(hn.step, 42);
+    assert_eq!(hn.config.layer_structure, vec![1.0, 2.0, 2.0, 1.0]);
+    assert_eq!(hn.config.activation_func.as_deref(), Some("relu"));
+    assert!(hn.config.is_layer_norm && hn.config.use_dropout && !hn.config.activate_output);
+    assert_eq!(hn.sd_checkpoint.as_deref(), Some("1234abcd"));
+    assert_eq!(hn.optional_info, None);
+    assert_eq!(hn.modules.keys().copied().collect::<Vec<_>>(), vec![8, 16]);
+    let (k, _) = &hn.modules[&16];
+    assert_eq!(k.layers.len(), 3);
+    assert_eq!(k.layers[1].weight.shape, vec![32, 32]);
+    assert!(k.layers.iter().all(|l| l.layer_norm.is_some()));
+    // Written back, it reads the same.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("again.pt");
+    write_hypernetwork_pt(&p, &hn).unwrap();
+    assert_eq!(
+        read_hypernetwork(&p).unwrap(),
+        Hypernetwork {
+            name: "a1111_hn".into(),
+            ..hn.clone()
+        }
+    );
+    // A configuration that does not fit the tensors is an error naming the tensor.
+    let mut bad = hn.to_pyvalue().unwrap();
+    if let PyValue::Dict(items) = &mut bad {
+        for (k, v) in items.iter_mut() {
+            if *k == PyValue::str("is_layer_norm") {
+                *v = PyValue::Bool(false);
+            }
+        }
+    }
+    let e = Hypernetwork::from_pyvalue(&bad, "x").unwrap_err();
+    assert!(e.contains("linear."), "{e}");
+}

@@ -5,7 +5,10 @@
 //! Everything here works on host-side [`HostTensor`]s (row-major f32 with a shape); model code
 //! turns them into device tensors.
 
+pub mod embedding;
+pub mod hypernetwork;
 pub mod lora;
+pub mod torch_pickle;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
