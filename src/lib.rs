@@ -14,3 +14,4 @@ pub mod image;
 pub mod pipeline;
 pub mod render;
 pub mod stages;
+pub mod train;
