@@ -870,3 +870,129 @@ fn hypernetwork_reads_a_torch_written_a1111_file() {
     let e = Hypernetwork::from_pyvalue(&bad, "x").unwrap_err();
     assert!(e.contains("linear."), "{e}");
 }
+
+// ---------------------------------------------------------------------------------------------
+// Odds and ends
+
+#[test]
+fn host_tensor_dfdx_round_trip() {
+    use dfdx::prelude::*;
+    let dev = Cpu::default();
+    let h = t(vec![2, 1, 3], vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+    let d: Tensor<(usize, usize, usize), f32, Cpu> = h.to_tensor(&dev).unwrap();
+    assert_eq!(d.shape().concrete(), [2, 1, 3]);
+    assert_eq!(HostTensor::from_tensor(&d), h);
+    assert!(h.to_tensor::<(usize, usize), _>(&dev).is_none());
+    let c: Tensor<Rank3<2, 1, 3>, f32, Cpu> = h.to_tensor(&dev).unwrap();
+    assert_eq!(c.array(), [[[1.0, 2.0, 3.0]], [[4.0, 5.0, 6.0]]]);
+    assert!(h.to_tensor::<Rank3<2, 2, 3>, _>(&dev).is_none());
+}
+
+#[test]
+fn lora_diffusers_text_encoder_and_peft_alpha_pattern() {
+    let dir = tempfile::tempdir().unwrap();
+    let z = |s: Vec<usize>| HostTensor::zeros(s);
+    // diffusers file with UNet and text-encoder modules and per-component alphas.
+    let p = dir.path().join("pytorch_lora_weights.safetensors");
+    let te = "text_encoder.text_model.encoder.layers.1.self_attn.out_proj";
+    let un = "unet.up_blocks.1.attentions.0.proj_in";
+    let tensors = BTreeMap::from([
+        (format!("{te}.lora_A.weight"), z(vec![2, 32])),
+        (format!("{te}.lora_B.weight"), z(vec![32, 2])),
+        (format!("{un}.lora_A.weight"), z(vec![8, 32, 1, 1])),
+        (format!("{un}.lora_B.weight"), z(vec![32, 8, 1, 1])),
+    ]);
+    let meta =
+        serde_json::json!({"unet.lora_alpha": 4.0, "text_encoder.lora_alpha": 1.0}).to_string();
+    let meta = std::collections::HashMap::from([("lora_adapter_metadata".to_string(), meta)]);
+    write_safetensors(&p, &tensors, Some(meta)).unwrap();
+    let (net, f) = read_lora(dir.path(), None).unwrap();
+    assert_eq!(f, LoraFormat::Diffusers);
+    let m = &net.text_encoder["text_model.encoder.layers.1.self_attn.out_proj"];
+    assert_eq!((m.rank(), m.alpha), (2, 1.0));
+    let m = &net.unet["up_blocks.1.attentions.0.proj_in"];
+    assert_eq!(
+        (m.rank(), m.alpha, m.is_conv(), m.up.shape.clone()),
+        (8, 4.0, true, vec![32, 8])
+    );
+    assert_eq!(m.weight_shape(), vec![32, 32, 1, 1]);
+    // Kohya round trip keeps the text encoder under lora_te_ and the conv shapes.
+    let k = dir.path().join("k.safetensors");
+    write_kohya(&k, &net, &KohyaMetadata::default()).unwrap();
+    assert_eq!(read_lora(&k, None).unwrap().0, net);
+
+    // PEFT dir with an alpha_pattern override.
+    let peft = dir.path().join("peft");
+    std::fs::create_dir(&peft).unwrap();
+    let tensors = BTreeMap::from([
+        (
+            "base_model.model.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A.weight"
+                .to_string(),
+            z(vec![4, 32]),
+        ),
+        (
+            "base_model.model.mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_B.weight"
+                .to_string(),
+            z(vec![64, 4]),
+        ),
+        (
+            "base_model.model.mid_block.attentions.0.transformer_blocks.0.attn2.to_v.lora_A.weight"
+                .to_string(),
+            z(vec![4, 32]),
+        ),
+        (
+            "base_model.model.mid_block.attentions.0.transformer_blocks.0.attn2.to_v.lora_B.weight"
+                .to_string(),
+            z(vec![64, 4]),
+        ),
+    ]);
+    write_safetensors(&peft.join("adapter_model.safetensors"), &tensors, None).unwrap();
+    std::fs::write(
+        peft.join("adapter_config.json"),
+        r#"{"r": 4, "lora_alpha": 8, "alpha_pattern": {"attn2.to_v": 2}}"#,
+    )
+    .unwrap();
+    let (net, f) = read_lora(&peft, Some(&unet_known())).unwrap();
+    assert_eq!(f, LoraFormat::Peft);
+    assert_eq!(
+        net.unet["mid_block.attentions.0.transformer_blocks.0.attn2.to_k"].alpha,
+        8.0
+    );
+    assert_eq!(
+        net.unet["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"].alpha,
+        2.0
+    );
+}
+
+#[test]
+fn torch_archive_records_are_aligned_and_checksummed() {
+    let bytes = torch_bytes(&PyValue::Tensor(t(vec![3], vec![1.0, 2.0, 3.0]))).unwrap();
+    // Walk the local headers: every record's data starts on a 64-byte boundary and its CRC holds.
+    let u16_at = |i: usize| u16::from_le_bytes([bytes[i], bytes[i + 1]]) as usize;
+    let u32_at = |i: usize| {
+        u32::from_le_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]) as usize
+    };
+    let mut at = 0;
+    let mut names = Vec::new();
+    while u32_at(at) == 0x0403_4b50 {
+        let size = u32_at(at + 18);
+        let (nl, el) = (u16_at(at + 26), u16_at(at + 28));
+        let start = at + 30 + nl + el;
+        assert_eq!(start % 64, 0);
+        assert_eq!(
+            crc32fast::hash(&bytes[start..start + size]) as usize,
+            u32_at(at + 14)
+        );
+        names.push(String::from_utf8(bytes[at + 30..at + 30 + nl].to_vec()).unwrap());
+        at = start + size;
+    }
+    assert_eq!(
+        names,
+        [
+            "archive/data.pkl",
+            "archive/byteorder",
+            "archive/data/0",
+            "archive/version"
+        ]
+    );
+}

@@ -13,6 +13,7 @@ pub mod torch_pickle;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use dfdx::prelude::{Device, HasShape, Shape, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
 /// A row-major f32 tensor in host memory, the exchange type of the file formats.
@@ -47,6 +48,29 @@ impl HostTensor {
     /// Little-endian bytes of the data (the layout safetensors and torch storages use).
     pub fn to_le_bytes(&self) -> Vec<u8> {
         self.data.iter().flat_map(|v| v.to_le_bytes()).collect()
+    }
+
+    /// Copies a dfdx tensor (of any shape and device) to the host.
+    pub fn from_tensor<S: Shape, D: Device<f32>, T>(t: &Tensor<S, f32, D, T>) -> Self {
+        let dims = t.shape().concrete();
+        Self {
+            shape: (0..S::NUM_DIMS).map(|i| dims[i]).collect(),
+            data: t.as_vec(),
+        }
+    }
+
+    /// A dfdx tensor of shape type `S` on `dev` (e.g. `(usize, usize)`), or `None` when the
+    /// rank (or a compile-time dimension) differs.
+    pub fn to_tensor<S: Shape, D: Device<f32>>(&self, dev: &D) -> Option<Tensor<S, f32, D>> {
+        if self.shape.len() != S::NUM_DIMS {
+            return None;
+        }
+        let mut dims = S::Concrete::default();
+        for (i, &d) in self.shape.iter().enumerate() {
+            dims[i] = d;
+        }
+        let shape = S::from_concrete(&dims)?;
+        Some(dev.tensor_from_vec(self.data.clone(), shape))
     }
 
     /// Largest absolute elementwise difference to `other` (infinite if shapes differ).
