@@ -996,3 +996,18 @@ fn torch_archive_records_are_aligned_and_checksummed() {
         ]
     );
 }
+
+/// `tests/fixtures/torch/torch_views.pt` (torch 2.15): `base = torch.arange(6.)`;
+/// `{"expanded": tensor([2.5]).expand(4), "long": tensor([[1, -2], [3, 4]]), "view_a": base[:3],
+///   "view_b": base[3:].reshape(1, 3), "bf16": tensor([1.5, -0.25], dtype=bfloat16)}` — a
+/// stride-0 tensor, an integer storage, two views sharing one storage, a bf16 storage.
+#[test]
+fn torch_archive_reads_views_and_other_storages() {
+    let v = read_torch(&fixture("torch/torch_views.pt")).unwrap();
+    let get = |k: &str| v.get(k).unwrap().as_tensor().unwrap().clone();
+    assert_eq!(get("expanded"), t(vec![4], vec![2.5; 4]));
+    assert_eq!(get("long"), t(vec![2, 2], vec![1.0, -2.0, 3.0, 4.0]));
+    assert_eq!(get("view_a"), t(vec![3], vec![0.0, 1.0, 2.0]));
+    assert_eq!(get("view_b"), t(vec![1, 3], vec![3.0, 4.0, 5.0]));
+    assert_eq!(get("bf16"), t(vec![2], vec![1.5, -0.25]));
+}

@@ -1084,8 +1084,15 @@ fn rebuild_tensor(args: Vec<Item>) -> Result<HostTensor, String> {
     if shape.len() != stride.len() {
         return Err("tensor size and stride differ in length".into());
     }
-    let n: usize = shape.iter().product();
-    let mut out = Vec::with_capacity(n);
+    let n = shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .ok_or("tensor size overflows")?;
+    // A stride-0 (expanded) tensor may claim far more elements than its storage holds: fail
+    // cleanly rather than abort when that cannot be allocated.
+    let mut out = Vec::new();
+    out.try_reserve_exact(n)
+        .map_err(|_| format!("tensor of shape {shape:?} is too large to load"))?;
     let mut idx = vec![0usize; shape.len()];
     for _ in 0..n {
         let at = *offset as usize + idx.iter().zip(&stride).map(|(i, s)| i * s).sum::<usize>();
