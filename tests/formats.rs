@@ -1011,3 +1011,78 @@ fn torch_archive_reads_views_and_other_storages() {
     assert_eq!(get("view_b"), t(vec![1, 3], vec![3.0, 4.0, 5.0]));
     assert_eq!(get("bf16"), t(vec![2], vec![1.5, -0.25]));
 }
+
+#[test]
+fn hypernetwork_new_initialises_as_a1111() {
+    let std_of = |d: &[f32]| {
+        let n = d.len() as f64;
+        let mean = d.iter().map(|&x| x as f64).sum::<f64>() / n;
+        (d.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt()
+    };
+    let c = cfg(&[1.0, 2.0, 1.0], "relu", true, false, false, false);
+    let hn = Hypernetwork::new("hn", c.clone(), &[768, 320], 7).unwrap();
+    assert_eq!(
+        hn.modules.keys().copied().collect::<Vec<_>>(),
+        vec![320, 768]
+    );
+    let (k, v) = &hn.modules[&768];
+    assert_ne!(k, v);
+    assert_eq!(k.layers[0].weight.shape, vec![1536, 768]);
+    let s = std_of(&k.layers[0].weight.data);
+    assert!((s - 0.01).abs() < 0.0002, "{s}");
+    assert!(
+        k.layers
+            .iter()
+            .all(|l| l.bias.data.iter().all(|&b| b == 0.0))
+    );
+    let (lnw, lnb) = k.layers[1].layer_norm.as_ref().unwrap();
+    assert!((std_of(&lnw.data) - 0.01).abs() < 0.002);
+    assert!(lnb.data.iter().all(|&b| b == 0.0));
+    // Its state dict is what A1111 expects, and it is deterministic in the seed.
+    assert_eq!(k.state_dict(768, &c).unwrap().len(), 8);
+    assert_eq!(
+        Hypernetwork::new("hn", c.clone(), &[768, 320], 7).unwrap(),
+        hn
+    );
+    assert_ne!(
+        Hypernetwork::new("hn", c.clone(), &[768, 320], 8).unwrap(),
+        hn
+    );
+    // Xavier uniform stays within its bound sqrt(6 / (in + out)); Kaiming normal has std sqrt(2 / in).
+    let x = Hypernetwork::new(
+        "x",
+        HypernetworkConfig {
+            weight_initialization: "XavierUniform".into(),
+            ..c.clone()
+        },
+        &[64],
+        1,
+    )
+    .unwrap();
+    let w = &x.modules[&64].0.layers[0].weight.data;
+    let bound = (6.0f32 / (64.0 + 128.0)).sqrt();
+    assert!(w.iter().all(|v| v.abs() <= bound) && w.iter().any(|v| v.abs() > 0.9 * bound));
+    let kn = Hypernetwork::new(
+        "k",
+        HypernetworkConfig {
+            weight_initialization: "KaimingNormal".into(),
+            ..c.clone()
+        },
+        &[256],
+        1,
+    )
+    .unwrap();
+    let s = std_of(&kn.modules[&256].0.layers[0].weight.data);
+    assert!((s - (2.0f64 / 256.0).sqrt()).abs() < 0.003, "{s}");
+    let e = Hypernetwork::new(
+        "e",
+        HypernetworkConfig {
+            weight_initialization: "Orthogonal".into(),
+            ..c
+        },
+        &[8],
+        1,
+    )
+    .unwrap_err();
+    assert!(e.contains("Orthogonal"), "{e}");
+}

@@ -614,3 +614,118 @@ pub fn read_hypernetwork(path: &Path) -> Result<Hypernetwork> {
     };
     r.map_err(|m| FormatError::invalid(path, m))
 }
+
+/// Uniform samples in [-bound, bound) and N(0, std²) samples from one seeded stream.
+struct InitRng {
+    normal: crate::diffusion::schedulers::SeededNoise,
+    uniform: rand_chacha::ChaCha8Rng,
+}
+
+impl InitRng {
+    fn new(seed: u64) -> Self {
+        use rand_chacha::rand_core::SeedableRng;
+        Self {
+            normal: crate::diffusion::schedulers::SeededNoise::new(seed),
+            uniform: rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
+        }
+    }
+
+    fn normal(&mut self, n: usize, std: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| (self.normal.next_normal() * std) as f32)
+            .collect()
+    }
+
+    fn uniform(&mut self, n: usize, bound: f64) -> Vec<f32> {
+        use rand_chacha::rand_core::Rng;
+        (0..n)
+            .map(|_| {
+                let u = (self.uniform.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                ((2.0 * u - 1.0) * bound) as f32
+            })
+            .collect()
+    }
+}
+
+impl Hypernetwork {
+    /// A new hypernetwork with k and v modules for each context width, initialised as A1111's
+    /// `HypernetworkModule` does for `config.weight_initialization`: `Normal` → weights
+    /// N(0, 0.01²); `XavierUniform` / `XavierNormal` (gain 1); `KaimingUniform` /
+    /// `KaimingNormal` (fan-in, gain √2 for relu and for leakyrelu with slope 0); biases zero;
+    /// LayerNorm weights N(0, 0.01²) whatever the init (as A1111 does), LayerNorm biases zero.
+    /// Deterministic for `seed` (not torch's random stream).
+    pub fn new(
+        name: &str,
+        config: HypernetworkConfig,
+        widths: &[usize],
+        seed: u64,
+    ) -> Result<Self, String> {
+        let mut rng = InitRng::new(seed);
+        let init = config.weight_initialization.clone();
+        let mut modules = BTreeMap::new();
+        for &w in widths {
+            let layout = sequential_layout(w, &config)?;
+            let mut module = |rng: &mut InitRng| -> Result<HypernetworkModule, String> {
+                let mut layers: Vec<HyperLinear> = Vec::new();
+                for l in &layout {
+                    match *l {
+                        SeqLayer::Linear {
+                            in_features,
+                            out_features,
+                        } => {
+                            let n = in_features * out_features;
+                            let (fi, fo) = (in_features as f64, out_features as f64);
+                            let gain = 2f64.sqrt();
+                            let data = match init.as_str() {
+                                "Normal" => rng.normal(n, 0.01),
+                                "XavierUniform" => rng.uniform(n, (6.0 / (fi + fo)).sqrt()),
+                                "XavierNormal" => rng.normal(n, (2.0 / (fi + fo)).sqrt()),
+                                "KaimingUniform" => rng.uniform(n, gain * (3.0 / fi).sqrt()),
+                                "KaimingNormal" => rng.normal(n, gain / fi.sqrt()),
+                                other => {
+                                    return Err(format!(
+                                        "weight_initialization `{other}` is not one of Normal, XavierUniform, XavierNormal, KaimingUniform, KaimingNormal"
+                                    ));
+                                }
+                            };
+                            layers.push(HyperLinear {
+                                weight: HostTensor {
+                                    shape: vec![out_features, in_features],
+                                    data,
+                                },
+                                bias: HostTensor::zeros(vec![out_features]),
+                                layer_norm: None,
+                            });
+                        }
+                        SeqLayer::LayerNorm { width } => {
+                            let ln = (
+                                HostTensor {
+                                    shape: vec![width],
+                                    data: rng.normal(width, 0.01),
+                                },
+                                HostTensor::zeros(vec![width]),
+                            );
+                            if let Some(last) = layers.last_mut() {
+                                last.layer_norm = Some(ln);
+                            }
+                        }
+                        SeqLayer::Activation | SeqLayer::Dropout { .. } => {}
+                    }
+                }
+                Ok(HypernetworkModule { layers })
+            };
+            let k = module(&mut rng)?;
+            let v = module(&mut rng)?;
+            modules.insert(w, (k, v));
+        }
+        Ok(Self {
+            name: name.to_string(),
+            step: 0,
+            sd_checkpoint: None,
+            sd_checkpoint_name: None,
+            optional_info: None,
+            config,
+            modules,
+        })
+    }
+}
