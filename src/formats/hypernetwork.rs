@@ -665,7 +665,7 @@ impl Hypernetwork {
         let mut modules = BTreeMap::new();
         for &w in widths {
             let layout = sequential_layout(w, &config)?;
-            let mut module = |rng: &mut InitRng| -> Result<HypernetworkModule, String> {
+            let module = |rng: &mut InitRng| -> Result<HypernetworkModule, String> {
                 let mut layers: Vec<HyperLinear> = Vec::new();
                 for l in &layout {
                     match *l {
