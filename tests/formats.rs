@@ -1086,3 +1086,26 @@ fn hypernetwork_new_initialises_as_a1111() {
     .unwrap_err();
     assert!(e.contains("Orthogonal"), "{e}");
 }
+
+#[test]
+fn lora_init_is_identity_with_bounded_down() {
+    let m = LoraModule::init(&[64, 32], 4, 2.0, 3).unwrap();
+    assert_eq!(
+        (m.down.shape.clone(), m.up.shape.clone(), m.scale()),
+        (vec![4, 32], vec![64, 4], 0.5)
+    );
+    assert!(m.up.data.iter().all(|&v| v == 0.0));
+    let bound = 1.0 / 32f32.sqrt();
+    assert!(
+        m.down.data.iter().all(|v| v.abs() <= bound)
+            && m.down.data.iter().any(|v| v.abs() > 0.8 * bound)
+    );
+    assert!(m.delta(1.0).data.iter().all(|&v| v == 0.0));
+    assert_eq!(LoraModule::init(&[64, 32], 4, 2.0, 3).unwrap(), m);
+    let c = LoraModule::init(&[8, 4, 3, 3], 2, 2.0, 1).unwrap();
+    assert_eq!(
+        (c.down.shape.clone(), c.weight_shape()),
+        (vec![2, 4, 3, 3], vec![8, 4, 3, 3])
+    );
+    assert!(LoraModule::init(&[8], 2, 1.0, 1).is_err());
+}

@@ -615,38 +615,6 @@ pub fn read_hypernetwork(path: &Path) -> Result<Hypernetwork> {
     r.map_err(|m| FormatError::invalid(path, m))
 }
 
-/// Uniform samples in [-bound, bound) and N(0, std²) samples from one seeded stream.
-struct InitRng {
-    normal: crate::diffusion::schedulers::SeededNoise,
-    uniform: rand_chacha::ChaCha8Rng,
-}
-
-impl InitRng {
-    fn new(seed: u64) -> Self {
-        use rand_chacha::rand_core::SeedableRng;
-        Self {
-            normal: crate::diffusion::schedulers::SeededNoise::new(seed),
-            uniform: rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
-        }
-    }
-
-    fn normal(&mut self, n: usize, std: f64) -> Vec<f32> {
-        (0..n)
-            .map(|_| (self.normal.next_normal() * std) as f32)
-            .collect()
-    }
-
-    fn uniform(&mut self, n: usize, bound: f64) -> Vec<f32> {
-        use rand_chacha::rand_core::Rng;
-        (0..n)
-            .map(|_| {
-                let u = (self.uniform.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
-                ((2.0 * u - 1.0) * bound) as f32
-            })
-            .collect()
-    }
-}
-
 impl Hypernetwork {
     /// A new hypernetwork with k and v modules for each context width, initialised as A1111's
     /// `HypernetworkModule` does for `config.weight_initialization`: `Normal` → weights
@@ -660,12 +628,12 @@ impl Hypernetwork {
         widths: &[usize],
         seed: u64,
     ) -> Result<Self, String> {
-        let mut rng = InitRng::new(seed);
+        let mut rng = super::InitRng::new(seed);
         let init = config.weight_initialization.clone();
         let mut modules = BTreeMap::new();
         for &w in widths {
             let layout = sequential_layout(w, &config)?;
-            let module = |rng: &mut InitRng| -> Result<HypernetworkModule, String> {
+            let module = |rng: &mut super::InitRng| -> Result<HypernetworkModule, String> {
                 let mut layers: Vec<HyperLinear> = Vec::new();
                 for l in &layout {
                     match *l {

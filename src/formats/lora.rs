@@ -51,6 +51,36 @@ pub struct LoraModule {
 }
 
 impl LoraModule {
+    /// A freshly initialised module for a weight of shape `[out, in]` or `[out, in, kh, kw]`,
+    /// as kohya and PEFT initialise one: `down` kaiming-uniform with a = √5 (uniform in
+    /// ±1/√fan_in, fan_in = in·kh·kw), `up` zero, so the network starts as the identity.
+    /// Deterministic for `seed`.
+    pub fn init(
+        weight_shape: &[usize],
+        rank: usize,
+        alpha: f32,
+        seed: u64,
+    ) -> Result<Self, String> {
+        if !(weight_shape.len() == 2 || weight_shape.len() == 4) || rank == 0 {
+            return Err(format!(
+                "cannot make a rank-{rank} LoRA for a weight of shape {weight_shape:?}"
+            ));
+        }
+        let fan_in: usize = weight_shape[1..].iter().product();
+        let mut down_shape = vec![rank];
+        down_shape.extend_from_slice(&weight_shape[1..]);
+        let mut rng = super::InitRng::new(seed);
+        let down = HostTensor {
+            data: rng.uniform(rank * fan_in, 1.0 / (fan_in as f64).sqrt()),
+            shape: down_shape,
+        };
+        Ok(Self {
+            down,
+            up: HostTensor::zeros(vec![weight_shape[0], rank]),
+            alpha,
+        })
+    }
+
     /// The rank (rows of `down`).
     pub fn rank(&self) -> usize {
         self.down.shape[0]

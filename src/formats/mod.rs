@@ -282,3 +282,35 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         .map_err(|e| FormatError::io(path, e.error))?;
     Ok(())
 }
+
+/// Uniform samples in [-bound, bound) and N(0, std²) samples from one seeded stream.
+pub(crate) struct InitRng {
+    normal: crate::diffusion::schedulers::SeededNoise,
+    uniform: rand_chacha::ChaCha8Rng,
+}
+
+impl InitRng {
+    pub(crate) fn new(seed: u64) -> Self {
+        use rand_chacha::rand_core::SeedableRng;
+        Self {
+            normal: crate::diffusion::schedulers::SeededNoise::new(seed),
+            uniform: rand_chacha::ChaCha8Rng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15),
+        }
+    }
+
+    pub(crate) fn normal(&mut self, n: usize, std: f64) -> Vec<f32> {
+        (0..n)
+            .map(|_| (self.normal.next_normal() * std) as f32)
+            .collect()
+    }
+
+    pub(crate) fn uniform(&mut self, n: usize, bound: f64) -> Vec<f32> {
+        use rand_chacha::rand_core::Rng;
+        (0..n)
+            .map(|_| {
+                let u = (self.uniform.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+                ((2.0 * u - 1.0) * bound) as f32
+            })
+            .collect()
+    }
+}
