@@ -1,0 +1,6 @@
+//! Training foundations shared by the LoRA, textual-inversion, hypernetwork and DreamBooth
+//! stages: the AdamW optimiser with gradient clipping ([`optim`]) and learning-rate schedules
+//! ([`lr`]).
+
+pub mod lr;
+pub mod optim;
