@@ -37,11 +37,22 @@ fn watch_reruns_on_save_and_cancels_a_stage_whose_key_changed() {
     p.write_pipeline(&BASIC.replace("resolution = 32", "resolution = 40"));
     wait_for("preprocess at 40 px to start", || item_records(&p) > 6);
     p.write_pipeline(&BASIC.replace("resolution = 32", "resolution = 48"));
-    wait_for("the latest plan to be fresh", || {
-        p.plan().iter().all(|(_, s, _)| s == "fresh")
-            && std::fs::read_to_string(p.path("outputs/t/preprocess/manifest.json"))
-                .is_ok_and(|m| m.contains("48"))
+    // The run record is written last: once it shows 48 px, that run is over.
+    wait_for("the run at 48 px to finish", || {
+        std::fs::read(p.path("outputs/t/last-run.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .is_some_and(|r| {
+                r["stages"].as_array().is_some_and(|stages| {
+                    stages.iter().any(|s| {
+                        s["stage"] == "preprocess"
+                            && s["params"]["resolution"] == 48
+                            && s["outcome"]["status"] == "computed"
+                    })
+                })
+            })
     });
+    assert!(p.plan().iter().all(|(_, s, _)| s == "fresh"));
     let manifest: serde_json::Value = serde_json::from_slice(
         &std::fs::read(p.path("outputs/t/preprocess/manifest.json")).unwrap(),
     )
@@ -49,11 +60,13 @@ fn watch_reruns_on_save_and_cancels_a_stage_whose_key_changed() {
     assert_eq!(manifest["items"][0]["size"], serde_json::json!([48, 48]));
 
     // An added image is picked up too.
+    let before = runs(&p);
     p.add_image("late.png", 9);
-    wait_for("the added image", || {
+    wait_for("the run for the added image", || runs(&p) > before);
+    assert!(
         p.path("outputs/t/preprocess/items/late.png.safetensors")
             .is_file()
-    });
+    );
 
     // Nothing else happens by itself: our own writes to outputs/ and .sdpipe/ are not changes.
     let settled = runs(&p);

@@ -330,11 +330,18 @@ pub fn execute(
     Ok(report)
 }
 
-/// Writes `runs/<time>-<pid>.json` and `last-run.json`, keeping the 20 newest runs.
+/// Writes `runs/<time>-<pid>-<n>.json` and `last-run.json`, keeping the 20 newest runs.
 fn write_run_record(out_dir: &std::path::Path, report: &RunReport) -> anyhow::Result<()> {
     let runs = out_dir.join("runs");
     let bytes = serde_json::to_vec_pretty(report)?;
-    let name = format!("{}-{}.json", report.started_unix, std::process::id());
+    // Several runs may start within a second (watch): a per-process sequence keeps names unique.
+    static SEQUENCE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let seq = SEQUENCE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let name = format!(
+        "{}-{}-{seq:04}.json",
+        report.started_unix,
+        std::process::id()
+    );
     atomic_write(&runs.join(name), &bytes)
         .with_context(|| format!("cannot write a run record in {}", runs.display()))?;
     atomic_write(&out_dir.join("last-run.json"), &bytes)?;
