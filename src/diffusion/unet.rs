@@ -242,6 +242,37 @@ pub struct UNet<D: Storage<f32>> {
 }
 
 impl<D: Device<f32>> UNet<D> {
+    /// Calls `f` with the diffusers module path and the layer of every attention projection,
+    /// in module order: `…transformer_blocks.K.attn1.to_q`, `to_k`, `to_v`, `to_out.0`, then
+    /// the same for `attn2` (the modules LoRA targets by default).
+    pub fn for_each_attention_linear_mut(&mut self, mut f: impl FnMut(&str, &mut Linear<D>)) {
+        let mut visit = |prefix: String, t: &mut super::attention::Transformer2D<D>| {
+            for (k, block) in t.transformer_blocks.iter_mut().enumerate() {
+                for (name, attn) in [("attn1", &mut block.attn1), ("attn2", &mut block.attn2)] {
+                    let base = format!("{prefix}.transformer_blocks.{k}.{name}");
+                    f(&format!("{base}.to_q"), &mut attn.to_q);
+                    f(&format!("{base}.to_k"), &mut attn.to_k);
+                    f(&format!("{base}.to_v"), &mut attn.to_v);
+                    f(&format!("{base}.to_out.0"), &mut attn.to_out);
+                }
+            }
+        };
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            for (j, t) in block.attentions.iter_mut().enumerate() {
+                visit(format!("down_blocks.{i}.attentions.{j}"), t);
+            }
+        }
+        visit(
+            "mid_block.attentions.0".to_string(),
+            &mut self.mid_block.attention,
+        );
+        for (i, block) in self.up_blocks.iter_mut().enumerate() {
+            for (j, t) in block.attentions.iter_mut().enumerate() {
+                visit(format!("up_blocks.{i}.attentions.{j}"), t);
+            }
+        }
+    }
+
     /// Loads the UNet from diffusers names (`conv_in.weight`, `down_blocks.0.resnets.0…`).
     pub fn load(l: &Loader<D>, config: &UNetConfig) -> Result<Self> {
         let c = config;

@@ -2,5 +2,6 @@
 //! stages: the AdamW optimiser with gradient clipping ([`optim`]) and learning-rate schedules
 //! ([`lr`]).
 
+pub mod lora;
 pub mod lr;
 pub mod optim;

@@ -6,13 +6,31 @@ use super::{Tensor1, Tensor2, Tensor3};
 use crate::diffusion::error::Result;
 use crate::diffusion::weights::Loader;
 
-/// `y = x Wᵀ + b` with `W: [out, in]` (PyTorch layout) and an optional bias `[out]`.
+/// `y = x Wᵀ + b` with `W: [out, in]` (PyTorch layout) and an optional bias `[out]`, plus an
+/// optional LoRA branch `scale · (x downᵀ) upᵀ` (the weights stay untouched).
 #[derive(Debug, Clone)]
 pub struct Linear<D: Storage<f32>> {
     /// `[out, in]`
     pub weight: Tensor2<D>,
     /// `[out]`
     pub bias: Option<Tensor1<D>>,
+    /// A low-rank adapter added to the output (training, or unmerged inference).
+    pub lora: Option<LoraAdapter<D>>,
+}
+
+/// A LoRA pair on a [`Linear`]: `down: [r, in]` (kohya's `lora_down`, PEFT's `lora_A`),
+/// `up: [out, r]` (`lora_up`, `lora_B`) and the factor `multiplier · alpha / r`.
+///
+/// The tensors carry no tape; [`Linear::forward2`] attaches the activation's tape to them, so a
+/// backward pass yields their gradients under their own ids (`grads.get(&adapter.down)`).
+#[derive(Debug, Clone)]
+pub struct LoraAdapter<D: Storage<f32>> {
+    /// `[r, in]`
+    pub down: Tensor2<D>,
+    /// `[out, r]`
+    pub up: Tensor2<D>,
+    /// `multiplier · alpha / r`.
+    pub scale: f32,
 }
 
 impl<D: Device<f32>> Linear<D> {
@@ -25,6 +43,7 @@ impl<D: Device<f32>> Linear<D> {
             } else {
                 None
             },
+            lora: None,
         })
     }
 
@@ -42,11 +61,21 @@ impl<D: Device<f32>> Linear<D> {
     pub fn forward2<T: Tape<f32, D>>(&self, x: Tensor2<D, T>) -> Tensor2<D, T> {
         let m = x.shape().0;
         let out = self.out_features();
+        let lora_input = self.lora.as_ref().map(|_| x.retaped::<T>());
         // [m, in] x [in, out] -> [m, out]
         let y = x.matmul(self.weight.clone().permute::<_, Axes2<1, 0>>());
-        match &self.bias {
+        let y = match &self.bias {
             Some(b) => y + b.clone().broadcast_like::<_, Axis<0>>(&(m, out)),
             None => y,
+        };
+        match (&self.lora, lora_input) {
+            (Some(lora), Some(x)) => {
+                // [m, in] x [in, r] -> [m, r]; x [r, out] -> [m, out]
+                let down = lora.down.retaped::<T>().permute::<_, Axes2<1, 0>>();
+                let up = lora.up.retaped::<T>().permute::<_, Axes2<1, 0>>();
+                y + x.matmul(down).matmul(up) * lora.scale
+            }
+            _ => y,
         }
     }
 

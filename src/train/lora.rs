@@ -1,0 +1,210 @@
+//! LoRA on the UNet's attention projections: installing adapters from a [`LoraNetwork`],
+//! one training step of the epsilon objective, and reading the trained adapters back.
+
+use std::collections::BTreeMap;
+
+use dfdx::prelude::*;
+use thiserror::Error;
+
+use super::optim::{AdamW, OptimError};
+use crate::diffusion::UNet;
+use crate::diffusion::nn::{LoraAdapter, Tensor3, Tensor4};
+use crate::diffusion::schedulers::Ddpm;
+use crate::formats::HostTensor;
+use crate::formats::lora::{LoraModule, LoraNetwork};
+
+/// What can go wrong installing or training LoRA adapters.
+#[derive(Debug, Error)]
+pub enum LoraTrainError {
+    /// A module of the network is not an attention projection of this UNet.
+    #[error(
+        "LoRA target `{name}` is not an attention projection of this UNet; available: {available}"
+    )]
+    UnknownTarget {
+        /// The module path.
+        name: String,
+        /// The module paths that exist (abridged).
+        available: String,
+    },
+    /// A module's tensors do not fit the layer.
+    #[error("LoRA module `{name}`: {reason}")]
+    Shape {
+        /// The module path.
+        name: String,
+        /// What does not fit.
+        reason: String,
+    },
+    /// The model rejected its inputs.
+    #[error(transparent)]
+    Model(#[from] crate::diffusion::DiffusionError),
+    /// The noise schedule rejected its inputs.
+    #[error(transparent)]
+    Schedule(#[from] crate::diffusion::schedulers::SchedulerError),
+    /// The optimiser failed.
+    #[error(transparent)]
+    Optim(#[from] OptimError),
+    /// The loss is NaN or infinite.
+    #[error("the loss is {0}: training diverged (lower the learning rate)")]
+    NonFinite(f32),
+}
+
+/// Module paths of every attention projection (the default LoRA targets).
+pub fn attention_targets<D: Device<f32>>(unet: &mut UNet<D>) -> Vec<String> {
+    let mut names = Vec::new();
+    unet.for_each_attention_linear_mut(|name, _| names.push(name.to_string()));
+    names
+}
+
+/// Installs the UNet modules of `network` as adapters (replacing any), scaled by
+/// `multiplier · alpha / r`. Every module must name an attention projection of `unet`.
+pub fn install<D: Device<f32>>(
+    unet: &mut UNet<D>,
+    network: &LoraNetwork,
+    multiplier: f32,
+    dev: &D,
+) -> Result<(), LoraTrainError> {
+    let mut remaining: BTreeMap<&String, &LoraModule> = network.unet.iter().collect();
+    let mut error = None;
+    unet.for_each_attention_linear_mut(|name, linear| {
+        let Some(module) = remaining.remove(&name.to_string()) else {
+            return;
+        };
+        let (out, inp) = *linear.weight.shape();
+        let down = module.down.to_tensor::<(usize, usize), D>(dev);
+        let up = module.up.to_tensor::<(usize, usize), D>(dev);
+        match (down, up) {
+            (Some(down), Some(up))
+                if down.shape().1 == inp
+                    && up.shape().0 == out
+                    && up.shape().1 == down.shape().0 =>
+            {
+                linear.lora = Some(LoraAdapter {
+                    down,
+                    up,
+                    scale: multiplier * module.scale(),
+                });
+            }
+            _ => {
+                error.get_or_insert(LoraTrainError::Shape {
+                    name: name.to_string(),
+                    reason: format!(
+                        "down {:?} / up {:?} do not fit a [{out}, {inp}] linear layer",
+                        module.down.shape, module.up.shape
+                    ),
+                });
+            }
+        }
+    });
+    if let Some(e) = error {
+        return Err(e);
+    }
+    if let Some((name, _)) = remaining.into_iter().next() {
+        let available = attention_targets(unet);
+        let shown: Vec<&str> = available.iter().take(8).map(String::as_str).collect();
+        return Err(LoraTrainError::UnknownTarget {
+            name: name.clone(),
+            available: format!("{} … ({} modules)", shown.join(", "), available.len()),
+        });
+    }
+    Ok(())
+}
+
+/// The installed adapters as a network (alpha recovered from the scale and the rank, with
+/// `multiplier` = 1).
+pub fn extract<D: Device<f32>>(unet: &mut UNet<D>, alpha: f32) -> LoraNetwork {
+    let mut network = LoraNetwork::default();
+    unet.for_each_attention_linear_mut(|name, linear| {
+        if let Some(l) = &linear.lora {
+            network.unet.insert(
+                name.to_string(),
+                LoraModule {
+                    down: HostTensor::from_tensor(&l.down),
+                    up: HostTensor::from_tensor(&l.up),
+                    alpha,
+                },
+            );
+        }
+    });
+    network
+}
+
+/// One optimisation step of the epsilon objective on the installed adapters:
+/// `noisy = add_noise(latents, noise, t)`, `loss = mse(unet(noisy, t, context), noise)`,
+/// backward, then AdamW on every adapter (parameter names `<module>.lora_A.weight` /
+/// `.lora_B.weight`, as PEFT calls them). Returns the loss before the update.
+#[allow(clippy::too_many_arguments)]
+pub fn train_step<D: Device<f32>>(
+    unet: &mut UNet<D>,
+    ddpm: &Ddpm,
+    latents: &Tensor4<D>,
+    noise: &Tensor4<D>,
+    timesteps: &[usize],
+    context: &Tensor3<D>,
+    optimizer: &mut AdamW<D>,
+    lr: f64,
+) -> Result<f32, LoraTrainError> {
+    let (loss, grads) = loss_and_grads(unet, ddpm, latents, noise, timesteps, context)?;
+    let mut error = None;
+    unet.for_each_attention_linear_mut(|name, linear| {
+        if error.is_some() {
+            return;
+        }
+        if let Some(l) = &mut linear.lora {
+            let gd = grads.get(&l.down);
+            let gu = grads.get(&l.up);
+            let r = optimizer
+                .update(&format!("{name}.lora_A.weight"), &mut l.down, &gd, lr)
+                .and_then(|()| {
+                    optimizer.update(&format!("{name}.lora_B.weight"), &mut l.up, &gu, lr)
+                });
+            if let Err(e) = r {
+                error = Some(e);
+            }
+        }
+    });
+    match error {
+        Some(e) => Err(e.into()),
+        None => Ok(loss),
+    }
+}
+
+/// The loss and the gradients of one batch (no update).
+pub fn loss_and_grads<D: Device<f32>>(
+    unet: &UNet<D>,
+    ddpm: &Ddpm,
+    latents: &Tensor4<D>,
+    noise: &Tensor4<D>,
+    timesteps: &[usize],
+    context: &Tensor3<D>,
+) -> Result<(f32, Gradients<f32, D>), LoraTrainError> {
+    let noisy = ddpm.add_noise(latents, noise, timesteps)?;
+    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+    let pred = unet.forward(noisy.leaky_trace(), &t, context.retaped())?;
+    let loss = mse_loss(pred, noise.clone());
+    let value = loss.as_vec().first().copied().unwrap_or(f32::NAN);
+    if !value.is_finite() {
+        return Err(LoraTrainError::NonFinite(value));
+    }
+    Ok((value, loss.backward()))
+}
+
+/// The gradients of every adapter, by PEFT parameter name.
+pub fn adapter_grads<D: Device<f32>>(
+    unet: &mut UNet<D>,
+    grads: &Gradients<f32, D>,
+) -> BTreeMap<String, HostTensor> {
+    let mut out = BTreeMap::new();
+    unet.for_each_attention_linear_mut(|name, linear| {
+        if let Some(l) = &linear.lora {
+            out.insert(
+                format!("{name}.lora_A.weight"),
+                HostTensor::from_tensor(&grads.get(&l.down)),
+            );
+            out.insert(
+                format!("{name}.lora_B.weight"),
+                HostTensor::from_tensor(&grads.get(&l.up)),
+            );
+        }
+    });
+    out
+}

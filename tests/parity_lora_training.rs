@@ -1,0 +1,133 @@
+//! Three steps of LoRA training on the tiny UNet against peft + torch (goldens/lora_training):
+//! the loss of each step, the gradients of the first and the parameters after the third.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use dfdx::prelude::*;
+use sdpipe::diffusion::Checkpoint;
+use sdpipe::diffusion::schedulers::{Ddpm, SchedulerConfig};
+use sdpipe::formats::lora::{LoraModule, LoraNetwork};
+use sdpipe::formats::{HostTensor, read_safetensors};
+use sdpipe::train::lora::{adapter_grads, install, loss_and_grads, train_step};
+use sdpipe::train::optim::{AdamW, AdamWConfig};
+
+fn fixtures() -> &'static Path {
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
+}
+
+/// Slice `i` of the leading axis of a host tensor, as a dfdx tensor of rank 3 or 4.
+fn part(t: &HostTensor, i: usize) -> HostTensor {
+    let inner: usize = t.shape[1..].iter().product();
+    HostTensor::new(
+        t.shape[1..].to_vec(),
+        t.data[i * inner..(i + 1) * inner].to_vec(),
+    )
+    .unwrap()
+}
+
+fn max_diff(a: &HostTensor, b: &HostTensor) -> f32 {
+    assert_eq!(a.shape, b.shape);
+    a.data
+        .iter()
+        .zip(&b.data)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn three_lora_steps_match_peft() {
+    let golden = read_safetensors(&fixtures().join("goldens/lora_training.safetensors"))
+        .unwrap()
+        .tensors;
+    let dev = Cpu::default();
+    let mut unet = Checkpoint::open(fixtures().join("tiny-sd"))
+        .unwrap()
+        .load_unet(&dev)
+        .unwrap();
+
+    // The initial adapters: PEFT's lora_A = down, lora_B = up; rank 4, alpha 2.
+    let mut network = LoraNetwork::default();
+    for (key, t) in &golden {
+        if let Some(module) = key
+            .strip_prefix("init.")
+            .and_then(|k| k.strip_suffix(".lora_A.weight"))
+        {
+            let up = golden[&format!("init.{module}.lora_B.weight")].clone();
+            network.unet.insert(
+                module.to_string(),
+                LoraModule {
+                    down: t.clone(),
+                    up,
+                    alpha: 2.0,
+                },
+            );
+        }
+    }
+    assert_eq!(network.unet.len(), 32);
+    install(&mut unet, &network, 1.0, &dev).unwrap();
+
+    let ddpm = Ddpm::new(&SchedulerConfig::sd15()).unwrap();
+    let mut optimizer = AdamW::new(&dev, AdamWConfig::default());
+    let losses = &golden["losses"];
+    let mut worst = BTreeMap::new();
+    for step in 0..3 {
+        let latents = part(&golden["latents"], step)
+            .to_tensor::<(usize, usize, usize, usize), _>(&dev)
+            .unwrap();
+        let noise = part(&golden["noise"], step)
+            .to_tensor::<(usize, usize, usize, usize), _>(&dev)
+            .unwrap();
+        let context = part(&golden["encoder_hidden_states"], step)
+            .to_tensor::<(usize, usize, usize), _>(&dev)
+            .unwrap();
+        let timesteps: Vec<usize> = part(&golden["timesteps"], step)
+            .data
+            .iter()
+            .map(|&t| t as usize)
+            .collect();
+        if step == 0 {
+            let (_, grads) =
+                loss_and_grads(&unet, &ddpm, &latents, &noise, &timesteps, &context).unwrap();
+            let mut g = 0.0f32;
+            for (name, grad) in adapter_grads(&mut unet, &grads) {
+                g = g.max(max_diff(&grad, &golden[&format!("grad_step0.{name}")]));
+            }
+            worst.insert("grad_step0", g);
+            assert!(g <= 1e-6, "first-step gradients differ by {g}");
+        }
+        let loss = train_step(
+            &mut unet,
+            &ddpm,
+            &latents,
+            &noise,
+            &timesteps,
+            &context,
+            &mut optimizer,
+            1e-3,
+        )
+        .unwrap();
+        let err = (loss - losses.data[step]).abs();
+        worst.insert(["loss0", "loss1", "loss2"][step], err);
+        assert!(
+            err <= 1e-5,
+            "loss of step {step}: {loss} vs {}",
+            losses.data[step]
+        );
+    }
+    let trained = sdpipe::train::lora::extract(&mut unet, 2.0);
+    let mut p = 0.0f32;
+    for (module, m) in &trained.unet {
+        p = p.max(max_diff(
+            &m.down,
+            &golden[&format!("final.{module}.lora_A.weight")],
+        ));
+        p = p.max(max_diff(
+            &m.up,
+            &golden[&format!("final.{module}.lora_B.weight")],
+        ));
+    }
+    worst.insert("final params", p);
+    println!("max abs errors: {worst:?}");
+    assert!(p <= 5e-4, "final parameters differ by {p}");
+}
