@@ -249,10 +249,39 @@ pub fn safetensors_bytes(
             .map_err(|e| FormatError::invalid(path, format!("tensor `{k}`: {e}")))?;
         views.push((k.as_str(), view));
     }
-    safetensors::tensor::serialize(views, metadata).map_err(|e| FormatError::Safetensors {
-        path: path.to_path_buf(),
-        message: e.to_string(),
-    })
+    let bytes =
+        safetensors::tensor::serialize(views, metadata).map_err(|e| FormatError::Safetensors {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+    Ok(canonical_header(bytes))
+}
+
+/// The same safetensors file with its JSON header's keys sorted (the `safetensors` crate writes
+/// the metadata map in hash order): equal content gives equal bytes, which content-addressed
+/// caching and reproducible artifacts rely on.
+pub fn canonical_header(bytes: Vec<u8>) -> Vec<u8> {
+    let Some(len) = bytes
+        .get(..8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap_or_default()) as usize)
+    else {
+        return bytes;
+    };
+    let Some(header) = bytes
+        .get(8..8 + len)
+        .and_then(|h| serde_json::from_slice::<serde_json::Value>(h).ok())
+    else {
+        return bytes;
+    };
+    let mut text = crate::cache::canonical_json(&header).into_bytes();
+    while !text.len().is_multiple_of(8) {
+        text.push(b' ');
+    }
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + len..]);
+    out
 }
 
 /// Writes f32 tensors (and optional metadata) as a safetensors file, atomically (a temporary

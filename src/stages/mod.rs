@@ -7,12 +7,14 @@ mod encode_latents;
 pub mod model;
 mod preprocess;
 mod sample_grid;
+mod train;
 
 pub use caption::{CaptionItem, CaptionManifest, CaptionParams};
 pub use context::{Cancelled, StageContext, StageResult};
 pub use encode_latents::{EncodeLatentsParams, LatentItem, LatentsManifest};
 pub use preprocess::{PreprocessItem, PreprocessManifest, PreprocessParams};
 pub use sample_grid::{GridCell, GridManifest, SampleGridParams};
+pub use train::{LoraParams, Method, TrainMetrics, TrainParams};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -25,7 +27,13 @@ use crate::cache::FileHasher;
 use crate::pipeline::PipelineSettings;
 
 /// The stage kinds this version knows, as written in `kind = "..."`.
-pub const KINDS: &[&str] = &["caption", "preprocess", "encode_latents", "sample_grid"];
+pub const KINDS: &[&str] = &[
+    "caption",
+    "preprocess",
+    "encode_latents",
+    "train",
+    "sample_grid",
+];
 
 /// A parameter problem found after parsing, reported at the key `field` (dotted).
 #[derive(Debug, Clone)]
@@ -60,6 +68,8 @@ pub enum StageParams {
     EncodeLatents(EncodeLatentsParams),
     /// `kind = "sample_grid"`.
     SampleGrid(SampleGridParams),
+    /// `kind = "train"`.
+    Train(TrainParams),
 }
 
 impl StageParams {
@@ -72,6 +82,7 @@ impl StageParams {
             "preprocess" => StageParams::Preprocess(Deserialize::deserialize(de)?),
             "encode_latents" => StageParams::EncodeLatents(Deserialize::deserialize(de)?),
             "sample_grid" => StageParams::SampleGrid(Deserialize::deserialize(de)?),
+            "train" => StageParams::Train(Deserialize::deserialize(de)?),
             other => {
                 return Err(serde::de::Error::custom(format!(
                     "unknown stage kind `{other}`"
@@ -87,6 +98,7 @@ impl StageParams {
             StageParams::Preprocess(_) => "preprocess",
             StageParams::EncodeLatents(_) => "encode_latents",
             StageParams::SampleGrid(_) => "sample_grid",
+            StageParams::Train(_) => "train",
         }
     }
 
@@ -97,6 +109,7 @@ impl StageParams {
             StageParams::Preprocess(_) => preprocess::VERSION,
             StageParams::EncodeLatents(_) => encode_latents::VERSION,
             StageParams::SampleGrid(_) => sample_grid::VERSION,
+            StageParams::Train(_) => train::VERSION,
         }
     }
 
@@ -105,6 +118,7 @@ impl StageParams {
         match kind {
             "preprocess" => &["caption"],
             "encode_latents" => &["preprocess"],
+            "train" => &["encode_latents"],
             _ => &[],
         }
     }
@@ -116,6 +130,7 @@ impl StageParams {
             StageParams::Preprocess(p) => p.validate(),
             StageParams::EncodeLatents(p) => p.validate(),
             StageParams::SampleGrid(p) => p.validate(),
+            StageParams::Train(p) => p.validate(),
         }
     }
 
@@ -124,6 +139,10 @@ impl StageParams {
         match self {
             StageParams::Caption(p) => p.normalize(dir),
             StageParams::Preprocess(p) => {
+                p.normalize();
+                Ok(())
+            }
+            StageParams::Train(p) => {
                 p.normalize();
                 Ok(())
             }
@@ -139,6 +158,7 @@ impl StageParams {
             StageParams::Preprocess(p) => p.key_params(settings),
             StageParams::EncodeLatents(p) => p.key_params(settings),
             StageParams::SampleGrid(p) => p.key_params(settings),
+            StageParams::Train(p) => p.key_params(settings),
         }
     }
 
@@ -157,6 +177,9 @@ impl StageParams {
             StageParams::SampleGrid(_) => {
                 model::model_inputs(settings, hasher, SampleGridParams::components())
             }
+            StageParams::Train(_) => {
+                model::model_inputs(settings, hasher, TrainParams::components())
+            }
         }
     }
 
@@ -164,7 +187,7 @@ impl StageParams {
     pub fn uses_model(&self) -> bool {
         matches!(
             self,
-            StageParams::EncodeLatents(_) | StageParams::SampleGrid(_)
+            StageParams::EncodeLatents(_) | StageParams::SampleGrid(_) | StageParams::Train(_)
         )
     }
 
@@ -174,7 +197,8 @@ impl StageParams {
             StageParams::Caption(p) => vec![p.images.clone()],
             StageParams::Preprocess(_)
             | StageParams::EncodeLatents(_)
-            | StageParams::SampleGrid(_) => Vec::new(),
+            | StageParams::SampleGrid(_)
+            | StageParams::Train(_) => Vec::new(),
         }
     }
 
@@ -185,6 +209,7 @@ impl StageParams {
             StageParams::Preprocess(p) => p.run(ctx),
             StageParams::EncodeLatents(p) => p.run(ctx),
             StageParams::SampleGrid(p) => p.run(ctx),
+            StageParams::Train(p) => p.run(ctx),
         }
     }
 }

@@ -169,16 +169,29 @@ impl SampleGridParams {
         let inputs = model_inputs(settings, ctx.hasher, Self::components())?;
         let model_digest = hash_bytes(canonical_json(&serde_json::to_value(&inputs)?).as_bytes());
         let device_key = crate::device::key_fragment(settings.device, settings.precision);
-        // The variants: the base model (trained variants join as the training stages land).
-        let variants = vec!["base".to_string()];
+        // The variants: the base model, then every upstream training result (LoRA applied at
+        // multiplier 1), named after its stage instance.
+        let mut variants = vec!["base".to_string()];
+        let mut loras: Vec<Option<BlobRef>> = vec![None];
+        for (instance, record) in &ctx.upstream {
+            if let Some(blob) = record.outputs.get("lora.safetensors") {
+                variants.push(instance.name.clone());
+                loras.push(Some(blob.clone()));
+            }
+        }
 
-        let cell_key = |variant: &str, prompt: &str, seed: u64| {
+        let variant_digest = |vi: usize| {
+            loras[vi]
+                .as_ref()
+                .map_or("base".to_string(), |b| b.digest.clone())
+        };
+        let cell_key = |vi: usize, prompt: &str, seed: u64| {
             let material = serde_json::json!({
                 "schema": KEY_SCHEMA,
                 "kind": "sample_grid-image",
                 "version": VERSION,
                 "model": model_digest,
-                "variant": variant,
+                "variant": variant_digest(vi),
                 "prompt": prompt,
                 "negative": self.negative_prompt,
                 "seed": seed,
@@ -195,10 +208,10 @@ impl SampleGridParams {
 
         let mut todo = 0usize;
         let mut cells: BTreeMap<(usize, usize, usize), Option<Record>> = BTreeMap::new();
-        for (vi, variant) in variants.iter().enumerate() {
+        for vi in 0..variants.len() {
             for (pi, prompt) in self.prompts.iter().enumerate() {
                 for (si, seed) in seeds.iter().enumerate() {
-                    let r = ctx.store.record(ITEMS, &cell_key(variant, prompt, *seed))?;
+                    let r = ctx.store.record(ITEMS, &cell_key(vi, prompt, *seed))?;
                     todo += usize::from(r.is_none());
                     cells.insert((vi, pi, si), r);
                 }
@@ -220,6 +233,7 @@ impl SampleGridParams {
             &format!("{} sampling", ctx.instance.name),
         );
         let mut computed = 0usize;
+        let mut installed: Option<usize> = None;
         for ((vi, pi, si), record) in cells.iter_mut() {
             if record.is_some() {
                 continue;
@@ -232,9 +246,21 @@ impl SampleGridParams {
                         .with_context(|| format!("loading {}", model_path.display()))?,
                 );
             }
-            let Some(t2i) = pipe.as_ref() else {
+            let Some(t2i) = pipe.as_mut() else {
                 bail!("model not loaded")
             };
+            if installed != Some(*vi) {
+                crate::train::lora::uninstall(&mut t2i.models.unet);
+                if let Some(blob) = &loras[*vi] {
+                    let tmp = tempfile::Builder::new().suffix(".safetensors").tempfile()?;
+                    std::fs::write(tmp.path(), ctx.store.read_blob(blob)?)?;
+                    let (network, _) = crate::formats::lora::read_lora(tmp.path(), None)
+                        .with_context(|| format!("reading the LoRA of {}", variants[*vi]))?;
+                    crate::train::lora::install(&mut t2i.models.unet, &network, 1.0, &dev)?;
+                }
+                installed = Some(*vi);
+            }
+            let t2i = &*t2i;
             let started = std::time::Instant::now();
             let (prompt, seed) = (&self.prompts[*pi], seeds[*si]);
             let options = TextToImageOptions {
@@ -266,17 +292,25 @@ impl SampleGridParams {
                 height: h as u32,
                 model_hash: model_hash.clone(),
                 model: model_name.clone(),
-                extra: if self.clip_skip > 0 {
-                    vec![("Clip skip".into(), (self.clip_skip + 1).to_string())]
-                } else {
-                    Vec::new()
+                extra: {
+                    let mut extra = Vec::new();
+                    if self.clip_skip > 0 {
+                        extra.push(("Clip skip".into(), (self.clip_skip + 1).to_string()));
+                    }
+                    if let Some(blob) = &loras[*vi] {
+                        extra.push((
+                            "Lora hashes".into(),
+                            format!("\"{}: {}\"", variants[*vi], &blob.digest[..12]),
+                        ));
+                    }
+                    extra
                 },
             };
             let infotext = params.to_infotext();
             let png = encode_png(&image, &[("parameters", infotext.as_str())])?;
             let blob = ctx.store.put_bytes(&png)?;
             let variant = &variants[*vi];
-            let key = cell_key(variant, prompt, seed);
+            let key = cell_key(*vi, prompt, seed);
             let r = Record {
                 key: key.clone(),
                 kind: "sample_grid-image".into(),

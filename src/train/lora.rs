@@ -109,6 +109,11 @@ pub fn install<D: Device<f32>>(
     Ok(())
 }
 
+/// Removes every adapter.
+pub fn uninstall<D: Device<f32>>(unet: &mut UNet<D>) {
+    unet.for_each_attention_linear_mut(|_, linear| linear.lora = None);
+}
+
 /// The installed adapters as a network (alpha recovered from the scale and the rank, with
 /// `multiplier` = 1).
 pub fn extract<D: Device<f32>>(unet: &mut UNet<D>, alpha: f32) -> LoraNetwork {
@@ -144,27 +149,47 @@ pub fn train_step<D: Device<f32>>(
     lr: f64,
 ) -> Result<f32, LoraTrainError> {
     let (loss, grads) = loss_and_grads(unet, ddpm, latents, noise, timesteps, context)?;
+    let grads = adapter_grads(unet, &grads);
+    apply_grads(unet, &grads, optimizer, lr)?;
+    Ok(loss)
+}
+
+/// One AdamW update of every adapter with `grads` (by PEFT parameter name, as
+/// [`adapter_grads`] gives them; summed or clipped by the caller as needed).
+pub fn apply_grads<D: Device<f32>>(
+    unet: &mut UNet<D>,
+    grads: &BTreeMap<String, HostTensor>,
+    optimizer: &mut AdamW<D>,
+    lr: f64,
+) -> Result<(), LoraTrainError> {
     let mut error = None;
     unet.for_each_attention_linear_mut(|name, linear| {
         if error.is_some() {
             return;
         }
-        if let Some(l) = &mut linear.lora {
-            let gd = grads.get(&l.down);
-            let gu = grads.get(&l.up);
-            let r = optimizer
-                .update(&format!("{name}.lora_A.weight"), &mut l.down, &gd, lr)
-                .and_then(|()| {
-                    optimizer.update(&format!("{name}.lora_B.weight"), &mut l.up, &gu, lr)
+        let Some(l) = &mut linear.lora else { return };
+        let dev = l.down.device().clone();
+        for (suffix, param) in [("lora_A.weight", &mut l.down), ("lora_B.weight", &mut l.up)] {
+            let key = format!("{name}.{suffix}");
+            let Some(grad) = grads
+                .get(&key)
+                .and_then(|g| g.to_tensor::<(usize, usize), D>(&dev))
+            else {
+                error = Some(LoraTrainError::Shape {
+                    name: key,
+                    reason: "no gradient".into(),
                 });
-            if let Err(e) = r {
-                error = Some(e);
+                return;
+            };
+            if let Err(e) = optimizer.update(&key, param, &grad, lr) {
+                error = Some(e.into());
+                return;
             }
         }
     });
     match error {
-        Some(e) => Err(e.into()),
-        None => Ok(loss),
+        Some(e) => Err(e),
+        None => Ok(()),
     }
 }
 

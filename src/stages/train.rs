@@ -1,0 +1,792 @@
+//! `train`: fine-tunes the base model on the latents of an `encode_latents` stage. Methods:
+//! `lora` (low-rank adapters on the UNet's attention projections, kohya-format output).
+//!
+//! Every step draws its batch, latent samples, noise and timesteps from a generator seeded by
+//! the pipeline seed and the step, so a rerun is bit-identical on the CPU and a run resumed
+//! from a checkpoint ends exactly where an uninterrupted one does.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, bail};
+use dfdx::prelude::*;
+use rand::{RngExt, SeedableRng};
+use serde::{Deserialize, Serialize};
+
+use super::ParamError;
+use super::context::{StageContext, StageResult};
+use super::encode_latents::{LatentsManifest, read_f32};
+use super::model::{Component, open_checkpoint};
+use crate::diffusion::UNet;
+use crate::diffusion::nn::{Tensor3, Tensor4};
+use crate::diffusion::pipeline::TextToImage;
+use crate::diffusion::schedulers::{Ddpm, SeededNoise};
+use crate::formats::HostTensor;
+use crate::formats::lora::{KohyaMetadata, LoraModule, LoraNetwork, read_lora, write_kohya};
+use crate::pipeline::PipelineSettings;
+use crate::train::lora::{adapter_grads, apply_grads, extract, install, loss_and_grads};
+use crate::train::lr::{A1111Schedule, LrSchedule};
+use crate::train::optim::{AdamW, AdamWConfig, clip_coefficient};
+
+/// Implementation version (part of the key).
+pub const VERSION: u32 = 1;
+
+/// Training methods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Method {
+    /// Low-rank adapters on the UNet attention projections.
+    Lora,
+}
+
+/// `[stage.NAME] kind = "train"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainParams {
+    /// The method.
+    pub method: Method,
+    /// Optimiser steps.
+    #[serde(default = "default_steps")]
+    pub steps: u64,
+    /// Items per micro-batch (drawn from one resolution bucket).
+    #[serde(default = "one")]
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are averaged per step.
+    #[serde(default = "one")]
+    pub gradient_accumulation: usize,
+    /// Base learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// `constant`, `constant_with_warmup`, `cosine`, `linear`, or an A1111 schedule such as
+    /// `"1e-3:100, 1e-4:1000, 1e-5"` (rate until step; the last rate runs to the end).
+    #[serde(default = "default_scheduler")]
+    pub lr_scheduler: String,
+    /// Warm-up steps of the named schedules.
+    #[serde(default)]
+    pub lr_warmup_steps: u64,
+    /// AdamW's decoupled weight decay.
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// Global gradient-norm clipping; 0 turns it off.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f64,
+    /// Timesteps are drawn uniformly from `min_timestep..max_timestep`.
+    #[serde(default)]
+    pub min_timestep: usize,
+    /// Exclusive upper bound of the timesteps.
+    #[serde(default = "default_max_timestep")]
+    pub max_timestep: usize,
+    /// Text-encoder layers skipped (diffusers' convention).
+    #[serde(default)]
+    pub clip_skip: usize,
+    /// Write a resumable checkpoint every this many steps (0: never). Does not change results.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// `[stage.NAME.lora]`.
+    #[serde(default)]
+    pub lora: LoraParams,
+}
+
+/// LoRA settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraParams {
+    /// Rank (kohya's `network_dim`).
+    #[serde(default = "default_rank")]
+    pub rank: usize,
+    /// Alpha (kohya's `network_alpha`); the update is scaled by alpha / rank. Default: the rank.
+    #[serde(default)]
+    pub alpha: Option<f32>,
+    /// Module-name suffixes to adapt (the UNet's attention projections by default).
+    #[serde(default = "default_targets")]
+    pub targets: Vec<String>,
+}
+
+impl Default for LoraParams {
+    fn default() -> Self {
+        LoraParams {
+            rank: default_rank(),
+            alpha: None,
+            targets: default_targets(),
+        }
+    }
+}
+
+fn default_steps() -> u64 {
+    500
+}
+fn one() -> usize {
+    1
+}
+fn default_lr() -> f64 {
+    1e-4
+}
+fn default_scheduler() -> String {
+    "constant".into()
+}
+fn default_weight_decay() -> f64 {
+    1e-2
+}
+fn default_max_grad_norm() -> f64 {
+    1.0
+}
+fn default_max_timestep() -> usize {
+    1000
+}
+fn default_checkpoint_every() -> u64 {
+    100
+}
+fn default_rank() -> usize {
+    4
+}
+fn default_targets() -> Vec<String> {
+    ["to_q", "to_k", "to_v", "to_out.0"]
+        .map(String::from)
+        .to_vec()
+}
+
+/// A parsed learning-rate schedule.
+fn schedule(p: &TrainParams) -> Result<LrSchedule, String> {
+    if p.lr_scheduler.contains(':') || p.lr_scheduler.trim().parse::<f64>().is_ok() {
+        A1111Schedule::parse(&p.lr_scheduler)
+            .map(LrSchedule::A1111)
+            .map_err(|e| e.to_string())
+    } else {
+        LrSchedule::from_name(&p.lr_scheduler, p.lr_warmup_steps, p.steps)
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Loss figures of a run, written as `metrics.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainMetrics {
+    /// Method.
+    pub method: Method,
+    /// Steps trained.
+    pub steps: u64,
+    /// Loss on a fixed evaluation set (same items, noise and timesteps) before training.
+    pub eval_loss_before: f32,
+    /// The same after training.
+    pub eval_loss_after: f32,
+    /// Mean training loss over the first and the last tenth of the steps.
+    pub train_loss_first: f32,
+    /// See `train_loss_first`.
+    pub train_loss_last: f32,
+    /// Wall time of the training loop (this process; a resumed run counts its own part).
+    pub wall_s: f64,
+    /// Steps per second in this process.
+    pub steps_per_s: f64,
+    /// Peak resident memory of the process (VmHWM), MiB.
+    pub peak_memory_mib: f64,
+    /// Size of the trained artifact in bytes.
+    pub artifact_bytes: u64,
+    /// Trainable parameters.
+    pub trainable_params: usize,
+    /// The step it resumed from (0 = fresh start).
+    pub resumed_from: u64,
+}
+
+/// A resumable checkpoint: `state.json` beside the adapters and the optimiser state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CheckpointState {
+    step: u64,
+    losses: Vec<f32>,
+    eval_loss_before: f32,
+}
+
+/// One latent item in memory.
+struct Item {
+    caption: String,
+    mean: Vec<f32>,
+    std: Vec<f32>,
+    shape: [usize; 3],
+}
+
+impl TrainParams {
+    pub(super) fn validate(&self) -> Result<(), ParamError> {
+        if self.steps == 0 {
+            return Err(ParamError::new(
+                "steps",
+                "steps must be positive",
+                "e.g. steps = 500",
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(ParamError::new(
+                "batch_size",
+                "batch_size must be positive",
+                "e.g. batch_size = 1",
+            ));
+        }
+        if self.gradient_accumulation == 0 {
+            return Err(ParamError::new(
+                "gradient_accumulation",
+                "gradient_accumulation must be positive",
+                "1 means none",
+            ));
+        }
+        if !(self.lr.is_finite() && self.lr > 0.0) {
+            return Err(ParamError::new(
+                "lr",
+                "lr must be a positive number",
+                "LoRA typically uses 1e-4",
+            ));
+        }
+        if self.min_timestep >= self.max_timestep || self.max_timestep > 1000 {
+            return Err(ParamError::new(
+                "max_timestep",
+                format!(
+                    "the timestep range {}..{} is empty or beyond 1000",
+                    self.min_timestep, self.max_timestep
+                ),
+                "use 0 <= min_timestep < max_timestep <= 1000",
+            ));
+        }
+        if let Err(e) = schedule(self) {
+            return Err(ParamError::new(
+                "lr_scheduler",
+                e,
+                "constant, constant_with_warmup, cosine, linear, or \"1e-3:100, 1e-4\"",
+            ));
+        }
+        if self.lora.rank == 0 {
+            return Err(ParamError::new(
+                "lora.rank",
+                "lora.rank must be positive",
+                "4 to 128 are common",
+            ));
+        }
+        if self.lora.targets.is_empty() {
+            return Err(ParamError::new(
+                "lora.targets",
+                "lora.targets is empty",
+                "the default is [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]",
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn normalize(&mut self) {
+        if self.lora.alpha.is_none() {
+            self.lora.alpha = Some(self.lora.rank as f32);
+        }
+    }
+
+    fn alpha(&self) -> f32 {
+        self.lora.alpha.unwrap_or(self.lora.rank as f32)
+    }
+
+    pub(super) fn key_params(&self, settings: &PipelineSettings) -> serde_json::Value {
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if let Some(map) = v.as_object_mut() {
+            map.remove("checkpoint_every");
+            map.insert("seed".into(), settings.seed.into());
+            map.insert(
+                "device".into(),
+                crate::device::key_fragment(settings.device, settings.precision),
+            );
+        }
+        v
+    }
+
+    pub(super) fn components() -> &'static [Component] {
+        &[Component::Unet, Component::TextEncoder]
+    }
+
+    pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+        let settings = &ctx.pipeline.settings;
+        let (_, lat_record) = ctx.upstream_of_kind("encode_latents")?;
+        let manifest: LatentsManifest = ctx.read_json(lat_record, "manifest.json")?;
+        if manifest.items.is_empty() {
+            bail!("the encode_latents stage has no items: the dataset has no images");
+        }
+        let mut items = Vec::with_capacity(manifest.items.len());
+        for item in &manifest.items {
+            let bytes = ctx.store.read_blob(&item.latents)?;
+            let (mean, shape) =
+                read_f32(&bytes, "mean").with_context(|| format!("latents of {}", item.name))?;
+            let (std, _) =
+                read_f32(&bytes, "std").with_context(|| format!("latents of {}", item.name))?;
+            let [c, h, w] = shape[..] else {
+                bail!("latents of {} have shape {shape:?}", item.name)
+            };
+            items.push(Item {
+                caption: item.caption.clone(),
+                mean,
+                std,
+                shape: [c, h, w],
+            });
+        }
+
+        let dev = Cpu::default();
+        let ckpt = open_checkpoint(settings)?;
+        let model_path = settings.base_model.clone().unwrap_or_default();
+        let t2i = TextToImage::load(&ckpt, settings.model_config.as_deref(), &dev)
+            .with_context(|| format!("loading {}", model_path.display()))?;
+        let mut contexts: HashMap<String, Tensor3<Cpu>> = HashMap::new();
+        for item in &items {
+            if !contexts.contains_key(&item.caption) {
+                let ids = t2i.tokenizer.encode(&item.caption)?.input_ids;
+                let c = t2i.models.text_encoder.encode(&[ids], self.clip_skip)?;
+                contexts.insert(item.caption.clone(), c);
+            }
+        }
+        let ddpm = Ddpm::new(&t2i.scheduler_config)?;
+        let scaling = manifest.scaling_factor as f32;
+        let mut unet = t2i.models.unet;
+
+        // Adapters: fresh, or from the newest valid checkpoint.
+        let scratch = ctx.scratch()?;
+        let seed = settings.seed;
+        let fresh = self.init_network(&mut unet, seed)?;
+        let trainable_params: usize = fresh
+            .unet
+            .values()
+            .map(|m| m.down.numel() + m.up.numel())
+            .sum();
+        let known = fresh.clone();
+        let (network, mut optimizer, mut state) =
+            match load_checkpoint(&scratch, &known, &dev, ctx)? {
+                Some((n, o, s)) => (n, o, s),
+                None => {
+                    let cfg = AdamWConfig {
+                        weight_decay: self.weight_decay,
+                        ..AdamWConfig::default()
+                    };
+                    (
+                        fresh,
+                        AdamW::new(&dev, cfg),
+                        CheckpointState {
+                            step: 0,
+                            losses: Vec::new(),
+                            eval_loss_before: f32::NAN,
+                        },
+                    )
+                }
+            };
+        install(&mut unet, &network, 1.0, &dev)?;
+        let resumed_from = state.step;
+        if state.step == 0 {
+            state.eval_loss_before =
+                eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
+        } else {
+            ctx.progress.message(&format!(
+                "{}: resuming from the checkpoint at step {}",
+                ctx.instance.name, state.step
+            ));
+        }
+
+        let sched = schedule(self).map_err(anyhow::Error::msg)?;
+        let started = std::time::Instant::now();
+        let bar = ctx
+            .progress
+            .bar(self.steps, &format!("{} lora", ctx.instance.name));
+        bar.set_position(state.step);
+        let delay = std::env::var("SDPIPE_TEST_ITEM_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        while state.step < self.steps {
+            ctx.check_cancelled()?;
+            let step = state.step;
+            let lr = sched.lr_at(self.lr, step);
+            let mut summed: BTreeMap<String, HostTensor> = BTreeMap::new();
+            let mut loss_sum = 0.0f32;
+            for micro in 0..self.gradient_accumulation {
+                let batch =
+                    self.draw_batch(&items, &contexts, scaling, seed, step, micro as u64, &dev)?;
+                let (loss, grads) = loss_and_grads(
+                    &unet,
+                    &ddpm,
+                    &batch.latents,
+                    &batch.noise,
+                    &batch.timesteps,
+                    &batch.context,
+                )
+                .with_context(|| format!("step {step}"))?;
+                loss_sum += loss;
+                for (name, g) in adapter_grads(&mut unet, &grads) {
+                    match summed.get_mut(&name) {
+                        Some(acc) => acc.data.iter_mut().zip(&g.data).for_each(|(a, b)| *a += b),
+                        None => {
+                            summed.insert(name, g);
+                        }
+                    }
+                }
+            }
+            let k = self.gradient_accumulation as f32;
+            if k > 1.0 {
+                summed
+                    .values_mut()
+                    .for_each(|g| g.data.iter_mut().for_each(|v| *v /= k));
+            }
+            if self.max_grad_norm > 0.0 {
+                let norms: Vec<f32> = summed
+                    .values()
+                    .map(|g| g.data.iter().map(|v| v * v).sum::<f32>().sqrt())
+                    .collect();
+                let (_, coef) = clip_coefficient(&norms, self.max_grad_norm as f32);
+                if coef < 1.0 {
+                    summed
+                        .values_mut()
+                        .for_each(|g| g.data.iter_mut().for_each(|v| *v *= coef));
+                }
+            }
+            apply_grads(&mut unet, &summed, &mut optimizer, lr)?;
+            state.losses.push(loss_sum / k);
+            state.step += 1;
+            bar.set_position(state.step);
+            bar.set_message(format!(
+                "{} lora loss {:.4}",
+                ctx.instance.name,
+                loss_sum / k
+            ));
+            if self.checkpoint_every > 0
+                && state.step % self.checkpoint_every == 0
+                && state.step < self.steps
+            {
+                let network = extract(&mut unet, self.alpha());
+                save_checkpoint(&scratch, &network, &optimizer, &state)?;
+            }
+            if let Some(ms) = delay {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
+        bar.finish_and_clear();
+        let wall_s = started.elapsed().as_secs_f64();
+
+        let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
+        let network = extract(&mut unet, self.alpha());
+        let meta = KohyaMetadata {
+            base_model_name: model_path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned()),
+            base_model_hash: crate::sample::short_model_hash(&model_path).ok(),
+            output_name: Some(ctx.instance.name.clone()),
+            steps: Some(self.steps),
+            max_train_steps: Some(self.steps),
+            resolution: manifest.items.first().map(|i| (i.size[0], i.size[1])),
+            learning_rate: Some(self.lr),
+            unet_lr: Some(self.lr),
+            lr_scheduler: Some(self.lr_scheduler.clone()),
+            optimizer: Some("AdamW".into()),
+            seed: Some(seed),
+            num_train_images: Some(manifest.items.len() as u64),
+            ..KohyaMetadata::default()
+        };
+        let out = scratch.join("final.safetensors");
+        write_kohya(&out, &network, &meta).with_context(|| format!("writing {}", out.display()))?;
+        let blob = ctx.store.put_file(&out)?;
+
+        let tenth = (state.losses.len() / 10).max(1);
+        let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
+        let steps_here = self.steps - resumed_from;
+        let metrics = TrainMetrics {
+            method: self.method,
+            steps: self.steps,
+            eval_loss_before: state.eval_loss_before,
+            eval_loss_after: eval_after,
+            train_loss_first: mean(&state.losses[..tenth]),
+            train_loss_last: mean(&state.losses[state.losses.len() - tenth..]),
+            wall_s,
+            steps_per_s: steps_here as f64 / wall_s.max(1e-9),
+            peak_memory_mib: peak_memory_mib(),
+            artifact_bytes: blob.size,
+            trainable_params,
+            resumed_from,
+        };
+        let mut csv = String::from("step,loss,lr\n");
+        for (i, l) in state.losses.iter().enumerate() {
+            csv.push_str(&format!(
+                "{},{l},{}\n",
+                i + 1,
+                sched.lr_at(self.lr, i as u64)
+            ));
+        }
+        let mut result = StageResult::default();
+        result.outputs.insert("lora.safetensors".into(), blob);
+        result
+            .outputs
+            .insert("loss.csv".into(), ctx.store.put_bytes(csv.as_bytes())?);
+        result.outputs.insert(
+            "loss.json".into(),
+            ctx.store.put_bytes(&serde_json::to_vec(&state.losses)?)?,
+        );
+        // Timings and memory vary between runs; they stay out of the outputs (and thus out of
+        // downstream keys) and go into the record's figures instead.
+        let mut result_metrics = serde_json::to_value(&metrics)?;
+        result.summary = format!(
+            "lora r{} α{}: {} steps, eval loss {:.4} → {:.4}, {:.1} steps/s, {} KiB",
+            self.lora.rank,
+            self.alpha(),
+            self.steps,
+            metrics.eval_loss_before,
+            metrics.eval_loss_after,
+            metrics.steps_per_s,
+            metrics.artifact_bytes / 1024
+        );
+        if let Some(map) = result_metrics.as_object_mut() {
+            result.stats.append(map);
+        }
+        let _ = std::fs::remove_dir_all(scratch.join("checkpoints"));
+        Ok(result)
+    }
+
+    /// Kohya/PEFT-initialised adapters for every targeted module; an unmatched target is an
+    /// error listing the module names that exist.
+    fn init_network(&self, unet: &mut UNet<Cpu>, seed: u64) -> anyhow::Result<LoraNetwork> {
+        let mut modules: Vec<(String, Vec<usize>)> = Vec::new();
+        unet.for_each_attention_linear_mut(|name, linear| {
+            let (o, i) = *linear.weight.shape();
+            modules.push((name.to_string(), vec![o, i]));
+        });
+        let mut network = LoraNetwork::default();
+        for target in &self.lora.targets {
+            let matching: Vec<&(String, Vec<usize>)> = modules
+                .iter()
+                .filter(|(n, _)| n.ends_with(&format!(".{target}")))
+                .collect();
+            if matching.is_empty() {
+                let mut suffixes: Vec<String> = modules
+                    .iter()
+                    .map(|(n, _)| {
+                        n.rsplit('.')
+                            .take(2)
+                            .collect::<Vec<_>>()
+                            .into_iter()
+                            .rev()
+                            .collect::<Vec<_>>()
+                            .join(".")
+                    })
+                    .collect();
+                suffixes.sort();
+                suffixes.dedup();
+                bail!(
+                    "LoRA target `{target}` matches no module; available: {}",
+                    suffixes.join(", ")
+                );
+            }
+            for (name, shape) in matching {
+                let module_seed = seed
+                    ^ u64::from_le_bytes(blake3::hash(name.as_bytes()).as_bytes()[..8].try_into()?);
+                let module = LoraModule::init(shape, self.lora.rank, self.alpha(), module_seed)
+                    .map_err(anyhow::Error::msg)?;
+                network.unet.insert(name.clone(), module);
+            }
+        }
+        Ok(network)
+    }
+
+    /// The micro-batch of `step`: items from one latent size, latent samples, noise, timesteps.
+    #[allow(clippy::too_many_arguments)]
+    fn draw_batch(
+        &self,
+        items: &[Item],
+        contexts: &HashMap<String, Tensor3<Cpu>>,
+        scaling: f32,
+        seed: u64,
+        step: u64,
+        micro: u64,
+        dev: &Cpu,
+    ) -> anyhow::Result<Batch> {
+        let batch_seed = mix(seed, step, micro);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(batch_seed);
+        let first = rng.random_range(0..items.len());
+        let same: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].shape == items[first].shape)
+            .collect();
+        let mut picked = vec![first];
+        while picked.len() < self.batch_size {
+            picked.push(same[rng.random_range(0..same.len())]);
+        }
+        let [c, h, w] = items[first].shape;
+        let mut noise_src = SeededNoise::new(batch_seed ^ 0x05ee_d0f0_015e);
+        let mut latents = Vec::with_capacity(picked.len() * c * h * w);
+        for &i in &picked {
+            for (m, s) in items[i].mean.iter().zip(&items[i].std) {
+                latents.push((m + s * noise_src.next_normal() as f32) * scaling);
+            }
+        }
+        let noise: Vec<f32> = (0..latents.len())
+            .map(|_| noise_src.next_normal() as f32)
+            .collect();
+        let timesteps: Vec<usize> = picked
+            .iter()
+            .map(|_| rng.random_range(self.min_timestep..self.max_timestep))
+            .collect();
+        let ctxs: Vec<Tensor3<Cpu>> = picked
+            .iter()
+            .map(|&i| {
+                contexts
+                    .get(&items[i].caption)
+                    .cloned()
+                    .context("caption not encoded")
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let b = picked.len();
+        let context = concat_batch(ctxs);
+        Ok(Batch {
+            latents: dev.tensor_from_vec(latents, (b, c, h, w)),
+            noise: dev.tensor_from_vec(noise, (b, c, h, w)),
+            timesteps,
+            context,
+        })
+    }
+}
+
+struct Batch {
+    latents: Tensor4<Cpu>,
+    noise: Tensor4<Cpu>,
+    timesteps: Vec<usize>,
+    context: Tensor3<Cpu>,
+}
+
+fn concat_batch(parts: Vec<Tensor3<Cpu>>) -> Tensor3<Cpu> {
+    let (_, n, d) = *parts[0].shape();
+    let data: Vec<f32> = parts.iter().flat_map(|t| t.as_vec()).collect();
+    let dev = parts[0].device().clone();
+    dev.tensor_from_vec(data, (parts.len(), n, d))
+}
+
+fn mix(seed: u64, step: u64, micro: u64) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    h.update(&step.to_le_bytes());
+    h.update(&micro.to_le_bytes());
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or_default())
+}
+
+/// Mean loss over a fixed evaluation set: up to 8 items at their latent means, fixed noise and
+/// timesteps spread over the range, no gradients.
+fn eval_loss(
+    unet: &UNet<Cpu>,
+    ddpm: &Ddpm,
+    items: &[Item],
+    contexts: &HashMap<String, Tensor3<Cpu>>,
+    scaling: f32,
+    seed: u64,
+    dev: &Cpu,
+) -> anyhow::Result<f32> {
+    let n = items.len().min(8);
+    let mut total = 0.0f32;
+    for (i, item) in items.iter().take(n).enumerate() {
+        let [c, h, w] = item.shape;
+        let mut noise_src = SeededNoise::new(mix(seed, u64::MAX, i as u64));
+        let latents: Vec<f32> = item.mean.iter().map(|m| m * scaling).collect();
+        let noise: Vec<f32> = (0..latents.len())
+            .map(|_| noise_src.next_normal() as f32)
+            .collect();
+        let t = 50 + (900 * i) / n.max(1);
+        let latents = dev.tensor_from_vec(latents, (1, c, h, w));
+        let noise = dev.tensor_from_vec(noise, (1, c, h, w));
+        let noisy = ddpm.add_noise(&latents, &noise, &[t])?;
+        let context = contexts
+            .get(&item.caption)
+            .cloned()
+            .context("caption not encoded")?;
+        let pred = unet.forward(noisy, &[t as f32], context)?;
+        total += mse_loss(pred, noise)
+            .as_vec()
+            .first()
+            .copied()
+            .unwrap_or(f32::NAN);
+    }
+    Ok(total / n as f32)
+}
+
+fn save_checkpoint(
+    scratch: &Path,
+    network: &LoraNetwork,
+    optimizer: &AdamW<Cpu>,
+    state: &CheckpointState,
+) -> anyhow::Result<()> {
+    let root = scratch.join("checkpoints");
+    std::fs::create_dir_all(&root)?;
+    let tmp = tempfile::Builder::new().prefix(".tmp-").tempdir_in(&root)?;
+    write_kohya(
+        &tmp.path().join("lora.safetensors"),
+        network,
+        &KohyaMetadata::default(),
+    )?;
+    optimizer.save(&tmp.path().join("optimizer.safetensors"))?;
+    std::fs::write(tmp.path().join("state.json"), serde_json::to_vec(state)?)?;
+    let dir = root.join(format!("step-{:08}", state.step));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::rename(tmp.keep(), &dir)?;
+    crate::cache::sync_dir(&root)?;
+    // Keep the two newest: if the newest turns out unreadable, the previous one is there.
+    let mut all = checkpoint_dirs(scratch);
+    while all.len() > 2 {
+        let _ = std::fs::remove_dir_all(all.remove(0));
+    }
+    Ok(())
+}
+
+fn checkpoint_dirs(scratch: &Path) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(scratch.join("checkpoints"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    dirs.sort();
+    dirs
+}
+
+/// The newest readable checkpoint; an unreadable one is reported and skipped.
+fn load_checkpoint(
+    scratch: &Path,
+    known: &LoraNetwork,
+    dev: &Cpu,
+    ctx: &StageContext<'_>,
+) -> anyhow::Result<Option<(LoraNetwork, AdamW<Cpu>, CheckpointState)>> {
+    for dir in checkpoint_dirs(scratch).into_iter().rev() {
+        let attempt = (|| -> anyhow::Result<(LoraNetwork, AdamW<Cpu>, CheckpointState)> {
+            let state: CheckpointState =
+                serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+            let (mut network, _) = read_lora(&dir.join("lora.safetensors"), None)?;
+            for (name, m) in &mut network.unet {
+                let fresh = known
+                    .unet
+                    .get(name)
+                    .context("checkpoint has a module this run does not train")?;
+                m.alpha = fresh.alpha;
+            }
+            if network.unet.len() != known.unet.len() {
+                bail!(
+                    "checkpoint has {} modules, expected {}",
+                    network.unet.len(),
+                    known.unet.len()
+                );
+            }
+            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+            Ok((network, optimizer, state))
+        })();
+        match attempt {
+            Ok(found) => return Ok(Some(found)),
+            Err(e) => ctx.progress.message(&format!(
+                "warning: checkpoint {} is unreadable ({e:#}); trying the previous one",
+                dir.display()
+            )),
+        }
+    }
+    Ok(None)
+}
+
+/// Peak resident memory of this process in MiB (Linux VmHWM; 0 elsewhere).
+fn peak_memory_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
