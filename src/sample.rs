@@ -98,6 +98,10 @@ pub struct SampleArgs {
     /// Output PNG (with an A1111 `parameters` chunk).
     #[arg(long, value_name = "FILE.png")]
     pub out: PathBuf,
+    /// A LoRA to apply (kohya, diffusers or PEFT format), merged at WEIGHT (default 1);
+    /// repeatable, effects add up.
+    #[arg(long, value_name = "FILE[:WEIGHT]", value_parser = parse_lora_arg)]
+    pub lora: Vec<(PathBuf, f32)>,
     /// Also write the images as a safetensors file with tensor `image` [b, 3, H, W] in [0, 1].
     #[arg(long, value_name = "FILE")]
     pub out_tensor: Option<PathBuf>,
@@ -354,10 +358,23 @@ fn execute(args: &SampleArgs, quiet: bool) -> Result<Vec<PathBuf>, Failure> {
     }
 
     let dev = Cpu::default();
-    let pipe = TextToImage::load(&ckpt, args.config.as_deref(), &dev).map_err(|e| match e {
+    let mut pipe = TextToImage::load(&ckpt, args.config.as_deref(), &dev).map_err(|e| match e {
         PipelineError::Model(m) => model_failure(&context, &m),
         other => usage(format!("{context}: {other}")),
     })?;
+    let mut lora_hashes = Vec::new();
+    for (path, weight) in &args.lora {
+        let (network, _) = crate::formats::lora::read_lora(path, None)
+            .map_err(|e| usage(format!("--lora {}: {e}", path.display())))?;
+        crate::train::lora::merge_into_unet(&mut pipe.models.unet, &network, *weight)
+            .map_err(|e| usage(format!("--lora {}: {e}", path.display())))?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let hash = short_model_hash(path).unwrap_or_default();
+        lora_hashes.push(format!("{name}: {hash}"));
+    }
     let options = TextToImageOptions {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative.clone(),
@@ -400,6 +417,12 @@ fn execute(args: &SampleArgs, quiet: bool) -> Result<Vec<PathBuf>, Failure> {
         };
     let params_for = |i: usize| {
         let mut extra = Vec::new();
+        if !lora_hashes.is_empty() {
+            extra.push((
+                "Lora hashes".to_string(),
+                format!("\"{}\"", lora_hashes.join(", ")),
+            ));
+        }
         if s.clip_skip > 0 {
             extra.push(("Clip skip".to_string(), (s.clip_skip + 1).to_string()));
         }
@@ -492,4 +515,17 @@ mod tests {
             assert!(flag_of(option).starts_with("--"), "{option}");
         }
     }
+}
+
+/// `FILE[:WEIGHT]` of `--lora` (the weight after the last `:` when it parses as a number).
+fn parse_lora_arg(text: &str) -> Result<(PathBuf, f32), String> {
+    if let Some((file, weight)) = text.rsplit_once(':')
+        && let Ok(w) = weight.parse::<f32>()
+    {
+        if !w.is_finite() {
+            return Err(format!("weight `{weight}` is not a finite number"));
+        }
+        return Ok((PathBuf::from(file), w));
+    }
+    Ok((PathBuf::from(text), 1.0))
 }

@@ -120,6 +120,63 @@ fn lora_training_learns_writes_kohya_and_changes_the_grid() {
         params.extra
     );
 
+    // `sdpipe sample --lora` (merged into the weights) draws the grid's LoRA cell (adapters).
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
+    let out = p.path("direct.png");
+    let lora_arg = format!("{}:1.0", lora.display());
+    let args = [
+        "sample",
+        "--model",
+        model,
+        "--prompt",
+        "a photo of zorb",
+        "--steps",
+        "4",
+        "--sampler",
+        "ddim",
+        "--seed",
+        "1",
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--lora",
+        &lora_arg,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let direct = p.sdpipe(&args);
+    assert_eq!(direct.code, 0, "{}", direct.stderr);
+    let merged = image::open(&out).unwrap().to_rgb8();
+    let diff = merged
+        .as_raw()
+        .iter()
+        .zip(trained.as_raw())
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(
+        diff <= 2,
+        "merged and unmerged LoRA images differ by {diff}/255"
+    );
+    let bad = p.sdpipe(&[
+        "sample",
+        "--model",
+        model,
+        "--prompt",
+        "x",
+        "--lora",
+        "nope.safetensors",
+        "--out",
+        "x.png",
+    ]);
+    assert_eq!(bad.code, 2);
+    assert!(
+        bad.stderr.contains("--lora nope.safetensors"),
+        "{}",
+        bad.stderr
+    );
+
     // Rerun elsewhere: bit-identical.
     let q = Project::new(&pipeline(""));
     assert_eq!(q.sdpipe(&["run", "p.toml"]).code, 0);

@@ -109,6 +109,50 @@ pub fn install<D: Device<f32>>(
     Ok(())
 }
 
+/// Adds `multiplier · alpha/r · up·down` of every UNet module of `network` to the layer's
+/// weight (A1111's `<lora:name:multiplier>`, diffusers' `fuse_lora`): inference then costs
+/// nothing extra, and several networks simply add up.
+pub fn merge_into_unet<D: Device<f32>>(
+    unet: &mut UNet<D>,
+    network: &LoraNetwork,
+    multiplier: f32,
+) -> Result<(), LoraTrainError> {
+    let mut remaining: BTreeMap<&String, &LoraModule> = network.unet.iter().collect();
+    let mut error = None;
+    unet.for_each_attention_linear_mut(|name, linear| {
+        let Some(module) = remaining.remove(&name.to_string()) else {
+            return;
+        };
+        let mut weight = HostTensor::from_tensor(&linear.weight);
+        match module.merge_into(&mut weight, multiplier) {
+            Ok(()) => {
+                let dev = linear.weight.device().clone();
+                if let Some(w) = weight.to_tensor::<(usize, usize), D>(&dev) {
+                    linear.weight = w;
+                }
+            }
+            Err(reason) => {
+                error.get_or_insert(LoraTrainError::Shape {
+                    name: name.to_string(),
+                    reason,
+                });
+            }
+        }
+    });
+    if let Some(e) = error {
+        return Err(e);
+    }
+    if let Some((name, _)) = remaining.into_iter().next() {
+        let available = attention_targets(unet);
+        let shown: Vec<&str> = available.iter().take(8).map(String::as_str).collect();
+        return Err(LoraTrainError::UnknownTarget {
+            name: name.clone(),
+            available: format!("{} … ({} modules)", shown.join(", "), available.len()),
+        });
+    }
+    Ok(())
+}
+
 /// Removes every adapter.
 pub fn uninstall<D: Device<f32>>(unet: &mut UNet<D>) {
     unet.for_each_attention_linear_mut(|_, linear| linear.lora = None);
