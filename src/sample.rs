@@ -485,6 +485,19 @@ fn execute(args: &SampleArgs, quiet: bool) -> Result<Vec<PathBuf>, Failure> {
     Ok(written)
 }
 
+/// `FILE[:WEIGHT]` of `--lora` (the weight after the last `:` when it parses as a number).
+fn parse_lora_arg(text: &str) -> Result<(PathBuf, f32), String> {
+    if let Some((file, weight)) = text.rsplit_once(':')
+        && let Ok(w) = weight.parse::<f32>()
+    {
+        if !w.is_finite() {
+            return Err(format!("weight `{weight}` is not a finite number"));
+        }
+        return Ok((PathBuf::from(file), w));
+    }
+    Ok((PathBuf::from(text), 1.0))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -515,17 +528,4 @@ mod tests {
             assert!(flag_of(option).starts_with("--"), "{option}");
         }
     }
-}
-
-/// `FILE[:WEIGHT]` of `--lora` (the weight after the last `:` when it parses as a number).
-fn parse_lora_arg(text: &str) -> Result<(PathBuf, f32), String> {
-    if let Some((file, weight)) = text.rsplit_once(':')
-        && let Ok(w) = weight.parse::<f32>()
-    {
-        if !w.is_finite() {
-            return Err(format!("weight `{weight}` is not a finite number"));
-        }
-        return Ok((PathBuf::from(file), w));
-    }
-    Ok((PathBuf::from(text), 1.0))
 }
