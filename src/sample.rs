@@ -102,6 +102,11 @@ pub struct SampleArgs {
     /// repeatable, effects add up.
     #[arg(long, value_name = "FILE[:WEIGHT]", value_parser = parse_lora_arg)]
     pub lora: Vec<(PathBuf, f32)>,
+    /// A textual-inversion embedding (A1111/kohya `emb_params`, diffusers `{token: tensor}`, or
+    /// A1111 `.pt`); the prompt uses it by TOKEN, which defaults to the file stem as in A1111.
+    /// Repeatable.
+    #[arg(long, value_name = "FILE[:TOKEN]")]
+    pub embedding: Vec<String>,
     /// Also write the images as a safetensors file with tensor `image` [b, 3, H, W] in [0, 1].
     #[arg(long, value_name = "FILE")]
     pub out_tensor: Option<PathBuf>,
@@ -362,6 +367,18 @@ fn execute(args: &SampleArgs, quiet: bool) -> Result<Vec<PathBuf>, Failure> {
         PipelineError::Model(m) => model_failure(&context, &m),
         other => usage(format!("{context}: {other}")),
     })?;
+    for spec in &args.embedding {
+        let (file, token) = match spec.rsplit_once(':') {
+            Some((f, t)) if !t.is_empty() && !t.contains('/') && !t.contains('\\') => {
+                (PathBuf::from(f), Some(t))
+            }
+            _ => (PathBuf::from(spec), None),
+        };
+        let (embedding, _) = crate::formats::embedding::read_embedding(&file, token)
+            .map_err(|e| usage(format!("--embedding {}: {e}", file.display())))?;
+        pipe.add_embedding(&embedding.token, &embedding.vectors.data)
+            .map_err(|e| usage(format!("--embedding {}: {e}", file.display())))?;
+    }
     let mut lora_hashes = Vec::new();
     for (path, weight) in &args.lora {
         let (network, _) = crate::formats::lora::read_lora(path, None)

@@ -249,6 +249,9 @@ pub struct TextToImage<D: Storage<f32>> {
     pub tokenizer: ClipTokenizer,
     /// Scheduler config the samplers are built from.
     pub scheduler_config: SchedulerConfig,
+    /// Textual-inversion vectors `[k, d]` for the token ids the tokenizer added past the text
+    /// encoder's vocabulary, in id order (see [`TextToImage::add_embedding`]).
+    pub extra_embeddings: Vec<f32>,
 }
 
 impl<D: Device<f32>> TextToImage<D> {
@@ -262,6 +265,7 @@ impl<D: Device<f32>> TextToImage<D> {
             models,
             tokenizer,
             scheduler_config,
+            extra_embeddings: Vec::new(),
         }
     }
 
@@ -358,6 +362,57 @@ impl<D: Device<f32>> TextToImage<D> {
 
     /// Encodes the text of a generation: `[uncond; cond]` `[2, n, d]` with guidance, `[cond]`
     /// `[1, n, d]` without. Returns the embeddings and the dropped-token counts.
+    /// Adds a textual-inversion embedding: `token` becomes `vectors.len() / d` new token ids
+    /// (A1111 and diffusers give a multi-vector token that many consecutive positions), whose
+    /// input vectors are `vectors` (`[n, d]`, row-major). Returns the new ids.
+    pub fn add_embedding(&mut self, token: &str, vectors: &[f32]) -> Result<Vec<u32>> {
+        let d = self.models.text_encoder.config.hidden_size;
+        if vectors.is_empty() || !vectors.len().is_multiple_of(d) {
+            return Err(PipelineError::InvalidOption {
+                option: "embedding",
+                reason: format!(
+                    "the vectors of `{token}` hold {} values, not a whole number of {d}-wide vectors (this model's text width)",
+                    vectors.len()
+                ),
+            });
+        }
+        let vocab = self.models.text_encoder.config.vocab_size as u32;
+        let ids = self.tokenizer.add_placeholder(token, vectors.len() / d)?;
+        for (i, id) in ids.iter().enumerate() {
+            let row = (*id - vocab) as usize;
+            if row * d != self.extra_embeddings.len() {
+                return Err(PipelineError::InvalidOption {
+                    option: "embedding",
+                    reason: format!("token `{token}` got id {id}, not the next free one"),
+                });
+            }
+            self.extra_embeddings
+                .extend_from_slice(&vectors[i * d..(i + 1) * d]);
+        }
+        Ok(ids)
+    }
+
+    /// The text-encoder states of `prompt` (`[1, 77, d]`), with any added embeddings.
+    pub fn encode_prompt(&self, prompt: &str, clip_skip: usize) -> Result<Tensor3<D>> {
+        let ids = self.tokenizer.encode(prompt)?.input_ids;
+        self.encode_ids(&[ids], clip_skip)
+    }
+
+    fn encode_ids(&self, ids: &[Vec<u32>], clip_skip: usize) -> Result<Tensor3<D>> {
+        let te = &self.models.text_encoder;
+        if self.extra_embeddings.is_empty() {
+            return Ok(te.encode(ids, clip_skip)?);
+        }
+        let d = te.config.hidden_size;
+        let dev = te.token_embedding.device().clone();
+        let extra = dev.tensor_from_vec(
+            self.extra_embeddings.clone(),
+            (self.extra_embeddings.len() / d, d),
+        );
+        let embeds = te.embed_tokens_with_extra(ids, extra)?;
+        Ok(te.forward_embeds(embeds, clip_skip)?)
+    }
+
     fn encode_text(
         &self,
         options: &TextToImageOptions,
@@ -371,7 +426,7 @@ impl<D: Device<f32>> TextToImage<D> {
         } else {
             vec![cond.input_ids]
         };
-        let embeds = self.models.text_encoder.encode(&ids, options.clip_skip)?;
+        let embeds = self.encode_ids(&ids, options.clip_skip)?;
         Ok((embeds, pd, if guided { nd } else { 0 }))
     }
 
