@@ -79,7 +79,7 @@ pub enum Command {
     },
     /// Generate images from a prompt with a Stable Diffusion 1.x model (one-off text-to-image;
     /// PNGs carry A1111 `parameters`; see `sdpipe::sample`).
-    Sample(crate::sample::SampleArgs),
+    Sample(Box<crate::sample::SampleArgs>),
     /// Inspect or clean the cache.
     Cache {
         #[command(subcommand)]
@@ -153,7 +153,7 @@ pub fn run(cli: Cli) -> i32 {
                 Err(e) => environment_error(&e),
             }
         }
-        Command::Sample(args) => crate::sample::run_with(args, cli.quiet),
+        Command::Sample(args) => crate::sample::run_with(*args, cli.quiet),
         Command::Cache { command } => cmd_cache(command, &ws),
     }
 }
