@@ -48,6 +48,16 @@ pub enum LoraTrainError {
     NonFinite(f32),
 }
 
+/// The error for a module `name` that is not an attention projection of `unet`.
+fn unknown_target<D: Device<f32>>(unet: &mut UNet<D>, name: &str) -> LoraTrainError {
+    let available = attention_targets(unet);
+    let shown: Vec<&str> = available.iter().take(8).map(String::as_str).collect();
+    LoraTrainError::UnknownTarget {
+        name: name.to_string(),
+        available: format!("{} … ({} modules)", shown.join(", "), available.len()),
+    }
+}
+
 /// Module paths of every attention projection (the default LoRA targets).
 pub fn attention_targets<D: Device<f32>>(unet: &mut UNet<D>) -> Vec<String> {
     let mut names = Vec::new();
@@ -98,15 +108,10 @@ pub fn install<D: Device<f32>>(
     if let Some(e) = error {
         return Err(e);
     }
-    if let Some((name, _)) = remaining.into_iter().next() {
-        let available = attention_targets(unet);
-        let shown: Vec<&str> = available.iter().take(8).map(String::as_str).collect();
-        return Err(LoraTrainError::UnknownTarget {
-            name: name.clone(),
-            available: format!("{} … ({} modules)", shown.join(", "), available.len()),
-        });
+    match remaining.into_keys().next() {
+        Some(name) => Err(unknown_target(unet, name)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Adds `multiplier · alpha/r · up·down` of every UNet module of `network` to the layer's
@@ -142,15 +147,10 @@ pub fn merge_into_unet<D: Device<f32>>(
     if let Some(e) = error {
         return Err(e);
     }
-    if let Some((name, _)) = remaining.into_iter().next() {
-        let available = attention_targets(unet);
-        let shown: Vec<&str> = available.iter().take(8).map(String::as_str).collect();
-        return Err(LoraTrainError::UnknownTarget {
-            name: name.clone(),
-            available: format!("{} … ({} modules)", shown.join(", "), available.len()),
-        });
+    match remaining.into_keys().next() {
+        Some(name) => Err(unknown_target(unet, name)),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Removes every adapter.
