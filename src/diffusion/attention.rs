@@ -9,6 +9,7 @@ use super::nn::{
     Conv2d, DEFAULT_ATTENTION_CHUNK, GroupNorm, LayerNorm, Linear, Padding2d, Tensor3, Tensor4,
     gelu, merge_heads, scaled_dot_product_attention, split_heads,
 };
+use super::nn::host::{geglu, is_cpu};
 use super::weights::Loader;
 
 /// diffusers `Attention` as SD 1.x uses it: bias-free q/k/v projections, a biased output
@@ -104,6 +105,9 @@ impl<D: Device<f32>> FeedForward<D> {
     pub fn forward<T: Tape<f32, D>>(&self, x: Tensor3<D, T>) -> Tensor3<D, T> {
         // [b, n, 2F]
         let h = self.proj.forward(x);
+        if is_cpu::<D>() {
+            return self.out.forward(geglu(h));
+        }
         let f = h.shape().2 / 2;
         // two non-overlapping slices of a tensor used nowhere else (see nn's slice caveat)
         let gate = gelu(h.retaped::<T>().slice((.., .., f..2 * f)));

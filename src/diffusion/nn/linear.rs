@@ -2,6 +2,7 @@
 
 use dfdx::prelude::*;
 
+use super::host::{self, is_cpu};
 use super::{Tensor1, Tensor2, Tensor3};
 use crate::diffusion::error::Result;
 use crate::diffusion::weights::Loader;
@@ -42,6 +43,10 @@ impl<D: Device<f32>> Linear<D> {
     pub fn forward2<T: Tape<f32, D>>(&self, x: Tensor2<D, T>) -> Tensor2<D, T> {
         let m = x.shape().0;
         let out = self.out_features();
+        if is_cpu::<D>() {
+            let bias = self.bias.as_ref().map(host::host_vec);
+            return host::linear(x, host::host_vec(&self.weight), bias, out);
+        }
         // [m, in] x [in, out] -> [m, out]
         let y = x.matmul(self.weight.clone().permute::<_, Axes2<1, 0>>());
         match &self.bias {

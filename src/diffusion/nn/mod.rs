@@ -14,6 +14,7 @@
 
 pub mod attention;
 pub mod conv2d;
+pub(crate) mod host;
 pub mod linear;
 pub mod norm;
 pub mod ops;
