@@ -5,11 +5,11 @@
 use dfdx::prelude::*;
 
 use super::error::Result;
+use super::nn::host::{geglu, is_cpu};
 use super::nn::{
     Conv2d, DEFAULT_ATTENTION_CHUNK, GroupNorm, LayerNorm, Linear, Padding2d, Tensor3, Tensor4,
     gelu, merge_heads, scaled_dot_product_attention, split_heads,
 };
-use super::nn::host::{geglu, is_cpu};
 use super::weights::Loader;
 
 /// diffusers `Attention` as SD 1.x uses it: bias-free q/k/v projections, a biased output

@@ -102,7 +102,15 @@ pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
     stride: usize,
     padding: Padding2d,
 ) -> Tensor4<D, T> {
-    conv2d_with(x, weight, bias, stride, padding, is_cpu::<D>(), MAX_COLS_ELEMENTS)
+    conv2d_with(
+        x,
+        weight,
+        bias,
+        stride,
+        padding,
+        is_cpu::<D>(),
+        MAX_COLS_ELEMENTS,
+    )
 }
 
 /// Largest im2col matrix built at once (elements, 128 MiB of f32): bigger outputs are computed

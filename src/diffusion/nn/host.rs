@@ -174,7 +174,10 @@ pub(crate) fn sgemm(
     if m == 0 || n == 0 {
         return;
     }
-    assert!(ldc >= n && c.len() >= (m - 1) * ldc + n, "sgemm: c too short");
+    assert!(
+        ldc >= n && c.len() >= (m - 1) * ldc + n,
+        "sgemm: c too short"
+    );
     if k == 0 {
         if !accumulate {
             for i in 0..m {
@@ -329,7 +332,16 @@ pub(crate) fn linear<D: Device<f32>, T: Tape<f32, D>>(
         );
         let backward: Backward1 = Box::new(move |gy, gx| {
             // gx[m, in] += gy[m, out] · W[out, in]
-            sgemm((m, inp, out), gy, (out, 1), &weight, (inp, 1), gx, inp, true);
+            sgemm(
+                (m, inp, out),
+                gy,
+                (out, 1),
+                &weight,
+                (inp, 1),
+                gx,
+                inp,
+                true,
+            );
         });
         (y, backward)
     })
@@ -415,9 +427,13 @@ pub(crate) fn attention<D: Device<f32>, T: Tape<f32, D>>(
         for s in p[..c * m].iter_mut() {
             *s *= scale;
         }
-        softmax_rows(&mut p[..c * m], m, |i| {
-            if causal { start + i + 1 } else { m }
-        });
+        softmax_rows(
+            &mut p[..c * m],
+            m,
+            |i| {
+                if causal { start + i + 1 } else { m }
+            },
+        );
     };
     host_op3([q, k, v], (b, h, n, dv), move |[qv, kv, vv]| {
         let mut out = vec![0f32; bh * n * dv];
@@ -502,4 +518,229 @@ pub(crate) fn attention<D: Device<f32>, T: Tape<f32, D>>(
         });
         (out, backward)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2654435761).wrapping_add(12345);
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    type T4 = Tensor<(usize, usize, usize, usize), f32, Cpu>;
+    type T4t = Tensor<(usize, usize, usize, usize), f32, Cpu, OwnedTape<f32, Cpu>>;
+
+    /// Gradient of `sum(f(x) * r)` w.r.t. each of `inputs` (through the tape) against central
+    /// finite differences in f64 of the tape-free forward.
+    fn grad_check(inputs: &[T4], f: &dyn Fn(Vec<T4t>) -> T4t, g: &dyn Fn(Vec<T4>) -> T4) {
+        let eval = |xs: &[Vec<f32>]| -> f64 {
+            let ts = inputs
+                .iter()
+                .zip(xs)
+                .map(|(t, v)| t.device().tensor_from_vec(v.clone(), *t.shape()))
+                .collect();
+            let y = g(ts);
+            let r = values(y.shape().num_elements(), 99);
+            y.as_vec()
+                .iter()
+                .zip(&r)
+                .map(|(a, b)| *a as f64 * *b as f64)
+                .sum()
+        };
+        let dev = inputs[0].device().clone();
+        let traced: Vec<T4t> = inputs.iter().map(|t| t.leaky_trace()).collect();
+        let y = f(traced);
+        let r = dev.tensor_from_vec(values(y.shape().num_elements(), 99), *y.shape());
+        let grads = (y * r).sum().backward();
+        let base: Vec<Vec<f32>> = inputs.iter().map(|t| t.as_vec()).collect();
+        let eps = 1e-2f32;
+        for (which, t) in inputs.iter().enumerate() {
+            let gt = grads.get(t).as_vec();
+            for i in 0..base[which].len() {
+                let mut plus = base.clone();
+                plus[which][i] += eps;
+                let mut minus = base.clone();
+                minus[which][i] -= eps;
+                let fd = (eval(&plus) - eval(&minus)) / (2.0 * eps as f64);
+                assert!(
+                    (fd - gt[i] as f64).abs() < 3e-3 * (1.0 + fd.abs()),
+                    "input {which} element {i}: tape {} vs finite difference {fd}",
+                    gt[i]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn exp_matches_std() {
+        for i in -8700..=8800 {
+            let x = i as f32 * 0.01;
+            let (a, b) = (exp_f32(x), x.exp());
+            assert!((a - b).abs() <= 4e-7 * b, "exp({x}): {a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn norm_gradients() {
+        let dev = Cpu::default();
+        let (b, c, h, w) = (2, 6, 3, 2);
+        let x = dev.tensor_from_vec(values(b * c * h * w, 1), (b, c, h, w));
+        let gamma = values(c, 2).iter().map(|v| v + 1.0).collect::<Vec<_>>();
+        let beta = values(c, 3);
+        for silu in [false, true] {
+            let gn = |x: Vec<T4t>| {
+                let layout = NormLayout {
+                    groups: b * 3,
+                    len: 2 * h * w,
+                    groups_per_item: 3,
+                    channels_per_group: 2,
+                    inner: h * w,
+                };
+                norm_affine(
+                    x.into_iter().next().unwrap(),
+                    layout,
+                    gamma.clone(),
+                    beta.clone(),
+                    1e-5,
+                    silu,
+                )
+            };
+            let gn0 = |x: Vec<T4>| {
+                let layout = NormLayout {
+                    groups: b * 3,
+                    len: 2 * h * w,
+                    groups_per_item: 3,
+                    channels_per_group: 2,
+                    inner: h * w,
+                };
+                norm_affine(
+                    x.into_iter().next().unwrap(),
+                    layout,
+                    gamma.clone(),
+                    beta.clone(),
+                    1e-5,
+                    silu,
+                )
+            };
+            grad_check(std::slice::from_ref(&x), &gn, &gn0);
+        }
+        // layer norm over the last axis (width 6)
+        let x = dev.tensor_from_vec(values(36, 12), (2, 1, 3, 6));
+        let ln = |x: Vec<T4t>| {
+            let layout = NormLayout {
+                groups: 2 * 3,
+                len: 6,
+                groups_per_item: 1,
+                channels_per_group: 6,
+                inner: 1,
+            };
+            norm_affine(
+                x.into_iter().next().unwrap(),
+                layout,
+                vec![1.5, 0.5, 1.0, 0.8, 1.2, 0.9],
+                vec![0.1, -0.2, 0.0, 0.3, 0.2, -0.1],
+                1e-5,
+                false,
+            )
+        };
+        let ln0 = |x: Vec<T4>| {
+            let layout = NormLayout {
+                groups: 2 * 3,
+                len: 6,
+                groups_per_item: 1,
+                channels_per_group: 6,
+                inner: 1,
+            };
+            norm_affine(
+                x.into_iter().next().unwrap(),
+                layout,
+                vec![1.5, 0.5, 1.0, 0.8, 1.2, 0.9],
+                vec![0.1, -0.2, 0.0, 0.3, 0.2, -0.1],
+                1e-5,
+                false,
+            )
+        };
+        grad_check(std::slice::from_ref(&x), &ln, &ln0);
+    }
+
+    #[test]
+    fn linear_and_geglu_gradients_and_values() {
+        let dev = Cpu::default();
+        let (m, i, o) = (5, 4, 6);
+        let x = dev.tensor_from_vec(values(m * i, 4), (1, 1, m, i));
+        let wv = values(o * i, 5);
+        let bv = values(o, 6);
+        let lin = |x: Vec<T4t>| {
+            let x = x.into_iter().next().unwrap().reshape_like(&(m, i));
+            let y = linear(x, wv.clone(), Some(bv.clone()), o);
+            geglu(y.reshape_like(&(1, m, o))).reshape_like(&(1, 1, m, o / 2))
+        };
+        let lin0 = |x: Vec<T4>| {
+            let x = x.into_iter().next().unwrap().reshape_like(&(m, i));
+            let y = linear(x, wv.clone(), Some(bv.clone()), o);
+            geglu(y.reshape_like(&(1, m, o))).reshape_like(&(1, 1, m, o / 2))
+        };
+        grad_check(std::slice::from_ref(&x), &lin, &lin0);
+        // values against dfdx ops: linear, then h * gelu(gate)
+        let y = lin0(vec![x.clone()]).as_vec();
+        let w = dev.tensor_from_vec(wv.clone(), (o, i));
+        let bias = dev.tensor_from_vec(bv.clone(), (o,));
+        let h = x
+            .reshape_like(&(m, i))
+            .matmul(w.permute::<_, Axes2<1, 0>>())
+            + bias.broadcast_like::<_, Axis<0>>(&(m, o));
+        let hv = h.as_vec();
+        for r in 0..m {
+            for j in 0..o / 2 {
+                let (a, g) = (hv[r * o + j] as f64, hv[r * o + o / 2 + j] as f64);
+                let gelu = 0.5 * g * (1.0 + libm::erf(g / std::f64::consts::SQRT_2));
+                assert!((y[r * o / 2 + j] as f64 - a * gelu).abs() < 1e-5);
+            }
+        }
+    }
+
+    #[test]
+    fn attention_gradients() {
+        let dev = Cpu::default();
+        let (b, h, n, m, d) = (1, 2, 5, 4, 3);
+        let q = dev.tensor_from_vec(values(b * h * n * d, 7), (b, h, n, d));
+        let k = dev.tensor_from_vec(values(b * h * m * d, 8), (b, h, m, d));
+        let v = dev.tensor_from_vec(values(b * h * m * d, 9), (b, h, m, d));
+        for chunk in [2, n] {
+            let f = |x: Vec<T4t>| {
+                let mut it = x.into_iter();
+                let (q, k, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+                attention(q, k, v, false, chunk, 0.7)
+            };
+            let f0 = |x: Vec<T4>| {
+                let mut it = x.into_iter();
+                let (q, k, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+                attention(q, k, v, false, chunk, 0.7)
+            };
+            grad_check(&[q.clone(), k.clone(), v.clone()], &f, &f0);
+        }
+        // causal self-attention
+        let kc = dev.tensor_from_vec(values(b * h * n * d, 10), (b, h, n, d));
+        let vc = dev.tensor_from_vec(values(b * h * n * d, 11), (b, h, n, d));
+        let f = |x: Vec<T4t>| {
+            let mut it = x.into_iter();
+            let (q, k, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+            attention(q, k, v, true, 2, 0.7)
+        };
+        let f0 = |x: Vec<T4>| {
+            let mut it = x.into_iter();
+            let (q, k, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+            attention(q, k, v, true, 2, 0.7)
+        };
+        grad_check(&[q, kc, vc], &f, &f0);
+    }
 }
