@@ -65,6 +65,35 @@ pub(crate) fn sum_f32(v: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + rest.iter().sum::<f32>()
 }
 
+/// Maximum with eight partial maxima (vectorises); `-inf` for an empty slice.
+#[inline]
+pub(crate) fn max_f32(v: &[f32]) -> f32 {
+    let mut acc = [f32::NEG_INFINITY; 8];
+    let chunks = v.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..8 {
+            acc[i] = if c[i] > acc[i] { c[i] } else { acc[i] };
+        }
+    }
+    acc.iter()
+        .chain(rest)
+        .copied()
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// `erf(x)` for f32 (Abramowitz & Stegun 7.1.26, absolute error below 2e-7), branch-free
+/// apart from the sign so loops over it vectorise.
+#[inline(always)]
+pub(crate) fn erf_f32(x: f32) -> f32 {
+    let ax = x.abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * ax);
+    let poly = t
+        * (0.254_829_6
+            + t * (-0.284_496_74 + t * (1.421_413_7 + t * (-1.453_152 + t * 1.061_405_4))));
+    (1.0 - poly * exp_f32(-ax * ax)).copysign(x)
+}
+
 /// Dot product with eight partial sums.
 #[inline]
 pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
@@ -162,6 +191,21 @@ pub(crate) fn host_op3<Si: Shape, So: Shape, D: Device<f32>, T: Tape<f32, D>>(
 /// Panics if a slice is too short for the given dimensions and strides.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn sgemm(
+    dims: (usize, usize, usize),
+    a: &[f32],
+    a_strides: (usize, usize),
+    b: &[f32],
+    b_strides: (usize, usize),
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) {
+    sgemm_scaled(dims, a, a_strides, b, b_strides, c, ldc, accumulate, 1.0);
+}
+
+/// [`sgemm`] with the product scaled by `scale`: `c (+)= scale · a · b`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn sgemm_scaled(
     (m, n, k): (usize, usize, usize),
     a: &[f32],
     (a_rs, a_cs): (usize, usize),
@@ -170,6 +214,7 @@ pub(crate) fn sgemm(
     c: &mut [f32],
     ldc: usize,
     accumulate: bool,
+    scale: f32,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -212,7 +257,7 @@ pub(crate) fn sgemm(
             b_cs as isize,
             b_rs as isize,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
@@ -238,9 +283,16 @@ pub(crate) struct NormLayout {
 }
 
 impl NormLayout {
-    #[inline(always)]
-    fn channel(&self, g: usize, i: usize) -> usize {
-        (g % self.groups_per_item) * self.channels_per_group + i / self.inner
+    /// `v` (per channel) expanded to one value per position of each of the
+    /// `groups_per_item` group patterns: `[groups_per_item, len]`.
+    fn expand(&self, v: &[f32]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(self.groups_per_item * self.len);
+        for g in 0..self.groups_per_item {
+            for i in 0..self.len {
+                out.push(v[g * self.channels_per_group + i / self.inner]);
+            }
+        }
+        out
     }
 }
 
@@ -256,8 +308,12 @@ pub(crate) fn norm_affine<S: Shape, D: Device<f32>, T: Tape<f32, D>>(
 ) -> Tensor<S, f32, D, T> {
     let shape = *x.shape();
     assert_eq!(layout.groups * layout.len, shape.num_elements());
+    let l = layout;
+    // per-position affine factors of each group pattern
+    let (gamma, beta) = (l.expand(&gamma), l.expand(&beta));
+    let pattern =
+        move |g: usize| (g % l.groups_per_item) * l.len..(g % l.groups_per_item + 1) * l.len;
     host_op(x, shape, move |xv| {
-        let l = layout;
         let mut y = vec![0f32; xv.len()];
         let mut stats = Vec::with_capacity(l.groups);
         for g in 0..l.groups {
@@ -267,37 +323,45 @@ pub(crate) fn norm_affine<S: Shape, D: Device<f32>, T: Tape<f32, D>>(
             let (mean, rstd) = (mean as f32, (1.0 / (var + eps).sqrt()) as f32);
             stats.push((mean, rstd));
             let ys = &mut y[g * l.len..(g + 1) * l.len];
-            for (i, (o, v)) in ys.iter_mut().zip(xs).enumerate() {
-                let ch = l.channel(g, i);
-                let a = (v - mean) * rstd * gamma[ch] + beta[ch];
-                *o = if silu { a / (1.0 + exp_f32(-a)) } else { a };
+            let (gs, bs) = (&gamma[pattern(g)], &beta[pattern(g)]);
+            for (((o, v), ga), be) in ys.iter_mut().zip(xs).zip(gs).zip(bs) {
+                *o = (v - mean) * rstd * ga + be;
+            }
+            if silu {
+                for o in ys.iter_mut() {
+                    *o /= 1.0 + exp_f32(-*o);
+                }
             }
         }
         let backward: Backward1 = Box::new(move |gy, gx| {
             let n = l.len as f32;
             let mut gxh = vec![0f32; l.len];
+            let mut xh = vec![0f32; l.len];
             for (g, &(mean, rstd)) in stats.iter().enumerate() {
                 let xs = &xv[g * l.len..(g + 1) * l.len];
                 let gys = &gy[g * l.len..(g + 1) * l.len];
-                let (mut s1, mut s2) = (0f32, 0f32);
-                for (i, ((d, v), gyv)) in gxh.iter_mut().zip(xs).zip(gys).enumerate() {
-                    let ch = l.channel(g, i);
-                    let xh = (v - mean) * rstd;
-                    let mut gpre = *gyv;
-                    if silu {
-                        let a = xh * gamma[ch] + beta[ch];
-                        let s = 1.0 / (1.0 + exp_f32(-a));
-                        gpre *= s * (1.0 + a * (1.0 - s));
-                    }
-                    *d = gpre * gamma[ch];
-                    s1 += *d;
-                    s2 += *d * xh;
+                let (gs, bs) = (&gamma[pattern(g)], &beta[pattern(g)]);
+                for (h, v) in xh.iter_mut().zip(xs) {
+                    *h = (v - mean) * rstd;
                 }
-                let (m1, m2) = (s1 / n, s2 / n);
+                if silu {
+                    for ((((d, h), gyv), ga), be) in
+                        gxh.iter_mut().zip(&xh).zip(gys).zip(gs).zip(bs)
+                    {
+                        let a = h * ga + be;
+                        let s = 1.0 / (1.0 + exp_f32(-a));
+                        *d = gyv * s * (1.0 + a * (1.0 - s)) * ga;
+                    }
+                } else {
+                    for ((d, gyv), ga) in gxh.iter_mut().zip(gys).zip(gs) {
+                        *d = gyv * ga;
+                    }
+                }
+                let m1 = sum_f32(&gxh) / n;
+                let m2 = dot_f32(&gxh, &xh) / n;
                 let gxs = &mut gx[g * l.len..(g + 1) * l.len];
-                for ((o, d), v) in gxs.iter_mut().zip(&gxh).zip(xs) {
-                    let xh = (v - mean) * rstd;
-                    *o += rstd * (d - m1 - xh * m2);
+                for ((o, d), h) in gxs.iter_mut().zip(&gxh).zip(&xh) {
+                    *o += rstd * (d - m1 - h * m2);
                 }
             }
         });
@@ -360,7 +424,7 @@ pub(crate) fn geglu<D: Device<f32>, T: Tape<f32, D>>(
         for (row, out) in hv.chunks_exact(f2).zip(y.chunks_exact_mut(f)) {
             let (a, g) = row.split_at(f);
             for ((o, a), g) in out.iter_mut().zip(a).zip(g) {
-                *o = a * 0.5 * g * (1.0 + libm::erff(g * INV_SQRT_2));
+                *o = a * 0.5 * g * (1.0 + erf_f32(g * INV_SQRT_2));
             }
         }
         let backward: Backward1 = Box::new(move |gy, gh| {
@@ -372,7 +436,7 @@ pub(crate) fn geglu<D: Device<f32>, T: Tape<f32, D>>(
                 let (a, g) = row.split_at(f);
                 let (ga, gg) = grow.split_at_mut(f);
                 for j in 0..f {
-                    let cdf = 0.5 * (1.0 + libm::erff(g[j] * INV_SQRT_2));
+                    let cdf = 0.5 * (1.0 + erf_f32(g[j] * INV_SQRT_2));
                     let pdf = (-0.5 * g[j] * g[j]).exp() * inv_sqrt_2pi;
                     ga[j] += gyr[j] * g[j] * cdf;
                     gg[j] += gyr[j] * a[j] * (cdf + g[j] * pdf);
@@ -390,7 +454,7 @@ fn softmax_rows(s: &mut [f32], m: usize, mask_from: impl Fn(usize) -> usize) {
         let end = mask_from(i).min(m);
         let (live, masked) = row.split_at_mut(end);
         masked.fill(0.0);
-        let max = live.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = max_f32(live);
         for v in live.iter_mut() {
             *v = exp_f32(*v - max);
         }
@@ -423,10 +487,7 @@ pub(crate) fn attention<D: Device<f32>, T: Tape<f32, D>>(
     let probs = move |qv: &[f32], kv: &[f32], x: usize, start: usize, c: usize, p: &mut [f32]| {
         let qs = &qv[(x * n + start) * d..];
         let ks = &kv[x * m * d..];
-        sgemm((c, m, d), qs, (d, 1), ks, (1, d), p, m, false);
-        for s in p[..c * m].iter_mut() {
-            *s *= scale;
-        }
+        sgemm_scaled((c, m, d), qs, (d, 1), ks, (1, d), p, m, false, scale);
         softmax_rows(
             &mut p[..c * m],
             m,
@@ -577,6 +638,15 @@ mod tests {
                     gt[i]
                 );
             }
+        }
+    }
+
+    #[test]
+    fn erf_matches_libm() {
+        for i in -600..=600 {
+            let x = i as f32 * 0.01;
+            let (a, b) = (erf_f32(x) as f64, libm::erf(x as f64));
+            assert!((a - b).abs() < 3e-7, "erf({x}): {a} vs {b}");
         }
     }
 
