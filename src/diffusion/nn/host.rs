@@ -183,6 +183,11 @@ pub(crate) fn host_op3<Si: Shape, So: Shape, D: Device<f32>, T: Tape<f32, D>>(
     y.put_tape(tape)
 }
 
+/// Multiply-adds (`m·n·k`) from which a product is split over rayon's threads. Below it the
+/// hand-off costs more than it saves (measured on the tiny UNet: 2 threads on 2 shared cores
+/// were ~20% slower than 1 with gemm's own threshold of 48·48·256).
+const PARALLEL_GEMM_WORK: usize = 1 << 22;
+
 /// Row-major single-precision matrix product on the host:
 /// `c[m, n] (+)= a[m, k] · b[k, n]`, where element `(i, p)` of `a` is `a[i*a_rs + p*a_cs]`,
 /// element `(p, j)` of `b` is `b[p*b_rs + j*b_cs]` and row `i` of `c` starts at `c[i*ldc]`.
@@ -261,7 +266,11 @@ pub(crate) fn sgemm_scaled(
             false,
             false,
             false,
-            gemm::Parallelism::Rayon(0),
+            if m * n * k >= PARALLEL_GEMM_WORK {
+                gemm::Parallelism::Rayon(0)
+            } else {
+                gemm::Parallelism::None
+            },
         );
     }
 }
