@@ -474,10 +474,15 @@ fn softmax_rows(s: &mut [f32], m: usize, mask_from: impl Fn(usize) -> usize) {
     }
 }
 
+/// Largest attention probability matrix (elements, all heads and queries, 256 MiB of f32)
+/// kept from the forward for the backward; bigger ones are recomputed chunk by chunk.
+const MAX_KEPT_PROBS: usize = 1 << 26;
+
 /// `softmax(q kᵀ · scale [+ causal mask]) v` per batch-head for contiguous `q: [bh, n, d]`,
 /// `k: [bh, m, d]`, `v: [bh, m, dv]`, `chunk` queries at a time (the score matrix held is
-/// `[chunk, m]`). The backward recomputes each chunk's probabilities instead of storing them,
-/// so memory stays bounded with a tape too.
+/// `[chunk, m]`). Under a tape the probabilities are kept for the backward up to
+/// `MAX_KEPT_PROBS` elements; above that the backward recomputes each chunk's, so memory
+/// stays bounded with a tape too.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn attention<D: Device<f32>, T: Tape<f32, D>>(
     q: Tensor<(usize, usize, usize, usize), f32, D, T>,
@@ -486,6 +491,20 @@ pub(crate) fn attention<D: Device<f32>, T: Tape<f32, D>>(
     causal: bool,
     chunk: usize,
     scale: f32,
+) -> Tensor<(usize, usize, usize, usize), f32, D, T> {
+    attention_with(q, k, v, causal, chunk, scale, MAX_KEPT_PROBS)
+}
+
+/// [`attention`] keeping at most `max_kept` probabilities for the backward.
+#[allow(clippy::too_many_arguments)]
+fn attention_with<D: Device<f32>, T: Tape<f32, D>>(
+    q: Tensor<(usize, usize, usize, usize), f32, D, T>,
+    k: Tensor<(usize, usize, usize, usize), f32, D, T>,
+    v: Tensor<(usize, usize, usize, usize), f32, D, T>,
+    causal: bool,
+    chunk: usize,
+    scale: f32,
+    max_kept: usize,
 ) -> Tensor<(usize, usize, usize, usize), f32, D, T> {
     let (b, h, n, d) = *q.shape();
     let m = k.shape().2;
@@ -505,17 +524,25 @@ pub(crate) fn attention<D: Device<f32>, T: Tape<f32, D>>(
             },
         );
     };
+    // under a tape, keep the probabilities for the backward when they are small enough
+    let keep = T::OWNS_TAPE && bh * n * m <= max_kept;
     host_op3([q, k, v], (b, h, n, dv), move |[qv, kv, vv]| {
         let mut out = vec![0f32; bh * n * dv];
-        let mut p = vec![0f32; chunk * m];
+        let mut p = vec![0f32; if keep { 0 } else { chunk * m }];
+        let mut kept = vec![0f32; if keep { bh * n * m } else { 0 }];
         for x in 0..bh {
             let mut start = 0;
             while start < n {
                 let c = chunk.min(n - start);
-                probs(&qv, &kv, x, start, c, &mut p);
+                let pc = if keep {
+                    &mut kept[(x * n + start) * m..(x * n + start + c) * m]
+                } else {
+                    &mut p[..c * m]
+                };
+                probs(&qv, &kv, x, start, c, pc);
                 sgemm(
                     (c, dv, m),
-                    &p,
+                    pc,
                     (m, 1),
                     &vv[x * m * dv..],
                     (dv, 1),
@@ -530,13 +557,18 @@ pub(crate) fn attention<D: Device<f32>, T: Tape<f32, D>>(
             let mut gq = vec![0f32; bh * n * d];
             let mut gk = vec![0f32; bh * m * d];
             let mut gv = vec![0f32; bh * m * dv];
-            let mut p = vec![0f32; chunk * m];
+            let mut p = vec![0f32; if keep { 0 } else { chunk * m }];
             let mut dp = vec![0f32; chunk * m];
             for x in 0..bh {
                 let mut start = 0;
                 while start < n {
                     let c = chunk.min(n - start);
-                    probs(&qv, &kv, x, start, c, &mut p);
+                    let p: &[f32] = if keep {
+                        &kept[(x * n + start) * m..(x * n + start + c) * m]
+                    } else {
+                        probs(&qv, &kv, x, start, c, &mut p);
+                        &p[..c * m]
+                    };
                     let go = &gy[(x * n + start) * dv..];
                     let vs = &vv[x * m * dv..];
                     // dP[c, m] = dO[c, dv] · Vᵀ
@@ -544,7 +576,7 @@ pub(crate) fn attention<D: Device<f32>, T: Tape<f32, D>>(
                     // dV[m, dv] += Pᵀ · dO
                     sgemm(
                         (m, dv, c),
-                        &p,
+                        p,
                         (1, m),
                         go,
                         (dv, 1),
@@ -553,7 +585,7 @@ pub(crate) fn attention<D: Device<f32>, T: Tape<f32, D>>(
                         start > 0,
                     );
                     // dS = P ∘ (dP - rowsum(dP ∘ P)) · scale (in dp)
-                    for (pr, dr) in p[..c * m].chunks_exact(m).zip(dp.chunks_exact_mut(m)) {
+                    for (pr, dr) in p.chunks_exact(m).zip(dp.chunks_exact_mut(m)) {
                         let dot = dot_f32(pr, dr);
                         for (dd, pp) in dr.iter_mut().zip(pr) {
                             *dd = pp * (*dd - dot) * scale;
@@ -794,11 +826,11 @@ mod tests {
         let q = dev.tensor_from_vec(values(b * h * n * d, 7), (b, h, n, d));
         let k = dev.tensor_from_vec(values(b * h * m * d, 8), (b, h, m, d));
         let v = dev.tensor_from_vec(values(b * h * m * d, 9), (b, h, m, d));
-        for chunk in [2, n] {
+        for (chunk, kept) in [(2, usize::MAX), (n, usize::MAX), (2, 0), (n, 0)] {
             let f = |x: Vec<T4t>| {
                 let mut it = x.into_iter();
                 let (q, k, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
-                attention(q, k, v, false, chunk, 0.7)
+                attention_with(q, k, v, false, chunk, 0.7, kept)
             };
             let f0 = |x: Vec<T4>| {
                 let mut it = x.into_iter();
@@ -810,16 +842,18 @@ mod tests {
         // causal self-attention
         let kc = dev.tensor_from_vec(values(b * h * n * d, 10), (b, h, n, d));
         let vc = dev.tensor_from_vec(values(b * h * n * d, 11), (b, h, n, d));
-        let f = |x: Vec<T4t>| {
-            let mut it = x.into_iter();
-            let (q, k, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
-            attention(q, k, v, true, 2, 0.7)
-        };
-        let f0 = |x: Vec<T4>| {
-            let mut it = x.into_iter();
-            let (q, k, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
-            attention(q, k, v, true, 2, 0.7)
-        };
-        grad_check(&[q, kc, vc], &f, &f0);
+        for kept in [usize::MAX, 0] {
+            let f = |x: Vec<T4t>| {
+                let mut it = x.into_iter();
+                let (q, k, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+                attention_with(q, k, v, true, 2, 0.7, kept)
+            };
+            let f0 = |x: Vec<T4>| {
+                let mut it = x.into_iter();
+                let (q, k, v) = (it.next().unwrap(), it.next().unwrap(), it.next().unwrap());
+                attention(q, k, v, true, 2, 0.7)
+            };
+            grad_check(&[q.clone(), kc.clone(), vc.clone()], &f, &f0);
+        }
     }
 }
