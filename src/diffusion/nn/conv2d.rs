@@ -1,11 +1,13 @@
 //! 2-D convolution on dfdx's stable ops (its own `conv2d` needs nightly).
 //!
 //! Implementation: im2col. The `kh·kw` shifted (strided, zero-padded) windows of the input are
-//! gathered into `[b, c·kh·kw, ho·wo]`, and one batched matmul with the weight viewed as
-//! `[c_out, c·kh·kw]` gives the output. On the CPU the gather is plain host loops with a custom
-//! backward (col2im); on other devices it is one dfdx `gather` op (its backward accumulates). Every step is a differentiable dfdx op, so gradients flow
-//! to the input through the tape. This file is the only place convolution is implemented: a
-//! faster kernel can replace [`conv2d`] without touching the models.
+//! gathered into `[c·kh·kw, ho·wo]` columns and one matmul with the weight viewed as
+//! `[c_out, c·kh·kw]` gives the output. On the CPU the whole convolution is one host kernel
+//! (im2col into a reused buffer, gemm, bias) whose backward gives the input gradient
+//! (`Wᵀ · dy`, then col2im), the weight being frozen (see `host`); on other devices it is dfdx
+//! ops (one `gather`, whose backward accumulates, and a batched matmul). Either way gradients
+//! flow to the input through the tape. This file is the only place convolution is
+//! implemented: a faster kernel can replace [`conv2d`] without touching the models.
 
 use dfdx::prelude::*;
 
@@ -93,8 +95,8 @@ impl<D: Device<f32>> Conv2d<D> {
 ///
 /// Panics if the input's channels differ from the weight's (the models check their inputs).
 ///
-/// On the CPU the im2col is host loops with a custom backward; on other devices it is one
-/// dfdx `gather` (same numbers, slower on the CPU).
+/// On the CPU one fused host kernel (no gradient for the frozen weight and bias); on other
+/// devices dfdx ops (same numbers).
 pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
     x: Tensor4<D, T>,
     weight: &Tensor4<D>,
