@@ -5,22 +5,20 @@
 //!
 //! `cargo run --release --example bench_unet [iterations]`
 //!
-//! Measured on the project's shared 2-core CPU machine (release profile), run back to back
-//! with `python3 benches/reference/tiny_unet_torch.py 40` (torch 2.15, diffusers 0.42, 2
-//! threads), minimum of 40 iterations (medians noisy, the cores are shared):
+//! Measured 2026-11-28 on the project's shared 2-core CPU machine (release profile), run back
+//! to back with `python3 benches/reference/tiny_unet_torch.py 60` (torch 2.15, diffusers 0.42),
+//! minimum of 60 iterations (the cores are shared with other jobs: compare minima; PyTorch's
+//! 2-thread runs suffered most from the contention, so its least-disturbed minima are used):
 //!
 //! | | Rust | PyTorch | ratio |
 //! |---|---|---|---|
-//! | forward | 5.9-7.5 ms | 8.9-10.0 ms | 0.66-0.79x |
-//! | forward + backward | 14.1-18.0 ms | 17.6-19.5 ms | 0.80-0.98x |
-//!
-//! (ratios per back-to-back pair; 0.80x in the quietest pair, 14.2 vs 17.8 ms)
+//! | forward, 2 threads | 4.8-4.9 ms | 8.9 ms | 0.55x |
+//! | forward + backward, 2 threads | 10.3-11.2 ms | 17.6 ms | 0.61x |
+//! | forward, 1 thread each, 3 pairs | 4.86 ms | 8.56-9.08 ms | 0.55x |
+//! | forward + backward, 1 thread each, 3 pairs | 10.57-10.66 ms | 17.2-18.0 ms | 0.61x |
 //!
 //! Before the fused CPU kernels (src/diffusion/nn/host.rs) it was 9.1-10.3 ms forward and
-//! 27.8-32 ms forward + backward (~1.6x PyTorch's forward + backward). On the CPU the
-//! convolutions, linear layers, norms (+SiLU), attention and GEGLU each run as one host op
-//! whose backward gives the activation gradient only (frozen weights); what remains is gemm,
-//! attention's softmax, erf, and dfdx's residual adds / reshapes.
+//! 26.7-32 ms forward + backward (~1.6x PyTorch). See docs/benchmarks.md for the breakdown.
 
 use std::time::Instant;
 
