@@ -12,8 +12,8 @@
 //!
 //! | | Rust | PyTorch | ratio |
 //! |---|---|---|---|
-//! | forward, 2 threads | 4.8-4.9 ms | 8.9 ms | 0.55x |
-//! | forward + backward, 2 threads | 10.3-11.2 ms | 17.6 ms | 0.61x |
+//! | forward, 2 threads | 4.8-4.9 ms (6.7 in 1 of 7 runs) | 8.9 ms | 0.55x |
+//! | forward + backward, 2 threads | 10.3-11.2 ms (12.7, 14.8 in 2 of 7) | 17.6 ms | 0.61x |
 //! | forward, 1 thread each, 3 pairs | 4.86 ms | 8.56-9.08 ms | 0.55x |
 //! | forward + backward, 1 thread each, 3 pairs | 10.57-10.66 ms | 17.2-18.0 ms | 0.61x |
 //!
