@@ -5,12 +5,20 @@
 //!
 //! `cargo run --release --example bench_unet [iterations]`
 //!
-//! Measured on the project's shared 2-core CPU machine (dev profile, dependencies at
-//! opt-level 3): forward about 14 ms, forward + backward about 43-50 ms per iteration (minimum
-//! of 30; medians 30-50% higher because the cores are shared). About a quarter of the time is
-//! gemm, the rest is dfdx's per-op overhead on these tiny tensors (allocation, strided copies
-//! for permutes, elementwise kernels). PyTorch could not be timed on that machine (no torch
-//! there), so the ratio to PyTorch is still to be measured on a machine that has both.
+//! Measured 2026-11-28 on the project's shared 2-core CPU machine (release profile), run back
+//! to back with `python3 benches/reference/tiny_unet_torch.py 60` (torch 2.15, diffusers 0.42),
+//! minimum of 60 iterations (the cores are shared with other jobs: compare minima; PyTorch's
+//! 2-thread runs suffered most from the contention, so its least-disturbed minima are used):
+//!
+//! | | Rust | PyTorch | ratio |
+//! |---|---|---|---|
+//! | forward, 2 threads | 4.8-4.9 ms (6.7 in 1 of 7 runs) | 8.9 ms | 0.55x |
+//! | forward + backward, 2 threads | 10.3-11.2 ms (12.7, 14.8 in 2 of 7) | 17.6 ms | 0.61x |
+//! | forward, 1 thread each, 3 pairs | 4.86 ms | 8.56-9.08 ms | 0.55x |
+//! | forward + backward, 1 thread each, 3 pairs | 10.57-10.66 ms | 17.2-18.0 ms | 0.61x |
+//!
+//! Before the fused CPU kernels (src/diffusion/nn/host.rs) it was 9.1-10.3 ms forward and
+//! 26.7-32 ms forward + backward (~1.6x PyTorch). See docs/benchmarks.md for the breakdown.
 
 use std::time::Instant;
 

@@ -79,7 +79,7 @@ impl<D: Device<f32>> ResnetBlock2D<D> {
     ) -> Tensor4<D, T> {
         let h = self
             .conv1
-            .forward(silu(self.norm1.forward(x.retaped::<T>())));
+            .forward(self.norm1.forward_silu(x.retaped::<T>()));
         let h = match (&self.time_emb_proj, temb) {
             (Some(proj), Some(temb)) => {
                 let shape = *h.shape();
@@ -89,7 +89,7 @@ impl<D: Device<f32>> ResnetBlock2D<D> {
             }
             _ => h,
         };
-        let h = self.conv2.forward(silu(self.norm2.forward(h)));
+        let h = self.conv2.forward(self.norm2.forward_silu(h));
         match &self.conv_shortcut {
             Some(sc) => h + sc.forward(x),
             None => h + x,

@@ -472,7 +472,7 @@ impl<D: Device<f32>> UNet<D> {
         for block in &self.up_blocks {
             x = block.forward(x, &temb, &context, &mut skips);
         }
-        Ok(self.conv_out.forward(silu(self.conv_norm_out.forward(x))))
+        Ok(self.conv_out.forward(self.conv_norm_out.forward_silu(x)))
     }
 }
 

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use super::error::{DiffusionError, Result};
 use super::nn::{
     Conv2d, DEFAULT_ATTENTION_CHUNK, GroupNorm, Linear, Padding2d, Tensor4,
-    scaled_dot_product_attention, silu,
+    scaled_dot_product_attention,
 };
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 use super::unet_blocks::Upsample2D;
@@ -273,7 +273,7 @@ impl<D: Device<f32>> Encoder<D> {
             }
         }
         let x = self.mid_block.forward(x);
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.forward(self.conv_norm_out.forward_silu(x))
     }
 }
 
@@ -360,7 +360,7 @@ impl<D: Device<f32>> Decoder<D> {
                 x = u.forward(x);
             }
         }
-        self.conv_out.forward(silu(self.conv_norm_out.forward(x)))
+        self.conv_out.forward(self.conv_norm_out.forward_silu(x))
     }
 }
 

@@ -2,6 +2,7 @@
 
 use dfdx::prelude::*;
 
+use super::host::{self, is_cpu};
 use super::ops::concat_many;
 use super::{Tensor3, Tensor4};
 
@@ -45,6 +46,9 @@ pub fn scaled_dot_product_attention<D: Device<f32>, T: Tape<f32, D>>(
     let m = k.shape().2;
     let chunk = chunk.max(1);
     let scale = 1.0 / (d as f32).sqrt();
+    if is_cpu::<D>() {
+        return host::attention(q, k, v, causal, chunk, scale);
+    }
     let dev = q.device().clone();
 
     let (q, qt) = q.split_tape();

@@ -1,14 +1,17 @@
 //! 2-D convolution on dfdx's stable ops (its own `conv2d` needs nightly).
 //!
 //! Implementation: im2col. The `kh·kw` shifted (strided, zero-padded) windows of the input are
-//! gathered into `[b, c·kh·kw, ho·wo]`, and one batched matmul with the weight viewed as
-//! `[c_out, c·kh·kw]` gives the output. On the CPU the gather is plain host loops with a custom
-//! backward (col2im); on other devices it is one dfdx `gather` op (its backward accumulates). Every step is a differentiable dfdx op, so gradients flow
-//! to the input through the tape. This file is the only place convolution is implemented: a
-//! faster kernel can replace [`conv2d`] without touching the models.
+//! gathered into `[c·kh·kw, ho·wo]` columns and one matmul with the weight viewed as
+//! `[c_out, c·kh·kw]` gives the output. On the CPU the whole convolution is one host kernel
+//! (im2col into a reused buffer, gemm, bias) whose backward gives the input gradient
+//! (`Wᵀ · dy`, then col2im), the weight being frozen (see `host`); on other devices it is dfdx
+//! ops (one `gather`, whose backward accumulates, and a batched matmul). Either way gradients
+//! flow to the input through the tape. This file is the only place convolution is
+//! implemented: a faster kernel can replace [`conv2d`] without touching the models.
 
 use dfdx::prelude::*;
 
+use super::host::{Backward1, host_op, host_vec, is_cpu, sgemm};
 use super::ops::concat_many;
 use super::{Tensor1, Tensor3, Tensor4};
 use crate::diffusion::error::Result;
@@ -92,8 +95,8 @@ impl<D: Device<f32>> Conv2d<D> {
 ///
 /// Panics if the input's channels differ from the weight's (the models check their inputs).
 ///
-/// On the CPU the im2col is host loops with a custom backward; on other devices it is one
-/// dfdx `gather` (same numbers, slower on the CPU).
+/// On the CPU one fused host kernel (no gradient for the frozen weight and bias); on other
+/// devices dfdx ops (same numbers).
 pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
     x: Tensor4<D, T>,
     weight: &Tensor4<D>,
@@ -101,8 +104,15 @@ pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
     stride: usize,
     padding: Padding2d,
 ) -> Tensor4<D, T> {
-    let host = std::any::TypeId::of::<D>() == std::any::TypeId::of::<Cpu>();
-    conv2d_with(x, weight, bias, stride, padding, host, MAX_COLS_ELEMENTS)
+    conv2d_with(
+        x,
+        weight,
+        bias,
+        stride,
+        padding,
+        is_cpu::<D>(),
+        MAX_COLS_ELEMENTS,
+    )
 }
 
 /// Largest im2col matrix built at once (elements, 128 MiB of f32): bigger outputs are computed
@@ -136,6 +146,9 @@ fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
     let wo = (wp - kw) / stride + 1;
     let k = c_in * kh * kw;
 
+    if host_im2col {
+        return conv2d_host(x, weight, bias, stride, padding, (ho, wo), max_cols);
+    }
     if kh == 1 && kw == 1 && stride == 1 && padding == Padding2d::default() {
         // the input is its own column matrix: [b, c, h*w]
         let y = weight_matmul(x.reshape_like(&(b, c, h * w)), weight);
@@ -165,11 +178,7 @@ fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
             wo,
         };
         // [b, c*kh*kw, rows*wo]
-        let cols = if host_im2col {
-            im2col_host(xi, g)
-        } else {
-            im2col(xi, g)
-        };
+        let cols = im2col(xi, g);
         bands.push(weight_matmul(cols, weight).reshape_like(&(b, c_out, rows, wo)));
         oy0 += rows;
     }
@@ -260,38 +269,116 @@ impl Geometry {
     }
 }
 
-/// im2col computed on the host for the CPU device (plain loops instead of dfdx's per-element
-/// indexed gather), with a custom backward op that scatters the column gradient back
-/// (col2im). Same output as [`im2col`].
-fn im2col_host<D: Device<f32>, T: Tape<f32, D>>(x: Tensor4<D, T>, g: Geometry) -> Tensor3<D, T> {
-    // the gradient buffer is indexed like the data: work on a contiguous input (a no-op when
-    // it already is)
-    let x = x.contiguous();
-    let (x, mut tape) = x.split_tape();
-    let xv = x.as_vec();
-    let dev = x.device().clone();
-    let (k, n) = (g.kh * g.kw, g.ho * g.wo);
-    let mut cols = vec![0f32; g.b * g.c * k * n];
-    g.for_each(|o, i| cols[o] = xv[i]);
-    let cols = dev.tensor_from_vec(cols, (g.b, g.c * k, n));
-    if T::OWNS_TAPE {
-        let cols_ghost = cols.clone();
-        tape.add_backward_op(move |grads| {
-            grads.try_alloc_for(&cols_ghost)?;
-            let gc = grads.get(&cols_ghost).as_vec();
-            let mut gx = vec![0f32; g.b * g.c * g.h * g.w];
-            g.for_each(|o, i| gx[i] += gc[o]);
-            let dst: &mut dyn std::any::Any = grads.get_or_alloc_mut(&x)?;
-            let dst = dst
-                .downcast_mut::<<Cpu as Storage<f32>>::Vec>()
-                .expect("the host im2col only runs on the Cpu device");
-            for (d, v) in dst.iter_mut().zip(&gx) {
-                *d += v;
+/// The whole convolution on the host (CPU device): per batch item and band of output rows,
+/// im2col into a reused buffer and one gemm with the weight, bias added; one backward op gives
+/// the input gradient (`Wᵀ · dy`, then col2im). The weight is frozen: no gradient for it.
+fn conv2d_host<D: Device<f32>, T: Tape<f32, D>>(
+    x: Tensor4<D, T>,
+    weight: &Tensor4<D>,
+    bias: Option<&Tensor1<D>>,
+    stride: usize,
+    padding: Padding2d,
+    (ho, wo): (usize, usize),
+    max_cols: usize,
+) -> Tensor4<D, T> {
+    let (b, c, h, w) = *x.shape();
+    let (c_out, _, kh, kw) = *weight.shape();
+    let (k, n, hw) = (c * kh * kw, ho * wo, h * w);
+    let pointwise = kh == 1 && kw == 1 && stride == 1 && padding == Padding2d::default();
+    // output rows per band, so that the column matrix stays under `max_cols` elements
+    let band = (max_cols / (k * wo).max(1)).clamp(1, ho.max(1));
+    let wv = host_vec(weight);
+    let bv = bias.map(host_vec);
+    let geometry = move |oy0: usize, rows: usize| Geometry {
+        b: 1,
+        c,
+        h,
+        w,
+        kh,
+        kw,
+        s: stride,
+        top: padding.top,
+        left: padding.left,
+        oy0,
+        ho: rows,
+        wo,
+    };
+    host_op(x, (b, c_out, ho, wo), move |xv| {
+        let mut y = vec![0f32; b * c_out * n];
+        let mut cols = vec![0f32; if pointwise { 0 } else { k * band * wo }];
+        for bi in 0..b {
+            let xb = &xv[bi * c * hw..(bi + 1) * c * hw];
+            let yb = &mut y[bi * c_out * n..(bi + 1) * c_out * n];
+            let mut oy0 = 0;
+            while oy0 < ho {
+                let rows = band.min(ho - oy0);
+                let nb = rows * wo;
+                // [k, nb] columns: the input itself for a pointwise conv
+                let (src, ld): (&[f32], usize) = if pointwise {
+                    (&xb[oy0 * wo..], n)
+                } else {
+                    cols[..k * nb].fill(0.0);
+                    geometry(oy0, rows).for_each(|o, i| cols[o] = xb[i]);
+                    (&cols, nb)
+                };
+                sgemm(
+                    (c_out, nb, k),
+                    &wv,
+                    (k, 1),
+                    src,
+                    (ld, 1),
+                    &mut yb[oy0 * wo..],
+                    n,
+                    false,
+                );
+                oy0 += rows;
             }
-            Ok(())
+            if let Some(bv) = &bv {
+                for (row, bias) in yb.chunks_exact_mut(n).zip(bv) {
+                    row.iter_mut().for_each(|v| *v += bias);
+                }
+            }
+        }
+        let backward: Backward1 = Box::new(move |gy, gx| {
+            let mut gcols = vec![0f32; if pointwise { 0 } else { k * band * wo }];
+            for bi in 0..b {
+                let gyb = &gy[bi * c_out * n..(bi + 1) * c_out * n];
+                let gxb = &mut gx[bi * c * hw..(bi + 1) * c * hw];
+                let mut oy0 = 0;
+                while oy0 < ho {
+                    let rows = band.min(ho - oy0);
+                    let nb = rows * wo;
+                    // d cols[k, nb] = Wᵀ[k, c_out] · dy[c_out, nb]
+                    if pointwise {
+                        sgemm(
+                            (k, nb, c_out),
+                            &wv,
+                            (1, k),
+                            &gyb[oy0 * wo..],
+                            (n, 1),
+                            &mut gxb[oy0 * wo..],
+                            n,
+                            true,
+                        );
+                    } else {
+                        sgemm(
+                            (k, nb, c_out),
+                            &wv,
+                            (1, k),
+                            &gyb[oy0 * wo..],
+                            (n, 1),
+                            &mut gcols,
+                            nb,
+                            false,
+                        );
+                        geometry(oy0, rows).for_each(|o, i| gxb[i] += gcols[o]);
+                    }
+                    oy0 += rows;
+                }
+            }
         });
-    }
-    cols.put_tape(tape)
+        (y, backward)
+    })
 }
 
 /// `[b, c, h, w]` -> `[b, c*kh*kw, ho*wo]`: row `ci*kh*kw + ky*kw + kx`, column `oy*wo + ox`

@@ -2,6 +2,7 @@
 
 use dfdx::prelude::*;
 
+use super::host::{self, is_cpu};
 use super::{Tensor1, Tensor2, Tensor3};
 use crate::diffusion::error::Result;
 use crate::diffusion::weights::Loader;
@@ -62,12 +63,19 @@ impl<D: Device<f32>> Linear<D> {
         let m = x.shape().0;
         let out = self.out_features();
         let lora_input = self.lora.as_ref().map(|_| x.retaped::<T>());
-        // [m, in] x [in, out] -> [m, out]
-        let y = x.matmul(self.weight.clone().permute::<_, Axes2<1, 0>>());
-        let y = match &self.bias {
-            Some(b) => y + b.clone().broadcast_like::<_, Axis<0>>(&(m, out)),
-            None => y,
+        let y = if is_cpu::<D>() {
+            // Fused kernel; its backward computes the input's gradient only (frozen weights).
+            let bias = self.bias.as_ref().map(host::host_vec);
+            host::linear(x, host::host_vec(&self.weight), bias, out)
+        } else {
+            // [m, in] x [in, out] -> [m, out]
+            let y = x.matmul(self.weight.clone().permute::<_, Axes2<1, 0>>());
+            match &self.bias {
+                Some(b) => y + b.clone().broadcast_like::<_, Axis<0>>(&(m, out)),
+                None => y,
+            }
         };
+        // The LoRA branch runs on dfdx ops, so its tensors get gradients.
         match (&self.lora, lora_input) {
             (Some(lora), Some(x)) => {
                 // [m, in] x [in, r] -> [m, r]; x [r, out] -> [m, out]

@@ -7,6 +7,11 @@
 //! * [`norm`]: `GroupNorm`, `LayerNorm`.
 //! * [`attention`]: scaled dot-product attention computed in chunks of queries.
 //! * [`ops`]: activations (SiLU, quick GELU, erf GELU), zero padding, nearest upsampling.
+//! * `host`: fused CPU kernels (conv, linear, norms (+SiLU), attention, GEGLU) with
+//!   hand-written backward passes, taken when the device is [`Cpu`]. Their backward computes
+//!   the gradient of the activations only: parameters (the plain tensors in the layer
+//!   structs) are frozen, so `grads.get(&layer.weight)` is not filled on the CPU. Train
+//!   extra tensors (LoRA, embeddings) by passing them as taped activations.
 //!
 //! Caveat for anyone adding code here: dfdx 0.13's `slice` backward *assigns* the output
 //! gradient instead of adding it, so only slice a tensor into non-overlapping parts that nothing
@@ -14,6 +19,7 @@
 
 pub mod attention;
 pub mod conv2d;
+pub(crate) mod host;
 pub mod linear;
 pub mod norm;
 pub mod ops;

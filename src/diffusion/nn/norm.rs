@@ -2,6 +2,8 @@
 
 use dfdx::prelude::*;
 
+use super::host::{NormLayout, host_vec, is_cpu, norm_affine};
+use super::ops::silu;
 use super::{Tensor1, Tensor3, Tensor4};
 use crate::diffusion::error::{DiffusionError, Result};
 use crate::diffusion::weights::Loader;
@@ -40,6 +42,36 @@ impl<D: Device<f32>> GroupNorm<D> {
 
     /// `[b, c, h, w] -> [b, c, h, w]`
     pub fn forward<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
+        if is_cpu::<D>() {
+            return self.forward_host(x, false);
+        }
+        self.forward_generic(x)
+    }
+
+    /// `silu(group_norm(x))`, `[b, c, h, w] -> [b, c, h, w]` (the ResNet blocks' and the
+    /// output norms' pattern; one fused op on the CPU).
+    pub fn forward_silu<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
+        if is_cpu::<D>() {
+            return self.forward_host(x, true);
+        }
+        silu(self.forward_generic(x))
+    }
+
+    fn forward_host<T: Tape<f32, D>>(&self, x: Tensor4<D, T>, silu: bool) -> Tensor4<D, T> {
+        let (b, c, h, w) = *x.shape();
+        let g = self.num_groups;
+        let layout = NormLayout {
+            groups: b * g,
+            len: c / g * h * w,
+            groups_per_item: g,
+            channels_per_group: c / g,
+            inner: h * w,
+        };
+        let (gamma, beta) = (host_vec(&self.weight), host_vec(&self.bias));
+        norm_affine(x, layout, gamma, beta, self.eps, silu)
+    }
+
+    fn forward_generic<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
         let shape = *x.shape();
         let (b, c, h, w) = shape;
         let g = self.num_groups;
@@ -83,6 +115,18 @@ impl<D: Device<f32>> LayerNorm<D> {
     /// `[b, n, d] -> [b, n, d]`
     pub fn forward<T: Tape<f32, D>>(&self, x: Tensor3<D, T>) -> Tensor3<D, T> {
         let shape = *x.shape();
+        if is_cpu::<D>() {
+            let (b, n, d) = shape;
+            let layout = NormLayout {
+                groups: b * n,
+                len: d,
+                groups_per_item: 1,
+                channels_per_group: d,
+                inner: 1,
+            };
+            let (gamma, beta) = (host_vec(&self.weight), host_vec(&self.bias));
+            return norm_affine(x, layout, gamma, beta, self.eps, false);
+        }
         x.normalize::<Axis<2>>(self.eps)
             * self.weight.clone().broadcast_like::<_, Axes2<0, 1>>(&shape)
             + self.bias.clone().broadcast_like::<_, Axes2<0, 1>>(&shape)
