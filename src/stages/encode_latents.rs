@@ -15,8 +15,8 @@ use super::preprocess::PreprocessManifest;
 use crate::cache::store::ITEMS;
 use crate::cache::{BlobRef, KEY_SCHEMA, Record, canonical_json, hash_bytes};
 
-/// Implementation version (part of the key).
-pub const VERSION: u32 = 1;
+/// Implementation version (part of the key); bumped whenever the numbers change (v2: fused CPU kernels).
+pub const VERSION: u32 = 2;
 
 /// `[stage.NAME] kind = "encode_latents"`: reads `[pipeline] base_model`'s VAE.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]

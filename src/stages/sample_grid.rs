@@ -21,8 +21,8 @@ use crate::render::grid::{GridStyle, SampleGrid};
 use crate::render::png_meta::{GenerationParameters, encode_png, read_png_text_bytes};
 use crate::render::rgb_image_from_chw;
 
-/// Implementation version (part of the key).
-pub const VERSION: u32 = 1;
+/// Implementation version (part of the key); bumped whenever the numbers change (v2: fused CPU kernels).
+pub const VERSION: u32 = 2;
 
 /// `[stage.NAME] kind = "sample_grid"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -28,8 +28,8 @@ use crate::train::lora::{adapter_grads, apply_grads, extract, install, loss_and_
 use crate::train::lr::{A1111Schedule, LrSchedule};
 use crate::train::optim::{AdamW, AdamWConfig, clip_coefficient};
 
-/// Implementation version (part of the key).
-pub const VERSION: u32 = 1;
+/// Implementation version (part of the key); bumped whenever the numbers change (v2: fused CPU kernels).
+pub const VERSION: u32 = 2;
 
 /// Training methods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
