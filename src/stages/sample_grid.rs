@@ -169,20 +169,25 @@ impl SampleGridParams {
         let inputs = model_inputs(settings, ctx.hasher, Self::components())?;
         let model_digest = hash_bytes(canonical_json(&serde_json::to_value(&inputs)?).as_bytes());
         let device_key = crate::device::key_fragment(settings.device, settings.precision);
-        // The variants: the base model, then every upstream training result (LoRA applied at
-        // multiplier 1), named after its stage instance.
+        // The variants: the base model, then every upstream training result (a LoRA applied at
+        // multiplier 1, or an embedding for its token), named after its stage instance.
         let mut variants = vec!["base".to_string()];
         let mut loras: Vec<Option<BlobRef>> = vec![None];
+        let mut embeddings: Vec<Option<BlobRef>> = vec![None];
         for (instance, record) in &ctx.upstream {
-            if let Some(blob) = record.outputs.get("lora.safetensors") {
+            let lora = record.outputs.get("lora.safetensors");
+            let embedding = record.outputs.get("embedding.safetensors");
+            if lora.is_some() || embedding.is_some() {
                 variants.push(instance.name.clone());
-                loras.push(Some(blob.clone()));
+                loras.push(lora.cloned());
+                embeddings.push(embedding.cloned());
             }
         }
 
         let variant_digest = |vi: usize| {
             loras[vi]
                 .as_ref()
+                .or(embeddings[vi].as_ref())
                 .map_or("base".to_string(), |b| b.digest.clone())
         };
         let cell_key = |vi: usize, prompt: &str, seed: u64| {
@@ -233,7 +238,7 @@ impl SampleGridParams {
             &format!("{} sampling", ctx.instance.name),
         );
         let mut computed = 0usize;
-        let mut installed: Option<usize> = None;
+        let mut current: Option<(usize, TextToImage<Cpu>)> = None;
         for ((vi, pi, si), record) in cells.iter_mut() {
             if record.is_some() {
                 continue;
@@ -246,11 +251,12 @@ impl SampleGridParams {
                         .with_context(|| format!("loading {}", model_path.display()))?,
                 );
             }
-            let Some(t2i) = pipe.as_mut() else {
+            let Some(base) = pipe.as_ref() else {
                 bail!("model not loaded")
             };
-            if installed != Some(*vi) {
-                crate::train::lora::uninstall(&mut t2i.models.unet);
+            if current.as_ref().is_none_or(|(v, _)| v != vi) {
+                // Each variant starts from the untouched base model.
+                let mut t2i = base.clone();
                 if let Some(blob) = &loras[*vi] {
                     let tmp = tempfile::Builder::new().suffix(".safetensors").tempfile()?;
                     std::fs::write(tmp.path(), ctx.store.read_blob(blob)?)?;
@@ -258,9 +264,26 @@ impl SampleGridParams {
                         .with_context(|| format!("reading the LoRA of {}", variants[*vi]))?;
                     crate::train::lora::install(&mut t2i.models.unet, &network, 1.0, &dev)?;
                 }
-                installed = Some(*vi);
+                if let Some(blob) = &embeddings[*vi] {
+                    let tmp = tempfile::Builder::new().suffix(".safetensors").tempfile()?;
+                    std::fs::write(tmp.path(), ctx.store.read_blob(blob)?)?;
+                    // The token is in the file's `name` metadata (the blob's temp name means nothing).
+                    let token = crate::formats::read_safetensors(tmp.path())
+                        .ok()
+                        .and_then(|f| f.metadata.get("name").cloned());
+                    let (emb, _) =
+                        crate::formats::embedding::read_embedding(tmp.path(), token.as_deref())
+                            .with_context(|| {
+                                format!("reading the embedding of {}", variants[*vi])
+                            })?;
+                    t2i.add_embedding(&emb.token, &emb.vectors.data)
+                        .with_context(|| format!("adding the embedding of {}", variants[*vi]))?;
+                }
+                current = Some((*vi, t2i));
             }
-            let t2i = &*t2i;
+            let Some((_, t2i)) = current.as_ref() else {
+                bail!("variant not loaded")
+            };
             let started = std::time::Instant::now();
             let (prompt, seed) = (&self.prompts[*pi], seeds[*si]);
             let options = TextToImageOptions {

@@ -18,10 +18,13 @@ use super::context::{StageContext, StageResult};
 use super::encode_latents::{LatentsManifest, read_f32};
 use super::model::{Component, open_checkpoint};
 use crate::diffusion::UNet;
-use crate::diffusion::nn::{Tensor3, Tensor4};
+use crate::diffusion::nn::{Tensor2, Tensor3, Tensor4};
 use crate::diffusion::pipeline::TextToImage;
 use crate::diffusion::schedulers::{Ddpm, SeededNoise};
 use crate::formats::HostTensor;
+use crate::formats::embedding::{
+    Embedding, read_embedding, write_a1111_safetensors, write_diffusers,
+};
 use crate::formats::lora::{KohyaMetadata, LoraModule, LoraNetwork, read_lora, write_kohya};
 use crate::pipeline::PipelineSettings;
 use crate::train::lora::{adapter_grads, apply_grads, extract, install, loss_and_grads};
@@ -37,6 +40,8 @@ pub const VERSION: u32 = 2;
 pub enum Method {
     /// Low-rank adapters on the UNet attention projections.
     Lora,
+    /// New token vectors for the text encoder (A1111 / diffusers embeddings).
+    TextualInversion,
 }
 
 /// `[stage.NAME] kind = "train"`.
@@ -85,6 +90,39 @@ pub struct TrainParams {
     /// `[stage.NAME.lora]`.
     #[serde(default)]
     pub lora: LoraParams,
+    /// `[stage.NAME.textual_inversion]`.
+    #[serde(default)]
+    pub textual_inversion: TextualInversionParams,
+}
+
+/// Textual-inversion settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextualInversionParams {
+    /// The new token, as the captions and prompts write it (e.g. `zorb`); it must not already
+    /// be a single token of the vocabulary.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Word whose embedding initialises the vectors (A1111's "initialization text").
+    #[serde(default = "default_init_word")]
+    pub init_word: String,
+    /// Vectors per token (A1111's "number of vectors per token").
+    #[serde(default = "one")]
+    pub num_vectors: usize,
+}
+
+impl Default for TextualInversionParams {
+    fn default() -> Self {
+        TextualInversionParams {
+            token: None,
+            init_word: default_init_word(),
+            num_vectors: 1,
+        }
+    }
+}
+
+fn default_init_word() -> String {
+    "*".into()
 }
 
 /// LoRA settings.
@@ -249,6 +287,30 @@ impl TrainParams {
                 "constant, constant_with_warmup, cosine, linear, or \"1e-3:100, 1e-4\"",
             ));
         }
+        if self.method == Method::TextualInversion {
+            let ti = &self.textual_inversion;
+            if ti.token.as_deref().is_none_or(|t| t.trim().is_empty()) {
+                return Err(ParamError::new(
+                    "textual_inversion.token",
+                    "textual inversion needs a `token`",
+                    "add [stage.NAME.textual_inversion] token = \"zorb\" (the word your captions use)",
+                ));
+            }
+            if ti.num_vectors == 0 || ti.num_vectors > 75 {
+                return Err(ParamError::new(
+                    "textual_inversion.num_vectors",
+                    "num_vectors must be 1..=75",
+                    "1 to 8 are common",
+                ));
+            }
+            if ti.init_word.trim().is_empty() {
+                return Err(ParamError::new(
+                    "textual_inversion.init_word",
+                    "init_word is empty",
+                    "e.g. init_word = \"star\"",
+                ));
+            }
+        }
         if self.lora.rank == 0 {
             return Err(ParamError::new(
                 "lora.rank",
@@ -280,6 +342,10 @@ impl TrainParams {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(map) = v.as_object_mut() {
             map.remove("checkpoint_every");
+            match self.method {
+                Method::Lora => map.remove("textual_inversion"),
+                Method::TextualInversion => map.remove("lora"),
+            };
             map.insert("seed".into(), settings.seed.into());
             map.insert(
                 "device".into(),
@@ -294,6 +360,13 @@ impl TrainParams {
     }
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+        match self.method {
+            Method::Lora => self.run_lora(ctx),
+            Method::TextualInversion => self.run_textual_inversion(ctx),
+        }
+    }
+
+    fn run_lora(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         let settings = &ctx.pipeline.settings;
         let (_, lat_record) = ctx.upstream_of_kind("encode_latents")?;
         let manifest: LatentsManifest = ctx.read_json(lat_record, "manifest.json")?;
@@ -392,15 +465,15 @@ impl TrainParams {
             let mut summed: BTreeMap<String, HostTensor> = BTreeMap::new();
             let mut loss_sum = 0.0f32;
             for micro in 0..self.gradient_accumulation {
-                let batch =
-                    self.draw_batch(&items, &contexts, scaling, seed, step, micro as u64, &dev)?;
+                let batch = self.draw_batch(&items, scaling, seed, step, micro as u64, &dev);
+                let context = batch_context(&items, &contexts, &batch.picked)?;
                 let (loss, grads) = loss_and_grads(
                     &unet,
                     &ddpm,
                     &batch.latents,
                     &batch.noise,
                     &batch.timesteps,
-                    &batch.context,
+                    &context,
                 )
                 .with_context(|| format!("step {step}"))?;
                 loss_sum += loss;
@@ -531,6 +604,304 @@ impl TrainParams {
         Ok(result)
     }
 
+    fn run_textual_inversion(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+        let settings = &ctx.pipeline.settings;
+        let ti = &self.textual_inversion;
+        let token = ti
+            .token
+            .clone()
+            .context("textual inversion needs a token")?;
+        let (_, lat_record) = ctx.upstream_of_kind("encode_latents")?;
+        let manifest: LatentsManifest = ctx.read_json(lat_record, "manifest.json")?;
+        if manifest.items.is_empty() {
+            bail!("the encode_latents stage has no items: the dataset has no images");
+        }
+        let items = load_items(ctx, &manifest)?;
+        let dev = Cpu::default();
+        let ckpt = open_checkpoint(settings)?;
+        let model_path = settings.base_model.clone().unwrap_or_default();
+        let mut t2i = TextToImage::load(&ckpt, settings.model_config.as_deref(), &dev)
+            .with_context(|| format!("loading {}", model_path.display()))?;
+        let ddpm = Ddpm::new(&t2i.scheduler_config)?;
+        let scaling = manifest.scaling_factor as f32;
+        let d = t2i.models.text_encoder.config.hidden_size;
+
+        // The initial vectors: the init word's token embeddings, repeated to num_vectors.
+        let init_ids = t2i.tokenizer.encode_untruncated(&ti.init_word)?;
+        let content: Vec<u32> = init_ids
+            .iter()
+            .copied()
+            .filter(|&i| i != t2i.tokenizer.bos_id() && i != t2i.tokenizer.eos_id())
+            .collect();
+        if content.is_empty() {
+            bail!("init_word {:?} has no tokens", ti.init_word);
+        }
+        let table = t2i.models.text_encoder.token_embedding.as_vec();
+        let mut vectors = Vec::with_capacity(ti.num_vectors * d);
+        for i in 0..ti.num_vectors {
+            let row = content[i % content.len()] as usize;
+            vectors.extend_from_slice(&table[row * d..(row + 1) * d]);
+        }
+        let new_ids = t2i
+            .add_embedding(&token, &vectors)
+            .with_context(|| format!("adding the token `{token}`"))?;
+        let mut ids: HashMap<String, Vec<u32>> = HashMap::new();
+        for item in &items {
+            let encoded = t2i.tokenizer.encode(&item.caption)?.input_ids;
+            ids.insert(item.caption.clone(), encoded);
+        }
+        if !ids.values().any(|v| v.iter().any(|i| new_ids.contains(i))) {
+            bail!(
+                "no caption contains the token `{token}`: write it in the captions (e.g. template = \"a photo of {{token}}\" with token = \"{token}\")"
+            );
+        }
+
+        let scratch = ctx.scratch()?;
+        let seed = settings.seed;
+        let (mut extra, mut optimizer, mut state) =
+            match load_ti_checkpoint(&scratch, &token, ti.num_vectors * d, &dev, ctx)? {
+                Some(found) => found,
+                None => {
+                    let cfg = AdamWConfig {
+                        weight_decay: self.weight_decay,
+                        ..AdamWConfig::default()
+                    };
+                    let extra = dev.tensor_from_vec(vectors.clone(), (ti.num_vectors, d));
+                    (
+                        extra,
+                        AdamW::new(&dev, cfg),
+                        CheckpointState {
+                            step: 0,
+                            losses: Vec::new(),
+                            eval_loss_before: f32::NAN,
+                        },
+                    )
+                }
+            };
+        let resumed_from = state.step;
+        let contexts_now = |t2i: &mut TextToImage<Cpu>,
+                            extra: &Tensor2<Cpu>|
+         -> anyhow::Result<HashMap<String, Tensor3<Cpu>>> {
+            t2i.extra_embeddings = extra.as_vec();
+            let mut out = HashMap::new();
+            for caption in ids.keys() {
+                out.insert(caption.clone(), t2i.encode_prompt(caption, self.clip_skip)?);
+            }
+            Ok(out)
+        };
+        if state.step == 0 {
+            let contexts = contexts_now(&mut t2i, &extra)?;
+            state.eval_loss_before = eval_loss(
+                &t2i.models.unet,
+                &ddpm,
+                &items,
+                &contexts,
+                scaling,
+                seed,
+                &dev,
+            )?;
+        } else {
+            ctx.progress.message(&format!(
+                "{}: resuming from the checkpoint at step {}",
+                ctx.instance.name, state.step
+            ));
+        }
+
+        let sched = schedule(self).map_err(anyhow::Error::msg)?;
+        let started = std::time::Instant::now();
+        let bar = ctx
+            .progress
+            .bar(self.steps, &format!("{} embedding", ctx.instance.name));
+        bar.set_position(state.step);
+        let delay = std::env::var("SDPIPE_TEST_ITEM_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        while state.step < self.steps {
+            ctx.check_cancelled()?;
+            let step = state.step;
+            let lr = sched.lr_at(self.lr, step);
+            let mut grad_sum: Option<Vec<f32>> = None;
+            let mut loss_sum = 0.0f32;
+            for micro in 0..self.gradient_accumulation {
+                let batch = self.draw_batch(&items, scaling, seed, step, micro as u64, &dev);
+                let batch_ids: Vec<Vec<u32>> = batch
+                    .picked
+                    .iter()
+                    .map(|&i| ids[&items[i].caption].clone())
+                    .collect();
+                let (loss, grad) = crate::train::textual_inversion::loss_and_grad(
+                    &t2i.models.text_encoder,
+                    &t2i.models.unet,
+                    &ddpm,
+                    &batch_ids,
+                    &extra,
+                    self.clip_skip,
+                    &batch.latents,
+                    &batch.noise,
+                    &batch.timesteps,
+                )
+                .with_context(|| format!("step {step}"))?;
+                loss_sum += loss;
+                let g = grad.as_vec();
+                match &mut grad_sum {
+                    Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
+                    None => grad_sum = Some(g),
+                }
+            }
+            let k = self.gradient_accumulation as f32;
+            let mut g = grad_sum.unwrap_or_default();
+            g.iter_mut().for_each(|v| *v /= k);
+            if self.max_grad_norm > 0.0 {
+                let norm = g.iter().map(|v| v * v).sum::<f32>().sqrt();
+                let (_, coef) = clip_coefficient(&[norm], self.max_grad_norm as f32);
+                if coef < 1.0 {
+                    g.iter_mut().for_each(|v| *v *= coef);
+                }
+            }
+            let grad = dev.tensor_from_vec(g, (ti.num_vectors, d));
+            optimizer.update("emb_params", &mut extra, &grad, lr)?;
+            state.losses.push(loss_sum / k);
+            state.step += 1;
+            bar.set_position(state.step);
+            if self.checkpoint_every > 0
+                && state.step % self.checkpoint_every == 0
+                && state.step < self.steps
+            {
+                save_ti_checkpoint(
+                    &scratch,
+                    &self.embedding(&token, &extra, state.step, &model_path),
+                    &optimizer,
+                    &state,
+                )?;
+            }
+            if let Some(ms) = delay {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
+        bar.finish_and_clear();
+        let wall_s = started.elapsed().as_secs_f64();
+        let contexts = contexts_now(&mut t2i, &extra)?;
+        let eval_after = eval_loss(
+            &t2i.models.unet,
+            &ddpm,
+            &items,
+            &contexts,
+            scaling,
+            seed,
+            &dev,
+        )?;
+
+        let embedding = self.embedding(&token, &extra, self.steps, &model_path);
+        let a1111 = scratch.join("embedding.safetensors");
+        write_a1111_safetensors(&a1111, &embedding)
+            .with_context(|| format!("writing {}", a1111.display()))?;
+        let diffusers = scratch.join("learned_embeds.safetensors");
+        write_diffusers(&diffusers, &embedding)
+            .with_context(|| format!("writing {}", diffusers.display()))?;
+        let blob = ctx.store.put_file(&a1111)?;
+        let metrics = self.metrics(
+            &state,
+            eval_after,
+            wall_s,
+            resumed_from,
+            blob.size,
+            ti.num_vectors * d,
+        );
+        let mut result = self.result(ctx, &sched, &state, &metrics)?;
+        result.outputs.insert("embedding.safetensors".into(), blob);
+        result.outputs.insert(
+            "learned_embeds.safetensors".into(),
+            ctx.store.put_file(&diffusers)?,
+        );
+        result.summary = format!(
+            "textual inversion `{token}` ×{}: {} steps, eval loss {:.4} → {:.4}, {:.1} steps/s",
+            ti.num_vectors,
+            self.steps,
+            metrics.eval_loss_before,
+            metrics.eval_loss_after,
+            metrics.steps_per_s
+        );
+        let _ = std::fs::remove_dir_all(scratch.join("checkpoints"));
+        Ok(result)
+    }
+
+    fn embedding(
+        &self,
+        token: &str,
+        extra: &Tensor2<Cpu>,
+        step: u64,
+        model_path: &Path,
+    ) -> Embedding {
+        Embedding {
+            token: token.to_string(),
+            vectors: HostTensor::from_tensor(extra),
+            step: Some(step),
+            sd_checkpoint: crate::sample::short_model_hash(model_path).ok(),
+            sd_checkpoint_name: model_path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned()),
+        }
+    }
+
+    fn metrics(
+        &self,
+        state: &CheckpointState,
+        eval_after: f32,
+        wall_s: f64,
+        resumed_from: u64,
+        artifact_bytes: u64,
+        trainable_params: usize,
+    ) -> TrainMetrics {
+        let tenth = (state.losses.len() / 10).max(1);
+        let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
+        TrainMetrics {
+            method: self.method,
+            steps: self.steps,
+            eval_loss_before: state.eval_loss_before,
+            eval_loss_after: eval_after,
+            train_loss_first: mean(&state.losses[..tenth.min(state.losses.len())]),
+            train_loss_last: mean(&state.losses[state.losses.len().saturating_sub(tenth)..]),
+            wall_s,
+            steps_per_s: (self.steps - resumed_from) as f64 / wall_s.max(1e-9),
+            peak_memory_mib: peak_memory_mib(),
+            artifact_bytes,
+            trainable_params,
+            resumed_from,
+        }
+    }
+
+    /// The loss curve outputs and the figures of a finished run.
+    fn result(
+        &self,
+        ctx: &StageContext<'_>,
+        sched: &LrSchedule,
+        state: &CheckpointState,
+        metrics: &TrainMetrics,
+    ) -> anyhow::Result<StageResult> {
+        let mut csv = String::from("step,loss,lr\n");
+        for (i, l) in state.losses.iter().enumerate() {
+            csv.push_str(&format!(
+                "{},{l},{}\n",
+                i + 1,
+                sched.lr_at(self.lr, i as u64)
+            ));
+        }
+        let mut result = StageResult::default();
+        result
+            .outputs
+            .insert("loss.csv".into(), ctx.store.put_bytes(csv.as_bytes())?);
+        result.outputs.insert(
+            "loss.json".into(),
+            ctx.store.put_bytes(&serde_json::to_vec(&state.losses)?)?,
+        );
+        // Timings and memory vary between runs: they stay out of the outputs (and downstream
+        // keys) and go into the record's figures.
+        if let serde_json::Value::Object(mut map) = serde_json::to_value(metrics)? {
+            result.stats.append(&mut map);
+        }
+        Ok(result)
+    }
+
     /// Kohya/PEFT-initialised adapters for every targeted module; an unmatched target is an
     /// error listing the module names that exist.
     fn init_network(&self, unet: &mut UNet<Cpu>, seed: u64) -> anyhow::Result<LoraNetwork> {
@@ -581,13 +952,12 @@ impl TrainParams {
     fn draw_batch(
         &self,
         items: &[Item],
-        contexts: &HashMap<String, Tensor3<Cpu>>,
         scaling: f32,
         seed: u64,
         step: u64,
         micro: u64,
         dev: &Cpu,
-    ) -> anyhow::Result<Batch> {
+    ) -> Batch {
         let batch_seed = mix(seed, step, micro);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(batch_seed);
         let first = rng.random_range(0..items.len());
@@ -613,38 +983,42 @@ impl TrainParams {
             .iter()
             .map(|_| rng.random_range(self.min_timestep..self.max_timestep))
             .collect();
-        let ctxs: Vec<Tensor3<Cpu>> = picked
-            .iter()
-            .map(|&i| {
-                contexts
-                    .get(&items[i].caption)
-                    .cloned()
-                    .context("caption not encoded")
-            })
-            .collect::<anyhow::Result<_>>()?;
         let b = picked.len();
-        let context = concat_batch(ctxs);
-        Ok(Batch {
+        Batch {
             latents: dev.tensor_from_vec(latents, (b, c, h, w)),
             noise: dev.tensor_from_vec(noise, (b, c, h, w)),
             timesteps,
-            context,
-        })
+            picked,
+        }
     }
 }
 
+/// One micro-batch: latent samples, noise, timesteps, and which items they are.
 struct Batch {
     latents: Tensor4<Cpu>,
     noise: Tensor4<Cpu>,
     timesteps: Vec<usize>,
-    context: Tensor3<Cpu>,
+    picked: Vec<usize>,
 }
 
-fn concat_batch(parts: Vec<Tensor3<Cpu>>) -> Tensor3<Cpu> {
+/// The text-encoder states of the picked items' captions, `[b, 77, d]`.
+fn batch_context(
+    items: &[Item],
+    contexts: &HashMap<String, Tensor3<Cpu>>,
+    picked: &[usize],
+) -> anyhow::Result<Tensor3<Cpu>> {
+    let parts: Vec<&Tensor3<Cpu>> = picked
+        .iter()
+        .map(|&i| {
+            contexts
+                .get(&items[i].caption)
+                .context("caption not encoded")
+        })
+        .collect::<anyhow::Result<_>>()?;
     let (_, n, d) = *parts[0].shape();
     let data: Vec<f32> = parts.iter().flat_map(|t| t.as_vec()).collect();
     let dev = parts[0].device().clone();
-    dev.tensor_from_vec(data, (parts.len(), n, d))
+    Ok(dev.tensor_from_vec(data, (parts.len(), n, d)))
 }
 
 fn mix(seed: u64, step: u64, micro: u64) -> u64 {
@@ -699,15 +1073,28 @@ fn save_checkpoint(
     optimizer: &AdamW<Cpu>,
     state: &CheckpointState,
 ) -> anyhow::Result<()> {
+    save_checkpoint_with(scratch, state, |dir| {
+        write_kohya(
+            &dir.join("lora.safetensors"),
+            network,
+            &KohyaMetadata::default(),
+        )?;
+        optimizer.save(&dir.join("optimizer.safetensors"))?;
+        Ok(())
+    })
+}
+
+/// Writes a checkpoint (`write` fills the method's files, then `state.json`) into a temp dir
+/// renamed to `checkpoints/step-N` (atomic), keeping the two newest.
+fn save_checkpoint_with(
+    scratch: &Path,
+    state: &CheckpointState,
+    write: impl FnOnce(&Path) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
     let root = scratch.join("checkpoints");
     std::fs::create_dir_all(&root)?;
     let tmp = tempfile::Builder::new().prefix(".tmp-").tempdir_in(&root)?;
-    write_kohya(
-        &tmp.path().join("lora.safetensors"),
-        network,
-        &KohyaMetadata::default(),
-    )?;
-    optimizer.save(&tmp.path().join("optimizer.safetensors"))?;
+    write(tmp.path())?;
     std::fs::write(tmp.path().join("state.json"), serde_json::to_vec(state)?)?;
     let dir = root.join(format!("step-{:08}", state.step));
     let _ = std::fs::remove_dir_all(&dir);
@@ -789,4 +1176,76 @@ fn peak_memory_mib() -> f64 {
         })
         .map(|kb| kb / 1024.0)
         .unwrap_or(0.0)
+}
+
+/// The latent items of an encode_latents manifest, in memory.
+fn load_items(ctx: &StageContext<'_>, manifest: &LatentsManifest) -> anyhow::Result<Vec<Item>> {
+    let mut items = Vec::with_capacity(manifest.items.len());
+    for item in &manifest.items {
+        let bytes = ctx.store.read_blob(&item.latents)?;
+        let (mean, shape) =
+            read_f32(&bytes, "mean").with_context(|| format!("latents of {}", item.name))?;
+        let (std, _) =
+            read_f32(&bytes, "std").with_context(|| format!("latents of {}", item.name))?;
+        let [c, h, w] = shape[..] else {
+            bail!("latents of {} have shape {shape:?}", item.name)
+        };
+        items.push(Item {
+            caption: item.caption.clone(),
+            mean,
+            std,
+            shape: [c, h, w],
+        });
+    }
+    Ok(items)
+}
+
+fn save_ti_checkpoint(
+    scratch: &Path,
+    embedding: &Embedding,
+    optimizer: &AdamW<Cpu>,
+    state: &CheckpointState,
+) -> anyhow::Result<()> {
+    save_checkpoint_with(scratch, state, |dir| {
+        write_a1111_safetensors(&dir.join("embedding.safetensors"), embedding)?;
+        optimizer.save(&dir.join("optimizer.safetensors"))?;
+        Ok(())
+    })
+}
+
+/// What a textual-inversion checkpoint restores: vectors, optimiser, state.
+type TiResume = (Tensor2<Cpu>, AdamW<Cpu>, CheckpointState);
+
+/// The newest readable textual-inversion checkpoint (vectors, optimiser, state).
+fn load_ti_checkpoint(
+    scratch: &Path,
+    token: &str,
+    numel: usize,
+    dev: &Cpu,
+    ctx: &StageContext<'_>,
+) -> anyhow::Result<Option<TiResume>> {
+    for dir in checkpoint_dirs(scratch).into_iter().rev() {
+        let attempt = (|| -> anyhow::Result<TiResume> {
+            let state: CheckpointState =
+                serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+            let (emb, _) = read_embedding(&dir.join("embedding.safetensors"), Some(token))?;
+            if emb.vectors.numel() != numel || emb.vectors.shape.len() != 2 {
+                bail!("checkpoint vectors have shape {:?}", emb.vectors.shape);
+            }
+            let extra = dev.tensor_from_vec(
+                emb.vectors.data.clone(),
+                (emb.vectors.shape[0], emb.vectors.shape[1]),
+            );
+            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+            Ok((extra, optimizer, state))
+        })();
+        match attempt {
+            Ok(found) => return Ok(Some(found)),
+            Err(e) => ctx.progress.message(&format!(
+                "warning: checkpoint {} is unreadable ({e:#}); trying the previous one",
+                dir.display()
+            )),
+        }
+    }
+    Ok(None)
 }

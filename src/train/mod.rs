@@ -5,3 +5,4 @@
 pub mod lora;
 pub mod lr;
 pub mod optim;
+pub mod textual_inversion;

@@ -1,0 +1,163 @@
+//! The `train` stage with `method = "textual_inversion"` on the tiny fixture model: only the
+//! token's vectors train, the loss goes down, A1111 and diffusers files come out, the grid shows
+//! the token's effect, and `sdpipe sample --embedding` reads the file.
+
+mod common;
+
+use common::Project;
+
+fn pipeline() -> String {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    format!(
+        r#"
+[pipeline]
+name = "t"
+seed = 3
+base_model = "{fixtures}/tiny-sd"
+
+[stage.caption]
+kind = "caption"
+images = "images"
+use_sidecars = false
+template = "a photo of {{token}}"
+token = "zorb"
+
+[stage.preprocess]
+kind = "preprocess"
+needs = ["caption"]
+resolution = 16
+
+[stage.latents]
+kind = "encode_latents"
+needs = ["preprocess"]
+
+[stage.train]
+kind = "train"
+needs = ["latents"]
+method = "textual_inversion"
+steps = 40
+lr = 5e-3
+checkpoint_every = 10
+
+[stage.train.textual_inversion]
+token = "zorb"
+init_word = "star"
+num_vectors = 2
+
+[stage.grid]
+kind = "sample_grid"
+needs = ["train"]
+prompts = ["a photo of zorb"]
+seeds = [1]
+steps = 4
+sampler = "ddim"
+width = 16
+height = 16
+"#
+    )
+}
+
+#[test]
+fn textual_inversion_learns_and_writes_a1111_and_diffusers_files() {
+    let p = Project::new(&pipeline());
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let stats = p.stats("train");
+    let (before, after) = (
+        stats["eval_loss_before"].as_f64().unwrap(),
+        stats["eval_loss_after"].as_f64().unwrap(),
+    );
+    assert!(
+        after < before,
+        "textual inversion did not lower the evaluation loss: {before} → {after}"
+    );
+    assert_eq!(stats["trainable_params"], 2 * 32);
+
+    let a1111 = sdpipe::formats::read_safetensors(&p.path("outputs/t/train/embedding.safetensors"))
+        .unwrap();
+    assert_eq!(a1111.tensors["emb_params"].shape, vec![2, 32]);
+    assert_eq!(a1111.metadata.get("name").map(String::as_str), Some("zorb"));
+    let diffusers =
+        sdpipe::formats::read_safetensors(&p.path("outputs/t/train/learned_embeds.safetensors"))
+            .unwrap();
+    assert_eq!(diffusers.tensors["zorb"], a1111.tensors["emb_params"]);
+
+    let base = image::open(p.path("outputs/t/grid/images/base/00-1.png"))
+        .unwrap()
+        .to_rgb8();
+    let trained = image::open(p.path("outputs/t/grid/images/train/00-1.png"))
+        .unwrap()
+        .to_rgb8();
+    assert_ne!(
+        base.as_raw(),
+        trained.as_raw(),
+        "the embedding does not change the sampled image"
+    );
+
+    // The command line reads the A1111 file (token given) and draws the same image.
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
+    let emb = format!(
+        "{}:zorb",
+        p.path("outputs/t/train/embedding.safetensors").display()
+    );
+    let out = p.path("direct.png");
+    let args = [
+        "sample",
+        "--model",
+        model,
+        "--prompt",
+        "a photo of zorb",
+        "--steps",
+        "4",
+        "--sampler",
+        "ddim",
+        "--seed",
+        "1",
+        "--width",
+        "16",
+        "--height",
+        "16",
+        "--embedding",
+        &emb,
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let direct = p.sdpipe(&args);
+    assert_eq!(direct.code, 0, "{}", direct.stderr);
+    assert_eq!(
+        image::open(&out).unwrap().to_rgb8().as_raw(),
+        trained.as_raw()
+    );
+
+    // Deterministic: another project gives the same vectors.
+    let q = Project::new(&pipeline());
+    assert_eq!(q.sdpipe(&["run", "p.toml"]).code, 0);
+    let again = sdpipe::formats::read_safetensors(&q.path("outputs/t/train/embedding.safetensors"))
+        .unwrap();
+    assert_eq!(again.tensors["emb_params"], a1111.tensors["emb_params"]);
+}
+
+#[test]
+fn a_token_missing_from_the_captions_is_an_error() {
+    let text = pipeline().replace(
+        "token = \"zorb\"\ninit_word",
+        "token = \"blorp\"\ninit_word",
+    );
+    let p = Project::new(&text);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 1);
+    assert!(
+        run.stdout.contains("no caption contains the token `blorp`"),
+        "{}",
+        run.stdout
+    );
+    let text = pipeline().replace("token = \"zorb\"\ninit_word", "init_word");
+    let p = Project::new(&text);
+    let run = p.sdpipe(&["plan", "p.toml"]);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("textual inversion needs a `token`"),
+        "{}",
+        run.stderr
+    );
+}
