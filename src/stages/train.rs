@@ -373,23 +373,7 @@ impl TrainParams {
         if manifest.items.is_empty() {
             bail!("the encode_latents stage has no items: the dataset has no images");
         }
-        let mut items = Vec::with_capacity(manifest.items.len());
-        for item in &manifest.items {
-            let bytes = ctx.store.read_blob(&item.latents)?;
-            let (mean, shape) =
-                read_f32(&bytes, "mean").with_context(|| format!("latents of {}", item.name))?;
-            let (std, _) =
-                read_f32(&bytes, "std").with_context(|| format!("latents of {}", item.name))?;
-            let [c, h, w] = shape[..] else {
-                bail!("latents of {} have shape {shape:?}", item.name)
-            };
-            items.push(Item {
-                caption: item.caption.clone(),
-                mean,
-                std,
-                shape: [c, h, w],
-            });
-        }
+        let items = load_items(ctx, &manifest)?;
 
         let dev = Cpu::default();
         let ckpt = open_checkpoint(settings)?;
@@ -550,43 +534,16 @@ impl TrainParams {
         write_kohya(&out, &network, &meta).with_context(|| format!("writing {}", out.display()))?;
         let blob = ctx.store.put_file(&out)?;
 
-        let tenth = (state.losses.len() / 10).max(1);
-        let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
-        let steps_here = self.steps - resumed_from;
-        let metrics = TrainMetrics {
-            method: self.method,
-            steps: self.steps,
-            eval_loss_before: state.eval_loss_before,
-            eval_loss_after: eval_after,
-            train_loss_first: mean(&state.losses[..tenth]),
-            train_loss_last: mean(&state.losses[state.losses.len() - tenth..]),
+        let metrics = self.metrics(
+            &state,
+            eval_after,
             wall_s,
-            steps_per_s: steps_here as f64 / wall_s.max(1e-9),
-            peak_memory_mib: peak_memory_mib(),
-            artifact_bytes: blob.size,
-            trainable_params,
             resumed_from,
-        };
-        let mut csv = String::from("step,loss,lr\n");
-        for (i, l) in state.losses.iter().enumerate() {
-            csv.push_str(&format!(
-                "{},{l},{}\n",
-                i + 1,
-                sched.lr_at(self.lr, i as u64)
-            ));
-        }
-        let mut result = StageResult::default();
-        result.outputs.insert("lora.safetensors".into(), blob);
-        result
-            .outputs
-            .insert("loss.csv".into(), ctx.store.put_bytes(csv.as_bytes())?);
-        result.outputs.insert(
-            "loss.json".into(),
-            ctx.store.put_bytes(&serde_json::to_vec(&state.losses)?)?,
+            blob.size,
+            trainable_params,
         );
-        // Timings and memory vary between runs; they stay out of the outputs (and thus out of
-        // downstream keys) and go into the record's figures instead.
-        let mut result_metrics = serde_json::to_value(&metrics)?;
+        let mut result = self.result(ctx, &sched, &state, &metrics)?;
+        result.outputs.insert("lora.safetensors".into(), blob);
         result.summary = format!(
             "lora r{} α{}: {} steps, eval loss {:.4} → {:.4}, {:.1} steps/s, {} KiB",
             self.lora.rank,
@@ -597,9 +554,6 @@ impl TrainParams {
             metrics.steps_per_s,
             metrics.artifact_bytes / 1024
         );
-        if let Some(map) = result_metrics.as_object_mut() {
-            result.stats.append(map);
-        }
         let _ = std::fs::remove_dir_all(scratch.join("checkpoints"));
         Ok(result)
     }
