@@ -434,82 +434,18 @@ impl TrainParams {
         }
 
         let sched = schedule(self).map_err(anyhow::Error::msg)?;
-        let started = std::time::Instant::now();
-        let bar = ctx
-            .progress
-            .bar(self.steps, &format!("{} lora", ctx.instance.name));
-        bar.set_position(state.step);
-        let delay = std::env::var("SDPIPE_TEST_ITEM_DELAY_MS")
-            .ok()
-            .and_then(|v| v.parse().ok());
-        while state.step < self.steps {
-            ctx.check_cancelled()?;
-            let step = state.step;
-            let lr = sched.lr_at(self.lr, step);
-            let mut summed: BTreeMap<String, HostTensor> = BTreeMap::new();
-            let mut loss_sum = 0.0f32;
-            for micro in 0..self.gradient_accumulation {
-                let batch = self.draw_batch(&items, scaling, seed, step, micro as u64, &dev);
-                let context = batch_context(&items, &contexts, &batch.picked)?;
-                let (loss, grads) = loss_and_grads(
-                    &unet,
-                    &ddpm,
-                    &batch.latents,
-                    &batch.noise,
-                    &batch.timesteps,
-                    &context,
-                )
-                .with_context(|| format!("step {step}"))?;
-                loss_sum += loss;
-                for (name, g) in adapter_grads(&mut unet, &grads) {
-                    match summed.get_mut(&name) {
-                        Some(acc) => acc.data.iter_mut().zip(&g.data).for_each(|(a, b)| *a += b),
-                        None => {
-                            summed.insert(name, g);
-                        }
-                    }
-                }
-            }
-            let k = self.gradient_accumulation as f32;
-            if k > 1.0 {
-                summed
-                    .values_mut()
-                    .for_each(|g| g.data.iter_mut().for_each(|v| *v /= k));
-            }
-            if self.max_grad_norm > 0.0 {
-                let norms: Vec<f32> = summed
-                    .values()
-                    .map(|g| g.data.iter().map(|v| v * v).sum::<f32>().sqrt())
-                    .collect();
-                let (_, coef) = clip_coefficient(&norms, self.max_grad_norm as f32);
-                if coef < 1.0 {
-                    summed
-                        .values_mut()
-                        .for_each(|g| g.data.iter_mut().for_each(|v| *v *= coef));
-                }
-            }
-            apply_grads(&mut unet, &summed, &mut optimizer, lr)?;
-            state.losses.push(loss_sum / k);
-            state.step += 1;
-            bar.set_position(state.step);
-            bar.set_message(format!(
-                "{} lora loss {:.4}",
-                ctx.instance.name,
-                loss_sum / k
-            ));
-            if self.checkpoint_every > 0
-                && state.step % self.checkpoint_every == 0
-                && state.step < self.steps
-            {
-                let network = extract(&mut unet, self.alpha());
-                save_checkpoint(&scratch, &network, &optimizer, &state)?;
-            }
-            if let Some(ms) = delay {
-                std::thread::sleep(std::time::Duration::from_millis(ms));
-            }
-        }
-        bar.finish_and_clear();
-        let wall_s = started.elapsed().as_secs_f64();
+        let mut steps = LoraSteps {
+            unet: &mut unet,
+            ddpm: &ddpm,
+            items: &items,
+            contexts: &contexts,
+            optimizer: &mut optimizer,
+            scratch: &scratch,
+            alpha: self.alpha(),
+        };
+        let wall_s = self.drive(
+            ctx, "lora", &mut state, &items, scaling, seed, &dev, &sched, &mut steps,
+        )?;
 
         let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
         let network = extract(&mut unet, self.alpha());
@@ -662,78 +598,29 @@ impl TrainParams {
         }
 
         let sched = schedule(self).map_err(anyhow::Error::msg)?;
-        let started = std::time::Instant::now();
-        let bar = ctx
-            .progress
-            .bar(self.steps, &format!("{} embedding", ctx.instance.name));
-        bar.set_position(state.step);
-        let delay = std::env::var("SDPIPE_TEST_ITEM_DELAY_MS")
-            .ok()
-            .and_then(|v| v.parse().ok());
-        while state.step < self.steps {
-            ctx.check_cancelled()?;
-            let step = state.step;
-            let lr = sched.lr_at(self.lr, step);
-            let mut grad_sum: Option<Vec<f32>> = None;
-            let mut loss_sum = 0.0f32;
-            for micro in 0..self.gradient_accumulation {
-                let batch = self.draw_batch(&items, scaling, seed, step, micro as u64, &dev);
-                let batch_ids: Vec<Vec<u32>> = batch
-                    .picked
-                    .iter()
-                    .map(|&i| ids[&items[i].caption].clone())
-                    .collect();
-                let (loss, grad) = crate::train::textual_inversion::loss_and_grad(
-                    &t2i.models.text_encoder,
-                    &t2i.models.unet,
-                    &ddpm,
-                    &batch_ids,
-                    &extra,
-                    self.clip_skip,
-                    &batch.latents,
-                    &batch.noise,
-                    &batch.timesteps,
-                )
-                .with_context(|| format!("step {step}"))?;
-                loss_sum += loss;
-                let g = grad.as_vec();
-                match &mut grad_sum {
-                    Some(acc) => acc.iter_mut().zip(&g).for_each(|(a, b)| *a += b),
-                    None => grad_sum = Some(g),
-                }
-            }
-            let k = self.gradient_accumulation as f32;
-            let mut g = grad_sum.unwrap_or_default();
-            g.iter_mut().for_each(|v| *v /= k);
-            if self.max_grad_norm > 0.0 {
-                let norm = g.iter().map(|v| v * v).sum::<f32>().sqrt();
-                let (_, coef) = clip_coefficient(&[norm], self.max_grad_norm as f32);
-                if coef < 1.0 {
-                    g.iter_mut().for_each(|v| *v *= coef);
-                }
-            }
-            let grad = dev.tensor_from_vec(g, (ti.num_vectors, d));
-            optimizer.update("emb_params", &mut extra, &grad, lr)?;
-            state.losses.push(loss_sum / k);
-            state.step += 1;
-            bar.set_position(state.step);
-            if self.checkpoint_every > 0
-                && state.step % self.checkpoint_every == 0
-                && state.step < self.steps
-            {
-                save_ti_checkpoint(
-                    &scratch,
-                    &self.embedding(&token, &extra, state.step, &model_path),
-                    &optimizer,
-                    &state,
-                )?;
-            }
-            if let Some(ms) = delay {
-                std::thread::sleep(std::time::Duration::from_millis(ms));
-            }
-        }
-        bar.finish_and_clear();
-        let wall_s = started.elapsed().as_secs_f64();
+        let mut steps = TiSteps {
+            params: self,
+            t2i: &t2i,
+            ddpm: &ddpm,
+            items: &items,
+            ids: &ids,
+            extra: &mut extra,
+            optimizer: &mut optimizer,
+            scratch: &scratch,
+            token: &token,
+            model_path: &model_path,
+        };
+        let wall_s = self.drive(
+            ctx,
+            "embedding",
+            &mut state,
+            &items,
+            scaling,
+            seed,
+            &dev,
+            &sched,
+            &mut steps,
+        )?;
         let contexts = contexts_now(&mut t2i, &extra)?;
         let eval_after = eval_loss(
             &t2i.models.unet,
@@ -777,6 +664,92 @@ impl TrainParams {
         );
         let _ = std::fs::remove_dir_all(scratch.join("checkpoints"));
         Ok(result)
+    }
+
+    /// The step loop every method shares: per step, the gradients of `gradient_accumulation`
+    /// seeded micro-batches are averaged, clipped by global norm and applied at the scheduled
+    /// rate; a checkpoint is written every `checkpoint_every` steps. Returns the wall time.
+    #[allow(clippy::too_many_arguments)]
+    fn drive(
+        &self,
+        ctx: &StageContext<'_>,
+        label: &str,
+        state: &mut CheckpointState,
+        items: &[Item],
+        scaling: f32,
+        seed: u64,
+        dev: &Cpu,
+        sched: &LrSchedule,
+        method: &mut dyn StepMethod,
+    ) -> anyhow::Result<f64> {
+        let started = std::time::Instant::now();
+        let bar = ctx
+            .progress
+            .bar(self.steps, &format!("{} {label}", ctx.instance.name));
+        bar.set_position(state.step);
+        let delay = std::env::var("SDPIPE_TEST_ITEM_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok());
+        while state.step < self.steps {
+            ctx.check_cancelled()?;
+            let step = state.step;
+            let lr = sched.lr_at(self.lr, step);
+            let mut summed: BTreeMap<String, HostTensor> = BTreeMap::new();
+            let mut loss_sum = 0.0f32;
+            for micro in 0..self.gradient_accumulation {
+                let batch = self.draw_batch(items, scaling, seed, step, micro as u64, dev);
+                let (loss, grads) = method
+                    .grads(&batch)
+                    .with_context(|| format!("step {step}"))?;
+                loss_sum += loss;
+                for (name, g) in grads {
+                    match summed.get_mut(&name) {
+                        Some(acc) => acc.data.iter_mut().zip(&g.data).for_each(|(a, b)| *a += b),
+                        None => {
+                            summed.insert(name, g);
+                        }
+                    }
+                }
+            }
+            let k = self.gradient_accumulation as f32;
+            if k > 1.0 {
+                summed
+                    .values_mut()
+                    .for_each(|g| g.data.iter_mut().for_each(|v| *v /= k));
+            }
+            if self.max_grad_norm > 0.0 {
+                let norms: Vec<f32> = summed
+                    .values()
+                    .map(|g| g.data.iter().map(|v| v * v).sum::<f32>().sqrt())
+                    .collect();
+                let (_, coef) = clip_coefficient(&norms, self.max_grad_norm as f32);
+                if coef < 1.0 {
+                    summed
+                        .values_mut()
+                        .for_each(|g| g.data.iter_mut().for_each(|v| *v *= coef));
+                }
+            }
+            method.apply(&summed, lr)?;
+            state.losses.push(loss_sum / k);
+            state.step += 1;
+            bar.set_position(state.step);
+            bar.set_message(format!(
+                "{} {label} loss {:.4}",
+                ctx.instance.name,
+                loss_sum / k
+            ));
+            if self.checkpoint_every > 0
+                && state.step.is_multiple_of(self.checkpoint_every)
+                && state.step < self.steps
+            {
+                method.checkpoint(state)?;
+            }
+            if let Some(ms) = delay {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
+        }
+        bar.finish_and_clear();
+        Ok(started.elapsed().as_secs_f64())
     }
 
     fn embedding(
@@ -1202,4 +1175,107 @@ fn load_ti_checkpoint(
         }
     }
     Ok(None)
+}
+
+/// What differs between training methods inside the shared step loop ([`TrainParams::drive`]).
+trait StepMethod {
+    /// The loss of one micro-batch and the gradients of the trained tensors, by name.
+    fn grads(&mut self, batch: &Batch) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)>;
+    /// One optimiser update with the averaged, clipped gradients.
+    fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()>;
+    /// Writes a resumable checkpoint of the trained tensors and the optimiser after `state`.
+    fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()>;
+}
+
+/// LoRA: adapters installed on the UNet.
+struct LoraSteps<'a> {
+    unet: &'a mut UNet<Cpu>,
+    ddpm: &'a Ddpm,
+    items: &'a [Item],
+    contexts: &'a HashMap<String, Tensor3<Cpu>>,
+    optimizer: &'a mut AdamW<Cpu>,
+    scratch: &'a Path,
+    alpha: f32,
+}
+
+impl StepMethod for LoraSteps<'_> {
+    fn grads(&mut self, batch: &Batch) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+        let context = batch_context(self.items, self.contexts, &batch.picked)?;
+        let (loss, grads) = loss_and_grads(
+            self.unet,
+            self.ddpm,
+            &batch.latents,
+            &batch.noise,
+            &batch.timesteps,
+            &context,
+        )?;
+        Ok((loss, adapter_grads(self.unet, &grads)))
+    }
+
+    fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
+        Ok(apply_grads(self.unet, grads, self.optimizer, lr)?)
+    }
+
+    fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()> {
+        let network = extract(self.unet, self.alpha);
+        save_checkpoint(self.scratch, &network, self.optimizer, state)
+    }
+}
+
+/// Textual inversion: the token's vectors, fed through the frozen text encoder.
+struct TiSteps<'a> {
+    params: &'a TrainParams,
+    t2i: &'a TextToImage<Cpu>,
+    ddpm: &'a Ddpm,
+    items: &'a [Item],
+    ids: &'a HashMap<String, Vec<u32>>,
+    extra: &'a mut Tensor2<Cpu>,
+    optimizer: &'a mut AdamW<Cpu>,
+    scratch: &'a Path,
+    token: &'a str,
+    model_path: &'a Path,
+}
+
+/// The parameter name of the trained vectors (A1111's tensor name).
+const EMB_PARAMS: &str = "emb_params";
+
+impl StepMethod for TiSteps<'_> {
+    fn grads(&mut self, batch: &Batch) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+        let batch_ids: Vec<Vec<u32>> = batch
+            .picked
+            .iter()
+            .map(|&i| self.ids[&self.items[i].caption].clone())
+            .collect();
+        let (loss, grad) = crate::train::textual_inversion::loss_and_grad(
+            &self.t2i.models.text_encoder,
+            &self.t2i.models.unet,
+            self.ddpm,
+            &batch_ids,
+            self.extra,
+            self.params.clip_skip,
+            &batch.latents,
+            &batch.noise,
+            &batch.timesteps,
+        )?;
+        Ok((
+            loss,
+            BTreeMap::from([(EMB_PARAMS.to_string(), HostTensor::from_tensor(&grad))]),
+        ))
+    }
+
+    fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
+        let dev = self.extra.device().clone();
+        let grad = grads
+            .get(EMB_PARAMS)
+            .and_then(|g| g.to_tensor::<(usize, usize), Cpu>(&dev))
+            .context("no gradient for the embedding")?;
+        Ok(self.optimizer.update(EMB_PARAMS, self.extra, &grad, lr)?)
+    }
+
+    fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()> {
+        let embedding = self
+            .params
+            .embedding(self.token, self.extra, state.step, self.model_path);
+        save_ti_checkpoint(self.scratch, &embedding, self.optimizer, state)
+    }
 }
