@@ -14,6 +14,7 @@ pub mod attention;
 pub mod clip;
 pub mod error;
 pub mod nn;
+pub mod params;
 pub mod pipeline;
 pub mod resnet;
 pub mod schedulers;

@@ -11,7 +11,7 @@
 
 use dfdx::prelude::*;
 
-use super::host::{Backward1, host_op, host_vec, is_cpu, sgemm};
+use super::host::{BackwardP, flat, host_op_params, host_vec, is_cpu, sgemm, sum_f32};
 use super::ops::concat_many;
 use super::{Tensor1, Tensor3, Tensor4};
 use crate::diffusion::error::Result;
@@ -53,6 +53,8 @@ pub struct Conv2d<D: Storage<f32>> {
     pub stride: usize,
     /// Zero padding.
     pub padding: Padding2d,
+    /// Whether the weight and bias get gradients under a tape (full fine-tuning).
+    pub trainable: bool,
 }
 
 impl<D: Device<f32>> Conv2d<D> {
@@ -70,6 +72,7 @@ impl<D: Device<f32>> Conv2d<D> {
             bias: Some(l.tensor1("bias", c_out)?),
             stride,
             padding,
+            trainable: false,
         })
     }
 
@@ -80,12 +83,15 @@ impl<D: Device<f32>> Conv2d<D> {
 
     /// `[b, c_in, h, w] -> [b, c_out, ho, wo]`
     pub fn forward<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
-        conv2d(
+        conv2d_with(
             x,
             &self.weight,
             self.bias.as_ref(),
             self.stride,
             self.padding,
+            is_cpu::<D>(),
+            MAX_COLS_ELEMENTS,
+            self.trainable && T::OWNS_TAPE,
         )
     }
 }
@@ -112,6 +118,7 @@ pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
         padding,
         is_cpu::<D>(),
         MAX_COLS_ELEMENTS,
+        false,
     )
 }
 
@@ -119,6 +126,8 @@ pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
 /// in bands of rows, so a 512x512 VAE level does not need a multi-GB column matrix.
 const MAX_COLS_ELEMENTS: usize = 1 << 25;
 
+/// `train`: the weight and bias get gradients (their tensor ids) under the tape.
+#[allow(clippy::too_many_arguments)]
 fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
     x: Tensor4<D, T>,
     weight: &Tensor4<D>,
@@ -127,6 +136,7 @@ fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
     padding: Padding2d,
     host_im2col: bool,
     max_cols: usize,
+    train: bool,
 ) -> Tensor4<D, T> {
     let (c_out, c_in, kh, kw) = *weight.shape();
     let (b, c, _, _) = *x.shape();
@@ -147,12 +157,12 @@ fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
     let k = c_in * kh * kw;
 
     if host_im2col {
-        return conv2d_host(x, weight, bias, stride, padding, (ho, wo), max_cols);
+        return conv2d_host(x, weight, bias, stride, padding, (ho, wo), max_cols, train);
     }
     if kh == 1 && kw == 1 && stride == 1 && padding == Padding2d::default() {
         // the input is its own column matrix: [b, c, h*w]
-        let y = weight_matmul(x.reshape_like(&(b, c, h * w)), weight);
-        return add_bias(y.reshape_like(&(b, c_out, ho, wo)), bias);
+        let y = weight_matmul(x.reshape_like(&(b, c, h * w)), weight, train);
+        return add_bias(y.reshape_like(&(b, c_out, ho, wo)), bias, train);
     }
     // output rows per band, so that the column matrix stays under `max_cols` elements
     let band = (max_cols / (b * k * wo).max(1)).clamp(1, ho);
@@ -179,7 +189,7 @@ fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
         };
         // [b, c*kh*kw, rows*wo]
         let cols = im2col(xi, g);
-        bands.push(weight_matmul(cols, weight).reshape_like(&(b, c_out, rows, wo)));
+        bands.push(weight_matmul(cols, weight, train).reshape_like(&(b, c_out, rows, wo)));
         oy0 += rows;
     }
     let y = if bands.len() == 1 {
@@ -187,16 +197,25 @@ fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
     } else {
         concat_many::<2, D, T>(bands)
     };
-    add_bias(y, bias)
+    add_bias(y, bias, train)
 }
 
 /// `[c_out, c, kh, kw]` (viewed `[c_out, k]`) times columns `[b, k, n]` -> `[b, c_out, n]`.
 fn weight_matmul<D: Device<f32>, T: Tape<f32, D>>(
     cols: Tensor3<D, T>,
     weight: &Tensor4<D>,
+    train: bool,
 ) -> Tensor3<D, T> {
     let (b, k, _) = *cols.shape();
     let c_out = weight.shape().0;
+    if train {
+        // the weight joins the tape: [c_out, k] -> [b, c_out, k], its gradient summed over b
+        let w = weight
+            .retaped::<T>()
+            .reshape_like(&(c_out, k))
+            .broadcast_like::<_, Axis<0>>(&(b, c_out, k));
+        return w.matmul(cols);
+    }
     // [c_out, k] viewed for every batch item: [b, c_out, k] (stride 0 on b, no copy)
     let w = weight
         .clone()
@@ -210,8 +229,14 @@ fn weight_matmul<D: Device<f32>, T: Tape<f32, D>>(
 fn add_bias<D: Device<f32>, T: Tape<f32, D>>(
     y: Tensor4<D, T>,
     bias: Option<&Tensor1<D>>,
+    train: bool,
 ) -> Tensor4<D, T> {
     let shape = *y.shape();
+    if train && let Some(bias) = bias {
+        return y + bias
+            .retaped::<T>()
+            .broadcast_like::<_, Axes3<0, 2, 3>>(&shape);
+    }
     match bias {
         Some(bias) => y + bias.clone().broadcast_like::<_, Axes3<0, 2, 3>>(&shape),
         None => y,
@@ -280,9 +305,16 @@ fn conv2d_host<D: Device<f32>, T: Tape<f32, D>>(
     padding: Padding2d,
     (ho, wo): (usize, usize),
     max_cols: usize,
+    train: bool,
 ) -> Tensor4<D, T> {
     let (b, c, h, w) = *x.shape();
     let (c_out, _, kh, kw) = *weight.shape();
+    let trained: Vec<Tensor1<D>> = if train {
+        std::iter::once(flat(weight)).chain(bias.cloned()).collect()
+    } else {
+        Vec::new()
+    };
+    let has_bias = bias.is_some();
     let (k, n, hw) = (c * kh * kw, ho * wo, h * w);
     let pointwise = kh == 1 && kw == 1 && stride == 1 && padding == Padding2d::default();
     // output rows per band, so that the column matrix stays under `max_cols` elements
@@ -303,7 +335,7 @@ fn conv2d_host<D: Device<f32>, T: Tape<f32, D>>(
         ho: rows,
         wo,
     };
-    host_op(x, (b, c_out, ho, wo), move |xv| {
+    host_op_params(x, (b, c_out, ho, wo), trained, move |xv| {
         let mut y = vec![0f32; b * c_out * n];
         let mut cols = vec![0f32; if pointwise { 0 } else { k * band * wo }];
         for bi in 0..b {
@@ -339,15 +371,43 @@ fn conv2d_host<D: Device<f32>, T: Tape<f32, D>>(
                 }
             }
         }
-        let backward: Backward1 = Box::new(move |gy, gx| {
+        // the weight gradient needs the input (and a column buffer); otherwise keep neither
+        let (xv, mut cols) = if train {
+            (xv, cols)
+        } else {
+            (Vec::new(), Vec::new())
+        };
+        let backward: BackwardP = Box::new(move |gy, gx| {
             let mut gcols = vec![0f32; if pointwise { 0 } else { k * band * wo }];
+            let mut gw = vec![0f32; if train { c_out * k } else { 0 }];
             for bi in 0..b {
+                let xb = &xv[bi * c * hw..(bi + 1) * c * hw];
                 let gyb = &gy[bi * c_out * n..(bi + 1) * c_out * n];
                 let gxb = &mut gx[bi * c * hw..(bi + 1) * c * hw];
                 let mut oy0 = 0;
                 while oy0 < ho {
                     let rows = band.min(ho - oy0);
                     let nb = rows * wo;
+                    if train {
+                        // dW[c_out, k] += dy[c_out, nb] · cols[k, nb]ᵀ
+                        let (src, ld): (&[f32], usize) = if pointwise {
+                            (&xb[oy0 * wo..], n)
+                        } else {
+                            cols[..k * nb].fill(0.0);
+                            geometry(oy0, rows).for_each(|o, i| cols[o] = xb[i]);
+                            (&cols, nb)
+                        };
+                        sgemm(
+                            (c_out, k, nb),
+                            &gyb[oy0 * wo..],
+                            (n, 1),
+                            src,
+                            (1, ld),
+                            &mut gw,
+                            k,
+                            true,
+                        );
+                    }
                     // d cols[k, nb] = Wᵀ[k, c_out] · dy[c_out, nb]
                     if pointwise {
                         sgemm(
@@ -376,6 +436,21 @@ fn conv2d_host<D: Device<f32>, T: Tape<f32, D>>(
                     oy0 += rows;
                 }
             }
+            if !train {
+                return Vec::new();
+            }
+            let mut grads = vec![gw];
+            if has_bias {
+                let gb: Vec<f32> = (0..c_out)
+                    .map(|o| {
+                        (0..b)
+                            .map(|bi| sum_f32(&gy[(bi * c_out + o) * n..(bi * c_out + o + 1) * n]))
+                            .sum()
+                    })
+                    .collect();
+                grads.push(gb);
+            }
+            grads
         });
         (y, backward)
     })
@@ -485,6 +560,55 @@ mod tests {
             .collect()
     }
 
+    /// Weight and bias gradients of the fused kernel against the dfdx-op path (band splits
+    /// included), for strided, padded, pointwise and batched cases.
+    #[test]
+    fn weight_and_bias_gradients_match_dfdx_ops() {
+        let dev = Cpu::default();
+        for (shape, co, k, s, p, max_cols) in [
+            ((2, 3, 6, 5), 4, 3, 1, Padding2d::same(1), 1 << 20),
+            ((1, 2, 7, 7), 3, 3, 2, Padding2d::same(1), 12),
+            ((2, 4, 3, 3), 5, 1, 1, Padding2d::default(), 1 << 20),
+        ] {
+            let (b, c, h, w) = shape;
+            let x = dev.tensor_from_vec(values(b * c * h * w, 7), shape);
+            let wt = dev.tensor_from_vec(values(co * c * k * k, 8), (co, c, k, k));
+            let bias = dev.tensor_from_vec(values(co, 9), (co,));
+            let grads_of = |host: bool| {
+                let y = conv2d_with(
+                    x.leaky_trace(),
+                    &wt,
+                    Some(&bias),
+                    s,
+                    p,
+                    host,
+                    max_cols,
+                    true,
+                );
+                let r = dev.tensor_from_vec(values(y.shape().num_elements(), 10), *y.shape());
+                let g = (y * r).sum().backward();
+                (
+                    g.get(&wt).as_vec(),
+                    g.get(&bias).as_vec(),
+                    g.get(&x).as_vec(),
+                )
+            };
+            let (hw, hb, hx) = grads_of(true);
+            let (rw, rb, rx) = grads_of(false);
+            for (name, a, r) in [("weight", hw, rw), ("bias", hb, rb), ("input", hx, rx)] {
+                let max = a
+                    .iter()
+                    .zip(&r)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    max < 1e-4,
+                    "{name} gradient differs by {max} for {shape:?} k{k} s{s}"
+                );
+            }
+        }
+    }
+
     fn check(shape: (usize, usize, usize, usize), co: usize, k: usize, s: usize, p: Padding2d) {
         let dev = Cpu::default();
         let (b, c, h, w) = shape;
@@ -545,7 +669,7 @@ mod tests {
         let bias = dev.tensor_from_vec(values(co, 9), (co,));
         let f = |xv: Vec<f64>| -> f64 {
             let x = dev.tensor_from_vec(xv.iter().map(|v| *v as f32).collect(), shape);
-            let y = conv2d_with(x, &wt, Some(&bias), s, p, host, max_cols);
+            let y = conv2d_with(x, &wt, Some(&bias), s, p, host, max_cols, false);
             let r = values(y.shape().num_elements(), 10);
             let conv: f64 = y
                 .as_vec()
@@ -559,7 +683,7 @@ mod tests {
         let q = dev.tensor_from_vec(qv.clone(), shape);
         let xt = x.leaky_trace();
         let other = (xt.retaped::<OwnedTape<f32, Cpu>>() * q).sum();
-        let y = conv2d_with(xt, &wt, Some(&bias), s, p, host, max_cols);
+        let y = conv2d_with(xt, &wt, Some(&bias), s, p, host, max_cols, false);
         let r = dev.tensor_from_vec(values(y.shape().num_elements(), 10), *y.shape());
         let grads = ((y * r).sum() + other).backward();
         let g = grads.get(&x).as_vec();

@@ -135,6 +135,30 @@ pub(crate) fn host_op<Si: Shape, So: Shape, D: Device<f32>, T: Tape<f32, D>>(
     shape: So,
     op: impl FnOnce(Vec<f32>) -> (Vec<f32>, Backward1),
 ) -> Tensor<So, f32, D, T> {
+    host_op_params(x, shape, Vec::new(), move |xv| {
+        let (y, backward) = op(xv);
+        let backward: BackwardP = Box::new(move |gy, gx| {
+            backward(gy, gx);
+            Vec::new()
+        });
+        (y, backward)
+    })
+}
+
+/// Backward of a host op with trained parameters: gets the output gradient, adds the input
+/// gradient, and returns the gradients of the parameters (in the order they were given).
+pub(crate) type BackwardP = Box<dyn FnOnce(&[f32], &mut [f32]) -> Vec<Vec<f32>>>;
+
+/// [`host_op`] for a layer whose parameters train: `params` are flat views of them (a
+/// contiguous reshape keeps the tensor's id, so `grads.get(&layer.weight)` finds the
+/// gradient), and the backward's returned gradients are added to theirs. Without a tape the
+/// parameters are ignored.
+pub(crate) fn host_op_params<Si: Shape, So: Shape, D: Device<f32>, T: Tape<f32, D>>(
+    x: Tensor<Si, f32, D, T>,
+    shape: So,
+    params: Vec<Tensor<(usize,), f32, D>>,
+    op: impl FnOnce(Vec<f32>) -> (Vec<f32>, BackwardP),
+) -> Tensor<So, f32, D, T> {
     // the gradient buffer is indexed like the data: work on a contiguous input
     let (x, mut tape) = x.contiguous().split_tape();
     let dev = x.device().clone();
@@ -145,11 +169,22 @@ pub(crate) fn host_op<Si: Shape, So: Shape, D: Device<f32>, T: Tape<f32, D>>(
         let y_ghost = y.clone();
         tape.add_backward_op(move |grads| {
             let gy = cpu_grad(grads.get_or_alloc_mut(&y_ghost)?).to_vec();
-            backward(&gy, cpu_grad(grads.get_or_alloc_mut(&x)?));
+            let param_grads = backward(&gy, cpu_grad(grads.get_or_alloc_mut(&x)?));
+            for (p, g) in params.iter().zip(param_grads) {
+                for (d, v) in cpu_grad(grads.get_or_alloc_mut(p)?).iter_mut().zip(&g) {
+                    *d += v;
+                }
+            }
             Ok(())
         });
     }
     y.put_tape(tape)
+}
+
+/// A flat view of a contiguous parameter (same id, so gradients land under the parameter).
+pub(crate) fn flat<S: Shape, D: Device<f32>>(t: &Tensor<S, f32, D>) -> Tensor<(usize,), f32, D> {
+    let n = t.shape().num_elements();
+    t.clone().reshape_like(&(n,))
 }
 
 /// [`host_op`] with three inputs of one shape type (their tapes are merged).
@@ -306,7 +341,9 @@ impl NormLayout {
 }
 
 /// Fused normalisation (`(x - mean) / sqrt(var + eps)` per group, biased variance), affine
-/// transform, and optionally SiLU, with the input gradient as backward.
+/// transform, and optionally SiLU, with the input gradient as backward; with `trained` (the
+/// gamma and beta tensors) their gradients too.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn norm_affine<S: Shape, D: Device<f32>, T: Tape<f32, D>>(
     x: Tensor<S, f32, D, T>,
     layout: NormLayout,
@@ -314,15 +351,19 @@ pub(crate) fn norm_affine<S: Shape, D: Device<f32>, T: Tape<f32, D>>(
     beta: Vec<f32>,
     eps: f64,
     silu: bool,
+    trained: Option<[Tensor<(usize,), f32, D>; 2]>,
 ) -> Tensor<S, f32, D, T> {
     let shape = *x.shape();
     assert_eq!(layout.groups * layout.len, shape.num_elements());
     let l = layout;
+    let channels = gamma.len();
     // per-position affine factors of each group pattern
     let (gamma, beta) = (l.expand(&gamma), l.expand(&beta));
     let pattern =
         move |g: usize| (g % l.groups_per_item) * l.len..(g % l.groups_per_item + 1) * l.len;
-    host_op(x, shape, move |xv| {
+    let train = trained.is_some();
+    let params = trained.map(Vec::from).unwrap_or_default();
+    host_op_params(x, shape, params, move |xv| {
         let mut y = vec![0f32; xv.len()];
         let mut stats = Vec::with_capacity(l.groups);
         for g in 0..l.groups {
@@ -342,10 +383,16 @@ pub(crate) fn norm_affine<S: Shape, D: Device<f32>, T: Tape<f32, D>>(
                 }
             }
         }
-        let backward: Backward1 = Box::new(move |gy, gx| {
+        let backward: BackwardP = Box::new(move |gy, gx| {
             let n = l.len as f32;
             let mut gxh = vec![0f32; l.len];
             let mut xh = vec![0f32; l.len];
+            // d loss / d (affine output) summed per pattern position: [groups_per_item * len]
+            let (mut gg, mut gb) = if train {
+                (vec![0f32; gamma.len()], vec![0f32; gamma.len()])
+            } else {
+                (Vec::new(), Vec::new())
+            };
             for (g, &(mean, rstd)) in stats.iter().enumerate() {
                 let xs = &xv[g * l.len..(g + 1) * l.len];
                 let gys = &gy[g * l.len..(g + 1) * l.len];
@@ -366,6 +413,21 @@ pub(crate) fn norm_affine<S: Shape, D: Device<f32>, T: Tape<f32, D>>(
                         *d = gyv * ga;
                     }
                 }
+                if train {
+                    // gxh = da · gamma, so da = gxh / gamma would lose zeros: recompute da
+                    let r = pattern(g);
+                    for (i, (h, gyv)) in xh.iter().zip(gys).enumerate() {
+                        let da = if silu {
+                            let a = h * gs[i] + bs[i];
+                            let s = 1.0 / (1.0 + exp_f32(-a));
+                            gyv * s * (1.0 + a * (1.0 - s))
+                        } else {
+                            *gyv
+                        };
+                        gg[r.start + i] += da * h;
+                        gb[r.start + i] += da;
+                    }
+                }
                 let m1 = sum_f32(&gxh) / n;
                 let m2 = dot_f32(&gxh, &xh) / n;
                 let gxs = &mut gx[g * l.len..(g + 1) * l.len];
@@ -373,20 +435,37 @@ pub(crate) fn norm_affine<S: Shape, D: Device<f32>, T: Tape<f32, D>>(
                     *o += rstd * (d - m1 - h * m2);
                 }
             }
+            if !train {
+                return Vec::new();
+            }
+            // pattern positions -> channels
+            let (mut dgamma, mut dbeta) = (vec![0f32; channels], vec![0f32; channels]);
+            for gp in 0..l.groups_per_item {
+                for i in 0..l.len {
+                    let c = gp * l.channels_per_group + i / l.inner;
+                    dgamma[c] += gg[gp * l.len + i];
+                    dbeta[c] += gb[gp * l.len + i];
+                }
+            }
+            vec![dgamma, dbeta]
         });
         (y, backward)
     })
 }
 
-/// `x · Wᵀ + b` for `x: [m, in]`, `W: [out, in]` (frozen), with the input gradient as backward.
+/// `x · Wᵀ + b` for `x: [m, in]`, `W: [out, in]`, with the input gradient as backward; with
+/// `trained` (flat views of the weight and the bias) their gradients too.
 pub(crate) fn linear<D: Device<f32>, T: Tape<f32, D>>(
     x: Tensor<(usize, usize), f32, D, T>,
     weight: Vec<f32>,
     bias: Option<Vec<f32>>,
     out: usize,
+    trained: Vec<Tensor<(usize,), f32, D>>,
 ) -> Tensor<(usize, usize), f32, D, T> {
     let (m, inp) = *x.shape();
-    host_op(x, (m, out), move |xv| {
+    let train = !trained.is_empty();
+    let has_bias = bias.is_some();
+    host_op_params(x, (m, out), trained, move |xv| {
         let mut y = vec![0f32; m * out];
         if let Some(b) = &bias {
             for row in y.chunks_exact_mut(out) {
@@ -403,7 +482,9 @@ pub(crate) fn linear<D: Device<f32>, T: Tape<f32, D>>(
             out,
             bias.is_some(),
         );
-        let backward: Backward1 = Box::new(move |gy, gx| {
+        // the weight gradient needs the input; otherwise do not keep it
+        let xv = if train { xv } else { Vec::new() };
+        let backward: BackwardP = Box::new(move |gy, gx| {
             // gx[m, in] += gy[m, out] · W[out, in]
             sgemm(
                 (m, inp, out),
@@ -415,6 +496,30 @@ pub(crate) fn linear<D: Device<f32>, T: Tape<f32, D>>(
                 inp,
                 true,
             );
+            if !train {
+                return Vec::new();
+            }
+            // gW[out, in] = gyᵀ[out, m] · x[m, in]
+            let mut gw = vec![0f32; out * inp];
+            sgemm(
+                (out, inp, m),
+                gy,
+                (1, out),
+                &xv,
+                (inp, 1),
+                &mut gw,
+                inp,
+                false,
+            );
+            let mut grads = vec![gw];
+            if has_bias {
+                let mut gb = vec![0f32; out];
+                for row in gy.chunks_exact(out) {
+                    gb.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+                }
+                grads.push(gb);
+            }
+            grads
         });
         (y, backward)
     })
@@ -723,6 +828,7 @@ mod tests {
                     beta.clone(),
                     1e-5,
                     silu,
+                    None,
                 )
             };
             let gn0 = |x: Vec<T4>| {
@@ -740,6 +846,7 @@ mod tests {
                     beta.clone(),
                     1e-5,
                     silu,
+                    None,
                 )
             };
             grad_check(std::slice::from_ref(&x), &gn, &gn0);
@@ -761,6 +868,7 @@ mod tests {
                 vec![0.1, -0.2, 0.0, 0.3, 0.2, -0.1],
                 1e-5,
                 false,
+                None,
             )
         };
         let ln0 = |x: Vec<T4>| {
@@ -778,6 +886,7 @@ mod tests {
                 vec![0.1, -0.2, 0.0, 0.3, 0.2, -0.1],
                 1e-5,
                 false,
+                None,
             )
         };
         grad_check(std::slice::from_ref(&x), &ln, &ln0);
@@ -792,12 +901,12 @@ mod tests {
         let bv = values(o, 6);
         let lin = |x: Vec<T4t>| {
             let x = x.into_iter().next().unwrap().reshape_like(&(m, i));
-            let y = linear(x, wv.clone(), Some(bv.clone()), o);
+            let y = linear(x, wv.clone(), Some(bv.clone()), o, Vec::new());
             geglu(y.reshape_like(&(1, m, o))).reshape_like(&(1, 1, m, o / 2))
         };
         let lin0 = |x: Vec<T4>| {
             let x = x.into_iter().next().unwrap().reshape_like(&(m, i));
-            let y = linear(x, wv.clone(), Some(bv.clone()), o);
+            let y = linear(x, wv.clone(), Some(bv.clone()), o, Vec::new());
             geglu(y.reshape_like(&(1, m, o))).reshape_like(&(1, 1, m, o / 2))
         };
         grad_check(std::slice::from_ref(&x), &lin, &lin0);

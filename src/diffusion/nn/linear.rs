@@ -17,6 +17,8 @@ pub struct Linear<D: Storage<f32>> {
     pub bias: Option<Tensor1<D>>,
     /// A low-rank adapter added to the output (training, or unmerged inference).
     pub lora: Option<LoraAdapter<D>>,
+    /// Whether the weight and bias get gradients under a tape (full fine-tuning).
+    pub trainable: bool,
 }
 
 /// A LoRA pair on a [`Linear`]: `down: [r, in]` (kohya's `lora_down`, PEFT's `lora_A`),
@@ -45,6 +47,7 @@ impl<D: Device<f32>> Linear<D> {
                 None
             },
             lora: None,
+            trainable: false,
         })
     }
 
@@ -63,10 +66,25 @@ impl<D: Device<f32>> Linear<D> {
         let m = x.shape().0;
         let out = self.out_features();
         let lora_input = self.lora.as_ref().map(|_| x.retaped::<T>());
+        let train = self.trainable && T::OWNS_TAPE;
         let y = if is_cpu::<D>() {
-            // Fused kernel; its backward computes the input's gradient only (frozen weights).
+            // Fused kernel; its backward computes the weight's gradients only when it trains.
             let bias = self.bias.as_ref().map(host::host_vec);
-            host::linear(x, host::host_vec(&self.weight), bias, out)
+            let trained = if train {
+                std::iter::once(host::flat(&self.weight))
+                    .chain(self.bias.clone())
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            host::linear(x, host::host_vec(&self.weight), bias, out, trained)
+        } else if train {
+            // [m, in] x [in, out] -> [m, out], the weight on the tape
+            let y = x.matmul(self.weight.retaped::<T>().permute::<_, Axes2<1, 0>>());
+            match &self.bias {
+                Some(b) => y + b.retaped::<T>().broadcast_like::<_, Axis<0>>(&(m, out)),
+                None => y,
+            }
         } else {
             // [m, in] x [in, out] -> [m, out]
             let y = x.matmul(self.weight.clone().permute::<_, Axes2<1, 0>>());
@@ -92,5 +110,51 @@ impl<D: Device<f32>> Linear<D> {
         let (b, n, i) = *x.shape();
         let y = self.forward2(x.reshape_like(&(b * n, i)));
         y.reshape_like(&(b, n, self.out_features()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fused kernel's weight and bias gradients against dfdx's matmul.
+    #[test]
+    fn trained_linear_gradients_match_dfdx_ops() {
+        let dev = Cpu::default();
+        let v = |n: usize, k: f32| (0..n).map(|i| (i as f32 * k).sin()).collect::<Vec<_>>();
+        let (m, i, o) = (7, 5, 4);
+        let layer = Linear {
+            weight: dev.tensor_from_vec(v(o * i, 0.37), (o, i)),
+            bias: Some(dev.tensor_from_vec(v(o, 1.3), (o,))),
+            lora: None,
+            trainable: true,
+        };
+        let x = dev.tensor_from_vec(v(m * i, 0.71), (m, i));
+        let r = dev.tensor_from_vec(v(m * o, 0.53), (m, o));
+        let g = (layer.forward2(x.leaky_trace()) * r.clone())
+            .sum()
+            .backward();
+        type Tp = OwnedTape<f32, Cpu>;
+        let bias = layer.bias.clone().unwrap_or_else(|| dev.zeros_like(&(o,)));
+        let reference = x
+            .leaky_trace()
+            .matmul(layer.weight.retaped::<Tp>().permute::<_, Axes2<1, 0>>())
+            + bias.retaped::<Tp>().broadcast_like::<_, Axis<0>>(&(m, o));
+        let gr = (reference * r).sum().backward();
+        for (a, b) in [
+            (
+                g.get(&layer.weight).as_vec(),
+                gr.get(&layer.weight).as_vec(),
+            ),
+            (g.get(&bias).as_vec(), gr.get(&bias).as_vec()),
+            (g.get(&x).as_vec(), gr.get(&x).as_vec()),
+        ] {
+            let max = a
+                .iter()
+                .zip(&b)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(max < 1e-5, "gradient off by {max}");
+        }
     }
 }

@@ -21,6 +21,8 @@ pub struct GroupNorm<D: Storage<f32>> {
     pub num_groups: usize,
     /// Added to the variance.
     pub eps: f64,
+    /// Whether gamma and beta get gradients under a tape (full fine-tuning).
+    pub trainable: bool,
 }
 
 impl<D: Device<f32>> GroupNorm<D> {
@@ -37,6 +39,7 @@ impl<D: Device<f32>> GroupNorm<D> {
             bias: l.tensor1("bias", channels)?,
             num_groups,
             eps,
+            trainable: false,
         })
     }
 
@@ -68,7 +71,9 @@ impl<D: Device<f32>> GroupNorm<D> {
             inner: h * w,
         };
         let (gamma, beta) = (host_vec(&self.weight), host_vec(&self.bias));
-        norm_affine(x, layout, gamma, beta, self.eps, silu)
+        let trained =
+            (self.trainable && T::OWNS_TAPE).then(|| [self.weight.clone(), self.bias.clone()]);
+        norm_affine(x, layout, gamma, beta, self.eps, silu, trained)
     }
 
     fn forward_generic<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
@@ -80,6 +85,16 @@ impl<D: Device<f32>> GroupNorm<D> {
             .reshape_like(&(b, g, c / g * h * w))
             .normalize::<Axis<2>>(self.eps)
             .reshape_like(&shape);
+        if self.trainable && T::OWNS_TAPE {
+            return x * self
+                .weight
+                .retaped::<T>()
+                .broadcast_like::<_, Axes3<0, 2, 3>>(&shape)
+                + self
+                    .bias
+                    .retaped::<T>()
+                    .broadcast_like::<_, Axes3<0, 2, 3>>(&shape);
+        }
         x * self
             .weight
             .clone()
@@ -100,6 +115,8 @@ pub struct LayerNorm<D: Storage<f32>> {
     pub bias: Tensor1<D>,
     /// Added to the variance.
     pub eps: f64,
+    /// Whether gamma and beta get gradients under a tape (full fine-tuning).
+    pub trainable: bool,
 }
 
 impl<D: Device<f32>> LayerNorm<D> {
@@ -109,6 +126,7 @@ impl<D: Device<f32>> LayerNorm<D> {
             weight: l.tensor1("weight", dim)?,
             bias: l.tensor1("bias", dim)?,
             eps,
+            trainable: false,
         })
     }
 
@@ -125,10 +143,22 @@ impl<D: Device<f32>> LayerNorm<D> {
                 inner: 1,
             };
             let (gamma, beta) = (host_vec(&self.weight), host_vec(&self.bias));
-            return norm_affine(x, layout, gamma, beta, self.eps, false);
+            let trained =
+                (self.trainable && T::OWNS_TAPE).then(|| [self.weight.clone(), self.bias.clone()]);
+            return norm_affine(x, layout, gamma, beta, self.eps, false, trained);
         }
-        x.normalize::<Axis<2>>(self.eps)
-            * self.weight.clone().broadcast_like::<_, Axes2<0, 1>>(&shape)
+        let x = x.normalize::<Axis<2>>(self.eps);
+        if self.trainable && T::OWNS_TAPE {
+            return x * self
+                .weight
+                .retaped::<T>()
+                .broadcast_like::<_, Axes2<0, 1>>(&shape)
+                + self
+                    .bias
+                    .retaped::<T>()
+                    .broadcast_like::<_, Axes2<0, 1>>(&shape);
+        }
+        x * self.weight.clone().broadcast_like::<_, Axes2<0, 1>>(&shape)
             + self.bias.clone().broadcast_like::<_, Axes2<0, 1>>(&shape)
     }
 }
@@ -136,6 +166,90 @@ impl<D: Device<f32>> LayerNorm<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn values(n: usize, seed: u32) -> Vec<f32> {
+        let mut state = seed.wrapping_mul(2654435761).wrapping_add(12345);
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 17;
+                state ^= state << 5;
+                (state as f32 / u32::MAX as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    /// Gamma and beta gradients of the fused kernels (plain and with SiLU) against dfdx ops.
+    #[test]
+    fn affine_gradients_of_trained_norms_match_dfdx_ops() {
+        let dev = Cpu::default();
+        let shape = (2, 6, 3, 4);
+        let x = dev.tensor_from_vec(values(144, 1), shape);
+        let gn = GroupNorm {
+            weight: dev.tensor_from_vec(values(6, 2), (6,)),
+            bias: dev.tensor_from_vec(values(6, 3), (6,)),
+            num_groups: 3,
+            eps: 1e-5,
+            trainable: true,
+        };
+        let r = dev.tensor_from_vec(values(144, 4), shape);
+        for silu_on in [false, true] {
+            let host = if silu_on {
+                gn.forward_host(x.leaky_trace(), true)
+            } else {
+                gn.forward_host(x.leaky_trace(), false)
+            };
+            let generic = if silu_on {
+                silu(gn.forward_generic(x.leaky_trace()))
+            } else {
+                gn.forward_generic(x.leaky_trace())
+            };
+            let gh = (host * r.clone()).sum().backward();
+            let gg = (generic * r.clone()).sum().backward();
+            for (a, b) in [
+                (gh.get(&gn.weight).as_vec(), gg.get(&gn.weight).as_vec()),
+                (gh.get(&gn.bias).as_vec(), gg.get(&gn.bias).as_vec()),
+            ] {
+                let max = a
+                    .iter()
+                    .zip(&b)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(
+                    max < 1e-4,
+                    "group norm (silu {silu_on}) affine grad off by {max}"
+                );
+            }
+        }
+        let ln = LayerNorm {
+            weight: dev.tensor_from_vec(values(5, 5), (5,)),
+            bias: dev.tensor_from_vec(values(5, 6), (5,)),
+            eps: 1e-5,
+            trainable: true,
+        };
+        let x = dev.tensor_from_vec(values(30, 7), (2, 3, 5));
+        let r = dev.tensor_from_vec(values(30, 8), (2, 3, 5));
+        let gh = (ln.forward(x.leaky_trace()) * r.clone()).sum().backward();
+        let reference = x.leaky_trace().normalize::<Axis<2>>(1e-5)
+            * ln.weight
+                .retaped::<OwnedTape<f32, Cpu>>()
+                .broadcast_like::<_, Axes2<0, 1>>(&(2, 3, 5))
+            + ln.bias
+                .retaped::<OwnedTape<f32, Cpu>>()
+                .broadcast_like::<_, Axes2<0, 1>>(&(2, 3, 5));
+        let gr = (reference * r).sum().backward();
+        for (a, b) in [
+            (gh.get(&ln.weight).as_vec(), gr.get(&ln.weight).as_vec()),
+            (gh.get(&ln.bias).as_vec(), gr.get(&ln.bias).as_vec()),
+        ] {
+            let max = a
+                .iter()
+                .zip(&b)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(max < 1e-4, "layer norm affine grad off by {max}");
+        }
+    }
 
     #[test]
     fn group_norm_matches_definition() {
@@ -145,6 +259,7 @@ mod tests {
             .map(|i| ((i * 37 % 11) as f32) * 0.3 - 1.0)
             .collect();
         let gn = GroupNorm {
+            trainable: false,
             weight: dev.tensor_from_vec((0..c).map(|i| 1.0 + i as f32 * 0.1).collect(), (c,)),
             bias: dev.tensor_from_vec((0..c).map(|i| i as f32 * -0.05).collect(), (c,)),
             num_groups: g,

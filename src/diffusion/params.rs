@@ -1,0 +1,326 @@
+//! Walking a model's parameterised layers by their diffusers names: the basis of full
+//! fine-tuning (mark every layer trainable, collect every gradient, update every tensor) and
+//! of writing a trained model back out under the names it was loaded from.
+//!
+//! Every parameter of the UNet lives in one of four layer types ([`Layer`]); a layer named
+//! `down_blocks.0.resnets.0.conv1` holds `down_blocks.0.resnets.0.conv1.weight` and `.bias`.
+
+use std::collections::BTreeMap;
+
+use dfdx::prelude::*;
+
+use super::attention::{BasicTransformerBlock, CrossAttention, Projection, Transformer2D};
+use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
+use super::resnet::ResnetBlock2D;
+use super::unet::UNet;
+use super::unet_blocks::{DownBlock, MidBlock, UpBlock};
+use crate::formats::HostTensor;
+
+/// A parameterised layer, borrowed mutably.
+pub enum Layer<'a, D: Storage<f32>> {
+    /// A fully connected layer (`weight [out, in]`, optional `bias`).
+    Linear(&'a mut Linear<D>),
+    /// A convolution (`weight [out, in, kh, kw]`, optional `bias`).
+    Conv(&'a mut Conv2d<D>),
+    /// A group norm (`weight`, `bias`).
+    GroupNorm(&'a mut GroupNorm<D>),
+    /// A layer norm (`weight`, `bias`).
+    LayerNorm(&'a mut LayerNorm<D>),
+}
+
+impl<D: Device<f32>> Layer<'_, D> {
+    /// Marks the layer's parameters as trained (gradients under a tape) or frozen.
+    pub fn set_trainable(&mut self, on: bool) {
+        match self {
+            Layer::Linear(l) => l.trainable = on,
+            Layer::Conv(l) => l.trainable = on,
+            Layer::GroupNorm(l) => l.trainable = on,
+            Layer::LayerNorm(l) => l.trainable = on,
+        }
+    }
+
+    /// The parameters as `(suffix, tensor)` on the host: `weight` then `bias`.
+    pub fn to_host(&self) -> Vec<(&'static str, HostTensor)> {
+        match self {
+            Layer::Linear(l) => weight_bias(&l.weight, l.bias.as_ref()),
+            Layer::Conv(l) => weight_bias(&l.weight, l.bias.as_ref()),
+            Layer::GroupNorm(l) => weight_bias(&l.weight, Some(&l.bias)),
+            Layer::LayerNorm(l) => weight_bias(&l.weight, Some(&l.bias)),
+        }
+    }
+
+    /// The gradients of the parameters as `(suffix, gradient)`, after a backward pass through
+    /// the layer while it was trainable (dfdx panics on a parameter the pass did not reach).
+    pub fn grads(&self, grads: &Gradients<f32, D>) -> Vec<(&'static str, HostTensor)> {
+        let mut out = Vec::new();
+        let mut push = |suffix: &'static str, g: Option<HostTensor>| {
+            if let Some(g) = g {
+                out.push((suffix, g));
+            }
+        };
+        match self {
+            Layer::Linear(l) => {
+                push("weight", grad_of(grads, &l.weight));
+                push("bias", l.bias.as_ref().and_then(|b| grad_of(grads, b)));
+            }
+            Layer::Conv(l) => {
+                push("weight", grad_of(grads, &l.weight));
+                push("bias", l.bias.as_ref().and_then(|b| grad_of(grads, b)));
+            }
+            Layer::GroupNorm(l) => {
+                push("weight", grad_of(grads, &l.weight));
+                push("bias", grad_of(grads, &l.bias));
+            }
+            Layer::LayerNorm(l) => {
+                push("weight", grad_of(grads, &l.weight));
+                push("bias", grad_of(grads, &l.bias));
+            }
+        }
+        out
+    }
+
+    /// Calls `f(suffix, tensor)` for each parameter, mutably (`f` returns an error to stop).
+    pub fn try_for_each_param<E>(
+        &mut self,
+        mut f: impl FnMut(&'static str, ParamMut<'_, D>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        match self {
+            Layer::Linear(l) => {
+                f("weight", ParamMut::T2(&mut l.weight))?;
+                if let Some(b) = &mut l.bias {
+                    f("bias", ParamMut::T1(b))?;
+                }
+            }
+            Layer::Conv(l) => {
+                f("weight", ParamMut::T4(&mut l.weight))?;
+                if let Some(b) = &mut l.bias {
+                    f("bias", ParamMut::T1(b))?;
+                }
+            }
+            Layer::GroupNorm(l) => {
+                f("weight", ParamMut::T1(&mut l.weight))?;
+                f("bias", ParamMut::T1(&mut l.bias))?;
+            }
+            Layer::LayerNorm(l) => {
+                f("weight", ParamMut::T1(&mut l.weight))?;
+                f("bias", ParamMut::T1(&mut l.bias))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One parameter tensor, borrowed mutably, by rank.
+pub enum ParamMut<'a, D: Storage<f32>> {
+    /// `[n]`
+    T1(&'a mut Tensor<(usize,), f32, D>),
+    /// `[out, in]`
+    T2(&'a mut Tensor<(usize, usize), f32, D>),
+    /// `[out, in, kh, kw]`
+    T4(&'a mut Tensor<(usize, usize, usize, usize), f32, D>),
+}
+
+fn weight_bias<S: Shape, D: Device<f32>>(
+    w: &Tensor<S, f32, D>,
+    b: Option<&Tensor<(usize,), f32, D>>,
+) -> Vec<(&'static str, HostTensor)> {
+    let mut out = vec![("weight", HostTensor::from_tensor(w))];
+    if let Some(b) = b {
+        out.push(("bias", HostTensor::from_tensor(b)));
+    }
+    out
+}
+
+/// The gradient of `t`. Every trainable layer takes part in the forward pass, so its
+/// parameters have gradient entries once the backward pass ran.
+fn grad_of<S: Shape, D: Device<f32>>(
+    grads: &Gradients<f32, D>,
+    t: &Tensor<S, f32, D>,
+) -> Option<HostTensor> {
+    Some(HostTensor::from_tensor(&grads.get(t)))
+}
+
+/// A model whose parameterised layers can be walked by diffusers name.
+pub trait Layers<D: Storage<f32>> {
+    /// Calls `f(name, layer)` for every parameterised layer under `prefix` (empty for the
+    /// model's root), in a fixed order.
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>));
+}
+
+/// `prefix.name`, or `name` at the root.
+fn join(prefix: &str, name: impl std::fmt::Display) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+impl<D: Device<f32>> Layers<D> for CrossAttention<D> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        f(&join(prefix, "to_q"), Layer::Linear(&mut self.to_q));
+        f(&join(prefix, "to_k"), Layer::Linear(&mut self.to_k));
+        f(&join(prefix, "to_v"), Layer::Linear(&mut self.to_v));
+        f(&join(prefix, "to_out.0"), Layer::Linear(&mut self.to_out));
+    }
+}
+
+impl<D: Device<f32>> Layers<D> for BasicTransformerBlock<D> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        f(&join(prefix, "norm1"), Layer::LayerNorm(&mut self.norm1));
+        self.attn1.visit_layers(&join(prefix, "attn1"), f);
+        f(&join(prefix, "norm2"), Layer::LayerNorm(&mut self.norm2));
+        self.attn2.visit_layers(&join(prefix, "attn2"), f);
+        f(&join(prefix, "norm3"), Layer::LayerNorm(&mut self.norm3));
+        f(
+            &join(prefix, "ff.net.0.proj"),
+            Layer::Linear(&mut self.ff.proj),
+        );
+        f(&join(prefix, "ff.net.2"), Layer::Linear(&mut self.ff.out));
+    }
+}
+
+fn projection<'a, D: Storage<f32>>(p: &'a mut Projection<D>) -> Layer<'a, D> {
+    match p {
+        Projection::Conv(c) => Layer::Conv(c),
+        Projection::Linear(l) => Layer::Linear(l),
+    }
+}
+
+impl<D: Device<f32>> Layers<D> for Transformer2D<D> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        f(&join(prefix, "norm"), Layer::GroupNorm(&mut self.norm));
+        f(&join(prefix, "proj_in"), projection(&mut self.proj_in));
+        for (k, block) in self.transformer_blocks.iter_mut().enumerate() {
+            block.visit_layers(&join(prefix, format!("transformer_blocks.{k}")), f);
+        }
+        f(&join(prefix, "proj_out"), projection(&mut self.proj_out));
+    }
+}
+
+impl<D: Device<f32>> Layers<D> for ResnetBlock2D<D> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        f(&join(prefix, "norm1"), Layer::GroupNorm(&mut self.norm1));
+        f(&join(prefix, "conv1"), Layer::Conv(&mut self.conv1));
+        if let Some(t) = &mut self.time_emb_proj {
+            f(&join(prefix, "time_emb_proj"), Layer::Linear(t));
+        }
+        f(&join(prefix, "norm2"), Layer::GroupNorm(&mut self.norm2));
+        f(&join(prefix, "conv2"), Layer::Conv(&mut self.conv2));
+        if let Some(c) = &mut self.conv_shortcut {
+            f(&join(prefix, "conv_shortcut"), Layer::Conv(c));
+        }
+    }
+}
+
+impl<D: Device<f32>> Layers<D> for DownBlock<D> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        for (j, r) in self.resnets.iter_mut().enumerate() {
+            r.visit_layers(&join(prefix, format!("resnets.{j}")), f);
+        }
+        for (j, a) in self.attentions.iter_mut().enumerate() {
+            a.visit_layers(&join(prefix, format!("attentions.{j}")), f);
+        }
+        if let Some(d) = &mut self.downsampler {
+            f(
+                &join(prefix, "downsamplers.0.conv"),
+                Layer::Conv(&mut d.conv),
+            );
+        }
+    }
+}
+
+impl<D: Device<f32>> Layers<D> for MidBlock<D> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        self.resnet0.visit_layers(&join(prefix, "resnets.0"), f);
+        self.attention
+            .visit_layers(&join(prefix, "attentions.0"), f);
+        self.resnet1.visit_layers(&join(prefix, "resnets.1"), f);
+    }
+}
+
+impl<D: Device<f32>> Layers<D> for UpBlock<D> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        for (j, r) in self.resnets.iter_mut().enumerate() {
+            r.visit_layers(&join(prefix, format!("resnets.{j}")), f);
+        }
+        for (j, a) in self.attentions.iter_mut().enumerate() {
+            a.visit_layers(&join(prefix, format!("attentions.{j}")), f);
+        }
+        if let Some(u) = &mut self.upsampler {
+            f(&join(prefix, "upsamplers.0.conv"), Layer::Conv(&mut u.conv));
+        }
+    }
+}
+
+impl<D: Device<f32>> Layers<D> for UNet<D> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        f(
+            &join(prefix, "time_embedding.linear_1"),
+            Layer::Linear(&mut self.time_linear_1),
+        );
+        f(
+            &join(prefix, "time_embedding.linear_2"),
+            Layer::Linear(&mut self.time_linear_2),
+        );
+        f(&join(prefix, "conv_in"), Layer::Conv(&mut self.conv_in));
+        for (i, b) in self.down_blocks.iter_mut().enumerate() {
+            b.visit_layers(&join(prefix, format!("down_blocks.{i}")), f);
+        }
+        self.mid_block.visit_layers(&join(prefix, "mid_block"), f);
+        for (i, b) in self.up_blocks.iter_mut().enumerate() {
+            b.visit_layers(&join(prefix, format!("up_blocks.{i}")), f);
+        }
+        f(
+            &join(prefix, "conv_norm_out"),
+            Layer::GroupNorm(&mut self.conv_norm_out),
+        );
+        f(&join(prefix, "conv_out"), Layer::Conv(&mut self.conv_out));
+    }
+}
+
+/// Marks every parameterised layer of `model` trainable (or frozen again).
+pub fn set_trainable<D: Device<f32>>(model: &mut impl Layers<D>, on: bool) {
+    model.visit_layers("", &mut |_, mut layer| layer.set_trainable(on));
+}
+
+/// Every parameter of `model` on the host, by full name (`conv_in.weight`, …).
+pub fn named_tensors<D: Device<f32>>(model: &mut impl Layers<D>) -> BTreeMap<String, HostTensor> {
+    let mut out = BTreeMap::new();
+    model.visit_layers("", &mut |name, layer| {
+        for (suffix, t) in layer.to_host() {
+            out.insert(format!("{name}.{suffix}"), t);
+        }
+    });
+    out
+}
+
+/// The gradients of every parameter of `model` the backward pass reached, by full name.
+pub fn named_grads<D: Device<f32>>(
+    model: &mut impl Layers<D>,
+    grads: &Gradients<f32, D>,
+) -> BTreeMap<String, HostTensor> {
+    let mut out = BTreeMap::new();
+    model.visit_layers("", &mut |name, layer| {
+        for (suffix, g) in layer.grads(grads) {
+            out.insert(format!("{name}.{suffix}"), g);
+        }
+    });
+    out
+}
+
+/// Total number of parameters of `model`.
+pub fn count_params<D: Device<f32>>(model: &mut impl Layers<D>) -> usize {
+    let mut n = 0;
+    model.visit_layers("", &mut |_, mut layer| {
+        let _ = layer.try_for_each_param(|_, p| {
+            n += match p {
+                ParamMut::T1(t) => t.shape().num_elements(),
+                ParamMut::T2(t) => t.shape().num_elements(),
+                ParamMut::T4(t) => t.shape().num_elements(),
+            };
+            Ok::<(), ()>(())
+        });
+    });
+    n
+}
