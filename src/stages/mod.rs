@@ -2,6 +2,7 @@
 //! they read from outside, and how they run.
 
 mod caption;
+mod class_images;
 mod context;
 mod encode_latents;
 pub mod model;
@@ -10,6 +11,7 @@ mod sample_grid;
 mod train;
 
 pub use caption::{CaptionItem, CaptionManifest, CaptionParams};
+pub use class_images::ClassImagesParams;
 pub use context::{Cancelled, StageContext, StageResult};
 pub use encode_latents::{EncodeLatentsParams, LatentItem, LatentsManifest};
 pub use preprocess::{PreprocessItem, PreprocessManifest, PreprocessParams};
@@ -33,6 +35,7 @@ pub const KINDS: &[&str] = &[
     "encode_latents",
     "train",
     "sample_grid",
+    "class_images",
 ];
 
 /// A parameter problem found after parsing, reported at the key `field` (dotted).
@@ -70,6 +73,8 @@ pub enum StageParams {
     SampleGrid(SampleGridParams),
     /// `kind = "train"`.
     Train(TrainParams),
+    /// `kind = "class_images"`.
+    ClassImages(ClassImagesParams),
 }
 
 impl StageParams {
@@ -82,6 +87,7 @@ impl StageParams {
             "preprocess" => StageParams::Preprocess(Deserialize::deserialize(de)?),
             "encode_latents" => StageParams::EncodeLatents(Deserialize::deserialize(de)?),
             "sample_grid" => StageParams::SampleGrid(Deserialize::deserialize(de)?),
+            "class_images" => StageParams::ClassImages(Deserialize::deserialize(de)?),
             "train" => StageParams::Train(Deserialize::deserialize(de)?),
             other => {
                 return Err(serde::de::Error::custom(format!(
@@ -99,6 +105,7 @@ impl StageParams {
             StageParams::EncodeLatents(_) => "encode_latents",
             StageParams::SampleGrid(_) => "sample_grid",
             StageParams::Train(_) => "train",
+            StageParams::ClassImages(_) => "class_images",
         }
     }
 
@@ -110,6 +117,7 @@ impl StageParams {
             StageParams::EncodeLatents(_) => encode_latents::VERSION,
             StageParams::SampleGrid(_) => sample_grid::VERSION,
             StageParams::Train(_) => train::VERSION,
+            StageParams::ClassImages(_) => class_images::VERSION,
         }
     }
 
@@ -131,6 +139,7 @@ impl StageParams {
             StageParams::EncodeLatents(p) => p.validate(),
             StageParams::SampleGrid(p) => p.validate(),
             StageParams::Train(p) => p.validate(),
+            StageParams::ClassImages(p) => p.validate(),
         }
     }
 
@@ -146,7 +155,9 @@ impl StageParams {
                 p.normalize();
                 Ok(())
             }
-            StageParams::EncodeLatents(_) | StageParams::SampleGrid(_) => Ok(()),
+            StageParams::EncodeLatents(_)
+            | StageParams::SampleGrid(_)
+            | StageParams::ClassImages(_) => Ok(()),
         }
     }
 
@@ -159,6 +170,7 @@ impl StageParams {
             StageParams::EncodeLatents(p) => p.key_params(settings),
             StageParams::SampleGrid(p) => p.key_params(settings),
             StageParams::Train(p) => p.key_params(settings),
+            StageParams::ClassImages(p) => p.key_params(settings),
         }
     }
 
@@ -180,6 +192,9 @@ impl StageParams {
             StageParams::Train(_) => {
                 model::model_inputs(settings, hasher, TrainParams::components())
             }
+            StageParams::ClassImages(_) => {
+                model::model_inputs(settings, hasher, ClassImagesParams::components())
+            }
         }
     }
 
@@ -187,7 +202,10 @@ impl StageParams {
     pub fn uses_model(&self) -> bool {
         matches!(
             self,
-            StageParams::EncodeLatents(_) | StageParams::SampleGrid(_) | StageParams::Train(_)
+            StageParams::EncodeLatents(_)
+                | StageParams::SampleGrid(_)
+                | StageParams::Train(_)
+                | StageParams::ClassImages(_)
         )
     }
 
@@ -198,7 +216,8 @@ impl StageParams {
             StageParams::Preprocess(_)
             | StageParams::EncodeLatents(_)
             | StageParams::SampleGrid(_)
-            | StageParams::Train(_) => Vec::new(),
+            | StageParams::Train(_)
+            | StageParams::ClassImages(_) => Vec::new(),
         }
     }
 
@@ -210,6 +229,7 @@ impl StageParams {
             StageParams::EncodeLatents(p) => p.run(ctx),
             StageParams::SampleGrid(p) => p.run(ctx),
             StageParams::Train(p) => p.run(ctx),
+            StageParams::ClassImages(p) => p.run(ctx),
         }
     }
 }

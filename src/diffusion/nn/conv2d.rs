@@ -296,7 +296,7 @@ impl Geometry {
 
 /// The whole convolution on the host (CPU device): per batch item and band of output rows,
 /// im2col into a reused buffer and one gemm with the weight, bias added; one backward op gives
-/// the input gradient (`Wᵀ · dy`, then col2im). The weight is frozen: no gradient for it.
+/// the input gradient (`Wᵀ · dy`, then col2im), and with `train` the weight and bias gradients.
 #[allow(clippy::too_many_arguments)]
 fn conv2d_host<D: Device<f32>, T: Tape<f32, D>>(
     x: Tensor4<D, T>,
