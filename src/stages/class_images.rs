@@ -289,7 +289,13 @@ impl ClassImagesParams {
                     .cloned()
                     .with_context(|| format!("class image record without {name}"))
             };
-            let stat = |name: &str| record.stats.get(name).and_then(|v| v.as_f64()).unwrap_or(0.0);
+            let stat = |name: &str| {
+                record
+                    .stats
+                    .get(name)
+                    .and_then(|v| v.as_f64())
+                    .unwrap_or(0.0)
+            };
             scaling_factor = stat("scaling_factor");
             latent_channels = stat("latent_channels") as usize;
             let name = format!("class-{i:04}");

@@ -16,7 +16,7 @@ pub use context::{Cancelled, StageContext, StageResult};
 pub use encode_latents::{EncodeLatentsParams, LatentItem, LatentsManifest};
 pub use preprocess::{PreprocessItem, PreprocessManifest, PreprocessParams};
 pub use sample_grid::{GridCell, GridManifest, SampleGridParams};
-pub use train::{LoraParams, Method, TrainMetrics, TrainParams};
+pub use train::{DreamboothParams, LoraParams, Method, TrainMetrics, TrainParams};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

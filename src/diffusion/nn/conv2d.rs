@@ -382,7 +382,11 @@ fn conv2d_host<D: Device<f32>, T: Tape<f32, D>>(
             let mut gcols = vec![0f32; if pointwise { 0 } else { k * band * wo }];
             let mut gw = vec![0f32; if train { c_out * k } else { 0 }];
             for bi in 0..b {
-                let xb = &xv[bi * c * hw..(bi + 1) * c * hw];
+                let xb = if train {
+                    &xv[bi * c * hw..(bi + 1) * c * hw]
+                } else {
+                    &[]
+                };
                 let gyb = &gy[bi * c_out * n..(bi + 1) * c_out * n];
                 let gxb = &mut gx[bi * c * hw..(bi + 1) * c * hw];
                 let mut oy0 = 0;

@@ -31,6 +31,9 @@ use crate::train::lora::{adapter_grads, apply_grads, extract, install, loss_and_
 use crate::train::lr::{A1111Schedule, LrSchedule};
 use crate::train::optim::{AdamW, AdamWConfig, clip_coefficient};
 
+mod dreambooth;
+pub use dreambooth::DreamboothParams;
+
 /// Implementation version (part of the key); bumped whenever the numbers change (v2: fused CPU kernels).
 pub const VERSION: u32 = 2;
 
@@ -42,6 +45,8 @@ pub enum Method {
     Lora,
     /// New token vectors for the text encoder (A1111 / diffusers embeddings).
     TextualInversion,
+    /// Full UNet fine-tuning with prior preservation; a single-file checkpoint.
+    Dreambooth,
 }
 
 /// `[stage.NAME] kind = "train"`.
@@ -93,6 +98,9 @@ pub struct TrainParams {
     /// `[stage.NAME.textual_inversion]`.
     #[serde(default)]
     pub textual_inversion: TextualInversionParams,
+    /// `[stage.NAME.dreambooth]`.
+    #[serde(default)]
+    pub dreambooth: DreamboothParams,
 }
 
 /// Textual-inversion settings.
@@ -311,6 +319,9 @@ impl TrainParams {
                 ));
             }
         }
+        if self.method == Method::Dreambooth {
+            self.validate_dreambooth()?;
+        }
         if self.lora.rank == 0 {
             return Err(ParamError::new(
                 "lora.rank",
@@ -342,10 +353,15 @@ impl TrainParams {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(map) = v.as_object_mut() {
             map.remove("checkpoint_every");
-            match self.method {
-                Method::Lora => map.remove("textual_inversion"),
-                Method::TextualInversion => map.remove("lora"),
-            };
+            for (section, method) in [
+                ("lora", Method::Lora),
+                ("textual_inversion", Method::TextualInversion),
+                ("dreambooth", Method::Dreambooth),
+            ] {
+                if self.method != method {
+                    map.remove(section);
+                }
+            }
             map.insert("seed".into(), settings.seed.into());
             map.insert(
                 "device".into(),
@@ -363,6 +379,7 @@ impl TrainParams {
         match self.method {
             Method::Lora => self.run_lora(ctx),
             Method::TextualInversion => self.run_textual_inversion(ctx),
+            Method::Dreambooth => self.run_dreambooth(ctx),
         }
     }
 
@@ -698,9 +715,18 @@ impl TrainParams {
             let mut loss_sum = 0.0f32;
             for micro in 0..self.gradient_accumulation {
                 let batch = self.draw_batch(items, scaling, seed, step, micro as u64, dev);
-                let (loss, grads) = method
-                    .grads(&batch)
-                    .with_context(|| format!("step {step}"))?;
+                let (loss, grads) = match method.grads(&batch) {
+                    Ok(found) => found,
+                    Err(e)
+                        if e.downcast_ref::<crate::train::lora::LoraTrainError>()
+                            .is_some_and(|e| {
+                                matches!(e, crate::train::lora::LoraTrainError::NonFinite(_))
+                            }) =>
+                    {
+                        (f32::NAN, BTreeMap::new())
+                    }
+                    Err(e) => return Err(e.context(format!("step {}", step + 1))),
+                };
                 loss_sum += loss;
                 for (name, g) in grads {
                     match summed.get_mut(&name) {
@@ -728,6 +754,15 @@ impl TrainParams {
                         .values_mut()
                         .for_each(|g| g.data.iter_mut().for_each(|v| *v *= coef));
                 }
+            }
+            if !loss_sum.is_finite() {
+                bail!(
+                    "the loss became {} at step {}: training diverged (lower `lr`, or set `max_grad_norm`); \
+                     the last good checkpoint is kept in {}",
+                    loss_sum / k,
+                    step + 1,
+                    ctx.scratch()?.join("checkpoints").display()
+                );
             }
             method.apply(&summed, lr)?;
             state.losses.push(loss_sum / k);
@@ -916,6 +951,8 @@ impl TrainParams {
             noise: dev.tensor_from_vec(noise, (b, c, h, w)),
             timesteps,
             picked,
+            step,
+            micro,
         }
     }
 }
@@ -926,6 +963,9 @@ struct Batch {
     noise: Tensor4<Cpu>,
     timesteps: Vec<usize>,
     picked: Vec<usize>,
+    /// The optimiser step and micro-batch it was drawn for.
+    step: u64,
+    micro: u64,
 }
 
 /// The text-encoder states of the picked items' captions, `[b, 77, d]`.

@@ -1,0 +1,438 @@
+//! `method = "dreambooth"`: every UNet parameter trains (the text encoder and the VAE stay
+//! frozen), with prior preservation when the stage also needs a `class_images` stage:
+//! `loss = mse(instance) + prior_loss_weight · mse(class)`, one class micro-batch drawn beside
+//! every instance micro-batch (diffusers' `train_dreambooth.py`). The result is a single-file
+//! checkpoint in the original layout (`model.safetensors`, f16 or f32) that A1111, ComfyUI and
+//! diffusers' `from_single_file` load.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use dfdx::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Batch, CheckpointState, Item, StepMethod, TrainParams, batch_context, checkpoint_dirs,
+    eval_loss, load_items, save_checkpoint_with, schedule,
+};
+use crate::diffusion::UNet;
+use crate::diffusion::nn::Tensor3;
+use crate::diffusion::params::{Layers, ParamMut, count_params, named_grads, set_trainable};
+use crate::diffusion::pipeline::TextToImage;
+use crate::diffusion::schedulers::Ddpm;
+use crate::formats::checkpoint::{ModelTensors, SaveDtype, write_single_file};
+use crate::formats::{HostTensor, read_safetensors, write_safetensors};
+use crate::stages::context::{StageContext, StageResult};
+use crate::stages::encode_latents::LatentsManifest;
+use crate::stages::model::open_checkpoint;
+use crate::train::lora::loss_and_grads;
+use crate::train::optim::{AdamW, AdamWConfig};
+
+/// DreamBooth settings (`[stage.NAME.dreambooth]`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DreamboothParams {
+    /// Weight of the class (prior-preservation) loss; used when the stage needs a
+    /// `class_images` stage (diffusers' `prior_loss_weight`, default 1.0).
+    #[serde(default = "default_prior_loss_weight")]
+    pub prior_loss_weight: f64,
+    /// Dtype of the saved checkpoint: `"f16"` (half the size, what shared checkpoints use) or
+    /// `"f32"`.
+    #[serde(default)]
+    pub save_dtype: SaveDtype,
+}
+
+impl Default for DreamboothParams {
+    fn default() -> Self {
+        DreamboothParams {
+            prior_loss_weight: default_prior_loss_weight(),
+            save_dtype: SaveDtype::default(),
+        }
+    }
+}
+
+fn default_prior_loss_weight() -> f64 {
+    1.0
+}
+
+/// Salt of the class batches' seeds (they must differ from the instance batches').
+const CLASS_SALT: u64 = 0xC1A5_5EED_0000_0001;
+
+impl TrainParams {
+    pub(super) fn validate_dreambooth(&self) -> Result<(), crate::stages::ParamError> {
+        let w = self.dreambooth.prior_loss_weight;
+        if !(w.is_finite() && w >= 0.0) {
+            return Err(crate::stages::ParamError::new(
+                "dreambooth.prior_loss_weight",
+                format!("prior_loss_weight {w} must be a non-negative number"),
+                "1.0 is diffusers' default; 0 turns prior preservation off",
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn run_dreambooth(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+        let settings = &ctx.pipeline.settings;
+        let (_, lat_record) = ctx.upstream_of_kind("encode_latents")?;
+        let manifest: LatentsManifest = ctx.read_json(lat_record, "manifest.json")?;
+        if manifest.items.is_empty() {
+            bail!("the encode_latents stage has no items: the dataset has no images");
+        }
+        let items = load_items(ctx, &manifest)?;
+        let prior_weight = self.dreambooth.prior_loss_weight as f32;
+        let class_items = match ctx.upstream_of_kind("class_images") {
+            Ok((_, record)) if prior_weight > 0.0 => {
+                let m: LatentsManifest = ctx.read_json(record, "manifest.json")?;
+                load_items(ctx, &m)?
+            }
+            _ => Vec::new(),
+        };
+        if class_items.is_empty() && prior_weight > 0.0 {
+            ctx.progress.message(&format!(
+                "{}: no class_images stage in `needs`: training without prior preservation",
+                ctx.instance.name
+            ));
+        }
+
+        let dev = Cpu::default();
+        let ckpt = open_checkpoint(settings)?;
+        let model_path = settings.base_model.clone().unwrap_or_default();
+        let t2i = TextToImage::load(&ckpt, settings.model_config.as_deref(), &dev)
+            .with_context(|| format!("loading {}", model_path.display()))?;
+        let mut contexts: HashMap<String, Tensor3<Cpu>> = HashMap::new();
+        for item in items.iter().chain(&class_items) {
+            if !contexts.contains_key(&item.caption) {
+                let ids = t2i.tokenizer.encode(&item.caption)?.input_ids;
+                let c = t2i.models.text_encoder.encode(&[ids], self.clip_skip)?;
+                contexts.insert(item.caption.clone(), c);
+            }
+        }
+        let ddpm = Ddpm::new(&t2i.scheduler_config)?;
+        let scaling = manifest.scaling_factor as f32;
+        let vae_config = t2i.models.vae.config.clone();
+        let mut unet = t2i.models.unet;
+        let trainable_params = count_params(&mut unet);
+
+        let scratch = ctx.scratch()?;
+        let seed = settings.seed;
+        let (optimizer, mut state) = match load_unet_checkpoint(&scratch, &mut unet, &dev, ctx)? {
+            Some(found) => found,
+            None => (
+                AdamW::new(
+                    &dev,
+                    AdamWConfig {
+                        weight_decay: self.weight_decay,
+                        ..AdamWConfig::default()
+                    },
+                ),
+                CheckpointState {
+                    step: 0,
+                    losses: Vec::new(),
+                    eval_loss_before: f32::NAN,
+                },
+            ),
+        };
+        let resumed_from = state.step;
+        if state.step == 0 {
+            state.eval_loss_before =
+                eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
+        } else {
+            ctx.progress.message(&format!(
+                "{}: resuming from the checkpoint at step {}",
+                ctx.instance.name, state.step
+            ));
+        }
+
+        set_trainable(&mut unet, true);
+        let sched = schedule(self).map_err(anyhow::Error::msg)?;
+        let mut optimizer = optimizer;
+        let mut steps = DreamboothSteps {
+            params: self,
+            unet: &mut unet,
+            ddpm: &ddpm,
+            items: &items,
+            class_items: &class_items,
+            contexts: &contexts,
+            optimizer: &mut optimizer,
+            scratch: &scratch,
+            scaling,
+            prior_weight,
+            seed,
+        };
+        let wall_s = self.drive(
+            ctx,
+            "dreambooth",
+            &mut state,
+            &items,
+            scaling,
+            seed,
+            &dev,
+            &sched,
+            &mut steps,
+        )?;
+        set_trainable(&mut unet, false);
+        let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
+
+        // The checkpoint: the trained UNet beside the base model's VAE and text encoder.
+        let mut tensors = ModelTensors::read(&ckpt)
+            .with_context(|| format!("reading {}", model_path.display()))?;
+        tensors.unet = crate::diffusion::params::named_tensors(&mut unet);
+        let recipe = serde_json::json!({
+            "method": "dreambooth",
+            "base_model": model_path.file_name().map(|n| n.to_string_lossy().into_owned()),
+            "base_model_hash": crate::sample::short_model_hash(&model_path).ok(),
+            "steps": self.steps,
+            "lr": self.lr,
+            "lr_scheduler": self.lr_scheduler,
+            "batch_size": self.batch_size,
+            "gradient_accumulation": self.gradient_accumulation,
+            "prior_loss_weight": prior_weight,
+            "instance_images": manifest.items.len(),
+            "class_images": class_items.len(),
+            "seed": seed,
+        });
+        let metadata = BTreeMap::from([
+            ("sdpipe_train_recipe".to_string(), recipe.to_string()),
+            ("format".to_string(), "pt".to_string()),
+        ]);
+        let out = scratch.join("model.safetensors");
+        write_single_file(
+            &out,
+            &tensors,
+            &unet.config,
+            &vae_config,
+            self.dreambooth.save_dtype,
+            &metadata,
+        )
+        .with_context(|| format!("writing {}", out.display()))?;
+        let blob = ctx.store.put_file(&out)?;
+
+        let metrics = self.metrics(
+            &state,
+            eval_after,
+            wall_s,
+            resumed_from,
+            blob.size,
+            trainable_params,
+        );
+        let mut result = self.result(ctx, &sched, &state, &metrics)?;
+        result.outputs.insert("model.safetensors".into(), blob);
+        result.summary = format!(
+            "dreambooth{}: {} steps, eval loss {:.4} → {:.4}, {:.2} steps/s, {} MiB checkpoint",
+            if class_items.is_empty() {
+                String::new()
+            } else {
+                format!(" (+{} class images)", class_items.len())
+            },
+            self.steps,
+            metrics.eval_loss_before,
+            metrics.eval_loss_after,
+            metrics.steps_per_s,
+            metrics.artifact_bytes / (1024 * 1024)
+        );
+        let _ = std::fs::remove_dir_all(scratch.join("checkpoints"));
+        let _ = std::fs::remove_file(&out);
+        Ok(result)
+    }
+}
+
+/// Full fine-tuning: every UNet layer trainable.
+struct DreamboothSteps<'a> {
+    params: &'a TrainParams,
+    unet: &'a mut UNet<Cpu>,
+    ddpm: &'a Ddpm,
+    items: &'a [Item],
+    class_items: &'a [Item],
+    contexts: &'a HashMap<String, Tensor3<Cpu>>,
+    optimizer: &'a mut AdamW<Cpu>,
+    scratch: &'a Path,
+    scaling: f32,
+    prior_weight: f32,
+    /// The pipeline seed (class batches use it with a salt).
+    seed: u64,
+}
+
+impl DreamboothSteps<'_> {
+    fn batch_grads(
+        &mut self,
+        items: &[Item],
+        batch: &Batch,
+    ) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+        let context = batch_context(items, self.contexts, &batch.picked)?;
+        let (loss, grads) = loss_and_grads(
+            self.unet,
+            self.ddpm,
+            &batch.latents,
+            &batch.noise,
+            &batch.timesteps,
+            &context,
+        )?;
+        Ok((loss, named_grads(self.unet, &grads)))
+    }
+}
+
+impl StepMethod for DreamboothSteps<'_> {
+    fn grads(&mut self, batch: &Batch) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+        let (mut loss, mut grads) = self.batch_grads(self.items, batch)?;
+        if !self.class_items.is_empty() {
+            let dev = batch.latents.device().clone();
+            let class_batch = self.params.draw_batch(
+                self.class_items,
+                self.scaling,
+                self.seed ^ CLASS_SALT,
+                batch.step,
+                batch.micro,
+                &dev,
+            );
+            let (class_loss, class_grads) = self.batch_grads(self.class_items, &class_batch)?;
+            loss += self.prior_weight * class_loss;
+            for (name, g) in class_grads {
+                if let Some(acc) = grads.get_mut(&name) {
+                    for (a, b) in acc.data.iter_mut().zip(&g.data) {
+                        *a += self.prior_weight * b;
+                    }
+                }
+            }
+        }
+        Ok((loss, grads))
+    }
+
+    fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
+        update_all(self.unet, grads, self.optimizer, lr)
+    }
+
+    fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()> {
+        let weights = crate::diffusion::params::named_tensors(self.unet);
+        save_checkpoint_with(self.scratch, state, |dir| {
+            write_safetensors(&dir.join("unet.safetensors"), &weights, None)?;
+            self.optimizer.save(&dir.join("optimizer.safetensors"))?;
+            Ok(())
+        })
+    }
+}
+
+/// One AdamW update of every UNet parameter with `grads` (by full name).
+fn update_all(
+    unet: &mut UNet<Cpu>,
+    grads: &BTreeMap<String, HostTensor>,
+    optimizer: &mut AdamW<Cpu>,
+    lr: f64,
+) -> anyhow::Result<()> {
+    let mut result = Ok(());
+    unet.visit_layers("", &mut |name, mut layer| {
+        if result.is_err() {
+            return;
+        }
+        result = layer.try_for_each_param(|suffix, param| {
+            let key = format!("{name}.{suffix}");
+            let grad = grads
+                .get(&key)
+                .with_context(|| format!("no gradient for `{key}`"))?;
+            let dev = Cpu::default();
+            let shape_err = || anyhow::anyhow!("gradient of `{key}` has shape {:?}", grad.shape);
+            match param {
+                ParamMut::T1(t) => {
+                    let g = grad
+                        .to_tensor::<(usize,), Cpu>(&dev)
+                        .ok_or_else(shape_err)?;
+                    optimizer.update(&key, t, &g, lr)?;
+                }
+                ParamMut::T2(t) => {
+                    let g = grad
+                        .to_tensor::<(usize, usize), Cpu>(&dev)
+                        .ok_or_else(shape_err)?;
+                    optimizer.update(&key, t, &g, lr)?;
+                }
+                ParamMut::T4(t) => {
+                    let g = grad
+                        .to_tensor::<(usize, usize, usize, usize), Cpu>(&dev)
+                        .ok_or_else(shape_err)?;
+                    optimizer.update(&key, t, &g, lr)?;
+                }
+            }
+            Ok(())
+        });
+    });
+    result
+}
+
+/// Replaces every UNet parameter by the tensor of the same name in `weights`.
+fn load_weights(
+    unet: &mut UNet<Cpu>,
+    weights: &BTreeMap<String, HostTensor>,
+) -> anyhow::Result<()> {
+    let dev = Cpu::default();
+    let mut result = Ok(());
+    unet.visit_layers("", &mut |name, mut layer| {
+        if result.is_err() {
+            return;
+        }
+        result = layer.try_for_each_param(|suffix, param| {
+            let key = format!("{name}.{suffix}");
+            let w = weights
+                .get(&key)
+                .with_context(|| format!("the checkpoint has no tensor `{key}`"))?;
+            let bad = || anyhow::anyhow!("tensor `{key}` has shape {:?}", w.shape);
+            match param {
+                ParamMut::T1(t) => {
+                    let n = w.to_tensor::<(usize,), Cpu>(&dev).ok_or_else(bad)?;
+                    if n.shape() != t.shape() {
+                        return Err(bad());
+                    }
+                    *t = n;
+                }
+                ParamMut::T2(t) => {
+                    let n = w.to_tensor::<(usize, usize), Cpu>(&dev).ok_or_else(bad)?;
+                    if n.shape() != t.shape() {
+                        return Err(bad());
+                    }
+                    *t = n;
+                }
+                ParamMut::T4(t) => {
+                    let n = w
+                        .to_tensor::<(usize, usize, usize, usize), Cpu>(&dev)
+                        .ok_or_else(bad)?;
+                    if n.shape() != t.shape() {
+                        return Err(bad());
+                    }
+                    *t = n;
+                }
+            }
+            Ok(())
+        });
+    });
+    result
+}
+
+/// The newest readable full-UNet checkpoint, loaded into `unet`; an unreadable one is
+/// reported and skipped (the UNet is only touched by a checkpoint that reads completely).
+fn load_unet_checkpoint(
+    scratch: &Path,
+    unet: &mut UNet<Cpu>,
+    dev: &Cpu,
+    ctx: &StageContext<'_>,
+) -> anyhow::Result<Option<(AdamW<Cpu>, CheckpointState)>> {
+    for dir in checkpoint_dirs(scratch).into_iter().rev() {
+        let attempt = (|| -> anyhow::Result<(UNet<Cpu>, AdamW<Cpu>, CheckpointState)> {
+            let state: CheckpointState =
+                serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+            let file = read_safetensors(&dir.join("unet.safetensors"))?;
+            let mut candidate = unet.clone();
+            load_weights(&mut candidate, &file.tensors)?;
+            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+            Ok((candidate, optimizer, state))
+        })();
+        match attempt {
+            Ok((loaded, optimizer, state)) => {
+                *unet = loaded;
+                return Ok(Some((optimizer, state)));
+            }
+            Err(e) => ctx.progress.message(&format!(
+                "warning: checkpoint {} is unreadable ({e:#}); trying the previous one",
+                dir.display()
+            )),
+        }
+    }
+    Ok(None)
+}

@@ -1,0 +1,213 @@
+//! The `train` stage with `method = "dreambooth"` (full UNet fine-tuning) and the
+//! `class_images` stage (prior preservation) on the tiny fixture model: it lowers the loss,
+//! writes a single-file checkpoint that opens as a model and changes the sampled image, reruns
+//! bit-identically and resumes after a kill to the same bytes; class images are cached one by
+//! one.
+
+mod common;
+
+use common::{Project, wait_for};
+
+fn pipeline(class_count: usize, extra_train: &str) -> String {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    format!(
+        r#"
+[pipeline]
+name = "t"
+seed = 5
+base_model = "{fixtures}/tiny-sd"
+
+[stage.caption]
+kind = "caption"
+images = "images"
+template = "a photo of {{token}} shape"
+token = "zorb"
+
+[stage.preprocess]
+kind = "preprocess"
+needs = ["caption"]
+resolution = 16
+
+[stage.latents]
+kind = "encode_latents"
+needs = ["preprocess"]
+
+[stage.class]
+kind = "class_images"
+prompt = "a photo of a shape"
+count = {class_count}
+steps = 3
+width = 16
+height = 16
+
+[stage.train]
+kind = "train"
+needs = ["latents", "class"]
+method = "dreambooth"
+steps = 12
+lr = 2e-4
+checkpoint_every = 4
+{extra_train}
+[stage.train.dreambooth]
+prior_loss_weight = 0.5
+save_dtype = "f32"
+"#
+    )
+}
+
+fn scratch_has_checkpoint(p: &Project) -> bool {
+    std::fs::read_dir(p.path(".sdpipe/cache-v1/scratch"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|d| {
+            std::fs::read_dir(d.path().join("checkpoints"))
+                .map(|c| {
+                    c.flatten()
+                        .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
+                })
+                .unwrap_or(false)
+        })
+}
+
+#[test]
+fn dreambooth_learns_writes_a_loadable_checkpoint_and_resumes_identically() {
+    let p = Project::new(&pipeline(3, ""));
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let stats = p.stats("train");
+    let (before, after) = (
+        stats["eval_loss_before"].as_f64().unwrap(),
+        stats["eval_loss_after"].as_f64().unwrap(),
+    );
+    assert!(
+        after < before,
+        "training did not lower the evaluation loss: {before} → {after}"
+    );
+
+    // Class images: 3 PNGs and a manifest of latents, the class prompt as caption.
+    let class: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.path("outputs/t/class/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(class["items"].as_array().unwrap().len(), 3);
+    assert_eq!(class["items"][0]["caption"], "a photo of a shape");
+    assert!(p.path("outputs/t/class/images/class-0002.png").exists());
+
+    // The checkpoint opens as an original-layout model with every UNet tensor trained and the
+    // VAE and text encoder as in the base.
+    let model = p.path("outputs/t/train/model.safetensors");
+    let file = sdpipe::formats::read_safetensors(&model).unwrap();
+    assert!(file.metadata["sdpipe_train_recipe"].contains("\"dreambooth\""));
+    let base = sdpipe::diffusion::Checkpoint::open(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/tiny-sd"
+    ))
+    .unwrap();
+    let tuned = sdpipe::diffusion::Checkpoint::open(&model)
+        .unwrap()
+        .with_configs_from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/tiny-sd"
+        ))
+        .unwrap();
+    let (b, t) = (base.unet_weights(), tuned.unet_weights());
+    assert_eq!(b.len(), t.len());
+    let mut changed = 0;
+    for name in b.names() {
+        let (bv, _) = b.read(name).unwrap();
+        let (tv, _) = t.read(name).unwrap();
+        changed += usize::from(bv != tv);
+    }
+    assert!(
+        changed * 10 >= b.len() * 9,
+        "only {changed} of {} UNet tensors changed",
+        b.len()
+    );
+    for name in base.vae_weights().names() {
+        assert_eq!(
+            base.vae_weights().read(name).unwrap().0,
+            tuned.vae_weights().read(name).unwrap().0,
+            "VAE tensor {name} changed"
+        );
+    }
+    assert_eq!(stats["trainable_params"], {
+        let n: usize = b
+            .names()
+            .map(|n| b.shape(n).unwrap().iter().product::<usize>())
+            .sum();
+        n
+    });
+
+    // `sdpipe sample --model` on the checkpoint differs from the base model.
+    let sample = |model: &str, out: &str| {
+        let r = p.sdpipe(&[
+            "sample",
+            "--model",
+            model,
+            "--config",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd"),
+            "--prompt",
+            "a photo of zorb shape",
+            "--steps",
+            "3",
+            "--sampler",
+            "ddim",
+            "--seed",
+            "1",
+            "--width",
+            "16",
+            "--height",
+            "16",
+            "--out",
+            out,
+        ]);
+        assert_eq!(r.code, 0, "{}", r.stderr);
+        image::open(p.path(out)).unwrap().to_rgb8()
+    };
+    let tuned_img = sample(model.to_str().unwrap(), "tuned.png");
+    let base_img = sample(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd"),
+        "base.png",
+    );
+    assert_ne!(tuned_img.as_raw(), base_img.as_raw());
+
+    let uninterrupted = std::fs::read(&model).unwrap();
+
+    // More class images: only the new one is sampled.
+    p.write_pipeline(&pipeline(4, ""));
+    let more = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(more.code, 0, "{}", more.stderr);
+    assert_eq!(p.stats("class")["images_computed"], 1);
+
+    // Killed after a checkpoint, then resumed: the same bytes as the uninterrupted run.
+    let r = Project::new(&pipeline(3, ""));
+    let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "150")]);
+    wait_for("a training checkpoint", || scratch_has_checkpoint(&r));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let resumed = r.sdpipe(&["run", "p.toml"]);
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    assert!(r.stats("train")["resumed_from"].as_u64().unwrap() > 0);
+    assert!(
+        uninterrupted == std::fs::read(r.path("outputs/t/train/model.safetensors")).unwrap(),
+        "the resumed run ends with other weights than the uninterrupted one"
+    );
+}
+
+#[test]
+fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() {
+    // A sane rate up to step 5 (a checkpoint at step 4), then an absurd one.
+    let text = pipeline(1, "max_grad_norm = 0\nlr_scheduler = \"1e-4:5, 1e12\"\n");
+    let p = Project::new(&text);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    let all = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        all.contains("diverged") && all.contains("last good checkpoint"),
+        "no divergence message: {all}"
+    );
+    assert!(
+        scratch_has_checkpoint(&p),
+        "the last good checkpoint is gone"
+    );
+}
