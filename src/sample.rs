@@ -384,6 +384,13 @@ fn execute(args: &SampleArgs, quiet: bool) -> Result<Vec<PathBuf>, Failure> {
         let (network, _) = crate::formats::lora::read_lora(path, None)
             .map_err(|e| usage(format!("--lora {}: {e}", path.display())))?;
         crate::train::lora::merge_into_unet(&mut pipe.models.unet, &network, *weight)
+            .and_then(|()| {
+                crate::train::lora::merge_into_unet(
+                    &mut pipe.models.text_encoder,
+                    &network,
+                    *weight,
+                )
+            })
             .map_err(|e| usage(format!("--lora {}: {e}", path.display())))?;
         let name = path
             .file_stem()

@@ -223,7 +223,7 @@ fn an_unmatched_lora_target_lists_the_modules() {
     assert_eq!(run.code, 1);
     assert!(
         run.stdout
-            .contains("LoRA target `to_x` matches no module; available: attn1.to_k"),
+            .contains("LoRA target `to_x` matches no UNet module; available: attn1.to_k"),
         "{}",
         run.stdout
     );
@@ -236,4 +236,59 @@ fn an_unmatched_lora_target_lists_the_modules() {
         "{}",
         run.stderr
     );
+}
+
+#[test]
+fn text_encoder_lora_with_dropout_learns_and_writes_lora_te_modules() {
+    let extra = "[stage.train.lora]\nrank = 4\nalpha = 2\ndropout = 0.1\ntext_encoder = true\ntext_encoder_lr = 5e-4\n";
+    let text = pipeline("").replace("[stage.train.lora]\nrank = 4\nalpha = 2\n", extra);
+    assert!(text.contains("text_encoder = true"));
+    let p = Project::new(&text);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let stats = p.stats("train");
+    assert!(
+        stats["eval_loss_after"].as_f64().unwrap() < stats["eval_loss_before"].as_f64().unwrap(),
+        "{stats}"
+    );
+    let lora = p.path("outputs/t/train/lora.safetensors");
+    let (network, _) = sdpipe::formats::lora::read_lora(&lora, None).unwrap();
+    assert_eq!(network.unet.len(), 32);
+    // 2 layers × q, k, v, out in the tiny text encoder
+    assert_eq!(
+        network.text_encoder.len(),
+        8,
+        "{:?}",
+        network.text_encoder.keys()
+    );
+    let trained_up = network
+        .text_encoder
+        .values()
+        .any(|m| m.up.data.iter().any(|v| *v != 0.0));
+    assert!(trained_up, "the text-encoder adapters did not train");
+    let file = sdpipe::formats::read_safetensors(&lora).unwrap();
+    assert!(
+        file.tensors
+            .contains_key("lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight")
+    );
+    assert_eq!(
+        file.metadata.get("ss_text_encoder_lr").map(String::as_str),
+        Some("0.0005")
+    );
+    // Dropout masks come from the step seeds: a rerun is bit-identical.
+    let q = Project::new(&text);
+    assert_eq!(q.sdpipe(&["run", "p.toml"]).code, 0);
+    assert!(
+        std::fs::read(&lora).unwrap()
+            == std::fs::read(q.path("outputs/t/train/lora.safetensors")).unwrap()
+    );
+    // An unknown text-encoder target names the modules that exist.
+    let bad = Project::new(&text.replace(
+        "text_encoder = true",
+        "text_encoder = true\ntext_encoder_targets = [\"nope\"]",
+    ));
+    let run = bad.sdpipe(&["run", "p.toml"]);
+    assert_ne!(run.code, 0);
+    let all = format!("{}{}", run.stdout, run.stderr);
+    assert!(all.contains("`nope`") && all.contains("q_proj"), "{all}");
 }

@@ -165,7 +165,8 @@ impl LoraNetwork {
         }
     }
 
-    fn modules_mut(&mut self, component: LoraComponent) -> &mut BTreeMap<String, LoraModule> {
+    /// The modules of one component, mutably.
+    pub fn modules_mut(&mut self, component: LoraComponent) -> &mut BTreeMap<String, LoraModule> {
         match component {
             LoraComponent::Unet => &mut self.unet,
             LoraComponent::TextEncoder => &mut self.text_encoder,

@@ -1,5 +1,7 @@
-//! LoRA on the UNet's attention projections: installing adapters from a [`LoraNetwork`],
-//! one training step of the epsilon objective, and reading the trained adapters back.
+//! LoRA on the UNet's attention projections and the text encoder's linear layers: installing
+//! adapters from a [`LoraNetwork`], one training step of the epsilon objective, and reading
+//! the trained adapters back. Every function works on any [`LoraTarget`] (the UNet or the text
+//! encoder), on that model's part of the network.
 
 use std::collections::BTreeMap;
 
@@ -7,20 +9,60 @@ use dfdx::prelude::*;
 use thiserror::Error;
 
 use super::optim::{AdamW, OptimError};
-use crate::diffusion::UNet;
-use crate::diffusion::nn::{LoraAdapter, Tensor3, Tensor4};
+use crate::diffusion::nn::{Linear, LoraAdapter, Tensor3, Tensor4};
 use crate::diffusion::schedulers::Ddpm;
+use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::HostTensor;
-use crate::formats::lora::{LoraModule, LoraNetwork};
+use crate::formats::lora::{LoraComponent, LoraModule, LoraNetwork};
+
+/// A model whose linear layers LoRA can adapt, walked by module path.
+pub trait LoraTarget<D: Device<f32>> {
+    /// The part of a LoRA network that belongs to this model.
+    const COMPONENT: LoraComponent;
+    /// What the model is called in messages.
+    const NAME: &'static str;
+    /// Calls `f` with the module path and the layer of every adaptable linear layer.
+    fn for_each_lora_linear_mut(&mut self, f: &mut dyn FnMut(&str, &mut Linear<D>));
+}
+
+impl<D: Device<f32>> LoraTarget<D> for UNet<D> {
+    const COMPONENT: LoraComponent = LoraComponent::Unet;
+    const NAME: &'static str = "UNet";
+    /// The attention projections (`…attn1.to_q`, `to_k`, `to_v`, `to_out.0`, then `attn2`).
+    fn for_each_lora_linear_mut(&mut self, f: &mut dyn FnMut(&str, &mut Linear<D>)) {
+        self.for_each_attention_linear_mut(|name, linear| f(name, linear));
+    }
+}
+
+impl<D: Device<f32>> LoraTarget<D> for TextEncoder<D> {
+    const COMPONENT: LoraComponent = LoraComponent::TextEncoder;
+    const NAME: &'static str = "text encoder";
+    /// Per layer `text_model.encoder.layers.N.self_attn.{q,k,v,out}_proj`, then `.mlp.fc1`,
+    /// `.mlp.fc2` (kohya's text-encoder targets: CLIPAttention and CLIPMLP).
+    fn for_each_lora_linear_mut(&mut self, f: &mut dyn FnMut(&str, &mut Linear<D>)) {
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let base = format!("text_model.encoder.layers.{i}");
+            let a = &mut layer.self_attn;
+            f(&format!("{base}.self_attn.q_proj"), &mut a.q_proj);
+            f(&format!("{base}.self_attn.k_proj"), &mut a.k_proj);
+            f(&format!("{base}.self_attn.v_proj"), &mut a.v_proj);
+            f(&format!("{base}.self_attn.out_proj"), &mut a.out_proj);
+            f(&format!("{base}.mlp.fc1"), &mut layer.fc1);
+            f(&format!("{base}.mlp.fc2"), &mut layer.fc2);
+        }
+    }
+}
 
 /// What can go wrong installing or training LoRA adapters.
 #[derive(Debug, Error)]
 pub enum LoraTrainError {
-    /// A module of the network is not an attention projection of this UNet.
+    /// A module of the network is not an adaptable layer of the model.
     #[error(
-        "LoRA target `{name}` is not an attention projection of this UNet; available: {available}"
+        "LoRA target `{name}` is not an adaptable layer of this {model}; available: {available}"
     )]
     UnknownTarget {
+        /// The model (`UNet`, `text encoder`).
+        model: &'static str,
         /// The module path.
         name: String,
         /// The module paths that exist (abridged).
@@ -48,34 +90,38 @@ pub enum LoraTrainError {
     NonFinite(f32),
 }
 
-/// The error for a module `name` that is not an attention projection of `unet`.
-fn unknown_target<D: Device<f32>>(unet: &mut UNet<D>, name: &str) -> LoraTrainError {
-    let available = attention_targets(unet);
+/// The error for a module `name` that is not an adaptable layer of `model`.
+fn unknown_target<D: Device<f32>, M: LoraTarget<D>>(model: &mut M, name: &str) -> LoraTrainError {
+    let available = attention_targets(model);
     let shown: Vec<&str> = available.iter().take(8).map(String::as_str).collect();
     LoraTrainError::UnknownTarget {
+        model: M::NAME,
         name: name.to_string(),
         available: format!("{} … ({} modules)", shown.join(", "), available.len()),
     }
 }
 
-/// Module paths of every attention projection (the default LoRA targets).
-pub fn attention_targets<D: Device<f32>>(unet: &mut UNet<D>) -> Vec<String> {
+/// Module paths of every adaptable layer of `model` (the UNet's attention projections, the
+/// text encoder's attention and MLP layers).
+pub fn attention_targets<D: Device<f32>, M: LoraTarget<D>>(model: &mut M) -> Vec<String> {
     let mut names = Vec::new();
-    unet.for_each_attention_linear_mut(|name, _| names.push(name.to_string()));
+    model.for_each_lora_linear_mut(&mut |name, _| names.push(name.to_string()));
     names
 }
 
-/// Installs the UNet modules of `network` as adapters (replacing any), scaled by
-/// `multiplier · alpha / r`. Every module must name an attention projection of `unet`.
-pub fn install<D: Device<f32>>(
-    unet: &mut UNet<D>,
+/// Installs `model`'s part of `network` (its UNet or text-encoder modules) as adapters
+/// (replacing any), scaled by `multiplier · alpha / r`. Every module must name an adaptable
+/// layer of `model`.
+pub fn install<D: Device<f32>, M: LoraTarget<D>>(
+    model: &mut M,
     network: &LoraNetwork,
     multiplier: f32,
     dev: &D,
 ) -> Result<(), LoraTrainError> {
-    let mut remaining: BTreeMap<&String, &LoraModule> = network.unet.iter().collect();
+    let mut remaining: BTreeMap<&String, &LoraModule> =
+        network.modules(M::COMPONENT).iter().collect();
     let mut error = None;
-    unet.for_each_attention_linear_mut(|name, linear| {
+    model.for_each_lora_linear_mut(&mut |name, linear| {
         let Some(module) = remaining.remove(&name.to_string()) else {
             return;
         };
@@ -92,6 +138,8 @@ pub fn install<D: Device<f32>>(
                     down,
                     up,
                     scale: multiplier * module.scale(),
+                    dropout: 0.0,
+                    dropout_seed: 0,
                 });
             }
             _ => {
@@ -109,22 +157,23 @@ pub fn install<D: Device<f32>>(
         return Err(e);
     }
     match remaining.into_keys().next() {
-        Some(name) => Err(unknown_target(unet, name)),
+        Some(name) => Err(unknown_target(model, name)),
         None => Ok(()),
     }
 }
 
-/// Adds `multiplier · alpha/r · up·down` of every UNet module of `network` to the layer's
-/// weight (A1111's `<lora:name:multiplier>`, diffusers' `fuse_lora`): inference then costs
-/// nothing extra, and several networks simply add up.
-pub fn merge_into_unet<D: Device<f32>>(
-    unet: &mut UNet<D>,
+/// Adds `multiplier · alpha/r · up·down` of every module of `model`'s part of `network` to the
+/// layer's weight (A1111's `<lora:name:multiplier>`, diffusers' `fuse_lora`): inference then
+/// costs nothing extra, and several networks simply add up.
+pub fn merge_into_unet<D: Device<f32>, M: LoraTarget<D>>(
+    model: &mut M,
     network: &LoraNetwork,
     multiplier: f32,
 ) -> Result<(), LoraTrainError> {
-    let mut remaining: BTreeMap<&String, &LoraModule> = network.unet.iter().collect();
+    let mut remaining: BTreeMap<&String, &LoraModule> =
+        network.modules(M::COMPONENT).iter().collect();
     let mut error = None;
-    unet.for_each_attention_linear_mut(|name, linear| {
+    model.for_each_lora_linear_mut(&mut |name, linear| {
         let Some(module) = remaining.remove(&name.to_string()) else {
             return;
         };
@@ -148,23 +197,36 @@ pub fn merge_into_unet<D: Device<f32>>(
         return Err(e);
     }
     match remaining.into_keys().next() {
-        Some(name) => Err(unknown_target(unet, name)),
+        Some(name) => Err(unknown_target(model, name)),
         None => Ok(()),
     }
 }
 
 /// Removes every adapter.
-pub fn uninstall<D: Device<f32>>(unet: &mut UNet<D>) {
-    unet.for_each_attention_linear_mut(|_, linear| linear.lora = None);
+pub fn uninstall<D: Device<f32>, M: LoraTarget<D>>(model: &mut M) {
+    model.for_each_lora_linear_mut(&mut |_, linear| linear.lora = None);
 }
 
-/// The installed adapters as a network (alpha recovered from the scale and the rank, with
-/// `multiplier` = 1).
-pub fn extract<D: Device<f32>>(unet: &mut UNet<D>, alpha: f32) -> LoraNetwork {
+/// Sets the dropout of every installed adapter: probability `p` on the adapter's input
+/// (PEFT's `lora_dropout`), the mask of each module drawn from `seed` and its path (so a
+/// micro-batch's masks are reproducible). Dropout only acts under a tape (training).
+pub fn set_dropout<D: Device<f32>, M: LoraTarget<D>>(model: &mut M, p: f32, seed: u64) {
+    model.for_each_lora_linear_mut(&mut |name, linear| {
+        if let Some(l) = &mut linear.lora {
+            let h = blake3::hash(name.as_bytes());
+            let salt = u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default());
+            l.dropout = p;
+            l.dropout_seed = seed ^ salt;
+        }
+    });
+}
+
+/// The installed adapters as `model`'s part of a network (alpha given, `multiplier` = 1).
+pub fn extract<D: Device<f32>, M: LoraTarget<D>>(model: &mut M, alpha: f32) -> LoraNetwork {
     let mut network = LoraNetwork::default();
-    unet.for_each_attention_linear_mut(|name, linear| {
+    model.for_each_lora_linear_mut(&mut |name, linear| {
         if let Some(l) = &linear.lora {
-            network.unet.insert(
+            network.modules_mut(M::COMPONENT).insert(
                 name.to_string(),
                 LoraModule {
                     down: HostTensor::from_tensor(&l.down),
@@ -200,14 +262,14 @@ pub fn train_step<D: Device<f32>>(
 
 /// One AdamW update of every adapter with `grads` (by PEFT parameter name, as
 /// [`adapter_grads`] gives them; summed or clipped by the caller as needed).
-pub fn apply_grads<D: Device<f32>>(
-    unet: &mut UNet<D>,
+pub fn apply_grads<D: Device<f32>, M: LoraTarget<D>>(
+    model: &mut M,
     grads: &BTreeMap<String, HostTensor>,
     optimizer: &mut AdamW<D>,
     lr: f64,
 ) -> Result<(), LoraTrainError> {
     let mut error = None;
-    unet.for_each_attention_linear_mut(|name, linear| {
+    model.for_each_lora_linear_mut(&mut |name, linear| {
         if error.is_some() {
             return;
         }
@@ -237,6 +299,27 @@ pub fn apply_grads<D: Device<f32>>(
     }
 }
 
+/// [`loss_and_grads`] with a context that carries its own tape (text-encoder adapters that
+/// train): the gradients reach whatever produced `context`.
+pub fn loss_and_grads_taped<D: Device<f32>>(
+    unet: &UNet<D>,
+    ddpm: &Ddpm,
+    latents: &Tensor4<D>,
+    noise: &Tensor4<D>,
+    timesteps: &[usize],
+    context: Tensor3<D, OwnedTape<f32, D>>,
+) -> Result<(f32, Gradients<f32, D>), LoraTrainError> {
+    let noisy = ddpm.add_noise(latents, noise, timesteps)?;
+    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+    let pred = unet.forward(noisy.retaped(), &t, context)?;
+    let loss = mse_loss(pred, noise.clone());
+    let value = loss.as_vec().first().copied().unwrap_or(f32::NAN);
+    if !value.is_finite() {
+        return Err(LoraTrainError::NonFinite(value));
+    }
+    Ok((value, loss.backward()))
+}
+
 /// The loss and the gradients of one batch (no update).
 pub fn loss_and_grads<D: Device<f32>>(
     unet: &UNet<D>,
@@ -258,12 +341,12 @@ pub fn loss_and_grads<D: Device<f32>>(
 }
 
 /// The gradients of every adapter, by PEFT parameter name.
-pub fn adapter_grads<D: Device<f32>>(
-    unet: &mut UNet<D>,
+pub fn adapter_grads<D: Device<f32>, M: LoraTarget<D>>(
+    model: &mut M,
     grads: &Gradients<f32, D>,
 ) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
-    unet.for_each_attention_linear_mut(|name, linear| {
+    model.for_each_lora_linear_mut(&mut |name, linear| {
         if let Some(l) = &linear.lora {
             out.insert(
                 format!("{name}.lora_A.weight"),

@@ -34,6 +34,10 @@ pub struct LoraAdapter<D: Storage<f32>> {
     pub up: Tensor2<D>,
     /// `multiplier · alpha / r`.
     pub scale: f32,
+    /// Dropout probability on the adapter's input (PEFT's `lora_dropout`); only under a tape.
+    pub dropout: f32,
+    /// Seed of the dropout mask (set per micro-batch by the trainer, so masks reproduce).
+    pub dropout_seed: u64,
 }
 
 impl<D: Device<f32>> Linear<D> {
@@ -96,6 +100,15 @@ impl<D: Device<f32>> Linear<D> {
         // The LoRA branch runs on dfdx ops, so its tensors get gradients.
         match (&self.lora, lora_input) {
             (Some(lora), Some(x)) => {
+                let x = if lora.dropout > 0.0 && T::OWNS_TAPE {
+                    // inverted dropout: kept inputs scaled by 1 / (1 - p)
+                    let (rows, cols) = *x.shape();
+                    let mask = dropout_mask(rows * cols, lora.dropout, lora.dropout_seed);
+                    let dev = x.device().clone();
+                    x * dev.tensor_from_vec(mask, (rows, cols))
+                } else {
+                    x
+                };
                 // [m, in] x [in, r] -> [m, r]; x [r, out] -> [m, out]
                 let down = lora.down.retaped::<T>().permute::<_, Axes2<1, 0>>();
                 let up = lora.up.retaped::<T>().permute::<_, Axes2<1, 0>>();
@@ -111,6 +124,17 @@ impl<D: Device<f32>> Linear<D> {
         let y = self.forward2(x.reshape_like(&(b * n, i)));
         y.reshape_like(&(b, n, self.out_features()))
     }
+}
+
+/// `n` mask values: 0 with probability `p`, else `1 / (1 - p)`, from a generator seeded by
+/// `seed`.
+fn dropout_mask(n: usize, p: f32, seed: u64) -> Vec<f32> {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let keep = 1.0 / (1.0 - p);
+    (0..n)
+        .map(|_| if rng.random::<f32>() < p { 0.0 } else { keep })
+        .collect()
 }
 
 #[cfg(test)]

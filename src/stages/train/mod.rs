@@ -17,17 +17,22 @@ use super::ParamError;
 use super::context::{StageContext, StageResult};
 use super::encode_latents::{LatentsManifest, read_f32};
 use super::model::{Component, open_checkpoint};
-use crate::diffusion::UNet;
 use crate::diffusion::nn::{Tensor2, Tensor3, Tensor4};
 use crate::diffusion::pipeline::TextToImage;
 use crate::diffusion::schedulers::{Ddpm, SeededNoise};
+use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::HostTensor;
 use crate::formats::embedding::{
     Embedding, read_embedding, write_a1111_safetensors, write_diffusers,
 };
-use crate::formats::lora::{KohyaMetadata, LoraModule, LoraNetwork, read_lora, write_kohya};
+use crate::formats::lora::{
+    KohyaMetadata, LoraComponent, LoraModule, LoraNetwork, read_lora, write_kohya,
+};
 use crate::pipeline::PipelineSettings;
-use crate::train::lora::{adapter_grads, apply_grads, extract, install, loss_and_grads};
+use crate::train::lora::{
+    LoraTarget, adapter_grads, apply_grads, extract, install, loss_and_grads, loss_and_grads_taped,
+    set_dropout,
+};
 use crate::train::lr::{A1111Schedule, LrSchedule};
 use crate::train::optim::{AdamW, AdamWConfig, clip_coefficient};
 
@@ -146,6 +151,19 @@ pub struct LoraParams {
     /// Module-name suffixes to adapt (the UNet's attention projections by default).
     #[serde(default = "default_targets")]
     pub targets: Vec<String>,
+    /// Dropout probability on each adapter's input during training (PEFT's `lora_dropout`).
+    #[serde(default)]
+    pub dropout: f32,
+    /// Also adapt the text encoder (kohya's default; `lora_te_…` modules).
+    #[serde(default)]
+    pub text_encoder: bool,
+    /// Text-encoder module suffixes to adapt (`q_proj`, `k_proj`, `v_proj`, `out_proj`,
+    /// `mlp.fc1`, `mlp.fc2`).
+    #[serde(default = "default_te_targets")]
+    pub text_encoder_targets: Vec<String>,
+    /// Learning rate of the text-encoder adapters (kohya's `text_encoder_lr`); default `lr`.
+    #[serde(default)]
+    pub text_encoder_lr: Option<f64>,
 }
 
 impl Default for LoraParams {
@@ -154,8 +172,18 @@ impl Default for LoraParams {
             rank: default_rank(),
             alpha: None,
             targets: default_targets(),
+            dropout: 0.0,
+            text_encoder: false,
+            text_encoder_targets: default_te_targets(),
+            text_encoder_lr: None,
         }
     }
+}
+
+fn default_te_targets() -> Vec<String> {
+    ["q_proj", "k_proj", "v_proj", "out_proj"]
+        .map(String::from)
+        .to_vec()
 }
 
 fn default_steps() -> u64 {
@@ -329,6 +357,29 @@ impl TrainParams {
                 "4 to 128 are common",
             ));
         }
+        if !(0.0..1.0).contains(&self.lora.dropout) {
+            return Err(ParamError::new(
+                "lora.dropout",
+                format!("dropout {} is outside [0, 1)", self.lora.dropout),
+                "0.1 is a common value; 0 turns it off",
+            ));
+        }
+        if self.lora.text_encoder && self.lora.text_encoder_targets.is_empty() {
+            return Err(ParamError::new(
+                "lora.text_encoder_targets",
+                "lora.text_encoder_targets is empty",
+                "the default is [\"q_proj\", \"k_proj\", \"v_proj\", \"out_proj\"]",
+            ));
+        }
+        if let Some(lr) = self.lora.text_encoder_lr
+            && !(lr.is_finite() && lr > 0.0)
+        {
+            return Err(ParamError::new(
+                "lora.text_encoder_lr",
+                "text_encoder_lr must be a positive number",
+                "kohya users often take half the UNet's rate, e.g. 5e-5",
+            ));
+        }
         if self.lora.targets.is_empty() {
             return Err(ParamError::new(
                 "lora.targets",
@@ -408,15 +459,29 @@ impl TrainParams {
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
         let mut unet = t2i.models.unet;
+        let mut text_encoder = t2i.models.text_encoder;
+        let mut ids: HashMap<String, Vec<u32>> = HashMap::new();
+        for item in &items {
+            ids.insert(
+                item.caption.clone(),
+                t2i.tokenizer.encode(&item.caption)?.input_ids,
+            );
+        }
 
         // Adapters: fresh, or from the newest valid checkpoint.
         let scratch = ctx.scratch()?;
         let seed = settings.seed;
-        let fresh = self.init_network(&mut unet, seed)?;
+        let mut fresh = LoraNetwork {
+            unet: self.init_modules(&mut unet, &self.lora.targets, seed)?,
+            ..LoraNetwork::default()
+        };
+        if self.lora.text_encoder {
+            fresh.text_encoder =
+                self.init_modules(&mut text_encoder, &self.lora.text_encoder_targets, seed)?;
+        }
         let trainable_params: usize = fresh
-            .unet
-            .values()
-            .map(|m| m.down.numel() + m.up.numel())
+            .iter()
+            .map(|(_, _, m)| m.down.numel() + m.up.numel())
             .sum();
         let known = fresh.clone();
         let (network, mut optimizer, mut state) =
@@ -439,6 +504,7 @@ impl TrainParams {
                 }
             };
         install(&mut unet, &network, 1.0, &dev)?;
+        install(&mut text_encoder, &network, 1.0, &dev)?;
         let resumed_from = state.step;
         if state.step == 0 {
             state.eval_loss_before =
@@ -453,19 +519,32 @@ impl TrainParams {
         let sched = schedule(self).map_err(anyhow::Error::msg)?;
         let mut steps = LoraSteps {
             unet: &mut unet,
+            text_encoder: self.lora.text_encoder.then_some(&mut text_encoder),
             ddpm: &ddpm,
             items: &items,
             contexts: &contexts,
+            ids: &ids,
+            clip_skip: self.clip_skip,
             optimizer: &mut optimizer,
             scratch: &scratch,
             alpha: self.alpha(),
+            dropout: self.lora.dropout,
+            seed,
+            te_lr_factor: self.lora.text_encoder_lr.map_or(1.0, |l| l / self.lr),
         };
         let wall_s = self.drive(
             ctx, "lora", &mut state, &items, scaling, seed, &dev, &sched, &mut steps,
         )?;
 
+        // The trained text encoder changes the contexts the evaluation uses.
+        if self.lora.text_encoder {
+            for (caption, c) in contexts.iter_mut() {
+                *c = text_encoder.encode(&[ids[caption].clone()], self.clip_skip)?;
+            }
+        }
         let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
-        let network = extract(&mut unet, self.alpha());
+        let mut network = extract(&mut unet, self.alpha());
+        network.text_encoder = extract(&mut text_encoder, self.alpha()).text_encoder;
         let meta = KohyaMetadata {
             base_model_name: model_path
                 .file_stem()
@@ -477,6 +556,10 @@ impl TrainParams {
             resolution: manifest.items.first().map(|i| (i.size[0], i.size[1])),
             learning_rate: Some(self.lr),
             unet_lr: Some(self.lr),
+            text_encoder_lr: self
+                .lora
+                .text_encoder
+                .then(|| self.lora.text_encoder_lr.unwrap_or(self.lr)),
             lr_scheduler: Some(self.lr_scheduler.clone()),
             optimizer: Some("AdamW".into()),
             seed: Some(seed),
@@ -864,16 +947,21 @@ impl TrainParams {
         Ok(result)
     }
 
-    /// Kohya/PEFT-initialised adapters for every targeted module; an unmatched target is an
-    /// error listing the module names that exist.
-    fn init_network(&self, unet: &mut UNet<Cpu>, seed: u64) -> anyhow::Result<LoraNetwork> {
+    /// Kohya/PEFT-initialised adapters for every module of `model` whose path ends with one of
+    /// `targets`; an unmatched target is an error listing the module names that exist.
+    fn init_modules<M: LoraTarget<Cpu>>(
+        &self,
+        model: &mut M,
+        targets: &[String],
+        seed: u64,
+    ) -> anyhow::Result<BTreeMap<String, LoraModule>> {
         let mut modules: Vec<(String, Vec<usize>)> = Vec::new();
-        unet.for_each_attention_linear_mut(|name, linear| {
+        model.for_each_lora_linear_mut(&mut |name, linear| {
             let (o, i) = *linear.weight.shape();
             modules.push((name.to_string(), vec![o, i]));
         });
-        let mut network = LoraNetwork::default();
-        for target in &self.lora.targets {
+        let mut out = BTreeMap::new();
+        for target in targets {
             let matching: Vec<&(String, Vec<usize>)> = modules
                 .iter()
                 .filter(|(n, _)| n.ends_with(&format!(".{target}")))
@@ -894,7 +982,8 @@ impl TrainParams {
                 suffixes.sort();
                 suffixes.dedup();
                 bail!(
-                    "LoRA target `{target}` matches no module; available: {}",
+                    "LoRA target `{target}` matches no {} module; available: {}",
+                    M::NAME,
                     suffixes.join(", ")
                 );
             }
@@ -903,10 +992,10 @@ impl TrainParams {
                     ^ u64::from_le_bytes(blake3::hash(name.as_bytes()).as_bytes()[..8].try_into()?);
                 let module = LoraModule::init(shape, self.lora.rank, self.alpha(), module_seed)
                     .map_err(anyhow::Error::msg)?;
-                network.unet.insert(name.clone(), module);
+                out.insert(name.clone(), module);
             }
         }
-        Ok(network)
+        Ok(out)
     }
 
     /// The micro-batch of `step`: items from one latent size, latent samples, noise, timesteps.
@@ -1103,19 +1192,22 @@ fn load_checkpoint(
             let state: CheckpointState =
                 serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
             let (mut network, _) = read_lora(&dir.join("lora.safetensors"), None)?;
-            for (name, m) in &mut network.unet {
-                let fresh = known
-                    .unet
-                    .get(name)
-                    .context("checkpoint has a module this run does not train")?;
-                m.alpha = fresh.alpha;
-            }
-            if network.unet.len() != known.unet.len() {
-                bail!(
-                    "checkpoint has {} modules, expected {}",
-                    network.unet.len(),
-                    known.unet.len()
-                );
+            for component in [LoraComponent::Unet, LoraComponent::TextEncoder] {
+                let expected = known.modules(component);
+                let found = network.modules_mut(component);
+                for (name, m) in found.iter_mut() {
+                    let fresh = expected
+                        .get(name)
+                        .context("checkpoint has a module this run does not train")?;
+                    m.alpha = fresh.alpha;
+                }
+                if found.len() != expected.len() {
+                    bail!(
+                        "checkpoint has {} {component:?} modules, expected {}",
+                        found.len(),
+                        expected.len()
+                    );
+                }
             }
             let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
             Ok((network, optimizer, state))
@@ -1227,37 +1319,88 @@ trait StepMethod {
     fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()>;
 }
 
-/// LoRA: adapters installed on the UNet.
+/// LoRA: adapters installed on the UNet (and the text encoder).
 struct LoraSteps<'a> {
     unet: &'a mut UNet<Cpu>,
+    /// The text encoder when its adapters train too (contexts are then computed per batch).
+    text_encoder: Option<&'a mut TextEncoder<Cpu>>,
     ddpm: &'a Ddpm,
     items: &'a [Item],
+    /// Frozen-text-encoder contexts by caption.
     contexts: &'a HashMap<String, Tensor3<Cpu>>,
+    /// Token ids by caption.
+    ids: &'a HashMap<String, Vec<u32>>,
+    clip_skip: usize,
     optimizer: &'a mut AdamW<Cpu>,
     scratch: &'a Path,
     alpha: f32,
+    dropout: f32,
+    seed: u64,
+    /// Text-encoder learning rate / UNet learning rate.
+    te_lr_factor: f64,
+}
+
+impl LoraSteps<'_> {
+    fn network(&mut self) -> LoraNetwork {
+        let mut network = extract(self.unet, self.alpha);
+        if let Some(te) = self.text_encoder.as_deref_mut() {
+            network.text_encoder = extract(te, self.alpha).text_encoder;
+        }
+        network
+    }
 }
 
 impl StepMethod for LoraSteps<'_> {
     fn grads(&mut self, batch: &Batch) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
-        let context = batch_context(self.items, self.contexts, &batch.picked)?;
-        let (loss, grads) = loss_and_grads(
+        if self.dropout > 0.0 {
+            let dropout_seed = mix(self.seed ^ 0xD80F_0F7A, batch.step, batch.micro);
+            set_dropout(self.unet, self.dropout, dropout_seed);
+            if let Some(te) = self.text_encoder.as_deref_mut() {
+                set_dropout(te, self.dropout, dropout_seed);
+            }
+        }
+        let Some(te) = self.text_encoder.as_deref_mut() else {
+            let context = batch_context(self.items, self.contexts, &batch.picked)?;
+            let (loss, grads) = loss_and_grads(
+                self.unet,
+                self.ddpm,
+                &batch.latents,
+                &batch.noise,
+                &batch.timesteps,
+                &context,
+            )?;
+            return Ok((loss, adapter_grads(self.unet, &grads)));
+        };
+        let batch_ids: Vec<Vec<u32>> = batch
+            .picked
+            .iter()
+            .map(|&i| self.ids[&self.items[i].caption].clone())
+            .collect();
+        let embeds = te.embed_tokens(&batch_ids)?;
+        let context = te.forward_embeds(embeds.leaky_trace(), self.clip_skip)?;
+        let (loss, grads) = loss_and_grads_taped(
             self.unet,
             self.ddpm,
             &batch.latents,
             &batch.noise,
             &batch.timesteps,
-            &context,
+            context,
         )?;
-        Ok((loss, adapter_grads(self.unet, &grads)))
+        let mut out = adapter_grads(self.unet, &grads);
+        out.append(&mut adapter_grads(te, &grads));
+        Ok((loss, out))
     }
 
     fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
-        Ok(apply_grads(self.unet, grads, self.optimizer, lr)?)
+        apply_grads(self.unet, grads, self.optimizer, lr)?;
+        if let Some(te) = self.text_encoder.as_deref_mut() {
+            apply_grads(te, grads, self.optimizer, lr * self.te_lr_factor)?;
+        }
+        Ok(())
     }
 
     fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()> {
-        let network = extract(self.unet, self.alpha);
+        let network = self.network();
         save_checkpoint(self.scratch, &network, self.optimizer, state)
     }
 }
