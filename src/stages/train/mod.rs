@@ -5,6 +5,10 @@
 //! the pipeline seed and the step, so a rerun is bit-identical on the CPU and a run resumed
 //! from a checkpoint ends exactly where an uninterrupted one does.
 
+mod hypernetwork;
+
+pub use hypernetwork::HypernetworkParams;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -42,6 +46,8 @@ pub enum Method {
     Lora,
     /// New token vectors for the text encoder (A1111 / diffusers embeddings).
     TextualInversion,
+    /// An A1111 hypernetwork on the attentions' key/value context.
+    Hypernetwork,
 }
 
 /// `[stage.NAME] kind = "train"`.
@@ -93,6 +99,9 @@ pub struct TrainParams {
     /// `[stage.NAME.textual_inversion]`.
     #[serde(default)]
     pub textual_inversion: TextualInversionParams,
+    /// `[stage.NAME.hypernetwork]` (boxed: it is large and most stages do not use it).
+    #[serde(default)]
+    pub hypernetwork: Box<HypernetworkParams>,
 }
 
 /// Textual-inversion settings.
@@ -311,6 +320,9 @@ impl TrainParams {
                 ));
             }
         }
+        if self.method == Method::Hypernetwork {
+            self.hypernetwork.validate()?;
+        }
         if self.lora.rank == 0 {
             return Err(ParamError::new(
                 "lora.rank",
@@ -342,10 +354,14 @@ impl TrainParams {
         let mut v = serde_json::to_value(self).unwrap_or_default();
         if let Some(map) = v.as_object_mut() {
             map.remove("checkpoint_every");
-            match self.method {
-                Method::Lora => map.remove("textual_inversion"),
-                Method::TextualInversion => map.remove("lora"),
+            let others: &[&str] = match self.method {
+                Method::Lora => &["textual_inversion", "hypernetwork"],
+                Method::TextualInversion => &["lora", "hypernetwork"],
+                Method::Hypernetwork => &["lora", "textual_inversion"],
             };
+            for other in others {
+                map.remove(*other);
+            }
             map.insert("seed".into(), settings.seed.into());
             map.insert(
                 "device".into(),
@@ -363,6 +379,7 @@ impl TrainParams {
         match self.method {
             Method::Lora => self.run_lora(ctx),
             Method::TextualInversion => self.run_textual_inversion(ctx),
+            Method::Hypernetwork => self.run_hypernetwork(ctx),
         }
     }
 
