@@ -1,5 +1,6 @@
 //! `train`: fine-tunes the base model on the latents of an `encode_latents` stage. Methods:
-//! `lora` (low-rank adapters on the UNet's attention projections, kohya-format output).
+//! `lora` (low-rank adapters on the UNet's attention projections, kohya-format output),
+//! `textual_inversion`, `hypernetwork` (A1111 hypernetworks, in `hypernetwork.rs`).
 //!
 //! Every step draws its batch, latent samples, noise and timesteps from a generator seeded by
 //! the pipeline seed and the step, so a rerun is bit-identical on the CPU and a run resumed
