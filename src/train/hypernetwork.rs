@@ -560,5 +560,29 @@ mod tests {
         ours.sort();
         assert_eq!(twin, ours);
         assert_eq!(net.to_host(&hn), hn);
+        // the trained weights survive the A1111 file and its twin bit for bit
+        let dir = tempfile::tempdir().unwrap();
+        let pt = dir.path().join("h.pt");
+        let st = dir.path().join("h.safetensors");
+        crate::formats::hypernetwork::write_hypernetwork_pt(&pt, &net.to_host(&hn)).unwrap();
+        crate::formats::hypernetwork::write_hypernetwork_safetensors(&st, &net.to_host(&hn))
+            .unwrap();
+        for path in [pt, st] {
+            let back = crate::formats::hypernetwork::read_hypernetwork(&path).unwrap();
+            assert_eq!(back.modules, hn.modules, "{}", path.display());
+            let again = HyperNet::from_host(&back, &Cpu::default()).unwrap();
+            let mut a = Vec::new();
+            let mut b = Vec::new();
+            net.for_each_param(|n, p| a.push((n, param_vec(p))));
+            again.for_each_param(|n, p| b.push((n, param_vec(p))));
+            assert_eq!(a, b);
+        }
+    }
+
+    fn param_vec(p: ParamRef<'_, Cpu>) -> Vec<f32> {
+        match p {
+            ParamRef::Matrix(t) => t.as_vec(),
+            ParamRef::Vector(t) => t.as_vec(),
+        }
     }
 }
