@@ -471,6 +471,7 @@ mod tests {
             .map(|a| (*a, true, false))
             .chain([("relu", false, false), ("tanh", true, true)]);
         for (activation, ln, dropout) in cases {
+            let mut case_worst = 0.0f32;
             let (_, net) = network(activation, ln, dropout);
             let seed = dropout.then_some(7);
             let mut grads = loss(&net, x.leaky_trace(), &r, seed).backward();
@@ -506,6 +507,7 @@ mod tests {
                     let numeric = ((eval(eps) - eval(-eps)) / (2.0 * eps as f64)) as f32;
                     let err = (numeric - g.data[i]).abs() / (1.0 + numeric.abs());
                     worst = worst.max(err);
+                    case_worst = case_worst.max(err);
                     assert!(
                         err < 2e-2,
                         "{activation}: {name}[{i}] analytic {} vs numeric {numeric}",
@@ -513,6 +515,7 @@ mod tests {
                     );
                 }
             }
+            println!("{activation} ln={ln} dropout={dropout}: {case_worst:.2e}");
         }
         println!("worst relative gradient error {worst:.2e}");
     }
