@@ -608,30 +608,28 @@ pub fn parse_network_tags(prompt: &str) -> Result<(String, Vec<NetworkTag>), Str
         let after = &rest[open + 1..];
         let Some(close) = after.find('>') else { break };
         let inner = &after[..close];
-        let mut parts = inner.split(':');
-        let kind = match parts.next() {
-            Some("lora") => Some(NetworkKind::Lora),
-            Some("hypernet") => Some(NetworkKind::Hypernet),
-            _ => None,
+        let (word, spec) = inner.split_once(':').unwrap_or((inner, ""));
+        let kind = match word {
+            "lora" => NetworkKind::Lora,
+            "hypernet" => NetworkKind::Hypernet,
+            _ => {
+                text.push_str(&rest[..open + 1]);
+                rest = after;
+                continue;
+            }
         };
-        let Some(kind) = kind else {
-            text.push_str(&rest[..open + 1]);
-            rest = after;
-            continue;
+        // NAME may itself hold `:` (matrix instance names); the weight is the last field
+        // when it is a number.
+        let (name, weight) = match spec.rsplit_once(':') {
+            Some((name, w)) => match w.trim().parse::<f32>() {
+                Ok(v) if v.is_finite() => (name.trim(), v),
+                Ok(_) => return Err(format!("`<{inner}>`: `{w}` is not a finite number")),
+                Err(_) => (spec.trim(), 1.0),
+            },
+            None => (spec.trim(), 1.0),
         };
-        let name = parts.next().unwrap_or("").trim();
         if name.is_empty() {
             return Err(format!("`<{inner}>` names no network"));
-        }
-        let weight = match parts.next() {
-            None => 1.0,
-            Some(w) => match w.trim().parse::<f32>() {
-                Ok(v) if v.is_finite() => v,
-                _ => return Err(format!("`<{inner}>`: `{w}` is not a number")),
-            },
-        };
-        if parts.next().is_some() {
-            return Err(format!("`<{inner}>` has more than a name and a weight"));
         }
         tags.push(NetworkTag {
             kind,
@@ -681,12 +679,18 @@ mod tests {
             parse_network_tags("plain").unwrap(),
             ("plain".into(), vec![])
         );
-        assert!(
-            parse_network_tags("<lora:a:b>")
-                .unwrap_err()
-                .contains("`b` is not a number")
+        let (_, tags) = parse_network_tags("<lora:train@lr=1e-3:100:0.5><hypernet:x:y>").unwrap();
+        assert_eq!(
+            (tags[0].name.as_str(), tags[0].weight),
+            ("train@lr=1e-3:100", 0.5)
         );
-        assert!(parse_network_tags("<lora::1>").is_err());
-        assert!(parse_network_tags("<lora:a:1:2>").is_err());
+        assert_eq!((tags[1].name.as_str(), tags[1].weight), ("x:y", 1.0));
+        assert!(
+            parse_network_tags("<lora::1>")
+                .unwrap_err()
+                .contains("names no network")
+        );
+        assert!(parse_network_tags("<hypernet:>").is_err());
+        assert!(parse_network_tags("<lora:a:inf>").is_err());
     }
 }
