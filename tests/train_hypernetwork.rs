@@ -68,7 +68,7 @@ fn read_rgb(path: &std::path::Path) -> image::RgbImage {
     image::open(path).unwrap().to_rgb8()
 }
 
-fn sample(p: &Project, out: &str, hyper: Option<&str>) -> (i32, String) {
+fn sample(p: &Project, out: &str, hypers: &[&str]) -> (i32, String) {
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
     let out = p.path(out);
     let mut args = vec![
@@ -90,7 +90,7 @@ fn sample(p: &Project, out: &str, hyper: Option<&str>) -> (i32, String) {
         "--out",
         out.to_str().unwrap(),
     ];
-    if let Some(h) = hyper {
+    for h in hypers {
         args.extend(["--hypernetwork", h]);
     }
     let run = p.sdpipe(&args);
@@ -184,17 +184,28 @@ fn hypernetwork_training_learns_writes_a1111_files_and_changes_samples() {
 
     // `sdpipe sample --hypernetwork` draws the grid's cell; multiplier 0 is the base image.
     let arg = format!("{}:1.0", pt.display());
-    let (code, err) = sample(&p, "direct.png", Some(&arg));
+    let (code, err) = sample(&p, "direct.png", &[&arg]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(read_rgb(&p.path("direct.png")).as_raw(), trained.as_raw());
     let arg = format!("{}:0.5", twin.display());
-    let (code, err) = sample(&p, "half.png", Some(&arg));
+    let (code, err) = sample(&p, "half.png", &[&arg]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(read_rgb(&p.path("half.png")).as_raw(), tagged.as_raw());
     let arg = format!("{}:0", pt.display());
-    let (code, err) = sample(&p, "zero.png", Some(&arg));
+    let (code, err) = sample(&p, "zero.png", &[&arg]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(read_rgb(&p.path("zero.png")).as_raw(), base.as_raw());
+    // Stacked, in order: the hyper row with the tagged prompt is the network at 1 then at 0.5.
+    let stacked = read_rgb(&p.path("outputs/t/grid/images/hyper/01-1.png"));
+    assert_ne!(stacked.as_raw(), trained.as_raw());
+    assert_ne!(stacked.as_raw(), tagged.as_raw());
+    let (one, half) = (
+        format!("{}:1", pt.display()),
+        format!("{}:0.5", pt.display()),
+    );
+    let (code, err) = sample(&p, "stacked.png", &[&one, &half]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(read_rgb(&p.path("stacked.png")).as_raw(), stacked.as_raw());
     let params = sdpipe::render::png_meta::read_parameters(p.path("direct.png"))
         .unwrap()
         .unwrap();
@@ -265,7 +276,7 @@ fn a_width_the_model_lacks_is_a_clear_error() {
     let hn = sdpipe::formats::hypernetwork::Hypernetwork::new("wide", config, &[768], 1).unwrap();
     let file = p.path("wide.pt");
     sdpipe::formats::hypernetwork::write_hypernetwork_pt(&file, &hn).unwrap();
-    let (code, err) = sample(&p, "x.png", Some(file.to_str().unwrap()));
+    let (code, err) = sample(&p, "x.png", &[file.to_str().unwrap()]);
     assert_eq!(code, 2);
     assert!(
         err.contains("--hypernetwork")
