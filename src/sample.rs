@@ -107,6 +107,11 @@ pub struct SampleArgs {
     /// Repeatable.
     #[arg(long, value_name = "FILE[:TOKEN]")]
     pub embedding: Vec<String>,
+    /// An A1111 hypernetwork (`.pt`, or its safetensors twin) applied at MULTIPLIER (default:
+    /// one) to the keys' and values' context of the attentions of its widths; repeatable,
+    /// applied in order as A1111 stacks them.
+    #[arg(long, value_name = "FILE[:MULTIPLIER]", value_parser = parse_lora_arg)]
+    pub hypernetwork: Vec<(PathBuf, f32)>,
     /// Also write the images as a safetensors file with tensor `image` [b, 3, H, W] in [0, 1].
     #[arg(long, value_name = "FILE")]
     pub out_tensor: Option<PathBuf>,
@@ -399,6 +404,31 @@ fn execute(args: &SampleArgs, quiet: bool) -> Result<Vec<PathBuf>, Failure> {
         let hash = short_model_hash(path).unwrap_or_default();
         lora_hashes.push(format!("{name}: {hash}"));
     }
+    let mut hypernets = Vec::new();
+    let mut hypernet_names = Vec::new();
+    for (path, multiplier) in &args.hypernetwork {
+        let file = crate::formats::hypernetwork::read_hypernetwork(path)
+            .map_err(|e| usage(format!("--hypernetwork {}: {e}", path.display())))?;
+        let net = crate::train::hypernetwork::HyperNet::from_host(&file, &dev)
+            .map_err(|e| usage(format!("--hypernetwork {}: {e}", path.display())))?;
+        hypernet_names.push(format!(
+            "{}: {}",
+            file.name,
+            short_model_hash(path).unwrap_or_default()
+        ));
+        hypernets.push((net, *multiplier));
+    }
+    if !hypernets.is_empty() {
+        let stack: Vec<_> = hypernets.iter().map(|(n, m)| (n, *m)).collect();
+        crate::train::hypernetwork::install(&mut pipe.models.unet, &stack, None).map_err(|e| {
+            let files: Vec<String> = args
+                .hypernetwork
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect();
+            usage(format!("--hypernetwork {}: {e}", files.join(", ")))
+        })?;
+    }
     let options = TextToImageOptions {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative.clone(),
@@ -446,6 +476,18 @@ fn execute(args: &SampleArgs, quiet: bool) -> Result<Vec<PathBuf>, Failure> {
                 "Lora hashes".to_string(),
                 format!("\"{}\"", lora_hashes.join(", ")),
             ));
+        }
+        if !hypernet_names.is_empty() {
+            extra.push((
+                "Hypernet hashes".to_string(),
+                format!("\"{}\"", hypernet_names.join(", ")),
+            ));
+            let strengths: Vec<String> = args
+                .hypernetwork
+                .iter()
+                .map(|(_, m)| m.to_string())
+                .collect();
+            extra.push(("Hypernet strength".to_string(), strengths.join(", ")));
         }
         if s.clip_skip > 0 {
             extra.push(("Clip skip".to_string(), (s.clip_skip + 1).to_string()));

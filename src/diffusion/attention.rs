@@ -5,6 +5,7 @@
 use dfdx::prelude::*;
 
 use super::error::Result;
+use super::hypernetwork::HyperStack;
 use super::nn::host::{geglu, is_cpu};
 use super::nn::{
     Conv2d, DEFAULT_ATTENTION_CHUNK, GroupNorm, LayerNorm, Linear, Padding2d, Tensor3, Tensor4,
@@ -28,6 +29,8 @@ pub struct CrossAttention<D: Storage<f32>> {
     pub heads: usize,
     /// Queries per attention chunk (bounds the memory of long self-attention).
     pub chunk: usize,
+    /// A1111 hypernetworks transforming the context of the keys and of the values.
+    pub hypernetwork: Option<HyperStack<D>>,
 }
 
 impl<D: Device<f32>> CrossAttention<D> {
@@ -47,6 +50,7 @@ impl<D: Device<f32>> CrossAttention<D> {
             to_out: Linear::load(&l.pp("to_out").pp(0), inner, query_dim, true)?,
             heads,
             chunk: DEFAULT_ATTENTION_CHUNK,
+            hypernetwork: None,
         })
     }
 
@@ -58,17 +62,35 @@ impl<D: Device<f32>> CrossAttention<D> {
         x: Tensor3<D, T>,
         context: Option<&Tensor3<D>>,
     ) -> Tensor3<D, T> {
-        let (q, k, v) = match context {
-            None => (
+        let (q, k, v) = match (context, &self.hypernetwork) {
+            (None, None) => (
                 self.to_q.forward(x.retaped::<T>()),
                 self.to_k.forward(x.retaped::<T>()),
                 self.to_v.forward(x),
             ),
-            Some(ctx) => (
+            (Some(ctx), None) => (
                 self.to_q.forward(x),
                 self.to_k.forward(ctx.retaped::<T>()),
                 self.to_v.forward(ctx.retaped::<T>()),
             ),
+            // A1111: the hypernetwork of the context's width transforms the keys' and the
+            // values' context (the hidden states themselves in self-attention).
+            (None, Some(hyper)) => {
+                let (ck, cv) = hyper.apply(x.retaped::<T>());
+                (
+                    self.to_q.forward(x),
+                    self.to_k.forward(ck),
+                    self.to_v.forward(cv),
+                )
+            }
+            (Some(ctx), Some(hyper)) => {
+                let (ck, cv) = hyper.apply(ctx.retaped::<T>());
+                (
+                    self.to_q.forward(x),
+                    self.to_k.forward(ck),
+                    self.to_v.forward(cv),
+                )
+            }
         };
         let o = scaled_dot_product_attention(
             split_heads(q, self.heads),

@@ -273,6 +273,51 @@ impl<D: Device<f32>> UNet<D> {
         }
     }
 
+    /// Calls `f` with the diffusers module path (`…transformer_blocks.K.attn1`, `…attn2`) and
+    /// the layer of every attention, in module order.
+    pub fn for_each_attention_mut(
+        &mut self,
+        mut f: impl FnMut(&str, &mut super::attention::CrossAttention<D>),
+    ) {
+        let mut visit = |prefix: String, t: &mut super::attention::Transformer2D<D>| {
+            for (k, block) in t.transformer_blocks.iter_mut().enumerate() {
+                f(
+                    &format!("{prefix}.transformer_blocks.{k}.attn1"),
+                    &mut block.attn1,
+                );
+                f(
+                    &format!("{prefix}.transformer_blocks.{k}.attn2"),
+                    &mut block.attn2,
+                );
+            }
+        };
+        for (i, block) in self.down_blocks.iter_mut().enumerate() {
+            for (j, t) in block.attentions.iter_mut().enumerate() {
+                visit(format!("down_blocks.{i}.attentions.{j}"), t);
+            }
+        }
+        visit(
+            "mid_block.attentions.0".to_string(),
+            &mut self.mid_block.attention,
+        );
+        for (i, block) in self.up_blocks.iter_mut().enumerate() {
+            for (j, t) in block.attentions.iter_mut().enumerate() {
+                visit(format!("up_blocks.{i}.attentions.{j}"), t);
+            }
+        }
+    }
+
+    /// The context widths the attentions of this UNet see (the width of `to_k`'s input): the
+    /// text-encoder width for cross-attention and each level's width for self-attention;
+    /// sorted, without repeats. These are the widths a hypernetwork can have modules for.
+    pub fn attention_context_widths(&mut self) -> Vec<usize> {
+        let mut widths = Vec::new();
+        self.for_each_attention_mut(|_, a| widths.push(a.to_k.in_features()));
+        widths.sort_unstable();
+        widths.dedup();
+        widths
+    }
+
     /// Loads the UNet from diffusers names (`conv_in.weight`, `down_blocks.0.resnets.0…`).
     pub fn load(l: &Loader<D>, config: &UNetConfig) -> Result<Self> {
         let c = config;

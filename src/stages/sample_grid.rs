@@ -2,6 +2,15 @@
 //! settings, always with the untouched base model as the first row; a labelled grid PNG plus
 //! one PNG per image carrying A1111's `parameters` text. Images are cached one by one, so adding
 //! a seed or a prompt renders only the new cells.
+//!
+//! Rows: `base`, then one per upstream `train` stage (its LoRA at multiplier 1, its embedding,
+//! or its hypernetwork at multiplier 1).
+//!
+//! Prompts accept A1111's extra-network tags, applied on top of every row:
+//! `<lora:NAME:WEIGHT>` merges the LoRA of the upstream train stage instance `NAME` at WEIGHT,
+//! `<hypernet:NAME:MULTIPLIER>` stacks its hypernetwork at MULTIPLIER (after the row's own);
+//! the number may be left out (1). The tags are removed from the text the model sees and kept
+//! in the images' `parameters`, as A1111 does. `NAME` must be a stage in `needs`.
 
 use std::collections::BTreeMap;
 
@@ -110,6 +119,15 @@ impl SampleGridParams {
                 "use 1..=1000 (20-50 is typical)",
             ));
         }
+        for prompt in &self.prompts {
+            if let Err(e) = parse_network_tags(prompt) {
+                return Err(ParamError::new(
+                    "prompts",
+                    format!("prompt {prompt:?}: {e}"),
+                    "write <lora:NAME:WEIGHT> or <hypernet:NAME:MULTIPLIER> with NAME a train stage in needs",
+                ));
+            }
+        }
         if !(self.cfg.is_finite() && self.cfg >= 0.0) {
             return Err(ParamError::new(
                 "cfg",
@@ -174,24 +192,60 @@ impl SampleGridParams {
         let mut variants = vec!["base".to_string()];
         let mut loras: Vec<Option<BlobRef>> = vec![None];
         let mut embeddings: Vec<Option<BlobRef>> = vec![None];
+        let mut hypernets: Vec<Option<BlobRef>> = vec![None];
         for (instance, record) in &ctx.upstream {
             let lora = record.outputs.get("lora.safetensors");
             let embedding = record.outputs.get("embedding.safetensors");
-            if lora.is_some() || embedding.is_some() {
+            let hypernet = record.outputs.get("hypernetwork.pt");
+            if lora.is_some() || embedding.is_some() || hypernet.is_some() {
                 variants.push(instance.name.clone());
                 loras.push(lora.cloned());
                 embeddings.push(embedding.cloned());
+                hypernets.push(hypernet.cloned());
             }
+        }
+        // Each prompt: the text the model sees, and its tags resolved to upstream files.
+        let mut prompt_networks: Vec<(String, Vec<(NetworkTag, BlobRef)>)> = Vec::new();
+        for prompt in &self.prompts {
+            let (text, tags) = parse_network_tags(prompt).map_err(anyhow::Error::msg)?;
+            let mut resolved = Vec::new();
+            for tag in tags {
+                let output = match tag.kind {
+                    NetworkKind::Lora => "lora.safetensors",
+                    NetworkKind::Hypernet => "hypernetwork.pt",
+                };
+                let found = ctx
+                    .upstream
+                    .iter()
+                    .find(|(i, _)| i.name == tag.name)
+                    .and_then(|(_, r)| r.outputs.get(output));
+                let Some(blob) = found else {
+                    let names: Vec<&str> = ctx
+                        .upstream
+                        .iter()
+                        .filter(|(_, r)| r.outputs.contains_key(output))
+                        .map(|(i, _)| i.name.as_str())
+                        .collect();
+                    bail!(
+                        "prompt {prompt:?}: `{}` is not an upstream stage with a {output} (stages in needs that have one: {names:?})",
+                        tag.name
+                    );
+                };
+                resolved.push((tag, blob.clone()));
+            }
+            prompt_networks.push((text, resolved));
         }
 
         let variant_digest = |vi: usize| {
             loras[vi]
                 .as_ref()
                 .or(embeddings[vi].as_ref())
+                .or(hypernets[vi].as_ref())
                 .map_or("base".to_string(), |b| b.digest.clone())
         };
-        let cell_key = |vi: usize, prompt: &str, seed: u64| {
-            let material = serde_json::json!({
+        let cell_key = |vi: usize, pi: usize, seed: u64| {
+            let prompt = &self.prompts[pi];
+            let mut material = serde_json::json!({
                 "schema": KEY_SCHEMA,
                 "kind": "sample_grid-image",
                 "version": VERSION,
@@ -208,15 +262,22 @@ impl SampleGridParams {
                 "clip_skip": self.clip_skip,
                 "device": device_key,
             });
+            let tags = &prompt_networks[pi].1;
+            if !tags.is_empty() {
+                material["networks"] = tags
+                    .iter()
+                    .map(|(t, b)| serde_json::json!([t.kind.tag(), b.digest, t.weight]))
+                    .collect();
+            }
             hash_bytes(canonical_json(&material).as_bytes())
         };
 
         let mut todo = 0usize;
         let mut cells: BTreeMap<(usize, usize, usize), Option<Record>> = BTreeMap::new();
         for vi in 0..variants.len() {
-            for (pi, prompt) in self.prompts.iter().enumerate() {
+            for pi in 0..self.prompts.len() {
                 for (si, seed) in seeds.iter().enumerate() {
-                    let r = ctx.store.record(ITEMS, &cell_key(vi, prompt, *seed))?;
+                    let r = ctx.store.record(ITEMS, &cell_key(vi, pi, *seed))?;
                     todo += usize::from(r.is_none());
                     cells.insert((vi, pi, si), r);
                 }
@@ -238,7 +299,7 @@ impl SampleGridParams {
             &format!("{} sampling", ctx.instance.name),
         );
         let mut computed = 0usize;
-        let mut current: Option<(usize, TextToImage<Cpu>)> = None;
+        let mut current: Option<((usize, usize), TextToImage<Cpu>)> = None;
         for ((vi, pi, si), record) in cells.iter_mut() {
             if record.is_some() {
                 continue;
@@ -254,7 +315,19 @@ impl SampleGridParams {
             let Some(base) = pipe.as_ref() else {
                 bail!("model not loaded")
             };
-            if current.as_ref().is_none_or(|(v, _)| v != vi) {
+            // Prompts with the same tags share the model of a row.
+            let same_tags = |a: usize, b: usize| {
+                let (ta, tb) = (&prompt_networks[a].1, &prompt_networks[b].1);
+                ta.len() == tb.len()
+                    && ta
+                        .iter()
+                        .zip(tb)
+                        .all(|((x, xb), (y, yb))| x == y && xb.digest == yb.digest)
+            };
+            if current
+                .as_ref()
+                .is_none_or(|((v, p), _)| v != vi || !same_tags(*p, *pi))
+            {
                 // Each variant starts from the untouched base model.
                 let mut t2i = base.clone();
                 if let Some(blob) = &loras[*vi] {
@@ -280,7 +353,39 @@ impl SampleGridParams {
                     t2i.add_embedding(&emb.token, &emb.vectors.data)
                         .with_context(|| format!("adding the embedding of {}", variants[*vi]))?;
                 }
-                current = Some((*vi, t2i));
+                // The hypernetworks: the row's at 1, then the prompt's tags in order.
+                let mut stack = Vec::new();
+                if let Some(blob) = &hypernets[*vi] {
+                    stack.push((read_hypernet(ctx, blob, &variants[*vi], &dev)?, 1.0));
+                }
+                for (tag, blob) in &prompt_networks[*pi].1 {
+                    match tag.kind {
+                        NetworkKind::Lora => {
+                            let tmp = tempfile::Builder::new().suffix(".safetensors").tempfile()?;
+                            std::fs::write(tmp.path(), ctx.store.read_blob(blob)?)?;
+                            let (network, _) = crate::formats::lora::read_lora(tmp.path(), None)
+                                .with_context(|| format!("reading the LoRA of {}", tag.name))?;
+                            crate::train::lora::merge_into_unet(
+                                &mut t2i.models.unet,
+                                &network,
+                                tag.weight,
+                            )?;
+                            crate::train::lora::merge_into_unet(
+                                &mut t2i.models.text_encoder,
+                                &network,
+                                tag.weight,
+                            )?;
+                        }
+                        NetworkKind::Hypernet => {
+                            stack.push((read_hypernet(ctx, blob, &tag.name, &dev)?, tag.weight));
+                        }
+                    }
+                }
+                if !stack.is_empty() {
+                    let refs: Vec<_> = stack.iter().map(|(n, m)| (n, *m)).collect();
+                    crate::train::hypernetwork::install(&mut t2i.models.unet, &refs, None)?;
+                }
+                current = Some(((*vi, *pi), t2i));
             }
             let Some((_, t2i)) = current.as_ref() else {
                 bail!("variant not loaded")
@@ -288,7 +393,7 @@ impl SampleGridParams {
             let started = std::time::Instant::now();
             let (prompt, seed) = (&self.prompts[*pi], seeds[*si]);
             let options = TextToImageOptions {
-                prompt: prompt.clone(),
+                prompt: prompt_networks[*pi].0.clone(),
                 negative_prompt: self.negative_prompt.clone(),
                 width: self.width,
                 height: self.height,
@@ -321,10 +426,32 @@ impl SampleGridParams {
                     if self.clip_skip > 0 {
                         extra.push(("Clip skip".into(), (self.clip_skip + 1).to_string()));
                     }
+                    let tags = &prompt_networks[*pi].1;
+                    let mut lora_hashes: Vec<String> = Vec::new();
+                    let mut hypernet_hashes: Vec<String> = Vec::new();
                     if let Some(blob) = &loras[*vi] {
+                        lora_hashes.push(format!("{}: {}", variants[*vi], &blob.digest[..12]));
+                    }
+                    if let Some(blob) = &hypernets[*vi] {
+                        hypernet_hashes.push(format!("{}: {}", variants[*vi], &blob.digest[..12]));
+                    }
+                    for (tag, blob) in tags {
+                        let entry = format!("{}: {}", tag.name, &blob.digest[..12]);
+                        match tag.kind {
+                            NetworkKind::Lora => lora_hashes.push(entry),
+                            NetworkKind::Hypernet => hypernet_hashes.push(entry),
+                        }
+                    }
+                    if !lora_hashes.is_empty() {
                         extra.push((
                             "Lora hashes".into(),
-                            format!("\"{}: {}\"", variants[*vi], &blob.digest[..12]),
+                            format!("\"{}\"", lora_hashes.join(", ")),
+                        ));
+                    }
+                    if !hypernet_hashes.is_empty() {
+                        extra.push((
+                            "Hypernet hashes".into(),
+                            format!("\"{}\"", hypernet_hashes.join(", ")),
                         ));
                     }
                     extra
@@ -334,7 +461,7 @@ impl SampleGridParams {
             let png = encode_png(&image, &[("parameters", infotext.as_str())])?;
             let blob = ctx.store.put_bytes(&png)?;
             let variant = &variants[*vi];
-            let key = cell_key(*vi, prompt, seed);
+            let key = cell_key(*vi, *pi, seed);
             let r = Record {
                 key: key.clone(),
                 kind: "sample_grid-image".into(),
@@ -430,5 +557,146 @@ impl SampleGridParams {
             total - computed
         );
         Ok(result)
+    }
+}
+
+/// A hypernetwork output of an upstream stage, on `dev`.
+fn read_hypernet(
+    ctx: &StageContext<'_>,
+    blob: &BlobRef,
+    label: &str,
+    dev: &Cpu,
+) -> anyhow::Result<crate::train::hypernetwork::HyperNet<Cpu>> {
+    let tmp = tempfile::Builder::new().suffix(".pt").tempfile()?;
+    std::fs::write(tmp.path(), ctx.store.read_blob(blob)?)?;
+    let file = crate::formats::hypernetwork::read_hypernetwork(tmp.path())
+        .with_context(|| format!("reading the hypernetwork of {label}"))?;
+    Ok(crate::train::hypernetwork::HyperNet::from_host(&file, dev)?)
+}
+
+/// The kind of an extra-network tag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NetworkKind {
+    /// `<lora:NAME:WEIGHT>`.
+    Lora,
+    /// `<hypernet:NAME:MULTIPLIER>`.
+    Hypernet,
+}
+
+impl NetworkKind {
+    /// The tag word.
+    pub fn tag(self) -> &'static str {
+        match self {
+            NetworkKind::Lora => "lora",
+            NetworkKind::Hypernet => "hypernet",
+        }
+    }
+}
+
+/// One A1111 extra-network tag of a prompt.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NetworkTag {
+    /// LoRA or hypernetwork.
+    pub kind: NetworkKind,
+    /// The upstream train stage instance.
+    pub name: String,
+    /// LoRA weight or hypernetwork multiplier (1 when left out).
+    pub weight: f32,
+}
+
+/// Splits A1111's `<lora:NAME:WEIGHT>` and `<hypernet:NAME:MULTIPLIER>` tags off a prompt: the
+/// text without them (trimmed) and the tags in order. Other `<…>` text stays as written.
+pub fn parse_network_tags(prompt: &str) -> Result<(String, Vec<NetworkTag>), String> {
+    let mut text = String::with_capacity(prompt.len());
+    let mut tags = Vec::new();
+    let mut rest = prompt;
+    while let Some(open) = rest.find('<') {
+        let after = &rest[open + 1..];
+        let Some(close) = after.find('>') else { break };
+        let inner = &after[..close];
+        let (word, spec) = inner.split_once(':').unwrap_or((inner, ""));
+        let kind = match word {
+            "lora" => NetworkKind::Lora,
+            "hypernet" => NetworkKind::Hypernet,
+            _ => {
+                text.push_str(&rest[..open + 1]);
+                rest = after;
+                continue;
+            }
+        };
+        // NAME may itself hold `:` (matrix instance names); the weight is the last field
+        // when it is a number.
+        let (name, weight) = match spec.rsplit_once(':') {
+            Some((name, w)) => match w.trim().parse::<f32>() {
+                Ok(v) if v.is_finite() => (name.trim(), v),
+                Ok(_) => return Err(format!("`<{inner}>`: `{w}` is not a finite number")),
+                Err(_) => (spec.trim(), 1.0),
+            },
+            None => (spec.trim(), 1.0),
+        };
+        if name.is_empty() {
+            return Err(format!("`<{inner}>` names no network"));
+        }
+        tags.push(NetworkTag {
+            kind,
+            name: name.to_string(),
+            weight,
+        });
+        text.push_str(&rest[..open]);
+        rest = &after[close + 1..];
+    }
+    text.push_str(rest);
+    let text = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    Ok((text, tags))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn network_tags_are_stripped_and_parsed() {
+        let (text, tags) = parse_network_tags(
+            "a <lora:style:0.6> photo, <hypernet:h> of <b> zorb <hypernet:x:-1>",
+        )
+        .unwrap();
+        assert_eq!(text, "a photo, of <b> zorb");
+        assert_eq!(
+            tags,
+            vec![
+                NetworkTag {
+                    kind: NetworkKind::Lora,
+                    name: "style".into(),
+                    weight: 0.6
+                },
+                NetworkTag {
+                    kind: NetworkKind::Hypernet,
+                    name: "h".into(),
+                    weight: 1.0
+                },
+                NetworkTag {
+                    kind: NetworkKind::Hypernet,
+                    name: "x".into(),
+                    weight: -1.0
+                },
+            ]
+        );
+        assert_eq!(
+            parse_network_tags("plain").unwrap(),
+            ("plain".into(), vec![])
+        );
+        let (_, tags) = parse_network_tags("<lora:train@lr=1e-3:100:0.5><hypernet:x:y>").unwrap();
+        assert_eq!(
+            (tags[0].name.as_str(), tags[0].weight),
+            ("train@lr=1e-3:100", 0.5)
+        );
+        assert_eq!((tags[1].name.as_str(), tags[1].weight), ("x:y", 1.0));
+        assert!(
+            parse_network_tags("<lora::1>")
+                .unwrap_err()
+                .contains("names no network")
+        );
+        assert!(parse_network_tags("<hypernet:>").is_err());
+        assert!(parse_network_tags("<lora:a:inf>").is_err());
     }
 }

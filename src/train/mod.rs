@@ -2,6 +2,7 @@
 //! stages: the AdamW optimiser with gradient clipping ([`optim`]) and learning-rate schedules
 //! ([`lr`]).
 
+pub mod hypernetwork;
 pub mod lora;
 pub mod lr;
 pub mod optim;

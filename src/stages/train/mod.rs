@@ -1,9 +1,14 @@
 //! `train`: fine-tunes the base model on the latents of an `encode_latents` stage. Methods:
-//! `lora` (low-rank adapters on the UNet's attention projections, kohya-format output).
+//! `lora` (low-rank adapters on the UNet's attention projections, kohya-format output),
+//! `textual_inversion`, `hypernetwork` (A1111 hypernetworks, in `hypernetwork.rs`).
 //!
 //! Every step draws its batch, latent samples, noise and timesteps from a generator seeded by
 //! the pipeline seed and the step, so a rerun is bit-identical on the CPU and a run resumed
 //! from a checkpoint ends exactly where an uninterrupted one does.
+
+mod hypernetwork;
+
+pub use hypernetwork::HypernetworkParams;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -52,6 +57,8 @@ pub enum Method {
     TextualInversion,
     /// Full UNet fine-tuning with prior preservation; a single-file checkpoint.
     Dreambooth,
+    /// An A1111 hypernetwork on the attentions' key/value context.
+    Hypernetwork,
 }
 
 /// `[stage.NAME] kind = "train"`.
@@ -106,6 +113,9 @@ pub struct TrainParams {
     /// `[stage.NAME.dreambooth]`.
     #[serde(default)]
     pub dreambooth: DreamboothParams,
+    /// `[stage.NAME.hypernetwork]` (boxed: it is large and most stages do not use it).
+    #[serde(default)]
+    pub hypernetwork: Box<HypernetworkParams>,
 }
 
 /// Textual-inversion settings.
@@ -350,6 +360,9 @@ impl TrainParams {
         if self.method == Method::Dreambooth {
             self.validate_dreambooth()?;
         }
+        if self.method == Method::Hypernetwork {
+            self.hypernetwork.validate()?;
+        }
         if self.lora.rank == 0 {
             return Err(ParamError::new(
                 "lora.rank",
@@ -408,6 +421,7 @@ impl TrainParams {
                 ("lora", Method::Lora),
                 ("textual_inversion", Method::TextualInversion),
                 ("dreambooth", Method::Dreambooth),
+                ("hypernetwork", Method::Hypernetwork),
             ] {
                 if self.method != method {
                     map.remove(section);
@@ -431,6 +445,7 @@ impl TrainParams {
             Method::Lora => self.run_lora(ctx),
             Method::TextualInversion => self.run_textual_inversion(ctx),
             Method::Dreambooth => self.run_dreambooth(ctx),
+            Method::Hypernetwork => self.run_hypernetwork(ctx),
         }
     }
 

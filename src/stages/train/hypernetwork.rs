@@ -1,0 +1,448 @@
+//! `method = "hypernetwork"`: an A1111 hypernetwork (k and v MLPs per context width applied as
+//! `x + mlp(x)` to the context of the UNet attentions' keys and values) trained on the
+//! epsilon objective with the UNet and the text encoder frozen. Outputs `hypernetwork.pt` (the
+//! torch file A1111 loads from `models/hypernetworks`) and its safetensors twin.
+//!
+//! ```toml
+//! [stage.train.hypernetwork]
+//! sizes = [768]              # context widths (default: the text encoder's width)
+//! layer_structure = [1, 2, 1]
+//! activation = "linear"      # relu, leakyrelu, elu, swish (Hardswish), tanh, sigmoid, …
+//! layer_norm = false
+//! use_dropout = false        # or dropout_structure = [0, 0.1, 0]
+//! weight_init = "Normal"     # XavierUniform, XavierNormal, KaimingUniform, KaimingNormal
+//! ```
+//!
+//! Dropout masks come from the per-step seed, so a rerun (and a resumed run) is bit-identical.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::{Context as _, bail};
+use dfdx::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Batch, CheckpointState, Item, StepMethod, TrainParams, batch_context, checkpoint_dirs,
+    eval_loss, load_items, mix, save_checkpoint_with, schedule,
+};
+use crate::diffusion::UNet;
+use crate::diffusion::hypernetwork::HyperActivation;
+use crate::diffusion::nn::Tensor3;
+use crate::diffusion::pipeline::TextToImage;
+use crate::diffusion::schedulers::Ddpm;
+use crate::formats::HostTensor;
+use crate::formats::hypernetwork::{
+    Hypernetwork, HypernetworkConfig, read_hypernetwork, sequential_layout, write_hypernetwork_pt,
+    write_hypernetwork_safetensors,
+};
+use crate::stages::ParamError;
+use crate::stages::context::{StageContext, StageResult};
+use crate::stages::encode_latents::LatentsManifest;
+use crate::stages::model::open_checkpoint;
+use crate::train::hypernetwork::{HyperNet, apply_grads, install, loss_and_grads, param_grads};
+use crate::train::optim::{AdamW, AdamWConfig};
+
+/// `[stage.NAME.hypernetwork]`: A1111's hypernetwork settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HypernetworkParams {
+    /// Context widths to train modules for: the text encoder's width (768 for SD 1.x) feeds
+    /// the cross-attentions; a level's width (320/640/1280 in SD 1.x) its self-attentions.
+    /// Default: the text encoder's width.
+    #[serde(default)]
+    pub sizes: Option<Vec<usize>>,
+    /// Width multipliers of the MLP, starting and ending with 1.
+    #[serde(default = "default_layer_structure")]
+    pub layer_structure: Vec<f64>,
+    /// `linear`, `relu`, `leakyrelu`, `elu`, `swish` (A1111: Hardswish), `tanh`, `sigmoid`, …
+    #[serde(default = "default_activation")]
+    pub activation: String,
+    /// Apply the activation after the last linear too.
+    #[serde(default)]
+    pub activate_output: bool,
+    /// A LayerNorm after each linear (and its activation).
+    #[serde(default)]
+    pub layer_norm: bool,
+    /// A1111's "use dropout": 0.3 after the hidden layers (see `last_layer_dropout`).
+    #[serde(default)]
+    pub use_dropout: bool,
+    /// With `use_dropout`, dropout after the last hidden layer too.
+    #[serde(default)]
+    pub last_layer_dropout: bool,
+    /// Explicit dropout probabilities, one per `layer_structure` entry (first and last 0);
+    /// overrides `use_dropout`.
+    #[serde(default)]
+    pub dropout_structure: Option<Vec<f64>>,
+    /// `Normal` (std 0.01), `XavierUniform`, `XavierNormal`, `KaimingUniform`, `KaimingNormal`.
+    #[serde(default = "default_weight_init")]
+    pub weight_init: String,
+    /// The name stored in the file (default: the stage instance's name).
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl Default for HypernetworkParams {
+    fn default() -> Self {
+        HypernetworkParams {
+            sizes: None,
+            layer_structure: default_layer_structure(),
+            activation: default_activation(),
+            activate_output: false,
+            layer_norm: false,
+            use_dropout: false,
+            last_layer_dropout: false,
+            dropout_structure: None,
+            weight_init: default_weight_init(),
+            name: None,
+        }
+    }
+}
+
+fn default_layer_structure() -> Vec<f64> {
+    vec![1.0, 2.0, 1.0]
+}
+fn default_activation() -> String {
+    "linear".into()
+}
+fn default_weight_init() -> String {
+    "Normal".into()
+}
+
+const WEIGHT_INITS: [&str; 5] = [
+    "Normal",
+    "XavierUniform",
+    "XavierNormal",
+    "KaimingUniform",
+    "KaimingNormal",
+];
+
+impl HypernetworkParams {
+    /// The file's settings.
+    pub fn config(&self) -> HypernetworkConfig {
+        let explicit = self
+            .dropout_structure
+            .as_ref()
+            .is_some_and(|d| d.iter().any(|&p| p != 0.0));
+        HypernetworkConfig {
+            layer_structure: self.layer_structure.clone(),
+            activation_func: Some(self.activation.to_ascii_lowercase()),
+            is_layer_norm: self.layer_norm,
+            weight_initialization: self.weight_init.clone(),
+            activate_output: self.activate_output,
+            use_dropout: self.use_dropout || explicit,
+            dropout_structure: self.dropout_structure.clone(),
+            last_layer_dropout: self.last_layer_dropout,
+        }
+    }
+
+    pub(super) fn validate(&self) -> Result<(), ParamError> {
+        let ls = &self.layer_structure;
+        if ls.len() < 2
+            || ls[0] != 1.0
+            || ls[ls.len() - 1] != 1.0
+            || ls.iter().any(|&m| !(m.is_finite() && m > 0.0))
+        {
+            return Err(ParamError::new(
+                "hypernetwork.layer_structure",
+                format!("layer_structure {ls:?} must start and end with 1, with positive entries"),
+                "the default is [1, 2, 1]; A1111 also uses e.g. [1, 1.5, 1.5, 1]",
+            ));
+        }
+        if let Err(e) = HyperActivation::parse(Some(&self.activation)) {
+            return Err(ParamError::new(
+                "hypernetwork.activation",
+                e,
+                "linear is A1111's default; swish is A1111's Hardswish",
+            ));
+        }
+        if !WEIGHT_INITS.contains(&self.weight_init.as_str()) {
+            return Err(ParamError::new(
+                "hypernetwork.weight_init",
+                format!("weight_init `{}` is unknown", self.weight_init),
+                format!("use one of {}", WEIGHT_INITS.join(", ")),
+            ));
+        }
+        if let Some(d) = &self.dropout_structure {
+            let ok = d.len() == ls.len()
+                && d.first() == Some(&0.0)
+                && d.last() == Some(&0.0)
+                && d.iter().all(|&p| (0.0..1.0).contains(&p));
+            if !ok {
+                return Err(ParamError::new(
+                    "hypernetwork.dropout_structure",
+                    format!(
+                        "dropout_structure {d:?} must have one probability in [0, 1) per layer_structure entry ({}), starting and ending with 0",
+                        ls.len()
+                    ),
+                    "e.g. [0, 0.1, 0] for [1, 2, 1]",
+                ));
+            }
+        }
+        if let Some(sizes) = &self.sizes {
+            let mut sorted = sizes.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            if sizes.is_empty() || sizes.contains(&0) || sorted.len() != sizes.len() {
+                return Err(ParamError::new(
+                    "hypernetwork.sizes",
+                    format!("sizes {sizes:?} must be distinct positive context widths"),
+                    "e.g. [768] (SD 1.x cross-attention) or [768, 320, 640, 1280]",
+                ));
+            }
+        }
+        if let Err(e) = sequential_layout(8, &self.config()) {
+            return Err(ParamError::new(
+                "hypernetwork",
+                e,
+                "see A1111's hypernetwork settings",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl TrainParams {
+    pub(super) fn run_hypernetwork(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+        let settings = &ctx.pipeline.settings;
+        let hp = &self.hypernetwork;
+        let (_, lat_record) = ctx.upstream_of_kind("encode_latents")?;
+        let manifest: LatentsManifest = ctx.read_json(lat_record, "manifest.json")?;
+        if manifest.items.is_empty() {
+            bail!("the encode_latents stage has no items: the dataset has no images");
+        }
+        let items = load_items(ctx, &manifest)?;
+
+        let dev = Cpu::default();
+        let ckpt = open_checkpoint(settings)?;
+        let model_path = settings.base_model.clone().unwrap_or_default();
+        let t2i = TextToImage::load(&ckpt, settings.model_config.as_deref(), &dev)
+            .with_context(|| format!("loading {}", model_path.display()))?;
+        let mut contexts: HashMap<String, Tensor3<Cpu>> = HashMap::new();
+        for item in &items {
+            if !contexts.contains_key(&item.caption) {
+                let ids = t2i.tokenizer.encode(&item.caption)?.input_ids;
+                let c = t2i.models.text_encoder.encode(&[ids], self.clip_skip)?;
+                contexts.insert(item.caption.clone(), c);
+            }
+        }
+        let ddpm = Ddpm::new(&t2i.scheduler_config)?;
+        let scaling = manifest.scaling_factor as f32;
+        let mut unet = t2i.models.unet;
+
+        // The widths: the model must have each (a clear error before any work).
+        let available = unet.attention_context_widths();
+        let sizes = hp
+            .sizes
+            .clone()
+            .unwrap_or_else(|| vec![unet.config.cross_attention_dim]);
+        if let Some(w) = sizes.iter().find(|w| !available.contains(w)) {
+            bail!(
+                "hypernetwork.sizes: this model has no attention with context width {w}; its widths are {available:?} (the text encoder's width {} feeds the cross-attentions)",
+                unet.config.cross_attention_dim
+            );
+        }
+
+        let name = hp.name.clone().unwrap_or_else(|| ctx.instance.name.clone());
+        let mut template =
+            Hypernetwork::new(&name, hp.config(), &sizes, mix(settings.seed, 0x4e7, 0))
+                .map_err(anyhow::Error::msg)?;
+        template.sd_checkpoint = crate::sample::short_model_hash(&model_path).ok();
+        template.sd_checkpoint_name = model_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned());
+
+        let scratch = ctx.scratch()?;
+        let seed = settings.seed;
+        let (net, mut optimizer, mut state) = match load_checkpoint(&scratch, &template, &dev, ctx)?
+        {
+            Some(found) => found,
+            None => {
+                let cfg = AdamWConfig {
+                    weight_decay: self.weight_decay,
+                    ..AdamWConfig::default()
+                };
+                (
+                    HyperNet::from_host(&template, &dev)?,
+                    AdamW::new(&dev, cfg),
+                    CheckpointState {
+                        step: 0,
+                        losses: Vec::new(),
+                        eval_loss_before: f32::NAN,
+                    },
+                )
+            }
+        };
+        let trainable_params = net.num_params();
+        let resumed_from = state.step;
+        if state.step == 0 {
+            install(&mut unet, &[(&net, 1.0)], None)?;
+            state.eval_loss_before =
+                eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
+        } else {
+            ctx.progress.message(&format!(
+                "{}: resuming from the checkpoint at step {}",
+                ctx.instance.name, state.step
+            ));
+        }
+
+        let sched = schedule(self).map_err(anyhow::Error::msg)?;
+        let mut steps = HyperSteps {
+            unet: &mut unet,
+            ddpm: &ddpm,
+            items: &items,
+            contexts: &contexts,
+            net,
+            optimizer: &mut optimizer,
+            scratch: &scratch,
+            template: &template,
+            seed,
+            accumulation: self.gradient_accumulation as u64,
+            calls: state.step * self.gradient_accumulation as u64,
+        };
+        let wall_s = self.drive(
+            ctx,
+            "hypernetwork",
+            &mut state,
+            &items,
+            scaling,
+            seed,
+            &dev,
+            &sched,
+            &mut steps,
+        )?;
+        let net = steps.net;
+
+        install(&mut unet, &[(&net, 1.0)], None)?;
+        let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
+        let mut trained = net.to_host(&template);
+        trained.step = self.steps;
+        let pt = scratch.join("hypernetwork.pt");
+        write_hypernetwork_pt(&pt, &trained)
+            .with_context(|| format!("writing {}", pt.display()))?;
+        let st = scratch.join("hypernetwork.safetensors");
+        write_hypernetwork_safetensors(&st, &trained)
+            .with_context(|| format!("writing {}", st.display()))?;
+        let blob = ctx.store.put_file(&pt)?;
+
+        let metrics = self.metrics(
+            &state,
+            eval_after,
+            wall_s,
+            resumed_from,
+            blob.size,
+            trainable_params,
+        );
+        let mut result = self.result(ctx, &sched, &state, &metrics)?;
+        result.outputs.insert("hypernetwork.pt".into(), blob);
+        result
+            .outputs
+            .insert("hypernetwork.safetensors".into(), ctx.store.put_file(&st)?);
+        let structure: Vec<String> = hp.layer_structure.iter().map(|m| m.to_string()).collect();
+        result.summary = format!(
+            "hypernetwork `{name}` {sizes:?} {} {}: {} steps, eval loss {:.4} → {:.4}, {:.1} steps/s, {} KiB",
+            structure.join("-"),
+            hp.activation,
+            self.steps,
+            metrics.eval_loss_before,
+            metrics.eval_loss_after,
+            metrics.steps_per_s,
+            metrics.artifact_bytes / 1024
+        );
+        let _ = std::fs::remove_dir_all(scratch.join("checkpoints"));
+        Ok(result)
+    }
+}
+
+/// What a hypernetwork checkpoint restores: weights, optimiser, state.
+type HyperResume = (HyperNet<Cpu>, AdamW<Cpu>, CheckpointState);
+
+/// The newest readable checkpoint whose settings and widths are this run's.
+fn load_checkpoint(
+    scratch: &Path,
+    template: &Hypernetwork,
+    dev: &Cpu,
+    ctx: &StageContext<'_>,
+) -> anyhow::Result<Option<HyperResume>> {
+    for dir in checkpoint_dirs(scratch).into_iter().rev() {
+        let attempt = (|| -> anyhow::Result<HyperResume> {
+            let state: CheckpointState =
+                serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
+            let file = read_hypernetwork(&dir.join("hypernetwork.safetensors"))?;
+            if file.modules.keys().ne(template.modules.keys()) {
+                bail!(
+                    "checkpoint has widths {:?}, this run trains {:?}",
+                    file.modules.keys().collect::<Vec<_>>(),
+                    template.modules.keys().collect::<Vec<_>>()
+                );
+            }
+            let mut restored = template.clone();
+            restored.modules = file.modules;
+            let net = HyperNet::from_host(&restored, dev)?;
+            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+            Ok((net, optimizer, state))
+        })();
+        match attempt {
+            Ok(found) => return Ok(Some(found)),
+            Err(e) => ctx.progress.message(&format!(
+                "warning: checkpoint {} is unreadable ({e:#}); trying the previous one",
+                dir.display()
+            )),
+        }
+    }
+    Ok(None)
+}
+
+/// Hypernetwork: master weights here, copies hooked into the attentions for each micro-batch
+/// (with that micro-batch's dropout seed).
+struct HyperSteps<'a> {
+    unet: &'a mut UNet<Cpu>,
+    ddpm: &'a Ddpm,
+    items: &'a [Item],
+    contexts: &'a HashMap<String, Tensor3<Cpu>>,
+    net: HyperNet<Cpu>,
+    optimizer: &'a mut AdamW<Cpu>,
+    scratch: &'a Path,
+    template: &'a Hypernetwork,
+    seed: u64,
+    accumulation: u64,
+    /// Micro-batches done (the drive loop calls `grads` `accumulation` times per step).
+    calls: u64,
+}
+
+impl StepMethod for HyperSteps<'_> {
+    fn grads(&mut self, batch: &Batch) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+        let (step, micro) = (
+            self.calls / self.accumulation,
+            self.calls % self.accumulation,
+        );
+        self.calls += 1;
+        // A1111 trains at multiplier 1, dropout on.
+        let dropout_seed = mix(self.seed ^ 0xd80_9047, step, micro);
+        install(self.unet, &[(&self.net, 1.0)], Some(dropout_seed))?;
+        let context = batch_context(self.items, self.contexts, &batch.picked)?;
+        let (loss, mut grads) = loss_and_grads(
+            self.unet,
+            self.ddpm,
+            &batch.latents,
+            &batch.noise,
+            &batch.timesteps,
+            &context,
+        )?;
+        Ok((loss, param_grads(&self.net, &mut grads)?))
+    }
+
+    fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
+        Ok(apply_grads(&mut self.net, grads, self.optimizer, lr)?)
+    }
+
+    fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()> {
+        let mut file = self.net.to_host(self.template);
+        file.step = state.step;
+        save_checkpoint_with(self.scratch, state, |dir| {
+            write_hypernetwork_safetensors(&dir.join("hypernetwork.safetensors"), &file)?;
+            self.optimizer.save(&dir.join("optimizer.safetensors"))?;
+            Ok(())
+        })
+    }
+}
