@@ -88,7 +88,8 @@ pub enum TokenizerError {
     /// A placeholder token to add already exists as a single token.
     #[error(
         "token {token:?} already exists in the vocabulary (id {id}); pick a placeholder that is \
-         not a word of the vocabulary, e.g. \"<{token}>\""
+         not a word of the vocabulary, e.g. \"<{token}>\" (or allow it: textual inversion's \
+         `allow_existing_token = true` makes the embedding replace that word)"
     )]
     TokenExists {
         /// The token.
@@ -142,8 +143,11 @@ pub struct ClipTokenizer {
     eos_id: u32,
     pad_id: u32,
     max_length: usize,
-    /// Multi-vector placeholders: (token, [token, token_1, ...]), in the order added.
+    /// Placeholders: (token, [token, token_1, ...]) in the order added; a placeholder that
+    /// shadows an existing word is stored as `<word>` parts and matched as a whole word.
     placeholders: Vec<(String, Vec<String>)>,
+    /// Whether [`Tokenizer::add_placeholder`] may shadow an existing single-token word.
+    allow_existing: bool,
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -323,6 +327,7 @@ impl ClipTokenizer {
             pad_id: eos_id,
             max_length: DEFAULT_MAX_LENGTH,
             placeholders: Vec::new(),
+            allow_existing: false,
         })
     }
 
@@ -380,7 +385,9 @@ impl ClipTokenizer {
     pub fn expand_placeholders(&self, prompt: &str) -> String {
         let mut prompt = prompt.to_string();
         for (token, parts) in &self.placeholders {
-            if parts.len() > 1 && prompt.contains(token.as_str()) {
+            if parts[0] != *token {
+                prompt = replace_whole_word(&prompt, token, &parts.join(" "));
+            } else if parts.len() > 1 && prompt.contains(token.as_str()) {
                 prompt = prompt.replace(token.as_str(), &parts.join(" "));
             }
         }
@@ -471,6 +478,13 @@ impl ClipTokenizer {
         prompts.iter().map(|p| self.encode(p.as_ref())).collect()
     }
 
+    /// Lets [`Tokenizer::add_placeholder`] take a word that is already a single token: the
+    /// word (matched as a whole word, any case) then means the new token in every prompt, as
+    /// A1111 does with embeddings named after a word.
+    pub fn allow_existing_tokens(&mut self, on: bool) {
+        self.allow_existing = on;
+    }
+
     /// Adds new tokens (e.g. textual-inversion placeholders) and returns their ids, in order.
     /// Each must not already be a single token of the vocabulary (otherwise the new embedding
     /// would silently replace a real word). Added tokens are matched on the normalised
@@ -539,8 +553,14 @@ impl ClipTokenizer {
                 reason: "it was already added as a placeholder",
             });
         }
-        let parts: Vec<String> = std::iter::once(token.to_string())
-            .chain((1..num_vectors).map(|i| format!("{token}_{i}")))
+        // A word of the vocabulary, when allowed, is shadowed by an added `<word>` token.
+        let base = if self.allow_existing && self.existing_single_token(token).is_some() {
+            format!("<{}>", token.to_lowercase())
+        } else {
+            token.to_string()
+        };
+        let parts: Vec<String> = std::iter::once(base.clone())
+            .chain((1..num_vectors).map(|i| format!("{base}_{i}")))
             .collect();
         let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
         let ids = self.add_tokens(&refs)?;
@@ -567,6 +587,32 @@ impl ClipTokenizer {
     }
 }
 
+/// `text` with every whole-word, case-insensitive occurrence of `word` replaced by `with`
+/// (a word boundary is any character that is not alphanumeric or `_`).
+fn replace_whole_word(text: &str, word: &str, with: &str) -> String {
+    let lower = text.to_lowercase();
+    let needle = word.to_lowercase();
+    if needle.is_empty() || lower.len() != text.len() {
+        return text.to_string();
+    }
+    let is_word = |c: char| c.is_alphanumeric() || c == '_';
+    let mut out = String::with_capacity(text.len());
+    let mut last = 0;
+    for (at, _) in lower.match_indices(&needle) {
+        let end = at + needle.len();
+        let before = text[..at].chars().next_back();
+        let after = text[end..].chars().next();
+        if at < last || before.is_some_and(is_word) || after.is_some_and(is_word) {
+            continue;
+        }
+        out.push_str(&text[last..at]);
+        out.push_str(with);
+        last = end;
+    }
+    out.push_str(&text[last..]);
+    out
+}
+
 fn lookup(tokenizer: &Tokenizer, token: &'static str, origin: &str) -> Result<u32> {
     tokenizer
         .token_to_id(token)
@@ -574,4 +620,18 @@ fn lookup(tokenizer: &Tokenizer, token: &'static str, origin: &str) -> Result<u3
             origin: origin.to_string(),
             token,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::replace_whole_word;
+
+    #[test]
+    fn whole_words_only_any_case() {
+        assert_eq!(
+            replace_whole_word("a Dog and a dog, hotdog, dog_x dog", "dog", "<dog>"),
+            "a <dog> and a <dog>, hotdog, dog_x <dog>"
+        );
+        assert_eq!(replace_whole_word("no match", "dog", "<dog>"), "no match");
+    }
 }

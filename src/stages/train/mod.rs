@@ -132,6 +132,10 @@ pub struct TextualInversionParams {
     /// Vectors per token (A1111's "number of vectors per token").
     #[serde(default = "one")]
     pub num_vectors: usize,
+    /// Allow a `token` that is already one word of the vocabulary: the embedding then replaces
+    /// that word in every prompt.
+    #[serde(default)]
+    pub allow_existing_token: bool,
 }
 
 impl Default for TextualInversionParams {
@@ -140,6 +144,7 @@ impl Default for TextualInversionParams {
             token: None,
             init_word: default_init_word(),
             num_vectors: 1,
+            allow_existing_token: false,
         }
     }
 }
@@ -647,6 +652,7 @@ impl TrainParams {
             let row = content[i % content.len()] as usize;
             vectors.extend_from_slice(&table[row * d..(row + 1) * d]);
         }
+        t2i.tokenizer.allow_existing_tokens(ti.allow_existing_token);
         let new_ids = t2i
             .add_embedding(&token, &vectors)
             .with_context(|| format!("adding the token `{token}`"))?;
