@@ -5,6 +5,7 @@
 //! Everything here works on host-side [`HostTensor`]s (row-major f32 with a shape); model code
 //! turns them into device tensors.
 
+pub mod checkpoint;
 pub mod embedding;
 pub mod hypernetwork;
 pub mod lora;

@@ -505,6 +505,165 @@ pub fn vae_name(key: &str, levels: usize) -> Option<(String, bool)> {
     None
 }
 
+/// `norm1` → `in_layers.0` … inside a UNet ResNet (the inverse of `unet_resnet_part`).
+fn ldm_resnet_part(rest: &str) -> Option<String> {
+    const MAP: [(&str, &str); 6] = [
+        ("norm1.", "in_layers.0."),
+        ("conv1.", "in_layers.2."),
+        ("norm2.", "out_layers.0."),
+        ("conv2.", "out_layers.3."),
+        ("time_emb_proj.", "emb_layers.1."),
+        ("conv_shortcut.", "skip_connection."),
+    ];
+    MAP.iter()
+        .find_map(|(from, to)| rest.strip_prefix(from).map(|r| format!("{to}{r}")))
+}
+
+/// Splits `"3.rest"` into `(3, "rest")`.
+fn one_index(s: &str) -> Option<(usize, &str)> {
+    let (a, r) = s.split_once('.')?;
+    Some((a.parse().ok()?, r))
+}
+
+/// The original (LDM) key, without [`UNET_PREFIX`], of a diffusers UNet tensor name: the inverse
+/// of [`unet_name`]. `layers` is `layers_per_block`; `up_attention[i]` says whether up level `i`
+/// has attention (it decides whether the upsampler is the module `1` or `2` of its output
+/// block). `None` for names outside the SD 1.x layout.
+pub fn ldm_unet_key(name: &str, layers: usize, up_attention: &[bool]) -> Option<String> {
+    let l1 = layers + 1;
+    if let Some(r) = name.strip_prefix("time_embedding.linear_1.") {
+        return Some(format!("time_embed.0.{r}"));
+    }
+    if let Some(r) = name.strip_prefix("time_embedding.linear_2.") {
+        return Some(format!("time_embed.2.{r}"));
+    }
+    if let Some(r) = name.strip_prefix("conv_norm_out.") {
+        return Some(format!("out.0.{r}"));
+    }
+    if let Some(r) = name.strip_prefix("conv_out.") {
+        return Some(format!("out.2.{r}"));
+    }
+    if let Some(r) = name.strip_prefix("conv_in.") {
+        return Some(format!("input_blocks.0.0.{r}"));
+    }
+    if let Some(rest) = name.strip_prefix("down_blocks.") {
+        let (i, rest) = one_index(rest)?;
+        if let Some(r) = rest.strip_prefix("downsamplers.0.conv.") {
+            return Some(format!("input_blocks.{}.0.op.{r}", 1 + i * l1 + layers));
+        }
+        if let Some((j, r)) = rest.strip_prefix("resnets.").and_then(one_index) {
+            return (j < layers)
+                .then(|| ldm_resnet_part(r))
+                .flatten()
+                .map(|r| format!("input_blocks.{}.0.{r}", 1 + i * l1 + j));
+        }
+        if let Some((j, r)) = rest.strip_prefix("attentions.").and_then(one_index) {
+            return (j < layers).then(|| format!("input_blocks.{}.1.{r}", 1 + i * l1 + j));
+        }
+        return None;
+    }
+    if let Some(rest) = name.strip_prefix("mid_block.") {
+        if let Some(r) = rest.strip_prefix("attentions.0.") {
+            return Some(format!("middle_block.1.{r}"));
+        }
+        let (j, r) = rest.strip_prefix("resnets.").and_then(one_index)?;
+        let m = match j {
+            0 => 0,
+            1 => 2,
+            _ => return None,
+        };
+        return ldm_resnet_part(r).map(|r| format!("middle_block.{m}.{r}"));
+    }
+    if let Some(rest) = name.strip_prefix("up_blocks.") {
+        let (i, rest) = one_index(rest)?;
+        if let Some(r) = rest.strip_prefix("upsamplers.0.") {
+            let m = if *up_attention.get(i)? { 2 } else { 1 };
+            return Some(format!("output_blocks.{}.{m}.{r}", i * l1 + layers));
+        }
+        if let Some((j, r)) = rest.strip_prefix("resnets.").and_then(one_index) {
+            return (j < l1)
+                .then(|| ldm_resnet_part(r))
+                .flatten()
+                .map(|r| format!("output_blocks.{}.0.{r}", i * l1 + j));
+        }
+        if let Some((j, r)) = rest.strip_prefix("attentions.").and_then(one_index) {
+            return (j < l1).then(|| format!("output_blocks.{}.1.{r}", i * l1 + j));
+        }
+    }
+    None
+}
+
+/// The original (LDM) key, without [`VAE_PREFIX`], of a diffusers VAE tensor name for `levels`
+/// levels, and whether the original stores it as a 1x1 conv (`[c, c, 1, 1]`) where diffusers
+/// holds a linear weight (the mid-block attention projections): the inverse of [`vae_name`].
+pub fn ldm_vae_key(name: &str, levels: usize) -> Option<(String, bool)> {
+    let resnet = |r: &str| -> String {
+        match r.strip_prefix("conv_shortcut.") {
+            Some(r) => format!("nin_shortcut.{r}"),
+            None => r.to_string(),
+        }
+    };
+    if name.starts_with("quant_conv.") || name.starts_with("post_quant_conv.") {
+        return Some((name.to_string(), false));
+    }
+    for part in ["encoder", "decoder"] {
+        let Some(rest) = name.strip_prefix(part).and_then(|r| r.strip_prefix('.')) else {
+            continue;
+        };
+        if let Some(r) = rest.strip_prefix("conv_norm_out.") {
+            return Some((format!("{part}.norm_out.{r}"), false));
+        }
+        if rest.starts_with("conv_in.") || rest.starts_with("conv_out.") {
+            return Some((format!("{part}.{rest}"), false));
+        }
+        if let Some(r) = rest.strip_prefix("mid_block.resnets.0.") {
+            return Some((format!("{part}.mid.block_1.{}", resnet(r)), false));
+        }
+        if let Some(r) = rest.strip_prefix("mid_block.resnets.1.") {
+            return Some((format!("{part}.mid.block_2.{}", resnet(r)), false));
+        }
+        if let Some(r) = rest.strip_prefix("mid_block.attentions.0.") {
+            let (module, param) = r.rsplit_once('.')?;
+            let target = match module {
+                "group_norm" => "norm",
+                "to_q" => "q",
+                "to_k" => "k",
+                "to_v" => "v",
+                "to_out.0" => "proj_out",
+                _ => return None,
+            };
+            let unsqueeze = module != "group_norm" && param == "weight";
+            return Some((format!("{part}.mid.attn_1.{target}.{param}"), unsqueeze));
+        }
+        let (kind, ldm) = if part == "encoder" {
+            ("down_blocks.", "down")
+        } else {
+            ("up_blocks.", "up")
+        };
+        let (level, r) = rest.strip_prefix(kind).and_then(one_index)?;
+        if level >= levels {
+            return None;
+        }
+        // the decoder's levels are stored in reverse
+        let idx = if part == "decoder" {
+            levels - 1 - level
+        } else {
+            level
+        };
+        if let Some((j, r)) = r.strip_prefix("resnets.").and_then(one_index) {
+            return Some((format!("{part}.{ldm}.{idx}.block.{j}.{}", resnet(r)), false));
+        }
+        if let Some(r) = r.strip_prefix("downsamplers.0.") {
+            return Some((format!("{part}.{ldm}.{idx}.downsample.{r}"), false));
+        }
+        if let Some(r) = r.strip_prefix("upsamplers.0.") {
+            return Some((format!("{part}.{ldm}.{idx}.upsample.{r}"), false));
+        }
+        return None;
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -574,9 +733,24 @@ mod tests {
             ("out.0.weight", "conv_norm_out.weight"),
             ("out.2.bias", "conv_out.bias"),
         ];
+        // SD 1.5's up levels: no attention on the first (the lowest resolution)
+        let up_attention = [false, true, true, true];
         for (ldm, diffusers) in cases {
             assert_eq!(unet_name(ldm, 2).as_deref(), Some(diffusers), "{ldm}");
+            assert_eq!(
+                ldm_unet_key(diffusers, 2, &up_attention).as_deref(),
+                Some(ldm),
+                "{diffusers}"
+            );
         }
+        assert_eq!(
+            ldm_unet_key("down_blocks.0.resnets.2.conv1.weight", 2, &up_attention),
+            None
+        );
+        assert_eq!(
+            ldm_unet_key("up_blocks.9.upsamplers.0.conv.weight", 2, &up_attention),
+            None
+        );
     }
 
     #[test]
@@ -641,7 +815,16 @@ mod tests {
                 Some((diffusers.to_string(), squeeze)),
                 "{ldm}"
             );
+            assert_eq!(
+                ldm_vae_key(diffusers, 4),
+                Some((ldm.to_string(), squeeze)),
+                "{diffusers}"
+            );
         }
+        assert_eq!(
+            ldm_vae_key("encoder.down_blocks.4.resnets.0.conv1.weight", 4),
+            None
+        );
         assert_eq!(vae_name("loss.logvar", 4), None);
     }
 }
