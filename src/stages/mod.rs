@@ -4,6 +4,7 @@
 mod caption;
 mod context;
 mod encode_latents;
+mod merge;
 pub mod model;
 mod preprocess;
 mod sample_grid;
@@ -12,6 +13,7 @@ mod train;
 pub use caption::{CaptionItem, CaptionManifest, CaptionParams};
 pub use context::{Cancelled, StageContext, StageResult};
 pub use encode_latents::{EncodeLatentsParams, LatentItem, LatentsManifest};
+pub use merge::{MergeMode, MergeParams, RECIPE_KEY};
 pub use preprocess::{PreprocessItem, PreprocessManifest, PreprocessParams};
 pub use sample_grid::{GridCell, GridManifest, SampleGridParams};
 pub use train::{LoraParams, Method, TrainMetrics, TrainParams};
@@ -33,6 +35,7 @@ pub const KINDS: &[&str] = &[
     "encode_latents",
     "train",
     "sample_grid",
+    "merge",
 ];
 
 /// A parameter problem found after parsing, reported at the key `field` (dotted).
@@ -70,6 +73,8 @@ pub enum StageParams {
     SampleGrid(SampleGridParams),
     /// `kind = "train"`.
     Train(TrainParams),
+    /// `kind = "merge"`.
+    Merge(MergeParams),
 }
 
 impl StageParams {
@@ -83,6 +88,7 @@ impl StageParams {
             "encode_latents" => StageParams::EncodeLatents(Deserialize::deserialize(de)?),
             "sample_grid" => StageParams::SampleGrid(Deserialize::deserialize(de)?),
             "train" => StageParams::Train(Deserialize::deserialize(de)?),
+            "merge" => StageParams::Merge(Deserialize::deserialize(de)?),
             other => {
                 return Err(serde::de::Error::custom(format!(
                     "unknown stage kind `{other}`"
@@ -99,6 +105,7 @@ impl StageParams {
             StageParams::EncodeLatents(_) => "encode_latents",
             StageParams::SampleGrid(_) => "sample_grid",
             StageParams::Train(_) => "train",
+            StageParams::Merge(_) => "merge",
         }
     }
 
@@ -110,6 +117,7 @@ impl StageParams {
             StageParams::EncodeLatents(_) => encode_latents::VERSION,
             StageParams::SampleGrid(_) => sample_grid::VERSION,
             StageParams::Train(_) => train::VERSION,
+            StageParams::Merge(_) => merge::VERSION,
         }
     }
 
@@ -131,6 +139,7 @@ impl StageParams {
             StageParams::EncodeLatents(p) => p.validate(),
             StageParams::SampleGrid(p) => p.validate(),
             StageParams::Train(p) => p.validate(),
+            StageParams::Merge(p) => p.validate(),
         }
     }
 
@@ -146,6 +155,7 @@ impl StageParams {
                 p.normalize();
                 Ok(())
             }
+            StageParams::Merge(p) => p.normalize(dir),
             StageParams::EncodeLatents(_) | StageParams::SampleGrid(_) => Ok(()),
         }
     }
@@ -159,6 +169,7 @@ impl StageParams {
             StageParams::EncodeLatents(p) => p.key_params(settings),
             StageParams::SampleGrid(p) => p.key_params(settings),
             StageParams::Train(p) => p.key_params(settings),
+            StageParams::Merge(p) => p.key_params(settings),
         }
     }
 
@@ -180,15 +191,19 @@ impl StageParams {
             StageParams::Train(_) => {
                 model::model_inputs(settings, hasher, TrainParams::components())
             }
+            StageParams::Merge(p) => p.inputs(settings, hasher),
         }
     }
 
     /// Whether the stage reads `[pipeline] base_model`.
     pub fn uses_model(&self) -> bool {
-        matches!(
-            self,
-            StageParams::EncodeLatents(_) | StageParams::SampleGrid(_) | StageParams::Train(_)
-        )
+        match self {
+            StageParams::Merge(p) => p.uses_model(),
+            _ => matches!(
+                self,
+                StageParams::EncodeLatents(_) | StageParams::SampleGrid(_) | StageParams::Train(_)
+            ),
+        }
     }
 
     /// Files and folders `watch` should observe.
@@ -198,7 +213,8 @@ impl StageParams {
             StageParams::Preprocess(_)
             | StageParams::EncodeLatents(_)
             | StageParams::SampleGrid(_)
-            | StageParams::Train(_) => Vec::new(),
+            | StageParams::Train(_)
+            | StageParams::Merge(_) => Vec::new(),
         }
     }
 
@@ -210,6 +226,7 @@ impl StageParams {
             StageParams::EncodeLatents(p) => p.run(ctx),
             StageParams::SampleGrid(p) => p.run(ctx),
             StageParams::Train(p) => p.run(ctx),
+            StageParams::Merge(p) => p.run(ctx),
         }
     }
 }
