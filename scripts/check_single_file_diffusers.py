@@ -31,8 +31,10 @@ def main():
     vae = convert_ldm_vae_checkpoint(sd, ref.vae.config)
     clip = convert_ldm_clip_checkpoint(sd)
     for name, converted, model in [("unet", unet, ref.unet), ("vae", vae, ref.vae), ("text_encoder", clip, ref.text_encoder)]:
-        want = set(model.state_dict().keys())
-        got = set(converted.keys())
+        # transformers 5 drops CLIPTextModel's `text_model.` prefix from its state dict
+        strip = lambda k: k[len("text_model."):] if k.startswith("text_model.") else k
+        want = {strip(k) for k in model.state_dict().keys()}
+        got = {strip(k) for k in converted.keys()}
         missing = sorted(want - got)
         unexpected = sorted(got - want)
         # transformers keeps position_ids as a non-persistent buffer in recent versions

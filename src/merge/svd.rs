@@ -206,3 +206,29 @@ mod tests {
         assert_eq!(down.data, vec![0.5, 1.5]);
     }
 }
+
+#[cfg(test)]
+mod timing {
+    use super::*;
+
+    /// SD 1.5's largest LoRA-able shapes; run with `--ignored --nocapture` to see the cost.
+    #[test]
+    #[ignore]
+    fn sd15_sizes() {
+        for (m, n, r) in [
+            (320, 768, 32),
+            (1280, 1280, 32),
+            (1280, 5120, 32),
+            (1280, 11520, 32),
+        ] {
+            let a = crate::formats::InitRng::new(1).normal(m * n, 0.01);
+            let t = std::time::Instant::now();
+            let lr = low_rank(&a, m, n, r, 0);
+            println!(
+                "{m}x{n} rank {r}: {:.2} s ({})",
+                t.elapsed().as_secs_f64(),
+                if lr.exact { "exact" } else { "randomised" }
+            );
+        }
+    }
+}

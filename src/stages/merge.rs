@@ -440,6 +440,17 @@ impl MergeParams {
         let mut recipe_inputs = Vec::new();
         let mut result = StageResult::default();
         let mode = self.mode.name();
+        // every named stage must be upstream with the right output, before any heavy reading
+        for (field, file, sources) in [
+            ("models", "model.safetensors", self.model_sources()),
+            ("loras", "lora.safetensors", Self::sources(&self.loras)),
+        ] {
+            for src in sources {
+                if let Origin::Stage(name) = &src.origin {
+                    output(upstream_record(ctx, name, file, field)?, name, file)?;
+                }
+            }
+        }
 
         // The checkpoints, opened (memory-mapped) and described.
         let mut checkpoints = Vec::new();
@@ -537,8 +548,8 @@ impl MergeParams {
             let blob = ctx.store.put_file(&out)?;
             let _ = std::fs::remove_file(&out);
             summary = format!(
-                "{mode}: {detail} → model.safetensors ({:?}, {:.1} MiB)",
-                self.dtype,
+                "{mode}: {detail} → model.safetensors ({}, {:.1} MiB)",
+                self.dtype.name(),
                 blob.size as f64 / (1 << 20) as f64
             );
             result.outputs.insert("model.safetensors".into(), blob);
