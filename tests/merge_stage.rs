@@ -74,6 +74,22 @@ needs = ["train"]
 mode = "combine_loras"
 loras = ["train:0.25", "train:0.75"]
 
+[stage.avg]
+kind = "merge"
+needs = ["baked"]
+mode = "weighted_sum"
+models = ["base", "baked"]
+alpha = 0.25
+dtype = "f32"
+
+[stage.diff]
+kind = "merge"
+needs = ["baked"]
+mode = "add_difference"
+models = ["base", "baked", "base"]
+alpha = 0.5
+dtype = "f32"
+
 [stage.grid]
 kind = "sample_grid"
 needs = ["train", "baked"]
@@ -178,6 +194,43 @@ fn lora_baked_extracted_combined_and_sampled_as_a_checkpoint_row() {
     .unwrap();
     assert_eq!(recipe["mode"], "combine_loras");
     assert_eq!(recipe["inputs"].as_array().unwrap().len(), 2);
+
+    // weighted sum and add difference of the base and the baked checkpoint
+    let open = |path: std::path::PathBuf| {
+        let ckpt = sdpipe::diffusion::Checkpoint::open(path)
+            .unwrap()
+            .with_configs_from(format!("{}/tiny-sd", fixtures()))
+            .unwrap();
+        sdpipe::formats::checkpoint::ModelTensors::read(&ckpt).unwrap()
+    };
+    let base = open(format!("{}/tiny-sd", fixtures()).into());
+    let baked = open(model);
+    let avg = open(p.path("outputs/t/avg/model.safetensors"));
+    let diff = open(p.path("outputs/t/diff/model.safetensors"));
+    let q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight";
+    assert_ne!(base.unet[q], baked.unet[q]);
+    let mut worst = 0.0f32;
+    for (name, b) in &base.unet {
+        let k = &baked.unet[name];
+        for (i, (x, y)) in b.data.iter().zip(&k.data).enumerate() {
+            let want_avg = 0.75 * x + 0.25 * y;
+            let want_diff = x + 0.5 * (y - x);
+            worst = worst
+                .max((avg.unet[name].data[i] - want_avg).abs())
+                .max((diff.unet[name].data[i] - want_diff).abs());
+        }
+    }
+    println!("weighted_sum / add_difference: max abs error {worst:e}");
+    assert!(worst <= 1e-6, "{worst}");
+    let vae_change = avg
+        .vae
+        .iter()
+        .map(|(k, t)| t.max_abs_diff(&base.vae[k]))
+        .fold(0.0, f32::max);
+    assert!(
+        vae_change <= 1e-6,
+        "the VAE is the same on both sides: {vae_change}"
+    );
 }
 
 #[test]

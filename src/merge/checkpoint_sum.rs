@@ -42,85 +42,80 @@ fn check(name: &str, part: &str, a: &HostTensor, other: &str, b: &HostTensor) ->
     Ok(())
 }
 
-/// `(1 − alpha)·A + alpha·B`.
-pub fn weighted_sum(
-    a: &ModelTensors,
-    b: &ModelTensors,
-    alpha: f32,
-) -> Result<(ModelTensors, SumReport)> {
+/// `A ← (1 − alpha)·A + alpha·B`, in place (one model's worth of memory less).
+pub fn weighted_sum(a: &mut ModelTensors, b: &ModelTensors, alpha: f32) -> Result<SumReport> {
     combine(a, b, None, |x, y, _| (1.0 - alpha) * x + alpha * y)
 }
 
-/// `A + alpha·(B − C)`.
+/// `A ← A + alpha·(B − C)`, in place.
 pub fn add_difference(
-    a: &ModelTensors,
+    a: &mut ModelTensors,
     b: &ModelTensors,
     c: &ModelTensors,
     alpha: f32,
-) -> Result<(ModelTensors, SumReport)> {
+) -> Result<SumReport> {
     combine(a, b, Some(c), |x, y, z| x + (y - z) * alpha)
 }
 
+fn parts_mut(m: &mut ModelTensors) -> [(&'static str, &mut BTreeMap<String, HostTensor>); 3] {
+    [
+        ("unet", &mut m.unet),
+        ("vae", &mut m.vae),
+        ("text_encoder", &mut m.text_encoder),
+    ]
+}
+
 fn combine(
-    a: &ModelTensors,
+    a: &mut ModelTensors,
     b: &ModelTensors,
     c: Option<&ModelTensors>,
     f: impl Fn(f32, f32, f32) -> f32,
-) -> Result<(ModelTensors, SumReport)> {
-    let mut out = ModelTensors::default();
+) -> Result<SumReport> {
     let mut report = SumReport::default();
+    // check every shape first, so an error leaves A untouched
     let c_parts = c.map(parts);
     for (i, ((part, ta), (_, tb))) in parts(a).into_iter().zip(parts(b)).enumerate() {
-        let tc = c_parts.as_ref().map(|p| p[i].1);
-        let dest = match i {
-            0 => &mut out.unet,
-            1 => &mut out.vae,
-            _ => &mut out.text_encoder,
-        };
-        report.only_in_b += tb.keys().filter(|k| !ta.contains_key(*k)).count();
         for (name, x) in ta {
+            if let Some(y) = tb.get(name) {
+                check(name, part, x, "B", y)?;
+                if let Some(z) = c_parts.as_ref().and_then(|p| p[i].1.get(name)) {
+                    check(name, part, x, "C", z)?;
+                }
+            }
+        }
+    }
+    for (i, ((_, ta), (_, tb))) in parts_mut(a).into_iter().zip(parts(b)).enumerate() {
+        let tc = c_parts.as_ref().map(|p| p[i].1);
+        report.only_in_b += tb.keys().filter(|k| !ta.contains_key(*k)).count();
+        for (name, x) in ta.iter_mut() {
             let Some(y) = tb.get(name) else {
-                dest.insert(name.clone(), x.clone());
                 report.kept_from_a += 1;
                 continue;
             };
-            check(name, part, x, "B", y)?;
-            let data = match tc {
+            match tc {
                 None => x
                     .data
-                    .iter()
+                    .iter_mut()
                     .zip(&y.data)
-                    .map(|(x, y)| f(*x, *y, 0.0))
-                    .collect(),
+                    .for_each(|(x, y)| *x = f(*x, *y, 0.0)),
                 Some(tc) => match tc.get(name) {
-                    Some(z) => {
-                        check(name, part, x, "C", z)?;
-                        x.data
-                            .iter()
-                            .zip(&y.data)
-                            .zip(&z.data)
-                            .map(|((x, y), z)| f(*x, *y, *z))
-                            .collect()
-                    }
+                    Some(z) => x
+                        .data
+                        .iter_mut()
+                        .zip(&y.data)
+                        .zip(&z.data)
+                        .for_each(|((x, y), z)| *x = f(*x, *y, *z)),
                     None => {
                         // A1111: no C tensor means no difference
-                        dest.insert(name.clone(), x.clone());
                         report.kept_from_a += 1;
                         continue;
                     }
                 },
-            };
-            dest.insert(
-                name.clone(),
-                HostTensor {
-                    shape: x.shape.clone(),
-                    data,
-                },
-            );
+            }
             report.merged += 1;
         }
     }
-    Ok((out, report))
+    Ok(report)
 }
 
 #[cfg(test)]
@@ -143,7 +138,8 @@ mod tests {
         let a = model(&[("x", vec![1.0, 2.0]), ("only_a", vec![5.0])]);
         let b = model(&[("x", vec![3.0, -2.0]), ("only_b", vec![7.0])]);
         let c = model(&[("x", vec![1.0, 1.0])]);
-        let (m, r) = weighted_sum(&a, &b, 0.25).unwrap();
+        let mut m = a.clone();
+        let r = weighted_sum(&mut m, &b, 0.25).unwrap();
         assert_eq!(m.unet["x"].data, vec![1.5, 1.0]);
         assert_eq!(m.unet["only_a"].data, vec![5.0]);
         assert!(!m.unet.contains_key("only_b"));
@@ -155,24 +151,25 @@ mod tests {
                 only_in_b: 1
             }
         );
-        let (m, _) = add_difference(&a, &b, &c, 0.5).unwrap();
+        let mut m = a.clone();
+        add_difference(&mut m, &b, &c, 0.5).unwrap();
         assert_eq!(m.unet["x"].data, vec![2.0, 0.5]);
         // α = 0 gives A, weighted α = 1 gives B
-        assert_eq!(
-            weighted_sum(&a, &b, 1.0).unwrap().0.unet["x"].data,
-            vec![3.0, -2.0]
-        );
-        assert_eq!(
-            add_difference(&a, &b, &c, 0.0).unwrap().0.unet["x"].data,
-            vec![1.0, 2.0]
-        );
+        let mut m = a.clone();
+        weighted_sum(&mut m, &b, 1.0).unwrap();
+        assert_eq!(m.unet["x"].data, vec![3.0, -2.0]);
+        let mut m = a.clone();
+        add_difference(&mut m, &b, &c, 0.0).unwrap();
+        assert_eq!(m.unet["x"].data, vec![1.0, 2.0]);
     }
 
     #[test]
     fn mismatched_shapes_name_the_tensor() {
         let a = model(&[("down.x", vec![1.0, 2.0])]);
         let b = model(&[("down.x", vec![1.0, 2.0, 3.0])]);
-        let err = weighted_sum(&a, &b, 0.5).unwrap_err().to_string();
+        let mut m = a.clone();
+        let err = weighted_sum(&mut m, &b, 0.5).unwrap_err().to_string();
+        assert_eq!(m, a, "A is untouched on error");
         assert!(
             err.contains("down.x") && err.contains("[2]") && err.contains("[3]"),
             "{err}"

@@ -222,8 +222,7 @@ impl MergeParams {
             }
         }
         let models = Self::sources(&self.models);
-        if let Some(s) = models.iter().find(|s| s.weight.is_some()) {
-            let _ = s;
+        if models.iter().any(|s| s.weight.is_some()) {
             return Err(ParamError::new(
                 "models",
                 "checkpoint sources take no `:WEIGHT`",
@@ -297,10 +296,7 @@ impl MergeParams {
                 )?;
             }
         }
-        if !self.mode.writes_model()
-            && !self.models.is_empty()
-            && self.mode != MergeMode::ExtractLora
-        {
+        if self.mode == MergeMode::CombineLoras && !self.models.is_empty() {
             return Err(ParamError::new(
                 "models",
                 format!("{mode} takes no `models`"),
@@ -506,8 +502,7 @@ impl MergeParams {
                 MergeMode::WeightedSum => {
                     let alpha = self.alpha.unwrap_or(0.5);
                     let b = read(&checkpoints[1])?;
-                    let (m, report) = weighted_sum(&a, &b, alpha)?;
-                    a = m;
+                    let report = weighted_sum(&mut a, &b, alpha)?;
                     recipe["alpha"] = alpha.into();
                     format!(
                         "(1 − {alpha})·A + {alpha}·B over {} tensors ({} kept from A)",
@@ -518,8 +513,7 @@ impl MergeParams {
                     let alpha = self.alpha.unwrap_or(1.0);
                     let b = read(&checkpoints[1])?;
                     let c = read(&checkpoints[2])?;
-                    let (m, report) = add_difference(&a, &b, &c, alpha)?;
-                    a = m;
+                    let report = add_difference(&mut a, &b, &c, alpha)?;
                     recipe["alpha"] = alpha.into();
                     format!(
                         "A + {alpha}·(B − C) over {} tensors ({} kept from A)",
