@@ -29,6 +29,23 @@ pub fn known_modules(model: &ModelTensors) -> KnownModules {
     known
 }
 
+/// [`known_modules`] from a checkpoint's tensor shapes alone (nothing is read).
+pub fn known_modules_of(ckpt: &crate::diffusion::Checkpoint) -> KnownModules {
+    let shapes = |store: &crate::diffusion::weights::WeightStore, prefix: &str| {
+        store
+            .names()
+            .filter_map(|n| store.shape(n).map(|s| (format!("{prefix}{n}"), s)))
+            .collect::<Vec<_>>()
+    };
+    let unet = shapes(ckpt.unet_weights(), "");
+    let te = shapes(ckpt.text_encoder_weights(), "text_model.");
+    let mut known =
+        KnownModules::from_weights(unet.iter().map(|(k, s)| (k.as_str(), s.as_slice())));
+    known.text_encoder =
+        KnownModules::from_weights(te.iter().map(|(k, s)| (k.as_str(), s.as_slice()))).text_encoder;
+    known
+}
+
 /// The key, in [`ModelTensors`], of the weight a module changes (`<path>.weight`; the text
 /// encoder's without `text_model.`).
 pub fn weight_of_module(component: LoraComponent, module: &str) -> String {
@@ -157,6 +174,20 @@ mod tests {
             down: HostTensor::new(down_shape, down).unwrap(),
             alpha,
         }
+    }
+
+    #[test]
+    fn known_modules_from_shapes_equal_those_from_tensors() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
+        let ckpt = crate::diffusion::Checkpoint::open(dir).unwrap();
+        let a = known_modules_of(&ckpt);
+        let b = known_modules(&ModelTensors::read(&ckpt).unwrap());
+        assert_eq!(a.unet, b.unet);
+        assert_eq!(a.text_encoder, b.text_encoder);
+        assert!(
+            a.text_encoder
+                .contains_key("text_model.encoder.layers.0.self_attn.q_proj")
+        );
     }
 
     #[test]

@@ -19,7 +19,7 @@ pub mod svd;
 pub use checkpoint_sum::{SumReport, add_difference, weighted_sum};
 pub use combine_loras::{CombineMethod, combine_loras};
 pub use extract_lora::{ExtractOptions, ExtractReport, ExtractTargets, extract_lora};
-pub use lora_into_checkpoint::{known_modules, merge_loras, weight_of_module};
+pub use lora_into_checkpoint::{known_modules, known_modules_of, merge_loras, weight_of_module};
 pub use svd::{LowRank, clamp_quantile, low_rank};
 
 /// Errors of the merge operations; each names the LoRA, module or tensor concerned.

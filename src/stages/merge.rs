@@ -40,7 +40,7 @@ use crate::formats::checkpoint::{ModelTensors, SaveDtype, write_single_file};
 use crate::formats::lora::{KohyaMetadata, LoraNetwork, read_lora, write_kohya};
 use crate::merge::{
     CombineMethod, ExtractOptions, ExtractTargets, add_difference, combine_loras, extract_lora,
-    known_modules, merge_loras, weighted_sum,
+    known_modules, known_modules_of, merge_loras, weighted_sum,
 };
 use crate::pipeline::PipelineSettings;
 
@@ -551,9 +551,7 @@ impl MergeParams {
             let (network, detail) = match self.mode {
                 MergeMode::CombineLoras => {
                     let known = match &settings.base_model {
-                        Some(_) => Some(known_modules(&ModelTensors::read(&open_checkpoint(
-                            settings,
-                        )?)?)),
+                        Some(_) => Some(known_modules_of(&open_checkpoint(settings)?)),
                         None => None,
                     };
                     let loras = load_loras(known.as_ref(), &mut recipe_inputs)?;
