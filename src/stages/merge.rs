@@ -610,10 +610,28 @@ impl MergeParams {
             }
             recipe["clamp_quantile"] = self.clamp_quantile.into();
             let recipe_text = canonical_json(&recipe);
+            let mut extra: BTreeMap<String, String> =
+                [(RECIPE_KEY.to_string(), recipe_text.clone())].into();
+            if let Some(c) = self.conv_rank {
+                // kohya's LoCon arguments, which loaders read for the conv modules' scale
+                let conv_alpha = self.network_alpha.unwrap_or(c as f32);
+                extra.insert(
+                    "ss_network_args".into(),
+                    serde_json::json!({"conv_dim": c.to_string(), "conv_alpha": conv_alpha.to_string()})
+                        .to_string(),
+                );
+            }
+            let base_file = settings.base_model.as_ref().filter(|p| p.is_file());
             let meta = KohyaMetadata {
+                base_model_name: settings
+                    .base_model
+                    .as_ref()
+                    .and_then(|p| p.file_stem())
+                    .map(|s| s.to_string_lossy().into_owned()),
+                base_model_hash: base_file.and_then(|p| crate::sample::short_model_hash(p).ok()),
                 output_name: Some(ctx.instance.name.clone()),
                 training_comment: Some(format!("sdpipe merge ({mode})")),
-                extra: [(RECIPE_KEY.to_string(), recipe_text.clone())].into(),
+                extra,
                 ..KohyaMetadata::default()
             };
             let out = scratch.join("lora.safetensors");
