@@ -12,6 +12,7 @@ pub mod diffusion;
 pub mod engine;
 pub mod formats;
 pub mod image;
+pub mod merge;
 pub mod pipeline;
 pub mod render;
 pub mod sample;

@@ -48,6 +48,14 @@ pub enum SaveDtype {
 }
 
 impl SaveDtype {
+    /// `"f32"` or `"f16"`, as written in stage parameters.
+    pub fn name(self) -> &'static str {
+        match self {
+            SaveDtype::F32 => "f32",
+            SaveDtype::F16 => "f16",
+        }
+    }
+
     fn safetensors_name(self) -> &'static str {
         match self {
             SaveDtype::F32 => "F32",

@@ -5,6 +5,7 @@ mod caption;
 mod class_images;
 mod context;
 mod encode_latents;
+mod merge;
 pub mod model;
 mod preprocess;
 mod sample_grid;
@@ -14,6 +15,7 @@ pub use caption::{CaptionItem, CaptionManifest, CaptionParams};
 pub use class_images::ClassImagesParams;
 pub use context::{Cancelled, StageContext, StageResult};
 pub use encode_latents::{EncodeLatentsParams, LatentItem, LatentsManifest};
+pub use merge::{MergeMode, MergeParams, RECIPE_KEY};
 pub use preprocess::{PreprocessItem, PreprocessManifest, PreprocessParams};
 pub use sample_grid::{GridCell, GridManifest, SampleGridParams};
 pub use train::{DreamboothParams, LoraParams, Method, TrainMetrics, TrainParams};
@@ -36,6 +38,7 @@ pub const KINDS: &[&str] = &[
     "train",
     "sample_grid",
     "class_images",
+    "merge",
 ];
 
 /// A parameter problem found after parsing, reported at the key `field` (dotted).
@@ -75,6 +78,8 @@ pub enum StageParams {
     Train(TrainParams),
     /// `kind = "class_images"`.
     ClassImages(ClassImagesParams),
+    /// `kind = "merge"`.
+    Merge(MergeParams),
 }
 
 impl StageParams {
@@ -89,6 +94,7 @@ impl StageParams {
             "sample_grid" => StageParams::SampleGrid(Deserialize::deserialize(de)?),
             "class_images" => StageParams::ClassImages(Deserialize::deserialize(de)?),
             "train" => StageParams::Train(Deserialize::deserialize(de)?),
+            "merge" => StageParams::Merge(Deserialize::deserialize(de)?),
             other => {
                 return Err(serde::de::Error::custom(format!(
                     "unknown stage kind `{other}`"
@@ -106,6 +112,7 @@ impl StageParams {
             StageParams::SampleGrid(_) => "sample_grid",
             StageParams::Train(_) => "train",
             StageParams::ClassImages(_) => "class_images",
+            StageParams::Merge(_) => "merge",
         }
     }
 
@@ -118,6 +125,7 @@ impl StageParams {
             StageParams::SampleGrid(_) => sample_grid::VERSION,
             StageParams::Train(_) => train::VERSION,
             StageParams::ClassImages(_) => class_images::VERSION,
+            StageParams::Merge(_) => merge::VERSION,
         }
     }
 
@@ -140,6 +148,7 @@ impl StageParams {
             StageParams::SampleGrid(p) => p.validate(),
             StageParams::Train(p) => p.validate(),
             StageParams::ClassImages(p) => p.validate(),
+            StageParams::Merge(p) => p.validate(),
         }
     }
 
@@ -155,6 +164,7 @@ impl StageParams {
                 p.normalize();
                 Ok(())
             }
+            StageParams::Merge(p) => p.normalize(dir),
             StageParams::EncodeLatents(_)
             | StageParams::SampleGrid(_)
             | StageParams::ClassImages(_) => Ok(()),
@@ -171,6 +181,7 @@ impl StageParams {
             StageParams::SampleGrid(p) => p.key_params(settings),
             StageParams::Train(p) => p.key_params(settings),
             StageParams::ClassImages(p) => p.key_params(settings),
+            StageParams::Merge(p) => p.key_params(settings),
         }
     }
 
@@ -195,18 +206,22 @@ impl StageParams {
             StageParams::ClassImages(_) => {
                 model::model_inputs(settings, hasher, ClassImagesParams::components())
             }
+            StageParams::Merge(p) => p.inputs(settings, hasher),
         }
     }
 
     /// Whether the stage reads `[pipeline] base_model`.
     pub fn uses_model(&self) -> bool {
-        matches!(
-            self,
-            StageParams::EncodeLatents(_)
-                | StageParams::SampleGrid(_)
-                | StageParams::Train(_)
-                | StageParams::ClassImages(_)
-        )
+        match self {
+            StageParams::Merge(p) => p.uses_model(),
+            _ => matches!(
+                self,
+                StageParams::EncodeLatents(_)
+                    | StageParams::SampleGrid(_)
+                    | StageParams::Train(_)
+                    | StageParams::ClassImages(_)
+            ),
+        }
     }
 
     /// Files and folders `watch` should observe.
@@ -217,7 +232,8 @@ impl StageParams {
             | StageParams::EncodeLatents(_)
             | StageParams::SampleGrid(_)
             | StageParams::Train(_)
-            | StageParams::ClassImages(_) => Vec::new(),
+            | StageParams::ClassImages(_)
+            | StageParams::Merge(_) => Vec::new(),
         }
     }
 
@@ -230,6 +246,7 @@ impl StageParams {
             StageParams::SampleGrid(p) => p.run(ctx),
             StageParams::Train(p) => p.run(ctx),
             StageParams::ClassImages(p) => p.run(ctx),
+            StageParams::Merge(p) => p.run(ctx),
         }
     }
 }

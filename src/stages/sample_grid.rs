@@ -193,15 +193,19 @@ impl SampleGridParams {
         let mut loras: Vec<Option<BlobRef>> = vec![None];
         let mut embeddings: Vec<Option<BlobRef>> = vec![None];
         let mut hypernets: Vec<Option<BlobRef>> = vec![None];
+        // a whole checkpoint (DreamBooth, merge) replaces the base model for its row
+        let mut checkpoints: Vec<Option<BlobRef>> = vec![None];
         for (instance, record) in &ctx.upstream {
             let lora = record.outputs.get("lora.safetensors");
             let embedding = record.outputs.get("embedding.safetensors");
             let hypernet = record.outputs.get("hypernetwork.pt");
-            if lora.is_some() || embedding.is_some() || hypernet.is_some() {
+            let checkpoint = record.outputs.get("model.safetensors");
+            if lora.is_some() || embedding.is_some() || hypernet.is_some() || checkpoint.is_some() {
                 variants.push(instance.name.clone());
                 loras.push(lora.cloned());
                 embeddings.push(embedding.cloned());
                 hypernets.push(hypernet.cloned());
+                checkpoints.push(checkpoint.cloned());
             }
         }
         // Each prompt: the text the model sees, and its tags resolved to upstream files.
@@ -241,6 +245,7 @@ impl SampleGridParams {
                 .as_ref()
                 .or(embeddings[vi].as_ref())
                 .or(hypernets[vi].as_ref())
+                .or(checkpoints[vi].as_ref())
                 .map_or("base".to_string(), |b| b.digest.clone())
         };
         let cell_key = |vi: usize, pi: usize, seed: u64| {
@@ -291,6 +296,15 @@ impl SampleGridParams {
         } else {
             None
         };
+        // A1111's short hash of each row checkpoint, for the infotext
+        let checkpoint_hashes: Vec<Option<String>> = checkpoints
+            .iter()
+            .map(|c| {
+                c.as_ref().filter(|_| todo > 0).and_then(|b| {
+                    crate::sample::short_model_hash(&ctx.store.blob_path(&b.digest)).ok()
+                })
+            })
+            .collect();
         let model_name = model_path
             .file_stem()
             .map(|s| s.to_string_lossy().into_owned());
@@ -328,8 +342,16 @@ impl SampleGridParams {
                 .as_ref()
                 .is_none_or(|((v, p), _)| v != vi || !same_tags(*p, *pi))
             {
-                // Each variant starts from the untouched base model.
-                let mut t2i = base.clone();
+                // Each variant starts from the untouched base model, or its own checkpoint.
+                let mut t2i = match &checkpoints[*vi] {
+                    Some(blob) => {
+                        let ckpt = super::merge::open_model_blob(ctx, blob)?;
+                        let config_dir = super::merge::config_dir(settings);
+                        TextToImage::load(&ckpt, config_dir.as_deref(), &dev)
+                            .with_context(|| format!("loading the model of {}", variants[*vi]))?
+                    }
+                    None => base.clone(),
+                };
                 if let Some(blob) = &loras[*vi] {
                     let tmp = tempfile::Builder::new().suffix(".safetensors").tempfile()?;
                     std::fs::write(tmp.path(), ctx.store.read_blob(blob)?)?;
@@ -419,8 +441,14 @@ impl SampleGridParams {
                 seed,
                 width: w as u32,
                 height: h as u32,
-                model_hash: model_hash.clone(),
-                model: model_name.clone(),
+                model_hash: match &checkpoints[*vi] {
+                    Some(_) => checkpoint_hashes[*vi].clone(),
+                    None => model_hash.clone(),
+                },
+                model: match &checkpoints[*vi] {
+                    Some(_) => Some(variants[*vi].clone()),
+                    None => model_name.clone(),
+                },
                 extra: {
                     let mut extra = Vec::new();
                     if self.clip_skip > 0 {

@@ -753,6 +753,156 @@ mod tests {
         );
     }
 
+    /// Every key of SD 1.5's original UNet and VAE (as in `v1-5-pruned-emaonly`), generated
+    /// from its layout: each maps to a distinct diffusers name and back to itself.
+    #[test]
+    fn every_sd15_key_round_trips() {
+        let w = |p: String| [format!("{p}.weight"), format!("{p}.bias")];
+        let resnet = |p: &str, skip: bool| {
+            let mut v: Vec<String> = [
+                "in_layers.0",
+                "in_layers.2",
+                "emb_layers.1",
+                "out_layers.0",
+                "out_layers.3",
+            ]
+            .iter()
+            .flat_map(|m| w(format!("{p}.{m}")))
+            .collect();
+            if skip {
+                v.extend(w(format!("{p}.skip_connection")));
+            }
+            v
+        };
+        let attention = |p: &str| {
+            let mut v: Vec<String> = ["norm", "proj_in", "proj_out"]
+                .iter()
+                .flat_map(|m| w(format!("{p}.{m}")))
+                .collect();
+            let t = format!("{p}.transformer_blocks.0");
+            for m in ["attn1", "attn2"] {
+                for q in ["to_q", "to_k", "to_v"] {
+                    v.push(format!("{t}.{m}.{q}.weight"));
+                }
+                v.extend(w(format!("{t}.{m}.to_out.0")));
+            }
+            for m in ["ff.net.0.proj", "ff.net.2", "norm1", "norm2", "norm3"] {
+                v.extend(w(format!("{t}.{m}")));
+            }
+            v
+        };
+        let mut unet: Vec<String> = [
+            "time_embed.0",
+            "time_embed.2",
+            "out.0",
+            "out.2",
+            "input_blocks.0.0",
+        ]
+        .iter()
+        .flat_map(|m| w(m.to_string()))
+        .collect();
+        for i in 0..4 {
+            for j in 0..2 {
+                let k = 1 + 3 * i + j;
+                // 320→640 and 640→1280 need a skip projection, 1280→1280 not
+                unet.extend(resnet(
+                    &format!("input_blocks.{k}.0"),
+                    (i == 1 || i == 2) && j == 0,
+                ));
+                if i < 3 {
+                    unet.extend(attention(&format!("input_blocks.{k}.1")));
+                }
+            }
+            if i < 3 {
+                unet.extend(w(format!("input_blocks.{}.0.op", 3 + 3 * i)));
+            }
+        }
+        unet.extend(resnet("middle_block.0", false));
+        unet.extend(attention("middle_block.1"));
+        unet.extend(resnet("middle_block.2", false));
+        for i in 0..4 {
+            for j in 0..3 {
+                let k = 3 * i + j;
+                unet.extend(resnet(&format!("output_blocks.{k}.0"), true));
+                if i > 0 {
+                    unet.extend(attention(&format!("output_blocks.{k}.1")));
+                }
+                if i < 3 && j == 2 {
+                    let m = if i > 0 { 2 } else { 1 };
+                    unet.extend(w(format!("output_blocks.{k}.{m}.conv")));
+                }
+            }
+        }
+        assert_eq!(unet.len(), 686, "SD 1.5's UNet has 686 tensors");
+        let up_attention = [false, true, true, true];
+        let mut names = BTreeSet::new();
+        for key in &unet {
+            let name = unet_name(key, 2).unwrap_or_else(|| panic!("{key} unmapped"));
+            assert_eq!(
+                ldm_unet_key(&name, 2, &up_attention).as_ref(),
+                Some(key),
+                "{name}"
+            );
+            assert!(names.insert(name.clone()), "{name} twice");
+        }
+
+        let mut vae: Vec<String> = ["quant_conv", "post_quant_conv"]
+            .iter()
+            .flat_map(|m| w(m.to_string()))
+            .collect();
+        let vae_resnet = |p: String, skip: bool| {
+            let mut v: Vec<String> = ["norm1", "conv1", "norm2", "conv2"]
+                .iter()
+                .flat_map(|m| w(format!("{p}.{m}")))
+                .collect();
+            if skip {
+                v.extend(w(format!("{p}.nin_shortcut")));
+            }
+            v
+        };
+        for part in ["encoder", "decoder"] {
+            for m in ["conv_in", "conv_out", "norm_out"] {
+                vae.extend(w(format!("{part}.{m}")));
+            }
+            vae.extend(vae_resnet(format!("{part}.mid.block_1"), false));
+            vae.extend(vae_resnet(format!("{part}.mid.block_2"), false));
+            for m in ["norm", "q", "k", "v", "proj_out"] {
+                vae.extend(w(format!("{part}.mid.attn_1.{m}")));
+            }
+        }
+        for i in 0..4 {
+            for j in 0..2 {
+                vae.extend(vae_resnet(
+                    format!("encoder.down.{i}.block.{j}"),
+                    j == 0 && (i == 1 || i == 2),
+                ));
+            }
+            if i < 3 {
+                vae.extend(w(format!("encoder.down.{i}.downsample.conv")));
+            }
+            for j in 0..3 {
+                vae.extend(vae_resnet(
+                    format!("decoder.up.{i}.block.{j}"),
+                    j == 0 && (i == 0 || i == 1),
+                ));
+            }
+            if i > 0 {
+                vae.extend(w(format!("decoder.up.{i}.upsample.conv")));
+            }
+        }
+        assert_eq!(vae.len(), 248, "SD 1.5's VAE has 248 tensors");
+        let mut names = BTreeSet::new();
+        for key in &vae {
+            let (name, squeeze) = vae_name(key, 4).unwrap_or_else(|| panic!("{key} unmapped"));
+            assert_eq!(
+                ldm_vae_key(&name, 4),
+                Some((key.clone(), squeeze)),
+                "{name}"
+            );
+            assert!(names.insert(name.clone()), "{name} twice");
+        }
+    }
+
     #[test]
     fn sd15_vae_keys_map_to_diffusers() {
         let cases = [
