@@ -211,3 +211,50 @@ fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() {
         "the last good checkpoint is gone"
     );
 }
+
+#[test]
+fn dreambooth_can_train_the_text_encoder_too() {
+    let text = pipeline(2, "").replace(
+        "save_dtype = \"f32\"",
+        "save_dtype = \"f32\"\ntrain_text_encoder = true\ntext_encoder_lr = 1e-4",
+    );
+    let p = Project::new(&text);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let stats = p.stats("train");
+    assert!(
+        stats["eval_loss_after"].as_f64().unwrap() < stats["eval_loss_before"].as_f64().unwrap(),
+        "{stats}"
+    );
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
+    let base = sdpipe::diffusion::Checkpoint::open(fixtures).unwrap();
+    let tuned = sdpipe::diffusion::Checkpoint::open(p.path("outputs/t/train/model.safetensors"))
+        .unwrap()
+        .with_configs_from(fixtures)
+        .unwrap();
+    let (b, t) = (base.text_encoder_weights(), tuned.text_encoder_weights());
+    for name in [
+        "embeddings.token_embedding.weight",
+        "embeddings.position_embedding.weight",
+        "encoder.layers.0.self_attn.q_proj.weight",
+        "final_layer_norm.bias",
+    ] {
+        assert_ne!(
+            b.read(name).unwrap().0,
+            t.read(name).unwrap().0,
+            "text-encoder tensor {name} did not train"
+        );
+    }
+    let unet: usize = base
+        .unet_weights()
+        .names()
+        .map(|n| {
+            base.unet_weights()
+                .shape(n)
+                .unwrap()
+                .iter()
+                .product::<usize>()
+        })
+        .sum();
+    assert!(stats["trainable_params"].as_u64().unwrap() as usize > unet);
+}

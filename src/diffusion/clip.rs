@@ -168,6 +168,9 @@ pub struct TextEncoder<D: Storage<f32>> {
     pub layers: Vec<ClipEncoderLayer<D>>,
     /// Final layer norm.
     pub final_layer_norm: LayerNorm<D>,
+    /// Whether the token and position embedding tables get gradients under a tape (full
+    /// fine-tuning of the text encoder).
+    pub embeddings_trainable: bool,
     /// The configuration the weights were loaded for.
     pub config: ClipConfig,
 }
@@ -203,6 +206,7 @@ impl<D: Device<f32>> TextEncoder<D> {
                 c.hidden_size,
                 c.layer_norm_eps,
             )?,
+            embeddings_trainable: false,
             config: c.clone(),
         })
     }
@@ -242,6 +246,18 @@ impl<D: Device<f32>> TextEncoder<D> {
         let flat: Vec<usize> = ids.iter().flatten().map(|&i| i as usize).collect();
         let idx = self.token_embedding.device().tensor_from_vec(flat, (b, n));
         Ok(self.token_embedding.clone().gather(idx))
+    }
+
+    /// [`TextEncoder::embed_tokens`] starting a tape (training): when the embeddings train,
+    /// the table itself is on it, so its gradient comes back with the others.
+    pub fn embed_tokens_traced(&self, ids: &[Vec<u32>]) -> Result<Tensor3<D, OwnedTape<f32, D>>> {
+        if !self.embeddings_trainable {
+            return Ok(self.embed_tokens(ids)?.leaky_trace());
+        }
+        let (b, n) = self.check_ids(ids, 0)?;
+        let flat: Vec<usize> = ids.iter().flatten().map(|&i| i as usize).collect();
+        let idx = self.token_embedding.device().tensor_from_vec(flat, (b, n));
+        Ok(self.token_embedding.leaky_trace().gather(idx))
     }
 
     /// Token embeddings `[b, n, d]` where ids from `vocab_size` on index the rows of `extra`
@@ -320,12 +336,22 @@ impl<D: Device<f32>> TextEncoder<D> {
     /// Adds position embeddings and runs the first `count` layers (no final norm).
     fn run_layers<T: Tape<f32, D>>(&self, embeds: Tensor3<D, T>, count: usize) -> Tensor3<D, T> {
         let (b, n, d) = *embeds.shape();
-        let pos = self
-            .position_embedding
-            .clone()
-            .slice((0..n, ..))
-            .broadcast_like::<_, Axis<0>>(&(b, n, d));
-        let mut h = embeds + pos;
+        let mut h = if self.embeddings_trainable && T::OWNS_TAPE {
+            // the table on the tape (one slice, used once: its assigning backward is exact)
+            embeds
+                + self
+                    .position_embedding
+                    .retaped::<T>()
+                    .slice((0..n, ..))
+                    .broadcast_like::<_, Axis<0>>(&(b, n, d))
+        } else {
+            embeds
+                + self
+                    .position_embedding
+                    .clone()
+                    .slice((0..n, ..))
+                    .broadcast_like::<_, Axis<0>>(&(b, n, d))
+        };
         for layer in &self.layers[..count] {
             h = layer.forward(h);
         }

@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use dfdx::prelude::*;
 
 use super::attention::{BasicTransformerBlock, CrossAttention, Projection, Transformer2D};
+use super::clip::TextEncoder;
 use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use super::resnet::ResnetBlock2D;
 use super::unet::UNet;
@@ -26,6 +27,8 @@ pub enum Layer<'a, D: Storage<f32>> {
     GroupNorm(&'a mut GroupNorm<D>),
     /// A layer norm (`weight`, `bias`).
     LayerNorm(&'a mut LayerNorm<D>),
+    /// An embedding table (`weight [rows, d]`); whether it trains is its model's setting.
+    Embedding(&'a mut Tensor<(usize, usize), f32, D>),
 }
 
 impl<D: Device<f32>> Layer<'_, D> {
@@ -36,6 +39,7 @@ impl<D: Device<f32>> Layer<'_, D> {
             Layer::Conv(l) => l.trainable = on,
             Layer::GroupNorm(l) => l.trainable = on,
             Layer::LayerNorm(l) => l.trainable = on,
+            Layer::Embedding(_) => {}
         }
     }
 
@@ -46,6 +50,7 @@ impl<D: Device<f32>> Layer<'_, D> {
             Layer::Conv(l) => weight_bias(&l.weight, l.bias.as_ref()),
             Layer::GroupNorm(l) => weight_bias(&l.weight, Some(&l.bias)),
             Layer::LayerNorm(l) => weight_bias(&l.weight, Some(&l.bias)),
+            Layer::Embedding(w) => weight_bias(&**w, None),
         }
     }
 
@@ -75,6 +80,7 @@ impl<D: Device<f32>> Layer<'_, D> {
                 push("weight", grad_of(grads, &l.weight));
                 push("bias", grad_of(grads, &l.bias));
             }
+            Layer::Embedding(w) => push("weight", grad_of(grads, &**w)),
         }
         out
     }
@@ -105,6 +111,7 @@ impl<D: Device<f32>> Layer<'_, D> {
                 f("weight", ParamMut::T1(&mut l.weight))?;
                 f("bias", ParamMut::T1(&mut l.bias))?;
             }
+            Layer::Embedding(w) => f("weight", ParamMut::T2(w))?,
         }
         Ok(())
     }
@@ -141,10 +148,15 @@ fn grad_of<S: Shape, D: Device<f32>>(
 }
 
 /// A model whose parameterised layers can be walked by diffusers name.
-pub trait Layers<D: Storage<f32>> {
+pub trait Layers<D: Device<f32>> {
     /// Calls `f(name, layer)` for every parameterised layer under `prefix` (empty for the
     /// model's root), in a fixed order.
     fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>));
+
+    /// Marks every parameter trainable (or frozen again).
+    fn set_trainable(&mut self, on: bool) {
+        self.visit_layers("", &mut |_, mut layer| layer.set_trainable(on));
+    }
 }
 
 /// `prefix.name`, or `name` at the root.
@@ -279,9 +291,62 @@ impl<D: Device<f32>> Layers<D> for UNet<D> {
     }
 }
 
-/// Marks every parameterised layer of `model` trainable (or frozen again).
+impl<D: Device<f32>> Layers<D> for TextEncoder<D> {
+    /// Names as the text encoder's weights are stored, without `text_model.`.
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        f(
+            &join(prefix, "embeddings.token_embedding"),
+            Layer::Embedding(&mut self.token_embedding),
+        );
+        f(
+            &join(prefix, "embeddings.position_embedding"),
+            Layer::Embedding(&mut self.position_embedding),
+        );
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let base = join(prefix, format!("encoder.layers.{i}"));
+            f(
+                &format!("{base}.layer_norm1"),
+                Layer::LayerNorm(&mut layer.layer_norm1),
+            );
+            let a = &mut layer.self_attn;
+            f(
+                &format!("{base}.self_attn.q_proj"),
+                Layer::Linear(&mut a.q_proj),
+            );
+            f(
+                &format!("{base}.self_attn.k_proj"),
+                Layer::Linear(&mut a.k_proj),
+            );
+            f(
+                &format!("{base}.self_attn.v_proj"),
+                Layer::Linear(&mut a.v_proj),
+            );
+            f(
+                &format!("{base}.self_attn.out_proj"),
+                Layer::Linear(&mut a.out_proj),
+            );
+            f(
+                &format!("{base}.layer_norm2"),
+                Layer::LayerNorm(&mut layer.layer_norm2),
+            );
+            f(&format!("{base}.mlp.fc1"), Layer::Linear(&mut layer.fc1));
+            f(&format!("{base}.mlp.fc2"), Layer::Linear(&mut layer.fc2));
+        }
+        f(
+            &join(prefix, "final_layer_norm"),
+            Layer::LayerNorm(&mut self.final_layer_norm),
+        );
+    }
+
+    fn set_trainable(&mut self, on: bool) {
+        self.embeddings_trainable = on;
+        self.visit_layers("", &mut |_, mut layer| layer.set_trainable(on));
+    }
+}
+
+/// Marks every parameter of `model` trainable (or frozen again).
 pub fn set_trainable<D: Device<f32>>(model: &mut impl Layers<D>, on: bool) {
-    model.visit_layers("", &mut |_, mut layer| layer.set_trainable(on));
+    model.set_trainable(on);
 }
 
 /// Every parameter of `model` on the host, by full name (`conv_in.weight`, …).
@@ -323,4 +388,40 @@ pub fn count_params<D: Device<f32>>(model: &mut impl Layers<D>) -> usize {
         });
     });
     n
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::diffusion::Checkpoint;
+
+    /// The walk names every stored tensor of the tiny fixture model, and nothing else.
+    #[test]
+    fn walked_names_are_the_stored_names() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
+        let ckpt = Checkpoint::open(dir).unwrap();
+        let dev = Cpu::default();
+        let mut unet = ckpt.load_unet(&dev).unwrap();
+        let mut te = ckpt.load_text_encoder(&dev).unwrap();
+        let walked: Vec<String> = named_tensors(&mut unet).into_keys().collect();
+        let mut stored: Vec<String> = ckpt.unet_weights().names().map(String::from).collect();
+        stored.sort();
+        assert_eq!(walked, stored);
+        let walked: Vec<String> = named_tensors(&mut te).into_keys().collect();
+        let mut stored: Vec<String> = ckpt
+            .text_encoder_weights()
+            .names()
+            .filter(|n| !n.ends_with("position_ids"))
+            .map(String::from)
+            .collect();
+        stored.sort();
+        assert_eq!(walked, stored);
+        assert_eq!(
+            count_params(&mut unet),
+            named_tensors(&mut unet)
+                .values()
+                .map(|t| t.numel())
+                .sum::<usize>()
+        );
+    }
 }

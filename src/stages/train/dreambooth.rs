@@ -16,17 +16,17 @@ use super::{
     Batch, CheckpointState, Item, StepMethod, TrainParams, batch_context, checkpoint_dirs,
     eval_loss, load_items, save_checkpoint_with, schedule,
 };
-use crate::diffusion::UNet;
 use crate::diffusion::nn::Tensor3;
 use crate::diffusion::params::{Layers, ParamMut, count_params, named_grads, set_trainable};
 use crate::diffusion::pipeline::TextToImage;
 use crate::diffusion::schedulers::Ddpm;
+use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::checkpoint::{ModelTensors, SaveDtype, write_single_file};
 use crate::formats::{HostTensor, read_safetensors, write_safetensors};
 use crate::stages::context::{StageContext, StageResult};
 use crate::stages::encode_latents::LatentsManifest;
 use crate::stages::model::open_checkpoint;
-use crate::train::lora::loss_and_grads;
+use crate::train::lora::{loss_and_grads, loss_and_grads_taped};
 use crate::train::optim::{AdamW, AdamWConfig};
 
 /// DreamBooth settings (`[stage.NAME.dreambooth]`).
@@ -41,6 +41,13 @@ pub struct DreamboothParams {
     /// `"f32"`.
     #[serde(default)]
     pub save_dtype: SaveDtype,
+    /// Train the text encoder too (every parameter, embeddings included; diffusers'
+    /// `--train_text_encoder`).
+    #[serde(default)]
+    pub train_text_encoder: bool,
+    /// Learning rate of the text encoder; default `lr`.
+    #[serde(default)]
+    pub text_encoder_lr: Option<f64>,
 }
 
 impl Default for DreamboothParams {
@@ -48,9 +55,14 @@ impl Default for DreamboothParams {
         DreamboothParams {
             prior_loss_weight: default_prior_loss_weight(),
             save_dtype: SaveDtype::default(),
+            train_text_encoder: false,
+            text_encoder_lr: None,
         }
     }
 }
+
+/// Prefix of the text encoder's parameters in gradient maps, optimiser state and checkpoints.
+const TE: &str = "text_encoder.";
 
 fn default_prior_loss_weight() -> f64 {
     1.0
@@ -67,6 +79,15 @@ impl TrainParams {
                 "dreambooth.prior_loss_weight",
                 format!("prior_loss_weight {w} must be a non-negative number"),
                 "1.0 is diffusers' default; 0 turns prior preservation off",
+            ));
+        }
+        if let Some(lr) = self.dreambooth.text_encoder_lr
+            && !(lr.is_finite() && lr > 0.0)
+        {
+            return Err(crate::stages::ParamError::new(
+                "dreambooth.text_encoder_lr",
+                "text_encoder_lr must be a positive number",
+                "e.g. the UNet's rate, or half of it",
             ));
         }
         Ok(())
@@ -108,31 +129,53 @@ impl TrainParams {
                 contexts.insert(item.caption.clone(), c);
             }
         }
+        let mut ids: HashMap<String, Vec<u32>> = HashMap::new();
+        for item in items.iter().chain(&class_items) {
+            if !ids.contains_key(&item.caption) {
+                ids.insert(
+                    item.caption.clone(),
+                    t2i.tokenizer.encode(&item.caption)?.input_ids,
+                );
+            }
+        }
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
         let vae_config = t2i.models.vae.config.clone();
         let mut unet = t2i.models.unet;
-        let trainable_params = count_params(&mut unet);
+        let mut text_encoder = t2i.models.text_encoder;
+        let train_te = self.dreambooth.train_text_encoder;
+        let mut trainable_params = count_params(&mut unet);
+        if train_te {
+            trainable_params += count_params(&mut text_encoder);
+        }
 
         let scratch = ctx.scratch()?;
         let seed = settings.seed;
-        let (optimizer, mut state) = match load_unet_checkpoint(&scratch, &mut unet, &dev, ctx)? {
-            Some(found) => found,
-            None => (
-                AdamW::new(
-                    &dev,
-                    AdamWConfig {
-                        weight_decay: self.weight_decay,
-                        ..AdamWConfig::default()
+        let te_for_resume = train_te.then_some(&mut text_encoder);
+        let (optimizer, mut state) =
+            match load_full_checkpoint(&scratch, &mut unet, te_for_resume, &dev, ctx)? {
+                Some(found) => found,
+                None => (
+                    AdamW::new(
+                        &dev,
+                        AdamWConfig {
+                            weight_decay: self.weight_decay,
+                            ..AdamWConfig::default()
+                        },
+                    ),
+                    CheckpointState {
+                        step: 0,
+                        losses: Vec::new(),
+                        eval_loss_before: f32::NAN,
                     },
                 ),
-                CheckpointState {
-                    step: 0,
-                    losses: Vec::new(),
-                    eval_loss_before: f32::NAN,
-                },
-            ),
-        };
+            };
+        if state.step > 0 && train_te {
+            // the contexts of a resumed run come from its text encoder
+            for (caption, c) in contexts.iter_mut() {
+                *c = text_encoder.encode(&[ids[caption].clone()], self.clip_skip)?;
+            }
+        }
         let resumed_from = state.step;
         if state.step == 0 {
             state.eval_loss_before =
@@ -145,11 +188,16 @@ impl TrainParams {
         }
 
         set_trainable(&mut unet, true);
+        if train_te {
+            set_trainable(&mut text_encoder, true);
+        }
         let sched = schedule(self).map_err(anyhow::Error::msg)?;
         let mut optimizer = optimizer;
         let mut steps = DreamboothSteps {
             params: self,
             unet: &mut unet,
+            text_encoder: train_te.then_some(&mut text_encoder),
+            ids: &ids,
             ddpm: &ddpm,
             items: &items,
             class_items: &class_items,
@@ -159,6 +207,7 @@ impl TrainParams {
             scaling,
             prior_weight,
             seed,
+            te_lr_factor: self.dreambooth.text_encoder_lr.map_or(1.0, |l| l / self.lr),
         };
         let wall_s = self.drive(
             ctx,
@@ -172,12 +221,21 @@ impl TrainParams {
             &mut steps,
         )?;
         set_trainable(&mut unet, false);
+        set_trainable(&mut text_encoder, false);
+        if train_te {
+            for (caption, c) in contexts.iter_mut() {
+                *c = text_encoder.encode(&[ids[caption].clone()], self.clip_skip)?;
+            }
+        }
         let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
 
-        // The checkpoint: the trained UNet beside the base model's VAE and text encoder.
+        // The checkpoint: the trained UNet (and text encoder) beside the base model's VAE.
         let mut tensors = ModelTensors::read(&ckpt)
             .with_context(|| format!("reading {}", model_path.display()))?;
         tensors.unet = crate::diffusion::params::named_tensors(&mut unet);
+        if train_te {
+            tensors.text_encoder = crate::diffusion::params::named_tensors(&mut text_encoder);
+        }
         let recipe = serde_json::json!({
             "method": "dreambooth",
             "base_model": model_path.file_name().map(|n| n.to_string_lossy().into_owned()),
@@ -188,6 +246,7 @@ impl TrainParams {
             "batch_size": self.batch_size,
             "gradient_accumulation": self.gradient_accumulation,
             "prior_loss_weight": prior_weight,
+            "train_text_encoder": train_te,
             "instance_images": manifest.items.len(),
             "class_images": class_items.len(),
             "seed": seed,
@@ -219,7 +278,8 @@ impl TrainParams {
         let mut result = self.result(ctx, &sched, &state, &metrics)?;
         result.outputs.insert("model.safetensors".into(), blob);
         result.summary = format!(
-            "dreambooth{}: {} steps, eval loss {:.4} → {:.4}, {:.2} steps/s, {} MiB checkpoint",
+            "dreambooth{}{}: {} steps, eval loss {:.4} → {:.4}, {:.2} steps/s, {} MiB checkpoint",
+            if train_te { " + text encoder" } else { "" },
             if class_items.is_empty() {
                 String::new()
             } else {
@@ -241,6 +301,10 @@ impl TrainParams {
 struct DreamboothSteps<'a> {
     params: &'a TrainParams,
     unet: &'a mut UNet<Cpu>,
+    /// The text encoder when it trains too (contexts are then computed per batch).
+    text_encoder: Option<&'a mut TextEncoder<Cpu>>,
+    /// Token ids by caption.
+    ids: &'a HashMap<String, Vec<u32>>,
     ddpm: &'a Ddpm,
     items: &'a [Item],
     class_items: &'a [Item],
@@ -251,6 +315,8 @@ struct DreamboothSteps<'a> {
     prior_weight: f32,
     /// The pipeline seed (class batches use it with a salt).
     seed: u64,
+    /// Text-encoder learning rate / UNet learning rate.
+    te_lr_factor: f64,
 }
 
 impl DreamboothSteps<'_> {
@@ -259,16 +325,38 @@ impl DreamboothSteps<'_> {
         items: &[Item],
         batch: &Batch,
     ) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
-        let context = batch_context(items, self.contexts, &batch.picked)?;
-        let (loss, grads) = loss_and_grads(
+        let Some(te) = self.text_encoder.as_deref_mut() else {
+            let context = batch_context(items, self.contexts, &batch.picked)?;
+            let (loss, grads) = loss_and_grads(
+                self.unet,
+                self.ddpm,
+                &batch.latents,
+                &batch.noise,
+                &batch.timesteps,
+                &context,
+            )?;
+            return Ok((loss, named_grads(self.unet, &grads)));
+        };
+        let batch_ids: Vec<Vec<u32>> = batch
+            .picked
+            .iter()
+            .map(|&i| self.ids[&items[i].caption].clone())
+            .collect();
+        let embeds = te.embed_tokens_traced(&batch_ids)?;
+        let context = te.forward_embeds(embeds, self.params.clip_skip)?;
+        let (loss, grads) = loss_and_grads_taped(
             self.unet,
             self.ddpm,
             &batch.latents,
             &batch.noise,
             &batch.timesteps,
-            &context,
+            context,
         )?;
-        Ok((loss, named_grads(self.unet, &grads)))
+        let mut out = named_grads(self.unet, &grads);
+        for (name, g) in named_grads(te, &grads) {
+            out.insert(format!("{TE}{name}"), g);
+        }
+        Ok((loss, out))
     }
 }
 
@@ -299,33 +387,45 @@ impl StepMethod for DreamboothSteps<'_> {
     }
 
     fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
-        update_all(self.unet, grads, self.optimizer, lr)
+        update_all(self.unet, "", grads, self.optimizer, lr)?;
+        if let Some(te) = self.text_encoder.as_deref_mut() {
+            update_all(te, TE, grads, self.optimizer, lr * self.te_lr_factor)?;
+        }
+        Ok(())
     }
 
     fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()> {
         let weights = crate::diffusion::params::named_tensors(self.unet);
+        let te_weights = self
+            .text_encoder
+            .as_deref_mut()
+            .map(|te| crate::diffusion::params::named_tensors(te));
         save_checkpoint_with(self.scratch, state, |dir| {
             write_safetensors(&dir.join("unet.safetensors"), &weights, None)?;
+            if let Some(te) = &te_weights {
+                write_safetensors(&dir.join("text_encoder.safetensors"), te, None)?;
+            }
             self.optimizer.save(&dir.join("optimizer.safetensors"))?;
             Ok(())
         })
     }
 }
 
-/// One AdamW update of every UNet parameter with `grads` (by full name).
-fn update_all(
-    unet: &mut UNet<Cpu>,
+/// One AdamW update of every parameter of `model` with `grads` (by `prefix` + full name).
+fn update_all<M: Layers<Cpu>>(
+    model: &mut M,
+    prefix: &str,
     grads: &BTreeMap<String, HostTensor>,
     optimizer: &mut AdamW<Cpu>,
     lr: f64,
 ) -> anyhow::Result<()> {
     let mut result = Ok(());
-    unet.visit_layers("", &mut |name, mut layer| {
+    model.visit_layers("", &mut |name, mut layer| {
         if result.is_err() {
             return;
         }
         result = layer.try_for_each_param(|suffix, param| {
-            let key = format!("{name}.{suffix}");
+            let key = format!("{prefix}{name}.{suffix}");
             let grad = grads
                 .get(&key)
                 .with_context(|| format!("no gradient for `{key}`"))?;
@@ -357,14 +457,14 @@ fn update_all(
     result
 }
 
-/// Replaces every UNet parameter by the tensor of the same name in `weights`.
-fn load_weights(
-    unet: &mut UNet<Cpu>,
+/// Replaces every parameter of `model` by the tensor of the same name in `weights`.
+fn load_weights<M: Layers<Cpu>>(
+    model: &mut M,
     weights: &BTreeMap<String, HostTensor>,
 ) -> anyhow::Result<()> {
     let dev = Cpu::default();
     let mut result = Ok(());
-    unet.visit_layers("", &mut |name, mut layer| {
+    model.visit_layers("", &mut |name, mut layer| {
         if result.is_err() {
             return;
         }
@@ -405,27 +505,47 @@ fn load_weights(
     result
 }
 
-/// The newest readable full-UNet checkpoint, loaded into `unet`; an unreadable one is
-/// reported and skipped (the UNet is only touched by a checkpoint that reads completely).
-fn load_unet_checkpoint(
+/// The newest readable full checkpoint, loaded into `unet` (and `text_encoder` when it
+/// trains); an unreadable one is reported and skipped (the models are only touched by a
+/// checkpoint that reads completely).
+fn load_full_checkpoint(
     scratch: &Path,
     unet: &mut UNet<Cpu>,
+    mut text_encoder: Option<&mut TextEncoder<Cpu>>,
     dev: &Cpu,
     ctx: &StageContext<'_>,
 ) -> anyhow::Result<Option<(AdamW<Cpu>, CheckpointState)>> {
+    type Loaded = (
+        UNet<Cpu>,
+        Option<TextEncoder<Cpu>>,
+        AdamW<Cpu>,
+        CheckpointState,
+    );
     for dir in checkpoint_dirs(scratch).into_iter().rev() {
-        let attempt = (|| -> anyhow::Result<(UNet<Cpu>, AdamW<Cpu>, CheckpointState)> {
+        let attempt = (|| -> anyhow::Result<Loaded> {
             let state: CheckpointState =
                 serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
             let file = read_safetensors(&dir.join("unet.safetensors"))?;
             let mut candidate = unet.clone();
             load_weights(&mut candidate, &file.tensors)?;
+            let te = match text_encoder.as_deref() {
+                Some(te) => {
+                    let file = read_safetensors(&dir.join("text_encoder.safetensors"))?;
+                    let mut candidate = te.clone();
+                    load_weights(&mut candidate, &file.tensors)?;
+                    Some(candidate)
+                }
+                None => None,
+            };
             let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
-            Ok((candidate, optimizer, state))
+            Ok((candidate, te, optimizer, state))
         })();
         match attempt {
-            Ok((loaded, optimizer, state)) => {
+            Ok((loaded, te, optimizer, state)) => {
                 *unet = loaded;
+                if let (Some(slot), Some(te)) = (text_encoder.as_deref_mut(), te) {
+                    *slot = te;
+                }
                 return Ok(Some((optimizer, state)));
             }
             Err(e) => ctx.progress.message(&format!(
