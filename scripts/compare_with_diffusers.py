@@ -72,6 +72,7 @@ lr = 1e-3
 [stage.train.lora]
 rank = 4
 alpha = 2
+text_encoder = true
 
 [stage.train.textual_inversion]
 token = "zorb"
@@ -79,6 +80,7 @@ init_word = "shape"
 
 [stage.train.dreambooth]
 save_dtype = "f32"
+train_text_encoder = true
 """
 
 
@@ -172,7 +174,7 @@ def main():
     pipe = base_pipe()
     pipe.load_lora_weights(lora)
     pipe.fuse_lora(lora_scale=1.0)
-    rows.append(("LoRA (kohya file, load_lora_weights)", diffusers_image(pipe),
+    rows.append(("LoRA, UNet + text encoder (kohya, load_lora_weights)", diffusers_image(pipe),
                  sdpipe_image("lora", ["--model", model, "--lora", f"{lora}:1.0"])))
 
     pipe = base_pipe()
@@ -183,7 +185,7 @@ def main():
     pipe = StableDiffusionPipeline.from_single_file(
         checkpoint, config=model, safety_checker=None, local_files_only=True
     )
-    rows.append(("DreamBooth (single file, from_single_file)", diffusers_image(pipe),
+    rows.append(("DreamBooth, UNet + text encoder (from_single_file)", diffusers_image(pipe),
                  sdpipe_image("dreambooth", ["--model", checkpoint, "--config", model])))
 
     base = rows[0][2]

@@ -399,7 +399,7 @@ impl StepMethod for DreamboothSteps<'_> {
         let te_weights = self
             .text_encoder
             .as_deref_mut()
-            .map(|te| crate::diffusion::params::named_tensors(te));
+            .map(crate::diffusion::params::named_tensors);
         save_checkpoint_with(self.scratch, state, |dir| {
             write_safetensors(&dir.join("unet.safetensors"), &weights, None)?;
             if let Some(te) = &te_weights {
