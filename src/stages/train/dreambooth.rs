@@ -13,8 +13,8 @@ use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Batch, CheckpointState, Item, StepMethod, TrainParams, batch_context, checkpoint_dirs,
-    eval_loss, load_items, save_checkpoint_with, schedule,
+    Batch, CheckpointState, Item, StepMethod, TrainParams, batch_context, eval_loss, load_items,
+    newest_checkpoint, read_state, save_checkpoint_with, schedule,
 };
 use crate::diffusion::nn::Tensor3;
 use crate::diffusion::params::{Layers, ParamMut, count_params, named_grads, set_trainable};
@@ -27,7 +27,7 @@ use crate::stages::context::{StageContext, StageResult};
 use crate::stages::encode_latents::LatentsManifest;
 use crate::stages::model::open_checkpoint;
 use crate::train::lora::{loss_and_grads, loss_and_grads_taped};
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::optim::AdamW;
 
 /// DreamBooth settings (`[stage.NAME.dreambooth]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -155,20 +155,7 @@ impl TrainParams {
         let (optimizer, mut state) =
             match load_full_checkpoint(&scratch, &mut unet, te_for_resume, &dev, ctx)? {
                 Some(found) => found,
-                None => (
-                    AdamW::new(
-                        &dev,
-                        AdamWConfig {
-                            weight_decay: self.weight_decay,
-                            ..AdamWConfig::default()
-                        },
-                    ),
-                    CheckpointState {
-                        step: 0,
-                        losses: Vec::new(),
-                        eval_loss_before: f32::NAN,
-                    },
-                ),
+                None => self.fresh_start(&dev),
             };
         if state.step > 0 && train_te {
             // the contexts of a resumed run come from its text encoder
@@ -521,38 +508,29 @@ fn load_full_checkpoint(
         AdamW<Cpu>,
         CheckpointState,
     );
-    for dir in checkpoint_dirs(scratch).into_iter().rev() {
-        let attempt = (|| -> anyhow::Result<Loaded> {
-            let state: CheckpointState =
-                serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
-            let file = read_safetensors(&dir.join("unet.safetensors"))?;
-            let mut candidate = unet.clone();
-            load_weights(&mut candidate, &file.tensors)?;
-            let te = match text_encoder.as_deref() {
-                Some(te) => {
-                    let file = read_safetensors(&dir.join("text_encoder.safetensors"))?;
-                    let mut candidate = te.clone();
-                    load_weights(&mut candidate, &file.tensors)?;
-                    Some(candidate)
-                }
-                None => None,
-            };
-            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
-            Ok((candidate, te, optimizer, state))
-        })();
-        match attempt {
-            Ok((loaded, te, optimizer, state)) => {
-                *unet = loaded;
-                if let (Some(slot), Some(te)) = (text_encoder.as_deref_mut(), te) {
-                    *slot = te;
-                }
-                return Ok(Some((optimizer, state)));
+    let found = newest_checkpoint(scratch, ctx, |dir| -> anyhow::Result<Loaded> {
+        let state = read_state(dir)?;
+        let file = read_safetensors(&dir.join("unet.safetensors"))?;
+        let mut candidate = unet.clone();
+        load_weights(&mut candidate, &file.tensors)?;
+        let te = match text_encoder.as_deref() {
+            Some(te) => {
+                let file = read_safetensors(&dir.join("text_encoder.safetensors"))?;
+                let mut candidate = te.clone();
+                load_weights(&mut candidate, &file.tensors)?;
+                Some(candidate)
             }
-            Err(e) => ctx.progress.message(&format!(
-                "warning: checkpoint {} is unreadable ({e:#}); trying the previous one",
-                dir.display()
-            )),
-        }
+            None => None,
+        };
+        let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+        Ok((candidate, te, optimizer, state))
+    })?;
+    let Some((loaded, te, optimizer, state)) = found else {
+        return Ok(None);
+    };
+    *unet = loaded;
+    if let (Some(slot), Some(te)) = (text_encoder, te) {
+        *slot = te;
     }
-    Ok(None)
+    Ok(Some((optimizer, state)))
 }

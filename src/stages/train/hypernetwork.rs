@@ -23,8 +23,8 @@ use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Batch, CheckpointState, Item, StepMethod, TrainParams, batch_context, checkpoint_dirs,
-    eval_loss, load_items, mix, save_checkpoint_with, schedule,
+    Batch, CheckpointState, Item, StepMethod, TrainParams, batch_context, eval_loss, load_items,
+    mix, newest_checkpoint, read_state, save_checkpoint_with, schedule,
 };
 use crate::diffusion::UNet;
 use crate::diffusion::hypernetwork::HyperActivation;
@@ -41,7 +41,7 @@ use crate::stages::context::{StageContext, StageResult};
 use crate::stages::encode_latents::LatentsManifest;
 use crate::stages::model::open_checkpoint;
 use crate::train::hypernetwork::{HyperNet, apply_grads, install, loss_and_grads, param_grads};
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::optim::AdamW;
 
 /// `[stage.NAME.hypernetwork]`: A1111's hypernetwork settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -258,19 +258,8 @@ impl TrainParams {
         {
             Some(found) => found,
             None => {
-                let cfg = AdamWConfig {
-                    weight_decay: self.weight_decay,
-                    ..AdamWConfig::default()
-                };
-                (
-                    HyperNet::from_host(&template, &dev)?,
-                    AdamW::new(&dev, cfg),
-                    CheckpointState {
-                        step: 0,
-                        losses: Vec::new(),
-                        eval_loss_before: f32::NAN,
-                    },
-                )
+                let (optimizer, state) = self.fresh_start(&dev);
+                (HyperNet::from_host(&template, &dev)?, optimizer, state)
             }
         };
         let trainable_params = net.num_params();
@@ -364,33 +353,22 @@ fn load_checkpoint(
     dev: &Cpu,
     ctx: &StageContext<'_>,
 ) -> anyhow::Result<Option<HyperResume>> {
-    for dir in checkpoint_dirs(scratch).into_iter().rev() {
-        let attempt = (|| -> anyhow::Result<HyperResume> {
-            let state: CheckpointState =
-                serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
-            let file = read_hypernetwork(&dir.join("hypernetwork.safetensors"))?;
-            if file.modules.keys().ne(template.modules.keys()) {
-                bail!(
-                    "checkpoint has widths {:?}, this run trains {:?}",
-                    file.modules.keys().collect::<Vec<_>>(),
-                    template.modules.keys().collect::<Vec<_>>()
-                );
-            }
-            let mut restored = template.clone();
-            restored.modules = file.modules;
-            let net = HyperNet::from_host(&restored, dev)?;
-            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
-            Ok((net, optimizer, state))
-        })();
-        match attempt {
-            Ok(found) => return Ok(Some(found)),
-            Err(e) => ctx.progress.message(&format!(
-                "warning: checkpoint {} is unreadable ({e:#}); trying the previous one",
-                dir.display()
-            )),
+    newest_checkpoint(scratch, ctx, |dir| {
+        let state = read_state(dir)?;
+        let file = read_hypernetwork(&dir.join("hypernetwork.safetensors"))?;
+        if file.modules.keys().ne(template.modules.keys()) {
+            bail!(
+                "checkpoint has widths {:?}, this run trains {:?}",
+                file.modules.keys().collect::<Vec<_>>(),
+                template.modules.keys().collect::<Vec<_>>()
+            );
         }
-    }
-    Ok(None)
+        let mut restored = template.clone();
+        restored.modules = file.modules;
+        let net = HyperNet::from_host(&restored, dev)?;
+        let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+        Ok((net, optimizer, state))
+    })
 }
 
 /// Hypernetwork: master weights here, copies hooked into the attentions for each micro-batch

@@ -508,19 +508,8 @@ impl TrainParams {
             match load_checkpoint(&scratch, &known, &dev, ctx)? {
                 Some((n, o, s)) => (n, o, s),
                 None => {
-                    let cfg = AdamWConfig {
-                        weight_decay: self.weight_decay,
-                        ..AdamWConfig::default()
-                    };
-                    (
-                        fresh,
-                        AdamW::new(&dev, cfg),
-                        CheckpointState {
-                            step: 0,
-                            losses: Vec::new(),
-                            eval_loss_before: f32::NAN,
-                        },
-                    )
+                    let (optimizer, state) = self.fresh_start(&dev);
+                    (fresh, optimizer, state)
                 }
             };
         install(&mut unet, &network, 1.0, &dev)?;
@@ -673,20 +662,9 @@ impl TrainParams {
             match load_ti_checkpoint(&scratch, &token, ti.num_vectors * d, &dev, ctx)? {
                 Some(found) => found,
                 None => {
-                    let cfg = AdamWConfig {
-                        weight_decay: self.weight_decay,
-                        ..AdamWConfig::default()
-                    };
                     let extra = dev.tensor_from_vec(vectors.clone(), (ti.num_vectors, d));
-                    (
-                        extra,
-                        AdamW::new(&dev, cfg),
-                        CheckpointState {
-                            step: 0,
-                            losses: Vec::new(),
-                            eval_loss_before: f32::NAN,
-                        },
-                    )
+                    let (optimizer, state) = self.fresh_start(&dev);
+                    (extra, optimizer, state)
                 }
             };
         let resumed_from = state.step;
@@ -1201,39 +1179,16 @@ fn checkpoint_dirs(scratch: &Path) -> Vec<PathBuf> {
     dirs
 }
 
-/// The newest readable checkpoint; an unreadable one is reported and skipped.
-fn load_checkpoint(
+/// The newest checkpoint `read` accepts (newest first); one it rejects is reported and the
+/// previous one tried, so a checkpoint corrupted by a crash costs only the steps since the one
+/// before it.
+fn newest_checkpoint<T>(
     scratch: &Path,
-    known: &LoraNetwork,
-    dev: &Cpu,
     ctx: &StageContext<'_>,
-) -> anyhow::Result<Option<(LoraNetwork, AdamW<Cpu>, CheckpointState)>> {
+    mut read: impl FnMut(&Path) -> anyhow::Result<T>,
+) -> anyhow::Result<Option<T>> {
     for dir in checkpoint_dirs(scratch).into_iter().rev() {
-        let attempt = (|| -> anyhow::Result<(LoraNetwork, AdamW<Cpu>, CheckpointState)> {
-            let state: CheckpointState =
-                serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
-            let (mut network, _) = read_lora(&dir.join("lora.safetensors"), None)?;
-            for component in [LoraComponent::Unet, LoraComponent::TextEncoder] {
-                let expected = known.modules(component);
-                let found = network.modules_mut(component);
-                for (name, m) in found.iter_mut() {
-                    let fresh = expected
-                        .get(name)
-                        .context("checkpoint has a module this run does not train")?;
-                    m.alpha = fresh.alpha;
-                }
-                if found.len() != expected.len() {
-                    bail!(
-                        "checkpoint has {} {component:?} modules, expected {}",
-                        found.len(),
-                        expected.len()
-                    );
-                }
-            }
-            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
-            Ok((network, optimizer, state))
-        })();
-        match attempt {
+        match read(&dir) {
             Ok(found) => return Ok(Some(found)),
             Err(e) => ctx.progress.message(&format!(
                 "warning: checkpoint {} is unreadable ({e:#}); trying the previous one",
@@ -1242,6 +1197,63 @@ fn load_checkpoint(
         }
     }
     Ok(None)
+}
+
+/// The `state.json` of a checkpoint directory.
+fn read_state(dir: &Path) -> anyhow::Result<CheckpointState> {
+    Ok(serde_json::from_slice(&std::fs::read(
+        dir.join("state.json"),
+    )?)?)
+}
+
+impl TrainParams {
+    /// A fresh optimiser and step 0, for a run with no usable checkpoint.
+    fn fresh_start(&self, dev: &Cpu) -> (AdamW<Cpu>, CheckpointState) {
+        let cfg = AdamWConfig {
+            weight_decay: self.weight_decay,
+            ..AdamWConfig::default()
+        };
+        (
+            AdamW::new(dev, cfg),
+            CheckpointState {
+                step: 0,
+                losses: Vec::new(),
+                eval_loss_before: f32::NAN,
+            },
+        )
+    }
+}
+
+/// The newest readable LoRA checkpoint with this run's modules.
+fn load_checkpoint(
+    scratch: &Path,
+    known: &LoraNetwork,
+    dev: &Cpu,
+    ctx: &StageContext<'_>,
+) -> anyhow::Result<Option<(LoraNetwork, AdamW<Cpu>, CheckpointState)>> {
+    newest_checkpoint(scratch, ctx, |dir| {
+        let state = read_state(dir)?;
+        let (mut network, _) = read_lora(&dir.join("lora.safetensors"), None)?;
+        for component in [LoraComponent::Unet, LoraComponent::TextEncoder] {
+            let expected = known.modules(component);
+            let found = network.modules_mut(component);
+            for (name, m) in found.iter_mut() {
+                let fresh = expected
+                    .get(name)
+                    .context("checkpoint has a module this run does not train")?;
+                m.alpha = fresh.alpha;
+            }
+            if found.len() != expected.len() {
+                bail!(
+                    "checkpoint has {} {component:?} modules, expected {}",
+                    found.len(),
+                    expected.len()
+                );
+            }
+        }
+        let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+        Ok((network, optimizer, state))
+    })
 }
 
 /// Peak resident memory of this process in MiB (Linux VmHWM; 0 elsewhere).
@@ -1304,30 +1316,19 @@ fn load_ti_checkpoint(
     dev: &Cpu,
     ctx: &StageContext<'_>,
 ) -> anyhow::Result<Option<TiResume>> {
-    for dir in checkpoint_dirs(scratch).into_iter().rev() {
-        let attempt = (|| -> anyhow::Result<TiResume> {
-            let state: CheckpointState =
-                serde_json::from_slice(&std::fs::read(dir.join("state.json"))?)?;
-            let (emb, _) = read_embedding(&dir.join("embedding.safetensors"), Some(token))?;
-            if emb.vectors.numel() != numel || emb.vectors.shape.len() != 2 {
-                bail!("checkpoint vectors have shape {:?}", emb.vectors.shape);
-            }
-            let extra = dev.tensor_from_vec(
-                emb.vectors.data.clone(),
-                (emb.vectors.shape[0], emb.vectors.shape[1]),
-            );
-            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
-            Ok((extra, optimizer, state))
-        })();
-        match attempt {
-            Ok(found) => return Ok(Some(found)),
-            Err(e) => ctx.progress.message(&format!(
-                "warning: checkpoint {} is unreadable ({e:#}); trying the previous one",
-                dir.display()
-            )),
+    newest_checkpoint(scratch, ctx, |dir| {
+        let state = read_state(dir)?;
+        let (emb, _) = read_embedding(&dir.join("embedding.safetensors"), Some(token))?;
+        if emb.vectors.numel() != numel || emb.vectors.shape.len() != 2 {
+            bail!("checkpoint vectors have shape {:?}", emb.vectors.shape);
         }
-    }
-    Ok(None)
+        let extra = dev.tensor_from_vec(
+            emb.vectors.data.clone(),
+            (emb.vectors.shape[0], emb.vectors.shape[1]),
+        );
+        let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+        Ok((extra, optimizer, state))
+    })
 }
 
 /// What differs between training methods inside the shared step loop ([`TrainParams::drive`]).
