@@ -498,7 +498,7 @@ fn load_weights<M: Layers<Cpu>>(
 fn load_full_checkpoint(
     scratch: &Path,
     unet: &mut UNet<Cpu>,
-    mut text_encoder: Option<&mut TextEncoder<Cpu>>,
+    text_encoder: Option<&mut TextEncoder<Cpu>>,
     dev: &Cpu,
     ctx: &StageContext<'_>,
 ) -> anyhow::Result<Option<(AdamW<Cpu>, CheckpointState)>> {
