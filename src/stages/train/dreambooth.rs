@@ -8,24 +8,22 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use anyhow::{Context as _, bail};
+use anyhow::Context as _;
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Batch, CheckpointState, Item, StepMethod, TrainParams, batch_context, eval_loss, load_items,
-    newest_checkpoint, read_state, save_checkpoint_with, schedule,
+    Batch, CheckpointState, Item, Setup, StepMethod, TrainParams, batch_context, eval_loss,
+    load_items, newest_checkpoint, read_state, save_checkpoint_with, schedule,
 };
 use crate::diffusion::nn::Tensor3;
 use crate::diffusion::params::{Layers, ParamMut, count_params, named_grads, set_trainable};
-use crate::diffusion::pipeline::TextToImage;
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::checkpoint::{ModelTensors, SaveDtype, write_single_file};
 use crate::formats::{HostTensor, read_safetensors, write_safetensors};
 use crate::stages::context::{StageContext, StageResult};
 use crate::stages::encode_latents::LatentsManifest;
-use crate::stages::model::open_checkpoint;
 use crate::train::lora::{loss_and_grads, loss_and_grads_taped};
 use crate::train::optim::AdamW;
 
@@ -95,12 +93,14 @@ impl TrainParams {
 
     pub(super) fn run_dreambooth(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         let settings = &ctx.pipeline.settings;
-        let (_, lat_record) = ctx.upstream_of_kind("encode_latents")?;
-        let manifest: LatentsManifest = ctx.read_json(lat_record, "manifest.json")?;
-        if manifest.items.is_empty() {
-            bail!("the encode_latents stage has no items: the dataset has no images");
-        }
-        let items = load_items(ctx, &manifest)?;
+        let Setup {
+            manifest,
+            items,
+            ckpt,
+            model_path,
+            t2i,
+            dev,
+        } = self.setup(ctx)?;
         let prior_weight = self.dreambooth.prior_loss_weight as f32;
         let class_items = match ctx.upstream_of_kind("class_images") {
             Ok((_, record)) if prior_weight > 0.0 => {
@@ -116,19 +116,7 @@ impl TrainParams {
             ));
         }
 
-        let dev = Cpu::default();
-        let ckpt = open_checkpoint(settings)?;
-        let model_path = settings.base_model.clone().unwrap_or_default();
-        let t2i = TextToImage::load(&ckpt, settings.model_config.as_deref(), &dev)
-            .with_context(|| format!("loading {}", model_path.display()))?;
-        let mut contexts: HashMap<String, Tensor3<Cpu>> = HashMap::new();
-        for item in items.iter().chain(&class_items) {
-            if !contexts.contains_key(&item.caption) {
-                let ids = t2i.tokenizer.encode(&item.caption)?.input_ids;
-                let c = t2i.models.text_encoder.encode(&[ids], self.clip_skip)?;
-                contexts.insert(item.caption.clone(), c);
-            }
-        }
+        let mut contexts = self.frozen_contexts(&t2i, items.iter().chain(&class_items))?;
         let mut ids: HashMap<String, Vec<u32>> = HashMap::new();
         for item in items.iter().chain(&class_items) {
             if !ids.contains_key(&item.caption) {

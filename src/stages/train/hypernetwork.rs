@@ -23,13 +23,12 @@ use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Batch, CheckpointState, Item, StepMethod, TrainParams, batch_context, eval_loss, load_items,
-    mix, newest_checkpoint, read_state, save_checkpoint_with, schedule,
+    Batch, CheckpointState, Item, Setup, StepMethod, TrainParams, batch_context, eval_loss, mix,
+    newest_checkpoint, read_state, save_checkpoint_with, schedule,
 };
 use crate::diffusion::UNet;
 use crate::diffusion::hypernetwork::HyperActivation;
 use crate::diffusion::nn::Tensor3;
-use crate::diffusion::pipeline::TextToImage;
 use crate::diffusion::schedulers::Ddpm;
 use crate::formats::HostTensor;
 use crate::formats::hypernetwork::{
@@ -38,8 +37,6 @@ use crate::formats::hypernetwork::{
 };
 use crate::stages::ParamError;
 use crate::stages::context::{StageContext, StageResult};
-use crate::stages::encode_latents::LatentsManifest;
-use crate::stages::model::open_checkpoint;
 use crate::train::hypernetwork::{HyperNet, apply_grads, install, loss_and_grads, param_grads};
 use crate::train::optim::AdamW;
 
@@ -206,26 +203,15 @@ impl TrainParams {
     pub(super) fn run_hypernetwork(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         let settings = &ctx.pipeline.settings;
         let hp = &self.hypernetwork;
-        let (_, lat_record) = ctx.upstream_of_kind("encode_latents")?;
-        let manifest: LatentsManifest = ctx.read_json(lat_record, "manifest.json")?;
-        if manifest.items.is_empty() {
-            bail!("the encode_latents stage has no items: the dataset has no images");
-        }
-        let items = load_items(ctx, &manifest)?;
-
-        let dev = Cpu::default();
-        let ckpt = open_checkpoint(settings)?;
-        let model_path = settings.base_model.clone().unwrap_or_default();
-        let t2i = TextToImage::load(&ckpt, settings.model_config.as_deref(), &dev)
-            .with_context(|| format!("loading {}", model_path.display()))?;
-        let mut contexts: HashMap<String, Tensor3<Cpu>> = HashMap::new();
-        for item in &items {
-            if !contexts.contains_key(&item.caption) {
-                let ids = t2i.tokenizer.encode(&item.caption)?.input_ids;
-                let c = t2i.models.text_encoder.encode(&[ids], self.clip_skip)?;
-                contexts.insert(item.caption.clone(), c);
-            }
-        }
+        let Setup {
+            manifest,
+            items,
+            ckpt: _,
+            model_path,
+            t2i,
+            dev,
+        } = self.setup(ctx)?;
+        let contexts = self.frozen_contexts(&t2i, &items)?;
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
         let mut unet = t2i.models.unet;

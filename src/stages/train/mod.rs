@@ -283,6 +283,16 @@ struct CheckpointState {
     eval_loss_before: f32,
 }
 
+/// What a training run starts from (see [`TrainParams::setup`]).
+struct Setup {
+    manifest: LatentsManifest,
+    items: Vec<Item>,
+    ckpt: crate::diffusion::Checkpoint,
+    model_path: PathBuf,
+    t2i: TextToImage<Cpu>,
+    dev: Cpu,
+}
+
 /// One latent item in memory.
 struct Item {
     caption: String,
@@ -456,26 +466,15 @@ impl TrainParams {
 
     fn run_lora(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         let settings = &ctx.pipeline.settings;
-        let (_, lat_record) = ctx.upstream_of_kind("encode_latents")?;
-        let manifest: LatentsManifest = ctx.read_json(lat_record, "manifest.json")?;
-        if manifest.items.is_empty() {
-            bail!("the encode_latents stage has no items: the dataset has no images");
-        }
-        let items = load_items(ctx, &manifest)?;
-
-        let dev = Cpu::default();
-        let ckpt = open_checkpoint(settings)?;
-        let model_path = settings.base_model.clone().unwrap_or_default();
-        let t2i = TextToImage::load(&ckpt, settings.model_config.as_deref(), &dev)
-            .with_context(|| format!("loading {}", model_path.display()))?;
-        let mut contexts: HashMap<String, Tensor3<Cpu>> = HashMap::new();
-        for item in &items {
-            if !contexts.contains_key(&item.caption) {
-                let ids = t2i.tokenizer.encode(&item.caption)?.input_ids;
-                let c = t2i.models.text_encoder.encode(&[ids], self.clip_skip)?;
-                contexts.insert(item.caption.clone(), c);
-            }
-        }
+        let Setup {
+            manifest,
+            items,
+            ckpt: _,
+            model_path,
+            t2i,
+            dev,
+        } = self.setup(ctx)?;
+        let mut contexts = self.frozen_contexts(&t2i, &items)?;
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
         let mut unet = t2i.models.unet;
@@ -610,17 +609,14 @@ impl TrainParams {
             .token
             .clone()
             .context("textual inversion needs a token")?;
-        let (_, lat_record) = ctx.upstream_of_kind("encode_latents")?;
-        let manifest: LatentsManifest = ctx.read_json(lat_record, "manifest.json")?;
-        if manifest.items.is_empty() {
-            bail!("the encode_latents stage has no items: the dataset has no images");
-        }
-        let items = load_items(ctx, &manifest)?;
-        let dev = Cpu::default();
-        let ckpt = open_checkpoint(settings)?;
-        let model_path = settings.base_model.clone().unwrap_or_default();
-        let mut t2i = TextToImage::load(&ckpt, settings.model_config.as_deref(), &dev)
-            .with_context(|| format!("loading {}", model_path.display()))?;
+        let Setup {
+            manifest,
+            items,
+            ckpt: _,
+            model_path,
+            mut t2i,
+            dev,
+        } = self.setup(ctx)?;
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
         let d = t2i.models.text_encoder.config.hidden_size;
@@ -763,6 +759,48 @@ impl TrainParams {
         );
         let _ = std::fs::remove_dir_all(scratch.join("checkpoints"));
         Ok(result)
+    }
+
+    /// What every method starts from: the latent items of the `encode_latents` stage (an
+    /// empty dataset is an error) and the base model.
+    fn setup(&self, ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
+        let settings = &ctx.pipeline.settings;
+        let (_, lat_record) = ctx.upstream_of_kind("encode_latents")?;
+        let manifest: LatentsManifest = ctx.read_json(lat_record, "manifest.json")?;
+        if manifest.items.is_empty() {
+            bail!("the encode_latents stage has no items: the dataset has no images");
+        }
+        let items = load_items(ctx, &manifest)?;
+        let dev = Cpu::default();
+        let ckpt = open_checkpoint(settings)?;
+        let model_path = settings.base_model.clone().unwrap_or_default();
+        let t2i = TextToImage::load(&ckpt, settings.model_config.as_deref(), &dev)
+            .with_context(|| format!("loading {}", model_path.display()))?;
+        Ok(Setup {
+            manifest,
+            items,
+            ckpt,
+            model_path,
+            t2i,
+            dev,
+        })
+    }
+
+    /// The frozen text encoder's states of every distinct caption of `items`.
+    fn frozen_contexts<'i>(
+        &self,
+        t2i: &TextToImage<Cpu>,
+        items: impl IntoIterator<Item = &'i Item>,
+    ) -> anyhow::Result<HashMap<String, Tensor3<Cpu>>> {
+        let mut contexts = HashMap::new();
+        for item in items {
+            if !contexts.contains_key(&item.caption) {
+                let ids = t2i.tokenizer.encode(&item.caption)?.input_ids;
+                let c = t2i.models.text_encoder.encode(&[ids], self.clip_skip)?;
+                contexts.insert(item.caption.clone(), c);
+            }
+        }
+        Ok(contexts)
     }
 
     /// The step loop every method shares: per step, the gradients of `gradient_accumulation`
