@@ -13,7 +13,7 @@ use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Batch, CheckpointState, Item, Setup, StepMethod, TrainParams, batch_context, eval_loss,
+    Batch, CheckpointState, Item, RunEnd, Setup, StepMethod, TrainParams, batch_context, eval_loss,
     load_items, newest_checkpoint, read_state, save_checkpoint_with, schedule,
 };
 use crate::diffusion::nn::Tensor3;
@@ -242,16 +242,18 @@ impl TrainParams {
         .with_context(|| format!("writing {}", out.display()))?;
         let blob = ctx.store.put_file(&out)?;
 
-        let metrics = self.metrics(
+        let (mut result, metrics) = self.finish(
+            ctx,
+            &sched,
             &state,
-            eval_after,
-            wall_s,
-            resumed_from,
-            blob.size,
-            trainable_params,
-        );
-        let mut result = self.result(ctx, &sched, &state, &metrics)?;
-        result.outputs.insert("model.safetensors".into(), blob);
+            RunEnd {
+                eval_after,
+                wall_s,
+                resumed_from,
+                trainable_params,
+            },
+            ("model.safetensors", blob),
+        )?;
         result.summary = format!(
             "dreambooth{}{}: {} steps, eval loss {:.4} → {:.4}, {:.2} steps/s, {} MiB checkpoint",
             if train_te { " + text encoder" } else { "" },

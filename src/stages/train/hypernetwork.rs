@@ -23,8 +23,8 @@ use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Batch, CheckpointState, Item, Setup, StepMethod, TrainParams, batch_context, eval_loss, mix,
-    newest_checkpoint, read_state, save_checkpoint_with, schedule,
+    Batch, CheckpointState, Item, RunEnd, Setup, StepMethod, TrainParams, batch_context, eval_loss,
+    mix, newest_checkpoint, read_state, save_checkpoint_with, schedule,
 };
 use crate::diffusion::UNet;
 use crate::diffusion::hypernetwork::HyperActivation;
@@ -300,16 +300,18 @@ impl TrainParams {
             .with_context(|| format!("writing {}", st.display()))?;
         let blob = ctx.store.put_file(&pt)?;
 
-        let metrics = self.metrics(
+        let (mut result, metrics) = self.finish(
+            ctx,
+            &sched,
             &state,
-            eval_after,
-            wall_s,
-            resumed_from,
-            blob.size,
-            trainable_params,
-        );
-        let mut result = self.result(ctx, &sched, &state, &metrics)?;
-        result.outputs.insert("hypernetwork.pt".into(), blob);
+            RunEnd {
+                eval_after,
+                wall_s,
+                resumed_from,
+                trainable_params,
+            },
+            ("hypernetwork.pt", blob),
+        )?;
         result
             .outputs
             .insert("hypernetwork.safetensors".into(), ctx.store.put_file(&st)?);

@@ -22,6 +22,7 @@ use super::ParamError;
 use super::context::{StageContext, StageResult};
 use super::encode_latents::{LatentsManifest, read_f32};
 use super::model::{Component, open_checkpoint};
+use crate::cache::BlobRef;
 use crate::diffusion::nn::{Tensor2, Tensor3, Tensor4};
 use crate::diffusion::pipeline::TextToImage;
 use crate::diffusion::schedulers::{Ddpm, SeededNoise};
@@ -291,6 +292,15 @@ struct Setup {
     model_path: PathBuf,
     t2i: TextToImage<Cpu>,
     dev: Cpu,
+}
+
+/// How a run ended, for its metrics.
+#[derive(Debug, Clone, Copy)]
+struct RunEnd {
+    eval_after: f32,
+    wall_s: f64,
+    resumed_from: u64,
+    trainable_params: usize,
 }
 
 /// One latent item in memory.
@@ -578,16 +588,18 @@ impl TrainParams {
         write_kohya(&out, &network, &meta).with_context(|| format!("writing {}", out.display()))?;
         let blob = ctx.store.put_file(&out)?;
 
-        let metrics = self.metrics(
+        let (mut result, metrics) = self.finish(
+            ctx,
+            &sched,
             &state,
-            eval_after,
-            wall_s,
-            resumed_from,
-            blob.size,
-            trainable_params,
-        );
-        let mut result = self.result(ctx, &sched, &state, &metrics)?;
-        result.outputs.insert("lora.safetensors".into(), blob);
+            RunEnd {
+                eval_after,
+                wall_s,
+                resumed_from,
+                trainable_params,
+            },
+            ("lora.safetensors", blob),
+        )?;
         result.summary = format!(
             "lora r{} α{}: {} steps, eval loss {:.4} → {:.4}, {:.1} steps/s, {} KiB",
             self.lora.rank,
@@ -735,16 +747,18 @@ impl TrainParams {
         write_diffusers(&diffusers, &embedding)
             .with_context(|| format!("writing {}", diffusers.display()))?;
         let blob = ctx.store.put_file(&a1111)?;
-        let metrics = self.metrics(
+        let (mut result, metrics) = self.finish(
+            ctx,
+            &sched,
             &state,
-            eval_after,
-            wall_s,
-            resumed_from,
-            blob.size,
-            ti.num_vectors * d,
-        );
-        let mut result = self.result(ctx, &sched, &state, &metrics)?;
-        result.outputs.insert("embedding.safetensors".into(), blob);
+            RunEnd {
+                eval_after,
+                wall_s,
+                resumed_from,
+                trainable_params: ti.num_vectors * d,
+            },
+            ("embedding.safetensors", blob),
+        )?;
         result.outputs.insert(
             "learned_embeds.safetensors".into(),
             ctx.store.put_file(&diffusers)?,
@@ -925,15 +939,29 @@ impl TrainParams {
         }
     }
 
-    fn metrics(
+    /// The figures and outputs of a finished run: the loss curve, the metrics (in the record's
+    /// stats) and the trained artifact as output `name`.
+    fn finish(
         &self,
+        ctx: &StageContext<'_>,
+        sched: &LrSchedule,
         state: &CheckpointState,
-        eval_after: f32,
-        wall_s: f64,
-        resumed_from: u64,
-        artifact_bytes: u64,
-        trainable_params: usize,
-    ) -> TrainMetrics {
+        end: RunEnd,
+        (name, artifact): (&str, BlobRef),
+    ) -> anyhow::Result<(StageResult, TrainMetrics)> {
+        let metrics = self.metrics(state, &end, artifact.size);
+        let mut result = self.result(ctx, sched, state, &metrics)?;
+        result.outputs.insert(name.into(), artifact);
+        Ok((result, metrics))
+    }
+
+    fn metrics(&self, state: &CheckpointState, end: &RunEnd, artifact_bytes: u64) -> TrainMetrics {
+        let RunEnd {
+            eval_after,
+            wall_s,
+            resumed_from,
+            trainable_params,
+        } = *end;
         let tenth = (state.losses.len() / 10).max(1);
         let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len().max(1) as f32;
         TrainMetrics {
