@@ -175,7 +175,12 @@ impl ClassImagesParams {
             (todo * self.steps) as u64,
             &format!("{} class images", ctx.instance.name),
         );
-        let model_hash = crate::sample::short_model_hash(&model_path).ok();
+        // hashing the model file is only worth it when something is sampled
+        let model_hash = if todo > 0 {
+            crate::sample::short_model_hash(&model_path).ok()
+        } else {
+            None
+        };
         let mut computed = 0usize;
         for (i, slot) in records.iter_mut().enumerate() {
             if slot.is_some() {
