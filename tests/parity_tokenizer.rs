@@ -217,7 +217,12 @@ fn truncation_warns_with_the_dropped_count_and_text() {
         .finish();
     let tok = ClipTokenizer::bundled().unwrap();
     let prompt = format!("{} tail end", "word ".repeat(75));
-    let enc = tracing::subscriber::with_default(subscriber, || tok.encode(&prompt).unwrap());
+    // Other tests' threads may have cached this callsite's interest while no subscriber
+    // listened: rebuild it with this one in place, or the warning can be filtered out.
+    let enc = tracing::subscriber::with_default(subscriber, || {
+        tracing::callsite::rebuild_interest_cache();
+        tok.encode(&prompt).unwrap()
+    });
     assert_eq!(enc.dropped_tokens, 2);
     let log = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
     assert!(log.contains("WARN"), "{log}");
