@@ -18,3 +18,4 @@ pub mod render;
 pub mod sample;
 pub mod stages;
 pub mod train;
+pub mod world;
