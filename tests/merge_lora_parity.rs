@@ -52,8 +52,7 @@ fn lora_merged_into_a_checkpoint_matches_the_goldens_and_the_adapters() {
         write_single_file(
             &path,
             &merged,
-            &base.unet_config,
-            &base.vae_config,
+            &base.configs(),
             SaveDtype::F32,
             &BTreeMap::new(),
         )

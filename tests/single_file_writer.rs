@@ -50,15 +50,7 @@ fn diffusers_folder_written_as_single_file_reads_back_identically() {
 
     for dtype in [SaveDtype::F32, SaveDtype::F16] {
         let path = dir.path().join(format!("model-{dtype:?}.safetensors"));
-        write_single_file(
-            &path,
-            &tensors,
-            &base.unet_config,
-            &base.vae_config,
-            dtype,
-            &meta,
-        )
-        .unwrap();
+        write_single_file(&path, &tensors, &base.configs(), dtype, &meta).unwrap();
         let back = Checkpoint::open(&path)
             .unwrap()
             .with_configs_from(&folder)
@@ -112,15 +104,7 @@ fn diffusers_folder_written_as_single_file_reads_back_identically() {
 
         // Deterministic bytes.
         let again = dir.path().join("again.safetensors");
-        write_single_file(
-            &again,
-            &tensors,
-            &base.unet_config,
-            &base.vae_config,
-            dtype,
-            &meta,
-        )
-        .unwrap();
+        write_single_file(&again, &tensors, &base.configs(), dtype, &meta).unwrap();
         assert_eq!(
             std::fs::read(&path).unwrap(),
             std::fs::read(&again).unwrap()
@@ -141,8 +125,7 @@ fn the_fixture_single_file_rewrites_to_the_same_keys_and_shapes() {
     write_single_file(
         &out,
         &tensors,
-        &ckpt.unet_config,
-        &ckpt.vae_config,
+        &ckpt.configs(),
         SaveDtype::F16,
         &BTreeMap::new(),
     )

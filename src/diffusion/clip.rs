@@ -2,7 +2,7 @@
 //! transformer layers with causal self-attention and a quick-GELU MLP, final layer norm.
 
 use dfdx::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::{DiffusionError, Result};
 use super::nn::{
@@ -12,7 +12,7 @@ use super::nn::{
 use super::weights::Loader;
 
 /// Activation of the CLIP MLP.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ClipActivation {
     /// `x · sigmoid(1.702 x)` (OpenAI CLIP, SD 1.x).
@@ -23,7 +23,7 @@ pub enum ClipActivation {
 
 /// Text encoder configuration (transformers `CLIPTextConfig` fields). Defaults are SD 1.5's
 /// CLIP ViT-L/14 text tower.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct ClipConfig {
     /// Token vocabulary size (49408).

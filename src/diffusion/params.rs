@@ -15,6 +15,7 @@ use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
 use super::resnet::ResnetBlock2D;
 use super::unet::UNet;
 use super::unet_blocks::{DownBlock, MidBlock, UpBlock};
+use super::vae::{Vae, VaeAttention, VaeMidBlock};
 use crate::formats::HostTensor;
 
 /// A parameterised layer, borrowed mutably.
@@ -344,6 +345,77 @@ impl<D: Device<f32>> Layers<D> for TextEncoder<D> {
     }
 }
 
+impl<D: Device<f32>> Layers<D> for VaeAttention<D> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        f(
+            &join(prefix, "group_norm"),
+            Layer::GroupNorm(&mut self.group_norm),
+        );
+        f(&join(prefix, "to_q"), Layer::Linear(&mut self.to_q));
+        f(&join(prefix, "to_k"), Layer::Linear(&mut self.to_k));
+        f(&join(prefix, "to_v"), Layer::Linear(&mut self.to_v));
+        f(&join(prefix, "to_out.0"), Layer::Linear(&mut self.to_out));
+    }
+}
+
+impl<D: Device<f32>> Layers<D> for VaeMidBlock<D> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        self.resnet0.visit_layers(&join(prefix, "resnets.0"), f);
+        if let Some(a) = &mut self.attention {
+            a.visit_layers(&join(prefix, "attentions.0"), f);
+        }
+        self.resnet1.visit_layers(&join(prefix, "resnets.1"), f);
+    }
+}
+
+impl<D: Device<f32>> Layers<D> for Vae<D> {
+    /// Names as diffusers stores them (`encoder.down_blocks.0.resnets.0.conv1`, …).
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        let enc = join(prefix, "encoder");
+        let e = &mut self.encoder;
+        f(&join(&enc, "conv_in"), Layer::Conv(&mut e.conv_in));
+        for (i, b) in e.down_blocks.iter_mut().enumerate() {
+            let base = join(&enc, format!("down_blocks.{i}"));
+            for (j, r) in b.resnets.iter_mut().enumerate() {
+                r.visit_layers(&join(&base, format!("resnets.{j}")), f);
+            }
+            if let Some(d) = &mut b.downsampler {
+                f(&join(&base, "downsamplers.0.conv"), Layer::Conv(d));
+            }
+        }
+        e.mid_block.visit_layers(&join(&enc, "mid_block"), f);
+        f(
+            &join(&enc, "conv_norm_out"),
+            Layer::GroupNorm(&mut e.conv_norm_out),
+        );
+        f(&join(&enc, "conv_out"), Layer::Conv(&mut e.conv_out));
+        if let Some(q) = &mut self.quant_conv {
+            f(&join(prefix, "quant_conv"), Layer::Conv(q));
+        }
+        if let Some(q) = &mut self.post_quant_conv {
+            f(&join(prefix, "post_quant_conv"), Layer::Conv(q));
+        }
+        let dec = join(prefix, "decoder");
+        let d = &mut self.decoder;
+        f(&join(&dec, "conv_in"), Layer::Conv(&mut d.conv_in));
+        d.mid_block.visit_layers(&join(&dec, "mid_block"), f);
+        for (i, b) in d.up_blocks.iter_mut().enumerate() {
+            let base = join(&dec, format!("up_blocks.{i}"));
+            for (j, r) in b.resnets.iter_mut().enumerate() {
+                r.visit_layers(&join(&base, format!("resnets.{j}")), f);
+            }
+            if let Some(u) = &mut b.upsampler {
+                f(&join(&base, "upsamplers.0.conv"), Layer::Conv(&mut u.conv));
+            }
+        }
+        f(
+            &join(&dec, "conv_norm_out"),
+            Layer::GroupNorm(&mut d.conv_norm_out),
+        );
+        f(&join(&dec, "conv_out"), Layer::Conv(&mut d.conv_out));
+    }
+}
+
 /// Marks every parameter of `model` trainable (or frozen again).
 pub fn set_trainable<D: Device<f32>>(model: &mut impl Layers<D>, on: bool) {
     model.set_trainable(on);
@@ -414,6 +486,11 @@ mod tests {
             .filter(|n| !n.ends_with("position_ids"))
             .map(String::from)
             .collect();
+        stored.sort();
+        assert_eq!(walked, stored);
+        let mut vae = ckpt.load_vae(&dev).unwrap();
+        let walked: Vec<String> = named_tensors(&mut vae).into_keys().collect();
+        let mut stored: Vec<String> = ckpt.vae_weights().names().map(String::from).collect();
         stored.sort();
         assert_eq!(walked, stored);
         assert_eq!(

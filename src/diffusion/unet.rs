@@ -3,7 +3,7 @@
 //! blocks (consuming them), GroupNorm, SiLU, `conv_out`.
 
 use dfdx::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::{DiffusionError, Result};
 use super::nn::{Conv2d, GroupNorm, Linear, Padding2d, Tensor2, Tensor3, Tensor4, silu};
@@ -11,7 +11,7 @@ use super::unet_blocks::{BlockSettings, DownBlock, MidBlock, UpBlock};
 use super::weights::Loader;
 
 /// A config value given once for every level or once per level.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
 pub enum PerLevel {
     /// The same value on every level.
@@ -35,7 +35,7 @@ impl PerLevel {
 /// `attention_head_dim` keeps diffusers' historical meaning: in SD 1.x configs it is the
 /// **number of heads** (8), each of width `channels / 8`; `num_attention_heads`, when set,
 /// takes precedence with the same meaning.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct UNetConfig {
     /// Latent channels in (4).

@@ -2,7 +2,7 @@
 //! decoder back to pixels, a single-head attention in both mid blocks.
 
 use dfdx::prelude::*;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::error::{DiffusionError, Result};
 use super::nn::{
@@ -17,7 +17,7 @@ use super::weights::Loader;
 const VAE_EPS: f64 = 1e-6;
 
 /// VAE configuration (diffusers `config.json` fields). Defaults are SD 1.5's.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct VaeConfig {
     /// Image channels in (3).
@@ -467,6 +467,24 @@ impl<D: Device<f32>> Vae<D> {
         let logvar = moments.slice((.., z..2 * z, .., ..)).clamp(-30.0, 20.0);
         let std = (logvar.clone() * 0.5).exp();
         Ok(LatentDistribution { mean, logvar, std })
+    }
+
+    /// The posterior's mean and clamped log-variance `[b, z, H/f, W/f]` of images `[b, 3, H, W]`,
+    /// under the images' tape: what training the VAE differentiates.
+    pub fn encode_moments<T: Tape<f32, D>>(
+        &self,
+        image: Tensor4<D, T>,
+    ) -> Result<(Tensor4<D, T>, Tensor4<D, T>)> {
+        self.check_image(image.shape())?;
+        let moments = self.encoder.forward(image);
+        let moments = match &self.quant_conv {
+            Some(q) => q.forward(moments),
+            None => moments,
+        };
+        let z = self.config.latent_channels;
+        let mean = moments.retaped::<T>().slice((.., 0..z, .., ..));
+        let logvar = moments.slice((.., z..2 * z, .., ..)).clamp(-30.0, 20.0);
+        Ok((mean, logvar))
     }
 
     /// Decodes (unscaled) latents `[b, z, h, w]` to images `[b, 3, h f, w f]`, raw decoder

@@ -21,7 +21,7 @@ use crate::diffusion::unet::UNetConfig;
 use crate::diffusion::vae::VaeConfig;
 use crate::diffusion::weights::WeightStore;
 use crate::diffusion::weights::single_file::{
-    CLIP_PREFIX, UNET_PREFIX, VAE_PREFIX, ldm_unet_key, ldm_vae_key,
+    CLIP_PREFIX, CONFIGS_KEY, StoredConfigs, UNET_PREFIX, VAE_PREFIX, ldm_unet_key, ldm_vae_key,
 };
 
 /// All tensors of a model under the [`WeightStore`]s' diffusers names (text encoder without
@@ -237,25 +237,28 @@ fn plan<'a>(
 
 /// Writes `m` as an original-layout single-file checkpoint at `path` (atomically: a temporary
 /// sibling, then a rename), tensors in `dtype`, `metadata` as the safetensors `__metadata__`.
-/// `unet_cfg` gives `layers_per_block` and which up levels have attention, `vae_cfg` the number
-/// of levels (the decoder's are stored in reverse). A tensor outside the SD 1.x layout is an
-/// error naming it.
+/// The UNet config gives `layers_per_block` and which up levels have attention, the VAE's the
+/// number of levels (the decoder's are stored in reverse). The three configs are also stored in
+/// the metadata under [`CONFIGS_KEY`], so that a model whose heads or groups differ from SD
+/// 1.x's reloads as it was. A tensor outside the SD 1.x layout is an error naming it.
 pub fn write_single_file(
     path: &Path,
     m: &ModelTensors,
-    unet_cfg: &UNetConfig,
-    vae_cfg: &VaeConfig,
+    configs: &StoredConfigs,
     dtype: SaveDtype,
     metadata: &BTreeMap<String, String>,
 ) -> Result<()> {
-    let planned = plan(path, m, unet_cfg, vae_cfg, dtype)?;
+    let planned = plan(path, m, &configs.unet, &configs.vae, dtype)?;
+    let mut metadata = metadata.clone();
+    metadata.insert(
+        CONFIGS_KEY.to_string(),
+        serde_json::to_string(configs).unwrap_or_default(),
+    );
     let mut header = serde_json::Map::new();
-    if !metadata.is_empty() {
-        header.insert(
-            "__metadata__".into(),
-            serde_json::to_value(metadata).unwrap_or_default(),
-        );
-    }
+    header.insert(
+        "__metadata__".into(),
+        serde_json::to_value(&metadata).unwrap_or_default(),
+    );
     let mut offset = 0usize;
     for p in &planned {
         let len = p.byte_len(dtype);

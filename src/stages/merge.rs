@@ -530,15 +530,8 @@ impl MergeParams {
             ]
             .into();
             let out = scratch.join("model.safetensors");
-            write_single_file(
-                &out,
-                &a,
-                &first.unet_config,
-                &first.vae_config,
-                self.dtype,
-                &meta,
-            )
-            .with_context(|| format!("writing {}", out.display()))?;
+            write_single_file(&out, &a, &first.configs(), self.dtype, &meta)
+                .with_context(|| format!("writing {}", out.display()))?;
             let blob = ctx.store.put_file(&out)?;
             let _ = std::fs::remove_file(&out);
             summary = format!(

@@ -18,7 +18,7 @@ pub use encode_latents::{EncodeLatentsParams, LatentItem, LatentsManifest};
 pub use merge::{MergeMode, MergeParams, RECIPE_KEY};
 pub use preprocess::{PreprocessItem, PreprocessManifest, PreprocessParams};
 pub use sample_grid::{GridCell, GridManifest, SampleGridParams};
-pub use train::{DreamboothParams, LoraParams, Method, TrainMetrics, TrainParams};
+pub use train::{DreamboothParams, LoraParams, Method, PretrainParams, TrainMetrics, TrainParams};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +39,7 @@ pub const KINDS: &[&str] = &[
     "sample_grid",
     "class_images",
     "merge",
+    "pretrain",
 ];
 
 /// A parameter problem found after parsing, reported at the key `field` (dotted).
@@ -80,6 +81,8 @@ pub enum StageParams {
     ClassImages(ClassImagesParams),
     /// `kind = "merge"`.
     Merge(MergeParams),
+    /// `kind = "pretrain"`.
+    Pretrain(PretrainParams),
 }
 
 impl StageParams {
@@ -95,6 +98,7 @@ impl StageParams {
             "class_images" => StageParams::ClassImages(Deserialize::deserialize(de)?),
             "train" => StageParams::Train(Deserialize::deserialize(de)?),
             "merge" => StageParams::Merge(Deserialize::deserialize(de)?),
+            "pretrain" => StageParams::Pretrain(Deserialize::deserialize(de)?),
             other => {
                 return Err(serde::de::Error::custom(format!(
                     "unknown stage kind `{other}`"
@@ -113,6 +117,7 @@ impl StageParams {
             StageParams::Train(_) => "train",
             StageParams::ClassImages(_) => "class_images",
             StageParams::Merge(_) => "merge",
+            StageParams::Pretrain(_) => "pretrain",
         }
     }
 
@@ -126,6 +131,7 @@ impl StageParams {
             StageParams::Train(_) => train::VERSION,
             StageParams::ClassImages(_) => class_images::VERSION,
             StageParams::Merge(_) => merge::VERSION,
+            StageParams::Pretrain(_) => train::pretrain::VERSION,
         }
     }
 
@@ -149,6 +155,7 @@ impl StageParams {
             StageParams::Train(p) => p.validate(),
             StageParams::ClassImages(p) => p.validate(),
             StageParams::Merge(p) => p.validate(),
+            StageParams::Pretrain(p) => p.validate(),
         }
     }
 
@@ -167,7 +174,8 @@ impl StageParams {
             StageParams::Merge(p) => p.normalize(dir),
             StageParams::EncodeLatents(_)
             | StageParams::SampleGrid(_)
-            | StageParams::ClassImages(_) => Ok(()),
+            | StageParams::ClassImages(_)
+            | StageParams::Pretrain(_) => Ok(()),
         }
     }
 
@@ -182,6 +190,7 @@ impl StageParams {
             StageParams::Train(p) => p.key_params(settings),
             StageParams::ClassImages(p) => p.key_params(settings),
             StageParams::Merge(p) => p.key_params(settings),
+            StageParams::Pretrain(p) => p.key_params(),
         }
     }
 
@@ -193,7 +202,7 @@ impl StageParams {
     ) -> anyhow::Result<BTreeMap<String, String>> {
         match self {
             StageParams::Caption(p) => p.inputs(hasher),
-            StageParams::Preprocess(_) => Ok(BTreeMap::new()),
+            StageParams::Preprocess(_) | StageParams::Pretrain(_) => Ok(BTreeMap::new()),
             StageParams::EncodeLatents(_) => {
                 model::model_inputs(settings, hasher, EncodeLatentsParams::components())
             }
@@ -233,7 +242,8 @@ impl StageParams {
             | StageParams::SampleGrid(_)
             | StageParams::Train(_)
             | StageParams::ClassImages(_)
-            | StageParams::Merge(_) => Vec::new(),
+            | StageParams::Merge(_)
+            | StageParams::Pretrain(_) => Vec::new(),
         }
     }
 
@@ -247,6 +257,7 @@ impl StageParams {
             StageParams::Train(p) => p.run(ctx),
             StageParams::ClassImages(p) => p.run(ctx),
             StageParams::Merge(p) => p.run(ctx),
+            StageParams::Pretrain(p) => p.run(ctx),
         }
     }
 }

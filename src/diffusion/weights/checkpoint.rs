@@ -195,6 +195,15 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// The three configs, as a single file stores them.
+    pub fn configs(&self) -> super::single_file::StoredConfigs {
+        super::single_file::StoredConfigs {
+            unet: self.unet_config.clone(),
+            vae: self.vae_config.clone(),
+            text_encoder: self.clip_config.clone(),
+        }
+    }
+
     /// The UNet's tensors under diffusers names.
     pub fn unet_weights(&self) -> &WeightStore {
         &self.unet

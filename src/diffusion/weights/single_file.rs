@@ -24,6 +24,23 @@ pub const VAE_PREFIX: &str = "first_stage_model.";
 /// Key prefix of the CLIP text encoder (followed by `text_model.` in recent files).
 pub const CLIP_PREFIX: &str = "cond_stage_model.transformer.";
 
+/// `__metadata__` key under which sdpipe stores the three models' diffusers configs (JSON
+/// `{"unet": …, "vae": …, "text_encoder": …}`), so that a file whose head counts, GroupNorm
+/// groups or latent scaling differ from SD 1.x's (like sdpipe's pretrained world model) loads
+/// without a config folder. Other tools ignore it.
+pub const CONFIGS_KEY: &str = "sdpipe_configs";
+
+/// The configs stored under [`CONFIGS_KEY`].
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoredConfigs {
+    /// UNet config.
+    pub unet: UNetConfig,
+    /// VAE config.
+    pub vae: VaeConfig,
+    /// Text-encoder config.
+    pub text_encoder: ClipConfig,
+}
+
 /// The three components of a single-file checkpoint, under diffusers names, with configs.
 #[derive(Debug, Clone)]
 pub struct SingleFile {
@@ -68,9 +85,22 @@ pub fn open(path: &Path) -> Result<SingleFile> {
         })
         .collect();
 
-    let unet_config = infer_unet(path, &unet_keys)?;
-    let vae_config = infer_vae(path, &vae_keys)?;
-    let clip_config = infer_clip(path, &clip_keys)?;
+    let (unet_config, vae_config, clip_config) =
+        match file.user_metadata().and_then(|m| m.get(CONFIGS_KEY)) {
+            Some(text) => {
+                let stored: StoredConfigs =
+                    serde_json::from_str(text).map_err(|e| DiffusionError::Config {
+                        path: path.to_path_buf(),
+                        reason: format!("metadata `{CONFIGS_KEY}`: {e}"),
+                    })?;
+                (stored.unet, stored.vae, stored.text_encoder)
+            }
+            None => (
+                infer_unet(path, &unet_keys)?,
+                infer_vae(path, &vae_keys)?,
+                infer_clip(path, &clip_keys)?,
+            ),
+        };
 
     let layers = unet_config.layers_per_block;
     let mut unet = WeightStore::with_files(vec![file.clone()]);

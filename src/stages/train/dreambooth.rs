@@ -19,6 +19,7 @@ use super::{
 use crate::diffusion::nn::Tensor3;
 use crate::diffusion::params::{Layers, ParamMut, count_params, named_grads, set_trainable};
 use crate::diffusion::schedulers::Ddpm;
+use crate::diffusion::weights::single_file::StoredConfigs;
 use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::checkpoint::{ModelTensors, SaveDtype, write_single_file};
 use crate::formats::{HostTensor, read_safetensors, write_safetensors};
@@ -128,7 +129,6 @@ impl TrainParams {
         }
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
-        let vae_config = t2i.models.vae.config.clone();
         let mut unet = t2i.models.unet;
         let mut text_encoder = t2i.models.text_encoder;
         let train_te = self.dreambooth.train_text_encoder;
@@ -234,8 +234,10 @@ impl TrainParams {
         write_single_file(
             &out,
             &tensors,
-            &unet.config,
-            &vae_config,
+            &StoredConfigs {
+                unet: unet.config.clone(),
+                ..ckpt.configs()
+            },
             self.dreambooth.save_dtype,
             &metadata,
         )
@@ -389,7 +391,7 @@ impl StepMethod for DreamboothSteps<'_> {
 }
 
 /// One AdamW update of every parameter of `model` with `grads` (by `prefix` + full name).
-fn update_all<M: Layers<Cpu>>(
+pub(super) fn update_all<M: Layers<Cpu>>(
     model: &mut M,
     prefix: &str,
     grads: &BTreeMap<String, HostTensor>,
@@ -435,7 +437,7 @@ fn update_all<M: Layers<Cpu>>(
 }
 
 /// Replaces every parameter of `model` by the tensor of the same name in `weights`.
-fn load_weights<M: Layers<Cpu>>(
+pub(super) fn load_weights<M: Layers<Cpu>>(
     model: &mut M,
     weights: &BTreeMap<String, HostTensor>,
 ) -> anyhow::Result<()> {

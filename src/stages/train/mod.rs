@@ -44,6 +44,8 @@ use crate::train::optim::{AdamW, AdamWConfig, clip_coefficient};
 
 mod dreambooth;
 pub use dreambooth::DreamboothParams;
+pub mod pretrain;
+pub use pretrain::PretrainParams;
 
 /// Implementation version (part of the key); bumped whenever the numbers change (v2: fused CPU kernels).
 pub const VERSION: u32 = 2;
@@ -1209,7 +1211,7 @@ fn save_checkpoint(
 /// renamed to `checkpoints/step-N` (atomic), keeping the two newest.
 fn save_checkpoint_with(
     scratch: &Path,
-    state: &CheckpointState,
+    state: &impl StepState,
     write: impl FnOnce(&Path) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let root = scratch.join("checkpoints");
@@ -1217,7 +1219,7 @@ fn save_checkpoint_with(
     let tmp = tempfile::Builder::new().prefix(".tmp-").tempdir_in(&root)?;
     write(tmp.path())?;
     std::fs::write(tmp.path().join("state.json"), serde_json::to_vec(state)?)?;
-    let dir = root.join(format!("step-{:08}", state.step));
+    let dir = root.join(format!("step-{:08}", state.step()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(tmp.keep(), &dir)?;
     crate::cache::sync_dir(&root)?;
@@ -1265,8 +1267,20 @@ fn newest_checkpoint<T>(
     Ok(None)
 }
 
+/// What a checkpoint's `state.json` holds: at least the step it was written at.
+trait StepState: Serialize {
+    /// Steps done when the checkpoint was written.
+    fn step(&self) -> u64;
+}
+
+impl StepState for CheckpointState {
+    fn step(&self) -> u64 {
+        self.step
+    }
+}
+
 /// The `state.json` of a checkpoint directory.
-fn read_state(dir: &Path) -> anyhow::Result<CheckpointState> {
+fn read_state<S: serde::de::DeserializeOwned>(dir: &Path) -> anyhow::Result<S> {
     Ok(serde_json::from_slice(&std::fs::read(
         dir.join("state.json"),
     )?)?)

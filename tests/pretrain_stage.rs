@@ -1,0 +1,125 @@
+//! The `pretrain` stage on a miniature architecture: both phases lower their loss, the result
+//! is a single-file model that opens with its own configs (no config folder) and samples; a
+//! killed run resumes to the same bytes; a bad parameter is reported at its key.
+
+mod common;
+
+use common::{Project, wait_for};
+
+fn pipeline(extra: &str) -> String {
+    format!(
+        r#"
+[pipeline]
+name = "t"
+seed = 3
+
+[stage.base]
+kind = "pretrain"
+resolution = 32
+vae_steps = 8
+unet_steps = 8
+batch_size = 4
+vae_batch_size = 2
+lr_warmup_steps = 2
+checkpoint_every = 4
+save_dtype = "f32"
+{extra}
+[stage.base.architecture]
+unet_channels = [16, 32]
+unet_heads = 2
+norm_groups = 4
+vae_channels = [8, 16]
+latent_channels = 4
+text_width = 16
+text_layers = 1
+text_heads = 2
+"#
+    )
+}
+
+fn scratch_has_checkpoint(p: &Project) -> bool {
+    std::fs::read_dir(p.path(".sdpipe/cache-v1/scratch"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|d| {
+            std::fs::read_dir(d.path().join("checkpoints"))
+                .map(|c| {
+                    c.flatten()
+                        .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
+                })
+                .unwrap_or(false)
+        })
+}
+
+#[test]
+fn pretraining_learns_writes_a_self_describing_model_and_resumes_identically() {
+    let p = Project::new(&pipeline(""));
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let stats = p.stats("base");
+    let f = |k: &str| stats[k].as_f64().unwrap();
+    assert!(
+        f("vae_loss_last") < f("vae_loss_first"),
+        "the VAE loss did not fall: {stats}"
+    );
+    assert!(f("scaling_factor").is_finite() && f("scaling_factor") > 0.0);
+    assert!(f("train_loss_last").is_finite());
+
+    // The model opens with the configs stored in it: heads, groups and scaling included.
+    let model = p.path("outputs/t/base/model.safetensors");
+    let ckpt = sdpipe::diffusion::Checkpoint::open(&model).unwrap();
+    assert_eq!(ckpt.unet_config.block_out_channels, vec![16, 32]);
+    assert_eq!(ckpt.unet_config.norm_num_groups, 4);
+    assert_eq!(ckpt.clip_config.num_attention_heads, 2);
+    assert_eq!(ckpt.vae_config.block_out_channels, vec![8, 16]);
+    assert!((ckpt.vae_config.scaling_factor - f("scaling_factor")).abs() < 1e-9);
+    let sample = p.sdpipe(&[
+        "sample",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "a red circle on a blue background",
+        "--steps",
+        "3",
+        "--seed",
+        "1",
+        "--width",
+        "32",
+        "--height",
+        "32",
+        "--out",
+        "s.png",
+    ]);
+    assert_eq!(sample.code, 0, "{}", sample.stderr);
+    assert_eq!(image::open(p.path("s.png")).unwrap().width(), 32);
+    let uninterrupted = std::fs::read(&model).unwrap();
+
+    // Killed after a checkpoint, then resumed: the same bytes.
+    let r = Project::new(&pipeline(""));
+    let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "150")]);
+    wait_for("a pretraining checkpoint", || scratch_has_checkpoint(&r));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let resumed = r.sdpipe(&["run", "p.toml"]);
+    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    assert!(r.stats("base")["resumed_from"].as_u64().unwrap() > 0);
+    assert!(
+        uninterrupted == std::fs::read(r.path("outputs/t/base/model.safetensors")).unwrap(),
+        "the resumed run ends with other weights than the uninterrupted one"
+    );
+}
+
+#[test]
+fn a_bad_parameter_is_reported_at_its_key() {
+    let p = Project::new(&pipeline("world = \"space\"\n"));
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr.contains("unknown world `space`"),
+        "{}",
+        run.stderr
+    );
+    assert!(run.stderr.contains("shapes"), "{}", run.stderr);
+    assert!(run.stderr.contains("p.toml:"), "{}", run.stderr);
+}
