@@ -8,6 +8,7 @@ mod encode_latents;
 mod merge;
 pub mod model;
 mod preprocess;
+mod report;
 mod sample_grid;
 mod train;
 
@@ -17,6 +18,7 @@ pub use context::{Cancelled, StageContext, StageResult};
 pub use encode_latents::{EncodeLatentsParams, LatentItem, LatentsManifest};
 pub use merge::{MergeMode, MergeParams, RECIPE_KEY};
 pub use preprocess::{PreprocessItem, PreprocessManifest, PreprocessParams};
+pub use report::ReportParams;
 pub use sample_grid::{GridCell, GridManifest, SampleGridParams};
 pub use train::{DreamboothParams, LoraParams, Method, TrainMetrics, TrainParams};
 
@@ -39,6 +41,7 @@ pub const KINDS: &[&str] = &[
     "sample_grid",
     "class_images",
     "merge",
+    "report",
 ];
 
 /// A parameter problem found after parsing, reported at the key `field` (dotted).
@@ -80,6 +83,8 @@ pub enum StageParams {
     ClassImages(ClassImagesParams),
     /// `kind = "merge"`.
     Merge(MergeParams),
+    /// `kind = "report"`.
+    Report(ReportParams),
 }
 
 impl StageParams {
@@ -95,6 +100,7 @@ impl StageParams {
             "class_images" => StageParams::ClassImages(Deserialize::deserialize(de)?),
             "train" => StageParams::Train(Deserialize::deserialize(de)?),
             "merge" => StageParams::Merge(Deserialize::deserialize(de)?),
+            "report" => StageParams::Report(Deserialize::deserialize(de)?),
             other => {
                 return Err(serde::de::Error::custom(format!(
                     "unknown stage kind `{other}`"
@@ -113,6 +119,7 @@ impl StageParams {
             StageParams::Train(_) => "train",
             StageParams::ClassImages(_) => "class_images",
             StageParams::Merge(_) => "merge",
+            StageParams::Report(_) => "report",
         }
     }
 
@@ -126,6 +133,7 @@ impl StageParams {
             StageParams::Train(_) => train::VERSION,
             StageParams::ClassImages(_) => class_images::VERSION,
             StageParams::Merge(_) => merge::VERSION,
+            StageParams::Report(_) => report::VERSION,
         }
     }
 
@@ -135,6 +143,7 @@ impl StageParams {
             "preprocess" => &["caption"],
             "encode_latents" => &["preprocess"],
             "train" => &["encode_latents"],
+            "report" => &["sample_grid"],
             _ => &[],
         }
     }
@@ -149,6 +158,7 @@ impl StageParams {
             StageParams::Train(p) => p.validate(),
             StageParams::ClassImages(p) => p.validate(),
             StageParams::Merge(p) => p.validate(),
+            StageParams::Report(p) => p.validate(),
         }
     }
 
@@ -167,7 +177,8 @@ impl StageParams {
             StageParams::Merge(p) => p.normalize(dir),
             StageParams::EncodeLatents(_)
             | StageParams::SampleGrid(_)
-            | StageParams::ClassImages(_) => Ok(()),
+            | StageParams::ClassImages(_)
+            | StageParams::Report(_) => Ok(()),
         }
     }
 
@@ -182,6 +193,7 @@ impl StageParams {
             StageParams::Train(p) => p.key_params(settings),
             StageParams::ClassImages(p) => p.key_params(settings),
             StageParams::Merge(p) => p.key_params(settings),
+            StageParams::Report(p) => p.key_params(settings),
         }
     }
 
@@ -207,6 +219,7 @@ impl StageParams {
                 model::model_inputs(settings, hasher, ClassImagesParams::components())
             }
             StageParams::Merge(p) => p.inputs(settings, hasher),
+            StageParams::Report(_) => Ok(BTreeMap::new()),
         }
     }
 
@@ -233,7 +246,8 @@ impl StageParams {
             | StageParams::SampleGrid(_)
             | StageParams::Train(_)
             | StageParams::ClassImages(_)
-            | StageParams::Merge(_) => Vec::new(),
+            | StageParams::Merge(_)
+            | StageParams::Report(_) => Vec::new(),
         }
     }
 
@@ -247,6 +261,7 @@ impl StageParams {
             StageParams::Train(p) => p.run(ctx),
             StageParams::ClassImages(p) => p.run(ctx),
             StageParams::Merge(p) => p.run(ctx),
+            StageParams::Report(p) => p.run(ctx),
         }
     }
 }
