@@ -291,7 +291,7 @@ impl ReportParams {
         });
         match &instance.params {
             StageParams::Train(p) => {
-                let method = serde_json::to_value(&p.method)?;
+                let method = serde_json::to_value(p.method)?;
                 v.method = method_label(method.as_str().unwrap_or_default());
                 v.training = serde_json::from_value::<TrainMetrics>(record.stats.clone()).ok();
                 if record.outputs.contains_key("loss.json") {
@@ -299,7 +299,7 @@ impl ReportParams {
                 }
             }
             StageParams::Merge(p) => {
-                let mode = serde_json::to_value(&p.mode)?;
+                let mode = serde_json::to_value(p.mode)?;
                 v.method = merge_label(mode.as_str().unwrap_or_default());
                 v.sources = p.loras.iter().chain(&p.models).cloned().collect();
             }
