@@ -46,7 +46,7 @@ pub struct ReportParams {
 
 /// The names of the concepts the world knows, for messages.
 fn known_concepts() -> Vec<&'static str> {
-    crate::world::concepts().iter().map(|c| c.name).collect()
+    crate::world::CONCEPTS.iter().map(|c| c.name).collect()
 }
 
 impl ReportParams {
