@@ -239,8 +239,20 @@ mod tests {
         assert!(svg.trim_end().ends_with("</svg>"));
         // two polylines per curve (raw + smoothed) plus the legend samples
         assert!(svg.matches("<polyline").count() >= 4, "{svg}");
-        assert!(svg.contains(">lora<") && svg.contains(">dreambooth<"));
-        assert!(svg.contains("training loss"));
+        let texts: Vec<&str> = svg
+            .split("</text>")
+            .filter_map(|s| s.rsplit('>').next())
+            .map(str::trim)
+            .collect();
+        for label in [
+            "lora",
+            "dreambooth",
+            "training loss",
+            "step",
+            "Training loss",
+        ] {
+            assert!(texts.contains(&label), "no text {label:?} in {texts:?}");
+        }
         let inline = for_inline_html(&svg);
         assert!(!inline.contains("http"));
         assert!(inline.starts_with("<svg"));
