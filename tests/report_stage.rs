@@ -323,7 +323,7 @@ fn report_is_self_contained_and_carries_every_variant() {
 
 #[test]
 fn unknown_concept_is_an_error_at_the_key() {
-    let text = pipeline("\"nonesuch\"");
+    let text = pipeline("\"hart\"");
     let line = text
         .lines()
         .position(|l| l.starts_with("concept ="))
@@ -338,7 +338,12 @@ fn unknown_concept_is_an_error_at_the_key() {
         run.stderr
     );
     assert!(
-        run.stderr.contains("unknown concept `nonesuch`"),
+        run.stderr.contains("unknown concept `hart`"),
+        "{}",
+        run.stderr
+    );
+    assert!(
+        run.stderr.contains("did you mean `heart`?"),
         "{}",
         run.stderr
     );

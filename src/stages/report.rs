@@ -54,10 +54,14 @@ impl ReportParams {
         if let Some(name) = &self.concept
             && crate::world::concept(name).is_none()
         {
+            let known = known_concepts();
+            let hint = crate::pipeline::did_you_mean(name, known.iter().copied())
+                .map(|s| format!("did you mean `{s}`? "))
+                .unwrap_or_default();
             return Err(ParamError::new(
                 "concept",
                 format!("unknown concept `{name}`"),
-                format!("known concepts: {}", known_concepts().join(", ")),
+                format!("{hint}known concepts: {}", known.join(", ")),
             ));
         }
         if self.title.as_deref().is_some_and(|t| t.trim().is_empty()) {
