@@ -3,7 +3,7 @@
 //! The pieces: [`pipeline`] (the TOML file → a DAG of stage instances), [`cache`] (blobs,
 //! records, locks), [`engine`] (plan, run, watch), [`stages`] (what each kind does), [`image`]
 //! (decoding and resizing), [`diffusion`] (the Stable Diffusion core on dfdx), [`render`]
-//! (sample grids and PNG metadata), [`cli`].
+//! (sample grids and PNG metadata), [`report`] (the method-comparison report), [`cli`].
 
 pub mod cache;
 pub mod cli;
@@ -15,6 +15,7 @@ pub mod image;
 pub mod merge;
 pub mod pipeline;
 pub mod render;
+pub mod report;
 pub mod sample;
 pub mod stages;
 pub mod train;

@@ -99,6 +99,19 @@ pub fn print_summary(report: &RunReport) -> String {
             format!(", {} failed", failures.len())
         }
     );
+    // Where to look: the page of every report stage that finished.
+    for s in &report.stages {
+        if s.kind == "report"
+            && matches!(s.outcome, Outcome::Computed | Outcome::Cached)
+            && let Some(dir) = &s.outputs
+        {
+            let _ = writeln!(
+                out,
+                "report: {}",
+                display_path(&dir.join("report.html")).display()
+            );
+        }
+    }
     for (stage, error) in failures {
         let _ = writeln!(
             out,
@@ -116,4 +129,16 @@ fn first_line(s: &str) -> String {
     } else {
         line.to_string()
     }
+}
+
+/// `path` relative to the current directory when it lies below it (as users type paths).
+fn display_path(path: &std::path::Path) -> std::path::PathBuf {
+    std::env::current_dir()
+        .ok()
+        .and_then(|cwd| {
+            path.strip_prefix(cwd)
+                .ok()
+                .map(std::path::Path::to_path_buf)
+        })
+        .unwrap_or_else(|| path.to_path_buf())
 }

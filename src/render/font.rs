@@ -7,7 +7,7 @@ use image::RgbImage;
 use super::RenderError;
 
 /// DejaVu Sans 2.37 (Bitstream Vera license; see `assets/fonts/LICENSE-DejaVu.txt`).
-static DEJAVU_SANS: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
+pub(crate) static DEJAVU_SANS: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans.ttf");
 
 /// Marker appended to text shortened to fit.
 pub const ELLIPSIS: &str = "…";

@@ -8,6 +8,7 @@ mod encode_latents;
 mod merge;
 pub mod model;
 mod preprocess;
+mod report;
 mod sample_grid;
 mod train;
 
@@ -17,6 +18,7 @@ pub use context::{Cancelled, StageContext, StageResult};
 pub use encode_latents::{EncodeLatentsParams, LatentItem, LatentsManifest};
 pub use merge::{MergeMode, MergeParams, RECIPE_KEY};
 pub use preprocess::{PreprocessItem, PreprocessManifest, PreprocessParams};
+pub use report::ReportParams;
 pub use sample_grid::{GridCell, GridManifest, SampleGridParams};
 pub use train::{DreamboothParams, LoraParams, Method, PretrainParams, TrainMetrics, TrainParams};
 
@@ -40,6 +42,7 @@ pub const KINDS: &[&str] = &[
     "class_images",
     "merge",
     "pretrain",
+    "report",
 ];
 
 /// A parameter problem found after parsing, reported at the key `field` (dotted).
@@ -83,6 +86,8 @@ pub enum StageParams {
     Merge(MergeParams),
     /// `kind = "pretrain"`.
     Pretrain(PretrainParams),
+    /// `kind = "report"`.
+    Report(ReportParams),
 }
 
 impl StageParams {
@@ -99,6 +104,7 @@ impl StageParams {
             "train" => StageParams::Train(Deserialize::deserialize(de)?),
             "merge" => StageParams::Merge(Deserialize::deserialize(de)?),
             "pretrain" => StageParams::Pretrain(Deserialize::deserialize(de)?),
+            "report" => StageParams::Report(Deserialize::deserialize(de)?),
             other => {
                 return Err(serde::de::Error::custom(format!(
                     "unknown stage kind `{other}`"
@@ -118,6 +124,7 @@ impl StageParams {
             StageParams::ClassImages(_) => "class_images",
             StageParams::Merge(_) => "merge",
             StageParams::Pretrain(_) => "pretrain",
+            StageParams::Report(_) => "report",
         }
     }
 
@@ -132,6 +139,7 @@ impl StageParams {
             StageParams::ClassImages(_) => class_images::VERSION,
             StageParams::Merge(_) => merge::VERSION,
             StageParams::Pretrain(_) => train::pretrain::VERSION,
+            StageParams::Report(_) => report::VERSION,
         }
     }
 
@@ -141,6 +149,7 @@ impl StageParams {
             "preprocess" => &["caption"],
             "encode_latents" => &["preprocess"],
             "train" => &["encode_latents"],
+            "report" => &["sample_grid"],
             _ => &[],
         }
     }
@@ -156,6 +165,7 @@ impl StageParams {
             StageParams::ClassImages(p) => p.validate(),
             StageParams::Merge(p) => p.validate(),
             StageParams::Pretrain(p) => p.validate(),
+            StageParams::Report(p) => p.validate(),
         }
     }
 
@@ -175,7 +185,8 @@ impl StageParams {
             StageParams::EncodeLatents(_)
             | StageParams::SampleGrid(_)
             | StageParams::ClassImages(_)
-            | StageParams::Pretrain(_) => Ok(()),
+            | StageParams::Pretrain(_)
+            | StageParams::Report(_) => Ok(()),
         }
     }
 
@@ -191,6 +202,7 @@ impl StageParams {
             StageParams::ClassImages(p) => p.key_params(settings),
             StageParams::Merge(p) => p.key_params(settings),
             StageParams::Pretrain(p) => p.key_params(),
+            StageParams::Report(p) => p.key_params(settings),
         }
     }
 
@@ -216,6 +228,7 @@ impl StageParams {
                 model::model_inputs(settings, hasher, ClassImagesParams::components())
             }
             StageParams::Merge(p) => p.inputs(settings, hasher),
+            StageParams::Report(_) => Ok(BTreeMap::new()),
         }
     }
 
@@ -243,7 +256,8 @@ impl StageParams {
             | StageParams::Train(_)
             | StageParams::ClassImages(_)
             | StageParams::Merge(_)
-            | StageParams::Pretrain(_) => Vec::new(),
+            | StageParams::Pretrain(_)
+            | StageParams::Report(_) => Vec::new(),
         }
     }
 
@@ -258,6 +272,7 @@ impl StageParams {
             StageParams::ClassImages(p) => p.run(ctx),
             StageParams::Merge(p) => p.run(ctx),
             StageParams::Pretrain(p) => p.run(ctx),
+            StageParams::Report(p) => p.run(ctx),
         }
     }
 }
