@@ -189,6 +189,81 @@ fn prompt_fidelity_follows_the_caption() {
     assert_eq!(PromptSpec::parse("", "zorb"), PromptSpec::default());
 }
 
+/// `blur` rounds of a 3×3 box blur, then uniform noise in ±`noise` per channel: roughly what a
+/// tiny diffusion model's blurry, noisy samples look like.
+fn degrade(img: &RgbImage, blur: u32, noise: f32, seed: u64) -> RgbImage {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut cur = img.clone();
+    for _ in 0..blur {
+        let src = cur.clone();
+        let (w, h) = src.dimensions();
+        cur = RgbImage::from_fn(w, h, |x, y| {
+            let mut acc = [0f32; 3];
+            let mut n = 0.0;
+            for dy in -1i32..=1 {
+                for dx in -1i32..=1 {
+                    let (nx, ny) = (x as i32 + dx, y as i32 + dy);
+                    if nx >= 0 && ny >= 0 && nx < w as i32 && ny < h as i32 {
+                        let p = src.get_pixel(nx as u32, ny as u32).0;
+                        for k in 0..3 {
+                            acc[k] += p[k] as f32;
+                        }
+                        n += 1.0;
+                    }
+                }
+            }
+            Rgb(acc.map(|a| (a / n) as u8))
+        });
+    }
+    RgbImage::from_fn(cur.width(), cur.height(), |x, y| {
+        let p = cur.get_pixel(x, y).0;
+        Rgb(p.map(|c| (c as f32 + rng.random_range(-noise..=noise)).clamp(0.0, 255.0) as u8))
+    })
+}
+
+/// On blurred, noisy images the metrics still separate concept from base images.
+#[test]
+fn metrics_hold_on_degraded_images() {
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+    for c in &CONCEPTS {
+        let refs = References::new(&dataset_images(c.name));
+        let (mut concept_scores, mut base_scores, mut prompts) = (vec![], vec![], vec![]);
+        for seed in 0..40u64 {
+            let (img, caption) = c.example(seed + 600, 64);
+            concept_scores
+                .push(score_with(&degrade(&img, 2, 20.0, seed), &caption, c, &refs).subject);
+            let scene = base_scene(seed + 700);
+            let caption = scene.full_spec().caption("");
+            let q = score_with(
+                &degrade(&render(&scene, 64), 2, 20.0, seed),
+                &caption,
+                c,
+                &refs,
+            );
+            base_scores.push(q.subject);
+            prompts.push(q.prompt.unwrap());
+        }
+        let base_max = base_scores.iter().copied().fold(0.0, f64::max);
+        println!(
+            "{} (blur 2, noise ±20): concept subject mean {:.3}, base subject mean {:.3} max {:.3}, \
+             base prompt mean {:.3}",
+            c.name,
+            mean(&concept_scores),
+            mean(&base_scores),
+            base_max,
+            mean(&prompts)
+        );
+        assert!(mean(&concept_scores) >= 0.5, "{}", c.name);
+        assert!(
+            mean(&concept_scores) - mean(&base_scores) >= 0.4,
+            "{}",
+            c.name
+        );
+        assert!(base_max <= 0.3, "{}", c.name);
+        assert!(mean(&prompts) >= 0.9, "{}", c.name);
+    }
+}
+
 struct Run {
     code: i32,
     stdout: String,

@@ -7,7 +7,7 @@
 //!    palette colour.
 //! 2. **Object mask**: if under half of the border pixels lie within 40 of that median, the
 //!    image has no flat background and no object is reported. Otherwise, pixels whose RGB distance to the background exceeds
-//!    `T = clamp(1.5 · p90(border distances), 50, 150)` (the noisier the border, the higher the
+//!    `T = clamp(1.5 · p90(border distances), 40, 150)` (the noisier the border, the higher the
 //!    bar); the object is the largest 4-connected component of the mask, if it covers at least
 //!    `max(4, 0.3 % of the image)` pixels.
 //! 3. **Filled mask**: the component closed (3×3 dilate then erode) and its holes filled (every
@@ -131,7 +131,7 @@ pub fn detect(img: &RgbImage) -> Detection {
     let mut bdist: Vec<f32> = border.iter().map(|c| rgb_distance(*c, bg)).collect();
     bdist.sort_by(f32::total_cmp);
     let p90 = bdist[(bdist.len() - 1) * 9 / 10];
-    let threshold = (1.5 * p90).clamp(50.0, 150.0);
+    let threshold = (1.5 * p90).clamp(40.0, 150.0);
     // A border that is not mostly one colour is no world background: no object is sought.
     let flat = bdist.iter().filter(|d| **d <= 40.0).count() as f64 / bdist.len() as f64;
     // 2. Object mask and its largest component.
