@@ -80,6 +80,9 @@ pub enum Command {
     /// Generate images from a prompt with a Stable Diffusion 1.x model (one-off text-to-image;
     /// PNGs carry A1111 `parameters`; see `sdpipe::sample`).
     Sample(Box<crate::sample::SampleArgs>),
+    /// Write images of the synthetic world (or of one of its concepts) with caption sidecars:
+    /// `NAME.png` + `NAME.txt` per image (see `sdpipe::world`).
+    World(WorldArgs),
     /// Inspect or clean the cache.
     Cache {
         #[command(subcommand)]
@@ -96,6 +99,26 @@ pub struct RunArgs {
     /// Stop at the first failure (default: keep going; a failure skips only its dependents).
     #[arg(long)]
     pub fail_fast: bool,
+}
+
+/// Options of `world`.
+#[derive(Debug, Args)]
+pub struct WorldArgs {
+    /// Folder to write into (created if missing).
+    #[arg(long, value_name = "DIR")]
+    pub out: PathBuf,
+    /// How many images.
+    #[arg(long, default_value_t = 8)]
+    pub count: usize,
+    /// Seed of the first image (image i uses seed + i).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Image side in pixels (8 to 1024).
+    #[arg(long, default_value_t = 64)]
+    pub resolution: u32,
+    /// A concept instead of the base world: heart, striped or outline.
+    #[arg(long, value_name = "NAME")]
+    pub concept: Option<String>,
 }
 
 /// `cache` subcommands.
@@ -155,6 +178,33 @@ pub fn run(cli: Cli) -> i32 {
         }
         Command::Sample(args) => crate::sample::run_with(*args, cli.quiet),
         Command::Cache { command } => cmd_cache(command, &ws),
+        Command::World(args) => cmd_world(&args),
+    }
+}
+
+fn cmd_world(args: &WorldArgs) -> i32 {
+    use crate::world::{WorldError, write_dataset};
+    match write_dataset(
+        &args.out,
+        args.count,
+        args.seed,
+        args.resolution,
+        args.concept.as_deref(),
+    ) {
+        Ok(written) => {
+            for w in &written {
+                println!("{}: {}", w.image.display(), w.caption);
+            }
+            EXIT_OK
+        }
+        Err(e @ (WorldError::UnknownConcept { .. } | WorldError::Resolution(_))) => {
+            eprintln!("error: {e}");
+            EXIT_USAGE
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            EXIT_ENVIRONMENT
+        }
     }
 }
 

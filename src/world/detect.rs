@@ -5,8 +5,9 @@
 //!
 //! 1. **Background**: the per-channel median of the border pixels; its name is the nearest
 //!    palette colour.
-//! 2. **Object mask**: pixels whose RGB distance to the background exceeds
-//!    `T = clamp(1.5 · p90(border distances), 50, 150)` (the noisier the border, the higher the
+//! 2. **Object mask**: if under half of the border pixels lie within 40 of that median, the
+//!    image has no flat background and no object is reported. Otherwise, pixels whose RGB distance to the background exceeds
+//!    `T = clamp(1.5 · p90(border distances), 40, 150)` (the noisier the border, the higher the
 //!    bar); the object is the largest 4-connected component of the mask, if it covers at least
 //!    `max(4, 0.3 % of the image)` pixels.
 //! 3. **Filled mask**: the component closed (3×3 dilate then erode) and its holes filled (every
@@ -27,7 +28,7 @@
 //!    `stripe = clamp((η² − 0.2) / 0.4, 0, 1) · clamp((r − 1) / 2, 0, 1)`; 0 when the interior
 //!    has under 12 pixels or under 8 % / over 92 % other pixels.
 //! 8. **Outline score** (hollowness): `h = |filled \ component| / |filled|`,
-//!    `outline = clamp((h − 0.05) / 0.3, 0, 1)`.
+//!    `outline = clamp((h − 0.05) / 0.25, 0, 1)`.
 
 use std::sync::OnceLock;
 
@@ -130,7 +131,9 @@ pub fn detect(img: &RgbImage) -> Detection {
     let mut bdist: Vec<f32> = border.iter().map(|c| rgb_distance(*c, bg)).collect();
     bdist.sort_by(f32::total_cmp);
     let p90 = bdist[(bdist.len() - 1) * 9 / 10];
-    let threshold = (1.5 * p90).clamp(50.0, 150.0);
+    let threshold = (1.5 * p90).clamp(40.0, 150.0);
+    // A border that is not mostly one colour is no world background: no object is sought.
+    let flat = bdist.iter().filter(|d| **d <= 40.0).count() as f64 / bdist.len() as f64;
     // 2. Object mask and its largest component.
     let mask: Vec<bool> = (0..w * h)
         .map(|i| rgb_distance(px(i % w, i / w), bg) > threshold)
@@ -138,7 +141,7 @@ pub fn detect(img: &RgbImage) -> Detection {
     let component = largest_component(&mask, w, h);
     let count = component.iter().filter(|&&b| b).count();
     let min_area = 4usize.max((w * h) * 3 / 1000);
-    if count < min_area {
+    if count < min_area || flat < 0.5 {
         return Detection {
             background,
             background_rgb,
@@ -196,9 +199,14 @@ pub fn detect(img: &RgbImage) -> Detection {
     let shape = Shape::ALL[best];
     // 7. Stripes.
     let interior = erode(&component, w, h);
-    let other: Vec<(usize, bool)> = (0..w * h)
-        .filter(|&i| interior[i])
-        .map(|i| (i, rgb_distance(px(i % w, i / w), rgb) > 60.0))
+    let inner: Vec<usize> = (0..w * h).filter(|&i| interior[i]).collect();
+    let colours: Vec<[f32; 3]> = inner.iter().map(|&i| px(i % w, i / w)).collect();
+    let (major, minor, labels) = two_means(&colours);
+    let split = rgb_distance(major, minor) > 60.0;
+    let other: Vec<(usize, bool)> = inner
+        .iter()
+        .zip(&labels)
+        .map(|(&i, &l)| (i, split && l))
         .collect();
     let n_other = other.iter().filter(|(_, o)| *o).count();
     let other_fraction = if other.is_empty() {
@@ -214,7 +222,7 @@ pub fn detect(img: &RgbImage) -> Detection {
         .filter(|(f, c)| **f && !**c)
         .count() as f64
         / filled_count as f64;
-    let outline = ((hollowness - 0.05) / 0.3).clamp(0.0, 1.0);
+    let outline = ((hollowness - 0.05) / 0.25).clamp(0.0, 1.0);
     Detection {
         background,
         background_rgb,
@@ -289,6 +297,45 @@ fn stripe_score(other: &[(usize, bool)], w: usize, fraction: f64) -> f64 {
     }
     let (eta2, runs) = best;
     ((eta2 - 0.2) / 0.4).clamp(0.0, 1.0) * ((runs as f64 - 1.0) / 2.0).clamp(0.0, 1.0)
+}
+
+/// Two-means clustering of colours (started from the median and the colour farthest from
+/// it, 8 rounds): the larger cluster's centre, the smaller one's, and per colour whether it
+/// belongs to the smaller cluster.
+fn two_means(colours: &[[f32; 3]]) -> ([f32; 3], [f32; 3], Vec<bool>) {
+    let mut a = median_rgb(colours);
+    let mut b = colours
+        .iter()
+        .copied()
+        .max_by(|x, y| rgb_distance(*x, a).total_cmp(&rgb_distance(*y, a)))
+        .unwrap_or(a);
+    let mut labels = vec![false; colours.len()];
+    for _ in 0..8 {
+        let mut sum = [[0f64; 3]; 2];
+        let mut n = [0usize; 2];
+        for (c, l) in colours.iter().zip(labels.iter_mut()) {
+            *l = rgb_distance(*c, b) < rgb_distance(*c, a);
+            let k = usize::from(*l);
+            n[k] += 1;
+            for ch in 0..3 {
+                sum[k][ch] += f64::from(c[ch]);
+            }
+        }
+        if n[0] == 0 || n[1] == 0 {
+            break;
+        }
+        a = [0, 1, 2].map(|ch| (sum[0][ch] / n[0] as f64) as f32);
+        b = [0, 1, 2].map(|ch| (sum[1][ch] / n[1] as f64) as f32);
+    }
+    let n_b = labels.iter().filter(|l| **l).count();
+    if n_b * 2 > colours.len() {
+        for l in labels.iter_mut() {
+            *l = !*l;
+        }
+        (b, a, labels)
+    } else {
+        (a, b, labels)
+    }
 }
 
 /// Per-channel median of a set of colours (black for an empty set).

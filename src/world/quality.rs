@@ -10,9 +10,9 @@
 //!   - outline: `a = outline` (the detector's hollowness score);
 //! - `s`, similarity to the nearest reference image (`max` over the references' detections):
 //!   `s = shape_sim · tex_sim` (shape and texture concepts) or `s = tex_sim` (style concept,
-//!   any shape), with `shape_sim = clamp((IoU(grid, grid_ref) − 0.6) / 0.35, 0, 1)` on the
-//!   normalised 24×24 filled masks, and `tex_sim = clamp(1 − (|Δhollowness| +
-//!   |Δother_fraction| + |Δstripe|) / 0.5, 0, 1)`. References with no detected object are
+//!   any shape), with `shape_sim = clamp((IoU(grid, grid_ref) − 0.8) / 0.12, 0, 1)` on the
+//!   normalised 24×24 filled masks, and `tex_sim = clamp(1 − (|Δoutline| +
+//!   |Δother_fraction| + |Δstripe|) / 0.8, 0, 1)`. References with no detected object are
 //!   ignored; with none left, `subject = a`.
 //!
 //! **Prompt fidelity**: the prompt is parsed with [`PromptSpec::parse`] (the concept's token
@@ -117,15 +117,15 @@ pub fn reference_similarity(
     reference: &ObjectDetection,
     concept: &Concept,
 ) -> f64 {
-    let tex_distance = (object.hollowness - reference.hollowness).abs()
+    let tex_distance = (object.outline - reference.outline).abs()
         + (object.other_fraction - reference.other_fraction).abs()
         + (object.stripe - reference.stripe).abs();
-    let tex_sim = (1.0 - tex_distance / 0.5).clamp(0.0, 1.0);
+    let tex_sim = (1.0 - tex_distance / 0.8).clamp(0.0, 1.0);
     match concept.kind {
         ConceptKind::Style => tex_sim,
         ConceptKind::Shape(_) | ConceptKind::Texture => {
             let shape_sim =
-                ((grid_iou(&object.grid, &reference.grid) - 0.6) / 0.35).clamp(0.0, 1.0);
+                ((grid_iou(&object.grid, &reference.grid) - 0.8) / 0.12).clamp(0.0, 1.0);
             shape_sim * tex_sim
         }
     }

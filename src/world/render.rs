@@ -61,6 +61,51 @@ pub(crate) fn natural_bbox(shape: Shape) -> [f32; 4] {
     }
 }
 
+/// The bounding box `[xmin, ymin, xmax, ymax]` of a shape rotated by `rotation` around its
+/// natural bounding box's centre (natural units, relative to that centre).
+fn rotated_bbox(shape: Shape, rotation: f32) -> [f32; 4] {
+    let [bx0, by0, bx1, by1] = natural_bbox(shape);
+    let (ncx, ncy) = ((bx0 + bx1) / 2.0, (by0 + by1) / 2.0);
+    let (sin, cos) = rotation.sin_cos();
+    let mut b = [
+        f32::INFINITY,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NEG_INFINITY,
+    ];
+    let mut add = |u: f32, v: f32| {
+        let (x, y) = (u - ncx, v - ncy);
+        let (qx, qy) = (x * cos - y * sin, x * sin + y * cos);
+        b = [b[0].min(qx), b[1].min(qy), b[2].max(qx), b[3].max(qy)];
+    };
+    match shape {
+        Shape::Circle => return [-1.0, -1.0, 1.0, 1.0],
+        Shape::Square => [(-1.0, -1.0), (1.0, -1.0), (1.0, 1.0), (-1.0, 1.0)]
+            .into_iter()
+            .for_each(|(u, v)| add(u, v)),
+        Shape::Triangle => {
+            let h = 3f32.sqrt() / 2.0;
+            [(0.0, -1.0), (h, 0.5), (-h, 0.5)]
+                .into_iter()
+                .for_each(|(u, v)| add(u, v));
+        }
+        Shape::Star => star_polygon().into_iter().for_each(|(u, v)| add(u, v)),
+        Shape::Heart => {
+            let n = 160;
+            for j in 0..=n {
+                for i in 0..=n {
+                    let u = bx0 + (bx1 - bx0) * i as f32 / n as f32;
+                    let v = by0 + (by1 - by0) * j as f32 / n as f32;
+                    if shape_contains(shape, u, v) {
+                        add(u, v);
+                    }
+                }
+            }
+        }
+    }
+    b
+}
+
 /// The star's ten vertices, outer point up.
 fn star_polygon() -> [(f32, f32); 10] {
     let mut p = [(0.0, 0.0); 10];
@@ -131,33 +176,39 @@ pub fn render(scene: &Scene, resolution: u32) -> RgbImage {
 /// colour, 2 = stripe colour.
 fn rasterise(scene: &Scene, side: usize) -> Vec<u8> {
     let [bx0, by0, bx1, by1] = natural_bbox(scene.shape);
-    let natural_extent = (bx1 - bx0).max(by1 - by0);
+    let ncx = (bx0 + bx1) / 2.0;
+    let ncy = (by0 + by1) / 2.0;
+    // The rotated shape's bounding box (natural units, around the natural centre): its longer
+    // side gets the size's extent and its centre sits on the anchor.
+    let [qx0, qy0, qx1, qy1] = rotated_bbox(scene.shape, scene.rotation);
+    let rotated_extent = (qx1 - qx0).max(qy1 - qy0);
     let extent_px = scene.size.extent() * scene.scale * side as f32;
     // natural units per sample
-    let k = natural_extent / extent_px.max(1e-3);
+    let k = rotated_extent / extent_px.max(1e-3);
     let [ax, ay] = scene.position.anchor();
     let cx = (ax + scene.offset[0]) * side as f32;
     let cy = (ay + scene.offset[1]) * side as f32;
-    let ncx = (bx0 + bx1) / 2.0;
-    let ncy = (by0 + by1) / 2.0;
+    let qcx = (qx0 + qx1) / 2.0;
+    let qcy = (qy0 + qy1) / 2.0;
     let (sin, cos) = (-scene.rotation).sin_cos();
     let mut labels = vec![0u8; side * side];
-    // Natural-frame coordinates of each sample, kept for the stripes.
+    // Coordinate of each sample across the stripes (fractions of the extent).
     let mut local_u = vec![0f32; side * side];
     for y in 0..side {
         for x in 0..side {
-            let dx = x as f32 + 0.5 - cx;
-            let dy = y as f32 + 0.5 - cy;
-            // Rotate back into the object's frame, then scale to natural units.
-            let rx = dx * cos - dy * sin;
-            let ry = dx * sin + dy * cos;
-            let u = rx * k + ncx;
-            let v = ry * k + ncy;
+            // Offset from the rotated bbox's centre, in natural units.
+            let qx = (x as f32 + 0.5 - cx) * k + qcx;
+            let qy = (y as f32 + 0.5 - cy) * k + qcy;
+            // Rotate back into the object's frame.
+            let rx = qx * cos - qy * sin;
+            let ry = qx * sin + qy * cos;
+            let u = rx + ncx;
+            let v = ry + ncy;
             let i = y * side + x;
             if shape_contains(scene.shape, u, v) {
                 labels[i] = 1;
             }
-            local_u[i] = rx / extent_px.max(1e-3);
+            local_u[i] = rx / rotated_extent;
         }
     }
     if let Style::Outline { width } = scene.style {
