@@ -37,21 +37,6 @@ text_heads = 2
     )
 }
 
-fn scratch_has_checkpoint(p: &Project) -> bool {
-    std::fs::read_dir(p.path(".sdpipe/cache-v1/scratch"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|d| {
-            std::fs::read_dir(d.path().join("checkpoints"))
-                .map(|c| {
-                    c.flatten()
-                        .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
-                })
-                .unwrap_or(false)
-        })
-}
-
 #[test]
 fn pretraining_learns_writes_a_self_describing_model_and_resumes_identically() {
     let p = Project::new(&pipeline(""));
@@ -98,7 +83,7 @@ fn pretraining_learns_writes_a_self_describing_model_and_resumes_identically() {
     // Killed after a checkpoint, then resumed: the same bytes.
     let r = Project::new(&pipeline(""));
     let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "150")]);
-    wait_for("a pretraining checkpoint", || scratch_has_checkpoint(&r));
+    wait_for("a pretraining checkpoint", || r.scratch_has_checkpoint());
     child.kill().unwrap();
     child.wait().unwrap();
     let resumed = r.sdpipe(&["run", "p.toml"]);

@@ -55,21 +55,6 @@ save_dtype = "f32"
     )
 }
 
-fn scratch_has_checkpoint(p: &Project) -> bool {
-    std::fs::read_dir(p.path(".sdpipe/cache-v1/scratch"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .any(|d| {
-            std::fs::read_dir(d.path().join("checkpoints"))
-                .map(|c| {
-                    c.flatten()
-                        .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
-                })
-                .unwrap_or(false)
-        })
-}
-
 #[test]
 fn dreambooth_learns_writes_a_loadable_checkpoint_and_resumes_identically() {
     let p = Project::new(&pipeline(3, ""));
@@ -182,7 +167,7 @@ fn dreambooth_learns_writes_a_loadable_checkpoint_and_resumes_identically() {
     // Killed after a checkpoint, then resumed: the same bytes as the uninterrupted run.
     let r = Project::new(&pipeline(3, ""));
     let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "150")]);
-    wait_for("a training checkpoint", || scratch_has_checkpoint(&r));
+    wait_for("a training checkpoint", || r.scratch_has_checkpoint());
     child.kill().unwrap();
     child.wait().unwrap();
     let resumed = r.sdpipe(&["run", "p.toml"]);
@@ -207,7 +192,7 @@ fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() {
         "no divergence message: {all}"
     );
     assert!(
-        scratch_has_checkpoint(&p),
+        p.scratch_has_checkpoint(),
         "the last good checkpoint is gone"
     );
 }

@@ -227,21 +227,7 @@ fn hypernetwork_training_learns_writes_a1111_files_and_changes_samples() {
     // Killed after a checkpoint, then resumed: the same file as the uninterrupted run.
     let r = Project::new(&pipeline(HYPER));
     let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "80")]);
-    let checkpoints = r.path(".sdpipe/cache-v1/scratch");
-    wait_for("a training checkpoint", || {
-        std::fs::read_dir(&checkpoints)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|d| {
-                std::fs::read_dir(d.path().join("checkpoints"))
-                    .map(|c| {
-                        c.flatten()
-                            .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
-                    })
-                    .unwrap_or(false)
-            })
-    });
+    wait_for("a training checkpoint", || r.scratch_has_checkpoint());
     child.kill().unwrap();
     child.wait().unwrap();
     let run = r.sdpipe(&["run", "p.toml"]);

@@ -187,21 +187,7 @@ fn lora_training_learns_writes_kohya_and_changes_the_grid() {
     // Killed after a checkpoint, then resumed: the same file as the uninterrupted run.
     let r = Project::new(&pipeline(""));
     let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "60")]);
-    let checkpoints = r.path(".sdpipe/cache-v1/scratch");
-    wait_for("a training checkpoint", || {
-        std::fs::read_dir(&checkpoints)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|d| {
-                std::fs::read_dir(d.path().join("checkpoints"))
-                    .map(|c| {
-                        c.flatten()
-                            .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
-                    })
-                    .unwrap_or(false)
-            })
-    });
+    wait_for("a training checkpoint", || r.scratch_has_checkpoint());
     child.kill().unwrap();
     child.wait().unwrap();
     let run = r.sdpipe(&["run", "p.toml"]);

@@ -46,6 +46,22 @@ resolution = 32
 "#;
 
 impl Project {
+    /// Whether a training stage has written a checkpoint into its scratch dir yet.
+    pub fn scratch_has_checkpoint(&self) -> bool {
+        std::fs::read_dir(self.path(".sdpipe/cache-v1/scratch"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|d| {
+                std::fs::read_dir(d.path().join("checkpoints"))
+                    .map(|c| {
+                        c.flatten()
+                            .any(|e| e.file_name().to_string_lossy().starts_with("step-"))
+                    })
+                    .unwrap_or(false)
+            })
+    }
+
     /// A project with the toy dataset in `images/` and `pipeline` as `p.toml`.
     pub fn new(pipeline: &str) -> Project {
         let dir = tempfile::tempdir().unwrap();
