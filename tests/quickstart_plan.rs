@@ -1,0 +1,46 @@
+//! The README's main command stays runnable: `pipelines/quickstart.toml` parses, its inputs (the
+//! bundled base model, the heart dataset) exist, and it plans every stage of the DAG the README
+//! describes. (Running it is the README's command; CI checks the plan, the stages have their own
+//! tests.)
+
+use std::process::Command;
+
+#[test]
+fn the_quickstart_plans_the_whole_dag() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let tmp = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_sdpipe"))
+        .current_dir(root)
+        .args(["--cache-dir"])
+        .arg(tmp.path().join("cache"))
+        .args(["--outputs"])
+        .arg(tmp.path().join("outputs"))
+        .args(["plan", "pipelines/quickstart.toml", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for stage in [
+        "caption",
+        "preprocess",
+        "latents",
+        "class",
+        "train@method=lora",
+        "train@method=textual_inversion",
+        "train@method=dreambooth",
+        "train@method=hypernetwork",
+        "lora_merged",
+        "db_extract",
+        "grid",
+        "report",
+    ] {
+        assert!(
+            stdout.contains(&format!("\"{stage}\"")),
+            "{stage} not planned: {stdout}"
+        );
+    }
+}
