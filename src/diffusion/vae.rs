@@ -456,15 +456,7 @@ impl<D: Device<f32>> Vae<D> {
     /// The posterior of images `[b, 3, H, W]` in [-1, 1] (H, W multiples of the downsampling
     /// factor): mean, clamped log-variance and std of the latents `[b, z, H/f, W/f]`.
     pub fn encode(&self, image: Tensor4<D>) -> Result<LatentDistribution<D>> {
-        self.check_image(image.shape())?;
-        let moments = self.encoder.forward(image);
-        let moments = match &self.quant_conv {
-            Some(q) => q.forward(moments),
-            None => moments,
-        };
-        let z = self.config.latent_channels;
-        let mean = moments.clone().slice((.., 0..z, .., ..));
-        let logvar = moments.slice((.., z..2 * z, .., ..)).clamp(-30.0, 20.0);
+        let (mean, logvar) = self.encode_moments(image)?;
         let std = (logvar.clone() * 0.5).exp();
         Ok(LatentDistribution { mean, logvar, std })
     }
