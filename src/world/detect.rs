@@ -367,24 +367,11 @@ fn largest_component(mask: &[bool], w: usize, h: usize) -> Vec<bool> {
         stack.push(start);
         while let Some(i) = stack.pop() {
             size += 1;
-            let (x, y) = (i % w, i / w);
-            let mut visit = |j: usize| {
+            for j in neighbours4(i, w, h) {
                 if mask[j] && label[j] == 0 {
                     label[j] = next;
                     stack.push(j);
                 }
-            };
-            if x > 0 {
-                visit(i - 1);
-            }
-            if x + 1 < w {
-                visit(i + 1);
-            }
-            if y > 0 {
-                visit(i - w);
-            }
-            if y + 1 < h {
-                visit(i + w);
             }
         }
         if size > best.0 {
@@ -442,24 +429,11 @@ fn fill_holes(mask: &[bool], w: usize, h: usize) -> Vec<bool> {
         }
     }
     while let Some(i) = stack.pop() {
-        let (x, y) = (i % w, i / w);
-        let mut visit = |j: usize| {
+        for j in neighbours4(i, w, h) {
             if !mask[j] && !outside[j] {
                 outside[j] = true;
                 stack.push(j);
             }
-        };
-        if x > 0 {
-            visit(i - 1);
-        }
-        if x + 1 < w {
-            visit(i + 1);
-        }
-        if y > 0 {
-            visit(i - w);
-        }
-        if y + 1 < h {
-            visit(i + w);
         }
     }
     outside.iter().map(|o| !o).collect()
@@ -530,6 +504,19 @@ fn templates() -> &'static [(Shape, Vec<f64>)] {
         }
         out
     })
+}
+
+/// The 4-connected neighbours of pixel `i` of a `w`×`h` image (row-major).
+fn neighbours4(i: usize, w: usize, h: usize) -> impl Iterator<Item = usize> {
+    let (x, y) = (i % w, i / w);
+    [
+        (x > 0).then(|| i - 1),
+        (x + 1 < w).then(|| i + 1),
+        (y > 0).then(|| i - w),
+        (y + 1 < h).then(|| i + w),
+    ]
+    .into_iter()
+    .flatten()
 }
 
 #[cfg(test)]

@@ -504,7 +504,7 @@ impl PretrainParams {
                 vae_sched.lr_at(self.vae_lr, step),
             )?;
             state.vae_losses.push(loss);
-            self.advance(ctx, &bar, &mut state, loss, "vae", &models, &optimizer)?;
+            self.advance(ctx, &bar, &mut state, loss, "vae", &mut models, &optimizer)?;
         }
         set_trainable(&mut models.vae, false);
         let vae_wall_s = started.elapsed().as_secs_f64();
@@ -566,7 +566,7 @@ impl PretrainParams {
             update_all(&mut models.unet, UNET, &all, &mut optimizer, lr)?;
             update_all(&mut models.text_encoder, TE, &all, &mut optimizer, lr)?;
             state.losses.push(loss);
-            self.advance(ctx, &bar, &mut state, loss, "unet", &models, &optimizer)?;
+            self.advance(ctx, &bar, &mut state, loss, "unet", &mut models, &optimizer)?;
         }
         set_trainable(&mut models.unet, false);
         set_trainable(&mut models.text_encoder, false);
@@ -662,7 +662,7 @@ impl PretrainParams {
         state: &mut PretrainState,
         loss: f32,
         phase: &str,
-        models: &Models,
+        models: &mut Models,
         optimizer: &AdamW<Cpu>,
     ) -> anyhow::Result<()> {
         if !loss.is_finite() {
@@ -681,15 +681,10 @@ impl PretrainParams {
             && state.step.is_multiple_of(self.checkpoint_every)
             && state.step < total
         {
-            let mut m = Models {
-                unet: models.unet.clone(),
-                vae: models.vae.clone(),
-                text_encoder: models.text_encoder.clone(),
-            };
             let (u, v, t) = (
-                named_tensors(&mut m.unet),
-                named_tensors(&mut m.vae),
-                named_tensors(&mut m.text_encoder),
+                named_tensors(&mut models.unet),
+                named_tensors(&mut models.vae),
+                named_tensors(&mut models.text_encoder),
             );
             save_checkpoint_with(&ctx.scratch()?, &*state, |dir| {
                 write_safetensors(&dir.join("unet.safetensors"), &u, None)?;
