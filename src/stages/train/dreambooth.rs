@@ -47,6 +47,9 @@ pub struct DreamboothParams {
     /// Learning rate of the text encoder; default `lr`.
     #[serde(default)]
     pub text_encoder_lr: Option<f64>,
+    /// This method's learning rate in a `matrix.method` stage; default the stage's `lr`.
+    #[serde(default)]
+    pub lr: Option<f64>,
 }
 
 impl Default for DreamboothParams {
@@ -56,6 +59,7 @@ impl Default for DreamboothParams {
             save_dtype: SaveDtype::default(),
             train_text_encoder: false,
             text_encoder_lr: None,
+            lr: None,
         }
     }
 }

@@ -77,6 +77,9 @@ pub struct HypernetworkParams {
     /// The name stored in the file (default: the stage instance's name).
     #[serde(default)]
     pub name: Option<String>,
+    /// This method's learning rate in a `matrix.method` stage; default the stage's `lr`.
+    #[serde(default)]
+    pub lr: Option<f64>,
 }
 
 impl Default for HypernetworkParams {
@@ -92,6 +95,7 @@ impl Default for HypernetworkParams {
             dropout_structure: None,
             weight_init: default_weight_init(),
             name: None,
+            lr: None,
         }
     }
 }

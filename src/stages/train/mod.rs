@@ -139,6 +139,9 @@ pub struct TextualInversionParams {
     /// that word in every prompt.
     #[serde(default)]
     pub allow_existing_token: bool,
+    /// This method's learning rate in a `matrix.method` stage; default the stage's `lr`.
+    #[serde(default)]
+    pub lr: Option<f64>,
 }
 
 impl Default for TextualInversionParams {
@@ -148,6 +151,7 @@ impl Default for TextualInversionParams {
             init_word: default_init_word(),
             num_vectors: 1,
             allow_existing_token: false,
+            lr: None,
         }
     }
 }
@@ -182,6 +186,9 @@ pub struct LoraParams {
     /// Learning rate of the text-encoder adapters (kohya's `text_encoder_lr`); default `lr`.
     #[serde(default)]
     pub text_encoder_lr: Option<f64>,
+    /// This method's learning rate in a `matrix.method` stage; default the stage's `lr`.
+    #[serde(default)]
+    pub lr: Option<f64>,
 }
 
 impl Default for LoraParams {
@@ -194,6 +201,7 @@ impl Default for LoraParams {
             text_encoder: false,
             text_encoder_targets: default_te_targets(),
             text_encoder_lr: None,
+            lr: None,
         }
     }
 }
@@ -343,6 +351,22 @@ impl TrainParams {
                 "LoRA typically uses 1e-4",
             ));
         }
+        for (key, lr) in [
+            ("lora.lr", self.lora.lr),
+            ("textual_inversion.lr", self.textual_inversion.lr),
+            ("dreambooth.lr", self.dreambooth.lr),
+            ("hypernetwork.lr", self.hypernetwork.lr),
+        ] {
+            if let Some(lr) = lr
+                && !(lr.is_finite() && lr > 0.0)
+            {
+                return Err(ParamError::new(
+                    key,
+                    format!("{key} must be a positive number"),
+                    "it overrides the stage's `lr` for that method; e.g. 5e-3",
+                ));
+            }
+        }
         if self.min_timestep >= self.max_timestep || self.max_timestep > 1000 {
             return Err(ParamError::new(
                 "max_timestep",
@@ -431,6 +455,17 @@ impl TrainParams {
     }
 
     pub(super) fn normalize(&mut self) {
+        // A method's own rate replaces the stage's, so everything downstream (schedule, records,
+        // metadata, the cache key) sees the rate the method really trains with.
+        let method_lr = match self.method {
+            Method::Lora => self.lora.lr,
+            Method::TextualInversion => self.textual_inversion.lr,
+            Method::Dreambooth => self.dreambooth.lr,
+            Method::Hypernetwork => self.hypernetwork.lr,
+        };
+        if let Some(lr) = method_lr {
+            self.lr = lr;
+        }
         if self.lora.alpha.is_none() {
             self.lora.alpha = Some(self.lora.rank as f32);
         }
