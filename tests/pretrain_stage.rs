@@ -108,3 +108,65 @@ fn a_bad_parameter_is_reported_at_its_key() {
     assert!(run.stderr.contains("shapes"), "{}", run.stderr);
     assert!(run.stderr.contains("p.toml:"), "{}", run.stderr);
 }
+
+fn continued(base: &str, extra: &str) -> String {
+    format!(
+        r#"
+[pipeline]
+name = "c"
+seed = 4
+base_model = "{base}"
+
+[stage.more]
+kind = "pretrain"
+init = "base_model"
+resolution = 32
+vae_steps = 0
+unet_steps = 6
+batch_size = 4
+lr_warmup_steps = 2
+checkpoint_every = 0
+save_dtype = "f32"
+{extra}"#
+    )
+}
+
+#[test]
+fn pretraining_continues_from_a_base_model_keeping_its_vae() {
+    let p = Project::new(&pipeline(""));
+    assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
+    let base = p.path("outputs/t/base/model.safetensors");
+    let c = Project::new(&continued(base.to_str().unwrap(), ""));
+    let run = c.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let before = sdpipe::diffusion::Checkpoint::open(&base).unwrap();
+    let after =
+        sdpipe::diffusion::Checkpoint::open(c.path("outputs/c/more/model.safetensors")).unwrap();
+    // The architecture and the untrained VAE (and its scaling) are the base model's.
+    assert_eq!(after.unet_config.block_out_channels, vec![16, 32]);
+    assert_eq!(
+        after.vae_config.scaling_factor,
+        before.vae_config.scaling_factor
+    );
+    let same = |a: &sdpipe::diffusion::weights::WeightStore,
+                b: &sdpipe::diffusion::weights::WeightStore| {
+        a.names().all(|n| a.read(n).unwrap() == b.read(n).unwrap())
+    };
+    assert!(same(before.vae_weights(), after.vae_weights()));
+    assert!(!same(before.unet_weights(), after.unet_weights()));
+
+    // Its architecture is the base model's: a table of its own is refused at its key.
+    let bad = continued(
+        base.to_str().unwrap(),
+        "[stage.more.architecture]\nunet_heads = 2\n",
+    );
+    let c = Project::new(&bad);
+    let run = c.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stderr
+            .contains("the architecture comes from the base model"),
+        "{}",
+        run.stderr
+    );
+}

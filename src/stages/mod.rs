@@ -31,6 +31,8 @@ use toml::de::DeValue;
 
 use crate::cache::FileHasher;
 use crate::pipeline::PipelineSettings;
+use model::Component;
+use train::pretrain::Init;
 
 /// The stage kinds this version knows, as written in `kind = "..."`.
 pub const KINDS: &[&str] = &[
@@ -214,7 +216,13 @@ impl StageParams {
     ) -> anyhow::Result<BTreeMap<String, String>> {
         match self {
             StageParams::Caption(p) => p.inputs(hasher),
-            StageParams::Preprocess(_) | StageParams::Pretrain(_) => Ok(BTreeMap::new()),
+            StageParams::Preprocess(_) => Ok(BTreeMap::new()),
+            StageParams::Pretrain(p) if p.init == Init::BaseModel => model::model_inputs(
+                settings,
+                hasher,
+                &[Component::Unet, Component::Vae, Component::TextEncoder],
+            ),
+            StageParams::Pretrain(_) => Ok(BTreeMap::new()),
             StageParams::EncodeLatents(_) => {
                 model::model_inputs(settings, hasher, EncodeLatentsParams::components())
             }
@@ -236,6 +244,7 @@ impl StageParams {
     pub fn uses_model(&self) -> bool {
         match self {
             StageParams::Merge(p) => p.uses_model(),
+            StageParams::Pretrain(p) => p.init == Init::BaseModel,
             _ => matches!(
                 self,
                 StageParams::EncodeLatents(_)

@@ -206,9 +206,27 @@ pub struct PretrainParams {
     /// Dtype of the saved model (`"f16"`).
     #[serde(default)]
     pub save_dtype: SaveDtype,
-    /// Model sizes.
+    /// Where the weights start: `"random"` (PyTorch's default initialisation, from the seed)
+    /// or `"base_model"` (`[pipeline] base_model`, e.g. to continue pretraining a model with
+    /// more steps; its architecture and, with `vae_steps = 0`, its VAE and latent scaling are
+    /// kept).
     #[serde(default)]
-    pub architecture: Architecture,
+    pub init: Init,
+    /// Model sizes (`[stage.X.architecture]`; only with `init = "random"`). Default:
+    /// [`Architecture::default`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architecture: Option<Architecture>,
+}
+
+/// Where a pretraining run's weights start.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Init {
+    /// Random weights from the pipeline seed.
+    #[default]
+    Random,
+    /// The pipeline's `base_model`.
+    BaseModel,
 }
 
 fn default_world() -> String {
@@ -332,7 +350,17 @@ impl PretrainParams {
                 format!("known worlds: {}", WORLDS.join(", ")),
             ));
         }
-        let a = &self.architecture;
+        if self.init == Init::BaseModel {
+            if self.architecture.is_some() {
+                return Err(ParamError::new(
+                    "architecture",
+                    "the architecture comes from the base model when init = \"base_model\"",
+                    "remove [stage.NAME.architecture], or set init = \"random\"",
+                ));
+            }
+            return self.validate_training();
+        }
+        let a = &self.architecture.clone().unwrap_or_default();
         let configs = a.configs(self.resolution);
         let f = configs.vae.downsampling_factor() * (1 << (a.unet_channels.len().max(1) - 1));
         if self.resolution < 16 || !(self.resolution as usize).is_multiple_of(f) {
@@ -381,6 +409,11 @@ impl PretrainParams {
                 "see the defaults in the pipeline reference",
             ));
         }
+        self.validate_training()
+    }
+
+    /// Checks the training settings (everything but the architecture).
+    fn validate_training(&self) -> Result<(), ParamError> {
         if self.batch_size == 0 || self.vae_batch_size == 0 || self.vae_steps + self.unet_steps == 0
         {
             return Err(ParamError::new(
@@ -428,21 +461,12 @@ impl PretrainParams {
     pub fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         let seed = ctx.pipeline.settings.seed;
         let dev = Cpu::default();
-        let mut configs = self.architecture.configs(self.resolution);
         let tokenizer = ClipTokenizer::bundled()?;
         let ddpm = Ddpm::new(&SchedulerConfig::sd15())?;
-        // Random initial weights (PyTorch's default ranges), the same for every run of a seed.
-        let init = WeightStore::synthetic(seed);
-        let load = |c: &StoredConfigs| -> anyhow::Result<Models> {
-            let l = Loader::new(&init, &dev);
-            Ok(Models {
-                unet: UNet::load(&l, &c.unet)?,
-                vae: Vae::load(&l, &c.vae)?,
-                text_encoder: TextEncoder::load(&l, &c.text_encoder)?,
-            })
+        let (mut configs, mut models) = match self.init {
+            Init::Random => self.random_models(seed, &dev)?,
+            Init::BaseModel => self.base_models(ctx, &dev)?,
         };
-        let mut models = load(&configs)?;
-        small_initial_variance(&mut models.vae, &dev);
         let params = [
             count_params(&mut models.unet),
             count_params(&mut models.vae),
@@ -461,7 +485,9 @@ impl PretrainParams {
                     step: 0,
                     vae_losses: Vec::new(),
                     losses: Vec::new(),
-                    scaling_factor: None,
+                    // A base model's VAE that does not train keeps its latent scaling.
+                    scaling_factor: (self.init == Init::BaseModel && self.vae_steps == 0)
+                        .then_some(configs.vae.scaling_factor),
                 },
             )
         };
@@ -721,6 +747,61 @@ impl PretrainParams {
     }
 
     /// `batch_size` rendered scenes `[b, 3, r, r]` in [-1, 1] and their captions.
+    /// Random initial weights (PyTorch's default ranges), the same for every run of a seed.
+    fn random_models(&self, seed: u64, dev: &Cpu) -> anyhow::Result<(StoredConfigs, Models)> {
+        let configs = self
+            .architecture
+            .clone()
+            .unwrap_or_default()
+            .configs(self.resolution);
+        let init = WeightStore::synthetic(seed);
+        let l = Loader::new(&init, dev);
+        let mut models = Models {
+            unet: UNet::load(&l, &configs.unet)?,
+            vae: Vae::load(&l, &configs.vae)?,
+            text_encoder: TextEncoder::load(&l, &configs.text_encoder)?,
+        };
+        small_initial_variance(&mut models.vae, dev);
+        Ok((configs, models))
+    }
+
+    /// The pipeline's base model, whose architecture must take `resolution`-pixel images.
+    fn base_models(
+        &self,
+        ctx: &StageContext<'_>,
+        dev: &Cpu,
+    ) -> anyhow::Result<(StoredConfigs, Models)> {
+        let path = ctx
+            .pipeline
+            .settings
+            .base_model
+            .as_deref()
+            .context("init = \"base_model\" needs [pipeline] base_model")?;
+        let ckpt = crate::diffusion::Checkpoint::open(path)
+            .with_context(|| format!("opening the base model {}", path.display()))?;
+        let mut configs = ckpt.configs();
+        let f = configs.vae.downsampling_factor()
+            * (1 << configs.unet.block_out_channels.len().saturating_sub(1));
+        if !(self.resolution as usize).is_multiple_of(f) {
+            bail!(
+                "resolution {} is not a multiple of {f}, the base model {}'s total downsampling",
+                self.resolution,
+                path.display()
+            );
+        }
+        let sd = ckpt.load(dev)?;
+        configs.unet.sample_size = self.resolution as usize / configs.vae.downsampling_factor();
+        configs.vae.sample_size = self.resolution as usize;
+        Ok((
+            configs,
+            Models {
+                unet: sd.unet,
+                vae: sd.vae,
+                text_encoder: sd.text_encoder,
+            },
+        ))
+    }
+
     fn world_batch(&self, seed: u64, n: usize, dev: &Cpu) -> (Tensor4<Cpu>, Vec<String>) {
         let r = self.resolution as usize;
         let mut data = Vec::with_capacity(n * 3 * r * r);
