@@ -75,7 +75,14 @@ impl ReportParams {
     }
 
     pub(super) fn key_params(&self, _settings: &PipelineSettings) -> serde_json::Value {
-        serde_json::to_value(self).unwrap_or_default()
+        let mut v = serde_json::to_value(self).unwrap_or_default();
+        if self.concept.is_some()
+            && let Some(map) = v.as_object_mut()
+        {
+            // The scores come from the world's detectors: a change of them reruns the report.
+            map.insert("world_version".into(), crate::world::VERSION.into());
+        }
+        v
     }
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {

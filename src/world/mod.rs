@@ -31,6 +31,11 @@ pub use quality::{ImageQuality, References, score_image, score_with};
 pub use render::render;
 pub use scene::{Colour, Fill, Position, PromptSpec, Scene, Shape, Size, Style, TokenUse};
 
+/// Version of the world's rendering, detectors and scores: part of the keys of the stages that
+/// score with them (a `report` with a `concept`), so a change of the metrics reruns them. Bump
+/// it whenever a detector's or a score's result can change.
+pub const VERSION: u32 = 1;
+
 /// Errors of the world generator.
 #[derive(Debug, thiserror::Error)]
 pub enum WorldError {
