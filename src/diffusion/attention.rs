@@ -6,6 +6,7 @@ use dfdx::prelude::*;
 
 use super::error::Result;
 use super::hypernetwork::HyperStack;
+use super::nn::checkpoint::{checkpoint, flat_view, hypernetwork_params, trainable_params};
 use super::nn::host::{geglu, is_cpu};
 use super::nn::{
     Conv2d, DEFAULT_ATTENTION_CHUNK, GroupNorm, LayerNorm, Linear, Padding2d, Tensor3, Tensor4,
@@ -234,6 +235,8 @@ pub struct Transformer2D<D: Storage<f32>> {
     pub transformer_blocks: Vec<BasicTransformerBlock<D>>,
     /// Output projection.
     pub proj_out: Projection<D>,
+    /// Gradient checkpointing under a tape (see [`crate::diffusion::nn::checkpoint`]).
+    pub checkpoint: bool,
 }
 
 impl<D: Device<f32>> Transformer2D<D> {
@@ -262,6 +265,7 @@ impl<D: Device<f32>> Transformer2D<D> {
                 })
                 .collect::<Result<_>>()?,
             proj_out: proj("proj_out", inner, c.in_channels)?,
+            checkpoint: false,
         })
     }
 
@@ -279,6 +283,18 @@ impl<D: Device<f32>> Transformer2D<D> {
         x: Tensor4<D, T>,
         context: &Tensor3<D>,
     ) -> Tensor4<D, T> {
+        if self.checkpoint && T::OWNS_TAPE {
+            let mut block = self.clone();
+            block.checkpoint = false;
+            let context = context.clone();
+            let mut inputs = trainable_params(&mut block);
+            for b in &block.transformer_blocks {
+                inputs.extend(hypernetwork_params(&b.attn1));
+                inputs.extend(hypernetwork_params(&b.attn2));
+            }
+            inputs.push(flat_view(&context));
+            return checkpoint(x, inputs, move |x| block.forward(x, &context));
+        }
         let (b, c, h, w) = *x.shape();
         let hs = self.norm.forward(x.retaped::<T>());
         // [b, h*w, inner]

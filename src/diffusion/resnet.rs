@@ -5,6 +5,7 @@
 use dfdx::prelude::*;
 
 use super::error::Result;
+use super::nn::checkpoint::{checkpoint, flat_view, trainable_params};
 use super::nn::{Conv2d, GroupNorm, Linear, Padding2d, Tensor2, Tensor4, silu};
 use super::weights::Loader;
 
@@ -38,6 +39,8 @@ pub struct ResnetBlock2D<D: Storage<f32>> {
     pub conv2: Conv2d<D>,
     /// 1x1 conv on the residual path when `in_channels != out_channels`.
     pub conv_shortcut: Option<Conv2d<D>>,
+    /// Gradient checkpointing under a tape (see [`crate::diffusion::nn::checkpoint`]).
+    pub checkpoint: bool,
 }
 
 impl<D: Device<f32>> ResnetBlock2D<D> {
@@ -65,6 +68,7 @@ impl<D: Device<f32>> ResnetBlock2D<D> {
             } else {
                 None
             },
+            checkpoint: false,
         })
     }
 
@@ -77,6 +81,14 @@ impl<D: Device<f32>> ResnetBlock2D<D> {
         x: Tensor4<D, T>,
         temb: Option<&Tensor2<D>>,
     ) -> Tensor4<D, T> {
+        if self.checkpoint && T::OWNS_TAPE {
+            let mut block = self.clone();
+            block.checkpoint = false;
+            let temb = temb.cloned();
+            let mut inputs = trainable_params(&mut block);
+            inputs.extend(temb.as_ref().map(flat_view));
+            return checkpoint(x, inputs, move |x| block.forward(x, temb.as_ref()));
+        }
         let h = self
             .conv1
             .forward(self.norm1.forward_silu(x.retaped::<T>()));

@@ -424,6 +424,32 @@ impl<D: Device<f32>> UNet<D> {
         }
     }
 
+    /// Turns gradient checkpointing of every ResNet and transformer on or off: under a tape,
+    /// their activations are recomputed in the backward pass instead of kept (less memory
+    /// between the passes, one more forward pass of each block; see
+    /// [`super::nn::checkpoint`]). No effect without a tape.
+    pub fn set_gradient_checkpointing(&mut self, on: bool) {
+        let mid = &mut self.mid_block;
+        let resnets = self
+            .down_blocks
+            .iter_mut()
+            .flat_map(|b| b.resnets.iter_mut())
+            .chain([&mut mid.resnet0, &mut mid.resnet1])
+            .chain(self.up_blocks.iter_mut().flat_map(|b| b.resnets.iter_mut()));
+        resnets.for_each(|r| r.checkpoint = on);
+        let attentions = self
+            .down_blocks
+            .iter_mut()
+            .flat_map(|b| b.attentions.iter_mut())
+            .chain([&mut mid.attention])
+            .chain(
+                self.up_blocks
+                    .iter_mut()
+                    .flat_map(|b| b.attentions.iter_mut()),
+            );
+        attentions.for_each(|a| a.checkpoint = on);
+    }
+
     /// Sinusoidal timestep features `[b, c0]` computed as diffusers' `get_timestep_embedding`
     /// does in f32: `exp(-ln(10000) · i / (half - freq_shift))`, `[cos, sin]` when flipped.
     pub fn timestep_features(&self, timesteps: &[f32]) -> Vec<f32> {

@@ -116,7 +116,7 @@ pub(crate) fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// The host slice behind a CPU gradient buffer.
-fn cpu_grad(v: &mut dyn std::any::Any) -> &mut [f32] {
+pub(crate) fn cpu_grad(v: &mut dyn std::any::Any) -> &mut [f32] {
     v.downcast_mut::<<Cpu as Storage<f32>>::Vec>()
         .expect("host kernels only run on the Cpu device")
 }

@@ -6,6 +6,7 @@
 //!   place convolution is implemented, so a faster kernel can replace it.
 //! * [`norm`]: `GroupNorm`, `LayerNorm`.
 //! * [`attention`]: scaled dot-product attention computed in chunks of queries.
+//! * [`checkpoint`]: gradient checkpointing of a block (recomputed in the backward pass).
 //! * [`ops`]: activations (SiLU, quick GELU, erf GELU), zero padding, nearest upsampling.
 //! * `host`: fused CPU kernels (conv, linear, norms (+SiLU), attention, GEGLU) with
 //!   hand-written backward passes, taken when the device is [`Cpu`]. Their backward computes
@@ -18,6 +19,7 @@
 //! else uses (or use `gather`, whose backward accumulates).
 
 pub mod attention;
+pub mod checkpoint;
 pub mod conv2d;
 pub(crate) mod host;
 pub mod linear;

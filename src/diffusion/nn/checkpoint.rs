@@ -1,0 +1,142 @@
+//! Gradient checkpointing: a block's activations are not kept for the backward pass; its
+//! forward runs again, on the saved input, when the backward pass reaches it.
+//!
+//! Under a tape, [`checkpoint`] runs the block on a throw-away tape (its activations are freed
+//! as soon as the output exists) and records one backward op. That op recomputes the block
+//! on a fresh tape from the saved input, backpropagates the output's gradient through it, and
+//! adds the gradients of the input and of the block's other differentiable inputs (the time
+//! embedding or the text states, the trainable parameters) into the outer gradients; the
+//! recomputation's intermediate gradients are dropped with it. The memory held between the
+//! forward and the backward pass falls from every activation of every block to the blocks'
+//! inputs, for one extra forward pass of each block.
+//!
+//! The result equals the plain backward pass up to the order of floating-point additions
+//! (random parts of a block, such as LoRA dropout, are seeded and recompute the same).
+
+use dfdx::prelude::*;
+
+use super::host::{cpu_grad, host_vec, is_cpu};
+use super::{Tensor1, Tensor4};
+use crate::diffusion::params::{Layer, Layers};
+
+/// The tape a recomputed block runs under.
+pub type RecomputeTape<D> = OwnedTape<f32, D>;
+
+/// Runs `block` on `x` with checkpointing when `x` carries a tape (plainly otherwise).
+///
+/// `inputs` are flat views (same ids, see [`flat_view`]) of every other tensor whose gradient
+/// the block produces: the untaped time embedding or text states it re-tapes, and its
+/// trainable parameters ([`trainable_params`]). `block` must be deterministic.
+pub fn checkpoint<D, T, F>(x: Tensor4<D, T>, inputs: Vec<Tensor1<D>>, block: F) -> Tensor4<D, T>
+where
+    D: Device<f32>,
+    T: Tape<f32, D>,
+    F: Fn(Tensor4<D, RecomputeTape<D>>) -> Tensor4<D, RecomputeTape<D>> + 'static,
+{
+    if !T::OWNS_TAPE {
+        let (x, tape) = x.split_tape();
+        let (y, _) = block(x.leaky_trace()).split_tape();
+        return y.put_tape(tape);
+    }
+    // The gradient buffer is indexed like the data: keep the saved input contiguous.
+    let (x, mut tape) = x.contiguous().split_tape();
+    // The block's own tape (and with it every activation) is dropped here.
+    let (y, _) = block(x.clone().leaky_trace()).split_tape();
+    let y_ghost = y.clone();
+    tape.add_backward_op(move |grads| {
+        grads.try_alloc_for(&y_ghost)?;
+        let gy = grads.get(&y_ghost);
+        let y2 = block(x.clone().leaky_trace());
+        let mut inner = (y2 * gy).sum().backward();
+        for t in std::iter::once(flat_view(&x)).chain(inputs.iter().cloned()) {
+            inner.try_alloc_for(&t)?;
+            let g = inner.get(&t);
+            add_gradient(grads, &t, &g)?;
+        }
+        Ok(())
+    });
+    y.put_tape(tape)
+}
+
+/// A `[n]` view of contiguous `t` under the same id (so gradients land under `t`).
+pub fn flat_view<S: Shape, D: Device<f32>>(t: &Tensor<S, f32, D>) -> Tensor1<D> {
+    let n = t.shape().num_elements();
+    t.clone().reshape_like(&(n,))
+}
+
+/// `grads[t] += g`.
+fn add_gradient<D: Device<f32>>(
+    grads: &mut Gradients<f32, D>,
+    t: &Tensor1<D>,
+    g: &Tensor1<D>,
+) -> Result<(), D::Err> {
+    if is_cpu::<D>() {
+        let g = host_vec(g);
+        for (d, v) in cpu_grad(grads.get_or_alloc_mut(t)?).iter_mut().zip(&g) {
+            *d += v;
+        }
+        return Ok(());
+    }
+    // Other devices: through dfdx's own backward pass, whose ops add into existing gradients:
+    // d/dt sum(t · g) = g.
+    let outer = std::mem::replace(grads, Gradients::leaky());
+    let loss = (t.clone().trace(outer) * g.clone()).sum();
+    *grads = loss.try_backward()?;
+    Ok(())
+}
+
+/// Flat views of the parameters of `model` that receive gradients under a tape: the weights
+/// of trainable layers, LoRA adapters, and hypernetwork layers.
+pub fn trainable_params<D: Device<f32>>(model: &mut impl Layers<D>) -> Vec<Tensor1<D>> {
+    let mut out = Vec::new();
+    model.visit_layers("", &mut |_, layer| match layer {
+        Layer::Linear(l) => {
+            if l.trainable {
+                out.push(flat_view(&l.weight));
+                out.extend(l.bias.as_ref().map(flat_view));
+            }
+            if let Some(a) = &l.lora {
+                out.push(flat_view(&a.down));
+                out.push(flat_view(&a.up));
+            }
+        }
+        Layer::Conv(l) => {
+            if l.trainable {
+                out.push(flat_view(&l.weight));
+                out.extend(l.bias.as_ref().map(flat_view));
+            }
+        }
+        Layer::GroupNorm(l) => {
+            if l.trainable {
+                out.push(flat_view(&l.weight));
+                out.push(flat_view(&l.bias));
+            }
+        }
+        Layer::LayerNorm(l) => {
+            if l.trainable {
+                out.push(flat_view(&l.weight));
+                out.push(flat_view(&l.bias));
+            }
+        }
+        Layer::Embedding(_) => {}
+    });
+    out
+}
+
+/// Flat views of the parameters of the hypernetworks hooked into `attention`.
+pub fn hypernetwork_params<D: Device<f32>>(
+    attention: &crate::diffusion::attention::CrossAttention<D>,
+) -> Vec<Tensor1<D>> {
+    let mut out = Vec::new();
+    for pair in attention.hypernetwork.iter().flat_map(|h| &h.pairs) {
+        for layer in pair.k.layers.iter().chain(&pair.v.layers) {
+            out.push(flat_view(&layer.weight));
+            out.push(flat_view(&layer.bias));
+            if let Some((w, b)) = &layer.layer_norm {
+                out.push(flat_view(w));
+                out.push(flat_view(b));
+            }
+        }
+    }
+    out
+}
