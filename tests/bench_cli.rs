@@ -159,15 +159,14 @@ fn the_table_names_every_figure() {
 
 #[test]
 fn a_path_arch_opens_the_checkpoint() {
-    let single = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tiny-sd-single-file.safetensors");
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/tiny-sd");
     let run = sdpipe(&[
         "--quiet",
         "bench",
         "--task",
         "vae-encode",
         "--arch",
-        single.to_str().unwrap(),
+        dir.to_str().unwrap(),
         "--resolution",
         "16",
         "--iters",
@@ -178,7 +177,8 @@ fn a_path_arch_opens_the_checkpoint() {
     ]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let v: serde_json::Value = serde_json::from_str(run.stdout.trim()).unwrap();
-    assert!(v["arch"].as_str().unwrap().ends_with(".safetensors"));
+    assert!(v["arch"].as_str().unwrap().ends_with("tiny-sd"));
+    assert!(v["value"].as_f64().unwrap() > 0.0);
 }
 
 #[test]
