@@ -537,7 +537,7 @@ mod tests {
     fn tiny_parameter_counts_match_the_loaded_models() {
         use crate::diffusion::Checkpoint;
         use crate::diffusion::params::count_params;
-        use dfdx::prelude::Cpu;
+        use dfdx::prelude::*;
         let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
         let ckpt = Checkpoint::open(dir).unwrap();
         let dev = Cpu::default();
