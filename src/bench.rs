@@ -38,7 +38,10 @@ use crate::diffusion::weights::{Loader, WeightStore};
 use crate::diffusion::{Checkpoint, DiffusionError, TextEncoder, UNet, UNetConfig, Vae, VaeConfig};
 use crate::engine::Progress;
 use crate::formats::lora::{LoraModule, LoraNetwork};
-use crate::memory::{MemoryProbe, human_bytes};
+use crate::diffusion::nn::DEFAULT_ATTENTION_CHUNK;
+use crate::memory::{
+    LoadedModels, MemoryProbe, TrainShape, TrainedPart, estimate_train, human_bytes,
+};
 use crate::train::lora::{adapter_grads, apply_grads, install, loss_and_grads};
 use crate::train::optim::{AdamW, AdamWConfig, clip_coefficient, update_layers};
 
@@ -268,6 +271,9 @@ pub struct BenchReport {
     pub trainable_params: usize,
     /// LoRA rank (lora-train).
     pub rank: Option<usize>,
+    /// What `plan` would estimate for this step's peak memory (training tasks; the same
+    /// models loaded), in bytes: compare with `peak_memory_bytes`.
+    pub memory_estimate_bytes: Option<u64>,
     /// The loss of the last step (training tasks; a sanity check that it ran).
     pub last_loss: Option<f32>,
 }
@@ -318,6 +324,16 @@ impl BenchReport {
                 self.trainable_params as f64 / 1e6
             ),
         ));
+        if let (Some(e), Some(m)) = (self.memory_estimate_bytes, self.peak_memory_bytes) {
+            rows.push((
+                "memory estimate".into(),
+                format!(
+                    "{} (what `plan` estimates; measured / estimate {:.2})",
+                    human_bytes(e),
+                    m as f64 / e.max(1) as f64
+                ),
+            ));
+        }
         if let Some(l) = self.last_loss {
             rows.push(("last loss".into(), format!("{l:.4}")));
         }
@@ -717,6 +733,34 @@ pub fn run_on<D: Device<f32> + dfdx::tensor::Synchronize>(
         |p| p.source.clone(),
     );
     let peak_memory_bytes = peak.map(|p| p.bytes);
+    let part = match task {
+        BenchTask::LoraTrain => Some(TrainedPart::Lora {
+            rank: opts.rank,
+            targets: ["to_q", "to_k", "to_v", "to_out.0"]
+                .map(String::from)
+                .to_vec(),
+            text_encoder: false,
+        }),
+        BenchTask::FullTrain => Some(TrainedPart::FullUnet {
+            text_encoder: false,
+        }),
+        BenchTask::TiTrain => Some(TrainedPart::TextualInversion { vectors: 1 }),
+        _ => None,
+    };
+    let memory_estimate_bytes = part.map(|part| {
+        let shape = TrainShape {
+            batch: b,
+            height: opts.resolution,
+            width: opts.resolution,
+            attention_chunk: DEFAULT_ATTENTION_CHUNK,
+            device: device.to_string(),
+            loaded: LoadedModels {
+                text_encoder: task == BenchTask::TiTrain,
+                vae: false,
+            },
+        };
+        estimate_train(&configs, &part, &shape).total
+    });
     Ok(BenchReport {
         task,
         arch: opts.arch.name(),
@@ -739,6 +783,7 @@ pub fn run_on<D: Device<f32> + dfdx::tensor::Synchronize>(
         model_params,
         trainable_params,
         rank: (task == BenchTask::LoraTrain).then_some(opts.rank),
+        memory_estimate_bytes,
         last_loss,
     })
 }

@@ -10,9 +10,10 @@
 //! only while `batch · heads · queries · keys ≤ 2^26` and recomputes them chunk by chunk above
 //! that; the generic (GPU) composition keeps the scores, the scaled scores and the
 //! probabilities of every chunk. At the peak of the backward pass the kept activations and the
-//! gradients of the ones already processed are alive together: [`ACTIVATION_PEAK_FACTOR`]
-//! times the kept activations. The factor and the counts were checked against the measured
-//! peaks of `sdpipe bench` (docs/benchmarks.md, "Memory estimate vs measured").
+//! gradients in flight are alive together: [`ACTIVATION_PEAK_FACTOR`] times the kept
+//! activations. A taped forward also holds a weight-sized buffer per weight it passes through
+//! (see [`MemoryEstimate::weight_copies`]). The factor and the counts were checked against
+//! the measured peaks of `sdpipe bench` (docs/benchmarks.md, "Memory estimate vs measured").
 
 use serde::Serialize;
 
@@ -23,9 +24,15 @@ use crate::diffusion::{UNetConfig, VaeConfig};
 /// Bytes of one value (f32 everywhere for now).
 const F32: u64 = 4;
 
-/// Peak of the backward pass / kept activations (the saved tensors plus the gradients of
-/// those already processed).
-pub const ACTIVATION_PEAK_FACTOR: f64 = 2.0;
+/// Peak of the backward pass / kept activations (the saved tensors plus the gradients in
+/// flight), fitted to the peaks `sdpipe bench` measures on the CPU where activations dominate
+/// (1.1–1.2 there; the estimate stays on the safe side).
+pub const ACTIVATION_PEAK_FACTOR: f64 = 1.25;
+
+/// The process's own memory beside the tensors (thread stacks, allocator arenas, gemm packing
+/// buffers): what `sdpipe bench --task unet-forward` on the tiny model measures above its
+/// weights and activations.
+const RUNTIME_OVERHEAD: u64 = 12 << 20;
 
 /// Elements of attention probabilities the CPU attention kernel keeps per call (above, the
 /// backward recomputes them).
@@ -75,6 +82,28 @@ pub struct TrainShape {
     pub attention_chunk: usize,
     /// `cpu` or `cuda:N` (the attention kernels differ in what they keep).
     pub device: String,
+    /// Whether the text encoder and the VAE are loaded beside the UNet (the train stage loads
+    /// the whole pipeline; `sdpipe bench` only what its task runs).
+    pub loaded: LoadedModels,
+}
+
+/// Which models besides the UNet are in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadedModels {
+    /// The text encoder.
+    pub text_encoder: bool,
+    /// The VAE.
+    pub vae: bool,
+}
+
+impl Default for LoadedModels {
+    /// Both (what the train stage loads).
+    fn default() -> Self {
+        Self {
+            text_encoder: true,
+            vae: true,
+        }
+    }
 }
 
 /// An estimated peak, by part, in bytes.
@@ -86,8 +115,12 @@ pub struct MemoryEstimate {
     pub training_state: u64,
     /// Activations at the peak of the backward pass.
     pub activations: u64,
-    /// Gradients the generic (non-CPU) backward computes for frozen weights it passes through.
-    pub frozen_gradients: u64,
+    /// Weight-sized buffers of a taped forward: on the CPU the host kernels keep a copy of
+    /// every weight they use for the backward; elsewhere dfdx's backward computes gradients for
+    /// the frozen weights it passes through.
+    pub weight_copies: u64,
+    /// The runtime's own memory (thread stacks, allocator arenas, gemm packing buffers).
+    pub runtime: u64,
     /// The total.
     pub total: u64,
     /// Parameters that train.
@@ -103,10 +136,10 @@ impl MemoryEstimate {
             format!("training state {}", human_bytes(self.training_state)),
             format!("activations {}", human_bytes(self.activations)),
         ];
-        if self.frozen_gradients > 0 {
+        if self.weight_copies > 0 {
             parts.push(format!(
-                "frozen-weight gradients {}",
-                human_bytes(self.frozen_gradients)
+                "weight copies for the backward {}",
+                human_bytes(self.weight_copies)
             ));
         }
         format!("{} ({})", human_bytes(self.total), parts.join(", "))
@@ -431,7 +464,10 @@ pub fn estimate_train(
     let unet = unet_params(&configs.unet);
     let te = clip_params(&configs.text_encoder);
     let vae = vae_params(&configs.vae);
-    let weights = (unet + te + vae) * F32;
+    let weights = (unet
+        + if shape.loaded.text_encoder { te } else { 0 }
+        + if shape.loaded.vae { vae } else { 0 })
+        * F32;
     let trainable = match part {
         TrainedPart::Lora {
             rank,
@@ -475,21 +511,27 @@ pub fn estimate_train(
         kept += b * te_kept + attention_kept(&te_calls, b, chunk, &shape.device);
     }
     let activations = (kept as f64 * F32 as f64 * ACTIVATION_PEAK_FACTOR) as u64;
-    // dfdx's generic matmul/conv backward computes the gradient of the frozen weights too
-    let frozen_gradients = if shape.device == "cpu" {
-        0
+    // The weights a taped forward passes through: the UNet's, and the text encoder's when it
+    // runs under the tape. On the CPU each host kernel keeps a copy of its weight for the
+    // backward; dfdx's generic matmul/conv backward instead computes a gradient for every
+    // weight, frozen or not (the trained ones are counted in the training state).
+    let taped_weights = unet + if text_encoder_taped { te } else { 0 };
+    let weight_copies = if shape.device == "cpu" {
+        taped_weights * F32
     } else {
         match part {
             TrainedPart::FullUnet { .. } => 0,
-            _ => unet * F32,
+            _ => taped_weights * F32,
         }
     };
+    let runtime = RUNTIME_OVERHEAD;
     MemoryEstimate {
         weights,
         training_state,
         activations,
-        frozen_gradients,
-        total: weights + training_state + activations + frozen_gradients,
+        weight_copies,
+        runtime,
+        total: weights + training_state + activations + weight_copies + runtime,
         trainable_params: trainable,
     }
 }
@@ -529,6 +571,7 @@ mod tests {
             width: side,
             attention_chunk: 1024,
             device: device.into(),
+            loaded: LoadedModels::default(),
         }
     }
 

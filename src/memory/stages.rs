@@ -110,6 +110,7 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
                     width: r as usize,
                     attention_chunk: DEFAULT_ATTENTION_CHUNK,
                     device: device.clone(),
+                    loaded: Default::default(),
                 },
             )),
         };
