@@ -30,6 +30,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::diffusion::clip::ClipConfig;
+use crate::diffusion::nn::DEFAULT_ATTENTION_CHUNK;
 use crate::diffusion::nn::{Tensor3, Tensor4};
 use crate::diffusion::params::{count_params, named_grads, set_trainable};
 use crate::diffusion::schedulers::{Ddpm, SamplerKind, SchedulerConfig, SeededNoise};
@@ -38,7 +39,6 @@ use crate::diffusion::weights::{Loader, WeightStore};
 use crate::diffusion::{Checkpoint, DiffusionError, TextEncoder, UNet, UNetConfig, Vae, VaeConfig};
 use crate::engine::Progress;
 use crate::formats::lora::{LoraModule, LoraNetwork};
-use crate::diffusion::nn::DEFAULT_ATTENTION_CHUNK;
 use crate::memory::{
     LoadedModels, MemoryProbe, TrainShape, TrainedPart, estimate_train, human_bytes,
 };

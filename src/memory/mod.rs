@@ -150,7 +150,7 @@ pub fn parse_bytes(text: &str) -> Option<u64> {
         "t" | "tb" | "tib" => 1 << 40,
         _ => return None,
     };
-    (value.is_finite() && value >= 0.0).then(|| (value * scale as f64) as u64)
+    (value.is_finite() && value >= 0.0).then_some((value * scale as f64) as u64)
 }
 
 /// The memory available on `device` (`"cpu"` or `"cuda:N"`): [`MEMORY_LIMIT_ENV`] when set,
