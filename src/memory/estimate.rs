@@ -633,6 +633,48 @@ mod tests {
         }
     }
 
+    /// The estimates of ref_bench.py's shapes (SD 1.5, 512 px), printed for
+    /// docs/benchmarks.md; on a GPU the weight-sized terms dominate LoRA at batch 1.
+    #[test]
+    fn sd15_512_reference_shapes() {
+        let targets: Vec<String> = ["to_q", "to_k", "to_v", "to_out.0"]
+            .map(String::from)
+            .to_vec();
+        let lora = TrainedPart::Lora {
+            rank: 16,
+            targets,
+            text_encoder: false,
+        };
+        let full = TrainedPart::FullUnet {
+            text_encoder: false,
+        };
+        let ti = TrainedPart::TextualInversion { vectors: 1 };
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        for device in ["cpu", "cuda:0"] {
+            for (name, part, batch) in [
+                ("lora", &lora, 1),
+                ("lora", &lora, 4),
+                ("lora", &lora, 8),
+                ("full", &full, 1),
+                ("full", &full, 4),
+                ("ti", &ti, 4),
+            ] {
+                let e = estimate_train(&sd15(), part, &shape(batch, 512, device));
+                println!(
+                    "{device} {name} b{batch}: total {:.2} GiB = weights {:.2} + state {:.2} + activations {:.2} + weight copies {:.2}",
+                    gib(e.total),
+                    gib(e.weights),
+                    gib(e.training_state),
+                    gib(e.activations),
+                    gib(e.weight_copies)
+                );
+                if name == "lora" && batch == 1 {
+                    assert!(gib(e.total) < 24.0, "{e:?}");
+                }
+            }
+        }
+    }
+
     #[test]
     fn full_training_needs_more_than_lora() {
         let s = shape(1, 512, "cpu");
