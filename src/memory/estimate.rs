@@ -142,6 +142,7 @@ impl MemoryEstimate {
                 human_bytes(self.weight_copies)
             ));
         }
+        parts.push(format!("runtime {}", human_bytes(self.runtime)));
         format!("{} ({})", human_bytes(self.total), parts.join(", "))
     }
 }
