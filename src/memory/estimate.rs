@@ -455,8 +455,10 @@ fn attention_kept(calls: &[(u64, u64, u64)], b: u64, chunk: u64, device: &str) -
 
 /// The estimated peak memory of one training step of `part` on the models `configs` at
 /// `shape`. Every model of the checkpoint is loaded (the train stage loads the pipeline
-/// whole); the training state is the gradient of each trained parameter, its two host copies
-/// (the step loop's map and the tensor given to the optimiser) and AdamW's two moments.
+/// whole); the training state is, per trained parameter, dfdx's gradient, the step loop's
+/// host copy of it, a second host copy (DreamBooth's class batch under prior preservation, or
+/// the next micro-batch's with gradient accumulation; counted always, so the estimate stays on
+/// the safe side) and AdamW's two moments.
 pub fn estimate_train(
     configs: &StoredConfigs,
     part: &TrainedPart,
@@ -488,7 +490,7 @@ pub fn estimate_train(
         TrainedPart::FullUnet { text_encoder } => unet + if *text_encoder { te } else { 0 },
         TrainedPart::Hypernetwork { params } => *params as u64,
     };
-    // gradient + 2 host copies + 2 moments
+    // dfdx gradient + 2 host copies + 2 moments
     let training_state = 5 * trainable * F32;
 
     let f = configs.vae.downsampling_factor().max(1);
