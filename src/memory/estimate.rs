@@ -34,6 +34,9 @@ pub const ACTIVATION_PEAK_FACTOR: f64 = 1.25;
 /// weights and activations.
 const RUNTIME_OVERHEAD: u64 = 12 << 20;
 
+/// Queries per attention chunk of the VAE's mid-block.
+const DEFAULT_CHUNK: u64 = crate::diffusion::nn::DEFAULT_ATTENTION_CHUNK as u64;
+
 /// Elements of attention probabilities the CPU attention kernel keeps per call (above, the
 /// backward recomputes them).
 const CPU_MAX_KEPT_PROBS: u64 = 1 << 26;
@@ -432,6 +435,105 @@ fn clip_kept(c: &ClipConfig) -> (u64, Vec<(u64, u64, u64)>) {
     (kept, calls)
 }
 
+/// Values the VAE keeps for the backward per image of `h × w` pixels when it trains (encoder,
+/// sampled latents, decoder: the ResNets and samplers as in the UNet, the mid-block attention),
+/// and its attention calls.
+fn vae_kept(c: &VaeConfig, h: usize, w: usize) -> (u64, Vec<(u64, u64, u64)>) {
+    let ch = &c.block_out_channels;
+    let n = ch.len();
+    let positions = |level: usize| ((h >> level).max(1) * (w >> level).max(1)) as u64;
+    let resnet = |i: u64, o: u64, p: u64| (2 * i + 4 * o + if i != o { o } else { 0 }) * p;
+    let last = ch[n - 1] as u64;
+    let deep = positions(n - 1);
+    // ResNet, attention (norm, q, k, v, output, out projection, residual), ResNet
+    let mid = 2 * resnet(last, last, deep)
+        + if c.mid_block_add_attention {
+            7 * last * deep
+        } else {
+            0
+        };
+    // one single-head attention in the encoder's mid block and one in the decoder's
+    let calls = if c.mid_block_add_attention {
+        vec![(1, deep, deep); 2]
+    } else {
+        Vec::new()
+    };
+    let mut kept = (c.in_channels as u64 + ch[0] as u64) * positions(0);
+    let mut prev = ch[0] as u64;
+    for (level, &out) in ch.iter().enumerate() {
+        for _ in 0..c.layers_per_block {
+            kept += resnet(prev, out as u64, positions(level));
+            prev = out as u64;
+        }
+        if level + 1 < n {
+            // padded input, then the strided conv
+            kept += out as u64 * (positions(level) + positions(level + 1));
+        }
+    }
+    let z = c.latent_channels as u64;
+    kept += mid + (2 * last + 6 * z) * deep;
+    kept += mid;
+    let mut prev = last;
+    for level in (0..n).rev() {
+        let out = ch[level] as u64;
+        for _ in 0..=c.layers_per_block {
+            kept += resnet(prev, out, positions(level));
+            prev = out;
+        }
+        if level > 0 {
+            kept += 2 * out * positions(level - 1);
+        }
+    }
+    kept += (3 * ch[0] as u64 + c.out_channels as u64) * positions(0);
+    (kept, calls)
+}
+
+/// The estimated peak of a `pretrain` stage: the larger of its two phases, the VAE trained on
+/// `vae_batch` images of `resolution` pixels, then the UNet and the text encoder on `batch`.
+pub fn estimate_pretrain(
+    configs: &StoredConfigs,
+    vae_batch: usize,
+    batch: usize,
+    resolution: usize,
+    device: &str,
+) -> MemoryEstimate {
+    let shape = |b: usize| TrainShape {
+        batch: b,
+        height: resolution,
+        width: resolution,
+        attention_chunk: crate::diffusion::nn::DEFAULT_ATTENTION_CHUNK,
+        device: device.to_string(),
+        loaded: LoadedModels::default(),
+    };
+    let diffusion = estimate_train(
+        configs,
+        &TrainedPart::FullUnet { text_encoder: true },
+        &shape(batch),
+    );
+    let vae = vae_params(&configs.vae);
+    let (kept, calls) = vae_kept(&configs.vae, resolution, resolution);
+    let b = vae_batch as u64;
+    let kept = b * kept + attention_kept(&calls, b, DEFAULT_CHUNK, device);
+    let weights = diffusion.weights;
+    let training_state = 5 * vae * F32;
+    let activations = (kept as f64 * F32 as f64 * ACTIVATION_PEAK_FACTOR) as u64;
+    let weight_copies = if device == "cpu" { vae * F32 } else { 0 };
+    let vae_phase = MemoryEstimate {
+        weights,
+        training_state,
+        activations,
+        weight_copies,
+        runtime: RUNTIME_OVERHEAD,
+        total: weights + training_state + activations + weight_copies + RUNTIME_OVERHEAD,
+        trainable_params: vae,
+    };
+    if vae_phase.total > diffusion.total {
+        vae_phase
+    } else {
+        diffusion
+    }
+}
+
 /// Attention probability values kept per step for `calls` at batch `b` on `device`.
 fn attention_kept(calls: &[(u64, u64, u64)], b: u64, chunk: u64, device: &str) -> u64 {
     calls
@@ -676,6 +778,17 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn pretrain_grows_with_both_batches() {
+        let c = sd15();
+        let base = estimate_pretrain(&c, 1, 1, 64, "cpu").total;
+        assert!(estimate_pretrain(&c, 1, 8, 64, "cpu").total > base);
+        // the result is the larger phase: the VAE's once its batch is large enough
+        assert!(estimate_pretrain(&c, 64, 1, 64, "cpu").total >= base);
+        assert!(estimate_pretrain(&c, 512, 1, 64, "cpu").total > base);
+        assert!(estimate_pretrain(&c, 1, 1, 128, "cpu").total > base);
     }
 
     #[test]

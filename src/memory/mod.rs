@@ -12,7 +12,9 @@
 pub mod estimate;
 pub mod stages;
 
-pub use estimate::{LoadedModels, MemoryEstimate, TrainShape, TrainedPart, estimate_train};
+pub use estimate::{
+    LoadedModels, MemoryEstimate, TrainShape, TrainedPart, estimate_pretrain, estimate_train,
+};
 
 /// Environment variable that replaces the memory available on the device, in bytes or with a
 /// unit (`512MiB`, `24GiB`, `2G`). For tests of the refusal, and for a user who shares the

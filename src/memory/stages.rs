@@ -1,9 +1,10 @@
-//! The memory estimate of each train stage of a pipeline (printed by `plan` and `run`), and
-//! the refusal of a run whose stale train stage would not fit in the device's memory.
+//! The memory estimate of each train and pretrain stage of a pipeline (printed by `plan` and
+//! `run`), and the refusal of a run whose stale training stage would not fit in the device's
+//! memory.
 
 use std::fmt::Write as _;
 
-use super::estimate::{MemoryEstimate, TrainShape, TrainedPart, estimate_train};
+use super::estimate::{MemoryEstimate, TrainShape, TrainedPart, estimate_pretrain, estimate_train};
 use super::{Available, human_bytes};
 use crate::diffusion::nn::DEFAULT_ATTENTION_CHUNK;
 use crate::diffusion::weights::single_file::StoredConfigs;
@@ -23,8 +24,8 @@ pub struct StageMemory {
     pub resolution: u32,
     /// The estimate, or why there is none (no base model, no preprocess upstream).
     pub estimate: Result<MemoryEstimate, String>,
-    /// The method.
-    pub method: Method,
+    /// The method (`None`: a `pretrain` stage).
+    pub method: Option<Method>,
 }
 
 /// The resolution of the preprocess stage `instance` depends on (through encode_latents).
@@ -83,14 +84,33 @@ pub fn trained_part(p: &TrainParams, configs: &StoredConfigs) -> TrainedPart {
     }
 }
 
-/// The estimate of every train stage of `pipeline` on its device.
+/// The estimate of every train and pretrain stage of `pipeline` on its device.
 pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
     let device = crate::device::resolve(pipeline.settings.device);
     let mut configs: Option<Result<StoredConfigs, String>> = None;
     let mut out = Vec::new();
     for instance in &pipeline.stages {
-        let StageParams::Train(p) = &instance.params else {
-            continue;
+        let p = match &instance.params {
+            StageParams::Train(p) => p,
+            StageParams::Pretrain(p) => {
+                let configs = p.architecture.configs(p.resolution);
+                out.push(StageMemory {
+                    stage: instance.name.clone(),
+                    device: device.clone(),
+                    batch: p.batch_size,
+                    resolution: p.resolution,
+                    estimate: Ok(estimate_pretrain(
+                        &configs,
+                        p.vae_batch_size,
+                        p.batch_size,
+                        p.resolution as usize,
+                        &device,
+                    )),
+                    method: None,
+                });
+                continue;
+            }
+            _ => continue,
         };
         let configs = configs.get_or_insert_with(|| {
             crate::stages::model::open_checkpoint(&pipeline.settings)
@@ -120,7 +140,7 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
             batch: p.batch_size,
             resolution: resolution.unwrap_or(0),
             estimate,
-            method: p.method,
+            method: Some(p.method),
         });
     }
     out
@@ -161,14 +181,20 @@ pub fn refusal(list: &[StageMemory], available: &Available) -> Option<String> {
         .iter()
         .find(|s| s.estimate.as_ref().is_ok_and(|e| e.total > available.bytes))?;
     let e = s.estimate.as_ref().ok()?;
-    let mut advice = vec![
-        format!("lower `batch_size` (now {})", s.batch),
-        format!(
+    let mut advice = vec![format!("lower `batch_size` (now {})", s.batch)];
+    if s.method.is_none() {
+        advice.push("lower `vae_batch_size`".into());
+        advice.push(format!(
+            "lower `resolution` (now {}; activations grow with its square)",
+            s.resolution
+        ));
+    } else {
+        advice.push(format!(
             "lower the preprocess `resolution` (now {}; activations grow with its square)",
             s.resolution
-        ),
-    ];
-    if s.method == Method::Dreambooth {
+        ));
+    }
+    if s.method == Some(Method::Dreambooth) {
         advice.push(
             "train with `method = \"lora\"` (full fine-tuning keeps a gradient and two AdamW \
              moments per UNet weight)"
