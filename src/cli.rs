@@ -6,6 +6,7 @@
 //! | 1 | a stage failed (the others that could finish did; the summary says which) |
 //! | 2 | usage error, or the pipeline file is invalid (the message points at the key) |
 //! | 3 | the environment failed: cache or outputs not writable, I/O error |
+//! | 4 | refused before starting: a train stage's estimated peak memory exceeds what the device has (`--no-memory-check` overrides) |
 //! | 130 | interrupted (Ctrl-C); finished stages are kept, nothing half-written remains |
 
 use std::collections::BTreeSet;
@@ -26,6 +27,9 @@ pub const EXIT_STAGE_FAILED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 /// Exit code: environment / I/O failure.
 pub const EXIT_ENVIRONMENT: i32 = 3;
+/// Exit code: the run was refused before starting because a train stage's estimated peak
+/// memory exceeds the device's available memory (see [`crate::memory`]).
+pub const EXIT_MEMORY: i32 = 4;
 /// Exit code: interrupted.
 pub const EXIT_INTERRUPTED: i32 = 130;
 
@@ -83,6 +87,9 @@ pub enum Command {
     /// Write images of the synthetic world (or of one of its concepts) with caption sidecars:
     /// `NAME.png` + `NAME.txt` per image (see `sdpipe::world`).
     World(WorldArgs),
+    /// Time a training or inference task of the diffusion core on random data: step ms,
+    /// throughput and peak memory (see `sdpipe::bench`).
+    Bench(Box<crate::bench::BenchArgs>),
     /// Inspect or clean the cache.
     Cache {
         #[command(subcommand)]
@@ -99,6 +106,10 @@ pub struct RunArgs {
     /// Stop at the first failure (default: keep going; a failure skips only its dependents).
     #[arg(long)]
     pub fail_fast: bool,
+    /// Run even when a train stage's estimated peak memory exceeds what the device has
+    /// (`SDPIPE_MEMORY_LIMIT` sets that figure; see `sdpipe plan`).
+    #[arg(long)]
+    pub no_memory_check: bool,
 }
 
 /// Options of `world`.
@@ -179,6 +190,7 @@ pub fn run(cli: Cli) -> i32 {
         Command::Sample(args) => crate::sample::run_with(*args, cli.quiet),
         Command::Cache { command } => cmd_cache(command, &ws),
         Command::World(args) => cmd_world(&args),
+        Command::Bench(args) => crate::bench::run_cli(&args, cli.quiet),
     }
 }
 
@@ -225,9 +237,12 @@ fn cmd_run(file: &Path, ws: &Workspace, args: &RunArgs, progress: &Progress, qui
     if let Err(code) = check_force(&p, &force) {
         return code;
     }
+    let entries = engine::plan_readonly(&p, ws, &force);
     if !quiet {
-        let entries = engine::plan_readonly(&p, ws, &force);
         eprint!("{}", engine::print_plan(p.name(), &entries));
+    }
+    if let Err(code) = check_memory(&p, &entries, args.no_memory_check, quiet) {
+        return code;
     }
     let opts = RunOptions {
         force,
@@ -246,6 +261,50 @@ fn cmd_run(file: &Path, ws: &Workspace, args: &RunArgs, progress: &Progress, qui
             }
         }
         Err(e) => environment_error(&e),
+    }
+}
+
+/// Prints the memory estimate of the train stages that will run and refuses the run (exit
+/// code 4) when one exceeds the available memory, unless `skip`.
+fn check_memory(
+    p: &pipeline::Pipeline,
+    entries: &[engine::PlanEntry],
+    skip: bool,
+    quiet: bool,
+) -> Result<(), i32> {
+    use crate::memory::stages::{print_estimates, refusal, train_stage_estimates};
+    let will_run: BTreeSet<&str> = entries
+        .iter()
+        .filter(|e| e.status != engine::PlanStatus::Fresh)
+        .map(|e| e.stage.as_str())
+        .collect();
+    let list: Vec<_> = train_stage_estimates(p)
+        .into_iter()
+        .filter(|s| will_run.contains(s.stage.as_str()))
+        .collect();
+    if list.is_empty() {
+        return Ok(());
+    }
+    let available = crate::memory::available(&list[0].device);
+    if !quiet {
+        eprint!("{}", print_estimates(&list, &available));
+    }
+    if skip {
+        return Ok(());
+    }
+    match &available {
+        Ok(a) => match refusal(&list, a) {
+            Some(message) => {
+                eprintln!("error: {message}");
+                Err(EXIT_MEMORY)
+            }
+            None => Ok(()),
+        },
+        Err(e) if e.contains(crate::memory::MEMORY_LIMIT_ENV) => {
+            eprintln!("error: {e}");
+            Err(EXIT_USAGE)
+        }
+        Err(_) => Ok(()),
     }
 }
 
@@ -283,6 +342,19 @@ fn cmd_plan(file: &Path, ws: &Workspace, json: bool, force: Vec<String>) -> i32 
         }
     } else {
         print!("{}", engine::print_plan(p.name(), &entries));
+        let list = crate::memory::stages::train_stage_estimates(&p);
+        if let Some(first) = list.first() {
+            let available = crate::memory::available(&first.device);
+            print!(
+                "{}",
+                crate::memory::stages::print_estimates(&list, &available)
+            );
+            if let Ok(a) = &available
+                && let Some(message) = crate::memory::stages::refusal(&list, a)
+            {
+                eprintln!("warning: `sdpipe run` would refuse: {message}");
+            }
+        }
     }
     EXIT_OK
 }

@@ -3,8 +3,10 @@
 //! The pieces: [`pipeline`] (the TOML file → a DAG of stage instances), [`cache`] (blobs,
 //! records, locks), [`engine`] (plan, run, watch), [`stages`] (what each kind does), [`image`]
 //! (decoding and resizing), [`diffusion`] (the Stable Diffusion core on dfdx), [`render`]
-//! (sample grids and PNG metadata), [`report`] (the method-comparison report), [`cli`].
+//! (sample grids and PNG metadata), [`report`] (the method-comparison report), [`bench`] and
+//! [`memory`] (speed and memory figures, the memory estimate of `plan`), [`cli`].
 
+pub mod bench;
 pub mod cache;
 pub mod cli;
 pub mod device;
@@ -12,6 +14,7 @@ pub mod diffusion;
 pub mod engine;
 pub mod formats;
 pub mod image;
+pub mod memory;
 pub mod merge;
 pub mod pipeline;
 pub mod render;

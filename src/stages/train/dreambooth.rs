@@ -394,51 +394,7 @@ impl StepMethod for DreamboothSteps<'_> {
     }
 }
 
-/// One AdamW update of every parameter of `model` with `grads` (by `prefix` + full name).
-pub(super) fn update_all<M: Layers<Cpu>>(
-    model: &mut M,
-    prefix: &str,
-    grads: &BTreeMap<String, HostTensor>,
-    optimizer: &mut AdamW<Cpu>,
-    lr: f64,
-) -> anyhow::Result<()> {
-    let mut result = Ok(());
-    model.visit_layers("", &mut |name, mut layer| {
-        if result.is_err() {
-            return;
-        }
-        result = layer.try_for_each_param(|suffix, param| {
-            let key = format!("{prefix}{name}.{suffix}");
-            let grad = grads
-                .get(&key)
-                .with_context(|| format!("no gradient for `{key}`"))?;
-            let dev = Cpu::default();
-            let shape_err = || anyhow::anyhow!("gradient of `{key}` has shape {:?}", grad.shape);
-            match param {
-                ParamMut::T1(t) => {
-                    let g = grad
-                        .to_tensor::<(usize,), Cpu>(&dev)
-                        .ok_or_else(shape_err)?;
-                    optimizer.update(&key, t, &g, lr)?;
-                }
-                ParamMut::T2(t) => {
-                    let g = grad
-                        .to_tensor::<(usize, usize), Cpu>(&dev)
-                        .ok_or_else(shape_err)?;
-                    optimizer.update(&key, t, &g, lr)?;
-                }
-                ParamMut::T4(t) => {
-                    let g = grad
-                        .to_tensor::<(usize, usize, usize, usize), Cpu>(&dev)
-                        .ok_or_else(shape_err)?;
-                    optimizer.update(&key, t, &g, lr)?;
-                }
-            }
-            Ok(())
-        });
-    });
-    result
-}
+pub(super) use crate::train::optim::update_layers as update_all;
 
 /// Replaces every parameter of `model` by the tensor of the same name in `weights`.
 pub(super) fn load_weights<M: Layers<Cpu>>(

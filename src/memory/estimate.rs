@@ -1,0 +1,815 @@
+//! The peak memory of a training run, estimated from the model configs before anything is
+//! loaded: weights, what trains (gradients, AdamW's two moments, the host copies the step
+//! loop makes), and the activations the UNet (and, for textual inversion, the text encoder)
+//! keeps for the backward pass.
+//!
+//! Activations are counted per sample from the architecture: every tensor a layer keeps for
+//! its backward (ResNet: norm, convolution and residual outputs; transformer: norms, the
+//! q/k/v projections and their per-head copies, the attention output, the GEGLU
+//! feed-forward), plus the attention probabilities: on the CPU the attention kernel keeps them
+//! only while `batch · heads · queries · keys ≤ 2^26` and recomputes them chunk by chunk above
+//! that; the generic (GPU) composition keeps the scores, the scaled scores and the
+//! probabilities of every chunk. At the peak of the backward pass the kept activations and the
+//! gradients in flight are alive together: [`ACTIVATION_PEAK_FACTOR`] times the kept
+//! activations. A taped forward also holds a weight-sized buffer per weight it passes through
+//! (see [`MemoryEstimate::weight_copies`]). The factor and the counts were checked against
+//! the measured peaks of `sdpipe bench` (docs/benchmarks.md, "Memory estimate vs measured").
+
+use serde::Serialize;
+
+use crate::diffusion::clip::ClipConfig;
+use crate::diffusion::weights::single_file::StoredConfigs;
+use crate::diffusion::{UNetConfig, VaeConfig};
+
+/// Bytes of one value (f32 everywhere for now).
+const F32: u64 = 4;
+
+/// Peak of the backward pass / kept activations (the saved tensors plus the gradients in
+/// flight), fitted to the peaks `sdpipe bench` measures on the CPU where activations dominate
+/// (1.1–1.2 there; the estimate stays on the safe side).
+pub const ACTIVATION_PEAK_FACTOR: f64 = 1.25;
+
+/// The process's own memory beside the tensors (thread stacks, allocator arenas, gemm packing
+/// buffers): what `sdpipe bench --task unet-forward` on the tiny model measures above its
+/// weights and activations.
+const RUNTIME_OVERHEAD: u64 = 12 << 20;
+
+/// Queries per attention chunk of the VAE's mid-block.
+const DEFAULT_CHUNK: u64 = crate::diffusion::nn::DEFAULT_ATTENTION_CHUNK as u64;
+
+/// Elements of attention probabilities the CPU attention kernel keeps per call (above, the
+/// backward recomputes them).
+const CPU_MAX_KEPT_PROBS: u64 = 1 << 26;
+
+/// What a training method trains.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TrainedPart {
+    /// LoRA adapters of `rank` on the UNet's attention projections whose names end with one of
+    /// `targets` (`to_q`, `to_k`, `to_v`, `to_out.0`); the text encoder's attention too with
+    /// `text_encoder`.
+    Lora {
+        /// Rank.
+        rank: usize,
+        /// Module-name suffixes.
+        targets: Vec<String>,
+        /// Whether the text encoder's q/k/v/out projections are adapted as well.
+        text_encoder: bool,
+    },
+    /// `vectors` new token vectors (textual inversion): the text encoder runs under the tape.
+    TextualInversion {
+        /// Vectors per token.
+        vectors: usize,
+    },
+    /// Every UNet weight (DreamBooth), and the text encoder's with `text_encoder`.
+    FullUnet {
+        /// Whether the text encoder trains too.
+        text_encoder: bool,
+    },
+    /// A hypernetwork of `params` parameters on the attentions' context.
+    Hypernetwork {
+        /// Its parameters.
+        params: usize,
+    },
+}
+
+/// The shape of one training step.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TrainShape {
+    /// Samples per micro-batch.
+    pub batch: usize,
+    /// Image height and width in pixels.
+    pub height: usize,
+    /// See `height`.
+    pub width: usize,
+    /// Queries per attention chunk.
+    pub attention_chunk: usize,
+    /// `cpu` or `cuda:N` (the attention kernels differ in what they keep).
+    pub device: String,
+    /// Whether the text encoder and the VAE are loaded beside the UNet (the train stage loads
+    /// the whole pipeline; `sdpipe bench` only what its task runs).
+    pub loaded: LoadedModels,
+}
+
+/// Which models besides the UNet are in memory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoadedModels {
+    /// The text encoder.
+    pub text_encoder: bool,
+    /// The VAE.
+    pub vae: bool,
+}
+
+impl Default for LoadedModels {
+    /// Both (what the train stage loads).
+    fn default() -> Self {
+        Self {
+            text_encoder: true,
+            vae: true,
+        }
+    }
+}
+
+/// An estimated peak, by part, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct MemoryEstimate {
+    /// Weights of every model the stage loads.
+    pub weights: u64,
+    /// Trained parameters' gradients, their host copies and AdamW's two moments.
+    pub training_state: u64,
+    /// Activations at the peak of the backward pass.
+    pub activations: u64,
+    /// Weight-sized buffers of a taped forward: on the CPU the host kernels keep a copy of
+    /// every weight they use for the backward; elsewhere dfdx's backward computes gradients for
+    /// the frozen weights it passes through.
+    pub weight_copies: u64,
+    /// The runtime's own memory (thread stacks, allocator arenas, gemm packing buffers).
+    pub runtime: u64,
+    /// The total.
+    pub total: u64,
+    /// Parameters that train.
+    pub trainable_params: u64,
+}
+
+impl MemoryEstimate {
+    /// `1.2 GiB (weights 0.5 GiB, training state 0.1 GiB, activations 0.6 GiB)`.
+    pub fn describe(&self) -> String {
+        use super::human_bytes;
+        let mut parts = vec![
+            format!("weights {}", human_bytes(self.weights)),
+            format!("training state {}", human_bytes(self.training_state)),
+            format!("activations {}", human_bytes(self.activations)),
+        ];
+        if self.weight_copies > 0 {
+            parts.push(format!(
+                "weight copies for the backward {}",
+                human_bytes(self.weight_copies)
+            ));
+        }
+        parts.push(format!("runtime {}", human_bytes(self.runtime)));
+        format!("{} ({})", human_bytes(self.total), parts.join(", "))
+    }
+}
+
+fn conv(i: usize, o: usize, k: usize) -> u64 {
+    (i * o * k * k + o) as u64
+}
+fn linear(i: usize, o: usize, bias: bool) -> u64 {
+    (i * o + if bias { o } else { 0 }) as u64
+}
+fn resnet(i: usize, o: usize, temb: Option<usize>) -> u64 {
+    let mut n = 2 * i as u64 + conv(i, o, 3) + 2 * o as u64 + conv(o, o, 3);
+    if let Some(t) = temb {
+        n += linear(t, o, true);
+    }
+    if i != o {
+        n += conv(i, o, 1);
+    }
+    n
+}
+
+/// Parameters of one SD transformer (`Transformer2D`) of width `c` with `blocks` blocks and a
+/// context of width `ctx`.
+fn transformer(c: usize, ctx: usize, blocks: usize) -> u64 {
+    let block = 2 * c as u64                        // norm1
+        + 3 * linear(c, c, false) + linear(c, c, true) // attn1
+        + 2 * c as u64                              // norm2
+        + linear(c, c, false) + 2 * linear(ctx, c, false) + linear(c, c, true) // attn2
+        + 2 * c as u64                              // norm3
+        + linear(c, 8 * c, true) + linear(4 * c, c, true); // GEGLU feed-forward
+    2 * c as u64 + 2 * linear(c, c, true) + blocks as u64 * block
+}
+
+/// The levels of a UNet in down order: `(channels, has attention, transformer blocks)`.
+fn levels(c: &UNetConfig) -> Vec<(usize, bool, usize)> {
+    (0..c.block_out_channels.len())
+        .map(|i| {
+            (
+                c.block_out_channels[i],
+                c.down_has_attention(i),
+                c.transformer_layers_per_block.get(i).unwrap_or(1),
+            )
+        })
+        .collect()
+}
+
+/// Parameters of the UNet `c` (what `count_params` gives once it is loaded).
+pub fn unet_params(c: &UNetConfig) -> u64 {
+    let ch = &c.block_out_channels;
+    let n = ch.len();
+    let c0 = ch[0];
+    let temb = 4 * c0;
+    let ctx = c.cross_attention_dim;
+    let lv = levels(c);
+    let mut total = conv(c.in_channels, c0, 3) + linear(c0, temb, true) + linear(temb, temb, true);
+    let mut prev = c0;
+    for (i, &(out, attn, blocks)) in lv.iter().enumerate() {
+        for j in 0..c.layers_per_block {
+            total += resnet(if j == 0 { prev } else { out }, out, Some(temb));
+            if attn {
+                total += transformer(out, ctx, blocks);
+            }
+        }
+        if i + 1 < n {
+            total += conv(out, out, 3);
+        }
+        prev = out;
+    }
+    let last = ch[n - 1];
+    total += 2 * resnet(last, last, Some(temb)) + transformer(last, ctx, lv[n - 1].2);
+    let mut prev_out = last;
+    for i in 0..n {
+        let level = n - 1 - i;
+        let (out, attn, blocks) = lv[level];
+        let input = ch[level.saturating_sub(1)];
+        for j in 0..=c.layers_per_block {
+            let skip = if j == c.layers_per_block { input } else { out };
+            let inp = if j == 0 { prev_out } else { out };
+            total += resnet(inp + skip, out, Some(temb));
+            if attn {
+                total += transformer(out, ctx, blocks);
+            }
+        }
+        if i + 1 < n {
+            total += conv(out, out, 3);
+        }
+        prev_out = out;
+    }
+    total + 2 * c0 as u64 + conv(c0, c.out_channels, 3)
+}
+
+/// Parameters of the VAE `c`.
+pub fn vae_params(c: &VaeConfig) -> u64 {
+    let ch = &c.block_out_channels;
+    let n = ch.len();
+    let z = c.latent_channels;
+    let last = ch[n - 1];
+    let mid = 2 * resnet(last, last, None)
+        + if c.mid_block_add_attention {
+            2 * last as u64 + 4 * linear(last, last, true)
+        } else {
+            0
+        };
+    // encoder
+    let mut total = conv(c.in_channels, ch[0], 3);
+    let mut prev = ch[0];
+    for (i, &out) in ch.iter().enumerate() {
+        for j in 0..c.layers_per_block {
+            total += resnet(if j == 0 { prev } else { out }, out, None);
+        }
+        if i + 1 < n {
+            total += conv(out, out, 3);
+        }
+        prev = out;
+    }
+    total += mid + 2 * last as u64 + conv(last, 2 * z, 3);
+    // decoder
+    total += conv(z, last, 3) + mid;
+    let mut prev = last;
+    for i in 0..n {
+        let out = ch[n - 1 - i];
+        for j in 0..=c.layers_per_block {
+            total += resnet(if j == 0 { prev } else { out }, out, None);
+        }
+        if i + 1 < n {
+            total += conv(out, out, 3);
+        }
+        prev = out;
+    }
+    total += 2 * ch[0] as u64 + conv(ch[0], c.out_channels, 3);
+    if c.use_quant_conv {
+        total += conv(2 * z, 2 * z, 1);
+    }
+    if c.use_post_quant_conv {
+        total += conv(z, z, 1);
+    }
+    total
+}
+
+/// Parameters of the text encoder `c`.
+pub fn clip_params(c: &ClipConfig) -> u64 {
+    let d = c.hidden_size;
+    let layer = 4 * d as u64
+        + 4 * linear(d, d, true)
+        + linear(d, c.intermediate_size, true)
+        + linear(c.intermediate_size, d, true);
+    ((c.vocab_size + c.max_position_embeddings) * d) as u64
+        + c.num_hidden_layers as u64 * layer
+        + 2 * d as u64
+}
+
+/// Parameters of rank-`rank` LoRA adapters on the UNet's attention projections ending with one
+/// of `targets`.
+pub fn unet_lora_params(c: &UNetConfig, rank: usize, targets: &[String]) -> u64 {
+    let wants = |name: &str| targets.iter().any(|t| t == name);
+    let ctx = c.cross_attention_dim;
+    let per_block = |w: usize| -> u64 {
+        let mut n = 0;
+        // (name, in, out) of attn1 then attn2
+        for (name, i, o) in [
+            ("to_q", w, w),
+            ("to_k", w, w),
+            ("to_v", w, w),
+            ("to_out.0", w, w),
+            ("to_q", w, w),
+            ("to_k", ctx, w),
+            ("to_v", ctx, w),
+            ("to_out.0", w, w),
+        ] {
+            if wants(name) {
+                n += (rank * (i + o)) as u64;
+            }
+        }
+        n
+    };
+    transformer_sites(c)
+        .iter()
+        .map(|&(w, _, blocks)| blocks as u64 * per_block(w))
+        .sum()
+}
+
+/// Every transformer of the UNet as `(channels, level, blocks)`: down, mid, up.
+fn transformer_sites(c: &UNetConfig) -> Vec<(usize, usize, usize)> {
+    let lv = levels(c);
+    let n = lv.len();
+    let mut out = Vec::new();
+    for (i, &(w, attn, blocks)) in lv.iter().enumerate() {
+        if attn {
+            out.extend(std::iter::repeat_n((w, i, blocks), c.layers_per_block));
+        }
+    }
+    out.push((lv[n - 1].0, n - 1, lv[n - 1].2));
+    for i in (0..n).rev() {
+        let (w, attn, blocks) = lv[i];
+        if attn {
+            out.extend(std::iter::repeat_n((w, i, blocks), c.layers_per_block + 1));
+        }
+    }
+    out
+}
+
+/// Values the UNet keeps for the backward per sample at latent size `h × w` (attention
+/// probabilities apart), and the attention calls as `(heads, queries, keys)`.
+fn unet_kept(c: &UNetConfig, h: usize, w: usize) -> (u64, Vec<(u64, u64, u64)>) {
+    let lv = levels(c);
+    let n = lv.len();
+    let positions = |level: usize| ((h >> level).max(1) * (w >> level).max(1)) as u64;
+    let tokens = 77u64;
+    // ResNet: input, norm1·SiLU, conv1, + time, norm2·SiLU, conv2, shortcut, sum.
+    let resnet = |i: u64, o: u64, p: u64| (2 * i + 5 * o + if i != o { o } else { 0 }) * p;
+    // Transformer: norm, proj_in and the layout copies around it, proj_out, residual (6);
+    // per block 11 (self-attention: norm, q, k, v, their head copies, output, merge, to_out,
+    // residual) + 6 (cross-attention on the query side) + 15 (norm, GEGLU 8c and 4c, out,
+    // residual) channel-widths per position, and the cross-attention's k/v on the context.
+    let transformer =
+        |ch: u64, p: u64, blocks: u64| 6 * ch * p + blocks * (32 * ch * p + 4 * ch * tokens);
+    let mut kept = (c.in_channels as u64 + c.block_out_channels[0] as u64) * positions(0);
+    let mut calls = Vec::new();
+    let mut attend = |ch: usize, level: usize, blocks: usize, kept: &mut u64| {
+        let p = positions(level);
+        *kept += transformer(ch as u64, p, blocks as u64);
+        let heads = c.heads(level) as u64;
+        for _ in 0..blocks {
+            calls.push((heads, p, p));
+            calls.push((heads, p, tokens));
+        }
+    };
+    let mut prev = c.block_out_channels[0];
+    let mut skips = vec![prev];
+    for (i, &(out, attn, blocks)) in lv.iter().enumerate() {
+        for j in 0..c.layers_per_block {
+            kept += resnet(
+                if j == 0 { prev } else { out } as u64,
+                out as u64,
+                positions(i),
+            );
+            if attn {
+                attend(out, i, blocks, &mut kept);
+            }
+            skips.push(out);
+        }
+        if i + 1 < n {
+            kept += out as u64 * positions(i + 1);
+            skips.push(out);
+        }
+        prev = out;
+    }
+    let last = lv[n - 1].0 as u64;
+    kept += 2 * resnet(last, last, positions(n - 1));
+    attend(lv[n - 1].0, n - 1, lv[n - 1].2, &mut kept);
+    let mut prev = lv[n - 1].0;
+    for level in (0..n).rev() {
+        let (out, attn, blocks) = lv[level];
+        for _ in 0..=c.layers_per_block {
+            let skip = skips.pop().unwrap_or(out);
+            // the concatenated input is a new tensor
+            kept += (prev + skip) as u64 * positions(level);
+            kept += resnet((prev + skip) as u64, out as u64, positions(level));
+            if attn {
+                attend(out, level, blocks, &mut kept);
+            }
+            prev = out;
+        }
+        if level > 0 {
+            // nearest upsampling, then the conv
+            kept += 2 * out as u64 * positions(level - 1);
+        }
+    }
+    kept +=
+        3 * c.block_out_channels[0] as u64 * positions(0) + c.out_channels as u64 * positions(0);
+    (kept, calls)
+}
+
+/// Values the text encoder keeps per sample (attention probabilities apart), and its attention
+/// calls.
+fn clip_kept(c: &ClipConfig) -> (u64, Vec<(u64, u64, u64)>) {
+    let d = c.hidden_size as u64;
+    let i = c.intermediate_size as u64;
+    let n = c.max_position_embeddings as u64;
+    // embeddings + per layer: ln1, q, k, v, head copies (3), output, merge, out_proj,
+    // residual, ln2, fc1, activation, fc2, residual; final norm.
+    let per_layer = (12 * d + 2 * i) * n;
+    let kept = 2 * d * n + c.num_hidden_layers as u64 * per_layer + d * n;
+    let calls = (0..c.num_hidden_layers)
+        .map(|_| (c.num_attention_heads as u64, n, n))
+        .collect();
+    (kept, calls)
+}
+
+/// Values the VAE keeps for the backward per image of `h × w` pixels when it trains (encoder,
+/// sampled latents, decoder: the ResNets and samplers as in the UNet, the mid-block attention),
+/// and its attention calls.
+fn vae_kept(c: &VaeConfig, h: usize, w: usize) -> (u64, Vec<(u64, u64, u64)>) {
+    let ch = &c.block_out_channels;
+    let n = ch.len();
+    let positions = |level: usize| ((h >> level).max(1) * (w >> level).max(1)) as u64;
+    let resnet = |i: u64, o: u64, p: u64| (2 * i + 4 * o + if i != o { o } else { 0 }) * p;
+    let last = ch[n - 1] as u64;
+    let deep = positions(n - 1);
+    // ResNet, attention (norm, q, k, v, output, out projection, residual), ResNet
+    let mid = 2 * resnet(last, last, deep)
+        + if c.mid_block_add_attention {
+            7 * last * deep
+        } else {
+            0
+        };
+    // one single-head attention in the encoder's mid block and one in the decoder's
+    let calls = if c.mid_block_add_attention {
+        vec![(1, deep, deep); 2]
+    } else {
+        Vec::new()
+    };
+    let mut kept = (c.in_channels as u64 + ch[0] as u64) * positions(0);
+    let mut prev = ch[0] as u64;
+    for (level, &out) in ch.iter().enumerate() {
+        for _ in 0..c.layers_per_block {
+            kept += resnet(prev, out as u64, positions(level));
+            prev = out as u64;
+        }
+        if level + 1 < n {
+            // padded input, then the strided conv
+            kept += out as u64 * (positions(level) + positions(level + 1));
+        }
+    }
+    let z = c.latent_channels as u64;
+    kept += mid + (2 * last + 6 * z) * deep;
+    kept += mid;
+    let mut prev = last;
+    for level in (0..n).rev() {
+        let out = ch[level] as u64;
+        for _ in 0..=c.layers_per_block {
+            kept += resnet(prev, out, positions(level));
+            prev = out;
+        }
+        if level > 0 {
+            kept += 2 * out * positions(level - 1);
+        }
+    }
+    kept += (3 * ch[0] as u64 + c.out_channels as u64) * positions(0);
+    (kept, calls)
+}
+
+/// The estimated peak of a `pretrain` stage: the larger of its two phases, the VAE trained on
+/// `vae_batch` images of `resolution` pixels, then the UNet and the text encoder on `batch`.
+pub fn estimate_pretrain(
+    configs: &StoredConfigs,
+    vae_batch: usize,
+    batch: usize,
+    resolution: usize,
+    device: &str,
+) -> MemoryEstimate {
+    let shape = |b: usize| TrainShape {
+        batch: b,
+        height: resolution,
+        width: resolution,
+        attention_chunk: crate::diffusion::nn::DEFAULT_ATTENTION_CHUNK,
+        device: device.to_string(),
+        loaded: LoadedModels::default(),
+    };
+    let diffusion = estimate_train(
+        configs,
+        &TrainedPart::FullUnet { text_encoder: true },
+        &shape(batch),
+    );
+    let vae = vae_params(&configs.vae);
+    let (kept, calls) = vae_kept(&configs.vae, resolution, resolution);
+    let b = vae_batch as u64;
+    let kept = b * kept + attention_kept(&calls, b, DEFAULT_CHUNK, device);
+    let weights = diffusion.weights;
+    let training_state = 5 * vae * F32;
+    let activations = (kept as f64 * F32 as f64 * ACTIVATION_PEAK_FACTOR) as u64;
+    let weight_copies = if device == "cpu" { vae * F32 } else { 0 };
+    let vae_phase = MemoryEstimate {
+        weights,
+        training_state,
+        activations,
+        weight_copies,
+        runtime: RUNTIME_OVERHEAD,
+        total: weights + training_state + activations + weight_copies + RUNTIME_OVERHEAD,
+        trainable_params: vae,
+    };
+    if vae_phase.total > diffusion.total {
+        vae_phase
+    } else {
+        diffusion
+    }
+}
+
+/// Attention probability values kept per step for `calls` at batch `b` on `device`.
+fn attention_kept(calls: &[(u64, u64, u64)], b: u64, chunk: u64, device: &str) -> u64 {
+    calls
+        .iter()
+        .map(|&(heads, q, k)| {
+            let all = b * heads * q * k;
+            if device == "cpu" {
+                if all <= CPU_MAX_KEPT_PROBS {
+                    all
+                } else {
+                    // recomputed in the backward: one chunk of one head at a time
+                    chunk.min(q) * k
+                }
+            } else {
+                // scores, scaled scores and probabilities of every chunk stay on the tape
+                3 * all
+            }
+        })
+        .sum()
+}
+
+/// The estimated peak memory of one training step of `part` on the models `configs` at
+/// `shape`. Every model of the checkpoint is loaded (the train stage loads the pipeline
+/// whole); the training state is, per trained parameter, dfdx's gradient, the step loop's
+/// host copy of it, a second host copy (DreamBooth's class batch under prior preservation, or
+/// the next micro-batch's with gradient accumulation; counted always, so the estimate stays on
+/// the safe side) and AdamW's two moments.
+pub fn estimate_train(
+    configs: &StoredConfigs,
+    part: &TrainedPart,
+    shape: &TrainShape,
+) -> MemoryEstimate {
+    let unet = unet_params(&configs.unet);
+    let te = clip_params(&configs.text_encoder);
+    let vae = vae_params(&configs.vae);
+    let weights = (unet
+        + if shape.loaded.text_encoder { te } else { 0 }
+        + if shape.loaded.vae { vae } else { 0 })
+        * F32;
+    let trainable = match part {
+        TrainedPart::Lora {
+            rank,
+            targets,
+            text_encoder,
+        } => {
+            let mut n = unet_lora_params(&configs.unet, *rank, targets);
+            if *text_encoder {
+                let d = configs.text_encoder.hidden_size;
+                n += (configs.text_encoder.num_hidden_layers * 4 * rank * 2 * d) as u64;
+            }
+            n
+        }
+        TrainedPart::TextualInversion { vectors } => {
+            (*vectors * configs.text_encoder.hidden_size) as u64
+        }
+        TrainedPart::FullUnet { text_encoder } => unet + if *text_encoder { te } else { 0 },
+        TrainedPart::Hypernetwork { params } => *params as u64,
+    };
+    // dfdx gradient + 2 host copies + 2 moments
+    let training_state = 5 * trainable * F32;
+
+    let f = configs.vae.downsampling_factor().max(1);
+    let (h, w) = (shape.height / f, shape.width / f);
+    let b = shape.batch as u64;
+    let chunk = shape.attention_chunk.max(1) as u64;
+    let (mut kept, calls) = unet_kept(&configs.unet, h, w);
+    kept *= b;
+    kept += attention_kept(&calls, b, chunk, &shape.device);
+    let text_encoder_taped = matches!(
+        part,
+        TrainedPart::TextualInversion { .. }
+            | TrainedPart::FullUnet { text_encoder: true }
+            | TrainedPart::Lora {
+                text_encoder: true,
+                ..
+            }
+    );
+    if text_encoder_taped {
+        let (te_kept, te_calls) = clip_kept(&configs.text_encoder);
+        kept += b * te_kept + attention_kept(&te_calls, b, chunk, &shape.device);
+    }
+    let activations = (kept as f64 * F32 as f64 * ACTIVATION_PEAK_FACTOR) as u64;
+    // The weights a taped forward passes through: the UNet's, and the text encoder's when it
+    // runs under the tape. On the CPU each host kernel keeps a copy of its weight for the
+    // backward; dfdx's generic matmul/conv backward instead computes a gradient for every
+    // weight, frozen or not (the trained ones are counted in the training state).
+    let taped_weights = unet + if text_encoder_taped { te } else { 0 };
+    let weight_copies = if shape.device == "cpu" {
+        taped_weights * F32
+    } else {
+        match part {
+            TrainedPart::FullUnet { .. } => 0,
+            _ => taped_weights * F32,
+        }
+    };
+    let runtime = RUNTIME_OVERHEAD;
+    MemoryEstimate {
+        weights,
+        training_state,
+        activations,
+        weight_copies,
+        runtime,
+        total: weights + training_state + activations + weight_copies + runtime,
+        trainable_params: trainable,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SD 1.5's published parameter counts.
+    #[test]
+    fn sd15_parameter_counts() {
+        assert_eq!(unet_params(&UNetConfig::default()), 859_520_964);
+        assert_eq!(vae_params(&VaeConfig::default()), 83_653_863);
+        assert_eq!(clip_params(&ClipConfig::default()), 123_060_480);
+        // kohya/PEFT: rank-16 LoRA on to_q/k/v/out of SD 1.5's UNet has 3.19 M parameters
+        let targets: Vec<String> = ["to_q", "to_k", "to_v", "to_out.0"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(
+            unet_lora_params(&UNetConfig::default(), 16, &targets),
+            3_188_736
+        );
+    }
+
+    fn sd15() -> StoredConfigs {
+        StoredConfigs {
+            unet: UNetConfig::default(),
+            vae: VaeConfig::default(),
+            text_encoder: ClipConfig::default(),
+        }
+    }
+
+    fn shape(batch: usize, side: usize, device: &str) -> TrainShape {
+        TrainShape {
+            batch,
+            height: side,
+            width: side,
+            attention_chunk: 1024,
+            device: device.into(),
+            loaded: LoadedModels::default(),
+        }
+    }
+
+    /// The counts equal what the loaded tiny fixture model holds.
+    #[test]
+    fn tiny_parameter_counts_match_the_loaded_models() {
+        use crate::diffusion::Checkpoint;
+        use crate::diffusion::params::count_params;
+        use dfdx::prelude::*;
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
+        let ckpt = Checkpoint::open(dir).unwrap();
+        let dev = Cpu::default();
+        let c = ckpt.configs();
+        let mut unet = ckpt.load_unet(&dev).unwrap();
+        let mut vae = ckpt.load_vae(&dev).unwrap();
+        let mut te = ckpt.load_text_encoder(&dev).unwrap();
+        assert_eq!(unet_params(&c.unet), count_params(&mut unet) as u64);
+        assert_eq!(vae_params(&c.vae), count_params(&mut vae) as u64);
+        assert_eq!(clip_params(&c.text_encoder), count_params(&mut te) as u64);
+        let targets: Vec<String> = ["to_q", "to_k", "to_v", "to_out.0"]
+            .map(String::from)
+            .to_vec();
+        let mut lora = 0u64;
+        unet.for_each_attention_linear_mut(|_, l| {
+            let (o, i) = *l.weight.shape();
+            lora += (3 * (o + i)) as u64;
+        });
+        assert_eq!(unet_lora_params(&c.unet, 3, &targets), lora);
+    }
+
+    #[test]
+    fn the_estimate_grows_with_batch_and_resolution() {
+        let lora = TrainedPart::Lora {
+            rank: 4,
+            targets: vec!["to_q".into(), "to_v".into()],
+            text_encoder: false,
+        };
+        for part in [
+            lora,
+            TrainedPart::FullUnet {
+                text_encoder: false,
+            },
+            TrainedPart::TextualInversion { vectors: 2 },
+        ] {
+            for device in ["cpu", "cuda:0"] {
+                let mut last = 0;
+                for side in [64, 128, 256, 512, 768, 1024] {
+                    let e = estimate_train(&sd15(), &part, &shape(1, side, device));
+                    assert!(e.total > last, "{part:?} {device} {side}: {e:?}");
+                    last = e.total;
+                }
+                let mut last = 0;
+                for batch in [1, 2, 4, 8, 16] {
+                    let e = estimate_train(&sd15(), &part, &shape(batch, 512, device));
+                    assert!(e.total > last, "{part:?} {device} b{batch}: {e:?}");
+                    last = e.total;
+                }
+            }
+        }
+    }
+
+    /// The estimates of ref_bench.py's shapes (SD 1.5, 512 px), printed for
+    /// docs/benchmarks.md; on a GPU the weight-sized terms dominate LoRA at batch 1.
+    #[test]
+    fn sd15_512_reference_shapes() {
+        let targets: Vec<String> = ["to_q", "to_k", "to_v", "to_out.0"]
+            .map(String::from)
+            .to_vec();
+        let lora = TrainedPart::Lora {
+            rank: 16,
+            targets,
+            text_encoder: false,
+        };
+        let full = TrainedPart::FullUnet {
+            text_encoder: false,
+        };
+        let ti = TrainedPart::TextualInversion { vectors: 1 };
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        for device in ["cpu", "cuda:0"] {
+            for (name, part, batch) in [
+                ("lora", &lora, 1),
+                ("lora", &lora, 4),
+                ("lora", &lora, 8),
+                ("full", &full, 1),
+                ("full", &full, 4),
+                ("ti", &ti, 4),
+            ] {
+                let e = estimate_train(&sd15(), part, &shape(batch, 512, device));
+                println!(
+                    "{device} {name} b{batch}: total {:.2} GiB = weights {:.2} + state {:.2} + activations {:.2} + weight copies {:.2}",
+                    gib(e.total),
+                    gib(e.weights),
+                    gib(e.training_state),
+                    gib(e.activations),
+                    gib(e.weight_copies)
+                );
+                if name == "lora" && batch == 1 {
+                    assert!(gib(e.total) < 24.0, "{e:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn pretrain_grows_with_both_batches() {
+        let c = sd15();
+        let base = estimate_pretrain(&c, 1, 1, 64, "cpu").total;
+        assert!(estimate_pretrain(&c, 1, 8, 64, "cpu").total > base);
+        // the result is the larger phase: the VAE's once its batch is large enough
+        assert!(estimate_pretrain(&c, 64, 1, 64, "cpu").total >= base);
+        assert!(estimate_pretrain(&c, 512, 1, 64, "cpu").total > base);
+        assert!(estimate_pretrain(&c, 1, 1, 128, "cpu").total > base);
+    }
+
+    #[test]
+    fn full_training_needs_more_than_lora() {
+        let s = shape(1, 512, "cpu");
+        let lora = estimate_train(
+            &sd15(),
+            &TrainedPart::Lora {
+                rank: 16,
+                targets: vec!["to_q".into()],
+                text_encoder: false,
+            },
+            &s,
+        );
+        let full = estimate_train(
+            &sd15(),
+            &TrainedPart::FullUnet {
+                text_encoder: false,
+            },
+            &s,
+        );
+        assert!(full.total > lora.total + 4 * 859_520_964 * 4);
+    }
+}

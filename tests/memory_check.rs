@@ -1,0 +1,147 @@
+//! The peak-memory estimate of train stages: `plan` prints it, and `run` refuses a pipeline
+//! whose stale train stage cannot fit before anything starts (exit code 4), unless
+//! `--no-memory-check`. The available memory is injected with `SDPIPE_MEMORY_LIMIT`.
+
+mod common;
+
+use common::{Project, Run};
+
+fn pipeline(batch: usize) -> String {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    format!(
+        r#"
+[pipeline]
+name = "t"
+seed = 5
+base_model = "{fixtures}/tiny-sd"
+
+[stage.caption]
+kind = "caption"
+images = "images"
+template = "a photo of {{token}}"
+token = "zorb"
+
+[stage.preprocess]
+kind = "preprocess"
+needs = ["caption"]
+resolution = 16
+
+[stage.latents]
+kind = "encode_latents"
+needs = ["preprocess"]
+
+[stage.train_lora]
+kind = "train"
+needs = ["latents"]
+method = "lora"
+steps = 2
+batch_size = {batch}
+
+[stage.train_full]
+kind = "train"
+needs = ["latents"]
+method = "dreambooth"
+steps = 2
+batch_size = {batch}
+"#
+    )
+}
+
+fn with_limit(p: &Project, limit: &str, args: &[&str]) -> Run {
+    let out = p
+        .command(args)
+        .env("SDPIPE_MEMORY_LIMIT", limit)
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// `plan`'s estimate of `stage` in bytes, parsed back from `~12.3 MiB (…)`.
+fn planned_bytes(p: &Project, stage: &str) -> f64 {
+    let run = with_limit(p, "64GiB", &["plan", "p.toml"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    assert!(
+        run.stdout
+            .contains("peak memory estimate on cpu, 64.0 GiB available (SDPIPE_MEMORY_LIMIT)"),
+        "{}",
+        run.stdout
+    );
+    let line = run
+        .stdout
+        .lines()
+        .find(|l| l.trim_start().starts_with(stage) && l.contains('~'))
+        .unwrap_or_else(|| panic!("no estimate for {stage}:\n{}", run.stdout));
+    let figure = line.split('~').nth(1).unwrap();
+    let mut parts = figure.split_whitespace();
+    let value: f64 = parts.next().unwrap().parse().unwrap();
+    let unit = parts.next().unwrap();
+    let scale = match unit {
+        "B" => 1.0,
+        "KiB" => 1024.0,
+        "MiB" => 1024.0 * 1024.0,
+        "GiB" => 1024.0 * 1024.0 * 1024.0,
+        u => panic!("unit {u}"),
+    };
+    value * scale
+}
+
+#[test]
+fn plan_prints_an_estimate_that_grows_with_the_batch() {
+    let p = Project::new(&pipeline(1));
+    let lora1 = planned_bytes(&p, "train_lora");
+    let full1 = planned_bytes(&p, "train_full");
+    assert!(full1 > lora1, "full fine-tuning {full1} <= LoRA {lora1}");
+    p.write_pipeline(&pipeline(8));
+    let lora8 = planned_bytes(&p, "train_lora");
+    assert!(lora8 > lora1, "batch 8 {lora8} <= batch 1 {lora1}");
+}
+
+#[test]
+fn a_run_that_cannot_fit_is_refused_before_it_starts() {
+    let p = Project::new(&pipeline(2));
+    let run = with_limit(&p, "1MiB", &["run", "p.toml"]);
+    assert_eq!(run.code, 4, "{}{}", run.stdout, run.stderr);
+    for part in [
+        "stage `train_lora` needs about",
+        "on cpu but 1.0 MiB is available (SDPIPE_MEMORY_LIMIT)",
+        "lower `batch_size` (now 2)",
+        "preprocess `resolution` (now 16",
+        "--no-memory-check",
+    ] {
+        assert!(
+            run.stderr.contains(part),
+            "`{part}` missing:\n{}",
+            run.stderr
+        );
+    }
+    // nothing ran: not even the caption stage
+    assert!(!p.path(".sdpipe/cache-v1").join("records").exists());
+    assert!(!p.path("outputs/t/caption").exists());
+
+    // plan says so too, without failing
+    let plan = with_limit(&p, "1MiB", &["plan", "p.toml"]);
+    assert_eq!(plan.code, 0, "{}", plan.stderr);
+    assert!(plan.stdout.contains("WILL NOT FIT"), "{}", plan.stdout);
+    assert!(
+        plan.stderr.contains("`sdpipe run` would refuse"),
+        "{}",
+        plan.stderr
+    );
+
+    // a malformed limit is a usage error
+    let bad = with_limit(&p, "lots", &["run", "p.toml"]);
+    assert_eq!(bad.code, 2, "{}", bad.stderr);
+    assert!(bad.stderr.contains("SDPIPE_MEMORY_LIMIT"), "{}", bad.stderr);
+}
+
+#[test]
+fn no_memory_check_runs_anyway() {
+    let p = Project::new(&pipeline(1));
+    let run = with_limit(&p, "1MiB", &["run", "--no-memory-check", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("WILL NOT FIT"), "{}", run.stderr);
+}
