@@ -171,6 +171,10 @@ pub struct BenchArgs {
     /// Seed of the random weights and data.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Recompute the UNet's blocks in the backward pass instead of keeping their activations
+    /// (the train stages' `gradient_checkpointing`).
+    #[arg(long)]
+    pub gradient_checkpointing: bool,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -238,6 +242,8 @@ pub struct BenchReport {
     pub resolution: usize,
     /// Latent side.
     pub latent_size: usize,
+    /// Whether the UNet's blocks were recomputed in the backward pass.
+    pub gradient_checkpointing: bool,
     /// Timed steps.
     pub iters: usize,
     /// Untimed steps before them.
@@ -365,6 +371,8 @@ pub struct BenchOptions {
     pub rank: usize,
     /// Seed.
     pub seed: u64,
+    /// Gradient checkpointing of the UNet in the training tasks.
+    pub gradient_checkpointing: bool,
 }
 
 impl BenchOptions {
@@ -389,6 +397,7 @@ impl BenchOptions {
             warmup: args.warmup,
             rank: args.rank,
             seed: args.seed,
+            gradient_checkpointing: args.gradient_checkpointing,
         })
     }
 }
@@ -447,7 +456,22 @@ fn model_err(what: &str) -> impl FnOnce(DiffusionError) -> BenchError + '_ {
 }
 
 impl Weights {
-    fn unet<D: Device<f32>>(&self, c: &StoredConfigs, dev: &D) -> Result<UNet<D>, BenchError> {
+    fn unet<D: Device<f32>>(
+        &self,
+        c: &StoredConfigs,
+        dev: &D,
+        gradient_checkpointing: bool,
+    ) -> Result<UNet<D>, BenchError> {
+        let mut unet = self.unet_plain(c, dev)?;
+        unet.set_gradient_checkpointing(gradient_checkpointing);
+        Ok(unet)
+    }
+
+    fn unet_plain<D: Device<f32>>(
+        &self,
+        c: &StoredConfigs,
+        dev: &D,
+    ) -> Result<UNet<D>, BenchError> {
         match self {
             Self::Synthetic(s) => UNet::load(&Loader::new(s, dev), &c.unet),
             Self::Checkpoint(ck) => ck.load_unet(dev),
@@ -572,7 +596,7 @@ pub fn run_on<D: Device<f32> + dfdx::tensor::Synchronize>(
 
     match task {
         BenchTask::LoraTrain => {
-            let mut unet = weights.unet(&configs, dev)?;
+            let mut unet = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
             model_params = count_params(&mut unet);
             let mut network = LoraNetwork::default();
             let rank = opts.rank;
@@ -607,7 +631,7 @@ pub fn run_on<D: Device<f32> + dfdx::tensor::Synchronize>(
             })?;
         }
         BenchTask::FullTrain => {
-            let mut unet = weights.unet(&configs, dev)?;
+            let mut unet = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
             model_params = count_params(&mut unet);
             trainable_params = model_params;
             set_trainable(&mut unet, true);
@@ -625,7 +649,7 @@ pub fn run_on<D: Device<f32> + dfdx::tensor::Synchronize>(
         }
         BenchTask::TiTrain => {
             let mut te = weights.text_encoder(&configs, dev)?;
-            let mut unet = weights.unet(&configs, dev)?;
+            let mut unet = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
             model_params = count_params(&mut te) + count_params(&mut unet);
             let d = configs.text_encoder.hidden_size;
             let vocab = configs.text_encoder.vocab_size;
@@ -659,7 +683,7 @@ pub fn run_on<D: Device<f32> + dfdx::tensor::Synchronize>(
             })?;
         }
         BenchTask::UnetForward => {
-            let mut unet = weights.unet(&configs, dev)?;
+            let mut unet = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
             model_params = count_params(&mut unet);
             let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
             timed(&mut || {
@@ -671,7 +695,7 @@ pub fn run_on<D: Device<f32> + dfdx::tensor::Synchronize>(
             })?;
         }
         BenchTask::SampleStep => {
-            let mut unet = weights.unet(&configs, dev)?;
+            let mut unet = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
             model_params = count_params(&mut unet);
             // The text states of the batch doubled: uncond rows, then cond rows.
             let doubled_ctx: Tensor3<D> = dev.tensor_from_vec(
@@ -753,6 +777,7 @@ pub fn run_on<D: Device<f32> + dfdx::tensor::Synchronize>(
             height: opts.resolution,
             width: opts.resolution,
             attention_chunk: DEFAULT_ATTENTION_CHUNK,
+            gradient_checkpointing: opts.gradient_checkpointing,
             device: device.to_string(),
             loaded: LoadedModels {
                 text_encoder: task == BenchTask::TiTrain,
@@ -767,6 +792,7 @@ pub fn run_on<D: Device<f32> + dfdx::tensor::Synchronize>(
         batch: b,
         resolution: opts.resolution,
         latent_size: latent,
+        gradient_checkpointing: opts.gradient_checkpointing,
         iters: opts.iters,
         warmup: opts.warmup,
         device: device.to_string(),

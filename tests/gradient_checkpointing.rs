@@ -37,11 +37,7 @@ fn values(n: usize, salt: u64) -> Vec<f32> {
 }
 
 /// The loss, the gradients of the text states and of `model`'s parameters (by `pick`).
-fn grads_of(
-    unet: &mut UNet<Cpu>,
-    dev: &Cpu,
-    pick: &Pick,
-) -> (f32, HostTensor, Named) {
+fn grads_of(unet: &mut UNet<Cpu>, dev: &Cpu, pick: &Pick) -> (f32, HostTensor, Named) {
     let c = unet.config.in_channels;
     let d = unet.config.cross_attention_dim;
     let latents = dev.tensor_from_vec(values(2 * c * 64, 1), (2, c, 8, 8));
@@ -73,11 +69,7 @@ fn max_rel(a: &HostTensor, b: &HostTensor) -> f32 {
     diff / scale
 }
 
-fn assert_same(
-    label: &str,
-    plain: (f32, HostTensor, Named),
-    ckpt: (f32, HostTensor, Named),
-) {
+fn assert_same(label: &str, plain: (f32, HostTensor, Named), ckpt: (f32, HostTensor, Named)) {
     assert_eq!(plain.0, ckpt.0, "{label}: the loss differs");
     let e = max_rel(&plain.1, &ckpt.1);
     println!("{label}: text-state gradient max rel err {e:.2e}");

@@ -85,6 +85,8 @@ pub struct TrainShape {
     pub attention_chunk: usize,
     /// `cpu` or `cuda:N` (the attention kernels differ in what they keep).
     pub device: String,
+    /// Whether the UNet's blocks are recomputed in the backward pass instead of kept.
+    pub gradient_checkpointing: bool,
     /// Whether the text encoder and the VAE are loaded beside the UNet (the train stage loads
     /// the whole pipeline; `sdpipe bench` only what its task runs).
     pub loaded: LoadedModels,
@@ -347,9 +349,25 @@ fn transformer_sites(c: &UNetConfig) -> Vec<(usize, usize, usize)> {
     out
 }
 
+/// An attention call as `(heads, queries, keys)`.
+type AttentionCall = (u64, u64, u64);
+
+/// What the UNet keeps for the backward, per sample at one latent size.
+struct UnetKept {
+    /// Values kept with every activation on the tape (attention probabilities apart).
+    all: u64,
+    /// Attention calls.
+    calls: Vec<AttentionCall>,
+    /// With gradient checkpointing: values kept outside the checkpointed blocks plus the
+    /// blocks' saved inputs.
+    checkpointed: u64,
+    /// Each checkpointed block's own values and attention calls (one is recomputed at a time).
+    blocks: Vec<(u64, Vec<AttentionCall>)>,
+}
+
 /// Values the UNet keeps for the backward per sample at latent size `h × w` (attention
 /// probabilities apart), and the attention calls as `(heads, queries, keys)`.
-fn unet_kept(c: &UNetConfig, h: usize, w: usize) -> (u64, Vec<(u64, u64, u64)>) {
+fn unet_kept(c: &UNetConfig, h: usize, w: usize) -> UnetKept {
     let lv = levels(c);
     let n = lv.len();
     let positions = |level: usize| ((h >> level).max(1) * (w >> level).max(1)) as u64;
@@ -362,61 +380,87 @@ fn unet_kept(c: &UNetConfig, h: usize, w: usize) -> (u64, Vec<(u64, u64, u64)>) 
     // residual) channel-widths per position, and the cross-attention's k/v on the context.
     let transformer =
         |ch: u64, p: u64, blocks: u64| 6 * ch * p + blocks * (32 * ch * p + 4 * ch * tokens);
-    let mut kept = (c.in_channels as u64 + c.block_out_channels[0] as u64) * positions(0);
-    let mut calls = Vec::new();
-    let mut attend = |ch: usize, level: usize, blocks: usize, kept: &mut u64| {
+    let mut out = UnetKept {
+        all: (c.in_channels as u64 + c.block_out_channels[0] as u64) * positions(0),
+        calls: Vec::new(),
+        checkpointed: 0,
+        blocks: Vec::new(),
+    };
+    out.checkpointed = out.all;
+    // A value kept outside any checkpointed block.
+    let outside = |out: &mut UnetKept, v: u64| {
+        out.all += v;
+        out.checkpointed += v;
+    };
+    let add_resnet = |out: &mut UnetKept, i: u64, o: u64, p: u64| {
+        let kept = resnet(i, o, p);
+        out.all += kept;
+        out.checkpointed += i * p;
+        out.blocks.push((kept, Vec::new()));
+    };
+    let attend = |out: &mut UnetKept, ch: usize, level: usize, blocks: usize| {
         let p = positions(level);
-        *kept += transformer(ch as u64, p, blocks as u64);
+        let kept = transformer(ch as u64, p, blocks as u64);
         let heads = c.heads(level) as u64;
+        let mut calls = Vec::new();
         for _ in 0..blocks {
             calls.push((heads, p, p));
             calls.push((heads, p, tokens));
         }
+        out.all += kept;
+        out.checkpointed += ch as u64 * p;
+        out.calls.extend(&calls);
+        out.blocks.push((kept, calls));
     };
     let mut prev = c.block_out_channels[0];
     let mut skips = vec![prev];
-    for (i, &(out, attn, blocks)) in lv.iter().enumerate() {
+    for (i, &(width, attn, blocks)) in lv.iter().enumerate() {
         for j in 0..c.layers_per_block {
-            kept += resnet(
-                if j == 0 { prev } else { out } as u64,
-                out as u64,
-                positions(i),
-            );
+            let input = if j == 0 { prev } else { width } as u64;
+            add_resnet(&mut out, input, width as u64, positions(i));
             if attn {
-                attend(out, i, blocks, &mut kept);
+                attend(&mut out, width, i, blocks);
             }
-            skips.push(out);
+            skips.push(width);
         }
         if i + 1 < n {
-            kept += out as u64 * positions(i + 1);
-            skips.push(out);
+            outside(&mut out, width as u64 * positions(i + 1));
+            skips.push(width);
         }
-        prev = out;
+        prev = width;
     }
     let last = lv[n - 1].0 as u64;
-    kept += 2 * resnet(last, last, positions(n - 1));
-    attend(lv[n - 1].0, n - 1, lv[n - 1].2, &mut kept);
+    add_resnet(&mut out, last, last, positions(n - 1));
+    attend(&mut out, lv[n - 1].0, n - 1, lv[n - 1].2);
+    add_resnet(&mut out, last, last, positions(n - 1));
     let mut prev = lv[n - 1].0;
     for level in (0..n).rev() {
-        let (out, attn, blocks) = lv[level];
+        let (width, attn, blocks) = lv[level];
         for _ in 0..=c.layers_per_block {
-            let skip = skips.pop().unwrap_or(out);
+            let skip = skips.pop().unwrap_or(width);
             // the concatenated input is a new tensor
-            kept += (prev + skip) as u64 * positions(level);
-            kept += resnet((prev + skip) as u64, out as u64, positions(level));
+            outside(&mut out, (prev + skip) as u64 * positions(level));
+            add_resnet(
+                &mut out,
+                (prev + skip) as u64,
+                width as u64,
+                positions(level),
+            );
             if attn {
-                attend(out, level, blocks, &mut kept);
+                attend(&mut out, width, level, blocks);
             }
-            prev = out;
+            prev = width;
         }
         if level > 0 {
             // nearest upsampling, then the conv
-            kept += 2 * out as u64 * positions(level - 1);
+            outside(&mut out, 2 * width as u64 * positions(level - 1));
         }
     }
-    kept +=
-        3 * c.block_out_channels[0] as u64 * positions(0) + c.out_channels as u64 * positions(0);
-    (kept, calls)
+    outside(
+        &mut out,
+        3 * c.block_out_channels[0] as u64 * positions(0) + c.out_channels as u64 * positions(0),
+    );
+    out
 }
 
 /// Values the text encoder keeps per sample (attention probabilities apart), and its attention
@@ -502,6 +546,7 @@ pub fn estimate_pretrain(
         height: resolution,
         width: resolution,
         attention_chunk: crate::diffusion::nn::DEFAULT_ATTENTION_CHUNK,
+        gradient_checkpointing: false,
         device: device.to_string(),
         loaded: LoadedModels::default(),
     };
@@ -599,9 +644,19 @@ pub fn estimate_train(
     let (h, w) = (shape.height / f, shape.width / f);
     let b = shape.batch as u64;
     let chunk = shape.attention_chunk.max(1) as u64;
-    let (mut kept, calls) = unet_kept(&configs.unet, h, w);
-    kept *= b;
-    kept += attention_kept(&calls, b, chunk, &shape.device);
+    let unet_kept = unet_kept(&configs.unet, h, w);
+    let mut kept = if shape.gradient_checkpointing {
+        // The blocks' inputs, and one block recomputed at a time in the backward pass.
+        let largest = unet_kept
+            .blocks
+            .iter()
+            .map(|(k, calls)| b * k + attention_kept(calls, b, chunk, &shape.device))
+            .max()
+            .unwrap_or(0);
+        b * unet_kept.checkpointed + largest
+    } else {
+        b * unet_kept.all + attention_kept(&unet_kept.calls, b, chunk, &shape.device)
+    };
     let text_encoder_taped = matches!(
         part,
         TrainedPart::TextualInversion { .. }
@@ -619,8 +674,15 @@ pub fn estimate_train(
     // The weights a taped forward passes through: the UNet's, and the text encoder's when it
     // runs under the tape. On the CPU each host kernel keeps a copy of its weight for the
     // backward; dfdx's generic matmul/conv backward instead computes a gradient for every
-    // weight, frozen or not (the trained ones are counted in the training state).
-    let taped_weights = unet + if text_encoder_taped { te } else { 0 };
+    // weight, frozen or not (the trained ones are counted in the training state). Gradient
+    // checkpointing drops the UNet's with each block's forward tape (one block's at a time
+    // come back in the recomputation).
+    let unet_taped = if shape.gradient_checkpointing {
+        0
+    } else {
+        unet
+    };
+    let taped_weights = unet_taped + if text_encoder_taped { te } else { 0 };
     let weight_copies = if shape.device == "cpu" {
         taped_weights * F32
     } else {
@@ -675,8 +737,36 @@ mod tests {
             height: side,
             width: side,
             attention_chunk: 1024,
+            gradient_checkpointing: false,
             device: device.into(),
             loaded: LoadedModels::default(),
+        }
+    }
+
+    /// Checkpointing keeps the blocks' inputs and one block's activations: far less than every
+    /// activation at SD 1.5's 512 px, and it never changes the weights or the training state.
+    #[test]
+    fn gradient_checkpointing_cuts_the_activations() {
+        let lora = TrainedPart::Lora {
+            rank: 16,
+            targets: ["to_q", "to_k", "to_v", "to_out.0"]
+                .map(String::from)
+                .to_vec(),
+            text_encoder: false,
+        };
+        for device in ["cpu", "cuda:0"] {
+            let plain = estimate_train(&sd15(), &lora, &shape(4, 512, device));
+            let mut s = shape(4, 512, device);
+            s.gradient_checkpointing = true;
+            let ckpt = estimate_train(&sd15(), &lora, &s);
+            assert_eq!(plain.weights, ckpt.weights);
+            assert_eq!(plain.training_state, ckpt.training_state);
+            assert!(
+                ckpt.activations * 3 < plain.activations,
+                "{device}: {} vs {}",
+                ckpt.describe(),
+                plain.describe()
+            );
         }
     }
 

@@ -9,7 +9,7 @@ use super::{Available, human_bytes};
 use crate::diffusion::nn::DEFAULT_ATTENTION_CHUNK;
 use crate::diffusion::weights::single_file::StoredConfigs;
 use crate::pipeline::{Pipeline, StageInstance};
-use crate::stages::{Method, StageParams, TrainParams};
+use crate::stages::{Method, PretrainInit, StageParams, TrainParams};
 
 /// The estimate of one train stage instance.
 #[derive(Debug, Clone)]
@@ -87,36 +87,49 @@ pub fn trained_part(p: &TrainParams, configs: &StoredConfigs) -> TrainedPart {
 /// The estimate of every train and pretrain stage of `pipeline` on its device.
 pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
     let device = crate::device::resolve(pipeline.settings.device);
-    let mut configs: Option<Result<StoredConfigs, String>> = None;
+    let mut base: Option<Result<StoredConfigs, String>> = None;
+    let mut base_configs = || {
+        base.get_or_insert_with(|| {
+            crate::stages::model::open_checkpoint(&pipeline.settings)
+                .map(|c| c.configs())
+                .map_err(|e| format!("{e:#}"))
+        })
+        .clone()
+    };
     let mut out = Vec::new();
     for instance in &pipeline.stages {
         let p = match &instance.params {
             StageParams::Train(p) => p,
             StageParams::Pretrain(p) => {
-                let configs = p.architecture.configs(p.resolution);
+                let configs = match p.init {
+                    PretrainInit::Random => Ok(p
+                        .architecture
+                        .clone()
+                        .unwrap_or_default()
+                        .configs(p.resolution)),
+                    PretrainInit::BaseModel => base_configs(),
+                };
                 out.push(StageMemory {
                     stage: instance.name.clone(),
                     device: device.clone(),
                     batch: p.batch_size,
                     resolution: p.resolution,
-                    estimate: Ok(estimate_pretrain(
-                        &configs,
-                        p.vae_batch_size,
-                        p.batch_size,
-                        p.resolution as usize,
-                        &device,
-                    )),
+                    estimate: configs.map(|c| {
+                        estimate_pretrain(
+                            &c,
+                            p.vae_batch_size,
+                            p.batch_size,
+                            p.resolution as usize,
+                            &device,
+                        )
+                    }),
                     method: None,
                 });
                 continue;
             }
             _ => continue,
         };
-        let configs = configs.get_or_insert_with(|| {
-            crate::stages::model::open_checkpoint(&pipeline.settings)
-                .map(|c| c.configs())
-                .map_err(|e| format!("{e:#}"))
-        });
+        let configs = &base_configs();
         let resolution = upstream_resolution(pipeline, instance);
         let estimate = match (configs.as_ref(), resolution) {
             (Err(e), _) => Err(e.clone()),
@@ -129,6 +142,7 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
                     height: r as usize,
                     width: r as usize,
                     attention_chunk: DEFAULT_ATTENTION_CHUNK,
+                    gradient_checkpointing: p.gradient_checkpointing,
                     device: device.clone(),
                     loaded: Default::default(),
                 },

@@ -20,6 +20,7 @@ pub use merge::{MergeMode, MergeParams, RECIPE_KEY};
 pub use preprocess::{PreprocessItem, PreprocessManifest, PreprocessParams};
 pub use report::ReportParams;
 pub use sample_grid::{GridCell, GridManifest, SampleGridParams};
+pub use train::pretrain::Init as PretrainInit;
 pub use train::{DreamboothParams, LoraParams, Method, PretrainParams, TrainMetrics, TrainParams};
 
 use std::collections::BTreeMap;
