@@ -349,6 +349,10 @@ fn transformer_sites(c: &UNetConfig) -> Vec<(usize, usize, usize)> {
     out
 }
 
+/// Values per element of a checkpointed block's input: the saved input, and its gradient,
+/// which stays in dfdx's gradient map to the end of the backward pass.
+const SAVED_INPUT: u64 = 2;
+
 /// An attention call as `(heads, queries, keys)`.
 type AttentionCall = (u64, u64, u64);
 
@@ -395,7 +399,7 @@ fn unet_kept(c: &UNetConfig, h: usize, w: usize) -> UnetKept {
     let add_resnet = |out: &mut UnetKept, i: u64, o: u64, p: u64| {
         let kept = resnet(i, o, p);
         out.all += kept;
-        out.checkpointed += i * p;
+        out.checkpointed += SAVED_INPUT * i * p;
         out.blocks.push((kept, Vec::new()));
     };
     let attend = |out: &mut UnetKept, ch: usize, level: usize, blocks: usize| {
@@ -408,7 +412,7 @@ fn unet_kept(c: &UNetConfig, h: usize, w: usize) -> UnetKept {
             calls.push((heads, p, tokens));
         }
         out.all += kept;
-        out.checkpointed += ch as u64 * p;
+        out.checkpointed += SAVED_INPUT * ch as u64 * p;
         out.calls.extend(&calls);
         out.blocks.push((kept, calls));
     };
