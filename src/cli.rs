@@ -66,6 +66,9 @@ pub enum Command {
         /// Treat these stages as forced.
         #[arg(long, value_name = "STAGE")]
         force: Vec<String>,
+        /// Plan as if the pipeline's `device` were this (see `run --device`).
+        #[arg(long, value_name = "DEVICE", value_parser = parse_device)]
+        device: Option<pipeline::Device>,
     },
     /// Run, then re-plan and run again on every save of the file or its inputs.
     Watch {
@@ -83,6 +86,9 @@ pub enum Command {
     /// Write images of the synthetic world (or of one of its concepts) with caption sidecars:
     /// `NAME.png` + `NAME.txt` per image (see `sdpipe::world`).
     World(WorldArgs),
+    /// Run every op family and model part on the GPU and on the CPU and compare (see
+    /// `sdpipe::device_check`; exit 4 when there is no GPU to compare).
+    DeviceCheck(crate::device_check::DeviceCheckArgs),
     /// Inspect or clean the cache.
     Cache {
         #[command(subcommand)]
@@ -99,6 +105,27 @@ pub struct RunArgs {
     /// Stop at the first failure (default: keep going; a failure skips only its dependents).
     #[arg(long)]
     pub fail_fast: bool,
+    /// Run the model stages on this device instead of the pipeline's `device`:
+    /// auto, cpu or cuda:N.
+    #[arg(long, value_name = "DEVICE", value_parser = parse_device)]
+    pub device: Option<pipeline::Device>,
+}
+
+fn parse_device(s: &str) -> Result<pipeline::Device, String> {
+    pipeline::Device::try_from(s.to_string())
+}
+
+/// Applies a `--device` override for the whole process (a usage error when this build cannot
+/// use it).
+fn apply_device(device: Option<pipeline::Device>) -> Result<(), i32> {
+    if let Some(d) = device {
+        crate::device::check_supported(d).map_err(|e| {
+            eprintln!("error: --device: {e}");
+            EXIT_USAGE
+        })?;
+        crate::device::set_override(d);
+    }
+    Ok(())
 }
 
 /// Options of `world`.
@@ -151,9 +178,19 @@ pub fn run(cli: Cli) -> i32 {
     }));
     let ws = Workspace::new(cli.cache_dir.as_deref(), cli.outputs.as_deref());
     let progress = Progress::new(cli.quiet);
+    let device = match &cli.command {
+        Command::Run { run, .. } | Command::Watch { run, .. } => run.device,
+        Command::Plan { device, .. } => *device,
+        _ => None,
+    };
+    if let Err(code) = apply_device(device) {
+        return code;
+    }
     match cli.command {
         Command::Run { file, run } => cmd_run(&file, &ws, &run, &progress, cli.quiet),
-        Command::Plan { file, json, force } => cmd_plan(&file, &ws, json, force),
+        Command::Plan {
+            file, json, force, ..
+        } => cmd_plan(&file, &ws, json, force),
         Command::Watch {
             file,
             run,
@@ -177,6 +214,7 @@ pub fn run(cli: Cli) -> i32 {
             }
         }
         Command::Sample(args) => crate::sample::run_with(*args, cli.quiet),
+        Command::DeviceCheck(args) => crate::device_check::run(&args),
         Command::Cache { command } => cmd_cache(command, &ws),
         Command::World(args) => cmd_world(&args),
     }
