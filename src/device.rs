@@ -26,7 +26,7 @@ pub fn gpu_present() -> bool {
     #[cfg(feature = "cuda")]
     {
         static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *PRESENT.get_or_init(|| match dfdx::tensor::Cuda::try_build(0, 0) {
+        *PRESENT.get_or_init(|| match open_cuda(0) {
             Ok(_) => true,
             Err(e) => {
                 eprintln!("note: device \"auto\": no usable CUDA GPU ({e}); running on the CPU");
@@ -137,6 +137,15 @@ pub fn open(device: Device) -> Result<Runtime, DeviceError> {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> Result<Runtime, DeviceError> {
+    use cudarc::driver::result;
+    let err = |message: String| DeviceError::Cuda { ordinal, message };
+    // dfdx's `try_build` unwraps these two driver calls: ask first so a missing driver or device
+    // is an error, not a panic.
+    result::init().map_err(|e| err(format!("the CUDA driver does not start: {e:?}")))?;
+    let count = result::device::get_count().map_err(|e| err(format!("{e:?}")))?;
+    if ordinal >= count.max(0) as usize {
+        return Err(err(format!("this machine has {count} CUDA device(s)")));
+    }
     dfdx::tensor::Cuda::try_build(ordinal, 0)
         .map(|dev| Runtime::Cuda { dev, ordinal })
         .map_err(|e| DeviceError::Cuda {
