@@ -113,7 +113,9 @@ impl Runtime {
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     /// `cuda:N` asked of a binary built without the `cuda` feature.
-    #[error("device \"cuda:{0}\" is not available: this binary was built without CUDA (build with --features cuda, see README \"GPU build\")")]
+    #[error(
+        "device \"cuda:{0}\" is not available: this binary was built without CUDA (build with --features cuda, see README \"GPU build\")"
+    )]
     NoCudaSupport(usize),
     /// The CUDA driver could not open the device.
     #[error("cannot open CUDA device {ordinal}: {message}")]

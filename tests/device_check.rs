@@ -63,12 +63,20 @@ fn cpu_only_check_compares_every_op_and_model_part() {
         assert!(rel <= 1e-4, "{r}");
     }
     // the two paths really differ somewhere (rounding), so the comparison is not vacuous
-    assert!(rows.iter().any(|r| r["max_abs_err"].as_f64().unwrap() > 0.0));
+    assert!(
+        rows.iter()
+            .any(|r| r["max_abs_err"].as_f64().unwrap() > 0.0)
+    );
 }
 
 #[test]
 fn table_output_and_missing_model() {
-    let out = sdpipe(&["device-check", "--cpu-only", "--model", "/nonexistent/model"]);
+    let out = sdpipe(&[
+        "device-check",
+        "--cpu-only",
+        "--model",
+        "/nonexistent/model",
+    ]);
     assert_eq!(out.status.code(), Some(3));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/model"));
 }
@@ -90,8 +98,17 @@ fn device_option_is_checked_against_the_build() {
     if sdpipe::device::cuda_available() {
         return;
     }
+    let model = fixtures().join("tiny-sd");
     let out = sdpipe(&[
-        "sample", "--model", "x", "--prompt", "p", "--out", "o.png", "--device", "cuda:0",
+        "sample",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "p",
+        "--out",
+        "never-written.png",
+        "--device",
+        "cuda:0",
     ]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--device"));

@@ -464,7 +464,9 @@ pub(super) fn load_weights<D: Device<f32>, M: Layers<D>>(
                     *t = n;
                 }
                 ParamMut::T2(t) => {
-                    let n = w.to_tensor::<(usize, usize), D>(t.device()).ok_or_else(bad)?;
+                    let n = w
+                        .to_tensor::<(usize, usize), D>(t.device())
+                        .ok_or_else(bad)?;
                     if n.shape() != t.shape() {
                         return Err(bad());
                     }
@@ -496,12 +498,7 @@ fn load_full_checkpoint<D: Device<f32>>(
     dev: &D,
     ctx: &StageContext<'_>,
 ) -> anyhow::Result<Option<(AdamW<D>, CheckpointState)>> {
-    type Loaded<E> = (
-        UNet<E>,
-        Option<TextEncoder<E>>,
-        AdamW<E>,
-        CheckpointState,
-    );
+    type Loaded<E> = (UNet<E>, Option<TextEncoder<E>>, AdamW<E>, CheckpointState);
     let found = newest_checkpoint(scratch, ctx, |dir| -> anyhow::Result<Loaded<D>> {
         let state = read_state(dir)?;
         let file = read_safetensors(&dir.join("unet.safetensors"))?;

@@ -473,7 +473,11 @@ impl TrainParams {
     }
 
     /// [`Self::run`] on the opened device.
-    fn run_on<D: Device<f32>>(&self, ctx: &StageContext<'_>, dev: D) -> anyhow::Result<StageResult> {
+    fn run_on<D: Device<f32>>(
+        &self,
+        ctx: &StageContext<'_>,
+        dev: D,
+    ) -> anyhow::Result<StageResult> {
         match self.method {
             Method::Lora => self.run_lora(ctx, dev),
             Method::TextualInversion => self.run_textual_inversion(ctx, dev),
@@ -482,7 +486,11 @@ impl TrainParams {
         }
     }
 
-    fn run_lora<D: Device<f32>>(&self, ctx: &StageContext<'_>, dev: D) -> anyhow::Result<StageResult> {
+    fn run_lora<D: Device<f32>>(
+        &self,
+        ctx: &StageContext<'_>,
+        dev: D,
+    ) -> anyhow::Result<StageResult> {
         let settings = &ctx.pipeline.settings;
         let Setup {
             manifest,

@@ -431,7 +431,11 @@ impl PretrainParams {
     }
 
     /// [`Self::run`] on the opened device.
-    fn run_on<D: Device<f32>>(&self, ctx: &StageContext<'_>, dev: D) -> anyhow::Result<StageResult> {
+    fn run_on<D: Device<f32>>(
+        &self,
+        ctx: &StageContext<'_>,
+        dev: D,
+    ) -> anyhow::Result<StageResult> {
         let seed = ctx.pipeline.settings.seed;
         let mut configs = self.architecture.configs(self.resolution);
         let tokenizer = ClipTokenizer::bundled()?;
@@ -726,7 +730,12 @@ impl PretrainParams {
     }
 
     /// `batch_size` rendered scenes `[b, 3, r, r]` in [-1, 1] and their captions.
-    fn world_batch<D: Device<f32>>(&self, seed: u64, n: usize, dev: &D) -> (Tensor4<D>, Vec<String>) {
+    fn world_batch<D: Device<f32>>(
+        &self,
+        seed: u64,
+        n: usize,
+        dev: &D,
+    ) -> (Tensor4<D>, Vec<String>) {
         let r = self.resolution as usize;
         let mut data = Vec::with_capacity(n * 3 * r * r);
         let mut captions = Vec::with_capacity(n);
@@ -777,7 +786,12 @@ impl PretrainParams {
     }
 
     /// `1 / std` of the latent means of 64 held-out images.
-    fn latent_scaling<D: Device<f32>>(&self, vae: &Vae<D>, seed: u64, dev: &D) -> anyhow::Result<f64> {
+    fn latent_scaling<D: Device<f32>>(
+        &self,
+        vae: &Vae<D>,
+        seed: u64,
+        dev: &D,
+    ) -> anyhow::Result<f64> {
         let mut values = Vec::new();
         for k in 0..4 {
             let (images, _) = self.world_batch(mix(seed, u64::MAX - k as u64, 0), 16, dev);
