@@ -467,7 +467,7 @@ fn report(
 
 /// Runs `sdpipe device-check`; returns the exit code.
 pub fn run(args: &DeviceCheckArgs) -> i32 {
-    if !(args.tolerance >= 0.0) {
+    if args.tolerance.is_nan() || args.tolerance < 0.0 {
         eprintln!("error: --tolerance must be a non-negative number");
         return EXIT_USAGE;
     }
