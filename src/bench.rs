@@ -175,6 +175,9 @@ pub struct BenchArgs {
     /// (the train stages' `gradient_checkpointing`).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// Device: auto (the GPU when this build has CUDA and one opens), cpu or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = parse_device)]
+    pub device: crate::pipeline::Device,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -828,9 +831,13 @@ fn clip(grads: &mut BTreeMap<String, crate::formats::HostTensor>, max_norm: f32)
     }
 }
 
-/// `sdpipe bench`: runs the benchmark on the CPU (the device this binary computes on) and
-/// prints the table or the JSON object. Returns the exit code (0, 2 for bad options, 1 when a
-/// step fails, 3 when the model cannot be read).
+fn parse_device(s: &str) -> Result<crate::pipeline::Device, String> {
+    crate::pipeline::Device::try_from(s.to_string())
+}
+
+/// `sdpipe bench`: runs the benchmark on `--device` and prints the table or the JSON object.
+/// Returns the exit code (0, 2 for bad options, 1 when a step fails, 3 when the model cannot
+/// be read, 4 when the device does not open).
 pub fn run_cli(args: &BenchArgs, quiet: bool) -> i32 {
     let opts = match BenchOptions::from_args(args) {
         Ok(o) => o,
@@ -840,8 +847,20 @@ pub fn run_cli(args: &BenchArgs, quiet: bool) -> i32 {
         }
     };
     let progress = Progress::new(quiet);
-    let dev = Cpu::default();
-    match run_on(&dev, "cpu", &opts, &progress) {
+    if let Err(e) = crate::device::check_supported(args.device) {
+        eprintln!("error: --device: {e}");
+        return crate::cli::EXIT_USAGE;
+    }
+    let runtime = match crate::device::open(args.device) {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return crate::cli::EXIT_DEVICE;
+        }
+    };
+    let name = runtime.name();
+    let result = crate::on_device!(runtime, dev => run_on(&dev, &name, &opts, &progress));
+    match result {
         Ok(report) => {
             if args.json {
                 match serde_json::to_string(&report) {

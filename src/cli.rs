@@ -27,9 +27,10 @@ pub const EXIT_STAGE_FAILED: i32 = 1;
 pub const EXIT_USAGE: i32 = 2;
 /// Exit code: environment / I/O failure.
 pub const EXIT_ENVIRONMENT: i32 = 3;
-/// Exit code: the run was refused before starting because a train stage's estimated peak
-/// memory exceeds the device's available memory (see [`crate::memory`]).
-pub const EXIT_MEMORY: i32 = 4;
+/// Exit code: the device cannot run it, refused before starting: a train stage's estimated
+/// peak memory exceeds the device's available memory (see [`crate::memory`]), or no GPU
+/// opens where one is needed (`device-check`, `bench --device cuda:N`).
+pub const EXIT_DEVICE: i32 = 4;
 /// Exit code: interrupted.
 pub const EXIT_INTERRUPTED: i32 = 130;
 
@@ -70,6 +71,9 @@ pub enum Command {
         /// Treat these stages as forced.
         #[arg(long, value_name = "STAGE")]
         force: Vec<String>,
+        /// Plan as if the pipeline's `device` were this (see `run --device`).
+        #[arg(long, value_name = "DEVICE", value_parser = parse_device)]
+        device: Option<pipeline::Device>,
     },
     /// Run, then re-plan and run again on every save of the file or its inputs.
     Watch {
@@ -90,6 +94,9 @@ pub enum Command {
     /// Time a training or inference task of the diffusion core on random data: step ms,
     /// throughput and peak memory (see `sdpipe::bench`).
     Bench(Box<crate::bench::BenchArgs>),
+    /// Run every op family and model part on the GPU and on the CPU and compare (see
+    /// `sdpipe::device_check`; exit 4 when there is no GPU to compare).
+    DeviceCheck(crate::device_check::DeviceCheckArgs),
     /// Inspect or clean the cache.
     Cache {
         #[command(subcommand)]
@@ -110,6 +117,27 @@ pub struct RunArgs {
     /// (`SDPIPE_MEMORY_LIMIT` sets that figure; see `sdpipe plan`).
     #[arg(long)]
     pub no_memory_check: bool,
+    /// Run the model stages on this device instead of the pipeline's `device`:
+    /// auto, cpu or cuda:N.
+    #[arg(long, value_name = "DEVICE", value_parser = parse_device)]
+    pub device: Option<pipeline::Device>,
+}
+
+fn parse_device(s: &str) -> Result<pipeline::Device, String> {
+    pipeline::Device::try_from(s.to_string())
+}
+
+/// Applies a `--device` override for the whole process (a usage error when this build cannot
+/// use it).
+fn apply_device(device: Option<pipeline::Device>) -> Result<(), i32> {
+    if let Some(d) = device {
+        crate::device::check_supported(d).map_err(|e| {
+            eprintln!("error: --device: {e}");
+            EXIT_USAGE
+        })?;
+        crate::device::set_override(d);
+    }
+    Ok(())
 }
 
 /// Options of `world`.
@@ -162,9 +190,19 @@ pub fn run(cli: Cli) -> i32 {
     }));
     let ws = Workspace::new(cli.cache_dir.as_deref(), cli.outputs.as_deref());
     let progress = Progress::new(cli.quiet);
+    let device = match &cli.command {
+        Command::Run { run, .. } | Command::Watch { run, .. } => run.device,
+        Command::Plan { device, .. } => *device,
+        _ => None,
+    };
+    if let Err(code) = apply_device(device) {
+        return code;
+    }
     match cli.command {
         Command::Run { file, run } => cmd_run(&file, &ws, &run, &progress, cli.quiet),
-        Command::Plan { file, json, force } => cmd_plan(&file, &ws, json, force),
+        Command::Plan {
+            file, json, force, ..
+        } => cmd_plan(&file, &ws, json, force),
         Command::Watch {
             file,
             run,
@@ -188,6 +226,7 @@ pub fn run(cli: Cli) -> i32 {
             }
         }
         Command::Sample(args) => crate::sample::run_with(*args, cli.quiet),
+        Command::DeviceCheck(args) => crate::device_check::run(&args),
         Command::Cache { command } => cmd_cache(command, &ws),
         Command::World(args) => cmd_world(&args),
         Command::Bench(args) => crate::bench::run_cli(&args, cli.quiet),
@@ -296,7 +335,7 @@ fn check_memory(
         Ok(a) => match refusal(&list, a) {
             Some(message) => {
                 eprintln!("error: {message}");
-                Err(EXIT_MEMORY)
+                Err(EXIT_DEVICE)
             }
             None => Ok(()),
         },

@@ -10,6 +10,7 @@ pub mod bench;
 pub mod cache;
 pub mod cli;
 pub mod device;
+pub mod device_check;
 pub mod diffusion;
 pub mod engine;
 pub mod formats;

@@ -4,7 +4,7 @@
 //! sdpipe sample --model PATH --prompt TEXT [--negative TEXT] [--steps N]
 //!               [--sampler ddim|euler|euler_a] [--cfg F] [--seed N] [--width W --height H]
 //!               [--batch N] [--clip-skip N] [--config DIR] [--init-latents FILE]
-//!               --out FILE.png [--out-tensor FILE]
+//!               --out FILE.png [--out-tensor FILE] [--device auto|cpu|cuda:N]
 //! ```
 //!
 //! * `--model`: a diffusers folder or a single-file SD 1.x checkpoint; `--config DIR` takes the
@@ -115,6 +115,14 @@ pub struct SampleArgs {
     /// Also write the images as a safetensors file with tensor `image` [b, 3, H, W] in [0, 1].
     #[arg(long, value_name = "FILE")]
     pub out_tensor: Option<PathBuf>,
+    /// Where the models run: auto (the GPU when this build has CUDA and one is present), cpu
+    /// or cuda:N.
+    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device)]
+    pub device: crate::pipeline::Device,
+}
+
+fn parse_device(s: &str) -> Result<crate::pipeline::Device, String> {
+    crate::pipeline::Device::try_from(s.to_string())
 }
 
 fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
@@ -338,6 +346,10 @@ fn ensure_parent(path: &Path) -> Result<(), Failure> {
 
 fn execute(args: &SampleArgs, quiet: bool) -> Result<Vec<PathBuf>, Failure> {
     check_args(args)?;
+    let rt = crate::device::open(args.device).map_err(|e| match e {
+        crate::device::DeviceError::NoCudaSupport(_) => usage(format!("--device: {e}")),
+        other => io_failure(format!("--device: {other}")),
+    })?;
     let context = format!("--model {}", args.model.display());
     let mut ckpt = Checkpoint::open(&args.model).map_err(|e| model_failure(&context, &e))?;
     if let Some(dir) = &args.config {
@@ -367,9 +379,22 @@ fn execute(args: &SampleArgs, quiet: bool) -> Result<Vec<PathBuf>, Failure> {
         }
     }
 
-    let dev = Cpu::default();
-    let mut pipe = TextToImage::load(&ckpt, args.config.as_deref(), &dev).map_err(|e| match e {
-        PipelineError::Model(m) => model_failure(&context, &m),
+    let size = (width, height);
+    crate::on_device!(rt, dev => generate_on(args, quiet, &ckpt, &context, init, size, &dev))
+}
+
+/// The rest of [`execute`] on the chosen device: load, generate, write.
+fn generate_on<D: Device<f32>>(
+    args: &SampleArgs,
+    quiet: bool,
+    ckpt: &Checkpoint,
+    context: &str,
+    init: Option<(Vec<f32>, [usize; 4])>,
+    (width, height): (Option<usize>, Option<usize>),
+    dev: &D,
+) -> Result<Vec<PathBuf>, Failure> {
+    let mut pipe = TextToImage::load(ckpt, args.config.as_deref(), dev).map_err(|e| match e {
+        PipelineError::Model(m) => model_failure(context, &m),
         other => usage(format!("{context}: {other}")),
     })?;
     for spec in &args.embedding {
@@ -409,7 +434,7 @@ fn execute(args: &SampleArgs, quiet: bool) -> Result<Vec<PathBuf>, Failure> {
     for (path, multiplier) in &args.hypernetwork {
         let file = crate::formats::hypernetwork::read_hypernetwork(path)
             .map_err(|e| usage(format!("--hypernetwork {}: {e}", path.display())))?;
-        let net = crate::train::hypernetwork::HyperNet::from_host(&file, &dev)
+        let net = crate::train::hypernetwork::HyperNet::from_host(&file, dev)
             .map_err(|e| usage(format!("--hypernetwork {}: {e}", path.display())))?;
         hypernet_names.push(format!(
             "{}: {}",
@@ -463,7 +488,7 @@ fn execute(args: &SampleArgs, quiet: bool) -> Result<Vec<PathBuf>, Failure> {
     let s = &generation.settings;
 
     let model_hash =
-        match hashed_model_file(&ckpt) {
+        match hashed_model_file(ckpt) {
             Some(file) => Some(short_model_hash(&file).map_err(|e| {
                 io_failure(format!("cannot hash model file {}: {e}", file.display()))
             })?),

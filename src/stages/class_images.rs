@@ -131,6 +131,16 @@ impl ClassImagesParams {
     }
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+        let rt = crate::device::open(ctx.pipeline.settings.device)?;
+        crate::on_device!(rt, dev => self.run_on(ctx, dev))
+    }
+
+    /// [`Self::run`] on the opened device.
+    fn run_on<D: Device<f32>>(
+        &self,
+        ctx: &StageContext<'_>,
+        dev: D,
+    ) -> anyhow::Result<StageResult> {
         let settings = &ctx.pipeline.settings;
         let model_path = settings
             .base_model
@@ -169,8 +179,7 @@ impl ClassImagesParams {
             records.push(r);
         }
 
-        let dev = Cpu::default();
-        let mut t2i: Option<TextToImage<Cpu>> = None;
+        let mut t2i: Option<TextToImage<D>> = None;
         let bar = ctx.progress.bar(
             (todo * self.steps) as u64,
             &format!("{} class images", ctx.instance.name),

@@ -82,6 +82,16 @@ impl EncodeLatentsParams {
     }
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+        let rt = crate::device::open(ctx.pipeline.settings.device)?;
+        crate::on_device!(rt, dev => self.run_on(ctx, dev))
+    }
+
+    /// [`Self::run`] on the opened device.
+    fn run_on<D: Device<f32>>(
+        &self,
+        ctx: &StageContext<'_>,
+        dev: D,
+    ) -> anyhow::Result<StageResult> {
         let (_, pre_record) = ctx.upstream_of_kind("preprocess")?;
         let manifest: PreprocessManifest = ctx.read_json(pre_record, "manifest.json")?;
         let settings = &ctx.pipeline.settings;
@@ -109,7 +119,6 @@ impl EncodeLatentsParams {
             }
         }
         let missing = manifest.items.len() - cached.len();
-        let dev = Cpu::default();
         let vae = if missing > 0 {
             let ckpt = open_checkpoint(settings)?;
             let mut vae = ckpt.load_vae(&dev).context("loading the VAE")?;

@@ -178,6 +178,16 @@ impl SampleGridParams {
     }
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+        let rt = crate::device::open(ctx.pipeline.settings.device)?;
+        crate::on_device!(rt, dev => self.run_on(ctx, dev))
+    }
+
+    /// [`Self::run`] on the opened device.
+    fn run_on<D: Device<f32>>(
+        &self,
+        ctx: &StageContext<'_>,
+        dev: D,
+    ) -> anyhow::Result<StageResult> {
         let settings = &ctx.pipeline.settings;
         let seeds = self.seeds(settings);
         let model_path = settings
@@ -289,7 +299,6 @@ impl SampleGridParams {
             }
         }
 
-        let dev = Cpu::default();
         let mut pipe = None;
         let model_hash = if todo > 0 {
             crate::sample::short_model_hash(&model_path).ok()
@@ -313,7 +322,7 @@ impl SampleGridParams {
             &format!("{} sampling", ctx.instance.name),
         );
         let mut computed = 0usize;
-        let mut current: Option<((usize, usize), TextToImage<Cpu>)> = None;
+        let mut current: Option<((usize, usize), TextToImage<D>)> = None;
         for ((vi, pi, si), record) in cells.iter_mut() {
             if record.is_some() {
                 continue;
@@ -589,12 +598,12 @@ impl SampleGridParams {
 }
 
 /// A hypernetwork output of an upstream stage, on `dev`.
-fn read_hypernet(
+fn read_hypernet<D: Device<f32>>(
     ctx: &StageContext<'_>,
     blob: &BlobRef,
     label: &str,
-    dev: &Cpu,
-) -> anyhow::Result<crate::train::hypernetwork::HyperNet<Cpu>> {
+    dev: &D,
+) -> anyhow::Result<crate::train::hypernetwork::HyperNet<D>> {
     let tmp = tempfile::Builder::new().suffix(".pt").tempfile()?;
     std::fs::write(tmp.path(), ctx.store.read_blob(blob)?)?;
     let file = crate::formats::hypernetwork::read_hypernetwork(tmp.path())

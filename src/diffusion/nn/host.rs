@@ -13,9 +13,29 @@
 
 use dfdx::prelude::*;
 
-/// Whether `D` is dfdx's CPU device (whose storage is a host `Vec<f32>`).
+/// Whether `D` is dfdx's CPU device (whose storage is a host `Vec<f32>`) and the fused host
+/// kernels are on for this thread (see [`with_generic_kernels`]).
 pub(crate) fn is_cpu<D: 'static>() -> bool {
     std::any::TypeId::of::<D>() == std::any::TypeId::of::<Cpu>()
+        && !GENERIC_ONLY.with(std::cell::Cell::get)
+}
+
+thread_local! {
+    static GENERIC_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the fused host kernels switched off on this thread, so the layers take the
+/// generic dfdx composition every other device (CUDA) runs, on the CPU. The device check uses
+/// it to test its comparison without a GPU; results agree with the fused path to rounding.
+pub fn with_generic_kernels<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            GENERIC_ONLY.with(|g| g.set(self.0));
+        }
+    }
+    let _restore = Restore(GENERIC_ONLY.with(|g| g.replace(true)));
+    f()
 }
 
 /// The values of `t` in logical order (a memcpy of a contiguous tensor's storage; dfdx's

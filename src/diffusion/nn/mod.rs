@@ -30,6 +30,7 @@ pub use attention::{
     DEFAULT_ATTENTION_CHUNK, merge_heads, scaled_dot_product_attention, split_heads,
 };
 pub use conv2d::{Conv2d, Padding2d};
+pub use host::with_generic_kernels;
 pub use linear::{Linear, LoraAdapter};
 pub use norm::{GroupNorm, LayerNorm};
 pub use ops::{gelu, pad2d, quick_gelu, silu, upsample_nearest2x};

@@ -96,7 +96,11 @@ impl TrainParams {
         Ok(())
     }
 
-    pub(super) fn run_dreambooth(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+    pub(super) fn run_dreambooth<D: Device<f32>>(
+        &self,
+        ctx: &StageContext<'_>,
+        dev: D,
+    ) -> anyhow::Result<StageResult> {
         let settings = &ctx.pipeline.settings;
         let Setup {
             manifest,
@@ -105,7 +109,7 @@ impl TrainParams {
             model_path,
             t2i,
             dev,
-        } = self.setup(ctx)?;
+        } = self.setup(ctx, dev)?;
         let prior_weight = self.dreambooth.prior_loss_weight as f32;
         let class_items = match ctx.upstream_of_kind("class_images") {
             Ok((_, record)) if prior_weight > 0.0 => {
@@ -281,18 +285,18 @@ impl TrainParams {
 }
 
 /// Full fine-tuning: every UNet layer trainable.
-struct DreamboothSteps<'a> {
+struct DreamboothSteps<'a, D: Device<f32>> {
     params: &'a TrainParams,
-    unet: &'a mut UNet<Cpu>,
+    unet: &'a mut UNet<D>,
     /// The text encoder when it trains too (contexts are then computed per batch).
-    text_encoder: Option<&'a mut TextEncoder<Cpu>>,
+    text_encoder: Option<&'a mut TextEncoder<D>>,
     /// Token ids by caption.
     ids: &'a HashMap<String, Vec<u32>>,
     ddpm: &'a Ddpm,
     items: &'a [Item],
     class_items: &'a [Item],
-    contexts: &'a HashMap<String, Tensor3<Cpu>>,
-    optimizer: &'a mut AdamW<Cpu>,
+    contexts: &'a HashMap<String, Tensor3<D>>,
+    optimizer: &'a mut AdamW<D>,
     scratch: &'a Path,
     scaling: f32,
     prior_weight: f32,
@@ -302,11 +306,11 @@ struct DreamboothSteps<'a> {
     te_lr_factor: f64,
 }
 
-impl DreamboothSteps<'_> {
+impl<D: Device<f32>> DreamboothSteps<'_, D> {
     fn batch_grads(
         &mut self,
         items: &[Item],
-        batch: &Batch,
+        batch: &Batch<D>,
     ) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         let Some(te) = self.text_encoder.as_deref_mut() else {
             let context = batch_context(items, self.contexts, &batch.picked)?;
@@ -343,8 +347,8 @@ impl DreamboothSteps<'_> {
     }
 }
 
-impl StepMethod for DreamboothSteps<'_> {
-    fn grads(&mut self, batch: &Batch) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+impl<D: Device<f32>> StepMethod<D> for DreamboothSteps<'_, D> {
+    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         let (mut loss, mut grads) = self.batch_grads(self.items, batch)?;
         if !self.class_items.is_empty() {
             let dev = batch.latents.device().clone();
@@ -397,11 +401,10 @@ impl StepMethod for DreamboothSteps<'_> {
 pub(super) use crate::train::optim::update_layers as update_all;
 
 /// Replaces every parameter of `model` by the tensor of the same name in `weights`.
-pub(super) fn load_weights<M: Layers<Cpu>>(
+pub(super) fn load_weights<D: Device<f32>, M: Layers<D>>(
     model: &mut M,
     weights: &BTreeMap<String, HostTensor>,
 ) -> anyhow::Result<()> {
-    let dev = Cpu::default();
     let mut result = Ok(());
     model.visit_layers("", &mut |name, mut layer| {
         if result.is_err() {
@@ -415,14 +418,16 @@ pub(super) fn load_weights<M: Layers<Cpu>>(
             let bad = || anyhow::anyhow!("tensor `{key}` has shape {:?}", w.shape);
             match param {
                 ParamMut::T1(t) => {
-                    let n = w.to_tensor::<(usize,), Cpu>(&dev).ok_or_else(bad)?;
+                    let n = w.to_tensor::<(usize,), D>(t.device()).ok_or_else(bad)?;
                     if n.shape() != t.shape() {
                         return Err(bad());
                     }
                     *t = n;
                 }
                 ParamMut::T2(t) => {
-                    let n = w.to_tensor::<(usize, usize), Cpu>(&dev).ok_or_else(bad)?;
+                    let n = w
+                        .to_tensor::<(usize, usize), D>(t.device())
+                        .ok_or_else(bad)?;
                     if n.shape() != t.shape() {
                         return Err(bad());
                     }
@@ -430,7 +435,7 @@ pub(super) fn load_weights<M: Layers<Cpu>>(
                 }
                 ParamMut::T4(t) => {
                     let n = w
-                        .to_tensor::<(usize, usize, usize, usize), Cpu>(&dev)
+                        .to_tensor::<(usize, usize, usize, usize), D>(t.device())
                         .ok_or_else(bad)?;
                     if n.shape() != t.shape() {
                         return Err(bad());
@@ -447,20 +452,15 @@ pub(super) fn load_weights<M: Layers<Cpu>>(
 /// The newest readable full checkpoint, loaded into `unet` (and `text_encoder` when it
 /// trains); an unreadable one is reported and skipped (the models are only touched by a
 /// checkpoint that reads completely).
-fn load_full_checkpoint(
+fn load_full_checkpoint<D: Device<f32>>(
     scratch: &Path,
-    unet: &mut UNet<Cpu>,
-    text_encoder: Option<&mut TextEncoder<Cpu>>,
-    dev: &Cpu,
+    unet: &mut UNet<D>,
+    text_encoder: Option<&mut TextEncoder<D>>,
+    dev: &D,
     ctx: &StageContext<'_>,
-) -> anyhow::Result<Option<(AdamW<Cpu>, CheckpointState)>> {
-    type Loaded = (
-        UNet<Cpu>,
-        Option<TextEncoder<Cpu>>,
-        AdamW<Cpu>,
-        CheckpointState,
-    );
-    let found = newest_checkpoint(scratch, ctx, |dir| -> anyhow::Result<Loaded> {
+) -> anyhow::Result<Option<(AdamW<D>, CheckpointState)>> {
+    type Loaded<E> = (UNet<E>, Option<TextEncoder<E>>, AdamW<E>, CheckpointState);
+    let found = newest_checkpoint(scratch, ctx, |dir| -> anyhow::Result<Loaded<D>> {
         let state = read_state(dir)?;
         let file = read_safetensors(&dir.join("unet.safetensors"))?;
         let mut candidate = unet.clone();

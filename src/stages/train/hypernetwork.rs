@@ -204,7 +204,11 @@ impl HypernetworkParams {
 }
 
 impl TrainParams {
-    pub(super) fn run_hypernetwork(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+    pub(super) fn run_hypernetwork<D: Device<f32>>(
+        &self,
+        ctx: &StageContext<'_>,
+        dev: D,
+    ) -> anyhow::Result<StageResult> {
         let settings = &ctx.pipeline.settings;
         let hp = &self.hypernetwork;
         let Setup {
@@ -214,7 +218,7 @@ impl TrainParams {
             model_path,
             t2i,
             dev,
-        } = self.setup(ctx)?;
+        } = self.setup(ctx, dev)?;
         let contexts = self.frozen_contexts(&t2i, &items)?;
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
@@ -336,15 +340,15 @@ impl TrainParams {
 }
 
 /// What a hypernetwork checkpoint restores: weights, optimiser, state.
-type HyperResume = (HyperNet<Cpu>, AdamW<Cpu>, CheckpointState);
+type HyperResume<D> = (HyperNet<D>, AdamW<D>, CheckpointState);
 
 /// The newest readable checkpoint whose settings and widths are this run's.
-fn load_checkpoint(
+fn load_checkpoint<D: Device<f32>>(
     scratch: &Path,
     template: &Hypernetwork,
-    dev: &Cpu,
+    dev: &D,
     ctx: &StageContext<'_>,
-) -> anyhow::Result<Option<HyperResume>> {
+) -> anyhow::Result<Option<HyperResume<D>>> {
     newest_checkpoint(scratch, ctx, |dir| {
         let state = read_state(dir)?;
         let file = read_hypernetwork(&dir.join("hypernetwork.safetensors"))?;
@@ -365,13 +369,13 @@ fn load_checkpoint(
 
 /// Hypernetwork: master weights here, copies hooked into the attentions for each micro-batch
 /// (with that micro-batch's dropout seed).
-struct HyperSteps<'a> {
-    unet: &'a mut UNet<Cpu>,
+struct HyperSteps<'a, D: Device<f32>> {
+    unet: &'a mut UNet<D>,
     ddpm: &'a Ddpm,
     items: &'a [Item],
-    contexts: &'a HashMap<String, Tensor3<Cpu>>,
-    net: HyperNet<Cpu>,
-    optimizer: &'a mut AdamW<Cpu>,
+    contexts: &'a HashMap<String, Tensor3<D>>,
+    net: HyperNet<D>,
+    optimizer: &'a mut AdamW<D>,
     scratch: &'a Path,
     template: &'a Hypernetwork,
     seed: u64,
@@ -380,8 +384,8 @@ struct HyperSteps<'a> {
     calls: u64,
 }
 
-impl StepMethod for HyperSteps<'_> {
-    fn grads(&mut self, batch: &Batch) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+impl<D: Device<f32>> StepMethod<D> for HyperSteps<'_, D> {
+    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         let (step, micro) = (
             self.calls / self.accumulation,
             self.calls % self.accumulation,

@@ -299,13 +299,13 @@ struct CheckpointState {
 }
 
 /// What a training run starts from (see [`TrainParams::setup`]).
-struct Setup {
+struct Setup<D: Device<f32>> {
     manifest: LatentsManifest,
     items: Vec<Item>,
     ckpt: crate::diffusion::Checkpoint,
     model_path: PathBuf,
-    t2i: TextToImage<Cpu>,
-    dev: Cpu,
+    t2i: TextToImage<D>,
+    dev: D,
 }
 
 /// How a run ended, for its metrics.
@@ -507,15 +507,29 @@ impl TrainParams {
     }
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+        let rt = crate::device::open(ctx.pipeline.settings.device)?;
+        crate::on_device!(rt, dev => self.run_on(ctx, dev))
+    }
+
+    /// [`Self::run`] on the opened device.
+    fn run_on<D: Device<f32>>(
+        &self,
+        ctx: &StageContext<'_>,
+        dev: D,
+    ) -> anyhow::Result<StageResult> {
         match self.method {
-            Method::Lora => self.run_lora(ctx),
-            Method::TextualInversion => self.run_textual_inversion(ctx),
-            Method::Dreambooth => self.run_dreambooth(ctx),
-            Method::Hypernetwork => self.run_hypernetwork(ctx),
+            Method::Lora => self.run_lora(ctx, dev),
+            Method::TextualInversion => self.run_textual_inversion(ctx, dev),
+            Method::Dreambooth => self.run_dreambooth(ctx, dev),
+            Method::Hypernetwork => self.run_hypernetwork(ctx, dev),
         }
     }
 
-    fn run_lora(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+    fn run_lora<D: Device<f32>>(
+        &self,
+        ctx: &StageContext<'_>,
+        dev: D,
+    ) -> anyhow::Result<StageResult> {
         let settings = &ctx.pipeline.settings;
         let Setup {
             manifest,
@@ -524,7 +538,7 @@ impl TrainParams {
             model_path,
             t2i,
             dev,
-        } = self.setup(ctx)?;
+        } = self.setup(ctx, dev)?;
         let mut contexts = self.frozen_contexts(&t2i, &items)?;
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
@@ -655,7 +669,11 @@ impl TrainParams {
         Ok(result)
     }
 
-    fn run_textual_inversion(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+    fn run_textual_inversion<D: Device<f32>>(
+        &self,
+        ctx: &StageContext<'_>,
+        dev: D,
+    ) -> anyhow::Result<StageResult> {
         let settings = &ctx.pipeline.settings;
         let ti = &self.textual_inversion;
         let token = ti
@@ -669,7 +687,7 @@ impl TrainParams {
             model_path,
             mut t2i,
             dev,
-        } = self.setup(ctx)?;
+        } = self.setup(ctx, dev)?;
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
         let d = t2i.models.text_encoder.config.hidden_size;
@@ -717,9 +735,9 @@ impl TrainParams {
                 }
             };
         let resumed_from = state.step;
-        let contexts_now = |t2i: &mut TextToImage<Cpu>,
-                            extra: &Tensor2<Cpu>|
-         -> anyhow::Result<HashMap<String, Tensor3<Cpu>>> {
+        let contexts_now = |t2i: &mut TextToImage<D>,
+                            extra: &Tensor2<D>|
+         -> anyhow::Result<HashMap<String, Tensor3<D>>> {
             t2i.extra_embeddings = extra.as_vec();
             let mut out = HashMap::new();
             for caption in ids.keys() {
@@ -818,7 +836,7 @@ impl TrainParams {
 
     /// What every method starts from: the latent items of the `encode_latents` stage (an
     /// empty dataset is an error) and the base model.
-    fn setup(&self, ctx: &StageContext<'_>) -> anyhow::Result<Setup> {
+    fn setup<D: Device<f32>>(&self, ctx: &StageContext<'_>, dev: D) -> anyhow::Result<Setup<D>> {
         let settings = &ctx.pipeline.settings;
         let (_, lat_record) = ctx.upstream_of_kind("encode_latents")?;
         let manifest: LatentsManifest = ctx.read_json(lat_record, "manifest.json")?;
@@ -826,7 +844,6 @@ impl TrainParams {
             bail!("the encode_latents stage has no items: the dataset has no images");
         }
         let items = load_items(ctx, &manifest)?;
-        let dev = Cpu::default();
         let ckpt = open_checkpoint(settings)?;
         let model_path = settings.base_model.clone().unwrap_or_default();
         let mut t2i = TextToImage::load(&ckpt, settings.model_config.as_deref(), &dev)
@@ -845,11 +862,11 @@ impl TrainParams {
     }
 
     /// The frozen text encoder's states of every distinct caption of `items`.
-    fn frozen_contexts<'i>(
+    fn frozen_contexts<'i, D: Device<f32>>(
         &self,
-        t2i: &TextToImage<Cpu>,
+        t2i: &TextToImage<D>,
         items: impl IntoIterator<Item = &'i Item>,
-    ) -> anyhow::Result<HashMap<String, Tensor3<Cpu>>> {
+    ) -> anyhow::Result<HashMap<String, Tensor3<D>>> {
         let mut contexts = HashMap::new();
         for item in items {
             if !contexts.contains_key(&item.caption) {
@@ -865,7 +882,7 @@ impl TrainParams {
     /// seeded micro-batches are averaged, clipped by global norm and applied at the scheduled
     /// rate; a checkpoint is written every `checkpoint_every` steps. Returns the wall time.
     #[allow(clippy::too_many_arguments)]
-    fn drive(
+    fn drive<D: Device<f32>>(
         &self,
         ctx: &StageContext<'_>,
         label: &str,
@@ -873,9 +890,9 @@ impl TrainParams {
         items: &[Item],
         scaling: f32,
         seed: u64,
-        dev: &Cpu,
+        dev: &D,
         sched: &LrSchedule,
-        method: &mut dyn StepMethod,
+        method: &mut dyn StepMethod<D>,
     ) -> anyhow::Result<f64> {
         let started = std::time::Instant::now();
         let bar = ctx
@@ -965,10 +982,10 @@ impl TrainParams {
         Ok(started.elapsed().as_secs_f64())
     }
 
-    fn embedding(
+    fn embedding<D: Device<f32>>(
         &self,
         token: &str,
-        extra: &Tensor2<Cpu>,
+        extra: &Tensor2<D>,
         step: u64,
         model_path: &Path,
     ) -> Embedding {
@@ -1058,7 +1075,7 @@ impl TrainParams {
 
     /// Kohya/PEFT-initialised adapters for every module of `model` whose path ends with one of
     /// `targets`; an unmatched target is an error listing the module names that exist.
-    fn init_modules<M: LoraTarget<Cpu>>(
+    fn init_modules<D: Device<f32>, M: LoraTarget<D>>(
         &self,
         model: &mut M,
         targets: &[String],
@@ -1109,15 +1126,15 @@ impl TrainParams {
 
     /// The micro-batch of `step`: items from one latent size, latent samples, noise, timesteps.
     #[allow(clippy::too_many_arguments)]
-    fn draw_batch(
+    fn draw_batch<D: Device<f32>>(
         &self,
         items: &[Item],
         scaling: f32,
         seed: u64,
         step: u64,
         micro: u64,
-        dev: &Cpu,
-    ) -> Batch {
+        dev: &D,
+    ) -> Batch<D> {
         let batch_seed = mix(seed, step, micro);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(batch_seed);
         let first = rng.random_range(0..items.len());
@@ -1156,9 +1173,9 @@ impl TrainParams {
 }
 
 /// One micro-batch: latent samples, noise, timesteps, and which items they are.
-struct Batch {
-    latents: Tensor4<Cpu>,
-    noise: Tensor4<Cpu>,
+struct Batch<D: Device<f32>> {
+    latents: Tensor4<D>,
+    noise: Tensor4<D>,
     timesteps: Vec<usize>,
     picked: Vec<usize>,
     /// The optimiser step and micro-batch it was drawn for.
@@ -1167,12 +1184,12 @@ struct Batch {
 }
 
 /// The text-encoder states of the picked items' captions, `[b, 77, d]`.
-fn batch_context(
+fn batch_context<D: Device<f32>>(
     items: &[Item],
-    contexts: &HashMap<String, Tensor3<Cpu>>,
+    contexts: &HashMap<String, Tensor3<D>>,
     picked: &[usize],
-) -> anyhow::Result<Tensor3<Cpu>> {
-    let parts: Vec<&Tensor3<Cpu>> = picked
+) -> anyhow::Result<Tensor3<D>> {
+    let parts: Vec<&Tensor3<D>> = picked
         .iter()
         .map(|&i| {
             contexts
@@ -1196,14 +1213,14 @@ fn mix(seed: u64, step: u64, micro: u64) -> u64 {
 
 /// Mean loss over a fixed evaluation set: up to 8 items at their latent means, fixed noise and
 /// timesteps spread over the range, no gradients.
-fn eval_loss(
-    unet: &UNet<Cpu>,
+fn eval_loss<D: Device<f32>>(
+    unet: &UNet<D>,
     ddpm: &Ddpm,
     items: &[Item],
-    contexts: &HashMap<String, Tensor3<Cpu>>,
+    contexts: &HashMap<String, Tensor3<D>>,
     scaling: f32,
     seed: u64,
-    dev: &Cpu,
+    dev: &D,
 ) -> anyhow::Result<f32> {
     let n = items.len().min(8);
     let mut total = 0.0f32;
@@ -1232,10 +1249,10 @@ fn eval_loss(
     Ok(total / n as f32)
 }
 
-fn save_checkpoint(
+fn save_checkpoint<D: Device<f32>>(
     scratch: &Path,
     network: &LoraNetwork,
-    optimizer: &AdamW<Cpu>,
+    optimizer: &AdamW<D>,
     state: &CheckpointState,
 ) -> anyhow::Result<()> {
     save_checkpoint_with(scratch, state, |dir| {
@@ -1330,7 +1347,7 @@ fn read_state<S: serde::de::DeserializeOwned>(dir: &Path) -> anyhow::Result<S> {
 
 impl TrainParams {
     /// A fresh optimiser and step 0, for a run with no usable checkpoint.
-    fn fresh_start(&self, dev: &Cpu) -> (AdamW<Cpu>, CheckpointState) {
+    fn fresh_start<D: Device<f32>>(&self, dev: &D) -> (AdamW<D>, CheckpointState) {
         let cfg = AdamWConfig {
             weight_decay: self.weight_decay,
             ..AdamWConfig::default()
@@ -1347,12 +1364,12 @@ impl TrainParams {
 }
 
 /// The newest readable LoRA checkpoint with this run's modules.
-fn load_checkpoint(
+fn load_checkpoint<D: Device<f32>>(
     scratch: &Path,
     known: &LoraNetwork,
-    dev: &Cpu,
+    dev: &D,
     ctx: &StageContext<'_>,
-) -> anyhow::Result<Option<(LoraNetwork, AdamW<Cpu>, CheckpointState)>> {
+) -> anyhow::Result<Option<(LoraNetwork, AdamW<D>, CheckpointState)>> {
     newest_checkpoint(scratch, ctx, |dir| {
         let state = read_state(dir)?;
         let (mut network, _) = read_lora(&dir.join("lora.safetensors"), None)?;
@@ -1414,10 +1431,10 @@ fn load_items(ctx: &StageContext<'_>, manifest: &LatentsManifest) -> anyhow::Res
     Ok(items)
 }
 
-fn save_ti_checkpoint(
+fn save_ti_checkpoint<D: Device<f32>>(
     scratch: &Path,
     embedding: &Embedding,
-    optimizer: &AdamW<Cpu>,
+    optimizer: &AdamW<D>,
     state: &CheckpointState,
 ) -> anyhow::Result<()> {
     save_checkpoint_with(scratch, state, |dir| {
@@ -1428,16 +1445,16 @@ fn save_ti_checkpoint(
 }
 
 /// What a textual-inversion checkpoint restores: vectors, optimiser, state.
-type TiResume = (Tensor2<Cpu>, AdamW<Cpu>, CheckpointState);
+type TiResume<D> = (Tensor2<D>, AdamW<D>, CheckpointState);
 
 /// The newest readable textual-inversion checkpoint (vectors, optimiser, state).
-fn load_ti_checkpoint(
+fn load_ti_checkpoint<D: Device<f32>>(
     scratch: &Path,
     token: &str,
     numel: usize,
-    dev: &Cpu,
+    dev: &D,
     ctx: &StageContext<'_>,
-) -> anyhow::Result<Option<TiResume>> {
+) -> anyhow::Result<Option<TiResume<D>>> {
     newest_checkpoint(scratch, ctx, |dir| {
         let state = read_state(dir)?;
         let (emb, _) = read_embedding(&dir.join("embedding.safetensors"), Some(token))?;
@@ -1454,9 +1471,9 @@ fn load_ti_checkpoint(
 }
 
 /// What differs between training methods inside the shared step loop ([`TrainParams::drive`]).
-trait StepMethod {
+trait StepMethod<D: Device<f32>> {
     /// The loss of one micro-batch and the gradients of the trained tensors, by name.
-    fn grads(&mut self, batch: &Batch) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)>;
+    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)>;
     /// One optimiser update with the averaged, clipped gradients.
     fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()>;
     /// Writes a resumable checkpoint of the trained tensors and the optimiser after `state`.
@@ -1464,18 +1481,18 @@ trait StepMethod {
 }
 
 /// LoRA: adapters installed on the UNet (and the text encoder).
-struct LoraSteps<'a> {
-    unet: &'a mut UNet<Cpu>,
+struct LoraSteps<'a, D: Device<f32>> {
+    unet: &'a mut UNet<D>,
     /// The text encoder when its adapters train too (contexts are then computed per batch).
-    text_encoder: Option<&'a mut TextEncoder<Cpu>>,
+    text_encoder: Option<&'a mut TextEncoder<D>>,
     ddpm: &'a Ddpm,
     items: &'a [Item],
     /// Frozen-text-encoder contexts by caption.
-    contexts: &'a HashMap<String, Tensor3<Cpu>>,
+    contexts: &'a HashMap<String, Tensor3<D>>,
     /// Token ids by caption.
     ids: &'a HashMap<String, Vec<u32>>,
     clip_skip: usize,
-    optimizer: &'a mut AdamW<Cpu>,
+    optimizer: &'a mut AdamW<D>,
     scratch: &'a Path,
     alpha: f32,
     dropout: f32,
@@ -1484,7 +1501,7 @@ struct LoraSteps<'a> {
     te_lr_factor: f64,
 }
 
-impl LoraSteps<'_> {
+impl<D: Device<f32>> LoraSteps<'_, D> {
     fn network(&mut self) -> LoraNetwork {
         let mut network = extract(self.unet, self.alpha);
         if let Some(te) = self.text_encoder.as_deref_mut() {
@@ -1494,8 +1511,8 @@ impl LoraSteps<'_> {
     }
 }
 
-impl StepMethod for LoraSteps<'_> {
-    fn grads(&mut self, batch: &Batch) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+impl<D: Device<f32>> StepMethod<D> for LoraSteps<'_, D> {
+    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         if self.dropout > 0.0 {
             let dropout_seed = mix(self.seed ^ 0xD80F_0F7A, batch.step, batch.micro);
             set_dropout(self.unet, self.dropout, dropout_seed);
@@ -1550,14 +1567,14 @@ impl StepMethod for LoraSteps<'_> {
 }
 
 /// Textual inversion: the token's vectors, fed through the frozen text encoder.
-struct TiSteps<'a> {
+struct TiSteps<'a, D: Device<f32>> {
     params: &'a TrainParams,
-    t2i: &'a TextToImage<Cpu>,
+    t2i: &'a TextToImage<D>,
     ddpm: &'a Ddpm,
     items: &'a [Item],
     ids: &'a HashMap<String, Vec<u32>>,
-    extra: &'a mut Tensor2<Cpu>,
-    optimizer: &'a mut AdamW<Cpu>,
+    extra: &'a mut Tensor2<D>,
+    optimizer: &'a mut AdamW<D>,
     scratch: &'a Path,
     token: &'a str,
     model_path: &'a Path,
@@ -1566,8 +1583,8 @@ struct TiSteps<'a> {
 /// The parameter name of the trained vectors (A1111's tensor name).
 const EMB_PARAMS: &str = "emb_params";
 
-impl StepMethod for TiSteps<'_> {
-    fn grads(&mut self, batch: &Batch) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+impl<D: Device<f32>> StepMethod<D> for TiSteps<'_, D> {
+    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         let batch_ids: Vec<Vec<u32>> = batch
             .picked
             .iter()
@@ -1594,7 +1611,7 @@ impl StepMethod for TiSteps<'_> {
         let dev = self.extra.device().clone();
         let grad = grads
             .get(EMB_PARAMS)
-            .and_then(|g| g.to_tensor::<(usize, usize), Cpu>(&dev))
+            .and_then(|g| g.to_tensor::<(usize, usize), D>(&dev))
             .context("no gradient for the embedding")?;
         Ok(self.optimizer.update(EMB_PARAMS, self.extra, &grad, lr)?)
     }

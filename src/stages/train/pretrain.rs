@@ -330,10 +330,10 @@ pub struct PretrainMetrics {
 }
 
 /// The three models being trained.
-struct Models {
-    unet: UNet<Cpu>,
-    vae: Vae<Cpu>,
-    text_encoder: TextEncoder<Cpu>,
+struct Models<D: Device<f32>> {
+    unet: UNet<D>,
+    vae: Vae<D>,
+    text_encoder: TextEncoder<D>,
 }
 
 const VAE: &str = "vae.";
@@ -459,8 +459,17 @@ impl PretrainParams {
 
     /// Runs both phases and writes `model.safetensors`.
     pub fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+        let rt = crate::device::open(ctx.pipeline.settings.device)?;
+        crate::on_device!(rt, dev => self.run_on(ctx, dev))
+    }
+
+    /// [`Self::run`] on the opened device.
+    fn run_on<D: Device<f32>>(
+        &self,
+        ctx: &StageContext<'_>,
+        dev: D,
+    ) -> anyhow::Result<StageResult> {
         let seed = ctx.pipeline.settings.seed;
-        let dev = Cpu::default();
         let tokenizer = ClipTokenizer::bundled()?;
         let ddpm = Ddpm::new(&SchedulerConfig::sd15())?;
         let (mut configs, mut models) = match self.init {
@@ -681,15 +690,15 @@ impl PretrainParams {
 
     /// After a step: progress, divergence check, checkpoint.
     #[allow(clippy::too_many_arguments)]
-    fn advance(
+    fn advance<D: Device<f32>>(
         &self,
         ctx: &StageContext<'_>,
         bar: &indicatif::ProgressBar,
         state: &mut PretrainState,
         loss: f32,
         phase: &str,
-        models: &mut Models,
-        optimizer: &AdamW<Cpu>,
+        models: &mut Models<D>,
+        optimizer: &AdamW<D>,
     ) -> anyhow::Result<()> {
         if !loss.is_finite() {
             bail!(
@@ -748,7 +757,11 @@ impl PretrainParams {
 
     /// `batch_size` rendered scenes `[b, 3, r, r]` in [-1, 1] and their captions.
     /// Random initial weights (PyTorch's default ranges), the same for every run of a seed.
-    fn random_models(&self, seed: u64, dev: &Cpu) -> anyhow::Result<(StoredConfigs, Models)> {
+    fn random_models<D: Device<f32>>(
+        &self,
+        seed: u64,
+        dev: &D,
+    ) -> anyhow::Result<(StoredConfigs, Models<D>)> {
         let configs = self
             .architecture
             .clone()
@@ -766,11 +779,11 @@ impl PretrainParams {
     }
 
     /// The pipeline's base model, whose architecture must take `resolution`-pixel images.
-    fn base_models(
+    fn base_models<D: Device<f32>>(
         &self,
         ctx: &StageContext<'_>,
-        dev: &Cpu,
-    ) -> anyhow::Result<(StoredConfigs, Models)> {
+        dev: &D,
+    ) -> anyhow::Result<(StoredConfigs, Models<D>)> {
         let path = ctx
             .pipeline
             .settings
@@ -802,7 +815,12 @@ impl PretrainParams {
         ))
     }
 
-    fn world_batch(&self, seed: u64, n: usize, dev: &Cpu) -> (Tensor4<Cpu>, Vec<String>) {
+    fn world_batch<D: Device<f32>>(
+        &self,
+        seed: u64,
+        n: usize,
+        dev: &D,
+    ) -> (Tensor4<D>, Vec<String>) {
         let r = self.resolution as usize;
         let mut data = Vec::with_capacity(n * 3 * r * r);
         let mut captions = Vec::with_capacity(n);
@@ -816,7 +834,7 @@ impl PretrainParams {
     }
 
     /// N(0, 1) noise of the latent shape of a batch.
-    fn latent_noise(&self, seed: u64, vae: &VaeConfig, dev: &Cpu) -> Tensor4<Cpu> {
+    fn latent_noise<D: Device<f32>>(&self, seed: u64, vae: &VaeConfig, dev: &D) -> Tensor4<D> {
         let h = self.resolution as usize / vae.downsampling_factor();
         let shape = (self.vae_batch_size, vae.latent_channels, h, h);
         let mut src = SeededNoise::new(seed);
@@ -827,15 +845,15 @@ impl PretrainParams {
     }
 
     /// The VAE loss of a batch and its gradients.
-    fn vae_loss(
+    fn vae_loss<D: Device<f32>>(
         &self,
-        vae: &Vae<Cpu>,
-        images: Tensor4<Cpu>,
-        eps: Tensor4<Cpu>,
-    ) -> anyhow::Result<(f32, Gradients<f32, Cpu>)> {
+        vae: &Vae<D>,
+        images: Tensor4<D>,
+        eps: Tensor4<D>,
+    ) -> anyhow::Result<(f32, Gradients<f32, D>)> {
         let (mean, logvar) = vae.encode_moments(images.leaky_trace())?;
-        let std = (logvar.retaped::<OwnedTape<f32, Cpu>>() * 0.5).exp();
-        let z = mean.retaped::<OwnedTape<f32, Cpu>>() + std * eps;
+        let std = (logvar.retaped::<OwnedTape<f32, D>>() * 0.5).exp();
+        let z = mean.retaped::<OwnedTape<f32, D>>() + std * eps;
         let recon = vae.decode(z)?;
         let rec = if self.reconstruction == "mse" {
             mse_loss(recon, images.clone())
@@ -844,7 +862,7 @@ impl PretrainParams {
         };
         // KL(N(m, s²) ‖ N(0, 1)) = ½ Σ (m² + s² − 1 − log s²), per image, over the pixel values.
         let (b, c, h, w) = *images.shape();
-        let kl = (mean.square() + logvar.retaped::<OwnedTape<f32, Cpu>>().exp() - logvar - 1.0)
+        let kl = (mean.square() + logvar.retaped::<OwnedTape<f32, D>>().exp() - logvar - 1.0)
             .sum::<Rank0, _>()
             * (0.5 / (b * c * h * w) as f32);
         let loss = rec + kl * self.kl_weight as f32;
@@ -853,7 +871,12 @@ impl PretrainParams {
     }
 
     /// `1 / std` of the latent means of 64 held-out images.
-    fn latent_scaling(&self, vae: &Vae<Cpu>, seed: u64, dev: &Cpu) -> anyhow::Result<f64> {
+    fn latent_scaling<D: Device<f32>>(
+        &self,
+        vae: &Vae<D>,
+        seed: u64,
+        dev: &D,
+    ) -> anyhow::Result<f64> {
         let mut values = Vec::new();
         for k in 0..4 {
             let (images, _) = self.world_batch(mix(seed, u64::MAX - k as u64, 0), 16, dev);
@@ -870,7 +893,7 @@ impl PretrainParams {
     }
 
     /// Reconstruction PSNR (dB, images in [0, 1]) of 32 held-out images at their latent means.
-    fn vae_psnr(&self, vae: &Vae<Cpu>, seed: u64, dev: &Cpu) -> anyhow::Result<f64> {
+    fn vae_psnr<D: Device<f32>>(&self, vae: &Vae<D>, seed: u64, dev: &D) -> anyhow::Result<f64> {
         let mut se = 0.0f64;
         let mut n = 0usize;
         for k in 0..2 {
@@ -894,7 +917,7 @@ const INITIAL_LOGVAR: f32 = -6.0;
 
 /// Sets the bias of the log-variance half of the encoder's last conv (`quant_conv`, or
 /// `conv_out` without it) to [`INITIAL_LOGVAR`].
-fn small_initial_variance(vae: &mut Vae<Cpu>, dev: &Cpu) {
+fn small_initial_variance<D: Device<f32>>(vae: &mut Vae<D>, dev: &D) {
     let z = vae.config.latent_channels;
     let conv = match &mut vae.quant_conv {
         Some(q) => q,
@@ -918,12 +941,12 @@ fn prefixed(prefix: &str, grads: BTreeMap<String, HostTensor>) -> BTreeMap<Strin
 }
 
 /// The newest readable checkpoint, loaded into `models`.
-fn load_pretrain_checkpoint(
+fn load_pretrain_checkpoint<D: Device<f32>>(
     scratch: &Path,
-    models: &mut Models,
-    dev: &Cpu,
+    models: &mut Models<D>,
+    dev: &D,
     ctx: &StageContext<'_>,
-) -> anyhow::Result<Option<(AdamW<Cpu>, PretrainState)>> {
+) -> anyhow::Result<Option<(AdamW<D>, PretrainState)>> {
     let found = newest_checkpoint(scratch, ctx, |dir| -> anyhow::Result<_> {
         let state: PretrainState = read_state(dir)?;
         let mut unet = models.unet.clone();
