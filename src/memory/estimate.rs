@@ -691,10 +691,19 @@ pub fn estimate_train(
     let weight_copies = if shape.device == "cpu" {
         taped_weights * F32
     } else {
-        match part {
+        let frozen = match part {
             TrainedPart::FullUnet { .. } => 0,
             _ => taped_weights * F32,
-        }
+        };
+        // Off the CPU, a checkpointed block hands its parameters' gradients back through a
+        // dfdx product whose two operand-sized gradient buffers stay in the map
+        // (`nn::checkpoint`): two more copies of what trains.
+        let handed_back = if shape.gradient_checkpointing {
+            2 * trainable * F32
+        } else {
+            0
+        };
+        frozen + handed_back
     };
     let runtime = RUNTIME_OVERHEAD;
     MemoryEstimate {
@@ -859,17 +868,26 @@ mod tests {
                 ("full", &full, 4),
                 ("ti", &ti, 4),
             ] {
-                let e = estimate_train(&sd15(), part, &shape(batch, 512, device));
-                println!(
-                    "{device} {name} b{batch}: total {:.2} GiB = weights {:.2} + state {:.2} + activations {:.2} + weight copies {:.2}",
-                    gib(e.total),
-                    gib(e.weights),
-                    gib(e.training_state),
-                    gib(e.activations),
-                    gib(e.weight_copies)
-                );
-                if name == "lora" && batch == 1 {
-                    assert!(gib(e.total) < 24.0, "{e:?}");
+                for checkpointing in [false, true] {
+                    let mut s = shape(batch, 512, device);
+                    s.gradient_checkpointing = checkpointing;
+                    let e = estimate_train(&sd15(), part, &s);
+                    println!(
+                        "{device} {name} b{batch}{}: total {:.2} GiB = weights {:.2} + state {:.2} + activations {:.2} + weight copies {:.2}",
+                        if checkpointing {
+                            " (checkpointing)"
+                        } else {
+                            ""
+                        },
+                        gib(e.total),
+                        gib(e.weights),
+                        gib(e.training_state),
+                        gib(e.activations),
+                        gib(e.weight_copies)
+                    );
+                    if name == "lora" && batch == 1 {
+                        assert!(gib(e.total) < 24.0, "{e:?}");
+                    }
                 }
             }
         }

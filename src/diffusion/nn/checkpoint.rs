@@ -78,7 +78,9 @@ fn add_gradient<D: Device<f32>>(
         return Ok(());
     }
     // Other devices: through dfdx's own backward pass, whose ops add into existing gradients:
-    // d/dt sum(t · g) = g.
+    // d/dt sum(t · g) = g. The product's and `g`'s gradient buffers (each the size of `t`)
+    // stay in the map: two copies of every handed-back tensor, which the memory estimate
+    // counts; a device kernel adding into the buffer in place would remove them.
     let outer = std::mem::replace(grads, Gradients::leaky());
     let loss = (t.clone().trace(outer) * g.clone()).sum();
     *grads = loss.try_backward()?;
