@@ -446,6 +446,22 @@ pub fn named_grads<D: Device<f32>>(
     out
 }
 
+/// Calls `f(name, param)` for every parameter of `model`, named `layer.suffix`, mutably; stops
+/// at (and returns) the first error.
+pub fn try_for_each_named_param<D: Device<f32>, E>(
+    model: &mut impl Layers<D>,
+    mut f: impl FnMut(&str, ParamMut<'_, D>) -> Result<(), E>,
+) -> Result<(), E> {
+    let mut result = Ok(());
+    model.visit_layers("", &mut |name, mut layer| {
+        if result.is_ok() {
+            result =
+                layer.try_for_each_param(|suffix, param| f(&format!("{name}.{suffix}"), param));
+        }
+    });
+    result
+}
+
 /// Total number of parameters of `model`.
 pub fn count_params<D: Device<f32>>(model: &mut impl Layers<D>) -> usize {
     let mut n = 0;

@@ -329,42 +329,35 @@ pub fn update_layers<D: Device<f32>, M: crate::diffusion::params::Layers<D>>(
     optimizer: &mut AdamW<D>,
     lr: f64,
 ) -> anyhow::Result<()> {
-    use crate::diffusion::params::ParamMut;
+    use crate::diffusion::params::{ParamMut, try_for_each_named_param};
     use anyhow::Context as _;
-    let mut result = Ok(());
-    model.visit_layers("", &mut |name, mut layer| {
-        if result.is_err() {
-            return;
-        }
-        result = layer.try_for_each_param(|suffix, param| {
-            let key = format!("{prefix}{name}.{suffix}");
-            let grad = grads
-                .get(&key)
-                .with_context(|| format!("no gradient for `{key}`"))?;
-            let shape_err = || anyhow::anyhow!("gradient of `{key}` has shape {:?}", grad.shape);
-            match param {
-                ParamMut::T1(t) => {
-                    let dev = t.device().clone();
-                    let g = grad.to_tensor::<(usize,), D>(&dev).ok_or_else(shape_err)?;
-                    optimizer.update(&key, t, &g, lr)?;
-                }
-                ParamMut::T2(t) => {
-                    let dev = t.device().clone();
-                    let g = grad
-                        .to_tensor::<(usize, usize), D>(&dev)
-                        .ok_or_else(shape_err)?;
-                    optimizer.update(&key, t, &g, lr)?;
-                }
-                ParamMut::T4(t) => {
-                    let dev = t.device().clone();
-                    let g = grad
-                        .to_tensor::<(usize, usize, usize, usize), D>(&dev)
-                        .ok_or_else(shape_err)?;
-                    optimizer.update(&key, t, &g, lr)?;
-                }
+    try_for_each_named_param(model, |name, param| {
+        let key = format!("{prefix}{name}");
+        let grad = grads
+            .get(&key)
+            .with_context(|| format!("no gradient for `{key}`"))?;
+        let shape_err = || anyhow::anyhow!("gradient of `{key}` has shape {:?}", grad.shape);
+        match param {
+            ParamMut::T1(t) => {
+                let dev = t.device().clone();
+                let g = grad.to_tensor::<(usize,), D>(&dev).ok_or_else(shape_err)?;
+                optimizer.update(&key, t, &g, lr)?;
             }
-            Ok(())
-        });
-    });
-    result
+            ParamMut::T2(t) => {
+                let dev = t.device().clone();
+                let g = grad
+                    .to_tensor::<(usize, usize), D>(&dev)
+                    .ok_or_else(shape_err)?;
+                optimizer.update(&key, t, &g, lr)?;
+            }
+            ParamMut::T4(t) => {
+                let dev = t.device().clone();
+                let g = grad
+                    .to_tensor::<(usize, usize, usize, usize), D>(&dev)
+                    .ok_or_else(shape_err)?;
+                optimizer.update(&key, t, &g, lr)?;
+            }
+        }
+        Ok(())
+    })
 }

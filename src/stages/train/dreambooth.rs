@@ -17,7 +17,9 @@ use super::{
     load_items, newest_checkpoint, read_state, save_checkpoint_with, schedule,
 };
 use crate::diffusion::nn::Tensor3;
-use crate::diffusion::params::{Layers, ParamMut, count_params, named_grads, set_trainable};
+use crate::diffusion::params::{
+    Layers, ParamMut, count_params, named_grads, set_trainable, try_for_each_named_param,
+};
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::weights::single_file::StoredConfigs;
 use crate::diffusion::{TextEncoder, UNet};
@@ -405,48 +407,38 @@ pub(super) fn load_weights<D: Device<f32>, M: Layers<D>>(
     model: &mut M,
     weights: &BTreeMap<String, HostTensor>,
 ) -> anyhow::Result<()> {
-    let mut result = Ok(());
-    model.visit_layers("", &mut |name, mut layer| {
-        if result.is_err() {
-            return;
-        }
-        result = layer.try_for_each_param(|suffix, param| {
-            let key = format!("{name}.{suffix}");
-            let w = weights
-                .get(&key)
-                .with_context(|| format!("the checkpoint has no tensor `{key}`"))?;
-            let bad = || anyhow::anyhow!("tensor `{key}` has shape {:?}", w.shape);
-            match param {
-                ParamMut::T1(t) => {
-                    let n = w.to_tensor::<(usize,), D>(t.device()).ok_or_else(bad)?;
-                    if n.shape() != t.shape() {
-                        return Err(bad());
-                    }
-                    *t = n;
-                }
-                ParamMut::T2(t) => {
-                    let n = w
-                        .to_tensor::<(usize, usize), D>(t.device())
-                        .ok_or_else(bad)?;
-                    if n.shape() != t.shape() {
-                        return Err(bad());
-                    }
-                    *t = n;
-                }
-                ParamMut::T4(t) => {
-                    let n = w
-                        .to_tensor::<(usize, usize, usize, usize), D>(t.device())
-                        .ok_or_else(bad)?;
-                    if n.shape() != t.shape() {
-                        return Err(bad());
-                    }
-                    *t = n;
-                }
+    try_for_each_named_param(model, |key, param| {
+        let w = weights
+            .get(key)
+            .with_context(|| format!("the checkpoint has no tensor `{key}`"))?;
+        let bad = || anyhow::anyhow!("tensor `{key}` has shape {:?}", w.shape);
+        fn replace<S: Shape, D: Device<f32>>(
+            t: &mut Tensor<S, f32, D>,
+            n: Option<Tensor<S, f32, D>>,
+            bad: impl Fn() -> anyhow::Error,
+        ) -> anyhow::Result<()> {
+            let n = n.ok_or_else(&bad)?;
+            if n.shape() != t.shape() {
+                return Err(bad());
             }
+            *t = n;
             Ok(())
-        });
-    });
-    result
+        }
+        match param {
+            ParamMut::T1(t) => {
+                let n = w.to_tensor::<(usize,), D>(t.device());
+                replace(t, n, bad)
+            }
+            ParamMut::T2(t) => {
+                let n = w.to_tensor::<(usize, usize), D>(t.device());
+                replace(t, n, bad)
+            }
+            ParamMut::T4(t) => {
+                let n = w.to_tensor::<(usize, usize, usize, usize), D>(t.device());
+                replace(t, n, bad)
+            }
+        }
+    })
 }
 
 /// The newest readable full checkpoint, loaded into `unet` (and `text_encoder` when it
