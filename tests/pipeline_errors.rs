@@ -85,6 +85,20 @@ fn invalid_device_says_what_is_allowed() {
 }
 
 #[test]
+fn half_precision_is_refused_until_it_exists() {
+    let text = BASIC.replace("seed = 1", "seed = 1\nprecision = \"bf16\"");
+    assert_error(
+        &text,
+        5,
+        1,
+        &[
+            "precision bf16 is not implemented yet",
+            "precision = \"f32\"",
+        ],
+    );
+}
+
+#[test]
 fn unknown_stage_in_needs() {
     let text = BASIC.replace("needs = [\"caption\"]", "needs = [\"captoin\"]");
     assert_error(
