@@ -7,29 +7,9 @@ mod common;
 use common::{Project, Run};
 
 fn pipeline(batch: usize) -> String {
-    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let start = common::tiny_latents_pipeline(5);
     format!(
-        r#"
-[pipeline]
-name = "t"
-seed = 5
-base_model = "{fixtures}/tiny-sd"
-
-[stage.caption]
-kind = "caption"
-images = "images"
-template = "a photo of {{token}}"
-token = "zorb"
-
-[stage.preprocess]
-kind = "preprocess"
-needs = ["caption"]
-resolution = 16
-
-[stage.latents]
-kind = "encode_latents"
-needs = ["preprocess"]
-
+        r#"{start}
 [stage.train_lora]
 kind = "train"
 needs = ["latents"]

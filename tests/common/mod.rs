@@ -178,6 +178,36 @@ impl Project {
 }
 
 /// Waits until `cond` holds, for at most 60 s.
+/// The start every training test's pipeline shares: `[pipeline]` on the tiny fixture model
+/// (name `t`, `seed`), then `caption` (the project's `images/`, "a photo of zorb"),
+/// `preprocess` at 16 px and `latents` (encode_latents). Append the stages under test.
+pub fn tiny_latents_pipeline(seed: u64) -> String {
+    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    format!(
+        r#"
+[pipeline]
+name = "t"
+seed = {seed}
+base_model = "{fixtures}/tiny-sd"
+
+[stage.caption]
+kind = "caption"
+images = "images"
+template = "a photo of {{token}}"
+token = "zorb"
+
+[stage.preprocess]
+kind = "preprocess"
+needs = ["caption"]
+resolution = 16
+
+[stage.latents]
+kind = "encode_latents"
+needs = ["preprocess"]
+"#
+    )
+}
+
 pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
     while !cond() {
