@@ -7,7 +7,7 @@ use dfdx::prelude::*;
 use super::error::Result;
 use super::hypernetwork::HyperStack;
 use super::nn::checkpoint::{checkpoint, flat_view, hypernetwork_params, trainable_params};
-use super::nn::host::{geglu, is_cpu};
+use super::nn::elem::Elem;
 use super::nn::{
     Conv2d, DEFAULT_ATTENTION_CHUNK, GroupNorm, LayerNorm, Linear, Padding2d, Tensor3, Tensor4,
     gelu, merge_heads, scaled_dot_product_attention, split_heads,
@@ -17,27 +17,27 @@ use super::weights::Loader;
 /// diffusers `Attention` as SD 1.x uses it: bias-free q/k/v projections, a biased output
 /// projection, `heads` heads of width `inner / heads`.
 #[derive(Debug, Clone)]
-pub struct CrossAttention<D: Storage<f32>> {
+pub struct CrossAttention<D: Storage<E>, E = f32> {
     /// `[inner, query_dim]`, no bias.
-    pub to_q: Linear<D>,
+    pub to_q: Linear<D, E>,
     /// `[inner, context_dim]`, no bias.
-    pub to_k: Linear<D>,
+    pub to_k: Linear<D, E>,
     /// `[inner, context_dim]`, no bias.
-    pub to_v: Linear<D>,
+    pub to_v: Linear<D, E>,
     /// `to_out.0`: `[query_dim, inner]` with bias.
-    pub to_out: Linear<D>,
+    pub to_out: Linear<D, E>,
     /// Number of heads.
     pub heads: usize,
     /// Queries per attention chunk (bounds the memory of long self-attention).
     pub chunk: usize,
     /// A1111 hypernetworks transforming the context of the keys and of the values.
-    pub hypernetwork: Option<HyperStack<D>>,
+    pub hypernetwork: Option<HyperStack<D, E>>,
 }
 
-impl<D: Device<f32>> CrossAttention<D> {
+impl<E: Elem, D: Device<E>> CrossAttention<D, E> {
     /// Loads `to_q`, `to_k`, `to_v`, `to_out.0`.
     pub fn load(
-        l: &Loader<D>,
+        l: &Loader<D, E>,
         query_dim: usize,
         context_dim: usize,
         heads: usize,
@@ -58,11 +58,11 @@ impl<D: Device<f32>> CrossAttention<D> {
     /// `x: [b, n, query_dim]` attending to `context: [b, m, context_dim]` (or to itself when
     /// `None`) -> `[b, n, query_dim]`. The context is re-taped here (see
     /// [`super::resnet::ResnetBlock2D::forward`] for the convention).
-    pub fn forward<T: Tape<f32, D>>(
+    pub fn forward<T: Tape<E, D>>(
         &self,
-        x: Tensor3<D, T>,
-        context: Option<&Tensor3<D>>,
-    ) -> Tensor3<D, T> {
+        x: Tensor3<D, T, E>,
+        context: Option<&Tensor3<D, NoneTape, E>>,
+    ) -> Tensor3<D, T, E> {
         let (q, k, v) = match (context, &self.hypernetwork) {
             (None, None) => (
                 self.to_q.forward(x.retaped::<T>()),
@@ -107,16 +107,16 @@ impl<D: Device<f32>> CrossAttention<D> {
 /// GEGLU feed-forward: `ff.net.0.proj` (C -> 2F) split into `h, gate`, `h * gelu(gate)`, then
 /// `ff.net.2` (F -> C).
 #[derive(Debug, Clone)]
-pub struct FeedForward<D: Storage<f32>> {
+pub struct FeedForward<D: Storage<E>, E = f32> {
     /// `ff.net.0.proj`: `[2F, C]`.
-    pub proj: Linear<D>,
+    pub proj: Linear<D, E>,
     /// `ff.net.2`: `[C, F]`.
-    pub out: Linear<D>,
+    pub out: Linear<D, E>,
 }
 
-impl<D: Device<f32>> FeedForward<D> {
+impl<E: Elem, D: Device<E>> FeedForward<D, E> {
     /// Loads a GEGLU feed-forward of width `dim` with inner width `4 * dim`.
-    pub fn load(l: &Loader<D>, dim: usize) -> Result<Self> {
+    pub fn load(l: &Loader<D, E>, dim: usize) -> Result<Self> {
         let inner = 4 * dim;
         Ok(Self {
             proj: Linear::load(&l.pp("net").pp(0).pp("proj"), dim, 2 * inner, true)?,
@@ -125,12 +125,13 @@ impl<D: Device<f32>> FeedForward<D> {
     }
 
     /// `[b, n, C] -> [b, n, C]`
-    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor3<D, T>) -> Tensor3<D, T> {
+    pub fn forward<T: Tape<E, D>>(&self, x: Tensor3<D, T, E>) -> Tensor3<D, T, E> {
         // [b, n, 2F]
         let h = self.proj.forward(x);
-        if is_cpu::<D>() {
-            return self.out.forward(geglu(h));
-        }
+        let h = match E::fused_geglu(h) {
+            Ok(g) => return self.out.forward(g),
+            Err(h) => h,
+        };
         let f = h.shape().2 / 2;
         // two non-overlapping slices of a tensor used nowhere else (see nn's slice caveat)
         let gate = gelu(h.retaped::<T>().slice((.., .., f..2 * f)));
@@ -142,25 +143,25 @@ impl<D: Device<f32>> FeedForward<D> {
 /// diffusers `BasicTransformerBlock` (pre-LN): self-attention, cross-attention, feed-forward,
 /// each with a residual.
 #[derive(Debug, Clone)]
-pub struct BasicTransformerBlock<D: Storage<f32>> {
+pub struct BasicTransformerBlock<D: Storage<E>, E = f32> {
     /// Norm before self-attention.
-    pub norm1: LayerNorm<D>,
+    pub norm1: LayerNorm<D, E>,
     /// Self-attention.
-    pub attn1: CrossAttention<D>,
+    pub attn1: CrossAttention<D, E>,
     /// Norm before cross-attention.
-    pub norm2: LayerNorm<D>,
+    pub norm2: LayerNorm<D, E>,
     /// Cross-attention on the text states.
-    pub attn2: CrossAttention<D>,
+    pub attn2: CrossAttention<D, E>,
     /// Norm before the feed-forward.
-    pub norm3: LayerNorm<D>,
+    pub norm3: LayerNorm<D, E>,
     /// GEGLU feed-forward.
-    pub ff: FeedForward<D>,
+    pub ff: FeedForward<D, E>,
 }
 
-impl<D: Device<f32>> BasicTransformerBlock<D> {
+impl<E: Elem, D: Device<E>> BasicTransformerBlock<D, E> {
     /// Loads one block of width `dim`.
     pub fn load(
-        l: &Loader<D>,
+        l: &Loader<D, E>,
         dim: usize,
         context_dim: usize,
         heads: usize,
@@ -177,11 +178,11 @@ impl<D: Device<f32>> BasicTransformerBlock<D> {
     }
 
     /// `[b, n, dim] -> [b, n, dim]`
-    pub fn forward<T: Tape<f32, D>>(
+    pub fn forward<T: Tape<E, D>>(
         &self,
-        x: Tensor3<D, T>,
-        context: &Tensor3<D>,
-    ) -> Tensor3<D, T> {
+        x: Tensor3<D, T, E>,
+        context: &Tensor3<D, NoneTape, E>,
+    ) -> Tensor3<D, T, E> {
         let x = self
             .attn1
             .forward(self.norm1.forward(x.retaped::<T>()), None)
@@ -197,11 +198,11 @@ impl<D: Device<f32>> BasicTransformerBlock<D> {
 /// `proj_in` / `proj_out` of a `Transformer2DModel`: a 1x1 conv (SD 1.x,
 /// `use_linear_projection = false`) or a linear layer.
 #[derive(Debug, Clone)]
-pub enum Projection<D: Storage<f32>> {
+pub enum Projection<D: Storage<E>, E = f32> {
     /// 1x1 convolution on `[b, c, h, w]`.
-    Conv(Conv2d<D>),
+    Conv(Conv2d<D, E>),
     /// Linear layer on `[b, h*w, c]`.
-    Linear(Linear<D>),
+    Linear(Linear<D, E>),
 }
 
 /// Configuration of one `Transformer2DModel`.
@@ -226,24 +227,24 @@ pub struct Transformer2DConfig {
 /// diffusers `Transformer2DModel` (continuous input): GroupNorm (eps 1e-6), `proj_in`,
 /// transformer blocks over the `h*w` tokens, `proj_out`, plus the input.
 #[derive(Debug, Clone)]
-pub struct Transformer2D<D: Storage<f32>> {
+pub struct Transformer2D<D: Storage<E>, E = f32> {
     /// Input GroupNorm (eps 1e-6).
-    pub norm: GroupNorm<D>,
+    pub norm: GroupNorm<D, E>,
     /// Input projection.
-    pub proj_in: Projection<D>,
+    pub proj_in: Projection<D, E>,
     /// Transformer blocks.
-    pub transformer_blocks: Vec<BasicTransformerBlock<D>>,
+    pub transformer_blocks: Vec<BasicTransformerBlock<D, E>>,
     /// Output projection.
-    pub proj_out: Projection<D>,
+    pub proj_out: Projection<D, E>,
     /// Gradient checkpointing under a tape (see [`crate::diffusion::nn::checkpoint`]).
     pub checkpoint: bool,
 }
 
-impl<D: Device<f32>> Transformer2D<D> {
+impl<E: Elem, D: Device<E>> Transformer2D<D, E> {
     /// Loads `norm`, `proj_in`, `transformer_blocks.*`, `proj_out`.
-    pub fn load(l: &Loader<D>, c: &Transformer2DConfig) -> Result<Self> {
+    pub fn load(l: &Loader<D, E>, c: &Transformer2DConfig) -> Result<Self> {
         let inner = c.heads * c.head_dim;
-        let proj = |name: &str, i: usize, o: usize| -> Result<Projection<D>> {
+        let proj = |name: &str, i: usize, o: usize| -> Result<Projection<D, E>> {
             Ok(if c.use_linear_projection {
                 Projection::Linear(Linear::load(&l.pp(name), i, o, true)?)
             } else {
@@ -278,11 +279,11 @@ impl<D: Device<f32>> Transformer2D<D> {
     }
 
     /// `[b, c, h, w]` with text states `[b, m, context_dim]` -> `[b, c, h, w]`.
-    pub fn forward<T: Tape<f32, D>>(
+    pub fn forward<T: Tape<E, D>>(
         &self,
-        x: Tensor4<D, T>,
-        context: &Tensor3<D>,
-    ) -> Tensor4<D, T> {
+        x: Tensor4<D, T, E>,
+        context: &Tensor3<D, NoneTape, E>,
+    ) -> Tensor4<D, T, E> {
         if self.checkpoint && T::OWNS_TAPE {
             let mut block = self.clone();
             block.checkpoint = false;

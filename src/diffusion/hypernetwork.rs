@@ -10,6 +10,8 @@
 
 use dfdx::prelude::*;
 
+use crate::diffusion::nn::elem::{Elem, elems, lit};
+
 use super::nn::{Tensor1, Tensor2, Tensor3, gelu, silu};
 
 /// The activations A1111's `activation_dict` offers (the torch activation class, lower-cased).
@@ -88,24 +90,24 @@ impl HyperActivation {
     }
 
     /// Applies the activation elementwise.
-    pub fn apply<S: Shape, D: Device<f32>, T: Tape<f32, D>>(
+    pub fn apply<S: Shape, E: Elem, D: Device<E>, T: Tape<E, D>>(
         self,
-        x: Tensor<S, f32, D, T>,
-    ) -> Tensor<S, f32, D, T> {
+        x: Tensor<S, E, D, T>,
+    ) -> Tensor<S, E, D, T> {
         // exp(min(x, 0)) - 1, written with relu so its gradient is exact on both sides
-        let expm1_neg = |x: Tensor<S, f32, D, T>| (x.negate().relu().negate()).exp() - 1.0;
+        let expm1_neg = |x: Tensor<S, E, D, T>| (x.negate().relu().negate()).exp() - lit::<E>(1.0);
         // softplus(x) = relu(x) + ln(1 + exp(-|x|)), stable for large |x|
-        let softplus = |x: Tensor<S, f32, D, T>| {
+        let softplus = |x: Tensor<S, E, D, T>| {
             let abs = x.retaped::<T>().relu() + x.retaped::<T>().negate().relu();
-            x.relu() + ((abs.negate().exp()) + 1.0).ln()
+            x.relu() + ((abs.negate().exp()) + lit::<E>(1.0)).ln()
         };
         match self {
             Self::Linear => x,
             Self::Relu => x.relu(),
-            Self::LeakyRelu => x.retaped::<T>().relu() - x.negate().relu() * 0.01,
+            Self::LeakyRelu => x.retaped::<T>().relu() - x.negate().relu() * lit::<E>(0.01),
             Self::Elu => x.retaped::<T>().relu() + expm1_neg(x),
             Self::Hardswish => {
-                let gate = (x.retaped::<T>() + 3.0).clamp(0.0, 6.0) / 6.0;
+                let gate = (x.retaped::<T>() + lit::<E>(3.0)).clamp(0.0, 6.0) / lit::<E>(6.0);
                 x * gate
             }
             Self::Tanh => x.tanh(),
@@ -121,32 +123,35 @@ impl HyperActivation {
             Self::Selu => {
                 const ALPHA: f32 = 1.673_263_2;
                 const SCALE: f32 = 1.050_701;
-                (x.retaped::<T>().relu() + expm1_neg(x) * ALPHA) * SCALE
+                (x.retaped::<T>().relu() + expm1_neg(x) * lit::<E>(ALPHA)) * lit::<E>(SCALE)
             }
         }
     }
 }
 
+/// A LayerNorm's `(weight, bias)`.
+pub type AffinePair<D, E = f32> = (Tensor1<D, NoneTape, E>, Tensor1<D, NoneTape, E>);
+
 /// One linear of a hypernetwork MLP with what follows it in A1111's Sequential.
 #[derive(Debug, Clone)]
-pub struct HyperLayer<D: Storage<f32>> {
+pub struct HyperLayer<D: Storage<E>, E = f32> {
     /// `[out, in]`.
-    pub weight: Tensor2<D>,
+    pub weight: Tensor2<D, NoneTape, E>,
     /// `[out]`.
-    pub bias: Tensor1<D>,
+    pub bias: Tensor1<D, NoneTape, E>,
     /// Whether the activation follows this linear.
     pub activate: bool,
     /// LayerNorm `(weight [out], bias [out])` after the activation.
-    pub layer_norm: Option<(Tensor1<D>, Tensor1<D>)>,
+    pub layer_norm: Option<AffinePair<D, E>>,
     /// Dropout probability after it (0: no dropout layer).
     pub dropout: f32,
 }
 
 /// One hypernetwork MLP (the k or the v module of a width).
 #[derive(Debug, Clone)]
-pub struct HyperMlp<D: Storage<f32>> {
+pub struct HyperMlp<D: Storage<E>, E = f32> {
     /// The linears in order.
-    pub layers: Vec<HyperLayer<D>>,
+    pub layers: Vec<HyperLayer<D, E>>,
     /// The activation.
     pub activation: HyperActivation,
 }
@@ -154,7 +159,7 @@ pub struct HyperMlp<D: Storage<f32>> {
 /// torch's LayerNorm epsilon.
 const LAYER_NORM_EPS: f64 = 1e-5;
 
-impl<D: Device<f32>> HyperMlp<D> {
+impl<E: Elem, D: Device<E>> HyperMlp<D, E> {
     /// Context width it takes and returns.
     pub fn width(&self) -> usize {
         self.layers.first().map_or(0, |l| l.weight.shape().1)
@@ -164,17 +169,17 @@ impl<D: Device<f32>> HyperMlp<D> {
     /// layers draw their masks (keep with probability `1 - p`, kept values scaled by
     /// `1 / (1 - p)`, as torch's training mode does) from that seed; without it they are off
     /// (inference).
-    pub fn forward<T: Tape<f32, D>>(
+    pub fn forward<T: Tape<E, D>>(
         &self,
-        x: Tensor3<D, T>,
+        x: Tensor3<D, T, E>,
         multiplier: f32,
         dropout_seed: Option<u64>,
-    ) -> Tensor3<D, T> {
+    ) -> Tensor3<D, T, E> {
         let (b, n, d) = *x.shape();
         let m = b * n;
         let dev = x.device().clone();
         // [m, d]
-        let mut h: Tensor2<D, T> = x.retaped::<T>().reshape_like(&(m, d));
+        let mut h: Tensor2<D, T, E> = x.retaped::<T>().reshape_like(&(m, d));
         for (i, layer) in self.layers.iter().enumerate() {
             let out = layer.weight.shape().0;
             // [m, in] x [in, out] -> [m, out]
@@ -197,11 +202,11 @@ impl<D: Device<f32>> HyperMlp<D> {
                     m * out,
                     layer.dropout,
                 );
-                h = h * dev.tensor_from_vec(mask, (m, out));
+                h = h * dev.tensor_from_vec(elems(mask), (m, out));
             }
         }
         let out = h.reshape_like(&(b, n, d));
-        x + out * multiplier
+        x + out * lit::<E>(multiplier)
     }
 }
 
@@ -221,27 +226,30 @@ fn dropout_mask(seed: u64, len: usize, p: f32) -> Vec<f32> {
 
 /// The k and v MLPs of one hypernetwork at one context width, with its strength.
 #[derive(Debug, Clone)]
-pub struct HyperPair<D: Storage<f32>> {
+pub struct HyperPair<D: Storage<E>, E = f32> {
     /// Applied to the context of the keys.
-    pub k: HyperMlp<D>,
+    pub k: HyperMlp<D, E>,
     /// Applied to the context of the values.
-    pub v: HyperMlp<D>,
+    pub v: HyperMlp<D, E>,
     /// A1111's multiplier (1 while training, as A1111's training mode uses).
     pub multiplier: f32,
 }
 
 /// The hypernetworks hooked into one attention layer: applied in order to its k and v contexts.
 #[derive(Debug, Clone)]
-pub struct HyperStack<D: Storage<f32>> {
+pub struct HyperStack<D: Storage<E>, E = f32> {
     /// The networks whose width matches this attention's context, in application order.
-    pub pairs: Vec<HyperPair<D>>,
+    pub pairs: Vec<HyperPair<D, E>>,
     /// Training: the seed of this layer's dropout masks for the current forward pass.
     pub dropout_seed: Option<u64>,
 }
 
-impl<D: Device<f32>> HyperStack<D> {
+impl<E: Elem, D: Device<E>> HyperStack<D, E> {
     /// `context: [b, m, d]` -> (keys' context, values' context), each `[b, m, d]`.
-    pub fn apply<T: Tape<f32, D>>(&self, context: Tensor3<D, T>) -> (Tensor3<D, T>, Tensor3<D, T>) {
+    pub fn apply<T: Tape<E, D>>(
+        &self,
+        context: Tensor3<D, T, E>,
+    ) -> (Tensor3<D, T, E>, Tensor3<D, T, E>) {
         let mut k = context.retaped::<T>();
         let mut v = context;
         for (i, pair) in self.pairs.iter().enumerate() {

@@ -9,6 +9,8 @@ use std::collections::BTreeMap;
 
 use dfdx::prelude::*;
 
+use crate::diffusion::nn::elem::Elem;
+
 use super::attention::{BasicTransformerBlock, CrossAttention, Projection, Transformer2D};
 use super::clip::TextEncoder;
 use super::nn::{Conv2d, GroupNorm, LayerNorm, Linear};
@@ -19,20 +21,20 @@ use super::vae::{Vae, VaeAttention, VaeMidBlock};
 use crate::formats::HostTensor;
 
 /// A parameterised layer, borrowed mutably.
-pub enum Layer<'a, D: Storage<f32>> {
+pub enum Layer<'a, D: Storage<E>, E = f32> {
     /// A fully connected layer (`weight [out, in]`, optional `bias`).
-    Linear(&'a mut Linear<D>),
+    Linear(&'a mut Linear<D, E>),
     /// A convolution (`weight [out, in, kh, kw]`, optional `bias`).
-    Conv(&'a mut Conv2d<D>),
+    Conv(&'a mut Conv2d<D, E>),
     /// A group norm (`weight`, `bias`).
-    GroupNorm(&'a mut GroupNorm<D>),
+    GroupNorm(&'a mut GroupNorm<D, E>),
     /// A layer norm (`weight`, `bias`).
-    LayerNorm(&'a mut LayerNorm<D>),
+    LayerNorm(&'a mut LayerNorm<D, E>),
     /// An embedding table (`weight [rows, d]`); whether it trains is its model's setting.
-    Embedding(&'a mut Tensor<(usize, usize), f32, D>),
+    Embedding(&'a mut Tensor<(usize, usize), E, D>),
 }
 
-impl<D: Device<f32>> Layer<'_, D> {
+impl<E: Elem, D: Device<E>> Layer<'_, D, E> {
     /// Marks the layer's parameters as trained (gradients under a tape) or frozen.
     pub fn set_trainable(&mut self, on: bool) {
         match self {
@@ -57,7 +59,7 @@ impl<D: Device<f32>> Layer<'_, D> {
 
     /// The gradients of the parameters as `(suffix, gradient)`, after a backward pass through
     /// the layer while it was trainable (dfdx panics on a parameter the pass did not reach).
-    pub fn grads(&self, grads: &Gradients<f32, D>) -> Vec<(&'static str, HostTensor)> {
+    pub fn grads(&self, grads: &Gradients<E, D>) -> Vec<(&'static str, HostTensor)> {
         let mut out = Vec::new();
         let mut push = |suffix: &'static str, g: Option<HostTensor>| {
             if let Some(g) = g {
@@ -87,10 +89,10 @@ impl<D: Device<f32>> Layer<'_, D> {
     }
 
     /// Calls `f(suffix, tensor)` for each parameter, mutably (`f` returns an error to stop).
-    pub fn try_for_each_param<E>(
+    pub fn try_for_each_param<Er>(
         &mut self,
-        mut f: impl FnMut(&'static str, ParamMut<'_, D>) -> Result<(), E>,
-    ) -> Result<(), E> {
+        mut f: impl FnMut(&'static str, ParamMut<'_, D, E>) -> Result<(), Er>,
+    ) -> Result<(), Er> {
         match self {
             Layer::Linear(l) => {
                 f("weight", ParamMut::T2(&mut l.weight))?;
@@ -119,18 +121,18 @@ impl<D: Device<f32>> Layer<'_, D> {
 }
 
 /// One parameter tensor, borrowed mutably, by rank.
-pub enum ParamMut<'a, D: Storage<f32>> {
+pub enum ParamMut<'a, D: Storage<E>, E = f32> {
     /// `[n]`
-    T1(&'a mut Tensor<(usize,), f32, D>),
+    T1(&'a mut Tensor<(usize,), E, D>),
     /// `[out, in]`
-    T2(&'a mut Tensor<(usize, usize), f32, D>),
+    T2(&'a mut Tensor<(usize, usize), E, D>),
     /// `[out, in, kh, kw]`
-    T4(&'a mut Tensor<(usize, usize, usize, usize), f32, D>),
+    T4(&'a mut Tensor<(usize, usize, usize, usize), E, D>),
 }
 
-fn weight_bias<S: Shape, D: Device<f32>>(
-    w: &Tensor<S, f32, D>,
-    b: Option<&Tensor<(usize,), f32, D>>,
+fn weight_bias<S: Shape, E: Elem, D: Device<E>>(
+    w: &Tensor<S, E, D>,
+    b: Option<&Tensor<(usize,), E, D>>,
 ) -> Vec<(&'static str, HostTensor)> {
     let mut out = vec![("weight", HostTensor::from_tensor(w))];
     if let Some(b) = b {
@@ -141,18 +143,18 @@ fn weight_bias<S: Shape, D: Device<f32>>(
 
 /// The gradient of `t`. Every trainable layer takes part in the forward pass, so its
 /// parameters have gradient entries once the backward pass ran.
-fn grad_of<S: Shape, D: Device<f32>>(
-    grads: &Gradients<f32, D>,
-    t: &Tensor<S, f32, D>,
+fn grad_of<S: Shape, E: Elem, D: Device<E>>(
+    grads: &Gradients<E, D>,
+    t: &Tensor<S, E, D>,
 ) -> Option<HostTensor> {
     Some(HostTensor::from_tensor(&grads.get(t)))
 }
 
 /// A model whose parameterised layers can be walked by diffusers name.
-pub trait Layers<D: Device<f32>> {
+pub trait Layers<D: Device<E>, E: Elem = f32> {
     /// Calls `f(name, layer)` for every parameterised layer under `prefix` (empty for the
     /// model's root), in a fixed order.
-    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>));
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>));
 
     /// Marks every parameter trainable (or frozen again).
     fn set_trainable(&mut self, on: bool) {
@@ -169,8 +171,8 @@ fn join(prefix: &str, name: impl std::fmt::Display) -> String {
     }
 }
 
-impl<D: Device<f32>> Layers<D> for CrossAttention<D> {
-    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+impl<E: Elem, D: Device<E>> Layers<D, E> for CrossAttention<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
         f(&join(prefix, "to_q"), Layer::Linear(&mut self.to_q));
         f(&join(prefix, "to_k"), Layer::Linear(&mut self.to_k));
         f(&join(prefix, "to_v"), Layer::Linear(&mut self.to_v));
@@ -178,8 +180,8 @@ impl<D: Device<f32>> Layers<D> for CrossAttention<D> {
     }
 }
 
-impl<D: Device<f32>> Layers<D> for BasicTransformerBlock<D> {
-    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+impl<E: Elem, D: Device<E>> Layers<D, E> for BasicTransformerBlock<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
         f(&join(prefix, "norm1"), Layer::LayerNorm(&mut self.norm1));
         self.attn1.visit_layers(&join(prefix, "attn1"), f);
         f(&join(prefix, "norm2"), Layer::LayerNorm(&mut self.norm2));
@@ -193,15 +195,15 @@ impl<D: Device<f32>> Layers<D> for BasicTransformerBlock<D> {
     }
 }
 
-fn projection<'a, D: Storage<f32>>(p: &'a mut Projection<D>) -> Layer<'a, D> {
+fn projection<'a, E, D: Storage<E>>(p: &'a mut Projection<D, E>) -> Layer<'a, D, E> {
     match p {
         Projection::Conv(c) => Layer::Conv(c),
         Projection::Linear(l) => Layer::Linear(l),
     }
 }
 
-impl<D: Device<f32>> Layers<D> for Transformer2D<D> {
-    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+impl<E: Elem, D: Device<E>> Layers<D, E> for Transformer2D<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
         f(&join(prefix, "norm"), Layer::GroupNorm(&mut self.norm));
         f(&join(prefix, "proj_in"), projection(&mut self.proj_in));
         for (k, block) in self.transformer_blocks.iter_mut().enumerate() {
@@ -211,8 +213,8 @@ impl<D: Device<f32>> Layers<D> for Transformer2D<D> {
     }
 }
 
-impl<D: Device<f32>> Layers<D> for ResnetBlock2D<D> {
-    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+impl<E: Elem, D: Device<E>> Layers<D, E> for ResnetBlock2D<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
         f(&join(prefix, "norm1"), Layer::GroupNorm(&mut self.norm1));
         f(&join(prefix, "conv1"), Layer::Conv(&mut self.conv1));
         if let Some(t) = &mut self.time_emb_proj {
@@ -226,8 +228,8 @@ impl<D: Device<f32>> Layers<D> for ResnetBlock2D<D> {
     }
 }
 
-impl<D: Device<f32>> Layers<D> for DownBlock<D> {
-    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+impl<E: Elem, D: Device<E>> Layers<D, E> for DownBlock<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
         for (j, r) in self.resnets.iter_mut().enumerate() {
             r.visit_layers(&join(prefix, format!("resnets.{j}")), f);
         }
@@ -243,8 +245,8 @@ impl<D: Device<f32>> Layers<D> for DownBlock<D> {
     }
 }
 
-impl<D: Device<f32>> Layers<D> for MidBlock<D> {
-    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+impl<E: Elem, D: Device<E>> Layers<D, E> for MidBlock<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
         self.resnet0.visit_layers(&join(prefix, "resnets.0"), f);
         self.attention
             .visit_layers(&join(prefix, "attentions.0"), f);
@@ -252,8 +254,8 @@ impl<D: Device<f32>> Layers<D> for MidBlock<D> {
     }
 }
 
-impl<D: Device<f32>> Layers<D> for UpBlock<D> {
-    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+impl<E: Elem, D: Device<E>> Layers<D, E> for UpBlock<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
         for (j, r) in self.resnets.iter_mut().enumerate() {
             r.visit_layers(&join(prefix, format!("resnets.{j}")), f);
         }
@@ -266,8 +268,8 @@ impl<D: Device<f32>> Layers<D> for UpBlock<D> {
     }
 }
 
-impl<D: Device<f32>> Layers<D> for UNet<D> {
-    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+impl<E: Elem, D: Device<E>> Layers<D, E> for UNet<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
         f(
             &join(prefix, "time_embedding.linear_1"),
             Layer::Linear(&mut self.time_linear_1),
@@ -417,12 +419,14 @@ impl<D: Device<f32>> Layers<D> for Vae<D> {
 }
 
 /// Marks every parameter of `model` trainable (or frozen again).
-pub fn set_trainable<D: Device<f32>>(model: &mut impl Layers<D>, on: bool) {
+pub fn set_trainable<E: Elem, D: Device<E>>(model: &mut impl Layers<D, E>, on: bool) {
     model.set_trainable(on);
 }
 
 /// Every parameter of `model` on the host, by full name (`conv_in.weight`, …).
-pub fn named_tensors<D: Device<f32>>(model: &mut impl Layers<D>) -> BTreeMap<String, HostTensor> {
+pub fn named_tensors<E: Elem, D: Device<E>>(
+    model: &mut impl Layers<D, E>,
+) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
     model.visit_layers("", &mut |name, layer| {
         for (suffix, t) in layer.to_host() {
@@ -433,9 +437,9 @@ pub fn named_tensors<D: Device<f32>>(model: &mut impl Layers<D>) -> BTreeMap<Str
 }
 
 /// The gradients of every parameter of `model` the backward pass reached, by full name.
-pub fn named_grads<D: Device<f32>>(
-    model: &mut impl Layers<D>,
-    grads: &Gradients<f32, D>,
+pub fn named_grads<E: Elem, D: Device<E>>(
+    model: &mut impl Layers<D, E>,
+    grads: &Gradients<E, D>,
 ) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
     model.visit_layers("", &mut |name, layer| {
@@ -448,10 +452,10 @@ pub fn named_grads<D: Device<f32>>(
 
 /// Calls `f(name, param)` for every parameter of `model`, named `layer.suffix`, mutably; stops
 /// at (and returns) the first error.
-pub fn try_for_each_named_param<D: Device<f32>, E>(
-    model: &mut impl Layers<D>,
-    mut f: impl FnMut(&str, ParamMut<'_, D>) -> Result<(), E>,
-) -> Result<(), E> {
+pub fn try_for_each_named_param<E: Elem, D: Device<E>, Er>(
+    model: &mut impl Layers<D, E>,
+    mut f: impl FnMut(&str, ParamMut<'_, D, E>) -> Result<(), Er>,
+) -> Result<(), Er> {
     let mut result = Ok(());
     model.visit_layers("", &mut |name, mut layer| {
         if result.is_ok() {
@@ -463,7 +467,7 @@ pub fn try_for_each_named_param<D: Device<f32>, E>(
 }
 
 /// Total number of parameters of `model`.
-pub fn count_params<D: Device<f32>>(model: &mut impl Layers<D>) -> usize {
+pub fn count_params<E: Elem, D: Device<E>>(model: &mut impl Layers<D, E>) -> usize {
     let mut n = 0;
     model.visit_layers("", &mut |_, mut layer| {
         let _ = layer.try_for_each_param(|_, p| {

@@ -4,6 +4,8 @@
 
 use dfdx::prelude::*;
 
+use crate::diffusion::nn::elem::Elem;
+
 use super::error::Result;
 use super::nn::checkpoint::{checkpoint, flat_view, trainable_params};
 use super::nn::{Conv2d, GroupNorm, Linear, Padding2d, Tensor2, Tensor4, silu};
@@ -26,26 +28,26 @@ pub struct ResnetConfig {
 
 /// diffusers `ResnetBlock2D`.
 #[derive(Debug, Clone)]
-pub struct ResnetBlock2D<D: Storage<f32>> {
+pub struct ResnetBlock2D<D: Storage<E>, E = f32> {
     /// First norm.
-    pub norm1: GroupNorm<D>,
+    pub norm1: GroupNorm<D, E>,
     /// First 3x3 conv.
-    pub conv1: Conv2d<D>,
+    pub conv1: Conv2d<D, E>,
     /// Projection of the (SiLU-activated) time embedding to `out_channels`.
-    pub time_emb_proj: Option<Linear<D>>,
+    pub time_emb_proj: Option<Linear<D, E>>,
     /// Second norm.
-    pub norm2: GroupNorm<D>,
+    pub norm2: GroupNorm<D, E>,
     /// Second 3x3 conv.
-    pub conv2: Conv2d<D>,
+    pub conv2: Conv2d<D, E>,
     /// 1x1 conv on the residual path when `in_channels != out_channels`.
-    pub conv_shortcut: Option<Conv2d<D>>,
+    pub conv_shortcut: Option<Conv2d<D, E>>,
     /// Gradient checkpointing under a tape (see [`crate::diffusion::nn::checkpoint`]).
     pub checkpoint: bool,
 }
 
-impl<D: Device<f32>> ResnetBlock2D<D> {
+impl<E: Elem, D: Device<E>> ResnetBlock2D<D, E> {
     /// Loads `norm1`, `conv1`, `time_emb_proj`, `norm2`, `conv2`, `conv_shortcut`.
-    pub fn load(l: &Loader<D>, c: &ResnetConfig) -> Result<Self> {
+    pub fn load(l: &Loader<D, E>, c: &ResnetConfig) -> Result<Self> {
         let (i, o) = (c.in_channels, c.out_channels);
         Ok(Self {
             norm1: GroupNorm::load(&l.pp("norm1"), c.groups, i, c.eps)?,
@@ -76,11 +78,11 @@ impl<D: Device<f32>> ResnetBlock2D<D> {
     ///
     /// The time embedding is passed un-taped and re-taped here, so its gradient accumulates
     /// across blocks; the caller merges its tape into `x`'s once.
-    pub fn forward<T: Tape<f32, D>>(
+    pub fn forward<T: Tape<E, D>>(
         &self,
-        x: Tensor4<D, T>,
-        temb: Option<&Tensor2<D>>,
-    ) -> Tensor4<D, T> {
+        x: Tensor4<D, T, E>,
+        temb: Option<&Tensor2<D, NoneTape, E>>,
+    ) -> Tensor4<D, T, E> {
         if self.checkpoint && T::OWNS_TAPE {
             let mut block = self.clone();
             block.checkpoint = false;

@@ -3,6 +3,8 @@
 //! blocks (consuming them), GroupNorm, SiLU, `conv_out`.
 
 use dfdx::prelude::*;
+
+use crate::diffusion::nn::elem::{Elem, elems};
 use serde::{Deserialize, Serialize};
 
 use super::error::{DiffusionError, Result};
@@ -220,33 +222,33 @@ impl UNetConfig {
 
 /// The UNet.
 #[derive(Debug, Clone)]
-pub struct UNet<D: Storage<f32>> {
+pub struct UNet<D: Storage<E>, E = f32> {
     /// `time_embedding.linear_1`: `[4 c0, c0]`.
-    pub time_linear_1: Linear<D>,
+    pub time_linear_1: Linear<D, E>,
     /// `time_embedding.linear_2`: `[4 c0, 4 c0]`.
-    pub time_linear_2: Linear<D>,
+    pub time_linear_2: Linear<D, E>,
     /// `conv_in`.
-    pub conv_in: Conv2d<D>,
+    pub conv_in: Conv2d<D, E>,
     /// Down blocks.
-    pub down_blocks: Vec<DownBlock<D>>,
+    pub down_blocks: Vec<DownBlock<D, E>>,
     /// Mid block.
-    pub mid_block: MidBlock<D>,
+    pub mid_block: MidBlock<D, E>,
     /// Up blocks.
-    pub up_blocks: Vec<UpBlock<D>>,
+    pub up_blocks: Vec<UpBlock<D, E>>,
     /// `conv_norm_out`.
-    pub conv_norm_out: GroupNorm<D>,
+    pub conv_norm_out: GroupNorm<D, E>,
     /// `conv_out`.
-    pub conv_out: Conv2d<D>,
+    pub conv_out: Conv2d<D, E>,
     /// The configuration the weights were loaded for.
     pub config: UNetConfig,
 }
 
-impl<D: Device<f32>> UNet<D> {
+impl<E: Elem, D: Device<E>> UNet<D, E> {
     /// Calls `f` with the diffusers module path and the layer of every attention projection,
     /// in module order: `…transformer_blocks.K.attn1.to_q`, `to_k`, `to_v`, `to_out.0`, then
     /// the same for `attn2` (the modules LoRA targets by default).
-    pub fn for_each_attention_linear_mut(&mut self, mut f: impl FnMut(&str, &mut Linear<D>)) {
-        let mut visit = |prefix: String, t: &mut super::attention::Transformer2D<D>| {
+    pub fn for_each_attention_linear_mut(&mut self, mut f: impl FnMut(&str, &mut Linear<D, E>)) {
+        let mut visit = |prefix: String, t: &mut super::attention::Transformer2D<D, E>| {
             for (k, block) in t.transformer_blocks.iter_mut().enumerate() {
                 for (name, attn) in [("attn1", &mut block.attn1), ("attn2", &mut block.attn2)] {
                     let base = format!("{prefix}.transformer_blocks.{k}.{name}");
@@ -277,9 +279,9 @@ impl<D: Device<f32>> UNet<D> {
     /// the layer of every attention, in module order.
     pub fn for_each_attention_mut(
         &mut self,
-        mut f: impl FnMut(&str, &mut super::attention::CrossAttention<D>),
+        mut f: impl FnMut(&str, &mut super::attention::CrossAttention<D, E>),
     ) {
-        let mut visit = |prefix: String, t: &mut super::attention::Transformer2D<D>| {
+        let mut visit = |prefix: String, t: &mut super::attention::Transformer2D<D, E>| {
             for (k, block) in t.transformer_blocks.iter_mut().enumerate() {
                 f(
                     &format!("{prefix}.transformer_blocks.{k}.attn1"),
@@ -319,7 +321,7 @@ impl<D: Device<f32>> UNet<D> {
     }
 
     /// Loads the UNet from diffusers names (`conv_in.weight`, `down_blocks.0.resnets.0…`).
-    pub fn load(l: &Loader<D>, config: &UNetConfig) -> Result<Self> {
+    pub fn load(l: &Loader<D, E>, config: &UNetConfig) -> Result<Self> {
         let c = config;
         c.validate().map_err(|reason| DiffusionError::Input {
             model: "UNet",
@@ -482,12 +484,12 @@ impl<D: Device<f32>> UNet<D> {
     ///
     /// Gradients flow to `sample` and `context` (and to whatever produced them) when they carry
     /// a tape; the parameters are constants.
-    pub fn forward<T: Tape<f32, D>>(
+    pub fn forward<T: Tape<E, D>>(
         &self,
-        sample: Tensor4<D, T>,
+        sample: Tensor4<D, T, E>,
         timesteps: &[f32],
-        context: Tensor3<D, T>,
-    ) -> Result<Tensor4<D, T>> {
+        context: Tensor3<D, T, E>,
+    ) -> Result<Tensor4<D, T, E>> {
         let (b, c, h, w) = *sample.shape();
         let (cb, _, cd) = *context.shape();
         let err = |reason: String| DiffusionError::Input {
@@ -520,8 +522,8 @@ impl<D: Device<f32>> UNet<D> {
         let dev = sample.device().clone();
         let c0 = self.config.block_out_channels[0];
         // [b, c0] -> [b, 4 c0]
-        let t_feat: Tensor2<D, T> = dev
-            .tensor_from_vec(self.timestep_features(&timesteps), (b, c0))
+        let t_feat: Tensor2<D, T, E> = dev
+            .tensor_from_vec(elems(self.timestep_features(&timesteps)), (b, c0))
             .retaped::<T>();
         let temb = self
             .time_linear_2

@@ -3,6 +3,8 @@
 
 use dfdx::prelude::*;
 
+use crate::diffusion::nn::elem::Elem;
+
 use super::attention::{Transformer2D, Transformer2DConfig};
 use super::error::Result;
 use super::nn::{Conv2d, Padding2d, Tensor2, Tensor3, Tensor4, upsample_nearest2x};
@@ -11,14 +13,14 @@ use super::weights::Loader;
 
 /// 3x3 stride-2 conv with padding 1 (`downsamplers.0.conv`).
 #[derive(Debug, Clone)]
-pub struct Downsample2D<D: Storage<f32>> {
+pub struct Downsample2D<D: Storage<E>, E = f32> {
     /// The strided conv.
-    pub conv: Conv2d<D>,
+    pub conv: Conv2d<D, E>,
 }
 
-impl<D: Device<f32>> Downsample2D<D> {
+impl<E: Elem, D: Device<E>> Downsample2D<D, E> {
     /// Loads `conv` of `channels` channels with the given padding (`downsample_padding`, 1).
-    pub fn load(l: &Loader<D>, channels: usize, padding: usize) -> Result<Self> {
+    pub fn load(l: &Loader<D, E>, channels: usize, padding: usize) -> Result<Self> {
         Ok(Self {
             conv: Conv2d::load(
                 &l.pp("conv"),
@@ -32,28 +34,28 @@ impl<D: Device<f32>> Downsample2D<D> {
     }
 
     /// `[b, c, h, w] -> [b, c, h/2, w/2]`
-    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
+    pub fn forward<T: Tape<E, D>>(&self, x: Tensor4<D, T, E>) -> Tensor4<D, T, E> {
         self.conv.forward(x)
     }
 }
 
 /// Nearest x2 upsampling, then a 3x3 conv (`upsamplers.0.conv`).
 #[derive(Debug, Clone)]
-pub struct Upsample2D<D: Storage<f32>> {
+pub struct Upsample2D<D: Storage<E>, E = f32> {
     /// The conv after upsampling.
-    pub conv: Conv2d<D>,
+    pub conv: Conv2d<D, E>,
 }
 
-impl<D: Device<f32>> Upsample2D<D> {
+impl<E: Elem, D: Device<E>> Upsample2D<D, E> {
     /// Loads `conv` of `channels` channels.
-    pub fn load(l: &Loader<D>, channels: usize) -> Result<Self> {
+    pub fn load(l: &Loader<D, E>, channels: usize) -> Result<Self> {
         Ok(Self {
             conv: Conv2d::load(&l.pp("conv"), channels, channels, 3, 1, Padding2d::same(1))?,
         })
     }
 
     /// `[b, c, h, w] -> [b, c, 2h, 2w]`
-    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
+    pub fn forward<T: Tape<E, D>>(&self, x: Tensor4<D, T, E>) -> Tensor4<D, T, E> {
         self.conv.forward(upsample_nearest2x(x))
     }
 }
@@ -104,20 +106,20 @@ impl BlockSettings {
 /// A down block: `layers` ResNets (each followed by a transformer when `heads` is set), then
 /// an optional downsampler. Returns its output and the skip states it produced.
 #[derive(Debug, Clone)]
-pub struct DownBlock<D: Storage<f32>> {
+pub struct DownBlock<D: Storage<E>, E = f32> {
     /// ResNets.
-    pub resnets: Vec<ResnetBlock2D<D>>,
+    pub resnets: Vec<ResnetBlock2D<D, E>>,
     /// Transformers (empty for `DownBlock2D`).
-    pub attentions: Vec<Transformer2D<D>>,
+    pub attentions: Vec<Transformer2D<D, E>>,
     /// Downsampler (absent on the last level).
-    pub downsampler: Option<Downsample2D<D>>,
+    pub downsampler: Option<Downsample2D<D, E>>,
 }
 
-impl<D: Device<f32>> DownBlock<D> {
+impl<E: Elem, D: Device<E>> DownBlock<D, E> {
     /// Loads `down_blocks.i`.
     #[allow(clippy::too_many_arguments)]
     pub fn load(
-        l: &Loader<D>,
+        l: &Loader<D, E>,
         s: &BlockSettings,
         in_channels: usize,
         out_channels: usize,
@@ -157,13 +159,13 @@ impl<D: Device<f32>> DownBlock<D> {
     }
 
     /// Runs the block; pushes one skip state per ResNet and one for the downsampler.
-    pub fn forward<T: Tape<f32, D>>(
+    pub fn forward<T: Tape<E, D>>(
         &self,
-        mut x: Tensor4<D, T>,
-        temb: &Tensor2<D>,
-        context: &Tensor3<D>,
-        skips: &mut Vec<Tensor4<D, T>>,
-    ) -> Tensor4<D, T> {
+        mut x: Tensor4<D, T, E>,
+        temb: &Tensor2<D, NoneTape, E>,
+        context: &Tensor3<D, NoneTape, E>,
+        skips: &mut Vec<Tensor4<D, T, E>>,
+    ) -> Tensor4<D, T, E> {
         for (j, resnet) in self.resnets.iter().enumerate() {
             x = resnet.forward(x, Some(temb));
             if let Some(attn) = self.attentions.get(j) {
@@ -181,18 +183,23 @@ impl<D: Device<f32>> DownBlock<D> {
 
 /// `UNetMidBlock2DCrossAttn`: ResNet, transformer, ResNet.
 #[derive(Debug, Clone)]
-pub struct MidBlock<D: Storage<f32>> {
+pub struct MidBlock<D: Storage<E>, E = f32> {
     /// First ResNet.
-    pub resnet0: ResnetBlock2D<D>,
+    pub resnet0: ResnetBlock2D<D, E>,
     /// Transformer.
-    pub attention: Transformer2D<D>,
+    pub attention: Transformer2D<D, E>,
     /// Second ResNet.
-    pub resnet1: ResnetBlock2D<D>,
+    pub resnet1: ResnetBlock2D<D, E>,
 }
 
-impl<D: Device<f32>> MidBlock<D> {
+impl<E: Elem, D: Device<E>> MidBlock<D, E> {
     /// Loads `mid_block`.
-    pub fn load(l: &Loader<D>, s: &BlockSettings, channels: usize, heads: usize) -> Result<Self> {
+    pub fn load(
+        l: &Loader<D, E>,
+        s: &BlockSettings,
+        channels: usize,
+        heads: usize,
+    ) -> Result<Self> {
         Ok(Self {
             resnet0: ResnetBlock2D::load(&l.pp("resnets").pp(0), &s.resnet(channels, channels))?,
             attention: Transformer2D::load(
@@ -204,12 +211,12 @@ impl<D: Device<f32>> MidBlock<D> {
     }
 
     /// `[b, c, h, w] -> [b, c, h, w]`
-    pub fn forward<T: Tape<f32, D>>(
+    pub fn forward<T: Tape<E, D>>(
         &self,
-        x: Tensor4<D, T>,
-        temb: &Tensor2<D>,
-        context: &Tensor3<D>,
-    ) -> Tensor4<D, T> {
+        x: Tensor4<D, T, E>,
+        temb: &Tensor2<D, NoneTape, E>,
+        context: &Tensor3<D, NoneTape, E>,
+    ) -> Tensor4<D, T, E> {
         let x = self.resnet0.forward(x, Some(temb));
         let x = self.attention.forward(x, context);
         self.resnet1.forward(x, Some(temb))
@@ -219,22 +226,22 @@ impl<D: Device<f32>> MidBlock<D> {
 /// An up block: `layers + 1` ResNets, each on the concatenation of the running state and a
 /// skip state (each followed by a transformer when `heads` is set), then an optional upsampler.
 #[derive(Debug, Clone)]
-pub struct UpBlock<D: Storage<f32>> {
+pub struct UpBlock<D: Storage<E>, E = f32> {
     /// ResNets.
-    pub resnets: Vec<ResnetBlock2D<D>>,
+    pub resnets: Vec<ResnetBlock2D<D, E>>,
     /// Transformers (empty for `UpBlock2D`).
-    pub attentions: Vec<Transformer2D<D>>,
+    pub attentions: Vec<Transformer2D<D, E>>,
     /// Upsampler (absent on the last level).
-    pub upsampler: Option<Upsample2D<D>>,
+    pub upsampler: Option<Upsample2D<D, E>>,
 }
 
-impl<D: Device<f32>> UpBlock<D> {
+impl<E: Elem, D: Device<E>> UpBlock<D, E> {
     /// Loads `up_blocks.i` (diffusers' channel rule: ResNet `j` takes `prev_output_channels`
     /// (first) or `out_channels`, plus the skip: `in_channels` for the last, else
     /// `out_channels`).
     #[allow(clippy::too_many_arguments)]
     pub fn load(
-        l: &Loader<D>,
+        l: &Loader<D, E>,
         s: &BlockSettings,
         in_channels: usize,
         prev_output_channels: usize,
@@ -280,13 +287,13 @@ impl<D: Device<f32>> UpBlock<D> {
     }
 
     /// Runs the block, popping one skip state per ResNet.
-    pub fn forward<T: Tape<f32, D>>(
+    pub fn forward<T: Tape<E, D>>(
         &self,
-        mut x: Tensor4<D, T>,
-        temb: &Tensor2<D>,
-        context: &Tensor3<D>,
-        skips: &mut Vec<Tensor4<D, T>>,
-    ) -> Tensor4<D, T> {
+        mut x: Tensor4<D, T, E>,
+        temb: &Tensor2<D, NoneTape, E>,
+        context: &Tensor3<D, NoneTape, E>,
+        skips: &mut Vec<Tensor4<D, T, E>>,
+    ) -> Tensor4<D, T, E> {
         for (j, resnet) in self.resnets.iter().enumerate() {
             let skip = skips
                 .pop()

@@ -14,6 +14,7 @@ pub mod torch_pickle;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+use crate::diffusion::nn::elem::{Elem, elems, to_f32_vec};
 use dfdx::prelude::{Device, HasShape, Shape, Tensor};
 use safetensors::{Dtype, SafeTensors};
 
@@ -52,17 +53,25 @@ impl HostTensor {
     }
 
     /// Copies a dfdx tensor (of any shape and device) to the host.
-    pub fn from_tensor<S: Shape, D: Device<f32>, T>(t: &Tensor<S, f32, D, T>) -> Self {
+    pub fn from_tensor<S: Shape, E: Elem, D: Device<E>, T>(t: &Tensor<S, E, D, T>) -> Self {
         let dims = t.shape().concrete();
         Self {
             shape: (0..S::NUM_DIMS).map(|i| dims[i]).collect(),
-            data: t.as_vec(),
+            data: to_f32_vec(t),
         }
     }
 
     /// A dfdx tensor of shape type `S` on `dev` (e.g. `(usize, usize)`), or `None` when the
     /// rank (or a compile-time dimension) differs.
     pub fn to_tensor<S: Shape, D: Device<f32>>(&self, dev: &D) -> Option<Tensor<S, f32, D>> {
+        self.to_tensor_as(dev)
+    }
+
+    /// [`HostTensor::to_tensor`] in element type `E` (values rounded to it).
+    pub fn to_tensor_as<S: Shape, E: Elem, D: Device<E>>(
+        &self,
+        dev: &D,
+    ) -> Option<Tensor<S, E, D>> {
         if self.shape.len() != S::NUM_DIMS {
             return None;
         }
@@ -71,7 +80,7 @@ impl HostTensor {
             dims[i] = d;
         }
         let shape = S::from_concrete(&dims)?;
-        Some(dev.tensor_from_vec(self.data.clone(), shape))
+        Some(dev.tensor_from_vec(elems(self.data.clone()), shape))
     }
 
     /// Largest absolute elementwise difference to `other` (infinite if shapes differ).

@@ -2,15 +2,15 @@
 
 use dfdx::prelude::*;
 
-use super::host::{self, is_cpu};
+use super::elem::{Elem, elems, lit};
 use super::ops::concat_many;
 use super::{Tensor3, Tensor4};
 
 /// `[b, n, heads*d] -> [b, heads, n, d]` (contiguous).
-pub fn split_heads<D: Device<f32>, T: Tape<f32, D>>(
-    x: Tensor3<D, T>,
+pub fn split_heads<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor3<D, T, E>,
     heads: usize,
-) -> Tensor4<D, T> {
+) -> Tensor4<D, T, E> {
     let (b, n, c) = *x.shape();
     let d = c / heads;
     x.reshape_like(&(b, n, heads, d))
@@ -19,7 +19,7 @@ pub fn split_heads<D: Device<f32>, T: Tape<f32, D>>(
 }
 
 /// `[b, heads, n, d] -> [b, n, heads*d]`.
-pub fn merge_heads<D: Device<f32>, T: Tape<f32, D>>(x: Tensor4<D, T>) -> Tensor3<D, T> {
+pub fn merge_heads<E: Elem, D: Device<E>, T: Tape<E, D>>(x: Tensor4<D, T, E>) -> Tensor3<D, T, E> {
     let (b, h, n, d) = *x.shape();
     x.permute::<_, Axes4<0, 2, 1, 3>>()
         .reshape_like(&(b, n, h * d))
@@ -35,20 +35,21 @@ pub const DEFAULT_ATTENTION_CHUNK: usize = 1024;
 /// Queries are processed `chunk` at a time, so the score matrix held at once is
 /// `[b, h, chunk, m]` instead of `[b, h, n, m]` (without a tape, each chunk's intermediates are
 /// freed before the next). With `causal`, query `i` only attends to keys `j <= i` (CLIP).
-pub fn scaled_dot_product_attention<D: Device<f32>, T: Tape<f32, D>>(
-    q: Tensor4<D, T>,
-    k: Tensor4<D, T>,
-    v: Tensor4<D, T>,
+pub fn scaled_dot_product_attention<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    q: Tensor4<D, T, E>,
+    k: Tensor4<D, T, E>,
+    v: Tensor4<D, T, E>,
     causal: bool,
     chunk: usize,
-) -> Tensor4<D, T> {
+) -> Tensor4<D, T, E> {
     let (b, h, n, d) = *q.shape();
     let m = k.shape().2;
     let chunk = chunk.max(1);
     let scale = 1.0 / (d as f32).sqrt();
-    if is_cpu::<D>() {
-        return host::attention(q, k, v, causal, chunk, scale);
-    }
+    let (q, k, v) = match E::fused_attention((q, k, v), causal, chunk, scale) {
+        Ok(o) => return o,
+        Err(qkv) => qkv,
+    };
     let dev = q.device().clone();
 
     let (q, qt) = q.split_tape();
@@ -70,16 +71,16 @@ pub fn scaled_dot_product_attention<D: Device<f32>, T: Tape<f32, D>>(
             q.clone().put_tape(t).slice((.., .., start..end, ..))
         };
         // [b, h, c, m]
-        let mut scores = qc.matmul(kt_view.clone()) * scale;
+        let mut scores = qc.matmul(kt_view.clone()) * lit::<E>(scale);
         if causal {
             let c = end - start;
             let mut mask = vec![0f32; c * m];
             for i in 0..c {
                 for j in (start + i + 1)..m {
-                    mask[i * m + j] = -1e30;
+                    mask[i * m + j] = f32::NEG_INFINITY;
                 }
             }
-            let mask = dev.tensor_from_vec(mask, (c, m));
+            let mask = dev.tensor_from_vec(elems(mask), (c, m));
             scores = scores + mask.broadcast_like::<_, Axes2<0, 1>>(&(b, h, c, m));
         }
         let probs = scores.softmax::<Axis<3>>();
@@ -87,7 +88,7 @@ pub fn scaled_dot_product_attention<D: Device<f32>, T: Tape<f32, D>>(
         outs.push(probs.matmul(v.clone()));
         start = end;
     }
-    concat_many::<2, D, T>(outs)
+    concat_many::<2, E, D, T>(outs)
 }
 
 #[cfg(test)]

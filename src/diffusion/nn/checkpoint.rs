@@ -15,23 +15,28 @@
 
 use dfdx::prelude::*;
 
-use super::host::{cpu_grad, host_vec, is_cpu};
+use super::elem::Elem;
 use super::{Tensor1, Tensor4};
 use crate::diffusion::params::{Layer, Layers};
 
 /// The tape a recomputed block runs under.
-pub type RecomputeTape<D> = OwnedTape<f32, D>;
+pub type RecomputeTape<D, E> = OwnedTape<E, D>;
 
 /// Runs `block` on `x` with checkpointing when `x` carries a tape (plainly otherwise).
 ///
 /// `inputs` are flat views (same ids, see [`flat_view`]) of every other tensor whose gradient
 /// the block produces: the untaped time embedding or text states it re-tapes, and its
 /// trainable parameters ([`trainable_params`]). `block` must be deterministic.
-pub fn checkpoint<D, T, F>(x: Tensor4<D, T>, inputs: Vec<Tensor1<D>>, block: F) -> Tensor4<D, T>
+pub fn checkpoint<E, D, T, F>(
+    x: Tensor4<D, T, E>,
+    inputs: Vec<Tensor1<D, NoneTape, E>>,
+    block: F,
+) -> Tensor4<D, T, E>
 where
-    D: Device<f32>,
-    T: Tape<f32, D>,
-    F: Fn(Tensor4<D, RecomputeTape<D>>) -> Tensor4<D, RecomputeTape<D>> + 'static,
+    E: Elem,
+    D: Device<E>,
+    T: Tape<E, D>,
+    F: Fn(Tensor4<D, RecomputeTape<D, E>, E>) -> Tensor4<D, RecomputeTape<D, E>, E> + 'static,
 {
     if !T::OWNS_TAPE {
         let (x, tape) = x.split_tape();
@@ -59,23 +64,19 @@ where
 }
 
 /// A `[n]` view of contiguous `t` under the same id (so gradients land under `t`).
-pub fn flat_view<S: Shape, D: Device<f32>>(t: &Tensor<S, f32, D>) -> Tensor1<D> {
+pub fn flat_view<S: Shape, E: Elem, D: Device<E>>(t: &Tensor<S, E, D>) -> Tensor1<D, NoneTape, E> {
     let n = t.shape().num_elements();
     t.clone().reshape_like(&(n,))
 }
 
 /// `grads[t] += g`.
-fn add_gradient<D: Device<f32>>(
-    grads: &mut Gradients<f32, D>,
-    t: &Tensor1<D>,
-    g: &Tensor1<D>,
+fn add_gradient<E: Elem, D: Device<E>>(
+    grads: &mut Gradients<E, D>,
+    t: &Tensor1<D, NoneTape, E>,
+    g: &Tensor1<D, NoneTape, E>,
 ) -> Result<(), D::Err> {
-    if is_cpu::<D>() {
-        let g = host_vec(g);
-        for (d, v) in cpu_grad(grads.get_or_alloc_mut(t)?).iter_mut().zip(&g) {
-            *d += v;
-        }
-        return Ok(());
+    if let Some(done) = E::host_add_gradient(grads, t, g) {
+        return done;
     }
     // Other devices: through dfdx's own backward pass, whose ops add into existing gradients:
     // d/dt sum(t · g) = g. The product's and `g`'s gradient buffers (each the size of `t`)
@@ -89,7 +90,9 @@ fn add_gradient<D: Device<f32>>(
 
 /// Flat views of the parameters of `model` that receive gradients under a tape: the weights
 /// of trainable layers, LoRA adapters, and hypernetwork layers.
-pub fn trainable_params<D: Device<f32>>(model: &mut impl Layers<D>) -> Vec<Tensor1<D>> {
+pub fn trainable_params<E: Elem, D: Device<E>>(
+    model: &mut impl Layers<D, E>,
+) -> Vec<Tensor1<D, NoneTape, E>> {
     let mut out = Vec::new();
     model.visit_layers("", &mut |_, layer| match layer {
         Layer::Linear(l) => {
@@ -126,9 +129,9 @@ pub fn trainable_params<D: Device<f32>>(model: &mut impl Layers<D>) -> Vec<Tenso
 }
 
 /// Flat views of the parameters of the hypernetworks hooked into `attention`.
-pub fn hypernetwork_params<D: Device<f32>>(
-    attention: &crate::diffusion::attention::CrossAttention<D>,
-) -> Vec<Tensor1<D>> {
+pub fn hypernetwork_params<E: Elem, D: Device<E>>(
+    attention: &crate::diffusion::attention::CrossAttention<D, E>,
+) -> Vec<Tensor1<D, NoneTape, E>> {
     let mut out = Vec::new();
     for pair in attention.hypernetwork.iter().flat_map(|h| &h.pairs) {
         for layer in pair.k.layers.iter().chain(&pair.v.layers) {

@@ -11,7 +11,8 @@
 
 use dfdx::prelude::*;
 
-use super::host::{BackwardP, flat, host_op_params, host_vec, is_cpu, sgemm, sum_f32};
+use super::elem::Elem;
+use super::host::{BackwardP, flat, host_op_params, host_vec, sgemm, sum_f32};
 use super::ops::concat_many;
 use super::{Tensor1, Tensor3, Tensor4};
 use crate::diffusion::error::Result;
@@ -44,11 +45,11 @@ impl Padding2d {
 
 /// A 2-D convolution layer with PyTorch's weight layout `[c_out, c_in, kh, kw]`.
 #[derive(Debug, Clone)]
-pub struct Conv2d<D: Storage<f32>> {
+pub struct Conv2d<D: Storage<E>, E = f32> {
     /// `[c_out, c_in, kh, kw]`
-    pub weight: Tensor4<D>,
+    pub weight: Tensor4<D, NoneTape, E>,
     /// `[c_out]`
-    pub bias: Option<Tensor1<D>>,
+    pub bias: Option<Tensor1<D, NoneTape, E>>,
     /// Stride along both axes.
     pub stride: usize,
     /// Zero padding.
@@ -57,10 +58,10 @@ pub struct Conv2d<D: Storage<f32>> {
     pub trainable: bool,
 }
 
-impl<D: Device<f32>> Conv2d<D> {
+impl<E: Elem, D: Device<E>> Conv2d<D, E> {
     /// Loads a square-kernel convolution with bias under the loader's prefix.
     pub fn load(
-        l: &Loader<D>,
+        l: &Loader<D, E>,
         c_in: usize,
         c_out: usize,
         kernel: usize,
@@ -82,14 +83,14 @@ impl<D: Device<f32>> Conv2d<D> {
     }
 
     /// `[b, c_in, h, w] -> [b, c_out, ho, wo]`
-    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
+    pub fn forward<T: Tape<E, D>>(&self, x: Tensor4<D, T, E>) -> Tensor4<D, T, E> {
         conv2d_with(
             x,
             &self.weight,
             self.bias.as_ref(),
             self.stride,
             self.padding,
-            is_cpu::<D>(),
+            true,
             MAX_COLS_ELEMENTS,
             self.trainable && T::OWNS_TAPE,
         )
@@ -103,20 +104,20 @@ impl<D: Device<f32>> Conv2d<D> {
 ///
 /// On the CPU one fused host kernel (no gradient for the frozen weight and bias); on other
 /// devices dfdx ops (same numbers).
-pub fn conv2d<D: Device<f32>, T: Tape<f32, D>>(
-    x: Tensor4<D, T>,
-    weight: &Tensor4<D>,
-    bias: Option<&Tensor1<D>>,
+pub fn conv2d<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor4<D, T, E>,
+    weight: &Tensor4<D, NoneTape, E>,
+    bias: Option<&Tensor1<D, NoneTape, E>>,
     stride: usize,
     padding: Padding2d,
-) -> Tensor4<D, T> {
+) -> Tensor4<D, T, E> {
     conv2d_with(
         x,
         weight,
         bias,
         stride,
         padding,
-        is_cpu::<D>(),
+        true,
         MAX_COLS_ELEMENTS,
         false,
     )
@@ -128,16 +129,16 @@ const MAX_COLS_ELEMENTS: usize = 1 << 25;
 
 /// `train`: the weight and bias get gradients (their tensor ids) under the tape.
 #[allow(clippy::too_many_arguments)]
-fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
-    x: Tensor4<D, T>,
-    weight: &Tensor4<D>,
-    bias: Option<&Tensor1<D>>,
+fn conv2d_with<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor4<D, T, E>,
+    weight: &Tensor4<D, NoneTape, E>,
+    bias: Option<&Tensor1<D, NoneTape, E>>,
     stride: usize,
     padding: Padding2d,
-    host_im2col: bool,
+    fused: bool,
     max_cols: usize,
     train: bool,
-) -> Tensor4<D, T> {
+) -> Tensor4<D, T, E> {
     let (c_out, c_in, kh, kw) = *weight.shape();
     let (b, c, _, _) = *x.shape();
     assert_eq!(
@@ -156,9 +157,14 @@ fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
     let wo = (wp - kw) / stride + 1;
     let k = c_in * kh * kw;
 
-    if host_im2col {
-        return conv2d_host(x, weight, bias, stride, padding, (ho, wo), max_cols, train);
-    }
+    let x = if fused {
+        match E::fused_conv2d(x, weight, bias, stride, padding, (ho, wo), max_cols, train) {
+            Ok(y) => return y,
+            Err(x) => x,
+        }
+    } else {
+        x
+    };
     if kh == 1 && kw == 1 && stride == 1 && padding == Padding2d::default() {
         // the input is its own column matrix: [b, c, h*w]
         let y = weight_matmul(x.reshape_like(&(b, c, h * w)), weight, train);
@@ -195,17 +201,17 @@ fn conv2d_with<D: Device<f32>, T: Tape<f32, D>>(
     let y = if bands.len() == 1 {
         bands.pop().expect("one band")
     } else {
-        concat_many::<2, D, T>(bands)
+        concat_many::<2, E, D, T>(bands)
     };
     add_bias(y, bias, train)
 }
 
 /// `[c_out, c, kh, kw]` (viewed `[c_out, k]`) times columns `[b, k, n]` -> `[b, c_out, n]`.
-fn weight_matmul<D: Device<f32>, T: Tape<f32, D>>(
-    cols: Tensor3<D, T>,
-    weight: &Tensor4<D>,
+fn weight_matmul<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    cols: Tensor3<D, T, E>,
+    weight: &Tensor4<D, NoneTape, E>,
     train: bool,
-) -> Tensor3<D, T> {
+) -> Tensor3<D, T, E> {
     let (b, k, _) = *cols.shape();
     let c_out = weight.shape().0;
     if train {
@@ -226,11 +232,11 @@ fn weight_matmul<D: Device<f32>, T: Tape<f32, D>>(
     w.put_tape(tape).matmul(cols)
 }
 
-fn add_bias<D: Device<f32>, T: Tape<f32, D>>(
-    y: Tensor4<D, T>,
-    bias: Option<&Tensor1<D>>,
+fn add_bias<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    y: Tensor4<D, T, E>,
+    bias: Option<&Tensor1<D, NoneTape, E>>,
     train: bool,
-) -> Tensor4<D, T> {
+) -> Tensor4<D, T, E> {
     let shape = *y.shape();
     if train && let Some(bias) = bias {
         return y + bias
@@ -298,7 +304,7 @@ impl Geometry {
 /// im2col into a reused buffer and one gemm with the weight, bias added; one backward op gives
 /// the input gradient (`Wᵀ · dy`, then col2im), and with `train` the weight and bias gradients.
 #[allow(clippy::too_many_arguments)]
-fn conv2d_host<D: Device<f32>, T: Tape<f32, D>>(
+pub(super) fn conv2d_host<D: Device<f32>, T: Tape<f32, D>>(
     x: Tensor4<D, T>,
     weight: &Tensor4<D>,
     bias: Option<&Tensor1<D>>,
@@ -467,7 +473,10 @@ fn conv2d_host<D: Device<f32>, T: Tape<f32, D>>(
 /// Done as one gather over the pixel axis (the padding is an extra all-zero row), because
 /// dfdx 0.13's `slice` backward assigns instead of accumulating, which breaks the gradient of
 /// overlapping windows; `gather`'s backward accumulates.
-fn im2col<D: Device<f32>, T: Tape<f32, D>>(x: Tensor4<D, T>, g: Geometry) -> Tensor3<D, T> {
+fn im2col<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor4<D, T, E>,
+    g: Geometry,
+) -> Tensor3<D, T, E> {
     let (b, c, h, w) = (g.b, g.c, g.h, g.w);
     let dev = x.device().clone();
     let bc = b * c;
@@ -498,7 +507,7 @@ fn im2col<D: Device<f32>, T: Tape<f32, D>>(x: Tensor4<D, T>, g: Geometry) -> Ten
     }
     let index = dev.tensor_from_vec(index, (k * n,));
     // [k*n, b*c]
-    let cols: Tensor<(usize, usize), f32, D, T> = rows.gather(index);
+    let cols: Tensor<(usize, usize), E, D, T> = rows.gather(index);
     cols.reshape_like(&(k, n, b, c))
         // [b, c, k, n]
         .permute::<_, Axes4<2, 3, 0, 1>>()

@@ -2,7 +2,8 @@
 
 use dfdx::prelude::*;
 
-use super::host::{self, is_cpu};
+use super::elem::{Elem, elems, lit};
+use super::host;
 use super::{Tensor1, Tensor2, Tensor3};
 use crate::diffusion::error::Result;
 use crate::diffusion::weights::Loader;
@@ -10,13 +11,13 @@ use crate::diffusion::weights::Loader;
 /// `y = x Wᵀ + b` with `W: [out, in]` (PyTorch layout) and an optional bias `[out]`, plus an
 /// optional LoRA branch `scale · (x downᵀ) upᵀ` (the weights stay untouched).
 #[derive(Debug, Clone)]
-pub struct Linear<D: Storage<f32>> {
+pub struct Linear<D: Storage<E>, E = f32> {
     /// `[out, in]`
-    pub weight: Tensor2<D>,
+    pub weight: Tensor2<D, NoneTape, E>,
     /// `[out]`
-    pub bias: Option<Tensor1<D>>,
+    pub bias: Option<Tensor1<D, NoneTape, E>>,
     /// A low-rank adapter added to the output (training, or unmerged inference).
-    pub lora: Option<LoraAdapter<D>>,
+    pub lora: Option<LoraAdapter<D, E>>,
     /// Whether the weight and bias get gradients under a tape (full fine-tuning).
     pub trainable: bool,
 }
@@ -27,11 +28,11 @@ pub struct Linear<D: Storage<f32>> {
 /// The tensors carry no tape; [`Linear::forward2`] attaches the activation's tape to them, so a
 /// backward pass yields their gradients under their own ids (`grads.get(&adapter.down)`).
 #[derive(Debug, Clone)]
-pub struct LoraAdapter<D: Storage<f32>> {
+pub struct LoraAdapter<D: Storage<E>, E = f32> {
     /// `[r, in]`
-    pub down: Tensor2<D>,
+    pub down: Tensor2<D, NoneTape, E>,
     /// `[out, r]`
-    pub up: Tensor2<D>,
+    pub up: Tensor2<D, NoneTape, E>,
     /// `multiplier · alpha / r`.
     pub scale: f32,
     /// Dropout probability on the adapter's input (PEFT's `lora_dropout`); only under a tape.
@@ -40,9 +41,9 @@ pub struct LoraAdapter<D: Storage<f32>> {
     pub dropout_seed: u64,
 }
 
-impl<D: Device<f32>> Linear<D> {
+impl<E: Elem, D: Device<E>> Linear<D, E> {
     /// Loads `weight` (and `bias` when `bias` is true) under the loader's prefix.
-    pub fn load(l: &Loader<D>, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
+    pub fn load(l: &Loader<D, E>, in_dim: usize, out_dim: usize, bias: bool) -> Result<Self> {
         Ok(Self {
             weight: l.tensor2("weight", (out_dim, in_dim))?,
             bias: if bias {
@@ -66,23 +67,39 @@ impl<D: Device<f32>> Linear<D> {
     }
 
     /// `[m, in] -> [m, out]`
-    pub fn forward2<T: Tape<f32, D>>(&self, x: Tensor2<D, T>) -> Tensor2<D, T> {
-        let m = x.shape().0;
-        let out = self.out_features();
+    pub fn forward2<T: Tape<E, D>>(&self, x: Tensor2<D, T, E>) -> Tensor2<D, T, E> {
         let lora_input = self.lora.as_ref().map(|_| x.retaped::<T>());
         let train = self.trainable && T::OWNS_TAPE;
-        let y = if is_cpu::<D>() {
-            // Fused kernel; its backward computes the weight's gradients only when it trains.
-            let bias = self.bias.as_ref().map(host::host_vec);
-            let trained = if train {
-                std::iter::once(host::flat(&self.weight))
-                    .chain(self.bias.clone())
-                    .collect()
-            } else {
-                Vec::new()
-            };
-            host::linear(x, host::host_vec(&self.weight), bias, out, trained)
-        } else if train {
+        let y = match E::fused_linear(self, x, train) {
+            Ok(y) => y,
+            Err(x) => self.forward_generic(x, train),
+        };
+        // The LoRA branch runs on dfdx ops, so its tensors get gradients.
+        match (&self.lora, lora_input) {
+            (Some(lora), Some(x)) => {
+                let x = if lora.dropout > 0.0 && T::OWNS_TAPE {
+                    // inverted dropout: kept inputs scaled by 1 / (1 - p)
+                    let (rows, cols) = *x.shape();
+                    let mask = dropout_mask(rows * cols, lora.dropout, lora.dropout_seed);
+                    let dev = x.device().clone();
+                    x * dev.tensor_from_vec(elems(mask), (rows, cols))
+                } else {
+                    x
+                };
+                // [m, in] x [in, r] -> [m, r]; x [r, out] -> [m, out]
+                let down = lora.down.retaped::<T>().permute::<_, Axes2<1, 0>>();
+                let up = lora.up.retaped::<T>().permute::<_, Axes2<1, 0>>();
+                y + x.matmul(down).matmul(up) * lit::<E>(lora.scale)
+            }
+            _ => y,
+        }
+    }
+
+    /// The layer on dfdx ops (`train`: the weight and bias join the tape).
+    fn forward_generic<T: Tape<E, D>>(&self, x: Tensor2<D, T, E>, train: bool) -> Tensor2<D, T, E> {
+        let m = x.shape().0;
+        let out = self.out_features();
+        if train {
             // [m, in] x [in, out] -> [m, out], the weight on the tape
             let y = x.matmul(self.weight.retaped::<T>().permute::<_, Axes2<1, 0>>());
             match &self.bias {
@@ -96,34 +113,39 @@ impl<D: Device<f32>> Linear<D> {
                 Some(b) => y + b.clone().broadcast_like::<_, Axis<0>>(&(m, out)),
                 None => y,
             }
-        };
-        // The LoRA branch runs on dfdx ops, so its tensors get gradients.
-        match (&self.lora, lora_input) {
-            (Some(lora), Some(x)) => {
-                let x = if lora.dropout > 0.0 && T::OWNS_TAPE {
-                    // inverted dropout: kept inputs scaled by 1 / (1 - p)
-                    let (rows, cols) = *x.shape();
-                    let mask = dropout_mask(rows * cols, lora.dropout, lora.dropout_seed);
-                    let dev = x.device().clone();
-                    x * dev.tensor_from_vec(mask, (rows, cols))
-                } else {
-                    x
-                };
-                // [m, in] x [in, r] -> [m, r]; x [r, out] -> [m, out]
-                let down = lora.down.retaped::<T>().permute::<_, Axes2<1, 0>>();
-                let up = lora.up.retaped::<T>().permute::<_, Axes2<1, 0>>();
-                y + x.matmul(down).matmul(up) * lora.scale
-            }
-            _ => y,
         }
     }
 
     /// `[b, n, in] -> [b, n, out]`
-    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor3<D, T>) -> Tensor3<D, T> {
+    pub fn forward<T: Tape<E, D>>(&self, x: Tensor3<D, T, E>) -> Tensor3<D, T, E> {
         let (b, n, i) = *x.shape();
         let y = self.forward2(x.reshape_like(&(b * n, i)));
         y.reshape_like(&(b, n, self.out_features()))
     }
+}
+
+/// The fused CPU kernel of a f32 layer; its backward computes the weight's gradients only when
+/// it trains (`train`).
+pub(super) fn host_forward<D: Device<f32>, T: Tape<f32, D>>(
+    layer: &Linear<D>,
+    x: Tensor2<D, T>,
+    train: bool,
+) -> Tensor2<D, T> {
+    let bias = layer.bias.as_ref().map(host::host_vec);
+    let trained = if train {
+        std::iter::once(host::flat(&layer.weight))
+            .chain(layer.bias.clone())
+            .collect()
+    } else {
+        Vec::new()
+    };
+    host::linear(
+        x,
+        host::host_vec(&layer.weight),
+        bias,
+        layer.out_features(),
+        trained,
+    )
 }
 
 /// `n` mask values: 0 with probability `p`, else `1 / (1 - p)`, from a generator seeded by

@@ -21,6 +21,7 @@
 pub mod attention;
 pub mod checkpoint;
 pub mod conv2d;
+pub mod elem;
 pub(crate) mod host;
 pub mod linear;
 pub mod norm;
@@ -30,6 +31,7 @@ pub use attention::{
     DEFAULT_ATTENTION_CHUNK, merge_heads, scaled_dot_product_attention, split_heads,
 };
 pub use conv2d::{Conv2d, Padding2d};
+pub use elem::{Elem, Half, lit};
 pub use host::with_generic_kernels;
 pub use linear::{Linear, LoraAdapter};
 pub use norm::{GroupNorm, LayerNorm};
@@ -37,11 +39,11 @@ pub use ops::{gelu, pad2d, quick_gelu, silu, upsample_nearest2x};
 
 use dfdx::prelude::*;
 
-/// A rank-1 f32 tensor with runtime shape.
-pub type Tensor1<D, T = NoneTape> = Tensor<(usize,), f32, D, T>;
-/// A rank-2 f32 tensor with runtime shape.
-pub type Tensor2<D, T = NoneTape> = Tensor<(usize, usize), f32, D, T>;
-/// A rank-3 f32 tensor with runtime shape (`[b, n, c]` sequences).
-pub type Tensor3<D, T = NoneTape> = Tensor<(usize, usize, usize), f32, D, T>;
-/// A rank-4 f32 tensor with runtime shape (`[b, c, h, w]` images, `[b, heads, n, d]`).
-pub type Tensor4<D, T = NoneTape> = Tensor<(usize, usize, usize, usize), f32, D, T>;
+/// A rank-1 tensor (f32 unless `E` says otherwise) with runtime shape.
+pub type Tensor1<D, T = NoneTape, E = f32> = Tensor<(usize,), E, D, T>;
+/// A rank-2 tensor with runtime shape.
+pub type Tensor2<D, T = NoneTape, E = f32> = Tensor<(usize, usize), E, D, T>;
+/// A rank-3 tensor with runtime shape (`[b, n, c]` sequences).
+pub type Tensor3<D, T = NoneTape, E = f32> = Tensor<(usize, usize, usize), E, D, T>;
+/// A rank-4 tensor with runtime shape (`[b, c, h, w]` images, `[b, heads, n, d]`).
+pub type Tensor4<D, T = NoneTape, E = f32> = Tensor<(usize, usize, usize, usize), E, D, T>;

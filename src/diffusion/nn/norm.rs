@@ -2,7 +2,8 @@
 
 use dfdx::prelude::*;
 
-use super::host::{NormLayout, host_vec, is_cpu, norm_affine};
+use super::elem::Elem;
+use super::host::{NormLayout, host_vec, norm_affine};
 use super::ops::silu;
 use super::{Tensor1, Tensor3, Tensor4};
 use crate::diffusion::error::{DiffusionError, Result};
@@ -12,11 +13,11 @@ use crate::diffusion::weights::Loader;
 /// per-channel affine transform. The epsilon differs per use site in SD: 1e-5 in the UNet
 /// resnets (`norm_eps`), 1e-6 in the transformer blocks' input norm and everywhere in the VAE.
 #[derive(Debug, Clone)]
-pub struct GroupNorm<D: Storage<f32>> {
+pub struct GroupNorm<D: Storage<E>, E = f32> {
     /// `[c]`
-    pub weight: Tensor1<D>,
+    pub weight: Tensor1<D, NoneTape, E>,
     /// `[c]`
-    pub bias: Tensor1<D>,
+    pub bias: Tensor1<D, NoneTape, E>,
     /// Number of groups (divides the channels).
     pub num_groups: usize,
     /// Added to the variance.
@@ -25,9 +26,9 @@ pub struct GroupNorm<D: Storage<f32>> {
     pub trainable: bool,
 }
 
-impl<D: Device<f32>> GroupNorm<D> {
+impl<E: Elem, D: Device<E>> GroupNorm<D, E> {
     /// Loads `weight` and `bias` of `channels` channels.
-    pub fn load(l: &Loader<D>, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
+    pub fn load(l: &Loader<D, E>, num_groups: usize, channels: usize, eps: f64) -> Result<Self> {
         if num_groups == 0 || !channels.is_multiple_of(num_groups) {
             return Err(DiffusionError::Input {
                 model: "GroupNorm",
@@ -44,39 +45,23 @@ impl<D: Device<f32>> GroupNorm<D> {
     }
 
     /// `[b, c, h, w] -> [b, c, h, w]`
-    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
-        if is_cpu::<D>() {
-            return self.forward_host(x, false);
+    pub fn forward<T: Tape<E, D>>(&self, x: Tensor4<D, T, E>) -> Tensor4<D, T, E> {
+        match E::fused_group_norm(self, x, false) {
+            Ok(y) => y,
+            Err(x) => self.forward_generic(x),
         }
-        self.forward_generic(x)
     }
 
     /// `silu(group_norm(x))`, `[b, c, h, w] -> [b, c, h, w]` (the ResNet blocks' and the
     /// output norms' pattern; one fused op on the CPU).
-    pub fn forward_silu<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
-        if is_cpu::<D>() {
-            return self.forward_host(x, true);
+    pub fn forward_silu<T: Tape<E, D>>(&self, x: Tensor4<D, T, E>) -> Tensor4<D, T, E> {
+        match E::fused_group_norm(self, x, true) {
+            Ok(y) => y,
+            Err(x) => silu(self.forward_generic(x)),
         }
-        silu(self.forward_generic(x))
     }
 
-    fn forward_host<T: Tape<f32, D>>(&self, x: Tensor4<D, T>, silu: bool) -> Tensor4<D, T> {
-        let (b, c, h, w) = *x.shape();
-        let g = self.num_groups;
-        let layout = NormLayout {
-            groups: b * g,
-            len: c / g * h * w,
-            groups_per_item: g,
-            channels_per_group: c / g,
-            inner: h * w,
-        };
-        let (gamma, beta) = (host_vec(&self.weight), host_vec(&self.bias));
-        let trained =
-            (self.trainable && T::OWNS_TAPE).then(|| [self.weight.clone(), self.bias.clone()]);
-        norm_affine(x, layout, gamma, beta, self.eps, silu, trained)
-    }
-
-    fn forward_generic<T: Tape<f32, D>>(&self, x: Tensor4<D, T>) -> Tensor4<D, T> {
+    fn forward_generic<T: Tape<E, D>>(&self, x: Tensor4<D, T, E>) -> Tensor4<D, T, E> {
         let shape = *x.shape();
         let (b, c, h, w) = shape;
         let g = self.num_groups;
@@ -106,22 +91,45 @@ impl<D: Device<f32>> GroupNorm<D> {
     }
 }
 
+impl<D: Device<f32>> GroupNorm<D> {
+    /// The fused CPU kernel (`silu`: followed by SiLU).
+    pub(super) fn forward_host<T: Tape<f32, D>>(
+        &self,
+        x: Tensor4<D, T>,
+        silu: bool,
+    ) -> Tensor4<D, T> {
+        let (b, c, h, w) = *x.shape();
+        let g = self.num_groups;
+        let layout = NormLayout {
+            groups: b * g,
+            len: c / g * h * w,
+            groups_per_item: g,
+            channels_per_group: c / g,
+            inner: h * w,
+        };
+        let (gamma, beta) = (host_vec(&self.weight), host_vec(&self.bias));
+        let trained =
+            (self.trainable && T::OWNS_TAPE).then(|| [self.weight.clone(), self.bias.clone()]);
+        norm_affine(x, layout, gamma, beta, self.eps, silu, trained)
+    }
+}
+
 /// Layer normalisation over the last axis of `[b, n, d]` with an affine transform.
 #[derive(Debug, Clone)]
-pub struct LayerNorm<D: Storage<f32>> {
+pub struct LayerNorm<D: Storage<E>, E = f32> {
     /// `[d]`
-    pub weight: Tensor1<D>,
+    pub weight: Tensor1<D, NoneTape, E>,
     /// `[d]`
-    pub bias: Tensor1<D>,
+    pub bias: Tensor1<D, NoneTape, E>,
     /// Added to the variance.
     pub eps: f64,
     /// Whether gamma and beta get gradients under a tape (full fine-tuning).
     pub trainable: bool,
 }
 
-impl<D: Device<f32>> LayerNorm<D> {
+impl<E: Elem, D: Device<E>> LayerNorm<D, E> {
     /// Loads `weight` and `bias` of width `dim`.
-    pub fn load(l: &Loader<D>, dim: usize, eps: f64) -> Result<Self> {
+    pub fn load(l: &Loader<D, E>, dim: usize, eps: f64) -> Result<Self> {
         Ok(Self {
             weight: l.tensor1("weight", dim)?,
             bias: l.tensor1("bias", dim)?,
@@ -131,22 +139,12 @@ impl<D: Device<f32>> LayerNorm<D> {
     }
 
     /// `[b, n, d] -> [b, n, d]`
-    pub fn forward<T: Tape<f32, D>>(&self, x: Tensor3<D, T>) -> Tensor3<D, T> {
+    pub fn forward<T: Tape<E, D>>(&self, x: Tensor3<D, T, E>) -> Tensor3<D, T, E> {
         let shape = *x.shape();
-        if is_cpu::<D>() {
-            let (b, n, d) = shape;
-            let layout = NormLayout {
-                groups: b * n,
-                len: d,
-                groups_per_item: 1,
-                channels_per_group: d,
-                inner: 1,
-            };
-            let (gamma, beta) = (host_vec(&self.weight), host_vec(&self.bias));
-            let trained =
-                (self.trainable && T::OWNS_TAPE).then(|| [self.weight.clone(), self.bias.clone()]);
-            return norm_affine(x, layout, gamma, beta, self.eps, false, trained);
-        }
+        let x = match E::fused_layer_norm(self, x) {
+            Ok(y) => return y,
+            Err(x) => x,
+        };
         let x = x.normalize::<Axis<2>>(self.eps);
         if self.trainable && T::OWNS_TAPE {
             return x * self
@@ -160,6 +158,25 @@ impl<D: Device<f32>> LayerNorm<D> {
         }
         x * self.weight.clone().broadcast_like::<_, Axes2<0, 1>>(&shape)
             + self.bias.clone().broadcast_like::<_, Axes2<0, 1>>(&shape)
+    }
+}
+
+impl<D: Device<f32>> LayerNorm<D> {
+    /// The fused CPU kernel.
+    pub(super) fn forward_host<T: Tape<f32, D>>(&self, x: Tensor3<D, T>) -> Tensor3<D, T> {
+        let shape = *x.shape();
+        let (b, n, d) = shape;
+        let layout = NormLayout {
+            groups: b * n,
+            len: d,
+            groups_per_item: 1,
+            channels_per_group: d,
+            inner: 1,
+        };
+        let (gamma, beta) = (host_vec(&self.weight), host_vec(&self.bias));
+        let trained =
+            (self.trainable && T::OWNS_TAPE).then(|| [self.weight.clone(), self.bias.clone()]);
+        norm_affine(x, layout, gamma, beta, self.eps, false, trained)
     }
 }
 

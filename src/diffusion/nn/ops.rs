@@ -3,20 +3,21 @@
 use dfdx::prelude::*;
 
 use super::Tensor4;
+use super::elem::{Elem, lit};
 
 /// SiLU (swish): `x · sigmoid(x)`.
-pub fn silu<S: Shape, D: Device<f32>, T: Tape<f32, D>>(
-    x: Tensor<S, f32, D, T>,
-) -> Tensor<S, f32, D, T> {
+pub fn silu<S: Shape, E: Elem, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor<S, E, D, T>,
+) -> Tensor<S, E, D, T> {
     let s = x.retaped::<T>().sigmoid();
     x * s
 }
 
 /// CLIP's quick GELU: `x · sigmoid(1.702 x)`.
-pub fn quick_gelu<S: Shape, D: Device<f32>, T: Tape<f32, D>>(
-    x: Tensor<S, f32, D, T>,
-) -> Tensor<S, f32, D, T> {
-    let s = (x.retaped::<T>() * 1.702f32).sigmoid();
+pub fn quick_gelu<S: Shape, E: Elem, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor<S, E, D, T>,
+) -> Tensor<S, E, D, T> {
+    let s = (x.retaped::<T>() * lit::<E>(1.702)).sigmoid();
     x * s
 }
 
@@ -26,24 +27,24 @@ pub fn quick_gelu<S: Shape, D: Device<f32>, T: Tape<f32, D>>(
 /// `x·φ(x)` is too large by a factor √2. The gradient is corrected with a term whose value is
 /// exactly zero, `(√2 - 1)(φ(x) - φ(x)|detached)`, since `φ'(x) = -x·φ(x)`
 /// (`φ` = standard normal density).
-pub fn gelu<S: Shape, D: Device<f32>, T: Tape<f32, D>>(
-    x: Tensor<S, f32, D, T>,
-) -> Tensor<S, f32, D, T> {
+pub fn gelu<S: Shape, E: Elem, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor<S, E, D, T>,
+) -> Tensor<S, E, D, T> {
     if !T::OWNS_TAPE {
         return x.accurate_gelu();
     }
     let inv_sqrt_2pi = 1.0 / (2.0 * std::f32::consts::PI).sqrt();
-    let phi = |t: Tensor<S, f32, D, T>| (t.square() * -0.5f32).exp() * inv_sqrt_2pi;
+    let phi = |t: Tensor<S, E, D, T>| (t.square() * lit::<E>(-0.5)).exp() * lit::<E>(inv_sqrt_2pi);
     let detached = phi(x.retaped::<T>()).split_tape().0;
-    let correction = (phi(x.retaped::<T>()) - detached) * (std::f32::consts::SQRT_2 - 1.0);
+    let correction = (phi(x.retaped::<T>()) - detached) * lit::<E>(std::f32::consts::SQRT_2 - 1.0);
     x.accurate_gelu() + correction
 }
 
 /// Zero padding of the last two axes of `[b, c, h, w]`: `(top, bottom, left, right)`.
-pub fn pad2d<D: Device<f32>, T: Tape<f32, D>>(
-    x: Tensor4<D, T>,
+pub fn pad2d<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor4<D, T, E>,
     (top, bottom, left, right): (usize, usize, usize, usize),
-) -> Tensor4<D, T> {
+) -> Tensor4<D, T, E> {
     let dev = x.device().clone();
     let mut x = x;
     let (b, c, _, w) = *x.shape();
@@ -67,7 +68,9 @@ pub fn pad2d<D: Device<f32>, T: Tape<f32, D>>(
 
 /// Nearest-neighbour upsampling by 2 of `[b, c, h, w] -> [b, c, 2h, 2w]`
 /// (PyTorch `interpolate(scale_factor=2.0, mode="nearest")`).
-pub fn upsample_nearest2x<D: Device<f32>, T: Tape<f32, D>>(x: Tensor4<D, T>) -> Tensor4<D, T> {
+pub fn upsample_nearest2x<E: Elem, D: Device<E>, T: Tape<E, D>>(
+    x: Tensor4<D, T, E>,
+) -> Tensor4<D, T, E> {
     let (b, c, h, w) = *x.shape();
     x.reshape_like(&(b * c, h, w))
         // [b*c, h, 2, w, 2]: each pixel repeated in a 2x2 block
@@ -77,11 +80,11 @@ pub fn upsample_nearest2x<D: Device<f32>, T: Tape<f32, D>>(x: Tensor4<D, T>) -> 
 
 /// Concatenates `parts` along axis `AX` of rank-4 tensors, pairwise so each value is copied
 /// O(log n) times instead of O(n).
-pub(crate) fn concat_many<const AX: isize, D: Device<f32>, T: Tape<f32, D>>(
-    mut parts: Vec<Tensor4<D, T>>,
-) -> Tensor4<D, T>
+pub(crate) fn concat_many<const AX: isize, E: Elem, D: Device<E>, T: Tape<E, D>>(
+    mut parts: Vec<Tensor4<D, T, E>>,
+) -> Tensor4<D, T, E>
 where
-    (Tensor4<D, T>, Tensor4<D, T>): TryConcatAlong<Axis<AX>, Output = Tensor4<D, T>>,
+    (Tensor4<D, T, E>, Tensor4<D, T, E>): TryConcatAlong<Axis<AX>, Output = Tensor4<D, T, E>>,
 {
     assert!(!parts.is_empty(), "concat_many of no tensors");
     while parts.len() > 1 {

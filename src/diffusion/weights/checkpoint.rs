@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use super::{Loader, SafetensorsFile, WeightStore, single_file};
 use crate::diffusion::clip::{ClipConfig, TextEncoder};
 use crate::diffusion::error::{DiffusionError, Result};
+use crate::diffusion::nn::elem::Elem;
 use crate::diffusion::unet::{UNet, UNetConfig};
 use crate::diffusion::vae::{Vae, VaeConfig};
 
@@ -219,7 +220,12 @@ impl Checkpoint {
         &self.text_encoder
     }
 
-    /// Builds the UNet on `dev`.
+    /// Builds the UNet on `dev` computing in `E` (f32 or [`crate::diffusion::nn::Half`]).
+    pub fn load_unet_as<E: Elem, D: Device<E>>(&self, dev: &D) -> Result<UNet<D, E>> {
+        UNet::load(&Loader::new(&self.unet, dev), &self.unet_config)
+    }
+
+    /// Builds the UNet on `dev` (f32).
     pub fn load_unet<D: Device<f32>>(&self, dev: &D) -> Result<UNet<D>> {
         UNet::load(&Loader::new(&self.unet, dev), &self.unet_config)
     }

@@ -26,6 +26,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, Metadata, SafeTensors};
 
 use super::error::{DiffusionError, Result};
+use super::nn::elem::{Elem, elems};
 use super::nn::{Tensor1, Tensor2, Tensor4};
 
 /// A memory-mapped safetensors file with its parsed header.
@@ -341,19 +342,22 @@ impl WeightStore {
 
 /// Builds dfdx tensors from a [`WeightStore`] under a name prefix (`down_blocks.0.` …).
 #[derive(Clone)]
-pub struct Loader<'a, D> {
+pub struct Loader<'a, D, E = f32> {
     store: &'a WeightStore,
     dev: D,
     prefix: String,
+    /// The element type tensors are created in (weights are converted from the file's).
+    elem: std::marker::PhantomData<E>,
 }
 
-impl<'a, D: Device<f32>> Loader<'a, D> {
+impl<'a, E: Elem, D: Device<E>> Loader<'a, D, E> {
     /// A loader at the root of `store`, creating tensors on `dev`.
     pub fn new(store: &'a WeightStore, dev: &D) -> Self {
         Self {
             store,
             dev: dev.clone(),
             prefix: String::new(),
+            elem: std::marker::PhantomData,
         }
     }
 
@@ -363,6 +367,20 @@ impl<'a, D: Device<f32>> Loader<'a, D> {
             store: self.store,
             dev: self.dev.clone(),
             prefix: format!("{}{}.", self.prefix, name),
+            elem: std::marker::PhantomData,
+        }
+    }
+
+    /// The same store and prefix, creating tensors of element type `E2`.
+    pub fn with_elem<E2: Elem>(&self) -> Loader<'a, D, E2>
+    where
+        D: Device<E2>,
+    {
+        Loader {
+            store: self.store,
+            dev: self.dev.clone(),
+            prefix: self.prefix.clone(),
+            elem: std::marker::PhantomData,
         }
     }
 
@@ -386,23 +404,27 @@ impl<'a, D: Device<f32>> Loader<'a, D> {
     }
 
     /// A rank-1 tensor `[n]`.
-    pub fn tensor1(&self, name: &str, n: usize) -> Result<Tensor1<D>> {
+    pub fn tensor1(&self, name: &str, n: usize) -> Result<Tensor1<D, NoneTape, E>> {
         let v = self.store.read_checked(&self.full(name), &[n])?;
-        Ok(self.dev.tensor_from_vec(v, (n,)))
+        Ok(self.dev.tensor_from_vec(elems(v), (n,)))
     }
 
     /// A rank-2 tensor `[a, b]`.
-    pub fn tensor2(&self, name: &str, s: (usize, usize)) -> Result<Tensor2<D>> {
+    pub fn tensor2(&self, name: &str, s: (usize, usize)) -> Result<Tensor2<D, NoneTape, E>> {
         let v = self.store.read_checked(&self.full(name), &[s.0, s.1])?;
-        Ok(self.dev.tensor_from_vec(v, s))
+        Ok(self.dev.tensor_from_vec(elems(v), s))
     }
 
     /// A rank-4 tensor `[a, b, c, d]`.
-    pub fn tensor4(&self, name: &str, s: (usize, usize, usize, usize)) -> Result<Tensor4<D>> {
+    pub fn tensor4(
+        &self,
+        name: &str,
+        s: (usize, usize, usize, usize),
+    ) -> Result<Tensor4<D, NoneTape, E>> {
         let v = self
             .store
             .read_checked(&self.full(name), &[s.0, s.1, s.2, s.3])?;
-        Ok(self.dev.tensor_from_vec(v, s))
+        Ok(self.dev.tensor_from_vec(elems(v), s))
     }
 }
 
