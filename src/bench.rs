@@ -30,7 +30,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::diffusion::clip::ClipConfig;
-use crate::diffusion::nn::DEFAULT_ATTENTION_CHUNK;
+use crate::diffusion::nn::{DEFAULT_ATTENTION_CHUNK, Elem};
 use crate::diffusion::nn::{Tensor3, Tensor4};
 use crate::diffusion::params::{count_params, named_grads, set_trainable};
 use crate::diffusion::schedulers::{Ddpm, SamplerKind, SchedulerConfig, SeededNoise};
@@ -175,6 +175,10 @@ pub struct BenchArgs {
     /// (the train stages' `gradient_checkpointing`).
     #[arg(long)]
     pub gradient_checkpointing: bool,
+    /// What the UNet computes in: f32, or f16 (mixed precision: f16 storage, f32 arithmetic
+    /// inside each op) for unet-forward and sample-step.
+    #[arg(long, default_value = "f32")]
+    pub precision: String,
     /// Device: auto (the GPU when this build has CUDA and one opens), cpu or cuda:N.
     #[arg(long, default_value = "auto", value_parser = parse_device)]
     pub device: crate::pipeline::Device,
@@ -376,6 +380,8 @@ pub struct BenchOptions {
     pub seed: u64,
     /// Gradient checkpointing of the UNet in the training tasks.
     pub gradient_checkpointing: bool,
+    /// What the UNet computes in (`f16`: mixed precision; the UNet tasks only).
+    pub precision: crate::pipeline::Precision,
 }
 
 impl BenchOptions {
@@ -401,7 +407,30 @@ impl BenchOptions {
             rank: args.rank,
             seed: args.seed,
             gradient_checkpointing: args.gradient_checkpointing,
+            precision: Self::precision(args)?,
         })
+    }
+
+    fn precision(args: &BenchArgs) -> Result<crate::pipeline::Precision, BenchError> {
+        use crate::pipeline::Precision;
+        match args.precision.as_str() {
+            "f32" => Ok(Precision::F32),
+            "f16" if matches!(args.task, BenchTask::UnetForward | BenchTask::SampleStep) => {
+                Ok(Precision::F16)
+            }
+            "f16" => Err(BenchError::Usage(format!(
+                "--precision f16 is implemented for unet-forward and sample-step; {} computes \
+                 in f32",
+                args.task
+            ))),
+            "bf16" => Err(BenchError::Usage(
+                "--precision bf16 is not available (dfdx 0.13 has no bfloat16 kernels); use f16"
+                    .into(),
+            )),
+            other => Err(BenchError::Usage(format!(
+                "unknown --precision `{other}`: use f32 or f16"
+            ))),
+        }
     }
 }
 
@@ -459,25 +488,25 @@ fn model_err(what: &str) -> impl FnOnce(DiffusionError) -> BenchError + '_ {
 }
 
 impl Weights {
-    fn unet<D: Device<f32>>(
+    fn unet<E: Elem, D: Device<E>>(
         &self,
         c: &StoredConfigs,
         dev: &D,
         gradient_checkpointing: bool,
-    ) -> Result<UNet<D>, BenchError> {
+    ) -> Result<UNet<D, E>, BenchError> {
         let mut unet = self.unet_plain(c, dev)?;
         unet.set_gradient_checkpointing(gradient_checkpointing);
         Ok(unet)
     }
 
-    fn unet_plain<D: Device<f32>>(
+    fn unet_plain<E: Elem, D: Device<E>>(
         &self,
         c: &StoredConfigs,
         dev: &D,
-    ) -> Result<UNet<D>, BenchError> {
+    ) -> Result<UNet<D, E>, BenchError> {
         match self {
             Self::Synthetic(s) => UNet::load(&Loader::new(s, dev), &c.unet),
-            Self::Checkpoint(ck) => ck.load_unet(dev),
+            Self::Checkpoint(ck) => ck.load_unet_as(dev),
         }
         .map_err(model_err("UNet"))
     }
@@ -523,7 +552,7 @@ fn normal(seed: u64, n: usize) -> Vec<f32> {
 /// Runs the benchmark on `dev` (named `device`: `cpu`, `cuda:0`), with a progress bar over
 /// the steps. Each timed step ends with a device synchronisation, so asynchronous devices
 /// are timed to the end of their work.
-pub fn run_on<D: Device<f32> + dfdx::tensor::Synchronize>(
+pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
     dev: &D,
     device: &str,
     opts: &BenchOptions,
@@ -686,9 +715,10 @@ pub fn run_on<D: Device<f32> + dfdx::tensor::Synchronize>(
             })?;
         }
         BenchTask::UnetForward => {
-            let mut unet = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
+            let mut unet: UNet<D, E> = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
             model_params = count_params(&mut unet);
             let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+            let (latents, context) = (latents.to_dtype::<E>(), context.to_dtype::<E>());
             timed(&mut || {
                 let out = unet
                     .forward(latents.clone(), &t, context.clone())
@@ -698,13 +728,14 @@ pub fn run_on<D: Device<f32> + dfdx::tensor::Synchronize>(
             })?;
         }
         BenchTask::SampleStep => {
-            let mut unet = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
+            let mut unet: UNet<D, E> = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
             model_params = count_params(&mut unet);
             // The text states of the batch doubled: uncond rows, then cond rows.
             let doubled_ctx: Tensor3<D> = dev.tensor_from_vec(
                 normal(opts.seed ^ 5, 2 * b * tokens * ctx_dim),
                 (2 * b, tokens, ctx_dim),
             );
+            let doubled_ctx = doubled_ctx.to_dtype::<E>();
             let sampler = SamplerKind::Euler
                 .build(&SchedulerConfig::sd15(), 30)
                 .map_err(|e| step_err(&e))?;
@@ -718,9 +749,11 @@ pub fn run_on<D: Device<f32> + dfdx::tensor::Synchronize>(
                     .scale_model_input(x.clone(), i)
                     .map_err(|e| step_err(&e))?;
                 let doubled = (model_in.clone(), model_in).concat_along(Axis::<0>);
+                // the UNet in its element type, the sampler in f32 (as the pipeline does)
                 let out = unet
-                    .forward(doubled, &[t], doubled_ctx.clone())
-                    .map_err(|e| step_err(&e))?;
+                    .forward(doubled.to_dtype::<E>(), &[t], doubled_ctx.clone())
+                    .map_err(|e| step_err(&e))?
+                    .to_dtype::<f32>();
                 let uncond = out.clone().slice((0..b, .., .., ..));
                 let cond = out.slice((b..2 * b, .., .., ..));
                 let eps = uncond.clone() + (cond - uncond) * cfg_scale;
@@ -799,7 +832,7 @@ pub fn run_on<D: Device<f32> + dfdx::tensor::Synchronize>(
         iters: opts.iters,
         warmup: opts.warmup,
         device: device.to_string(),
-        precision: "f32".into(),
+        precision: E::NAME.into(),
         sdpipe_version: env!("CARGO_PKG_VERSION").into(),
         key: task.key(b, opts.resolution),
         value: per_step / (step_ms.median / 1e3).max(1e-12),
@@ -859,7 +892,9 @@ pub fn run_cli(args: &BenchArgs, quiet: bool) -> i32 {
         }
     };
     let name = runtime.name();
-    let result = crate::on_device!(runtime, dev => run_on(&dev, &name, &opts, &progress));
+    let result = crate::on_device_precision!(runtime, opts.precision, dev, E => {
+        run_on::<E, _>(&dev, &name, &opts, &progress)
+    });
     match result {
         Ok(report) => {
             if args.json {

@@ -175,6 +175,24 @@ macro_rules! on_device {
     };
 }
 
+/// [`on_device!`] that also names the UNet's element type for `precision`: `$E` is `f32`, or
+/// [`crate::diffusion::nn::Half`] for `"f16"` (mixed precision), inside `$body`.
+#[macro_export]
+macro_rules! on_device_precision {
+    ($rt:expr, $precision:expr, $dev:ident, $E:ident => $body:expr) => {
+        match $precision {
+            $crate::pipeline::Precision::F16 => {
+                type $E = $crate::diffusion::nn::Half;
+                $crate::on_device!($rt, $dev => $body)
+            }
+            _ => {
+                type $E = f32;
+                $crate::on_device!($rt, $dev => $body)
+            }
+        }
+    };
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

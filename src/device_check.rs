@@ -33,8 +33,8 @@ use dfdx::prelude::*;
 
 use crate::diffusion::error::DiffusionError;
 use crate::diffusion::nn::{
-    Conv2d, GroupNorm, LayerNorm, Linear, Padding2d, gelu, scaled_dot_product_attention, silu,
-    upsample_nearest2x, with_generic_kernels,
+    Conv2d, GroupNorm, Half, LayerNorm, Linear, Padding2d, gelu, scaled_dot_product_attention,
+    silu, upsample_nearest2x, with_generic_kernels,
 };
 use crate::diffusion::pipeline::TextToImage;
 use crate::diffusion::weights::Checkpoint;
@@ -85,7 +85,14 @@ pub struct Output {
     pub shape: String,
     /// Its values in logical order.
     pub values: Vec<f32>,
+    /// Its own relative-error tolerance (the f16 rows: [`HALF_TOLERANCE`]); `None`: the
+    /// check's f32 tolerance.
+    pub tolerance: Option<f32>,
 }
+
+/// Relative-error tolerance of the mixed-precision (`f16`) rows against the f32 reference:
+/// f16 keeps 11 significant bits (relative rounding 4.9e-4 per stored value).
+pub const HALF_TOLERANCE: f32 = 1e-2;
 
 /// One row of the comparison table.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -98,6 +105,8 @@ pub struct Row {
     pub max_abs_err: f32,
     /// `max |x − r| / max |r|`.
     pub max_rel_err: f32,
+    /// The tolerance this row is held to.
+    pub tolerance: f32,
     /// Within tolerance and finite.
     pub ok: bool,
 }
@@ -142,11 +151,13 @@ pub fn compare(got: &[Output], want: &[Output], tolerance: f32) -> Vec<Row> {
             };
             (max_abs, rel, finite)
         };
+        let tolerance = w.tolerance.unwrap_or(tolerance);
         rows.push(Row {
             op: w.name.clone(),
             shape: w.shape.clone(),
             max_abs_err: max_abs,
             max_rel_err: max_rel,
+            tolerance,
             ok: finite && g.name == w.name && max_rel <= tolerance,
         });
     }
@@ -156,6 +167,7 @@ pub fn compare(got: &[Output], want: &[Output], tolerance: f32) -> Vec<Row> {
             shape: String::new(),
             max_abs_err: f32::INFINITY,
             max_rel_err: f32::INFINITY,
+            tolerance,
             ok: false,
         });
     }
@@ -165,8 +177,9 @@ pub fn compare(got: &[Output], want: &[Output], tolerance: f32) -> Vec<Row> {
 /// The comparison table, one line per row.
 pub fn format_table(report: &Report) -> String {
     let mut s = format!(
-        "device check: {} vs {} (f32, max rel err ≤ {:.0e}; rel = max|x−r| / max|r|)\n",
-        report.device, report.reference, report.tolerance
+        "device check: {} vs {} (f32 rows: max rel err ≤ {:.0e}, f16 rows ≤ {:.0e}; rel = \
+         max|x−r| / max|r|)\n",
+        report.device, report.reference, report.tolerance, HALF_TOLERANCE
     );
     s.push_str(&format!(
         "{:<30} {:<24} {:>12} {:>12}  ok\n",
@@ -222,7 +235,18 @@ impl Outputs {
             name: name.to_string(),
             shape: shape_str(&dims),
             values: t.as_vec(),
+            tolerance: None,
         });
+    }
+}
+
+impl Outputs {
+    /// A mixed-precision output, held to [`HALF_TOLERANCE`].
+    fn push_half<S: Shape, D: Device<f32>>(&mut self, name: &str, t: &Tensor<S, f32, D>) {
+        self.push(name, t);
+        if let Some(last) = self.0.last_mut() {
+            last.tolerance = Some(HALF_TOLERANCE);
+        }
     }
 }
 
@@ -360,6 +384,7 @@ pub fn op_outputs<D: Device<f32>>(dev: &D) -> Vec<Output> {
                 name: format!("adamw step (error: {e})"),
                 shape: String::new(),
                 values: vec![f32::NAN],
+                tolerance: None,
             });
         }
     }
@@ -368,7 +393,14 @@ pub fn op_outputs<D: Device<f32>>(dev: &D) -> Vec<Output> {
 }
 
 /// The model-part checks on the model at `model`, loaded on `dev`.
-pub fn model_outputs<D: Device<f32>>(dev: &D, model: &Path) -> Result<Vec<Output>, DiffusionError> {
+///
+/// The `unet (f16)` rows run the UNet in mixed precision ([`Half`]); `reference` computes
+/// them in f32 instead, so a device's f16 result is held against the f32 truth.
+pub fn model_outputs<D: Device<f32> + Device<Half>>(
+    dev: &D,
+    model: &Path,
+    reference: bool,
+) -> Result<Vec<Output>, DiffusionError> {
     let ckpt = Checkpoint::open(model)?;
     let pipe = TextToImage::load(&ckpt, None, dev).map_err(|e| match e {
         crate::diffusion::pipeline::PipelineError::Model(m) => m,
@@ -398,6 +430,25 @@ pub fn model_outputs<D: Device<f32>>(dev: &D, model: &Path) -> Result<Vec<Output
     let y = unet.forward(sample.leaky_trace(), &[500.0], context.retaped())?;
     let g = y.square().mean().backward();
     out.push("unet grad (sample)", &g.get(&sample));
+    let ts = [981.0, 1.0];
+    let (eps, grad) = if reference {
+        let (value, tape) = unet
+            .forward(sample.leaky_trace(), &ts, context.retaped())?
+            .split_tape();
+        let g = value.clone().put_tape(tape).square().mean().backward();
+        (value, g.get(&sample))
+    } else {
+        let half = ckpt.load_unet_as::<Half, D>(dev)?;
+        let s = sample.clone().to_dtype::<Half>();
+        let c = context.clone().to_dtype::<Half>();
+        let (value, tape) = half
+            .forward(s.leaky_trace(), &ts, c.retaped())?
+            .split_tape();
+        let g = value.clone().put_tape(tape).square().mean().backward();
+        (value.to_dtype::<f32>(), g.get(&s).to_dtype::<f32>())
+    };
+    out.push_half("unet (f16)", &eps);
+    out.push_half("unet (f16) grad (sample)", &grad);
 
     let vae = &pipe.models.vae;
     let f = vae.config.downsampling_factor();
@@ -412,18 +463,22 @@ pub fn model_outputs<D: Device<f32>>(dev: &D, model: &Path) -> Result<Vec<Output
 }
 
 /// Every check on `dev`: the op families, then the model parts.
-pub fn all_outputs<D: Device<f32>>(dev: &D, model: &Path) -> Result<Vec<Output>, DiffusionError> {
+pub fn all_outputs<D: Device<f32> + Device<Half>>(
+    dev: &D,
+    model: &Path,
+    reference: bool,
+) -> Result<Vec<Output>, DiffusionError> {
     let mut out = op_outputs(dev);
-    out.extend(model_outputs(dev, model)?);
+    out.extend(model_outputs(dev, model, reference)?);
     Ok(out)
 }
 
 /// Runs every check on dfdx's generic op path on the CPU against the fused CPU kernels.
 pub fn check_cpu_paths(model: &Path, tolerance: f32) -> Result<Report, DiffusionError> {
     let cpu = Cpu::default();
-    let want = all_outputs(&cpu, model)?;
+    let want = all_outputs(&cpu, model, true)?;
     let start = std::time::Instant::now();
-    let got = with_generic_kernels(|| all_outputs(&cpu, model))?;
+    let got = with_generic_kernels(|| all_outputs(&cpu, model, false))?;
     Ok(report(
         "cpu-generic",
         &got,
@@ -434,16 +489,16 @@ pub fn check_cpu_paths(model: &Path, tolerance: f32) -> Result<Report, Diffusion
 }
 
 /// Runs every check on `dev` against the CPU reference.
-pub fn check_device<D: Device<f32>>(
+pub fn check_device<D: Device<f32> + Device<Half>>(
     name: &str,
     dev: &D,
     model: &Path,
     tolerance: f32,
 ) -> Result<Report, DiffusionError> {
     let start = std::time::Instant::now();
-    let got = all_outputs(dev, model)?;
+    let got = all_outputs(dev, model, false)?;
     let elapsed = start.elapsed();
-    let want = all_outputs(&Cpu::default(), model)?;
+    let want = all_outputs(&Cpu::default(), model, true)?;
     Ok(report(name, &got, &want, tolerance, elapsed))
 }
 
@@ -531,6 +586,7 @@ mod tests {
             name: name.into(),
             shape: String::new(),
             values,
+            tolerance: None,
         }
     }
 

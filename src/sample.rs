@@ -119,6 +119,19 @@ pub struct SampleArgs {
     /// or cuda:N.
     #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device)]
     pub device: crate::pipeline::Device,
+    /// What the UNet computes in: f32, or f16 (mixed precision: f16 storage, f32 arithmetic
+    /// inside each op; for the GPU). The text encoder and the VAE compute in f32.
+    #[arg(long, value_name = "PRECISION", default_value = "f32", value_parser = parse_precision)]
+    pub precision: crate::pipeline::Precision,
+}
+
+fn parse_precision(s: &str) -> Result<crate::pipeline::Precision, String> {
+    match s {
+        "f32" => Ok(crate::pipeline::Precision::F32),
+        "f16" => Ok(crate::pipeline::Precision::F16),
+        "bf16" => Err("bf16 is not available (dfdx 0.13 has no bfloat16 kernels); use f16".into()),
+        other => Err(format!("unknown precision `{other}`: use f32 or f16")),
+    }
 }
 
 fn parse_device(s: &str) -> Result<crate::pipeline::Device, String> {
@@ -380,11 +393,13 @@ fn execute(args: &SampleArgs, quiet: bool) -> Result<Vec<PathBuf>, Failure> {
     }
 
     let size = (width, height);
-    crate::on_device!(rt, dev => generate_on(args, quiet, &ckpt, &context, init, size, &dev))
+    crate::on_device_precision!(rt, args.precision, dev, E => {
+        generate_on::<E, _>(args, quiet, &ckpt, &context, init, size, &dev)
+    })
 }
 
 /// The rest of [`execute`] on the chosen device: load, generate, write.
-fn generate_on<D: Device<f32>>(
+fn generate_on<E: crate::diffusion::nn::Elem, D: Device<f32> + Device<E>>(
     args: &SampleArgs,
     quiet: bool,
     ckpt: &Checkpoint,
@@ -393,10 +408,11 @@ fn generate_on<D: Device<f32>>(
     (width, height): (Option<usize>, Option<usize>),
     dev: &D,
 ) -> Result<Vec<PathBuf>, Failure> {
-    let mut pipe = TextToImage::load(ckpt, args.config.as_deref(), dev).map_err(|e| match e {
-        PipelineError::Model(m) => model_failure(context, &m),
-        other => usage(format!("{context}: {other}")),
-    })?;
+    let mut pipe: TextToImage<D, E> = TextToImage::load_as(ckpt, args.config.as_deref(), dev)
+        .map_err(|e| match e {
+            PipelineError::Model(m) => model_failure(context, &m),
+            other => usage(format!("{context}: {other}")),
+        })?;
     for spec in &args.embedding {
         let (file, token) = match spec.rsplit_once(':') {
             Some((f, t)) if !t.is_empty() && !t.contains('/') && !t.contains('\\') => {

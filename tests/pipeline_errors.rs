@@ -85,14 +85,31 @@ fn invalid_device_says_what_is_allowed() {
 }
 
 #[test]
-fn half_precision_is_refused_until_it_exists() {
+fn bf16_is_refused_with_what_exists() {
     let text = BASIC.replace("seed = 1", "seed = 1\nprecision = \"bf16\"");
     assert_error(
         &text,
         5,
         1,
         &[
-            "precision bf16 is not implemented yet",
+            "precision \"bf16\" is not available",
+            "no bfloat16 kernels",
+            "precision = \"f16\"",
+        ],
+    );
+}
+
+#[test]
+fn half_precision_training_is_refused_naming_the_stage() {
+    let text = common::tiny_latents_pipeline(1)
+        .replace("seed = 1", "seed = 1\nprecision = \"f16\"")
+        + "\n[stage.lora]\nkind = \"train\"\nneeds = [\"latents\"]\nmethod = \"lora\"\nsteps = 1\n";
+    assert_error(
+        &text,
+        5,
+        1,
+        &[
+            "precision \"f16\" is not implemented for `train` stages yet (stage `lora`)",
             "precision = \"f32\"",
         ],
     );

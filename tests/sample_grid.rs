@@ -118,3 +118,35 @@ fn grid_param_errors_point_at_the_key() {
         run.stderr
     );
 }
+
+/// `precision = "f16"` runs the UNet in mixed precision: the images stay within f16 rounding of
+/// the f32 ones (the same seeds and sampler), are not bit-identical, and the cache keys differ.
+#[test]
+fn half_precision_grid_is_close_to_f32() {
+    let f32_run = Project::new(&pipeline("[1]"));
+    let run = f32_run.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let half_text = pipeline("[1]").replace(
+        "[pipeline]\nname = \"t\"",
+        "[pipeline]\nname = \"t\"\nprecision = \"f16\"",
+    );
+    assert!(half_text.contains("f16"));
+    let half_run = Project::new(&half_text);
+    let run = half_run.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    for cell in ["00-1.png", "01-1.png"] {
+        let rel = format!("outputs/t/grid/images/base/{cell}");
+        let a = image::open(f32_run.path(&rel)).unwrap().to_rgb8();
+        let b = image::open(half_run.path(&rel)).unwrap().to_rgb8();
+        let diffs: Vec<f64> = a
+            .as_raw()
+            .iter()
+            .zip(b.as_raw())
+            .map(|(x, y)| (*x as f64 - *y as f64).abs())
+            .collect();
+        let mean = diffs.iter().sum::<f64>() / diffs.len() as f64;
+        let max = diffs.iter().copied().fold(0.0, f64::max);
+        println!("{cell}: f16 vs f32 mean |diff| {mean:.2}/255, max {max}/255");
+        assert!(mean < 1.5 && max <= 16.0, "{cell}: f16 image far from f32");
+    }
+}

@@ -18,6 +18,7 @@
 //! from the same per-image generators as the initial latents, so image `i` of a batch is the
 //! image a batch of one with seed `seed + i` gives (up to float rounding of the batched UNet).
 
+use super::nn::elem::Elem;
 use std::path::{Path, PathBuf};
 
 use dfdx::prelude::*;
@@ -242,9 +243,9 @@ fn gcd(a: usize, b: usize) -> usize {
 
 /// A loaded text-to-image pipeline: the three models, the tokenizer and the scheduler config.
 #[derive(Debug, Clone)]
-pub struct TextToImage<D: Storage<f32>> {
-    /// Text encoder, UNet and VAE.
-    pub models: StableDiffusion<D>,
+pub struct TextToImage<D: Storage<f32> + Storage<E>, E = f32> {
+    /// Text encoder, UNet (computing in `E`) and VAE.
+    pub models: StableDiffusion<D, E>,
     /// The CLIP tokenizer.
     pub tokenizer: ClipTokenizer,
     /// Scheduler config the samplers are built from.
@@ -255,9 +256,16 @@ pub struct TextToImage<D: Storage<f32>> {
 }
 
 impl<D: Device<f32>> TextToImage<D> {
+    /// Loads `ckpt` on `dev` (f32; see [`TextToImage::load_as`]).
+    pub fn load(ckpt: &Checkpoint, config_dir: Option<&Path>, dev: &D) -> Result<Self> {
+        Self::load_as(ckpt, config_dir, dev)
+    }
+}
+
+impl<E: Elem, D: Device<f32> + Device<E>> TextToImage<D, E> {
     /// A pipeline from its parts.
     pub fn new(
-        models: StableDiffusion<D>,
+        models: StableDiffusion<D, E>,
         tokenizer: ClipTokenizer,
         scheduler_config: SchedulerConfig,
     ) -> Self {
@@ -269,11 +277,11 @@ impl<D: Device<f32>> TextToImage<D> {
         }
     }
 
-    /// Loads `ckpt` on `dev`. The tokenizer and the scheduler config come from `config_dir`
+    /// Loads `ckpt` on `dev`, the UNet computing in `E`. The tokenizer and the scheduler config come from `config_dir`
     /// when given (the folder a single file took its configs from), else from the checkpoint
     /// itself when it is a diffusers folder; otherwise the bundled CLIP tokenizer and SD 1.5's
     /// scheduler config are used.
-    pub fn load(ckpt: &Checkpoint, config_dir: Option<&Path>, dev: &D) -> Result<Self> {
+    pub fn load_as(ckpt: &Checkpoint, config_dir: Option<&Path>, dev: &D) -> Result<Self> {
         let dir: Option<PathBuf> = match (config_dir, ckpt.layout) {
             (Some(d), _) => Some(d.to_path_buf()),
             (None, CheckpointLayout::Diffusers) => Some(ckpt.path.clone()),
@@ -283,7 +291,7 @@ impl<D: Device<f32>> TextToImage<D> {
             Some(d) => (ClipTokenizer::for_model(d)?, scheduler_config_for(d)?),
             None => (ClipTokenizer::bundled()?, SchedulerConfig::sd15()),
         };
-        Ok(Self::new(ckpt.load(dev)?, tokenizer, scheduler_config))
+        Ok(Self::new(ckpt.load_as(dev)?, tokenizer, scheduler_config))
     }
 
     /// Pixels per latent along each axis (the VAE's downsampling factor: 8 for SD).
@@ -459,6 +467,8 @@ impl<D: Device<f32>> TextToImage<D> {
         let rows = embeds.shape().0;
         let index: Vec<usize> = (0..rows).flat_map(|r| std::iter::repeat_n(r, b)).collect();
         let context: Tensor3<D> = embeds.gather(dev.tensor_from_vec(index, (rows * b,)));
+        // the UNet's element type (f32, or f16 in mixed precision)
+        let context = context.to_dtype::<E>();
 
         let mut noise = BatchNoise::seeded(options.seed, b);
         let init_given = init_latents.is_some();
@@ -491,12 +501,15 @@ impl<D: Device<f32>> TextToImage<D> {
             let eps = if guided {
                 // [2b, c, h, w]: the same latents for the uncond and the cond rows
                 let doubled = (model_in.clone(), model_in).concat_along(Axis::<0>);
-                let out = unet.forward(doubled, &[t], context.clone())?;
+                let out = unet
+                    .forward(doubled.to_dtype::<E>(), &[t], context.clone())?
+                    .to_dtype::<f32>();
                 let uncond = out.clone().slice((0..b, .., .., ..));
                 let cond = out.slice((b..2 * b, .., .., ..));
                 uncond.clone() + (cond - uncond) * options.cfg_scale
             } else {
-                unet.forward(model_in, &[t], context.clone())?
+                unet.forward(model_in.to_dtype::<E>(), &[t], context.clone())?
+                    .to_dtype::<f32>()
             };
             x = sampler.step(&eps, i, &x, &mut noise)?.prev_sample;
             progress(&StepProgress {

@@ -228,17 +228,28 @@ impl<'a> Parser<'a> {
                 Some("point it at a diffusers folder with unet/, vae/, text_encoder/ config.json files".into()),
             ));
         }
-        if s.precision != super::Precision::F32 {
-            // Half precision is planned for the GPU (mixed precision); until it exists, accepting
-            // it would run f32 under an f16 label.
+        if s.precision == super::Precision::Bf16 {
+            return Err(self.error(
+                self.field_span(table, "precision"),
+                "precision \"bf16\" is not available: dfdx 0.13 has no bfloat16 kernels",
+                Some(
+                    "use precision = \"f16\" (f16 storage, f32 arithmetic in every op) or \"f32\""
+                        .into(),
+                ),
+            ));
+        }
+        if s.precision == super::Precision::F16
+            && let Some(stage) = stages.iter().find(|st| !st.params.supports_half())
+        {
             return Err(self.error(
                 self.field_span(table, "precision"),
                 format!(
-                    "precision {:?} is not implemented yet: every stage computes in f32",
-                    s.precision
-                )
-                .to_lowercase(),
-                Some("use precision = \"f32\" (the default)".into()),
+                    "precision \"f16\" is not implemented for `{}` stages yet (stage `{}`): \
+                     mixed precision covers sampling (sample_grid, class images)",
+                    stage.params.kind(),
+                    stage.name
+                ),
+                Some("use precision = \"f32\" for pipelines that train".into()),
             ));
         }
         if let super::Device::Cuda(n) = s.device

@@ -9,6 +9,8 @@
 
 use anyhow::{Context as _, bail};
 use dfdx::prelude::*;
+
+use crate::diffusion::nn::Elem;
 use serde::{Deserialize, Serialize};
 
 use super::ParamError;
@@ -132,11 +134,11 @@ impl ClassImagesParams {
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         let rt = crate::device::open(ctx.pipeline.settings.device)?;
-        crate::on_device!(rt, dev => self.run_on(ctx, dev))
+        crate::on_device_precision!(rt, ctx.pipeline.settings.precision, dev, E => self.run_on::<E, _>(ctx, dev))
     }
 
     /// [`Self::run`] on the opened device.
-    fn run_on<D: Device<f32>>(
+    fn run_on<E: Elem, D: Device<f32> + Device<E>>(
         &self,
         ctx: &StageContext<'_>,
         dev: D,
@@ -179,7 +181,7 @@ impl ClassImagesParams {
             records.push(r);
         }
 
-        let mut t2i: Option<TextToImage<D>> = None;
+        let mut t2i: Option<TextToImage<D, E>> = None;
         let bar = ctx.progress.bar(
             (todo * self.steps) as u64,
             &format!("{} class images", ctx.instance.name),
@@ -199,7 +201,7 @@ impl ClassImagesParams {
             if t2i.is_none() {
                 let ckpt = open_checkpoint(settings)?;
                 t2i = Some(
-                    TextToImage::load(&ckpt, settings.model_config.as_deref(), &dev)
+                    TextToImage::load_as(&ckpt, settings.model_config.as_deref(), &dev)
                         .with_context(|| format!("loading {}", model_path.display()))?,
                 );
             }

@@ -116,7 +116,13 @@ impl StageParams {
         })
     }
 
-    /// The kind name.
+    /// Whether the stage runs with `precision = "f16"` (its UNet in mixed precision, or no
+    /// model at all).
+    pub fn supports_half(&self) -> bool {
+        !matches!(self, StageParams::Train(_) | StageParams::Pretrain(_))
+    }
+
+    /// The stage's kind.
     pub fn kind(&self) -> &'static str {
         match self {
             StageParams::Caption(_) => "caption",

@@ -16,6 +16,8 @@ use std::collections::BTreeMap;
 
 use anyhow::{Context as _, bail};
 use dfdx::prelude::*;
+
+use crate::diffusion::nn::Elem;
 use serde::{Deserialize, Serialize};
 
 use super::ParamError;
@@ -179,11 +181,11 @@ impl SampleGridParams {
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         let rt = crate::device::open(ctx.pipeline.settings.device)?;
-        crate::on_device!(rt, dev => self.run_on(ctx, dev))
+        crate::on_device_precision!(rt, ctx.pipeline.settings.precision, dev, E => self.run_on::<E, _>(ctx, dev))
     }
 
     /// [`Self::run`] on the opened device.
-    fn run_on<D: Device<f32>>(
+    fn run_on<E: Elem, D: Device<f32> + Device<E>>(
         &self,
         ctx: &StageContext<'_>,
         dev: D,
@@ -322,7 +324,7 @@ impl SampleGridParams {
             &format!("{} sampling", ctx.instance.name),
         );
         let mut computed = 0usize;
-        let mut current: Option<((usize, usize), TextToImage<D>)> = None;
+        let mut current: Option<((usize, usize), TextToImage<D, E>)> = None;
         for ((vi, pi, si), record) in cells.iter_mut() {
             if record.is_some() {
                 continue;
@@ -331,7 +333,7 @@ impl SampleGridParams {
             if pipe.is_none() {
                 let ckpt = open_checkpoint(settings)?;
                 pipe = Some(
-                    TextToImage::load(&ckpt, settings.model_config.as_deref(), &dev)
+                    TextToImage::load_as(&ckpt, settings.model_config.as_deref(), &dev)
                         .with_context(|| format!("loading {}", model_path.display()))?,
                 );
             }
@@ -356,7 +358,7 @@ impl SampleGridParams {
                     Some(blob) => {
                         let ckpt = super::merge::open_model_blob(ctx, blob)?;
                         let config_dir = super::merge::config_dir(settings);
-                        TextToImage::load(&ckpt, config_dir.as_deref(), &dev)
+                        TextToImage::load_as(&ckpt, config_dir.as_deref(), &dev)
                             .with_context(|| format!("loading the model of {}", variants[*vi]))?
                     }
                     None => base.clone(),
@@ -598,12 +600,12 @@ impl SampleGridParams {
 }
 
 /// A hypernetwork output of an upstream stage, on `dev`.
-fn read_hypernet<D: Device<f32>>(
+fn read_hypernet<E: Elem, D: Device<E>>(
     ctx: &StageContext<'_>,
     blob: &BlobRef,
     label: &str,
     dev: &D,
-) -> anyhow::Result<crate::train::hypernetwork::HyperNet<D>> {
+) -> anyhow::Result<crate::train::hypernetwork::HyperNet<D, E>> {
     let tmp = tempfile::Builder::new().suffix(".pt").tempfile()?;
     std::fs::write(tmp.path(), ctx.store.read_blob(blob)?)?;
     let file = crate::formats::hypernetwork::read_hypernetwork(tmp.path())

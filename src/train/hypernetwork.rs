@@ -9,6 +9,8 @@
 use std::collections::BTreeMap;
 
 use dfdx::prelude::*;
+
+use crate::diffusion::nn::elem::Elem;
 use thiserror::Error;
 
 use super::optim::{AdamW, OptimError};
@@ -61,29 +63,32 @@ pub enum HyperTrainError {
     NonFinite(f32),
 }
 
+/// The key and value MLPs of one width.
+pub type MlpPair<D, E = f32> = (HyperMlp<D, E>, HyperMlp<D, E>);
+
 /// A hypernetwork on a device: the k and v MLPs per context width.
 #[derive(Debug, Clone)]
-pub struct HyperNet<D: Storage<f32>> {
+pub struct HyperNet<D: Storage<E>, E = f32> {
     /// Name (for messages).
     pub name: String,
     /// Width → (k MLP, v MLP).
-    pub modules: BTreeMap<usize, (HyperMlp<D>, HyperMlp<D>)>,
+    pub modules: BTreeMap<usize, MlpPair<D, E>>,
 }
 
 /// A mutable parameter of a [`HyperNet`].
-pub enum ParamMut<'a, D: Storage<f32>> {
+pub enum ParamMut<'a, D: Storage<E>, E = f32> {
     /// A linear weight `[out, in]`.
-    Matrix(&'a mut Tensor2<D>),
+    Matrix(&'a mut Tensor2<D, NoneTape, E>),
     /// A bias or a LayerNorm parameter.
-    Vector(&'a mut Tensor1<D>),
+    Vector(&'a mut Tensor1<D, NoneTape, E>),
 }
 
 /// A parameter of a [`HyperNet`].
-pub enum ParamRef<'a, D: Storage<f32>> {
+pub enum ParamRef<'a, D: Storage<E>, E = f32> {
     /// A linear weight `[out, in]`.
-    Matrix(&'a Tensor2<D>),
+    Matrix(&'a Tensor2<D, NoneTape, E>),
     /// A bias or a LayerNorm parameter.
-    Vector(&'a Tensor1<D>),
+    Vector(&'a Tensor1<D, NoneTape, E>),
 }
 
 /// Calls `f(sequential index of the linear, index of its LayerNorm, layer)` for each layer,
@@ -105,11 +110,11 @@ fn sequential_indices<L>(
     out
 }
 
-fn layer_flags<D: Storage<f32>>(l: &HyperLayer<D>) -> (bool, bool, bool) {
+fn layer_flags<E, D: Storage<E>>(l: &HyperLayer<D, E>) -> (bool, bool, bool) {
     (l.activate, l.layer_norm.is_some(), l.dropout > 0.0)
 }
 
-impl<D: Device<f32>> HyperNet<D> {
+impl<E: Elem, D: Device<E>> HyperNet<D, E> {
     /// The network of a file on `dev` (dropout probabilities, activation placement and layer
     /// norms from its settings, as A1111 builds its Sequential).
     pub fn from_host(hn: &Hypernetwork, dev: &D) -> Result<Self, HyperTrainError> {
@@ -121,11 +126,13 @@ impl<D: Device<f32>> HyperNet<D> {
         let activation = HyperActivation::parse(c.activation_func.as_deref()).map_err(&invalid)?;
         let dropout = c.effective_dropout_structure();
         let n = c.layer_structure.len().saturating_sub(1);
-        let mlp = |m: &HypernetworkModule, width: usize| -> Result<HyperMlp<D>, HyperTrainError> {
+        let mlp = |m: &HypernetworkModule,
+                   width: usize|
+         -> Result<HyperMlp<D, E>, HyperTrainError> {
             // the same checks A1111's loader makes (names, shapes, dropout range)
             m.state_dict(width, c).map_err(&invalid)?;
             let t1 = |t: &HostTensor| {
-                t.to_tensor::<(usize,), D>(dev)
+                t.to_tensor_as::<(usize,), E, D>(dev)
                     .ok_or_else(|| invalid(format!("tensor of shape {:?} is not 1-d", t.shape)))
             };
             let layers = m
@@ -136,7 +143,7 @@ impl<D: Device<f32>> HyperNet<D> {
                     Ok(HyperLayer {
                         weight: l
                             .weight
-                            .to_tensor::<(usize, usize), D>(dev)
+                            .to_tensor_as::<(usize, usize), E, D>(dev)
                             .ok_or_else(|| {
                                 invalid(format!("weight of shape {:?} is not 2-d", l.weight.shape))
                             })?,
@@ -165,7 +172,7 @@ impl<D: Device<f32>> HyperNet<D> {
 
     /// The file type with this network's weights and `template`'s name and settings.
     pub fn to_host(&self, template: &Hypernetwork) -> Hypernetwork {
-        let module = |m: &HyperMlp<D>| HypernetworkModule {
+        let module = |m: &HyperMlp<D, E>| HypernetworkModule {
             layers: m
                 .layers
                 .iter()
@@ -201,7 +208,7 @@ impl<D: Device<f32>> HyperNet<D> {
     }
 
     /// Calls `f` with the name and the tensor of every parameter.
-    pub fn for_each_param(&self, mut f: impl FnMut(String, ParamRef<'_, D>)) {
+    pub fn for_each_param(&self, mut f: impl FnMut(String, ParamRef<'_, D, E>)) {
         for (width, (k, v)) in &self.modules {
             for (which, m) in [("k", k), ("v", v)] {
                 let idx = sequential_indices(&m.layers, layer_flags);
@@ -219,7 +226,7 @@ impl<D: Device<f32>> HyperNet<D> {
     }
 
     /// Calls `f` with the name and the tensor of every parameter, mutably.
-    pub fn for_each_param_mut(&mut self, mut f: impl FnMut(String, ParamMut<'_, D>)) {
+    pub fn for_each_param_mut(&mut self, mut f: impl FnMut(String, ParamMut<'_, D, E>)) {
         for (width, (k, v)) in &mut self.modules {
             for (which, m) in [("k", k), ("v", v)] {
                 let idx = sequential_indices(&m.layers, layer_flags);
@@ -241,9 +248,9 @@ impl<D: Device<f32>> HyperNet<D> {
 /// every attention whose context width they have a module for, replacing any hook. With
 /// `dropout_seed` (training), each attention draws its dropout masks from its own seed derived
 /// from it. A width no attention has is an error naming the widths the model has.
-pub fn install<D: Device<f32>>(
-    unet: &mut UNet<D>,
-    networks: &[(&HyperNet<D>, f32)],
+pub fn install<E: Elem, D: Device<E>>(
+    unet: &mut UNet<D, E>,
+    networks: &[(&HyperNet<D, E>, f32)],
     dropout_seed: Option<u64>,
 ) -> Result<(), HyperTrainError> {
     let available = unet.attention_context_widths();
@@ -259,7 +266,7 @@ pub fn install<D: Device<f32>>(
     let mut position = 0u64;
     unet.for_each_attention_mut(|_, attn| {
         let width = attn.to_k.in_features();
-        let pairs: Vec<HyperPair<D>> = networks
+        let pairs: Vec<HyperPair<D, E>> = networks
             .iter()
             .filter_map(|(net, multiplier)| {
                 net.modules.get(&width).map(|(k, v)| HyperPair {
@@ -288,7 +295,7 @@ fn mix(seed: u64, position: u64) -> u64 {
 }
 
 /// Removes every hypernetwork hook.
-pub fn uninstall<D: Device<f32>>(unet: &mut UNet<D>) {
+pub fn uninstall<E: Elem, D: Device<E>>(unet: &mut UNet<D, E>) {
     unet.for_each_attention_mut(|_, attn| attn.hypernetwork = None);
 }
 

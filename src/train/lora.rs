@@ -6,6 +6,8 @@
 use std::collections::BTreeMap;
 
 use dfdx::prelude::*;
+
+use crate::diffusion::nn::elem::Elem;
 use thiserror::Error;
 
 use super::optim::{AdamW, OptimError};
@@ -16,20 +18,20 @@ use crate::formats::HostTensor;
 use crate::formats::lora::{LoraComponent, LoraModule, LoraNetwork};
 
 /// A model whose linear layers LoRA can adapt, walked by module path.
-pub trait LoraTarget<D: Device<f32>> {
+pub trait LoraTarget<D: Device<E>, E: Elem = f32> {
     /// The part of a LoRA network that belongs to this model.
     const COMPONENT: LoraComponent;
     /// What the model is called in messages.
     const NAME: &'static str;
     /// Calls `f` with the module path and the layer of every adaptable linear layer.
-    fn for_each_lora_linear_mut(&mut self, f: &mut dyn FnMut(&str, &mut Linear<D>));
+    fn for_each_lora_linear_mut(&mut self, f: &mut dyn FnMut(&str, &mut Linear<D, E>));
 }
 
-impl<D: Device<f32>> LoraTarget<D> for UNet<D> {
+impl<E: Elem, D: Device<E>> LoraTarget<D, E> for UNet<D, E> {
     const COMPONENT: LoraComponent = LoraComponent::Unet;
     const NAME: &'static str = "UNet";
     /// The attention projections (`…attn1.to_q`, `to_k`, `to_v`, `to_out.0`, then `attn2`).
-    fn for_each_lora_linear_mut(&mut self, f: &mut dyn FnMut(&str, &mut Linear<D>)) {
+    fn for_each_lora_linear_mut(&mut self, f: &mut dyn FnMut(&str, &mut Linear<D, E>)) {
         self.for_each_attention_linear_mut(|name, linear| f(name, linear));
     }
 }
@@ -91,7 +93,10 @@ pub enum LoraTrainError {
 }
 
 /// The error for a module `name` that is not an adaptable layer of `model`.
-fn unknown_target<D: Device<f32>, M: LoraTarget<D>>(model: &mut M, name: &str) -> LoraTrainError {
+fn unknown_target<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
+    model: &mut M,
+    name: &str,
+) -> LoraTrainError {
     let available = attention_targets(model);
     let shown: Vec<&str> = available.iter().take(8).map(String::as_str).collect();
     LoraTrainError::UnknownTarget {
@@ -103,7 +108,7 @@ fn unknown_target<D: Device<f32>, M: LoraTarget<D>>(model: &mut M, name: &str) -
 
 /// Module paths of every adaptable layer of `model` (the UNet's attention projections, the
 /// text encoder's attention and MLP layers).
-pub fn attention_targets<D: Device<f32>, M: LoraTarget<D>>(model: &mut M) -> Vec<String> {
+pub fn attention_targets<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(model: &mut M) -> Vec<String> {
     let mut names = Vec::new();
     model.for_each_lora_linear_mut(&mut |name, _| names.push(name.to_string()));
     names
@@ -112,7 +117,7 @@ pub fn attention_targets<D: Device<f32>, M: LoraTarget<D>>(model: &mut M) -> Vec
 /// Installs `model`'s part of `network` (its UNet or text-encoder modules) as adapters
 /// (replacing any), scaled by `multiplier · alpha / r`. Every module must name an adaptable
 /// layer of `model`.
-pub fn install<D: Device<f32>, M: LoraTarget<D>>(
+pub fn install<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
     model: &mut M,
     network: &LoraNetwork,
     multiplier: f32,
@@ -126,8 +131,8 @@ pub fn install<D: Device<f32>, M: LoraTarget<D>>(
             return;
         };
         let (out, inp) = *linear.weight.shape();
-        let down = module.down.to_tensor::<(usize, usize), D>(dev);
-        let up = module.up.to_tensor::<(usize, usize), D>(dev);
+        let down = module.down.to_tensor_as::<(usize, usize), E, D>(dev);
+        let up = module.up.to_tensor_as::<(usize, usize), E, D>(dev);
         match (down, up) {
             (Some(down), Some(up))
                 if down.shape().1 == inp
@@ -165,7 +170,7 @@ pub fn install<D: Device<f32>, M: LoraTarget<D>>(
 /// Adds `multiplier · alpha/r · up·down` of every module of `model`'s part of `network` to the
 /// layer's weight (A1111's `<lora:name:multiplier>`, diffusers' `fuse_lora`): inference then
 /// costs nothing extra, and several networks simply add up.
-pub fn merge_into_unet<D: Device<f32>, M: LoraTarget<D>>(
+pub fn merge_into_unet<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
     model: &mut M,
     network: &LoraNetwork,
     multiplier: f32,
@@ -181,7 +186,7 @@ pub fn merge_into_unet<D: Device<f32>, M: LoraTarget<D>>(
         match module.merge_into(&mut weight, multiplier) {
             Ok(()) => {
                 let dev = linear.weight.device().clone();
-                if let Some(w) = weight.to_tensor::<(usize, usize), D>(&dev) {
+                if let Some(w) = weight.to_tensor_as::<(usize, usize), E, D>(&dev) {
                     linear.weight = w;
                 }
             }
@@ -203,14 +208,14 @@ pub fn merge_into_unet<D: Device<f32>, M: LoraTarget<D>>(
 }
 
 /// Removes every adapter.
-pub fn uninstall<D: Device<f32>, M: LoraTarget<D>>(model: &mut M) {
+pub fn uninstall<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(model: &mut M) {
     model.for_each_lora_linear_mut(&mut |_, linear| linear.lora = None);
 }
 
 /// Sets the dropout of every installed adapter: probability `p` on the adapter's input
 /// (PEFT's `lora_dropout`), the mask of each module drawn from `seed` and its path (so a
 /// micro-batch's masks are reproducible). Dropout only acts under a tape (training).
-pub fn set_dropout<D: Device<f32>, M: LoraTarget<D>>(model: &mut M, p: f32, seed: u64) {
+pub fn set_dropout<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(model: &mut M, p: f32, seed: u64) {
     model.for_each_lora_linear_mut(&mut |name, linear| {
         if let Some(l) = &mut linear.lora {
             let h = blake3::hash(name.as_bytes());
@@ -222,7 +227,10 @@ pub fn set_dropout<D: Device<f32>, M: LoraTarget<D>>(model: &mut M, p: f32, seed
 }
 
 /// The installed adapters as `model`'s part of a network (alpha given, `multiplier` = 1).
-pub fn extract<D: Device<f32>, M: LoraTarget<D>>(model: &mut M, alpha: f32) -> LoraNetwork {
+pub fn extract<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
+    model: &mut M,
+    alpha: f32,
+) -> LoraNetwork {
     let mut network = LoraNetwork::default();
     model.for_each_lora_linear_mut(&mut |name, linear| {
         if let Some(l) = &linear.lora {
@@ -341,9 +349,9 @@ pub fn loss_and_grads<D: Device<f32>>(
 }
 
 /// The gradients of every adapter, by PEFT parameter name.
-pub fn adapter_grads<D: Device<f32>, M: LoraTarget<D>>(
+pub fn adapter_grads<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
     model: &mut M,
-    grads: &Gradients<f32, D>,
+    grads: &Gradients<E, D>,
 ) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
     model.for_each_lora_linear_mut(&mut |name, linear| {

@@ -240,11 +240,20 @@ impl Checkpoint {
         TextEncoder::load(&Loader::new(&self.text_encoder, dev), &self.clip_config)
     }
 
-    /// Builds all three models on `dev`.
+    /// Builds all three models on `dev` (f32).
     pub fn load<D: Device<f32>>(&self, dev: &D) -> Result<StableDiffusion<D>> {
+        self.load_as(dev)
+    }
+
+    /// Builds all three models on `dev`, the UNet computing in `E` (the text encoder and the
+    /// VAE always compute in f32).
+    pub fn load_as<E: Elem, D: Device<f32> + Device<E>>(
+        &self,
+        dev: &D,
+    ) -> Result<StableDiffusion<D, E>> {
         Ok(StableDiffusion {
             text_encoder: self.load_text_encoder(dev)?,
-            unet: self.load_unet(dev)?,
+            unet: self.load_unet_as(dev)?,
             vae: self.load_vae(dev)?,
         })
     }
@@ -252,11 +261,11 @@ impl Checkpoint {
 
 /// The three models of an SD 1.x checkpoint (configs in each model's `config` field).
 #[derive(Debug, Clone)]
-pub struct StableDiffusion<D: Storage<f32>> {
+pub struct StableDiffusion<D: Storage<f32> + Storage<E>, E = f32> {
     /// CLIP text encoder.
     pub text_encoder: TextEncoder<D>,
-    /// Noise-predicting UNet.
-    pub unet: UNet<D>,
+    /// Noise-predicting UNet (computing in `E`).
+    pub unet: UNet<D, E>,
     /// KL autoencoder.
     pub vae: Vae<D>,
 }
