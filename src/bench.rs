@@ -42,7 +42,8 @@ use crate::formats::lora::{LoraModule, LoraNetwork};
 use crate::memory::{
     LoadedModels, MemoryProbe, TrainShape, TrainedPart, estimate_train, human_bytes,
 };
-use crate::train::lora::{adapter_grads, apply_grads, install, loss_and_grads};
+use crate::train::lora::{adapter_grads, install, loss_and_grads};
+use crate::train::mixed::{self, LossScaler, Masters};
 use crate::train::optim::{AdamW, AdamWConfig, clip_coefficient, update_layers};
 
 /// The task a benchmark times.
@@ -415,12 +416,20 @@ impl BenchOptions {
         use crate::pipeline::Precision;
         match args.precision.as_str() {
             "f32" => Ok(Precision::F32),
-            "f16" if matches!(args.task, BenchTask::UnetForward | BenchTask::SampleStep) => {
+            "f16"
+                if matches!(
+                    args.task,
+                    BenchTask::UnetForward
+                        | BenchTask::SampleStep
+                        | BenchTask::LoraTrain
+                        | BenchTask::TiTrain
+                ) =>
+            {
                 Ok(Precision::F16)
             }
             "f16" => Err(BenchError::Usage(format!(
-                "--precision f16 is implemented for unet-forward and sample-step; {} computes \
-                 in f32",
+                "--precision f16 is implemented for lora-train, ti-train, unet-forward and \
+                 sample-step; {} computes in f32",
                 args.task
             ))),
             "bf16" => Err(BenchError::Usage(
@@ -628,7 +637,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
 
     match task {
         BenchTask::LoraTrain => {
-            let mut unet = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
+            let mut unet: UNet<D, E> = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
             model_params = count_params(&mut unet);
             let mut network = LoraNetwork::default();
             let rank = opts.rank;
@@ -651,14 +660,32 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 .map(|m| m.down.numel() + m.up.numel())
                 .sum();
             install(&mut unet, &network, 1.0, dev).map_err(|e| step_err(&e))?;
+            // the train stage's step: f32 masters, loss scaling in f16
+            let mut masters = Masters::of_lora(&network, dev).map_err(|e| step_err(&e))?;
+            let mut scaler = LossScaler::for_elem::<E>();
+            let context = context.clone().to_dtype::<E>();
             let mut optimizer = AdamW::new(dev, AdamWConfig::default());
             last_loss = timed(&mut || {
-                let (loss, grads) =
-                    loss_and_grads(&unet, &ddpm, &latents, &noise, &timesteps, &context)
-                        .map_err(|e| step_err(&e))?;
+                let (loss, grads) = mixed::loss_and_grads(
+                    &unet,
+                    &ddpm,
+                    &latents,
+                    &noise,
+                    &timesteps,
+                    &context,
+                    scaler.scale,
+                )
+                .map_err(|e| step_err(&e))?;
                 let mut grads = adapter_grads(&mut unet, &grads);
-                clip(&mut grads, 1.0);
-                apply_grads(&mut unet, &grads, &mut optimizer, 1e-4).map_err(|e| step_err(&e))?;
+                let finite = scaler.unscale(&mut grads);
+                if finite {
+                    clip(&mut grads, 1.0);
+                    masters
+                        .update(&grads, &mut optimizer, 1e-4, |_| true)
+                        .map_err(|e| step_err(&e))?;
+                    masters.write_lora(&mut unet);
+                }
+                scaler.update(finite);
                 Ok(Some(loss))
             })?;
         }
@@ -681,7 +708,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
         }
         BenchTask::TiTrain => {
             let mut te = weights.text_encoder(&configs, dev)?;
-            let mut unet = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
+            let mut unet: UNet<D, E> = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
             model_params = count_params(&mut te) + count_params(&mut unet);
             let d = configs.text_encoder.hidden_size;
             let vocab = configs.text_encoder.vocab_size;
@@ -703,14 +730,28 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 })
                 .collect();
             let mut optimizer = AdamW::new(dev, AdamWConfig::default());
+            let mut scaler = LossScaler::for_elem::<E>();
             last_loss = timed(&mut || {
-                let (loss, grad) = crate::train::textual_inversion::loss_and_grad(
-                    &te, &unet, &ddpm, &ids, &extra, 0, &latents, &noise, &timesteps,
+                let (loss, grad) = crate::train::textual_inversion::loss_and_grad_as(
+                    &te,
+                    &unet,
+                    &ddpm,
+                    &ids,
+                    &extra,
+                    0,
+                    &latents,
+                    &noise,
+                    &timesteps,
+                    scaler.scale,
                 )
                 .map_err(|e| step_err(&e))?;
-                optimizer
-                    .update("emb_params", &mut extra, &grad, 5e-4)
-                    .map_err(|e| step_err(&e))?;
+                let finite = grad.as_vec().iter().all(|v| v.is_finite());
+                if finite {
+                    optimizer
+                        .update("emb_params", &mut extra, &grad, 5e-4)
+                        .map_err(|e| step_err(&e))?;
+                }
+                scaler.update(finite);
                 Ok(Some(loss))
             })?;
         }
@@ -819,6 +860,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 text_encoder: task == BenchTask::TiTrain,
                 vae: false,
             },
+            unet_elem_bytes: E::BYTES as u64,
         };
         estimate_train(&configs, &part, &shape).total
     });

@@ -103,13 +103,14 @@ fn bf16_is_refused_with_what_exists() {
 fn half_precision_training_is_refused_naming_the_stage() {
     let text = common::tiny_latents_pipeline(1)
         .replace("seed = 1", "seed = 1\nprecision = \"f16\"")
-        + "\n[stage.lora]\nkind = \"train\"\nneeds = [\"latents\"]\nmethod = \"lora\"\nsteps = 1\n";
+        + "\n[stage.hn]\nkind = \"train\"\nneeds = [\"latents\"]\nmethod = \"hypernetwork\"\n\
+           steps = 1\n";
     assert_error(
         &text,
         5,
         1,
         &[
-            "precision \"f16\" is not implemented for `train` stages yet (stage `lora`)",
+            "precision \"f16\" is not implemented for stage `hn` (train, method hypernetwork) yet",
             "precision = \"f32\"",
         ],
     );

@@ -90,6 +90,9 @@ pub struct TrainShape {
     /// Whether the text encoder and the VAE are loaded beside the UNet (the train stage loads
     /// the whole pipeline; `sdpipe bench` only what its task runs).
     pub loaded: LoadedModels,
+    /// Bytes per element of the UNet's weights and activations: 4 (f32), or 2 in mixed
+    /// precision (`precision = "f16"`; trained tensors keep f32 masters and optimiser state).
+    pub unet_elem_bytes: u64,
 }
 
 /// Which models besides the UNet are in memory.
@@ -553,6 +556,7 @@ pub fn estimate_pretrain(
         gradient_checkpointing: false,
         device: device.to_string(),
         loaded: LoadedModels::default(),
+        unet_elem_bytes: 4,
     };
     let diffusion = estimate_train(
         configs,
@@ -618,10 +622,10 @@ pub fn estimate_train(
     let unet = unet_params(&configs.unet);
     let te = clip_params(&configs.text_encoder);
     let vae = vae_params(&configs.vae);
-    let weights = (unet
-        + if shape.loaded.text_encoder { te } else { 0 }
-        + if shape.loaded.vae { vae } else { 0 })
-        * F32;
+    let ub = shape.unet_elem_bytes.max(1);
+    let weights = unet * ub
+        + (if shape.loaded.text_encoder { te } else { 0 } + if shape.loaded.vae { vae } else { 0 })
+            * F32;
     let trainable = match part {
         TrainedPart::Lora {
             rank,
@@ -641,15 +645,20 @@ pub fn estimate_train(
         TrainedPart::FullUnet { text_encoder } => unet + if *text_encoder { te } else { 0 },
         TrainedPart::Hypernetwork { params } => *params as u64,
     };
-    // dfdx gradient + 2 host copies + 2 moments
-    let training_state = 5 * trainable * F32;
+    // dfdx gradient + 2 host copies + 2 moments (+ the f32 masters of LoRA's adapters)
+    let copies = if matches!(part, TrainedPart::Lora { .. }) {
+        6
+    } else {
+        5
+    };
+    let training_state = copies * trainable * F32;
 
     let f = configs.vae.downsampling_factor().max(1);
     let (h, w) = (shape.height / f, shape.width / f);
     let b = shape.batch as u64;
     let chunk = shape.attention_chunk.max(1) as u64;
     let unet_kept = unet_kept(&configs.unet, h, w);
-    let mut kept = if shape.gradient_checkpointing {
+    let unet_kept_elems = if shape.gradient_checkpointing {
         // The blocks' inputs, and one block recomputed at a time in the backward pass.
         let largest = unet_kept
             .blocks
@@ -670,11 +679,13 @@ pub fn estimate_train(
                 ..
             }
     );
+    // the UNet's activations in its element type, the text encoder's in f32
+    let mut kept_bytes = unet_kept_elems * ub;
     if text_encoder_taped {
         let (te_kept, te_calls) = clip_kept(&configs.text_encoder);
-        kept += b * te_kept + attention_kept(&te_calls, b, chunk, &shape.device);
+        kept_bytes += (b * te_kept + attention_kept(&te_calls, b, chunk, &shape.device)) * F32;
     }
-    let activations = (kept as f64 * F32 as f64 * ACTIVATION_PEAK_FACTOR) as u64;
+    let activations = (kept_bytes as f64 * ACTIVATION_PEAK_FACTOR) as u64;
     // The weights a taped forward passes through: the UNet's, and the text encoder's when it
     // runs under the tape. On the CPU each host kernel keeps a copy of its weight for the
     // backward; dfdx's generic matmul/conv backward instead computes a gradient for every
@@ -687,13 +698,13 @@ pub fn estimate_train(
     } else {
         unet
     };
-    let taped_weights = unet_taped + if text_encoder_taped { te } else { 0 };
+    let taped_bytes = unet_taped * ub + if text_encoder_taped { te * F32 } else { 0 };
     let weight_copies = if shape.device == "cpu" {
-        taped_weights * F32
+        taped_bytes
     } else {
         let frozen = match part {
             TrainedPart::FullUnet { .. } => 0,
-            _ => taped_weights * F32,
+            _ => taped_bytes,
         };
         // Off the CPU, a checkpointed block hands its parameters' gradients back through a
         // dfdx product whose two operand-sized gradient buffers stay in the map
@@ -754,6 +765,7 @@ mod tests {
             gradient_checkpointing: false,
             device: device.into(),
             loaded: LoadedModels::default(),
+            unet_elem_bytes: 4,
         }
     }
 

@@ -145,6 +145,10 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
                     gradient_checkpointing: p.gradient_checkpointing,
                     device: device.clone(),
                     loaded: Default::default(),
+                    unet_elem_bytes: match pipeline.settings.precision {
+                        crate::pipeline::Precision::F16 => 2,
+                        _ => 4,
+                    },
                 },
             )),
         };

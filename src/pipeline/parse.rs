@@ -244,10 +244,10 @@ impl<'a> Parser<'a> {
             return Err(self.error(
                 self.field_span(table, "precision"),
                 format!(
-                    "precision \"f16\" is not implemented for `{}` stages yet (stage `{}`): \
-                     mixed precision covers sampling (sample_grid, class images)",
-                    stage.params.kind(),
-                    stage.name
+                    "precision \"f16\" is not implemented for stage `{}` ({}) yet: mixed \
+                     precision covers sampling and LoRA training",
+                    stage.name,
+                    stage.params.describe()
                 ),
                 Some("use precision = \"f32\" for pipelines that train".into()),
             ));

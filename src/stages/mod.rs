@@ -117,9 +117,27 @@ impl StageParams {
     }
 
     /// Whether the stage runs with `precision = "f16"` (its UNet in mixed precision, or no
-    /// model at all).
+    /// model at all): every stage but pretraining and the train methods other than LoRA.
     pub fn supports_half(&self) -> bool {
-        !matches!(self, StageParams::Train(_) | StageParams::Pretrain(_))
+        match self {
+            StageParams::Train(p) => p.supports_half(),
+            StageParams::Pretrain(_) => false,
+            _ => true,
+        }
+    }
+
+    /// The kind, and a train stage's method: `train, method textual_inversion`.
+    pub fn describe(&self) -> String {
+        match self {
+            StageParams::Train(p) => format!(
+                "train, method {}",
+                serde_json::to_value(p.method)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_string))
+                    .unwrap_or_default()
+            ),
+            other => other.kind().to_string(),
+        }
     }
 
     /// The stage's kind.

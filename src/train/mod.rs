@@ -5,5 +5,6 @@
 pub mod hypernetwork;
 pub mod lora;
 pub mod lr;
+pub mod mixed;
 pub mod optim;
 pub mod textual_inversion;

@@ -23,7 +23,7 @@ use super::context::{StageContext, StageResult};
 use super::encode_latents::{LatentsManifest, read_f32};
 use super::model::{Component, open_checkpoint};
 use crate::cache::BlobRef;
-use crate::diffusion::nn::{Tensor2, Tensor3, Tensor4};
+use crate::diffusion::nn::{Elem, Tensor2, Tensor3, Tensor4};
 use crate::diffusion::pipeline::TextToImage;
 use crate::diffusion::schedulers::{Ddpm, SeededNoise};
 use crate::diffusion::{TextEncoder, UNet};
@@ -35,11 +35,9 @@ use crate::formats::lora::{
     KohyaMetadata, LoraComponent, LoraModule, LoraNetwork, read_lora, write_kohya,
 };
 use crate::pipeline::PipelineSettings;
-use crate::train::lora::{
-    LoraTarget, adapter_grads, apply_grads, extract, install, loss_and_grads, loss_and_grads_taped,
-    set_dropout,
-};
+use crate::train::lora::{LoraTarget, adapter_grads, extract, install, set_dropout};
 use crate::train::lr::{A1111Schedule, LrSchedule};
+use crate::train::mixed::{self, LossScaler, Masters};
 use crate::train::optim::{AdamW, AdamWConfig, clip_coefficient};
 
 mod dreambooth;
@@ -296,15 +294,18 @@ struct CheckpointState {
     step: u64,
     losses: Vec<f32>,
     eval_loss_before: f32,
+    /// The loss scaler of a mixed-precision run (absent in f32 runs and older checkpoints).
+    #[serde(default)]
+    loss_scaler: Option<LossScaler>,
 }
 
 /// What a training run starts from (see [`TrainParams::setup`]).
-struct Setup<D: Device<f32>> {
+struct Setup<D: Device<f32> + Device<E>, E: Elem = f32> {
     manifest: LatentsManifest,
     items: Vec<Item>,
     ckpt: crate::diffusion::Checkpoint,
     model_path: PathBuf,
-    t2i: TextToImage<D>,
+    t2i: TextToImage<D, E>,
     dev: D,
 }
 
@@ -506,26 +507,35 @@ impl TrainParams {
         &[Component::Unet, Component::TextEncoder]
     }
 
-    pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
-        let rt = crate::device::open(ctx.pipeline.settings.device)?;
-        crate::on_device!(rt, dev => self.run_on(ctx, dev))
+    /// Whether the method trains in mixed precision (`precision = "f16"`): LoRA and textual
+    /// inversion so far.
+    pub(crate) fn supports_half(&self) -> bool {
+        matches!(self.method, Method::Lora | Method::TextualInversion)
     }
 
-    /// [`Self::run`] on the opened device.
-    fn run_on<D: Device<f32>>(
+    pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+        let rt = crate::device::open(ctx.pipeline.settings.device)?;
+        crate::on_device_precision!(rt, ctx.pipeline.settings.precision, dev, E => {
+            self.run_on::<E, _>(ctx, dev)
+        })
+    }
+
+    /// [`Self::run`] on the opened device, the UNet computing in `E` (LoRA; the other methods
+    /// compute in f32, the pipeline refuses f16 for them).
+    fn run_on<E: Elem, D: Device<f32> + Device<E>>(
         &self,
         ctx: &StageContext<'_>,
         dev: D,
     ) -> anyhow::Result<StageResult> {
         match self.method {
-            Method::Lora => self.run_lora(ctx, dev),
-            Method::TextualInversion => self.run_textual_inversion(ctx, dev),
+            Method::Lora => self.run_lora::<E, D>(ctx, dev),
+            Method::TextualInversion => self.run_textual_inversion::<E, D>(ctx, dev),
             Method::Dreambooth => self.run_dreambooth(ctx, dev),
             Method::Hypernetwork => self.run_hypernetwork(ctx, dev),
         }
     }
 
-    fn run_lora<D: Device<f32>>(
+    fn run_lora<E: Elem, D: Device<f32> + Device<E>>(
         &self,
         ctx: &StageContext<'_>,
         dev: D,
@@ -538,7 +548,7 @@ impl TrainParams {
             model_path,
             t2i,
             dev,
-        } = self.setup(ctx, dev)?;
+        } = self.setup::<E, D>(ctx, dev)?;
         let mut contexts = self.frozen_contexts(&t2i, &items)?;
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
@@ -578,6 +588,15 @@ impl TrainParams {
             };
         install(&mut unet, &network, 1.0, &dev)?;
         install(&mut text_encoder, &network, 1.0, &dev)?;
+        // The optimiser updates f32 masters; the adapters are refreshed from them (rounded to
+        // f16 in mixed precision).
+        let masters = Masters::of_lora(&network, &dev)?;
+        let te_keys: std::collections::HashSet<String> = network
+            .text_encoder
+            .keys()
+            .flat_map(|n| [format!("{n}.lora_A.weight"), format!("{n}.lora_B.weight")])
+            .collect();
+        let scaler = state.loss_scaler.unwrap_or_else(LossScaler::for_elem::<E>);
         let resumed_from = state.step;
         if state.step == 0 {
             state.eval_loss_before =
@@ -604,10 +623,23 @@ impl TrainParams {
             dropout: self.lora.dropout,
             seed,
             te_lr_factor: self.lora.text_encoder_lr.map_or(1.0, |l| l / self.lr),
+            masters,
+            te_keys,
+            scaler,
+            finite: true,
         };
         let wall_s = self.drive(
             ctx, "lora", &mut state, &items, scaling, seed, &dev, &sched, &mut steps,
         )?;
+        let LoraSteps {
+            masters, scaler, ..
+        } = steps;
+        if scaler.skipped > 0 {
+            ctx.progress.message(&format!(
+                "{}: {} of {} steps skipped on an f16 gradient overflow (loss scale now {})",
+                ctx.instance.name, scaler.skipped, self.steps, scaler.scale
+            ));
+        }
 
         // The trained text encoder changes the contexts the evaluation uses.
         if self.lora.text_encoder {
@@ -618,6 +650,8 @@ impl TrainParams {
         let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
         let mut network = extract(&mut unet, self.alpha());
         network.text_encoder = extract(&mut text_encoder, self.alpha()).text_encoder;
+        masters.into_network(&mut network, LoraComponent::Unet);
+        masters.into_network(&mut network, LoraComponent::TextEncoder);
         let meta = KohyaMetadata {
             base_model_name: model_path
                 .file_stem()
@@ -669,7 +703,7 @@ impl TrainParams {
         Ok(result)
     }
 
-    fn run_textual_inversion<D: Device<f32>>(
+    fn run_textual_inversion<E: Elem, D: Device<f32> + Device<E>>(
         &self,
         ctx: &StageContext<'_>,
         dev: D,
@@ -687,7 +721,7 @@ impl TrainParams {
             model_path,
             mut t2i,
             dev,
-        } = self.setup(ctx, dev)?;
+        } = self.setup::<E, D>(ctx, dev)?;
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
         let d = t2i.models.text_encoder.config.hidden_size;
@@ -735,7 +769,7 @@ impl TrainParams {
                 }
             };
         let resumed_from = state.step;
-        let contexts_now = |t2i: &mut TextToImage<D>,
+        let contexts_now = |t2i: &mut TextToImage<D, E>,
                             extra: &Tensor2<D>|
          -> anyhow::Result<HashMap<String, Tensor3<D>>> {
             t2i.extra_embeddings = extra.as_vec();
@@ -775,6 +809,8 @@ impl TrainParams {
             scratch: &scratch,
             token: &token,
             model_path: &model_path,
+            scaler: state.loss_scaler.unwrap_or_else(LossScaler::for_elem::<E>),
+            finite: true,
         };
         let wall_s = self.drive(
             ctx,
@@ -836,7 +872,11 @@ impl TrainParams {
 
     /// What every method starts from: the latent items of the `encode_latents` stage (an
     /// empty dataset is an error) and the base model.
-    fn setup<D: Device<f32>>(&self, ctx: &StageContext<'_>, dev: D) -> anyhow::Result<Setup<D>> {
+    fn setup<E: Elem, D: Device<f32> + Device<E>>(
+        &self,
+        ctx: &StageContext<'_>,
+        dev: D,
+    ) -> anyhow::Result<Setup<D, E>> {
         let settings = &ctx.pipeline.settings;
         let (_, lat_record) = ctx.upstream_of_kind("encode_latents")?;
         let manifest: LatentsManifest = ctx.read_json(lat_record, "manifest.json")?;
@@ -846,7 +886,7 @@ impl TrainParams {
         let items = load_items(ctx, &manifest)?;
         let ckpt = open_checkpoint(settings)?;
         let model_path = settings.base_model.clone().unwrap_or_default();
-        let mut t2i = TextToImage::load(&ckpt, settings.model_config.as_deref(), &dev)
+        let mut t2i = TextToImage::load_as(&ckpt, settings.model_config.as_deref(), &dev)
             .with_context(|| format!("loading {}", model_path.display()))?;
         t2i.models
             .unet
@@ -862,9 +902,9 @@ impl TrainParams {
     }
 
     /// The frozen text encoder's states of every distinct caption of `items`.
-    fn frozen_contexts<'i, D: Device<f32>>(
+    fn frozen_contexts<'i, E: Elem, D: Device<f32> + Device<E>>(
         &self,
-        t2i: &TextToImage<D>,
+        t2i: &TextToImage<D, E>,
         items: impl IntoIterator<Item = &'i Item>,
     ) -> anyhow::Result<HashMap<String, Tensor3<D>>> {
         let mut contexts = HashMap::new();
@@ -1075,7 +1115,7 @@ impl TrainParams {
 
     /// Kohya/PEFT-initialised adapters for every module of `model` whose path ends with one of
     /// `targets`; an unmatched target is an error listing the module names that exist.
-    fn init_modules<D: Device<f32>, M: LoraTarget<D>>(
+    fn init_modules<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
         &self,
         model: &mut M,
         targets: &[String],
@@ -1213,8 +1253,8 @@ fn mix(seed: u64, step: u64, micro: u64) -> u64 {
 
 /// Mean loss over a fixed evaluation set: up to 8 items at their latent means, fixed noise and
 /// timesteps spread over the range, no gradients.
-fn eval_loss<D: Device<f32>>(
-    unet: &UNet<D>,
+fn eval_loss<E: Elem, D: Device<f32> + Device<E>>(
+    unet: &UNet<D, E>,
     ddpm: &Ddpm,
     items: &[Item],
     contexts: &HashMap<String, Tensor3<D>>,
@@ -1239,7 +1279,9 @@ fn eval_loss<D: Device<f32>>(
             .get(&item.caption)
             .cloned()
             .context("caption not encoded")?;
-        let pred = unet.forward(noisy, &[t as f32], context)?;
+        let pred = unet
+            .forward(noisy.to_dtype::<E>(), &[t as f32], context.to_dtype::<E>())?
+            .to_dtype::<f32>();
         total += mse_loss(pred, noise)
             .as_vec()
             .first()
@@ -1358,6 +1400,7 @@ impl TrainParams {
                 step: 0,
                 losses: Vec::new(),
                 eval_loss_before: f32::NAN,
+                loss_scaler: None,
             },
         )
     }
@@ -1480,9 +1523,9 @@ trait StepMethod<D: Device<f32>> {
     fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()>;
 }
 
-/// LoRA: adapters installed on the UNet (and the text encoder).
-struct LoraSteps<'a, D: Device<f32>> {
-    unet: &'a mut UNet<D>,
+/// LoRA: adapters installed on the UNet (computing in `E`) and the text encoder (f32).
+struct LoraSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
+    unet: &'a mut UNet<D, E>,
     /// The text encoder when its adapters train too (contexts are then computed per batch).
     text_encoder: Option<&'a mut TextEncoder<D>>,
     ddpm: &'a Ddpm,
@@ -1499,19 +1542,31 @@ struct LoraSteps<'a, D: Device<f32>> {
     seed: u64,
     /// Text-encoder learning rate / UNet learning rate.
     te_lr_factor: f64,
+    /// f32 values of every adapter, which the optimiser updates.
+    masters: Masters<D>,
+    /// Parameter names of the text encoder's adapters.
+    te_keys: std::collections::HashSet<String>,
+    /// Loss scaling (a fixed 1 in f32).
+    scaler: LossScaler,
+    /// Whether the last micro-batches' unscaled gradients were all finite.
+    finite: bool,
 }
 
-impl<D: Device<f32>> LoraSteps<'_, D> {
+impl<D: Device<f32> + Device<E>, E: Elem> LoraSteps<'_, D, E> {
+    /// The adapters as a network, with their f32 master values.
     fn network(&mut self) -> LoraNetwork {
         let mut network = extract(self.unet, self.alpha);
         if let Some(te) = self.text_encoder.as_deref_mut() {
             network.text_encoder = extract(te, self.alpha).text_encoder;
         }
+        self.masters.into_network(&mut network, LoraComponent::Unet);
+        self.masters
+            .into_network(&mut network, LoraComponent::TextEncoder);
         network
     }
 }
 
-impl<D: Device<f32>> StepMethod<D> for LoraSteps<'_, D> {
+impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for LoraSteps<'_, D, E> {
     fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         if self.dropout > 0.0 {
             let dropout_seed = mix(self.seed ^ 0xD80F_0F7A, batch.step, batch.micro);
@@ -1520,56 +1575,92 @@ impl<D: Device<f32>> StepMethod<D> for LoraSteps<'_, D> {
                 set_dropout(te, self.dropout, dropout_seed);
             }
         }
+        let scale = self.scaler.scale;
         let Some(te) = self.text_encoder.as_deref_mut() else {
-            let context = batch_context(self.items, self.contexts, &batch.picked)?;
-            let (loss, grads) = loss_and_grads(
+            let context = batch_context(self.items, self.contexts, &batch.picked)?.to_dtype::<E>();
+            let (loss, grads) = mixed::loss_and_grads(
                 self.unet,
                 self.ddpm,
                 &batch.latents,
                 &batch.noise,
                 &batch.timesteps,
                 &context,
+                scale,
             )?;
-            return Ok((loss, adapter_grads(self.unet, &grads)));
+            let mut out = adapter_grads(self.unet, &grads);
+            self.finite &= self.scaler.unscale(&mut out);
+            return Ok((loss, out));
         };
         let batch_ids: Vec<Vec<u32>> = batch
             .picked
             .iter()
             .map(|&i| self.ids[&self.items[i].caption].clone())
             .collect();
+        // Two backward passes: the UNet's (in `E`) gives the context's gradient, which the
+        // text encoder's (f32) carries to its adapters.
         let embeds = te.embed_tokens(&batch_ids)?;
-        let context = te.forward_embeds(embeds.leaky_trace(), self.clip_skip)?;
-        let (loss, grads) = loss_and_grads_taped(
+        let (context, te_tape) = te
+            .forward_embeds(embeds.leaky_trace(), self.clip_skip)?
+            .split_tape();
+        let context_e = context.clone().to_dtype::<E>();
+        let (loss, grads) = mixed::loss_and_grads(
             self.unet,
             self.ddpm,
             &batch.latents,
             &batch.noise,
             &batch.timesteps,
-            context,
+            &context_e,
+            scale,
         )?;
         let mut out = adapter_grads(self.unet, &grads);
-        out.append(&mut adapter_grads(te, &grads));
+        let g_context = grads.get(&context_e).to_dtype::<f32>() * (1.0 / scale);
+        drop(grads);
+        let te_grads = (context.put_tape(te_tape) * g_context).sum().backward();
+        let mut te_out = adapter_grads(te, &te_grads);
+        self.finite &= self.scaler.unscale(&mut out);
+        self.finite &= te_out
+            .values()
+            .all(|g| g.data.iter().all(|v| v.is_finite()));
+        out.append(&mut te_out);
         Ok((loss, out))
     }
 
     fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
-        apply_grads(self.unet, grads, self.optimizer, lr)?;
-        if let Some(te) = self.text_encoder.as_deref_mut() {
-            apply_grads(te, grads, self.optimizer, lr * self.te_lr_factor)?;
+        let finite = std::mem::replace(&mut self.finite, true);
+        if !finite && E::BYTES < 4 {
+            // an f16 overflow: skip the step with a smaller scale (GradScaler)
+            self.scaler.update(false);
+            return Ok(());
         }
+        let te_keys = &self.te_keys;
+        self.masters
+            .update(grads, self.optimizer, lr, |n| !te_keys.contains(n))?;
+        if self.text_encoder.is_some() {
+            self.masters
+                .update(grads, self.optimizer, lr * self.te_lr_factor, |n| {
+                    te_keys.contains(n)
+                })?;
+        }
+        self.masters.write_lora(self.unet);
+        if let Some(te) = self.text_encoder.as_deref_mut() {
+            self.masters.write_lora(te);
+        }
+        self.scaler.update(true);
         Ok(())
     }
 
     fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()> {
         let network = self.network();
-        save_checkpoint(self.scratch, &network, self.optimizer, state)
+        let mut state = state.clone();
+        state.loss_scaler = (E::BYTES < 4).then_some(self.scaler);
+        save_checkpoint(self.scratch, &network, self.optimizer, &state)
     }
 }
 
 /// Textual inversion: the token's vectors, fed through the frozen text encoder.
-struct TiSteps<'a, D: Device<f32>> {
+struct TiSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     params: &'a TrainParams,
-    t2i: &'a TextToImage<D>,
+    t2i: &'a TextToImage<D, E>,
     ddpm: &'a Ddpm,
     items: &'a [Item],
     ids: &'a HashMap<String, Vec<u32>>,
@@ -1578,19 +1669,23 @@ struct TiSteps<'a, D: Device<f32>> {
     scratch: &'a Path,
     token: &'a str,
     model_path: &'a Path,
+    /// Loss scaling (a fixed 1 in f32).
+    scaler: LossScaler,
+    /// Whether the last micro-batches' gradients were all finite.
+    finite: bool,
 }
 
 /// The parameter name of the trained vectors (A1111's tensor name).
 const EMB_PARAMS: &str = "emb_params";
 
-impl<D: Device<f32>> StepMethod<D> for TiSteps<'_, D> {
+impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for TiSteps<'_, D, E> {
     fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         let batch_ids: Vec<Vec<u32>> = batch
             .picked
             .iter()
             .map(|&i| self.ids[&self.items[i].caption].clone())
             .collect();
-        let (loss, grad) = crate::train::textual_inversion::loss_and_grad(
+        let (loss, grad) = crate::train::textual_inversion::loss_and_grad_as(
             &self.t2i.models.text_encoder,
             &self.t2i.models.unet,
             self.ddpm,
@@ -1600,14 +1695,21 @@ impl<D: Device<f32>> StepMethod<D> for TiSteps<'_, D> {
             &batch.latents,
             &batch.noise,
             &batch.timesteps,
+            self.scaler.scale,
         )?;
-        Ok((
-            loss,
-            BTreeMap::from([(EMB_PARAMS.to_string(), HostTensor::from_tensor(&grad))]),
-        ))
+        let grad = HostTensor::from_tensor(&grad);
+        self.finite &= grad.data.iter().all(|v| v.is_finite());
+        Ok((loss, BTreeMap::from([(EMB_PARAMS.to_string(), grad)])))
     }
 
     fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
+        let finite = std::mem::replace(&mut self.finite, true);
+        if !finite && E::BYTES < 4 {
+            // an f16 overflow: skip the step with a smaller scale (GradScaler)
+            self.scaler.update(false);
+            return Ok(());
+        }
+        self.scaler.update(true);
         let dev = self.extra.device().clone();
         let grad = grads
             .get(EMB_PARAMS)
@@ -1620,6 +1722,8 @@ impl<D: Device<f32>> StepMethod<D> for TiSteps<'_, D> {
         let embedding = self
             .params
             .embedding(self.token, self.extra, state.step, self.model_path);
-        save_ti_checkpoint(self.scratch, &embedding, self.optimizer, state)
+        let mut state = state.clone();
+        state.loss_scaler = (E::BYTES < 4).then_some(self.scaler);
+        save_ti_checkpoint(self.scratch, &embedding, self.optimizer, &state)
     }
 }

@@ -1,0 +1,205 @@
+//! Mixed-precision training (`precision = "f16"`): the UNet computes in [`Half`] while every
+//! trained tensor keeps an f32 master copy that the optimiser updates.
+//!
+//! One step, as PyTorch's AMP with its `GradScaler` does it:
+//! 1. the forward and backward passes run in f16 storage (f32 arithmetic inside each op) with
+//!    the loss multiplied by the [`LossScaler`]'s scale, so small gradients do not flush to
+//!    zero in f16;
+//! 2. the trained tensors' gradients are copied to f32 on the host and divided by the scale;
+//! 3. if any is not finite (an f16 overflow) the step is skipped and the scale halved, else
+//!    AdamW updates the f32 masters ([`Masters`]) and the model's f16 tensors are refreshed from
+//!    them; after `growth_interval` good steps in a row the scale doubles.
+//!
+//! With `f32` as the element type the scale is 1 and the masters are the model's own tensors'
+//! values, so the same code gives the plain f32 step.
+
+use std::collections::BTreeMap;
+
+use dfdx::losses::mse_loss;
+use dfdx::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::diffusion::nn::elem::{Elem, to_f32_vec};
+use crate::diffusion::nn::{Tensor2, Tensor3, Tensor4};
+use crate::diffusion::schedulers::Ddpm;
+use crate::diffusion::unet::UNet;
+use crate::formats::HostTensor;
+use crate::formats::lora::{LoraComponent, LoraModule, LoraNetwork};
+use crate::train::lora::{LoraTarget, LoraTrainError};
+use crate::train::optim::{AdamW, OptimError};
+
+#[allow(unused_imports)] // named in the documentation
+use crate::diffusion::nn::Half;
+
+/// Dynamic loss scaling (PyTorch `GradScaler`'s defaults: start at 2^16, halve on an
+/// overflow, double after 2000 good steps).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LossScaler {
+    /// The factor the loss is multiplied by before the backward pass.
+    pub scale: f32,
+    /// Good (finite) steps since the last change of the scale.
+    pub good_steps: u32,
+    /// Good steps after which the scale doubles.
+    pub growth_interval: u32,
+    /// Steps skipped because a gradient overflowed.
+    pub skipped: u64,
+}
+
+impl LossScaler {
+    /// The scaler for element type `E`: 2^16 for f16, a fixed 1 for f32 (no scaling).
+    pub fn for_elem<E: Elem>() -> Self {
+        Self {
+            scale: if E::BYTES < 4 { 65536.0 } else { 1.0 },
+            good_steps: 0,
+            growth_interval: if E::BYTES < 4 { 2000 } else { u32::MAX },
+            skipped: 0,
+        }
+    }
+
+    /// Divides `grads` by the scale; `false` when a value is not finite (skip the step).
+    pub fn unscale(&self, grads: &mut BTreeMap<String, HostTensor>) -> bool {
+        let inv = 1.0 / self.scale;
+        let mut finite = true;
+        for g in grads.values_mut() {
+            for v in &mut g.data {
+                *v *= inv;
+                finite &= v.is_finite();
+            }
+        }
+        finite
+    }
+
+    /// Records a step: `applied` (finite gradients, update made) or skipped (overflow).
+    pub fn update(&mut self, applied: bool) {
+        if self.growth_interval == u32::MAX {
+            return;
+        }
+        if applied {
+            self.good_steps += 1;
+            if self.good_steps >= self.growth_interval {
+                self.scale = (self.scale * 2.0).min(f32::MAX / 4.0);
+                self.good_steps = 0;
+            }
+        } else {
+            self.scale = (self.scale * 0.5).max(1.0);
+            self.good_steps = 0;
+            self.skipped += 1;
+        }
+    }
+}
+
+/// The loss of one batch and the gradients (of the loss times `loss_scale`) with the UNet
+/// computing in `E`: the noisy latents and the context are converted from f32, the loss is
+/// reported unscaled in f32. `context` joins the tape, so `grads.get(context)` is its gradient.
+pub fn loss_and_grads<E: Elem, D: Device<f32> + Device<E>>(
+    unet: &UNet<D, E>,
+    ddpm: &Ddpm,
+    latents: &Tensor4<D>,
+    noise: &Tensor4<D>,
+    timesteps: &[usize],
+    context: &Tensor3<D, NoneTape, E>,
+    loss_scale: f32,
+) -> Result<(f32, Gradients<E, D>), LoraTrainError> {
+    let noisy = ddpm.add_noise(latents, noise, timesteps)?.to_dtype::<E>();
+    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+    let pred = unet.forward(noisy.leaky_trace(), &t, context.retaped())?;
+    let loss = mse_loss(pred, noise.clone().to_dtype::<E>());
+    let value = to_f32_vec(&loss).first().copied().unwrap_or(f32::NAN);
+    if !value.is_finite() {
+        return Err(LoraTrainError::NonFinite(value));
+    }
+    let loss = if loss_scale == 1.0 {
+        loss
+    } else {
+        loss * E::of(loss_scale)
+    };
+    Ok((value, loss.backward()))
+}
+
+/// f32 master copies of trained tensors, by parameter name.
+#[derive(Debug, Clone)]
+pub struct Masters<D: Device<f32>> {
+    /// `name → [rows, cols]` (LoRA `down`/`up`, embedding vectors, MLP weights).
+    pub tensors: BTreeMap<String, Tensor2<D>>,
+}
+
+impl<D: Device<f32>> Masters<D> {
+    /// The adapters of `network` (by PEFT parameter name, `<module>.lora_A.weight` /
+    /// `.lora_B.weight`) in f32 on `dev`.
+    pub fn of_lora(network: &LoraNetwork, dev: &D) -> Result<Self, LoraTrainError> {
+        let mut tensors = BTreeMap::new();
+        for (_, name, module) in network.iter() {
+            for (suffix, t) in [
+                ("lora_A.weight", &module.down),
+                ("lora_B.weight", &module.up),
+            ] {
+                let key = format!("{name}.{suffix}");
+                let tensor =
+                    t.to_tensor::<(usize, usize), D>(dev)
+                        .ok_or_else(|| LoraTrainError::Shape {
+                            name: key.clone(),
+                            reason: format!("shape {:?} is not 2-d", t.shape),
+                        })?;
+                tensors.insert(key, tensor);
+            }
+        }
+        Ok(Self { tensors })
+    }
+
+    /// One AdamW update of every master named in `grads` (unscaled f32 gradients) at `lr`.
+    pub fn update(
+        &mut self,
+        grads: &BTreeMap<String, HostTensor>,
+        optimizer: &mut AdamW<D>,
+        lr: f64,
+        filter: impl Fn(&str) -> bool,
+    ) -> Result<(), LoraTrainError> {
+        for (name, master) in self.tensors.iter_mut().filter(|(n, _)| filter(n)) {
+            let dev = master.device().clone();
+            let grad = grads
+                .get(name)
+                .and_then(|g| g.to_tensor::<(usize, usize), D>(&dev))
+                .ok_or_else(|| LoraTrainError::Shape {
+                    name: name.clone(),
+                    reason: "no gradient".into(),
+                })?;
+            optimizer
+                .update(name, master, &grad, lr)
+                .map_err(|e: OptimError| LoraTrainError::from(e))?;
+        }
+        Ok(())
+    }
+
+    /// Copies the masters into the adapters of `model` (rounded to `E`).
+    pub fn write_lora<E: Elem, M: LoraTarget<D, E>>(&self, model: &mut M)
+    where
+        D: Device<E>,
+    {
+        model.for_each_lora_linear_mut(&mut |name, linear| {
+            if let Some(l) = &mut linear.lora {
+                if let Some(m) = self.tensors.get(&format!("{name}.lora_A.weight")) {
+                    l.down = m.clone().to_dtype::<E>();
+                }
+                if let Some(m) = self.tensors.get(&format!("{name}.lora_B.weight")) {
+                    l.up = m.clone().to_dtype::<E>();
+                }
+            }
+        });
+    }
+
+    /// `network` with the master values of its `component` modules (the exact f32 values,
+    /// where the model holds them rounded to f16).
+    pub fn into_network(&self, network: &mut LoraNetwork, component: LoraComponent) {
+        let modules: &mut BTreeMap<String, LoraModule> = network.modules_mut(component);
+        for (name, module) in modules.iter_mut() {
+            for (suffix, t) in [
+                ("lora_A.weight", &mut module.down),
+                ("lora_B.weight", &mut module.up),
+            ] {
+                if let Some(m) = self.tensors.get(&format!("{name}.{suffix}")) {
+                    *t = HostTensor::from_tensor(m);
+                }
+            }
+        }
+    }
+}
