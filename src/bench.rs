@@ -32,7 +32,7 @@ use thiserror::Error;
 use crate::diffusion::clip::ClipConfig;
 use crate::diffusion::nn::{DEFAULT_ATTENTION_CHUNK, Elem};
 use crate::diffusion::nn::{Tensor3, Tensor4};
-use crate::diffusion::params::{count_params, named_grads, set_trainable};
+use crate::diffusion::params::{copy_params, count_params, named_grads, set_trainable};
 use crate::diffusion::schedulers::{Ddpm, SamplerKind, SchedulerConfig, SeededNoise};
 use crate::diffusion::weights::single_file::StoredConfigs;
 use crate::diffusion::weights::{Loader, WeightStore};
@@ -42,7 +42,7 @@ use crate::formats::lora::{LoraModule, LoraNetwork};
 use crate::memory::{
     LoadedModels, MemoryProbe, TrainShape, TrainedPart, estimate_train, human_bytes,
 };
-use crate::train::lora::{adapter_grads, install, loss_and_grads};
+use crate::train::lora::{adapter_grads, install};
 use crate::train::mixed::{self, LossScaler, Masters};
 use crate::train::optim::{AdamW, AdamWConfig, clip_coefficient, update_layers};
 
@@ -423,13 +423,14 @@ impl BenchOptions {
                         | BenchTask::SampleStep
                         | BenchTask::LoraTrain
                         | BenchTask::TiTrain
+                        | BenchTask::FullTrain
                 ) =>
             {
                 Ok(Precision::F16)
             }
             "f16" => Err(BenchError::Usage(format!(
-                "--precision f16 is implemented for lora-train, ti-train, unet-forward and \
-                 sample-step; {} computes in f32",
+                "--precision f16 is implemented for the UNet tasks; {} computes in f32 (the \
+                 VAE always does)",
                 args.task
             ))),
             "bf16" => Err(BenchError::Usage(
@@ -690,19 +691,50 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
             })?;
         }
         BenchTask::FullTrain => {
-            let mut unet = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
+            let mut unet: UNet<D, E> = weights.unet(&configs, dev, opts.gradient_checkpointing)?;
             model_params = count_params(&mut unet);
             trainable_params = model_params;
             set_trainable(&mut unet, true);
+            // the DreamBooth stage's step: in f16, f32 masters refreshed into the f16 model
+            let mut master: Option<UNet<D>> = if E::BYTES < 4 {
+                Some(weights.unet(&configs, dev, false)?)
+            } else {
+                None
+            };
+            let mut scaler = LossScaler::for_elem::<E>();
+            let context = context.clone().to_dtype::<E>();
             let mut optimizer = AdamW::new(dev, AdamWConfig::default());
             last_loss = timed(&mut || {
-                let (loss, grads) =
-                    loss_and_grads(&unet, &ddpm, &latents, &noise, &timesteps, &context)
-                        .map_err(|e| step_err(&e))?;
+                let (loss, grads) = mixed::loss_and_grads(
+                    &unet,
+                    &ddpm,
+                    &latents,
+                    &noise,
+                    &timesteps,
+                    &context,
+                    scaler.scale,
+                )
+                .map_err(|e| step_err(&e))?;
                 let mut grads = named_grads(&mut unet, &grads);
-                clip(&mut grads, 1.0);
-                update_layers(&mut unet, "", &grads, &mut optimizer, 1e-6)
-                    .map_err(|e| step_err(&e))?;
+                let finite = scaler.unscale(&mut grads);
+                if finite {
+                    clip(&mut grads, 1.0);
+                    match master.as_mut() {
+                        Some(m) => {
+                            update_layers(m, "", &grads, &mut optimizer, 1e-6)
+                                .map_err(|e| step_err(&e))?;
+                            copy_params(m, &mut unet).map_err(|e| step_err(&e))?;
+                        }
+                        None => {
+                            let f32_unet = (&mut unet as &mut dyn std::any::Any)
+                                .downcast_mut::<UNet<D>>()
+                                .ok_or_else(|| step_err(&"an f32 run has an f32 UNet"))?;
+                            update_layers(f32_unet, "", &grads, &mut optimizer, 1e-6)
+                                .map_err(|e| step_err(&e))?;
+                        }
+                    }
+                }
+                scaler.update(finite);
                 Ok(Some(loss))
             })?;
         }

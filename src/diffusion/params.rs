@@ -466,6 +466,63 @@ pub fn try_for_each_named_param<E: Elem, D: Device<E>, Er>(
     result
 }
 
+/// Copies every parameter of `src` (f32) into the same-named parameter of `dst`, converted to
+/// `dst`'s element type: mixed-precision full fine-tuning refreshes its f16 working model from
+/// the f32 masters this way. Both must be the same architecture (an error names the first
+/// parameter that differs).
+pub fn copy_params<E: Elem, D: Device<f32> + Device<E>>(
+    src: &mut impl Layers<D>,
+    dst: &mut impl Layers<D, E>,
+) -> Result<(), String> {
+    let mut flat: BTreeMap<String, Tensor<(usize,), f32, D>> = BTreeMap::new();
+    try_for_each_named_param(src, |name, p| {
+        let t = match p {
+            ParamMut::T1(t) => t.clone(),
+            ParamMut::T2(t) => {
+                let n = t.shape().num_elements();
+                t.clone().reshape_like(&(n,))
+            }
+            ParamMut::T4(t) => {
+                let n = t.shape().num_elements();
+                t.clone().reshape_like(&(n,))
+            }
+        };
+        flat.insert(name.to_string(), t);
+        Ok::<(), String>(())
+    })?;
+    try_for_each_named_param(dst, |name, p| {
+        let f = flat
+            .remove(name)
+            .ok_or_else(|| format!("the source has no parameter `{name}`"))?;
+        let n = f.shape().0;
+        let mismatch = |m: usize| format!("`{name}` has {n} values in the source, {m} here");
+        match p {
+            ParamMut::T1(t) => {
+                let shape = *t.shape();
+                if shape.num_elements() != n {
+                    return Err(mismatch(shape.num_elements()));
+                }
+                *t = f.to_dtype::<E>();
+            }
+            ParamMut::T2(t) => {
+                let shape = *t.shape();
+                if shape.num_elements() != n {
+                    return Err(mismatch(shape.num_elements()));
+                }
+                *t = f.reshape_like(&shape).to_dtype::<E>();
+            }
+            ParamMut::T4(t) => {
+                let shape = *t.shape();
+                if shape.num_elements() != n {
+                    return Err(mismatch(shape.num_elements()));
+                }
+                *t = f.reshape_like(&shape).to_dtype::<E>();
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Total number of parameters of `model`.
 pub fn count_params<E: Elem, D: Device<E>>(model: &mut impl Layers<D, E>) -> usize {
     let mut n = 0;

@@ -651,7 +651,12 @@ pub fn estimate_train(
     } else {
         5
     };
-    let training_state = copies * trainable * F32;
+    // mixed-precision full fine-tuning keeps an f32 master UNet beside the f16 one
+    let masters = match part {
+        TrainedPart::FullUnet { .. } if ub < 4 => unet * F32,
+        _ => 0,
+    };
+    let training_state = copies * trainable * F32 + masters;
 
     let f = configs.vae.downsampling_factor().max(1);
     let (h, w) = (shape.height / f, shape.width / f);
@@ -710,7 +715,7 @@ pub fn estimate_train(
         // dfdx product whose two operand-sized gradient buffers stay in the map
         // (`nn::checkpoint`): two more copies of what trains.
         let handed_back = if shape.gradient_checkpointing {
-            2 * trainable * F32
+            2 * trainable * ub
         } else {
             0
         };
@@ -871,7 +876,7 @@ mod tests {
         };
         let ti = TrainedPart::TextualInversion { vectors: 1 };
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-        for device in ["cpu", "cuda:0"] {
+        for (device, ub) in [("cpu", 4), ("cuda:0", 4), ("cuda:0", 2)] {
             for (name, part, batch) in [
                 ("lora", &lora, 1),
                 ("lora", &lora, 4),
@@ -883,9 +888,11 @@ mod tests {
                 for checkpointing in [false, true] {
                     let mut s = shape(batch, 512, device);
                     s.gradient_checkpointing = checkpointing;
+                    s.unet_elem_bytes = ub;
                     let e = estimate_train(&sd15(), part, &s);
                     println!(
-                        "{device} {name} b{batch}{}: total {:.2} GiB = weights {:.2} + state {:.2} + activations {:.2} + weight copies {:.2}",
+                        "{device} f{} {name} b{batch}{}: total {:.2} GiB = weights {:.2} + state {:.2} + activations {:.2} + weight copies {:.2}",
+                        ub * 8,
                         if checkpointing {
                             " (checkpointing)"
                         } else {

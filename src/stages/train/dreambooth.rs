@@ -16,9 +16,10 @@ use super::{
     Batch, CheckpointState, Item, RunEnd, Setup, StepMethod, TrainParams, batch_context, eval_loss,
     load_items, newest_checkpoint, read_state, save_checkpoint_with, schedule,
 };
-use crate::diffusion::nn::Tensor3;
+use crate::diffusion::nn::{Elem, Tensor3};
 use crate::diffusion::params::{
-    Layers, ParamMut, count_params, named_grads, set_trainable, try_for_each_named_param,
+    Layers, ParamMut, copy_params, count_params, named_grads, set_trainable,
+    try_for_each_named_param,
 };
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::weights::single_file::StoredConfigs;
@@ -27,7 +28,7 @@ use crate::formats::checkpoint::{ModelTensors, SaveDtype, write_single_file};
 use crate::formats::{HostTensor, read_safetensors, write_safetensors};
 use crate::stages::context::{StageContext, StageResult};
 use crate::stages::encode_latents::LatentsManifest;
-use crate::train::lora::{loss_and_grads, loss_and_grads_taped};
+use crate::train::mixed::{self, LossScaler};
 use crate::train::optim::AdamW;
 
 /// DreamBooth settings (`[stage.NAME.dreambooth]`).
@@ -98,7 +99,10 @@ impl TrainParams {
         Ok(())
     }
 
-    pub(super) fn run_dreambooth<D: Device<f32>>(
+    /// Runs DreamBooth with the UNet computing in `E`. In mixed precision (`E` = f16) an f32
+    /// copy of the UNet holds the master weights the optimiser updates; the f16 working copy
+    /// is refreshed from it after every step.
+    pub(super) fn run_dreambooth<E: Elem, D: Device<f32> + Device<E>>(
         &self,
         ctx: &StageContext<'_>,
         dev: D,
@@ -111,7 +115,7 @@ impl TrainParams {
             model_path,
             t2i,
             dev,
-        } = self.setup(ctx, dev)?;
+        } = self.setup::<E, D>(ctx, dev)?;
         let prior_weight = self.dreambooth.prior_loss_weight as f32;
         let class_items = match ctx.upstream_of_kind("class_images") {
             Ok((_, record)) if prior_weight > 0.0 => {
@@ -149,12 +153,24 @@ impl TrainParams {
 
         let scratch = ctx.scratch()?;
         let seed = settings.seed;
+        // f32 masters (mixed precision only; an f32 run updates its UNet in place)
+        let mut master: Option<UNet<D>> = if E::BYTES < 4 {
+            Some(ckpt.load_unet(&dev)?)
+        } else {
+            None
+        };
         let te_for_resume = train_te.then_some(&mut text_encoder);
-        let (optimizer, mut state) =
-            match load_full_checkpoint(&scratch, &mut unet, te_for_resume, &dev, ctx)? {
-                Some(found) => found,
-                None => self.fresh_start(&dev),
-            };
+        let resumed = match master.as_mut() {
+            Some(m) => load_full_checkpoint(&scratch, m, te_for_resume, &dev, ctx)?,
+            None => load_full_checkpoint(&scratch, as_f32(&mut unet)?, te_for_resume, &dev, ctx)?,
+        };
+        if let (Some(m), Some(_)) = (master.as_mut(), &resumed) {
+            copy_params(m, &mut unet).map_err(anyhow::Error::msg)?;
+        }
+        let (optimizer, mut state) = match resumed {
+            Some(found) => found,
+            None => self.fresh_start(&dev),
+        };
         if state.step > 0 && train_te {
             // the contexts of a resumed run come from its text encoder
             for (caption, c) in contexts.iter_mut() {
@@ -193,6 +209,9 @@ impl TrainParams {
             prior_weight,
             seed,
             te_lr_factor: self.dreambooth.text_encoder_lr.map_or(1.0, |l| l / self.lr),
+            master: master.as_mut(),
+            scaler: state.loss_scaler.unwrap_or_else(LossScaler::for_elem::<E>),
+            finite: true,
         };
         let wall_s = self.drive(
             ctx,
@@ -205,6 +224,13 @@ impl TrainParams {
             &sched,
             &mut steps,
         )?;
+        let skipped = steps.scaler.skipped;
+        if skipped > 0 {
+            ctx.progress.message(&format!(
+                "{}: {skipped} of {} steps skipped on an f16 gradient overflow",
+                ctx.instance.name, self.steps
+            ));
+        }
         set_trainable(&mut unet, false);
         set_trainable(&mut text_encoder, false);
         if train_te {
@@ -217,7 +243,10 @@ impl TrainParams {
         // The checkpoint: the trained UNet (and text encoder) beside the base model's VAE.
         let mut tensors = ModelTensors::read(&ckpt)
             .with_context(|| format!("reading {}", model_path.display()))?;
-        tensors.unet = crate::diffusion::params::named_tensors(&mut unet);
+        tensors.unet = match master.as_mut() {
+            Some(m) => crate::diffusion::params::named_tensors(m),
+            None => crate::diffusion::params::named_tensors(&mut unet),
+        };
         if train_te {
             tensors.text_encoder = crate::diffusion::params::named_tensors(&mut text_encoder);
         }
@@ -287,9 +316,10 @@ impl TrainParams {
 }
 
 /// Full fine-tuning: every UNet layer trainable.
-struct DreamboothSteps<'a, D: Device<f32>> {
+struct DreamboothSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     params: &'a TrainParams,
-    unet: &'a mut UNet<D>,
+    /// The UNet the passes run through (computing in `E`).
+    unet: &'a mut UNet<D, E>,
     /// The text encoder when it trains too (contexts are then computed per batch).
     text_encoder: Option<&'a mut TextEncoder<D>>,
     /// Token ids by caption.
@@ -306,50 +336,80 @@ struct DreamboothSteps<'a, D: Device<f32>> {
     seed: u64,
     /// Text-encoder learning rate / UNet learning rate.
     te_lr_factor: f64,
+    /// The f32 master weights in mixed precision (`None`: `unet` is f32 and is updated).
+    master: Option<&'a mut UNet<D>>,
+    /// Loss scaling (a fixed 1 in f32).
+    scaler: LossScaler,
+    /// Whether the last micro-batches' gradients were all finite.
+    finite: bool,
 }
 
-impl<D: Device<f32>> DreamboothSteps<'_, D> {
+/// `unet` as the f32 model it is when the run computes in f32.
+fn as_f32<D: Device<f32> + Device<E>, E: Elem>(
+    unet: &mut UNet<D, E>,
+) -> anyhow::Result<&mut UNet<D>> {
+    (unet as &mut dyn std::any::Any)
+        .downcast_mut::<UNet<D>>()
+        .context("a mixed-precision UNet has no f32 weights to update (masters missing)")
+}
+
+impl<D: Device<f32> + Device<E>, E: Elem> DreamboothSteps<'_, D, E> {
     fn batch_grads(
         &mut self,
         items: &[Item],
         batch: &Batch<D>,
     ) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+        let scale = self.scaler.scale;
         let Some(te) = self.text_encoder.as_deref_mut() else {
-            let context = batch_context(items, self.contexts, &batch.picked)?;
-            let (loss, grads) = loss_and_grads(
+            let context = batch_context(items, self.contexts, &batch.picked)?.to_dtype::<E>();
+            let (loss, grads) = mixed::loss_and_grads(
                 self.unet,
                 self.ddpm,
                 &batch.latents,
                 &batch.noise,
                 &batch.timesteps,
                 &context,
+                scale,
             )?;
-            return Ok((loss, named_grads(self.unet, &grads)));
+            let mut out = named_grads(self.unet, &grads);
+            self.finite &= self.scaler.unscale(&mut out);
+            return Ok((loss, out));
         };
         let batch_ids: Vec<Vec<u32>> = batch
             .picked
             .iter()
             .map(|&i| self.ids[&items[i].caption].clone())
             .collect();
+        // Two backward passes: the UNet's (in `E`) gives the context's gradient, which the
+        // text encoder's (f32) carries to its weights.
         let embeds = te.embed_tokens_traced(&batch_ids)?;
-        let context = te.forward_embeds(embeds, self.params.clip_skip)?;
-        let (loss, grads) = loss_and_grads_taped(
+        let (context, te_tape) = te
+            .forward_embeds(embeds, self.params.clip_skip)?
+            .split_tape();
+        let context_e = context.clone().to_dtype::<E>();
+        let (loss, grads) = mixed::loss_and_grads(
             self.unet,
             self.ddpm,
             &batch.latents,
             &batch.noise,
             &batch.timesteps,
-            context,
+            &context_e,
+            scale,
         )?;
         let mut out = named_grads(self.unet, &grads);
-        for (name, g) in named_grads(te, &grads) {
+        let g_context = grads.get(&context_e).to_dtype::<f32>() * (1.0 / scale);
+        drop(grads);
+        self.finite &= self.scaler.unscale(&mut out);
+        let te_grads = (context.put_tape(te_tape) * g_context).sum().backward();
+        for (name, g) in named_grads(te, &te_grads) {
+            self.finite &= g.data.iter().all(|v| v.is_finite());
             out.insert(format!("{TE}{name}"), g);
         }
         Ok((loss, out))
     }
 }
 
-impl<D: Device<f32>> StepMethod<D> for DreamboothSteps<'_, D> {
+impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for DreamboothSteps<'_, D, E> {
     fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         let (mut loss, mut grads) = self.batch_grads(self.items, batch)?;
         if !self.class_items.is_empty() {
@@ -376,15 +436,34 @@ impl<D: Device<f32>> StepMethod<D> for DreamboothSteps<'_, D> {
     }
 
     fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
-        update_all(self.unet, "", grads, self.optimizer, lr)?;
+        let finite = std::mem::replace(&mut self.finite, true);
+        if !finite && E::BYTES < 4 {
+            // an f16 overflow: skip the step with a smaller scale (GradScaler)
+            self.scaler.update(false);
+            return Ok(());
+        }
+        match self.master.as_deref_mut() {
+            Some(master) => {
+                update_all(master, "", grads, self.optimizer, lr)?;
+                copy_params(master, self.unet).map_err(anyhow::Error::msg)?;
+            }
+            None => update_all(as_f32(self.unet)?, "", grads, self.optimizer, lr)?,
+        }
         if let Some(te) = self.text_encoder.as_deref_mut() {
             update_all(te, TE, grads, self.optimizer, lr * self.te_lr_factor)?;
         }
+        self.scaler.update(true);
         Ok(())
     }
 
     fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()> {
-        let weights = crate::diffusion::params::named_tensors(self.unet);
+        let weights = match self.master.as_deref_mut() {
+            Some(master) => crate::diffusion::params::named_tensors(master),
+            None => crate::diffusion::params::named_tensors(self.unet),
+        };
+        let mut state = state.clone();
+        state.loss_scaler = (E::BYTES < 4).then_some(self.scaler);
+        let state = &state;
         let te_weights = self
             .text_encoder
             .as_deref_mut()

@@ -507,10 +507,10 @@ impl TrainParams {
         &[Component::Unet, Component::TextEncoder]
     }
 
-    /// Whether the method trains in mixed precision (`precision = "f16"`): LoRA and textual
-    /// inversion so far.
+    /// Whether the method trains in mixed precision (`precision = "f16"`): all but the
+    /// hypernetwork so far.
     pub(crate) fn supports_half(&self) -> bool {
-        matches!(self.method, Method::Lora | Method::TextualInversion)
+        self.method != Method::Hypernetwork
     }
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
@@ -530,7 +530,7 @@ impl TrainParams {
         match self.method {
             Method::Lora => self.run_lora::<E, D>(ctx, dev),
             Method::TextualInversion => self.run_textual_inversion::<E, D>(ctx, dev),
-            Method::Dreambooth => self.run_dreambooth(ctx, dev),
+            Method::Dreambooth => self.run_dreambooth::<E, D>(ctx, dev),
             Method::Hypernetwork => self.run_hypernetwork(ctx, dev),
         }
     }
