@@ -10,6 +10,8 @@
 #   REF_BENCH     ref_bench.py (default ../shared/bench/reference/ref_bench.py)
 #   PYTHON        a Python with torch, diffusers and peft (default python3)
 #   SDPIPE_ARGS   extra arguments for every `sdpipe bench` (default "--device cuda:0")
+#   PRECISION     what sdpipe's UNet computes in for the UNet tasks (default f16, mixed
+#                 precision, the counterpart of the reference's bf16 autocast; f32 also works)
 #   SECTIONS      ref_bench.py sections (default: unet_lora_train unet_full_train inference
 #                 text_encoder_ti)
 #
@@ -27,6 +29,7 @@ REF_BENCH=${REF_BENCH:-../shared/bench/reference/ref_bench.py}
 PYTHON=${PYTHON:-python3}
 SDPIPE_ARGS=${SDPIPE_ARGS---device cuda:0}
 SECTIONS=${SECTIONS:-unet_lora_train unet_full_train inference text_encoder_ti}
+PRECISION=${PRECISION:-f16}
 mkdir -p "$OUT_DIR"
 
 # The reference first: it writes $OUT/ref_bench.json itself.
@@ -40,10 +43,12 @@ bench() {
     "$SDPIPE" --quiet bench --arch sd15 --resolution 512 --json $SDPIPE_ARGS "$@" \
         | tee -a "$OUT_DIR/sdpipe.jsonl"
 }
-for b in 1 4 8; do bench --task lora-train --rank 16 --batch "$b" --warmup 3 --iters 10; done
-for b in 1 4; do bench --task full-train --batch "$b" --warmup 2 --iters 6; done
-bench --task ti-train --batch 4 --warmup 2 --iters 6
-bench --task sample-step --batch 1 --warmup 3 --iters 10
+P=(--precision "$PRECISION")
+for b in 1 4 8; do bench --task lora-train --rank 16 --batch "$b" --warmup 3 --iters 10 "${P[@]}"; done
+for b in 1 4; do bench --task full-train --batch "$b" --warmup 2 --iters 6 "${P[@]}"; done
+bench --task ti-train --batch 4 --warmup 2 --iters 6 "${P[@]}"
+bench --task sample-step --batch 1 --warmup 3 --iters 10 "${P[@]}"
+# the VAE computes in f32
 bench --task vae-encode --batch 8 --warmup 2 --iters 5
 
 "$PYTHON" - "$OUT_DIR" "$SDPIPE" <<'EOF'
@@ -65,7 +70,7 @@ lines = [
     f"Measured {datetime.date.today()} on {gpu}; {version}; reference: "
     + "; ".join(h.strip() for h in head) + ".",
     "",
-    "| figure | sdpipe | reference | ratio | sdpipe peak GiB | reference peak GiB | memory ratio |",
+    "| figure (sdpipe precision) | sdpipe | reference | ratio | sdpipe peak GiB | reference peak GiB | memory ratio |",
     "|---|---|---|---|---|---|---|",
 ]
 for o in ours:

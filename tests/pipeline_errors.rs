@@ -100,17 +100,15 @@ fn bf16_is_refused_with_what_exists() {
 }
 
 #[test]
-fn half_precision_training_is_refused_naming_the_stage() {
-    let text = common::tiny_latents_pipeline(1)
-        .replace("seed = 1", "seed = 1\nprecision = \"f16\"")
-        + "\n[stage.hn]\nkind = \"train\"\nneeds = [\"latents\"]\nmethod = \"hypernetwork\"\n\
-           steps = 1\n";
+fn half_precision_pretraining_is_refused_naming_the_stage() {
+    let text = "[pipeline]\nname = \"t\"\nseed = 3\nprecision = \"f16\"\n\n[stage.base]\n\
+                kind = \"pretrain\"\nresolution = 32\nvae_steps = 8\nunet_steps = 8\n";
     assert_error(
-        &text,
-        5,
+        text,
+        4,
         1,
         &[
-            "precision \"f16\" is not implemented for stage `hn` (train, method hypernetwork) yet",
+            "precision \"f16\" is not implemented for stage `base` (pretrain) yet",
             "precision = \"f32\"",
         ],
     );

@@ -159,6 +159,32 @@ pub struct HyperMlp<D: Storage<E>, E = f32> {
 /// torch's LayerNorm epsilon.
 const LAYER_NORM_EPS: f64 = 1e-5;
 
+impl<D: Device<f32>> HyperMlp<D> {
+    /// The same MLP with its tensors converted to `E` (mixed precision's working copy).
+    pub fn to_elem<E: Elem>(&self) -> HyperMlp<D, E>
+    where
+        D: Device<E>,
+    {
+        HyperMlp {
+            layers: self
+                .layers
+                .iter()
+                .map(|l| HyperLayer {
+                    weight: l.weight.clone().to_dtype::<E>(),
+                    bias: l.bias.clone().to_dtype::<E>(),
+                    activate: l.activate,
+                    layer_norm: l
+                        .layer_norm
+                        .as_ref()
+                        .map(|(w, b)| (w.clone().to_dtype::<E>(), b.clone().to_dtype::<E>())),
+                    dropout: l.dropout,
+                })
+                .collect(),
+            activation: self.activation,
+        }
+    }
+}
+
 impl<E: Elem, D: Device<E>> HyperMlp<D, E> {
     /// Context width it takes and returns.
     pub fn width(&self) -> usize {

@@ -245,11 +245,11 @@ impl<'a> Parser<'a> {
                 self.field_span(table, "precision"),
                 format!(
                     "precision \"f16\" is not implemented for stage `{}` ({}) yet: mixed \
-                     precision covers sampling and LoRA training",
+                     precision covers sampling and the train stages",
                     stage.name,
                     stage.params.describe()
                 ),
-                Some("use precision = \"f32\" for pipelines that train".into()),
+                Some("use precision = \"f32\" for pipelines that pretrain".into()),
             ));
         }
         if let super::Device::Cuda(n) = s.device

@@ -114,6 +114,24 @@ fn layer_flags<E, D: Storage<E>>(l: &HyperLayer<D, E>) -> (bool, bool, bool) {
     (l.activate, l.layer_norm.is_some(), l.dropout > 0.0)
 }
 
+impl<D: Device<f32>> HyperNet<D> {
+    /// The same network with its tensors converted to `E` (the working copy hooked into a
+    /// mixed-precision UNet; this f32 network stays the master the optimiser updates).
+    pub fn to_elem<E: Elem>(&self) -> HyperNet<D, E>
+    where
+        D: Device<E>,
+    {
+        HyperNet {
+            name: self.name.clone(),
+            modules: self
+                .modules
+                .iter()
+                .map(|(w, (k, v))| (*w, (k.to_elem(), v.to_elem())))
+                .collect(),
+        }
+    }
+}
+
 impl<E: Elem, D: Device<E>> HyperNet<D, E> {
     /// The network of a file on `dev` (dropout probabilities, activation placement and layer
     /// norms from its settings, as A1111 builds its Sequential).
@@ -323,9 +341,9 @@ pub fn loss_and_grads<D: Device<f32>>(
 
 /// The gradients of every parameter of `net`, by name (zero for a parameter the forward pass
 /// did not use).
-pub fn param_grads<D: Device<f32>>(
-    net: &HyperNet<D>,
-    grads: &mut Gradients<f32, D>,
+pub fn param_grads<E: Elem, D: Device<E>>(
+    net: &HyperNet<D, E>,
+    grads: &mut Gradients<E, D>,
 ) -> Result<BTreeMap<String, HostTensor>, HyperTrainError> {
     let mut out = BTreeMap::new();
     let mut missing = None;

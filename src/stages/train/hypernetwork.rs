@@ -28,7 +28,7 @@ use super::{
 };
 use crate::diffusion::UNet;
 use crate::diffusion::hypernetwork::HyperActivation;
-use crate::diffusion::nn::Tensor3;
+use crate::diffusion::nn::{Elem, Tensor3};
 use crate::diffusion::schedulers::Ddpm;
 use crate::formats::HostTensor;
 use crate::formats::hypernetwork::{
@@ -37,7 +37,8 @@ use crate::formats::hypernetwork::{
 };
 use crate::stages::ParamError;
 use crate::stages::context::{StageContext, StageResult};
-use crate::train::hypernetwork::{HyperNet, apply_grads, install, loss_and_grads, param_grads};
+use crate::train::hypernetwork::{HyperNet, apply_grads, install, param_grads};
+use crate::train::mixed::{self, LossScaler};
 use crate::train::optim::AdamW;
 
 /// `[stage.NAME.hypernetwork]`: A1111's hypernetwork settings.
@@ -204,7 +205,7 @@ impl HypernetworkParams {
 }
 
 impl TrainParams {
-    pub(super) fn run_hypernetwork<D: Device<f32>>(
+    pub(super) fn run_hypernetwork<E: Elem, D: Device<f32> + Device<E>>(
         &self,
         ctx: &StageContext<'_>,
         dev: D,
@@ -218,7 +219,7 @@ impl TrainParams {
             model_path,
             t2i,
             dev,
-        } = self.setup(ctx, dev)?;
+        } = self.setup::<E, D>(ctx, dev)?;
         let contexts = self.frozen_contexts(&t2i, &items)?;
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
@@ -259,7 +260,7 @@ impl TrainParams {
         let trainable_params = net.num_params();
         let resumed_from = state.step;
         if state.step == 0 {
-            install(&mut unet, &[(&net, 1.0)], None)?;
+            install(&mut unet, &[(&net.to_elem::<E>(), 1.0)], None)?;
             state.eval_loss_before =
                 eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
         } else {
@@ -282,6 +283,8 @@ impl TrainParams {
             seed,
             accumulation: self.gradient_accumulation as u64,
             calls: state.step * self.gradient_accumulation as u64,
+            scaler: state.loss_scaler.unwrap_or_else(LossScaler::for_elem::<E>),
+            finite: true,
         };
         let wall_s = self.drive(
             ctx,
@@ -296,7 +299,7 @@ impl TrainParams {
         )?;
         let net = steps.net;
 
-        install(&mut unet, &[(&net, 1.0)], None)?;
+        install(&mut unet, &[(&net.to_elem::<E>(), 1.0)], None)?;
         let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
         let mut trained = net.to_host(&template);
         trained.step = self.steps;
@@ -367,10 +370,10 @@ fn load_checkpoint<D: Device<f32>>(
     })
 }
 
-/// Hypernetwork: master weights here, copies hooked into the attentions for each micro-batch
-/// (with that micro-batch's dropout seed).
-struct HyperSteps<'a, D: Device<f32>> {
-    unet: &'a mut UNet<D>,
+/// Hypernetwork: f32 master weights here, copies (in the UNet's element type) hooked into the
+/// attentions for each micro-batch (with that micro-batch's dropout seed).
+struct HyperSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
+    unet: &'a mut UNet<D, E>,
     ddpm: &'a Ddpm,
     items: &'a [Item],
     contexts: &'a HashMap<String, Tensor3<D>>,
@@ -382,9 +385,13 @@ struct HyperSteps<'a, D: Device<f32>> {
     accumulation: u64,
     /// Micro-batches done (the drive loop calls `grads` `accumulation` times per step).
     calls: u64,
+    /// Loss scaling (a fixed 1 in f32).
+    scaler: LossScaler,
+    /// Whether the last micro-batches' gradients were all finite.
+    finite: bool,
 }
 
-impl<D: Device<f32>> StepMethod<D> for HyperSteps<'_, D> {
+impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for HyperSteps<'_, D, E> {
     fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         let (step, micro) = (
             self.calls / self.accumulation,
@@ -393,26 +400,41 @@ impl<D: Device<f32>> StepMethod<D> for HyperSteps<'_, D> {
         self.calls += 1;
         // A1111 trains at multiplier 1, dropout on.
         let dropout_seed = mix(self.seed ^ 0xd80_9047, step, micro);
-        install(self.unet, &[(&self.net, 1.0)], Some(dropout_seed))?;
-        let context = batch_context(self.items, self.contexts, &batch.picked)?;
-        let (loss, mut grads) = loss_and_grads(
+        let working = self.net.to_elem::<E>();
+        install(self.unet, &[(&working, 1.0)], Some(dropout_seed))?;
+        let context = batch_context(self.items, self.contexts, &batch.picked)?.to_dtype::<E>();
+        let (loss, mut grads) = mixed::loss_and_grads(
             self.unet,
             self.ddpm,
             &batch.latents,
             &batch.noise,
             &batch.timesteps,
             &context,
+            self.scaler.scale,
         )?;
-        Ok((loss, param_grads(&self.net, &mut grads)?))
+        let mut out = param_grads(&working, &mut grads)?;
+        self.finite &= self.scaler.unscale(&mut out);
+        Ok((loss, out))
     }
 
     fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
-        Ok(apply_grads(&mut self.net, grads, self.optimizer, lr)?)
+        let finite = std::mem::replace(&mut self.finite, true);
+        if !finite && E::BYTES < 4 {
+            // an f16 overflow: skip the step with a smaller scale (GradScaler)
+            self.scaler.update(false);
+            return Ok(());
+        }
+        apply_grads(&mut self.net, grads, self.optimizer, lr)?;
+        self.scaler.update(true);
+        Ok(())
     }
 
     fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()> {
         let mut file = self.net.to_host(self.template);
         file.step = state.step;
+        let mut state = state.clone();
+        state.loss_scaler = (E::BYTES < 4).then_some(self.scaler);
+        let state = &state;
         save_checkpoint_with(self.scratch, state, |dir| {
             write_hypernetwork_safetensors(&dir.join("hypernetwork.safetensors"), &file)?;
             self.optimizer.save(&dir.join("optimizer.safetensors"))?;

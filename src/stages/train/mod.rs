@@ -507,10 +507,9 @@ impl TrainParams {
         &[Component::Unet, Component::TextEncoder]
     }
 
-    /// Whether the method trains in mixed precision (`precision = "f16"`): all but the
-    /// hypernetwork so far.
+    /// Whether the method trains in mixed precision (`precision = "f16"`): every method does.
     pub(crate) fn supports_half(&self) -> bool {
-        self.method != Method::Hypernetwork
+        true
     }
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
@@ -531,7 +530,7 @@ impl TrainParams {
             Method::Lora => self.run_lora::<E, D>(ctx, dev),
             Method::TextualInversion => self.run_textual_inversion::<E, D>(ctx, dev),
             Method::Dreambooth => self.run_dreambooth::<E, D>(ctx, dev),
-            Method::Hypernetwork => self.run_hypernetwork(ctx, dev),
+            Method::Hypernetwork => self.run_hypernetwork::<E, D>(ctx, dev),
         }
     }
 
