@@ -148,12 +148,19 @@ fn open_cuda(ordinal: usize) -> Result<Runtime, DeviceError> {
     if ordinal >= count.max(0) as usize {
         return Err(err(format!("this machine has {count} CUDA device(s)")));
     }
-    dfdx::tensor::Cuda::try_build(ordinal, 0)
-        .map(|dev| Runtime::Cuda { dev, ordinal })
-        .map_err(|e| DeviceError::Cuda {
-            ordinal,
-            message: e.to_string(),
-        })
+    let dev = dfdx::tensor::Cuda::try_build(ordinal, 0).map_err(|e| DeviceError::Cuda {
+        ordinal,
+        message: e.to_string(),
+    })?;
+    // Keep freed buffers for reuse (dfdx's cache is off by default): every cuMemFree
+    // synchronises the device, and a training step frees thousands of activations. The pool's
+    // size is then the high-water mark the memory probe reads (`memory::device_peak_bytes`).
+    use dfdx::tensor::Cache as _;
+    dev.try_enable_cache().map_err(|e| DeviceError::Cuda {
+        ordinal,
+        message: format!("enabling the allocation cache: {e:?}"),
+    })?;
+    Ok(Runtime::Cuda { dev, ordinal })
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -5,9 +5,9 @@
 //! On the CPU, "device memory" is the process's resident memory: the peak is read from
 //! `/proc/self/status` (`VmHWM`, reset through `/proc/self/clear_refs` at the start of a
 //! measurement where the kernel allows it) and what is available from `/proc/meminfo`
-//! (`MemAvailable`). On a GPU the probe and the total come from the driver: the hooks are
-//! [`device_peak_bytes`] and [`device_total_bytes`], which return `None` until the CUDA build
-//! fills them in (the callers then say the figure is unknown rather than guessing).
+//! (`MemAvailable`). On a GPU both come from the driver ([`device_peak_bytes`]: the memory in
+//! use, i.e. dfdx's cached pool; [`device_total_bytes`]); a binary without CUDA has neither
+//! (the callers then say the figure is unknown rather than guessing).
 
 pub mod estimate;
 pub mod stages;
@@ -54,18 +54,43 @@ pub fn reset_peak_rss() -> bool {
     std::fs::write("/proc/self/clear_refs", "5").is_ok()
 }
 
-/// Peak memory of `device` (`"cuda:N"`) since the driver's last reset, in bytes: the hook for
-/// the CUDA build (cudarc's memory info, or a pool's high-water mark). `None` here: this
-/// binary has no GPU memory probe.
+/// Device memory in use on `device` (`"cuda:N"`), bytes: total minus free of the current CUDA
+/// context (`cuMemGetInfo`). The CUDA runtime keeps freed buffers in dfdx's allocation cache
+/// (see `device::open`), so after a run this is the high-water mark of its pool; the probe
+/// subtracts what was in use when it started. `None` without CUDA or a current context.
 pub fn device_peak_bytes(device: &str) -> Option<u64> {
     let _ = device;
-    None
+    #[cfg(feature = "cuda")]
+    {
+        cudarc::driver::result::mem_get_info()
+            .ok()
+            .map(|(free, total)| total.saturating_sub(free) as u64)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        None
+    }
 }
 
-/// Total memory of `device` (`"cuda:N"`), bytes: the hook for the CUDA build. `None` here.
+/// Total memory of `device` (`"cuda:N"`), bytes, from the driver (`cuDeviceTotalMem`); `None`
+/// without CUDA, a driver or that device.
 pub fn device_total_bytes(device: &str) -> Option<u64> {
-    let _ = device;
-    None
+    #[cfg(feature = "cuda")]
+    {
+        use cudarc::driver::result;
+        let ordinal: i32 = device.strip_prefix("cuda:")?.parse().ok()?;
+        result::init().ok()?;
+        let dev = result::device::get(ordinal).ok()?;
+        // SAFETY: `dev` is a valid device handle from the initialised driver.
+        unsafe { result::device::total_mem(dev) }
+            .ok()
+            .map(|b| b as u64)
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        None
+    }
 }
 
 /// Measures the peak memory of one piece of work on one device.
@@ -94,7 +119,7 @@ impl MemoryProbe {
         let baseline = if device == "cpu" {
             current_rss().unwrap_or(0)
         } else {
-            0
+            device_peak_bytes(device).unwrap_or(0)
         };
         Self {
             device: device.to_string(),
@@ -118,9 +143,13 @@ impl MemoryProbe {
                 source: source.into(),
             })
         } else {
-            device_peak_bytes(&self.device).map(|bytes| MeasuredPeak {
-                bytes,
-                source: format!("{}: device peak allocation", self.device),
+            device_peak_bytes(&self.device).map(|used| MeasuredPeak {
+                bytes: used.saturating_sub(self.baseline),
+                source: format!(
+                    "{}: device memory in use after the run minus at the start (cuMemGetInfo; \
+                     freed buffers stay in dfdx's cache, so this is its pool's high-water mark)",
+                    self.device
+                ),
             })
         }
     }
