@@ -253,26 +253,7 @@ fn half_precision_dreambooth_tracks_f32() {
         "save_dtype = \"f32\"",
         "save_dtype = \"f32\"\ntrain_text_encoder = true\ntext_encoder_lr = 1e-4",
     );
-    let f32_run = Project::new(&text);
-    let run = f32_run.sdpipe(&["run", "p.toml"]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    let half_text = text.replace("seed = 5", "seed = 5\nprecision = \"f16\"");
-    assert!(half_text.contains("f16"));
-    let half_run = Project::new(&half_text);
-    let run = half_run.sdpipe(&["run", "p.toml"]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    let (s32, s16) = (f32_run.stats("train"), half_run.stats("train"));
-    let loss = |s: &serde_json::Value, k: &str| s[k].as_f64().unwrap();
-    println!(
-        "eval loss f32 {:.4} → {:.4}, f16 {:.4} → {:.4}",
-        loss(&s32, "eval_loss_before"),
-        loss(&s32, "eval_loss_after"),
-        loss(&s16, "eval_loss_before"),
-        loss(&s16, "eval_loss_after")
-    );
-    assert!(loss(&s16, "eval_loss_after") < loss(&s16, "eval_loss_before"));
-    let gap = (loss(&s16, "eval_loss_after") - loss(&s32, "eval_loss_after")).abs();
-    assert!(gap < 0.05 * loss(&s32, "eval_loss_after"), "{gap}");
+    let (_, half_run) = common::f32_and_f16_training(&text, "train", 0.05);
 
     // The saved UNet is the f32 masters: most values are not representable in f16.
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");

@@ -267,35 +267,7 @@ fn half_precision_lora_training_tracks_f32() {
     let extra = "[stage.train.lora]\nrank = 4\nalpha = 2\ntext_encoder = true\n";
     let text = pipeline("").replace("[stage.train.lora]\nrank = 4\nalpha = 2\n", extra);
     assert!(text.contains("text_encoder = true"));
-    let f32_run = Project::new(&text);
-    let run = f32_run.sdpipe(&["run", "p.toml"]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    let half_text = text.replace("seed = 5", "seed = 5\nprecision = \"f16\"");
-    assert!(half_text.contains("f16"));
-    let half_run = Project::new(&half_text);
-    let run = half_run.sdpipe(&["run", "p.toml"]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-
-    let (s32, s16) = (f32_run.stats("train"), half_run.stats("train"));
-    let loss = |s: &serde_json::Value, k: &str| s[k].as_f64().unwrap();
-    println!(
-        "eval loss f32 {:.4} → {:.4}, f16 {:.4} → {:.4}",
-        loss(&s32, "eval_loss_before"),
-        loss(&s32, "eval_loss_after"),
-        loss(&s16, "eval_loss_before"),
-        loss(&s16, "eval_loss_after")
-    );
-    assert!(loss(&s16, "eval_loss_after") < loss(&s16, "eval_loss_before"));
-    let before_gap = (loss(&s16, "eval_loss_before") - loss(&s32, "eval_loss_before")).abs();
-    assert!(
-        before_gap < 1e-2 * loss(&s32, "eval_loss_before"),
-        "{before_gap}"
-    );
-    let after_gap = (loss(&s16, "eval_loss_after") - loss(&s32, "eval_loss_after")).abs();
-    assert!(
-        after_gap < 0.1 * loss(&s32, "eval_loss_after"),
-        "{after_gap}"
-    );
+    let (f32_run, half_run) = common::f32_and_f16_training(&text, "train", 0.1);
 
     // The adapters: the same modules, values near the f32 run's. Adam's normalised first
     // steps turn f16 rounding of near-zero gradients into full-size updates of `up` (which

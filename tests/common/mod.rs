@@ -223,3 +223,44 @@ pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 pub fn count_files(dir: &Path) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
+
+/// Runs `text` in one project (f32) and with `precision = "f16"` in another, and compares the
+/// train stage `stage`: both runs succeed, the f16 run lowers its evaluation loss, and ends
+/// within `tolerance` (relative) of the f32 run's final loss. Returns (f32, f16) projects.
+pub fn f32_and_f16_training(text: &str, stage: &str, tolerance: f64) -> (Project, Project) {
+    let half_text = text.replacen("[pipeline]\n", "[pipeline]\nprecision = \"f16\"\n", 1);
+    assert_ne!(
+        half_text, text,
+        "no [pipeline] table to set the precision in"
+    );
+    let mut projects = Vec::new();
+    for t in [text, half_text.as_str()] {
+        let p = Project::new(t);
+        let run = p.sdpipe(&["run", "p.toml"]);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+        projects.push(p);
+    }
+    let half = projects.pop().expect("two projects");
+    let full = projects.pop().expect("two projects");
+    let (s32, s16) = (full.stats(stage), half.stats(stage));
+    let loss = |s: &serde_json::Value, k: &str| s[k].as_f64().expect("an eval loss");
+    println!(
+        "{stage}: eval loss f32 {:.4} → {:.4}, f16 {:.4} → {:.4}",
+        loss(&s32, "eval_loss_before"),
+        loss(&s32, "eval_loss_after"),
+        loss(&s16, "eval_loss_before"),
+        loss(&s16, "eval_loss_after")
+    );
+    assert!(loss(&s16, "eval_loss_after") < loss(&s16, "eval_loss_before"));
+    let before_gap = (loss(&s16, "eval_loss_before") - loss(&s32, "eval_loss_before")).abs();
+    assert!(
+        before_gap < 1e-2 * loss(&s32, "eval_loss_before"),
+        "{stage}: the f16 model's loss before training is {before_gap} off f32's"
+    );
+    let gap = (loss(&s16, "eval_loss_after") - loss(&s32, "eval_loss_after")).abs();
+    assert!(
+        gap < tolerance * loss(&s32, "eval_loss_after"),
+        "{stage}: f16 ends {gap} off the f32 loss"
+    );
+    (full, half)
+}
