@@ -764,7 +764,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
             let mut optimizer = AdamW::new(dev, AdamWConfig::default());
             let mut scaler = LossScaler::for_elem::<E>();
             last_loss = timed(&mut || {
-                let (loss, grad) = crate::train::textual_inversion::loss_and_grad_as(
+                let (loss, grad) = crate::train::textual_inversion::loss_and_grad(
                     &te,
                     &unet,
                     &ddpm,

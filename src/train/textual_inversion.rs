@@ -10,40 +10,13 @@ use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::{TextEncoder, UNet};
 
 /// The loss of one batch and the gradient of the trainable vectors `extra` (`[k, d]`, the
-/// rows of the token ids past the vocabulary). `ids` are the captions' token ids.
-#[allow(clippy::too_many_arguments)]
-pub fn loss_and_grad<D: Device<f32>>(
-    text_encoder: &TextEncoder<D>,
-    unet: &UNet<D>,
-    ddpm: &Ddpm,
-    ids: &[Vec<u32>],
-    extra: &Tensor2<D>,
-    clip_skip: usize,
-    latents: &Tensor4<D>,
-    noise: &Tensor4<D>,
-    timesteps: &[usize],
-) -> Result<(f32, Tensor2<D>), LoraTrainError> {
-    let embeds = text_encoder.embed_tokens_with_extra(ids, extra.leaky_trace())?;
-    let context = text_encoder.forward_embeds(embeds, clip_skip)?;
-    let noisy = ddpm.add_noise(latents, noise, timesteps)?;
-    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-    let pred = unet.forward(noisy.retaped(), &t, context)?;
-    let loss = mse_loss(pred, noise.clone());
-    let value = loss.as_vec().first().copied().unwrap_or(f32::NAN);
-    if !value.is_finite() {
-        return Err(LoraTrainError::NonFinite(value));
-    }
-    let grads = loss.backward();
-    Ok((value, grads.get(extra)))
-}
-
-/// [`loss_and_grad`] with the UNet computing in `E` (mixed precision): the text encoder (f32)
-/// gives the context, the UNet's backward pass (its loss times `loss_scale`) gives the
-/// context's gradient, which is unscaled in f32 and carried back through the text encoder to
-/// `extra`. The gradient may hold non-finite values after an f16 overflow (the caller skips
+/// rows of the token ids past the vocabulary; `ids` are the captions' token ids), with the UNet
+/// computing in `E` (f32, or f16 in mixed precision): the text encoder (f32) gives the
+/// context, the UNet's backward pass (its loss times `loss_scale`) gives the context's
+/// gradient, which is unscaled in f32 and carried back through the text encoder to `extra`. The gradient may hold non-finite values after an f16 overflow (the caller skips
 /// the step).
 #[allow(clippy::too_many_arguments)]
-pub fn loss_and_grad_as<E: Elem, D: Device<f32> + Device<E>>(
+pub fn loss_and_grad<E: Elem, D: Device<f32> + Device<E>>(
     text_encoder: &TextEncoder<D>,
     unet: &UNet<D, E>,
     ddpm: &Ddpm,

@@ -1684,7 +1684,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for TiSteps<'_, D, E> {
             .iter()
             .map(|&i| self.ids[&self.items[i].caption].clone())
             .collect();
-        let (loss, grad) = crate::train::textual_inversion::loss_and_grad_as(
+        let (loss, grad) = crate::train::textual_inversion::loss_and_grad(
             &self.t2i.models.text_encoder,
             &self.t2i.models.unet,
             self.ddpm,
