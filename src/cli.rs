@@ -212,6 +212,7 @@ pub fn run(cli: Cli) -> i32 {
             let opts = RunOptions {
                 force: run.force.into_iter().collect(),
                 fail_fast: run.fail_fast,
+                memory_check: !run.no_memory_check,
                 ..Default::default()
             };
             match engine::watch(
@@ -311,39 +312,22 @@ fn check_memory(
     skip: bool,
     quiet: bool,
 ) -> Result<(), i32> {
-    use crate::memory::stages::{print_estimates, refusal, train_stage_estimates};
-    let will_run: BTreeSet<&str> = entries
-        .iter()
-        .filter(|e| e.status != engine::PlanStatus::Fresh)
-        .map(|e| e.stage.as_str())
-        .collect();
-    let list: Vec<_> = train_stage_estimates(p)
-        .into_iter()
-        .filter(|s| will_run.contains(s.stage.as_str()))
-        .collect();
-    if list.is_empty() {
-        return Ok(());
-    }
-    let available = crate::memory::available(&list[0].device);
+    use crate::memory::stages::{Verdict, gate};
+    let (report, verdict) = gate(p, &engine::stages_to_run(entries));
     if !quiet {
-        eprint!("{}", print_estimates(&list, &available));
+        eprint!("{report}");
     }
-    if skip {
-        return Ok(());
-    }
-    match &available {
-        Ok(a) => match refusal(&list, a) {
-            Some(message) => {
-                eprintln!("error: {message}");
-                Err(EXIT_DEVICE)
-            }
-            None => Ok(()),
-        },
-        Err(e) if e.contains(crate::memory::MEMORY_LIMIT_ENV) => {
-            eprintln!("error: {e}");
+    match verdict {
+        _ if skip => Ok(()),
+        Verdict::Fits => Ok(()),
+        Verdict::Refused(message) => {
+            eprintln!("error: {message}");
+            Err(EXIT_DEVICE)
+        }
+        Verdict::BadLimit(message) => {
+            eprintln!("error: {message}");
             Err(EXIT_USAGE)
         }
-        Err(_) => Ok(()),
     }
 }
 

@@ -125,3 +125,45 @@ fn no_memory_check_runs_anyway() {
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(run.stderr.contains("WILL NOT FIT"), "{}", run.stderr);
 }
+
+/// `watch` checks each run like `run` does: a pipeline that will not fit is refused before any
+/// stage starts, and watch waits for a change instead of running it.
+#[test]
+fn watch_refuses_a_run_that_cannot_fit_and_waits() {
+    use std::io::{BufRead, BufReader};
+    let p = Project::new(&pipeline(2));
+    let mut child = p.spawn(
+        &["watch", "p.toml", "--debounce-ms", "100"],
+        &[("SDPIPE_MEMORY_LIMIT", "1MiB")],
+    );
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = String::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while !seen.contains("waiting for a change that makes it fit") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) => {
+                seen.push_str(&line);
+                seen.push('\n');
+            }
+            Err(_) => break,
+        }
+    }
+    child.kill().unwrap();
+    let _ = child.wait();
+    assert!(
+        seen.contains("waiting for a change that makes it fit"),
+        "watch did not refuse:\n{seen}"
+    );
+    assert!(
+        seen.contains("stage `train_lora` needs about") && seen.contains("1.0 MiB is available"),
+        "{seen}"
+    );
+    assert!(!p.path("outputs/t/caption").exists(), "a stage ran");
+}

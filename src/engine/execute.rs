@@ -34,6 +34,9 @@ pub struct RunOptions {
     pub running: Option<RunningSlot>,
     /// Stages `watch` found invalidated while this run was going: not started if not yet.
     pub invalidated: Option<Arc<Mutex<BTreeSet<String>>>>,
+    /// `watch`: check each run's train stages against the available memory first and skip a
+    /// run that will not fit (`run` checks once, before calling [`execute`]).
+    pub memory_check: bool,
 }
 
 /// What happened to one stage.

@@ -15,7 +15,7 @@ pub use cancel::{CancelToken, install_ctrlc_handler, interrupted};
 pub use execute::{Outcome, RunOptions, RunReport, StageOutcome, execute};
 pub use material::stage_material;
 pub use outputs::{LockEntry, RunLock};
-pub use plan::{PlanEntry, PlanStatus, plan, plan_readonly};
+pub use plan::{PlanEntry, PlanStatus, plan, plan_readonly, stages_to_run};
 pub use progress::Progress;
 pub use report::{print_plan, print_summary};
 pub use watch::watch;

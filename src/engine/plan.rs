@@ -46,6 +46,15 @@ pub struct PlanEntry {
     pub material: Option<KeyMaterial>,
 }
 
+/// The stages of a plan that will compute (everything not fresh).
+pub fn stages_to_run(entries: &[PlanEntry]) -> std::collections::BTreeSet<&str> {
+    entries
+        .iter()
+        .filter(|e| e.status != PlanStatus::Fresh)
+        .map(|e| e.stage.as_str())
+        .collect()
+}
+
 /// Plans `pipeline` against the cache and run lock of `ws` without writing anything: the
 /// cache is not created and the hash memo is read but never saved.
 pub fn plan_readonly(

@@ -77,58 +77,69 @@ pub fn watch(
                     invalidated: Some(invalidated.clone()),
                     ..base.clone()
                 };
-                print_plan_for(&p, ws, progress);
-                let run_token = CancelToken::new();
-                let outcome = std::thread::scope(|scope| {
-                    let handle = scope.spawn(|| execute(&p, ws, &opts, progress, &run_token));
-                    // While it runs, react to changes.
-                    while !handle.is_finished() {
-                        match rx.recv_timeout(Duration::from_millis(100)) {
-                            Ok(path) => {
-                                changed.push(path);
-                                drain(&rx, debounce, &mut changed);
-                                changed.retain(|p| is_relevant(p, &file, &watched));
-                                if changed.is_empty() {
-                                    continue;
-                                }
-                                if let Ok(next) = pipeline::load(&file) {
-                                    let names = invalidated_stages(&p, &next, &changed);
-                                    if !names.is_empty() {
-                                        let mut inv =
-                                            invalidated.lock().unwrap_or_else(|e| e.into_inner());
-                                        inv.extend(names.iter().cloned());
-                                        if let Some((name, _, token)) =
-                                            &*running.lock().unwrap_or_else(|e| e.into_inner())
-                                            && names.contains(name)
-                                        {
-                                            progress
-                                                .message(&format!("{name} changed: cancelling it"));
-                                            token.cancel();
+                let entries = super::plan::plan_readonly(&p, ws, &opts.force);
+                if entries.iter().any(|e| e.status != PlanStatus::Fresh) {
+                    progress.message(&print_plan(p.name(), &entries));
+                }
+                if let Some((message, code)) = memory_refusal(&p, &entries, &opts, progress) {
+                    progress.message(&format!("error: {message}"));
+                    progress.message("waiting for a change that makes it fit...");
+                    exit_code = code;
+                } else {
+                    let run_token = CancelToken::new();
+                    let outcome = std::thread::scope(|scope| {
+                        let handle = scope.spawn(|| execute(&p, ws, &opts, progress, &run_token));
+                        // While it runs, react to changes.
+                        while !handle.is_finished() {
+                            match rx.recv_timeout(Duration::from_millis(100)) {
+                                Ok(path) => {
+                                    changed.push(path);
+                                    drain(&rx, debounce, &mut changed);
+                                    changed.retain(|p| is_relevant(p, &file, &watched));
+                                    if changed.is_empty() {
+                                        continue;
+                                    }
+                                    if let Ok(next) = pipeline::load(&file) {
+                                        let names = invalidated_stages(&p, &next, &changed);
+                                        if !names.is_empty() {
+                                            let mut inv = invalidated
+                                                .lock()
+                                                .unwrap_or_else(|e| e.into_inner());
+                                            inv.extend(names.iter().cloned());
+                                            if let Some((name, _, token)) =
+                                                &*running.lock().unwrap_or_else(|e| e.into_inner())
+                                                && names.contains(name)
+                                            {
+                                                progress.message(&format!(
+                                                    "{name} changed: cancelling it"
+                                                ));
+                                                token.cancel();
+                                            }
                                         }
                                     }
                                 }
+                                Err(RecvTimeoutError::Timeout) => {}
+                                Err(RecvTimeoutError::Disconnected) => break,
                             }
-                            Err(RecvTimeoutError::Timeout) => {}
-                            Err(RecvTimeoutError::Disconnected) => break,
+                            if super::cancel::interrupted() {
+                                run_token.cancel();
+                            }
                         }
-                        if super::cancel::interrupted() {
-                            run_token.cancel();
+                        handle.join()
+                    });
+                    match outcome {
+                        Ok(Ok(report)) => {
+                            progress.message(&print_summary(&report));
+                            exit_code = i32::from(report.failed());
                         }
-                    }
-                    handle.join()
-                });
-                match outcome {
-                    Ok(Ok(report)) => {
-                        progress.message(&print_summary(&report));
-                        exit_code = i32::from(report.failed());
-                    }
-                    Ok(Err(e)) => {
-                        progress.message(&format!("error: {e:#}"));
-                        exit_code = 3;
-                    }
-                    Err(_) => {
-                        progress.message("error: the run panicked");
-                        exit_code = 3;
+                        Ok(Err(e)) => {
+                            progress.message(&format!("error: {e:#}"));
+                            exit_code = 3;
+                        }
+                        Err(_) => {
+                            progress.message("error: the run panicked");
+                            exit_code = 3;
+                        }
                     }
                 }
             }
@@ -199,9 +210,25 @@ fn invalidated_stages(old: &Pipeline, new: &Pipeline, changed: &[PathBuf]) -> BT
     out
 }
 
-fn print_plan_for(p: &Pipeline, ws: &Workspace, progress: &Progress) {
-    let entries = super::plan::plan_readonly(p, ws, &BTreeSet::new());
-    if entries.iter().any(|e| e.status != PlanStatus::Fresh) {
-        progress.message(&print_plan(p.name(), &entries));
+/// With `opts.memory_check`: prints the estimate of the train stages this run will compute and
+/// returns why (and exit code 4, or 2 for a malformed limit) when one will not fit.
+fn memory_refusal(
+    p: &Pipeline,
+    entries: &[super::PlanEntry],
+    opts: &RunOptions,
+    progress: &Progress,
+) -> Option<(String, i32)> {
+    use crate::memory::stages::{Verdict, gate};
+    if !opts.memory_check {
+        return None;
+    }
+    let (report, verdict) = gate(p, &super::stages_to_run(entries));
+    if !report.is_empty() {
+        progress.message(report.trim_end());
+    }
+    match verdict {
+        Verdict::Fits => None,
+        Verdict::Refused(message) => Some((message, 4)),
+        Verdict::BadLimit(message) => Some((message, 2)),
     }
 }

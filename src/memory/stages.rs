@@ -193,6 +193,37 @@ pub fn print_estimates(list: &[StageMemory], available: &Result<Available, Strin
     out
 }
 
+/// What the memory check before a run found ([`gate`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    /// Nothing to check, or every estimate fits (or the available memory is unknown).
+    Fits,
+    /// A stage will not fit: why, naming it.
+    Refused(String),
+    /// [`super::MEMORY_LIMIT_ENV`] is malformed: what is wrong.
+    BadLimit(String),
+}
+
+/// The memory check before a run (`run`, and each run of `watch`): the estimate section to
+/// print (empty when no train stage will run) and the verdict for the stages in `will_run`.
+pub fn gate(pipeline: &Pipeline, will_run: &std::collections::BTreeSet<&str>) -> (String, Verdict) {
+    let list: Vec<_> = train_stage_estimates(pipeline)
+        .into_iter()
+        .filter(|s| will_run.contains(s.stage.as_str()))
+        .collect();
+    if list.is_empty() {
+        return (String::new(), Verdict::Fits);
+    }
+    let available = super::available(&list[0].device);
+    let report = print_estimates(&list, &available);
+    let verdict = match &available {
+        Ok(a) => refusal(&list, a).map_or(Verdict::Fits, Verdict::Refused),
+        Err(e) if e.contains(super::MEMORY_LIMIT_ENV) => Verdict::BadLimit(e.clone()),
+        Err(_) => Verdict::Fits,
+    };
+    (report, verdict)
+}
+
 /// Why a run is refused: the first listed stage whose estimate exceeds what is available.
 pub fn refusal(list: &[StageMemory], available: &Available) -> Option<String> {
     let s = list
