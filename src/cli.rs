@@ -359,7 +359,7 @@ fn cmd_plan(file: &Path, ws: &Workspace, json: bool, force: Vec<String>) -> i32 
     }
     let entries = engine::plan_readonly(&p, ws, &force);
     if json {
-        match serde_json::to_string_pretty(&entries) {
+        match plan_json(&p, &entries) {
             Ok(s) => println!("{s}"),
             Err(e) => return environment_error(&e.into()),
         }
@@ -380,6 +380,45 @@ fn cmd_plan(file: &Path, ws: &Workspace, json: bool, force: Vec<String>) -> i32 
         }
     }
     EXIT_OK
+}
+
+/// `plan --json`: the plan entries; each train or pretrain stage's entry also has `memory`:
+/// the estimate (`estimate` with its parts in bytes, `device`, `available_bytes` and its
+/// `available_source`, `fits`), or `error` saying why there is none.
+fn plan_json(
+    p: &pipeline::Pipeline,
+    entries: &[engine::PlanEntry],
+) -> Result<String, serde_json::Error> {
+    let mut value = serde_json::to_value(entries)?;
+    let list = crate::memory::stages::train_stage_estimates(p);
+    let available = list
+        .first()
+        .map(|first| crate::memory::available(&first.device));
+    if let Some(rows) = value.as_array_mut() {
+        for row in rows {
+            let Some(stage) = row.get("stage").and_then(|s| s.as_str()) else {
+                continue;
+            };
+            let Some(m) = list.iter().find(|m| m.stage == stage) else {
+                continue;
+            };
+            let memory = match (&m.estimate, &available) {
+                (Ok(e), Some(Ok(a))) => serde_json::json!({
+                    "device": m.device,
+                    "estimate": e,
+                    "available_bytes": a.bytes,
+                    "available_source": a.source,
+                    "fits": e.total <= a.bytes,
+                }),
+                (Ok(e), _) => serde_json::json!({ "device": m.device, "estimate": e }),
+                (Err(why), _) => serde_json::json!({ "device": m.device, "error": why }),
+            };
+            if let Some(obj) = row.as_object_mut() {
+                obj.insert("memory".into(), memory);
+            }
+        }
+    }
+    serde_json::to_string_pretty(&value)
 }
 
 fn cmd_cache(command: CacheCommand, ws: &Workspace) -> i32 {

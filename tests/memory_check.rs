@@ -167,3 +167,35 @@ fn watch_refuses_a_run_that_cannot_fit_and_waits() {
     );
     assert!(!p.path("outputs/t/caption").exists(), "a stage ran");
 }
+
+/// `plan --json` carries each train stage's estimate (the same total as the text plan) and
+/// whether it fits, beside the plan entries; other stages have no `memory`.
+#[test]
+fn plan_json_carries_the_estimates() {
+    let p = Project::new(&pipeline(1));
+    let run = with_limit(&p, "1MiB", &["plan", "--json", "p.toml"]);
+    assert_eq!(run.code, 0, "{}", run.stderr);
+    let entries: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+    let by_stage = |name: &str| {
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["stage"] == name)
+            .unwrap_or_else(|| panic!("no {name} in {entries}"))
+            .clone()
+    };
+    let lora = by_stage("train_lora");
+    let memory = &lora["memory"];
+    assert_eq!(memory["device"], "cpu");
+    assert_eq!(memory["fits"], false);
+    assert_eq!(memory["available_bytes"], 1 << 20);
+    let total = memory["estimate"]["total"].as_f64().unwrap();
+    let text = planned_bytes(&p, "train_lora");
+    assert!(
+        (total - text).abs() / text < 0.01,
+        "json {total} vs text plan {text}"
+    );
+    assert!(memory["estimate"]["activations"].as_u64().unwrap() > 0);
+    assert!(by_stage("caption").get("memory").is_none());
+}
