@@ -26,6 +26,8 @@ pub struct StageMemory {
     pub estimate: Result<MemoryEstimate, String>,
     /// The method (`None`: a `pretrain` stage).
     pub method: Option<Method>,
+    /// Whether the UNet computes in f16 (`precision = "f16"`).
+    pub half: bool,
 }
 
 /// The resolution of the preprocess stage `instance` depends on (through encode_latents).
@@ -124,6 +126,7 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
                         )
                     }),
                     method: None,
+                    half: false,
                 });
                 continue;
             }
@@ -159,6 +162,7 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
             resolution: resolution.unwrap_or(0),
             estimate,
             method: Some(p.method),
+            half: pipeline.settings.precision == crate::pipeline::Precision::F16,
         });
     }
     out
@@ -174,7 +178,8 @@ pub fn print_estimates(list: &[StageMemory], available: &Result<Available, Strin
         Ok(a) => format!("{} available ({})", human_bytes(a.bytes), a.source),
         Err(e) => format!("available memory unknown: {e}"),
     };
-    let mut out = format!("peak memory estimate on {device}, {avail}\n");
+    let precision = if list[0].half { " (UNet in f16)" } else { "" };
+    let mut out = format!("peak memory estimate on {device}{precision}, {avail}\n");
     let width = list.iter().map(|s| s.stage.len()).max().unwrap_or(5);
     for s in list {
         let line = match &s.estimate {
