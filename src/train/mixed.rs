@@ -1,5 +1,6 @@
-//! Mixed-precision training (`precision = "f16"`): the UNet computes in [`Half`] while every
-//! trained tensor keeps an f32 master copy that the optimiser updates.
+//! Mixed-precision training (`precision = "f16"`): the UNet computes in
+//! [`Half`](crate::diffusion::nn::Half) while every trained tensor keeps an f32 master copy
+//! that the optimiser updates.
 //!
 //! One step, as PyTorch's AMP with its `GradScaler` does it:
 //! 1. the forward and backward passes run in f16 storage (f32 arithmetic inside each op) with
@@ -27,9 +28,6 @@ use crate::formats::HostTensor;
 use crate::formats::lora::{LoraComponent, LoraModule, LoraNetwork};
 use crate::train::lora::{LoraTarget, LoraTrainError};
 use crate::train::optim::{AdamW, OptimError};
-
-#[allow(unused_imports)] // named in the documentation
-use crate::diffusion::nn::Half;
 
 /// Dynamic loss scaling (PyTorch `GradScaler`'s defaults: start at 2^16, halve on an
 /// overflow, double after 2000 good steps).
