@@ -6,7 +6,7 @@
 //! do not lose precision inside an op, only where results are stored. Trained tensors keep f32
 //! master copies outside the model (see `train::mixed`).
 //!
-//! The fused CPU kernels of [`super::host`] exist for f32 only: `f32`'s implementation of the
+//! The fused CPU kernels (`nn::host`) exist for f32 only: `f32`'s implementation of the
 //! hooks below takes them on the [`Cpu`] device, and every other combination runs the generic
 //! dfdx composition (what CUDA runs).
 
