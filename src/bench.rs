@@ -667,26 +667,21 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
             let context = context.clone().to_dtype::<E>();
             let mut optimizer = AdamW::new(dev, AdamWConfig::default());
             last_loss = timed(&mut || {
-                let (loss, grads) = mixed::loss_and_grads(
-                    &unet,
-                    &ddpm,
-                    &latents,
-                    &noise,
-                    &timesteps,
+                let loss = scaled_step(
+                    task,
+                    &mut unet,
+                    (&ddpm, &latents, &noise, &timesteps),
                     &context,
-                    scaler.scale,
-                )
-                .map_err(|e| step_err(&e))?;
-                let mut grads = adapter_grads(&mut unet, &grads);
-                let finite = scaler.unscale(&mut grads);
-                if finite {
-                    clip(&mut grads, 1.0);
-                    masters
-                        .update(&grads, &mut optimizer, 1e-4, |_| true)
-                        .map_err(|e| step_err(&e))?;
-                    masters.write_lora(&mut unet);
-                }
-                scaler.update(finite);
+                    &mut scaler,
+                    |unet, grads| adapter_grads(unet, grads),
+                    |unet, grads| {
+                        masters
+                            .update(grads, &mut optimizer, 1e-4, |_| true)
+                            .map_err(|e| step_err(&e))?;
+                        masters.write_lora(unet);
+                        Ok(())
+                    },
+                )?;
                 Ok(Some(loss))
             })?;
         }
@@ -705,36 +700,31 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
             let context = context.clone().to_dtype::<E>();
             let mut optimizer = AdamW::new(dev, AdamWConfig::default());
             last_loss = timed(&mut || {
-                let (loss, grads) = mixed::loss_and_grads(
-                    &unet,
-                    &ddpm,
-                    &latents,
-                    &noise,
-                    &timesteps,
+                let loss = scaled_step(
+                    task,
+                    &mut unet,
+                    (&ddpm, &latents, &noise, &timesteps),
                     &context,
-                    scaler.scale,
-                )
-                .map_err(|e| step_err(&e))?;
-                let mut grads = named_grads(&mut unet, &grads);
-                let finite = scaler.unscale(&mut grads);
-                if finite {
-                    clip(&mut grads, 1.0);
-                    match master.as_mut() {
-                        Some(m) => {
-                            update_layers(m, "", &grads, &mut optimizer, 1e-6)
-                                .map_err(|e| step_err(&e))?;
-                            copy_params(m, &mut unet).map_err(|e| step_err(&e))?;
+                    &mut scaler,
+                    |unet, grads| named_grads(unet, grads),
+                    |unet, grads| {
+                        match master.as_mut() {
+                            Some(m) => {
+                                update_layers(m, "", grads, &mut optimizer, 1e-6)
+                                    .map_err(|e| step_err(&e))?;
+                                copy_params(m, unet).map_err(|e| step_err(&e))?;
+                            }
+                            None => {
+                                let f32_unet = (unet as &mut dyn std::any::Any)
+                                    .downcast_mut::<UNet<D>>()
+                                    .ok_or_else(|| step_err(&"an f32 run has an f32 UNet"))?;
+                                update_layers(f32_unet, "", grads, &mut optimizer, 1e-6)
+                                    .map_err(|e| step_err(&e))?;
+                            }
                         }
-                        None => {
-                            let f32_unet = (&mut unet as &mut dyn std::any::Any)
-                                .downcast_mut::<UNet<D>>()
-                                .ok_or_else(|| step_err(&"an f32 run has an f32 UNet"))?;
-                            update_layers(f32_unet, "", &grads, &mut optimizer, 1e-6)
-                                .map_err(|e| step_err(&e))?;
-                        }
-                    }
-                }
-                scaler.update(finite);
+                        Ok(())
+                    },
+                )?;
                 Ok(Some(loss))
             })?;
         }
@@ -922,6 +912,42 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
         memory_estimate_bytes,
         last_loss,
     })
+}
+
+/// One training step of the train tasks, as the stages take it: the batch's loss and gradients
+/// with the loss scaled by `scaler`, the trained tensors' gradients by name (`collect`),
+/// unscaled; when all are finite, clipped at norm 1 and applied (`apply`); the scaler records
+/// the step. Returns the loss.
+#[allow(clippy::type_complexity)]
+fn scaled_step<E: Elem, D: Device<f32> + Device<E>>(
+    task: BenchTask,
+    unet: &mut UNet<D, E>,
+    (ddpm, latents, noise, timesteps): (&Ddpm, &Tensor4<D>, &Tensor4<D>, &[usize]),
+    context: &Tensor3<D, NoneTape, E>,
+    scaler: &mut LossScaler,
+    collect: impl FnOnce(
+        &mut UNet<D, E>,
+        &Gradients<E, D>,
+    ) -> BTreeMap<String, crate::formats::HostTensor>,
+    apply: impl FnOnce(
+        &mut UNet<D, E>,
+        &BTreeMap<String, crate::formats::HostTensor>,
+    ) -> Result<(), BenchError>,
+) -> Result<f32, BenchError> {
+    let (loss, grads) =
+        mixed::loss_and_grads(unet, ddpm, latents, noise, timesteps, context, scaler.scale)
+            .map_err(|e| BenchError::Step {
+                task,
+                reason: e.to_string(),
+            })?;
+    let mut grads = collect(unet, &grads);
+    let finite = scaler.unscale(&mut grads);
+    if finite {
+        clip(&mut grads, 1.0);
+        apply(unet, &grads)?;
+    }
+    scaler.update(finite);
+    Ok(loss)
 }
 
 /// Global-norm clipping of host gradients at `max_norm`, as the train stage's step loop does.
