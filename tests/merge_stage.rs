@@ -13,29 +13,9 @@ fn fixtures() -> &'static str {
 }
 
 fn pipeline(stages: &str) -> String {
-    let fixtures = fixtures();
+    let start = common::tiny_latents_pipeline(5);
     format!(
-        r#"
-[pipeline]
-name = "t"
-seed = 5
-base_model = "{fixtures}/tiny-sd"
-
-[stage.caption]
-kind = "caption"
-images = "images"
-template = "a photo of {{token}}"
-token = "zorb"
-
-[stage.preprocess]
-kind = "preprocess"
-needs = ["caption"]
-resolution = 16
-
-[stage.latents]
-kind = "encode_latents"
-needs = ["preprocess"]
-
+        r#"{start}
 [stage.train]
 kind = "train"
 needs = ["latents"]

@@ -7,28 +7,9 @@ mod common;
 use common::Project;
 
 fn pipeline(concept: &str) -> String {
-    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let start = common::tiny_latents_pipeline(3);
     format!(
-        r#"[pipeline]
-name = "t"
-seed = 3
-base_model = "{fixtures}/tiny-sd"
-
-[stage.caption]
-kind = "caption"
-images = "images"
-template = "a photo of {{token}}"
-token = "zorb"
-
-[stage.preprocess]
-kind = "preprocess"
-needs = ["caption"]
-resolution = 16
-
-[stage.latents]
-kind = "encode_latents"
-needs = ["preprocess"]
-
+        r#"{start}
 [stage.train]
 kind = "train"
 needs = ["latents"]

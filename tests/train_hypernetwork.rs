@@ -254,29 +254,9 @@ fn a_width_the_model_lacks_is_a_clear_error() {
 
 #[test]
 fn lora_tags_in_grid_prompts_apply_the_upstream_lora() {
-    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+    let start = common::tiny_latents_pipeline(4);
     let text = format!(
-        r#"
-[pipeline]
-name = "t"
-seed = 4
-base_model = "{fixtures}/tiny-sd"
-
-[stage.caption]
-kind = "caption"
-images = "images"
-template = "a photo of {{token}}"
-token = "zorb"
-
-[stage.preprocess]
-kind = "preprocess"
-needs = ["caption"]
-resolution = 16
-
-[stage.latents]
-kind = "encode_latents"
-needs = ["preprocess"]
-
+        r#"{start}
 [stage.style]
 kind = "train"
 needs = ["latents"]
