@@ -691,7 +691,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
             trainable_params = model_params;
             set_trainable(&mut unet, true);
             // the DreamBooth stage's step: in f16, f32 masters refreshed into the f16 model
-            let mut master: Option<UNet<D>> = if E::BYTES < 4 {
+            let mut master: Option<UNet<D>> = if E::HALF {
                 Some(weights.unet(&configs, dev, false)?)
             } else {
                 None

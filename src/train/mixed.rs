@@ -47,9 +47,9 @@ impl LossScaler {
     /// The scaler for element type `E`: 2^16 for f16, a fixed 1 for f32 (no scaling).
     pub fn for_elem<E: Elem>() -> Self {
         Self {
-            scale: if E::BYTES < 4 { 65536.0 } else { 1.0 },
+            scale: if E::HALF { 65536.0 } else { 1.0 },
             good_steps: 0,
-            growth_interval: if E::BYTES < 4 { 2000 } else { u32::MAX },
+            growth_interval: if E::HALF { 2000 } else { u32::MAX },
             skipped: 0,
         }
     }

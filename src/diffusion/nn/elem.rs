@@ -31,6 +31,8 @@ pub trait Elem: Dtype + Unit + 'static {
     const NAME: &'static str;
     /// Bytes per stored element.
     const BYTES: usize;
+    /// Whether this is a half-precision type: training keeps f32 masters and scales the loss.
+    const HALF: bool = Self::BYTES < 4;
 
     /// `v` in this type (rounded to f16 for [`Half`]).
     fn of(v: f32) -> Self;

@@ -154,7 +154,7 @@ impl TrainParams {
         let scratch = ctx.scratch()?;
         let seed = settings.seed;
         // f32 masters (mixed precision only; an f32 run updates its UNet in place)
-        let mut master: Option<UNet<D>> = if E::BYTES < 4 {
+        let mut master: Option<UNet<D>> = if E::HALF {
             Some(ckpt.load_unet(&dev)?)
         } else {
             None
@@ -437,7 +437,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for DreamboothSteps<'_, 
 
     fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
         let finite = std::mem::replace(&mut self.finite, true);
-        if !finite && E::BYTES < 4 {
+        if !finite && E::HALF {
             // an f16 overflow: skip the step with a smaller scale (GradScaler)
             self.scaler.update(false);
             return Ok(());
@@ -462,7 +462,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for DreamboothSteps<'_, 
             None => crate::diffusion::params::named_tensors(self.unet),
         };
         let mut state = state.clone();
-        state.loss_scaler = (E::BYTES < 4).then_some(self.scaler);
+        state.loss_scaler = E::HALF.then_some(self.scaler);
         let state = &state;
         let te_weights = self
             .text_encoder

@@ -419,7 +419,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for HyperSteps<'_, D, E>
 
     fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
         let finite = std::mem::replace(&mut self.finite, true);
-        if !finite && E::BYTES < 4 {
+        if !finite && E::HALF {
             // an f16 overflow: skip the step with a smaller scale (GradScaler)
             self.scaler.update(false);
             return Ok(());
@@ -433,7 +433,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for HyperSteps<'_, D, E>
         let mut file = self.net.to_host(self.template);
         file.step = state.step;
         let mut state = state.clone();
-        state.loss_scaler = (E::BYTES < 4).then_some(self.scaler);
+        state.loss_scaler = E::HALF.then_some(self.scaler);
         let state = &state;
         save_checkpoint_with(self.scratch, state, |dir| {
             write_hypernetwork_safetensors(&dir.join("hypernetwork.safetensors"), &file)?;

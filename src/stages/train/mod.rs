@@ -1626,7 +1626,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for LoraSteps<'_, D, E> 
 
     fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
         let finite = std::mem::replace(&mut self.finite, true);
-        if !finite && E::BYTES < 4 {
+        if !finite && E::HALF {
             // an f16 overflow: skip the step with a smaller scale (GradScaler)
             self.scaler.update(false);
             return Ok(());
@@ -1651,7 +1651,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for LoraSteps<'_, D, E> 
     fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()> {
         let network = self.network();
         let mut state = state.clone();
-        state.loss_scaler = (E::BYTES < 4).then_some(self.scaler);
+        state.loss_scaler = E::HALF.then_some(self.scaler);
         save_checkpoint(self.scratch, &network, self.optimizer, &state)
     }
 }
@@ -1703,7 +1703,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for TiSteps<'_, D, E> {
 
     fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
         let finite = std::mem::replace(&mut self.finite, true);
-        if !finite && E::BYTES < 4 {
+        if !finite && E::HALF {
             // an f16 overflow: skip the step with a smaller scale (GradScaler)
             self.scaler.update(false);
             return Ok(());
@@ -1722,7 +1722,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for TiSteps<'_, D, E> {
             .params
             .embedding(self.token, self.extra, state.step, self.model_path);
         let mut state = state.clone();
-        state.loss_scaler = (E::BYTES < 4).then_some(self.scaler);
+        state.loss_scaler = E::HALF.then_some(self.scaler);
         save_ti_checkpoint(self.scratch, &embedding, self.optimizer, &state)
     }
 }
