@@ -287,7 +287,7 @@ pub fn execute(
         };
         drop(_lock);
 
-        let stage_dir = out_dir.join(&instance.name);
+        let stage_dir = out_dir.join(crate::pipeline::names::folder_name(&instance.name));
         let unchanged = previous
             .stages
             .get(&instance.name)
@@ -303,7 +303,13 @@ pub fn execute(
             };
             let name = instance.name.clone();
             update_lock(&out_dir, |lock| {
-                publish(&store, &out_dir, &name, &entry.outputs)?;
+                publish(
+                    &store,
+                    &out_dir,
+                    &name,
+                    &entry.outputs,
+                    lock.stages.get(&name),
+                )?;
                 lock.stages.insert(name.clone(), entry);
                 lock.failures.remove(&name);
                 Ok(())

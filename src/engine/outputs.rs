@@ -9,6 +9,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{BlobRef, KeyLock, KeyMaterial, Store, atomic_write};
+use crate::pipeline::names::{check_output_name, folder_name};
 
 /// File name of the run lock.
 pub const LOCK_FILE: &str = "sdpipe.lock.json";
@@ -87,19 +88,42 @@ pub fn update_lock(
         .with_context(|| format!("cannot write {}", dir.join(LOCK_FILE).display()))
 }
 
+/// The file in every published stage folder that lists what sdpipe put there: publishing
+/// replaces a folder only when it holds nothing else.
+pub const MARKER_FILE: &str = ".sdpipe-outputs.json";
+
+/// Contents of [`MARKER_FILE`].
+#[derive(Debug, Serialize, Deserialize)]
+struct Marker {
+    /// The stage instance.
+    stage: String,
+    /// Relative names of the files published.
+    files: Vec<String>,
+}
+
 /// Call inside [`update_lock`], which serialises it between processes.
 ///
-/// Makes `dir/<stage>/` hold exactly `outputs` (hard links to the blobs, copies where links
-/// fail). The new folder is built beside the old one and renamed over it.
+/// Makes `dir/<stage folder>/` hold exactly `outputs` (hard links to the blobs, copies where
+/// links fail). The new folder is built beside the old one and renamed over it. An existing
+/// folder is replaced only when everything in it was published by sdpipe (its marker file,
+/// or `previous`, the run lock's entry, lists it): a folder of the user's is never touched.
 pub fn publish(
     store: &Store,
     dir: &Path,
     stage: &str,
     outputs: &BTreeMap<String, BlobRef>,
+    previous: Option<&LockEntry>,
 ) -> anyhow::Result<PathBuf> {
-    let target = dir.join(stage);
-    let staging = dir.join(format!(".{stage}.new-{}", std::process::id()));
+    let folder = folder_name(stage);
+    let target = dir.join(&folder);
+    for name in outputs.keys() {
+        check_output_name(name).map_err(|e| anyhow::anyhow!("stage {stage}: {e}"))?;
+    }
+    check_replaceable(&target, previous)?;
+    let staging = dir.join(format!(".{folder}.new-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging)
+        .with_context(|| format!("cannot create {}", staging.display()))?;
     for (name, blob) in outputs {
         let dest = staging.join(name);
         if let Some(parent) = dest.parent() {
@@ -112,9 +136,16 @@ pub fn publish(
                 .with_context(|| format!("cannot copy {} to {}", src.display(), dest.display()))?;
         }
     }
-    std::fs::create_dir_all(&staging)?;
-    let old = dir.join(format!(".{stage}.old-{}", std::process::id()));
-    if target.exists() {
+    let marker = Marker {
+        stage: stage.to_string(),
+        files: outputs.keys().cloned().collect(),
+    };
+    atomic_write(
+        &staging.join(MARKER_FILE),
+        &serde_json::to_vec_pretty(&marker)?,
+    )?;
+    let old = dir.join(format!(".{folder}.old-{}", std::process::id()));
+    if target.symlink_metadata().is_ok() {
         std::fs::rename(&target, &old)
             .with_context(|| format!("cannot replace {}", target.display()))?;
     }
@@ -122,4 +153,69 @@ pub fn publish(
         .with_context(|| format!("cannot write {}", target.display()))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(target)
+}
+
+/// Refuses to replace `target` unless it is absent or a folder holding only what sdpipe
+/// published there.
+fn check_replaceable(target: &Path, previous: Option<&LockEntry>) -> anyhow::Result<()> {
+    let Ok(meta) = target.symlink_metadata() else {
+        return Ok(());
+    };
+    if !meta.is_dir() {
+        anyhow::bail!(
+            "{} exists and is not a folder sdpipe wrote ({}); move it away, or rename the stage",
+            target.display(),
+            if meta.is_symlink() {
+                "a symbolic link"
+            } else {
+                "a file"
+            }
+        );
+    }
+    let mut ours: std::collections::BTreeSet<String> = previous
+        .map(|e| e.outputs.keys().cloned().collect())
+        .unwrap_or_default();
+    let marker = std::fs::read(target.join(MARKER_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Marker>(&b).ok());
+    if let Some(m) = &marker {
+        ours.extend(m.files.iter().cloned());
+    }
+    let mut found = Vec::new();
+    list_files(target, "", &mut found)
+        .with_context(|| format!("cannot read {}", target.display()))?;
+    let foreign: Vec<&String> = found
+        .iter()
+        .filter(|f| f.as_str() != MARKER_FILE && !ours.contains(*f))
+        .collect();
+    if !foreign.is_empty() {
+        let shown: Vec<&str> = foreign.iter().take(5).map(|s| s.as_str()).collect();
+        anyhow::bail!(
+            "{} holds {} file(s) sdpipe did not write ({}{}); it will not replace a folder it \
+             did not create: move them away, or rename the stage",
+            target.display(),
+            foreign.len(),
+            shown.join(", "),
+            if foreign.len() > shown.len() {
+                ", …"
+            } else {
+                ""
+            }
+        );
+    }
+    Ok(())
+}
+
+/// Appends the relative paths (with `/`) of every file and symbolic link under `dir`.
+fn list_files(dir: &Path, prefix: &str, out: &mut Vec<String>) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+        if entry.file_type()?.is_dir() {
+            list_files(&entry.path(), &format!("{name}/"), out)?;
+        } else {
+            out.push(name);
+        }
+    }
+    Ok(())
 }

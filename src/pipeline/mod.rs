@@ -3,6 +3,7 @@
 mod diagnostic;
 mod graph;
 mod matrix;
+pub mod names;
 mod parse;
 mod settings;
 

@@ -183,7 +183,7 @@ impl<'a> Parser<'a> {
             s.name = self
                 .path
                 .file_stem()
-                .map(|n| n.to_string_lossy().into_owned())
+                .map(|n| super::names::pipeline_name_from_stem(&n.to_string_lossy()))
                 .unwrap_or_else(|| "pipeline".into());
         }
         s.base_model = s.base_model.map(|p| resolve(dir, &p));
@@ -199,6 +199,17 @@ impl<'a> Parser<'a> {
         table: &Spanned<DeTable<'_>>,
         stages: &[StageInstance],
     ) -> Result<(), Box<PipelineError>> {
+        if let Err(message) = super::names::check_pipeline_name(&s.name) {
+            return Err(self.error(
+                self.field_span(table, "name"),
+                format!("[pipeline] {message}"),
+                Some(
+                    "the name is a folder under outputs/: use letters, digits, `_`, `-` and `.` \
+                     (e.g. name = \"corgi-v2\")"
+                        .into(),
+                ),
+            ));
+        }
         let model_stage = stages.iter().find(|st| st.params.uses_model());
         if let Some(stage) = model_stage {
             match &s.base_model {

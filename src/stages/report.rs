@@ -135,7 +135,12 @@ impl ReportParams {
                 images.push(ImageScore {
                     prompt: cell.prompt.clone(),
                     seed: cell.seed,
-                    file: format!("images/{name}/{:02}-{}.png", cell.prompt_index, cell.seed),
+                    file: format!(
+                        "images/{}/{:02}-{}.png",
+                        crate::pipeline::names::folder_name(name),
+                        cell.prompt_index,
+                        cell.seed
+                    ),
                     subject,
                     prompt_fidelity,
                 });

@@ -552,9 +552,13 @@ impl SampleGridParams {
                         .context("decoding a cached image")?
                         .to_rgb8();
                     row.push(Some(img));
-                    result
-                        .outputs
-                        .insert(format!("images/{variant}/{pi:02}-{seed}.png"), blob.clone());
+                    result.outputs.insert(
+                        format!(
+                            "images/{}/{pi:02}-{seed}.png",
+                            crate::pipeline::names::folder_name(variant)
+                        ),
+                        blob.clone(),
+                    );
                     manifest_cells.push(GridCell {
                         variant: variant.clone(),
                         prompt_index: pi,

@@ -1,0 +1,148 @@
+//! The fault suite: each test simulates one thing a user, a disk or a process does wrong and
+//! checks that nothing is lost and the error says what to do. Named after what it simulates.
+
+mod common;
+
+use std::path::Path;
+
+use common::{BASIC, Project};
+
+/// Every file under `dir`, relative, sorted.
+fn files_under(dir: &Path) -> Vec<String> {
+    fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let name = format!("{prefix}{}", e.file_name().to_string_lossy());
+            if e.path().is_dir() {
+                walk(&e.path(), &format!("{name}/"), out);
+            } else {
+                out.push(name);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, "", &mut out);
+    out.sort();
+    out
+}
+
+/// A project with a user's `important/thesis.txt` beside `outputs/`.
+fn project_beside_important_folder() -> Project {
+    let p = Project::new(BASIC);
+    let important = p.path("important");
+    std::fs::create_dir_all(&important).unwrap();
+    std::fs::write(important.join("thesis.txt"), "four years of work").unwrap();
+    p
+}
+
+#[test]
+fn pipeline_name_with_dotdot_cannot_replace_a_sibling_folder() {
+    // `name = ".."` puts outputs/<name>/ at the project root; a stage named like a sibling
+    // folder used to rename that folder aside and delete it.
+    let p = project_beside_important_folder();
+    p.write_pipeline(
+        &BASIC
+            .replace("name = \"t\"", "name = \"..\"")
+            .replace("[stage.preprocess]", "[stage.important]"),
+    );
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
+    assert!(run.stderr.contains("p.toml:3:"), "{}", run.stderr);
+    assert!(run.stderr.contains("pipeline name"), "{}", run.stderr);
+    assert_eq!(
+        std::fs::read_to_string(p.path("important/thesis.txt")).unwrap(),
+        "four years of work"
+    );
+    assert!(!p.path("outputs").exists(), "nothing was written");
+}
+
+#[test]
+fn pipeline_name_escaping_outputs_is_refused_at_its_key() {
+    let p = Project::new(BASIC);
+    let outside = tempfile::tempdir().unwrap();
+    let absolute = outside.path().join("x");
+    for name in ["../x", "a/b", ".hidden", absolute.to_str().unwrap()] {
+        p.write_pipeline(&BASIC.replace("name = \"t\"", &format!("name = {name:?}")));
+        for command in ["run", "plan"] {
+            let run = p.sdpipe(&[command, "p.toml"]);
+            assert_eq!(run.code, 2, "{name}: {}{}", run.stdout, run.stderr);
+            assert!(run.stderr.contains("p.toml:3:1"), "{name}: {}", run.stderr);
+            assert!(run.stderr.contains("letters, digits"), "{}", run.stderr);
+        }
+    }
+    assert!(!p.path("x").exists());
+    assert!(!absolute.exists());
+    assert!(files_under(outside.path()).is_empty());
+    assert!(!p.path("outputs").exists());
+}
+
+#[test]
+fn matrix_value_with_a_path_stays_inside_its_stage_folder() {
+    // `matrix.template = ["a/../../x"]` used to write a manifest outside outputs/.
+    let caption_only = BASIC.split("[stage.preprocess]").next().unwrap();
+    let p = Project::new(&caption_only.replace(
+        "template = \"a photo of {token} {class}\"",
+        "matrix.template = [\"a/../../x {token}\", \"/tmp/y {token}\"]",
+    ));
+    let before = files_under(p.dir.path());
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let after = files_under(p.dir.path());
+    let new: Vec<&String> = after
+        .iter()
+        .filter(|f| !before.contains(f))
+        .filter(|f| !f.starts_with(".sdpipe/") && !f.starts_with("outputs/t/"))
+        .collect();
+    assert!(new.is_empty(), "written outside outputs/t: {new:?}");
+    let folders: Vec<String> = std::fs::read_dir(p.path("outputs/t"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("caption@"))
+        .collect();
+    assert_eq!(folders.len(), 2, "{folders:?}");
+    assert!(
+        folders.contains(&"caption@template=a%2F..%2F..%2Fx {token}".to_string()),
+        "{folders:?}"
+    );
+    assert!(
+        p.path("outputs/t/caption@template=%2Ftmp%2Fy {token}/manifest.json")
+            .is_file()
+    );
+}
+
+#[test]
+fn stage_folder_holding_user_files_is_not_replaced() {
+    let p = Project::new(BASIC);
+    let folder = p.path("outputs/t/caption");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(folder.join("notes.txt"), "mine").unwrap();
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 3, "{}{}", run.stdout, run.stderr);
+    let all = format!("{}{}", run.stdout, run.stderr);
+    assert!(all.contains("notes.txt"), "{all}");
+    assert!(all.contains("did not write"), "{all}");
+    assert_eq!(
+        std::fs::read_to_string(folder.join("notes.txt")).unwrap(),
+        "mine"
+    );
+
+    // Moved away, the run publishes; a changed stage then replaces its own folder.
+    std::fs::remove_file(folder.join("notes.txt")).unwrap();
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    p.write_pipeline(&BASIC.replace("token = \"zorb\"", "token = \"blip\""));
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let manifest = std::fs::read_to_string(folder.join("manifest.json")).unwrap();
+    assert!(manifest.contains("blip"), "{manifest}");
+
+    // A file dropped into a published folder is kept too: the next publish refuses.
+    std::fs::write(folder.join("notes.txt"), "mine again").unwrap();
+    p.write_pipeline(&BASIC.replace("token = \"zorb\"", "token = \"zap\""));
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 3, "{}{}", run.stdout, run.stderr);
+    assert_eq!(
+        std::fs::read_to_string(folder.join("notes.txt")).unwrap(),
+        "mine again"
+    );
+}
