@@ -131,3 +131,97 @@ fn three_lora_steps_match_peft() {
     println!("max abs errors: {worst:?}");
     assert!(p <= 5e-4, "final parameters differ by {p}");
 }
+
+/// The training objective of a v-prediction model: the loss is the mean squared error against
+/// diffusers' `DDPMScheduler(prediction_type="v_prediction").get_velocity` target (the golden
+/// `add_noise.velocity`), not against the noise.
+#[test]
+fn v_prediction_trains_against_the_velocity() {
+    use sdpipe::diffusion::schedulers::PredictionType;
+    use sdpipe::train::objective;
+
+    let sched = read_safetensors(&fixtures().join("goldens/schedulers.safetensors"))
+        .unwrap()
+        .tensors;
+    let training = read_safetensors(&fixtures().join("goldens/lora_training.safetensors"))
+        .unwrap()
+        .tensors;
+    let dev = Cpu::default();
+    let unet = Checkpoint::open(fixtures().join("tiny-sd"))
+        .unwrap()
+        .load_unet(&dev)
+        .unwrap();
+    let t4 = |name: &str| {
+        sched[name]
+            .to_tensor::<(usize, usize, usize, usize), _>(&dev)
+            .unwrap()
+    };
+    let (x0, noise, noisy) = (
+        t4("add_noise.x0"),
+        t4("add_noise.noise"),
+        t4("add_noise.noisy"),
+    );
+    let timesteps: Vec<usize> = sched["add_noise.timesteps"]
+        .data
+        .iter()
+        .map(|&t| t as usize)
+        .collect();
+    let context = part(&training["encoder_hidden_states"], 0)
+        .to_tensor::<(usize, usize, usize), _>(&dev)
+        .unwrap();
+
+    // The reference: the UNet on diffusers' noisy latents, against diffusers' targets.
+    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+    let pred = unet.forward(noisy, &t, context.clone()).unwrap().as_vec();
+    let mse = |target: &[f32]| {
+        pred.iter()
+            .zip(target)
+            .map(|(p, t)| (*p as f64 - *t as f64).powi(2))
+            .sum::<f64>()
+            / pred.len() as f64
+    };
+    let v_reference = mse(&sched["add_noise.velocity"].data);
+    let eps_reference = mse(&sched["add_noise.noise"].data);
+    assert!(
+        (v_reference - eps_reference).abs() > 1e-3 * eps_reference,
+        "the two targets must give different losses for the test to mean anything"
+    );
+
+    for (prediction_type, reference) in [
+        (PredictionType::VPrediction, v_reference),
+        (PredictionType::Epsilon, eps_reference),
+    ] {
+        let ddpm = Ddpm::new(&SchedulerConfig {
+            prediction_type,
+            ..SchedulerConfig::sd15()
+        })
+        .unwrap();
+        let (loss, _) = objective::loss_and_grads::<f32, _>(
+            &unet,
+            &ddpm,
+            &x0,
+            &noise,
+            &timesteps,
+            context.retaped(),
+            1.0,
+        )
+        .unwrap();
+        let eval =
+            objective::eval_loss::<f32, _>(&unet, &ddpm, &x0, &noise, &timesteps, context.clone())
+                .unwrap();
+        // The LoRA step's own entry point goes through the same objective.
+        let (lora_loss, _) =
+            loss_and_grads(&unet, &ddpm, &x0, &noise, &timesteps, &context).unwrap();
+        for (what, value) in [
+            ("training", loss),
+            ("evaluation", eval),
+            ("LoRA step", lora_loss),
+        ] {
+            let err = (value as f64 - reference).abs() / reference;
+            assert!(
+                err <= 1e-5,
+                "{prediction_type:?} {what} loss {value} vs diffusers' target {reference} ({err:e})"
+            );
+        }
+    }
+}

@@ -13,6 +13,7 @@ use dfdx::prelude::*;
 use crate::diffusion::nn::elem::Elem;
 use thiserror::Error;
 
+use super::objective;
 use super::optim::{AdamW, OptimError};
 use crate::diffusion::UNet;
 use crate::diffusion::hypernetwork::{
@@ -58,9 +59,9 @@ pub enum HyperTrainError {
     /// The optimiser failed.
     #[error(transparent)]
     Optim(#[from] OptimError),
-    /// The loss is NaN or infinite.
-    #[error("the loss is {0}: training diverged (lower the learning rate)")]
-    NonFinite(f32),
+    /// The objective gave no loss (a bad input, or NaN/infinity: training diverged).
+    #[error(transparent)]
+    Objective(#[from] super::objective::ObjectiveError),
 }
 
 /// The key and value MLPs of one width.
@@ -317,9 +318,8 @@ pub fn uninstall<E: Elem, D: Device<E>>(unet: &mut UNet<D, E>) {
     unet.for_each_attention_mut(|_, attn| attn.hypernetwork = None);
 }
 
-/// The loss of one batch of the epsilon objective with the installed hypernetworks, and the
-/// gradients (no update): `noisy = add_noise(latents, noise, t)`,
-/// `loss = mse(unet(noisy, t, context), noise)`.
+/// The loss of one batch of the [`objective`] with the installed hypernetworks, and the
+/// gradients (no update).
 pub fn loss_and_grads<D: Device<f32>>(
     unet: &UNet<D>,
     ddpm: &Ddpm,
@@ -328,15 +328,15 @@ pub fn loss_and_grads<D: Device<f32>>(
     timesteps: &[usize],
     context: &Tensor3<D>,
 ) -> Result<(f32, Gradients<f32, D>), HyperTrainError> {
-    let noisy = ddpm.add_noise(latents, noise, timesteps)?;
-    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-    let pred = unet.forward(noisy.leaky_trace(), &t, context.retaped())?;
-    let loss = mse_loss(pred, noise.clone());
-    let value = loss.as_vec().first().copied().unwrap_or(f32::NAN);
-    if !value.is_finite() {
-        return Err(HyperTrainError::NonFinite(value));
-    }
-    Ok((value, loss.backward()))
+    Ok(objective::loss_and_grads(
+        unet,
+        ddpm,
+        latents,
+        noise,
+        timesteps,
+        context.retaped(),
+        1.0,
+    )?)
 }
 
 /// The gradients of every parameter of `net`, by name (zero for a parameter the forward pass

@@ -10,6 +10,7 @@ use dfdx::prelude::*;
 use crate::diffusion::nn::elem::Elem;
 use thiserror::Error;
 
+use super::objective;
 use super::optim::{AdamW, OptimError};
 use crate::diffusion::nn::{Linear, LoraAdapter, Tensor3, Tensor4};
 use crate::diffusion::schedulers::Ddpm;
@@ -87,9 +88,9 @@ pub enum LoraTrainError {
     /// The optimiser failed.
     #[error(transparent)]
     Optim(#[from] OptimError),
-    /// The loss is NaN or infinite.
-    #[error("the loss is {0}: training diverged (lower the learning rate)")]
-    NonFinite(f32),
+    /// The objective gave no loss (a bad input, or NaN/infinity: training diverged).
+    #[error(transparent)]
+    Objective(#[from] crate::train::objective::ObjectiveError),
 }
 
 /// The error for a module `name` that is not an adaptable layer of `model`.
@@ -247,9 +248,8 @@ pub fn extract<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
     network
 }
 
-/// One optimisation step of the epsilon objective on the installed adapters:
-/// `noisy = add_noise(latents, noise, t)`, `loss = mse(unet(noisy, t, context), noise)`,
-/// backward, then AdamW on every adapter (parameter names `<module>.lora_A.weight` /
+/// One optimisation step of the [`objective`] on the installed adapters:
+/// `loss = mse(unet(add_noise(latents, noise, t), t, context), target)`, backward, then AdamW on every adapter (parameter names `<module>.lora_A.weight` /
 /// `.lora_B.weight`, as PEFT calls them). Returns the loss before the update.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step<D: Device<f32>>(
@@ -317,18 +317,12 @@ pub fn loss_and_grads_taped<D: Device<f32>>(
     timesteps: &[usize],
     context: Tensor3<D, OwnedTape<f32, D>>,
 ) -> Result<(f32, Gradients<f32, D>), LoraTrainError> {
-    let noisy = ddpm.add_noise(latents, noise, timesteps)?;
-    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-    let pred = unet.forward(noisy.retaped(), &t, context)?;
-    let loss = mse_loss(pred, noise.clone());
-    let value = loss.as_vec().first().copied().unwrap_or(f32::NAN);
-    if !value.is_finite() {
-        return Err(LoraTrainError::NonFinite(value));
-    }
-    Ok((value, loss.backward()))
+    Ok(objective::loss_and_grads(
+        unet, ddpm, latents, noise, timesteps, context, 1.0,
+    )?)
 }
 
-/// The loss and the gradients of one batch (no update).
+/// The loss and the gradients of one batch (no update), [`objective::loss_and_grads`] in f32.
 pub fn loss_and_grads<D: Device<f32>>(
     unet: &UNet<D>,
     ddpm: &Ddpm,
@@ -337,15 +331,7 @@ pub fn loss_and_grads<D: Device<f32>>(
     timesteps: &[usize],
     context: &Tensor3<D>,
 ) -> Result<(f32, Gradients<f32, D>), LoraTrainError> {
-    let noisy = ddpm.add_noise(latents, noise, timesteps)?;
-    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-    let pred = unet.forward(noisy.leaky_trace(), &t, context.retaped())?;
-    let loss = mse_loss(pred, noise.clone());
-    let value = loss.as_vec().first().copied().unwrap_or(f32::NAN);
-    if !value.is_finite() {
-        return Err(LoraTrainError::NonFinite(value));
-    }
-    Ok((value, loss.backward()))
+    loss_and_grads_taped(unet, ddpm, latents, noise, timesteps, context.retaped())
 }
 
 /// The gradients of every adapter, by PEFT parameter name.

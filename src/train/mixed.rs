@@ -16,17 +16,17 @@
 
 use std::collections::BTreeMap;
 
-use dfdx::losses::mse_loss;
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::diffusion::nn::elem::{Elem, to_f32_vec};
+use crate::diffusion::nn::elem::Elem;
 use crate::diffusion::nn::{Tensor2, Tensor3, Tensor4};
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::unet::UNet;
 use crate::formats::HostTensor;
 use crate::formats::lora::{LoraComponent, LoraModule, LoraNetwork};
 use crate::train::lora::{LoraTarget, LoraTrainError};
+use crate::train::objective;
 use crate::train::optim::{AdamW, OptimError};
 
 /// Dynamic loss scaling (PyTorch `GradScaler`'s defaults: start at 2^16, halve on an
@@ -87,8 +87,8 @@ impl LossScaler {
 }
 
 /// The loss of one batch and the gradients (of the loss times `loss_scale`) with the UNet
-/// computing in `E`: the noisy latents and the context are converted from f32, the loss is
-/// reported unscaled in f32. `context` joins the tape, so `grads.get(context)` is its gradient.
+/// computing in `E` ([`objective::loss_and_grads`]); `context` joins the tape, so
+/// `grads.get(context)` is its gradient.
 pub fn loss_and_grads<E: Elem, D: Device<f32> + Device<E>>(
     unet: &UNet<D, E>,
     ddpm: &Ddpm,
@@ -98,20 +98,15 @@ pub fn loss_and_grads<E: Elem, D: Device<f32> + Device<E>>(
     context: &Tensor3<D, NoneTape, E>,
     loss_scale: f32,
 ) -> Result<(f32, Gradients<E, D>), LoraTrainError> {
-    let noisy = ddpm.add_noise(latents, noise, timesteps)?.to_dtype::<E>();
-    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-    let pred = unet.forward(noisy.leaky_trace(), &t, context.retaped())?;
-    let loss = mse_loss(pred, noise.clone().to_dtype::<E>());
-    let value = to_f32_vec(&loss).first().copied().unwrap_or(f32::NAN);
-    if !value.is_finite() {
-        return Err(LoraTrainError::NonFinite(value));
-    }
-    let loss = if loss_scale == 1.0 {
-        loss
-    } else {
-        loss * E::of(loss_scale)
-    };
-    Ok((value, loss.backward()))
+    Ok(objective::loss_and_grads(
+        unet,
+        ddpm,
+        latents,
+        noise,
+        timesteps,
+        context.retaped(),
+        loss_scale,
+    )?)
 }
 
 /// f32 master copies of trained tensors, by parameter name.

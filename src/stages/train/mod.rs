@@ -954,7 +954,12 @@ impl TrainParams {
                     Err(e)
                         if e.downcast_ref::<crate::train::lora::LoraTrainError>()
                             .is_some_and(|e| {
-                                matches!(e, crate::train::lora::LoraTrainError::NonFinite(_))
+                                matches!(
+                                    e,
+                                    crate::train::lora::LoraTrainError::Objective(
+                                        crate::train::objective::ObjectiveError::NonFinite(_)
+                                    )
+                                )
                             }) =>
                     {
                         (f32::NAN, BTreeMap::new())
@@ -1273,19 +1278,18 @@ fn eval_loss<E: Elem, D: Device<f32> + Device<E>>(
         let t = 50 + (900 * i) / n.max(1);
         let latents = dev.tensor_from_vec(latents, (1, c, h, w));
         let noise = dev.tensor_from_vec(noise, (1, c, h, w));
-        let noisy = ddpm.add_noise(&latents, &noise, &[t])?;
         let context = contexts
             .get(&item.caption)
             .cloned()
             .context("caption not encoded")?;
-        let pred = unet
-            .forward(noisy.to_dtype::<E>(), &[t as f32], context.to_dtype::<E>())?
-            .to_dtype::<f32>();
-        total += mse_loss(pred, noise)
-            .as_vec()
-            .first()
-            .copied()
-            .unwrap_or(f32::NAN);
+        total += crate::train::objective::eval_loss(
+            unet,
+            ddpm,
+            &latents,
+            &noise,
+            &[t],
+            context.to_dtype::<E>(),
+        )?;
     }
     Ok(total / n as f32)
 }
