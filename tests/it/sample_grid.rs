@@ -1,9 +1,7 @@
 //! The sample_grid stage on the tiny fixture model: a labelled grid, PNGs with A1111
 //! parameters, per-image caching, and the same pixels as `sdpipe sample` with the same settings.
 
-mod common;
-
-use common::Project;
+use crate::common::Project;
 
 fn pipeline(seeds: &str) -> String {
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");

@@ -2,12 +2,10 @@
 //! whose stale train stage cannot fit before anything starts (exit code 4), unless
 //! `--no-memory-check`. The available memory is injected with `SDPIPE_MEMORY_LIMIT`.
 
-mod common;
-
-use common::{Project, Run};
+use crate::common::{Project, Run};
 
 fn pipeline(batch: usize) -> String {
-    let start = common::tiny_latents_pipeline(5);
+    let start = crate::common::tiny_latents_pipeline(5);
     format!(
         r#"{start}
 [stage.train_lora]

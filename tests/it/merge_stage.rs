@@ -2,9 +2,7 @@
 //! checkpoint (which the grid samples as its own row, like the LoRA row), extracted back out,
 //! combined with itself; and the errors that name what is wrong.
 
-mod common;
-
-use common::Project;
+use crate::common::Project;
 use sdpipe::formats::lora::read_lora;
 use sdpipe::formats::read_safetensors;
 
@@ -13,7 +11,7 @@ fn fixtures() -> &'static str {
 }
 
 fn pipeline(stages: &str) -> String {
-    let start = common::tiny_latents_pipeline(5);
+    let start = crate::common::tiny_latents_pipeline(5);
     format!(
         r#"{start}
 [stage.train]

@@ -2,9 +2,7 @@
 //! token's vectors train, the loss goes down, A1111 and diffusers files come out, the grid shows
 //! the token's effect, and `sdpipe sample --embedding` reads the file.
 
-mod common;
-
-use common::Project;
+use crate::common::Project;
 
 fn pipeline() -> String {
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -166,5 +164,5 @@ fn a_token_missing_from_the_captions_is_an_error() {
 /// encoder and vectors, loss scaling); the loss falls like the f32 run's.
 #[test]
 fn half_precision_textual_inversion_tracks_f32() {
-    common::f32_and_f16_training(&pipeline(), "train", 0.05);
+    crate::common::f32_and_f16_training(&pipeline(), "train", 0.05);
 }

@@ -2,9 +2,7 @@
 //! is a single-file model that opens with its own configs (no config folder) and samples; a
 //! killed run resumes to the same bytes; a bad parameter is reported at its key.
 
-mod common;
-
-use common::{Project, wait_for};
+use crate::common::{Project, wait_for};
 
 fn pipeline(extra: &str) -> String {
     format!(

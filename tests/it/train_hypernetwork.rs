@@ -3,12 +3,10 @@
 //! rerun and after a kill + resume, changes the grid and `sdpipe sample --hypernetwork`
 //! (multiplier 0 = the base image), and a width the model lacks is a clear error.
 
-mod common;
-
-use common::{Project, wait_for};
+use crate::common::{Project, wait_for};
 
 fn pipeline(hyper: &str) -> String {
-    let start = common::tiny_latents_pipeline(4);
+    let start = crate::common::tiny_latents_pipeline(4);
     format!(
         r#"{start}
 [stage.hyper]
@@ -254,7 +252,7 @@ fn a_width_the_model_lacks_is_a_clear_error() {
 
 #[test]
 fn lora_tags_in_grid_prompts_apply_the_upstream_lora() {
-    let start = common::tiny_latents_pipeline(4);
+    let start = crate::common::tiny_latents_pipeline(4);
     let text = format!(
         r#"{start}
 [stage.style]
@@ -340,5 +338,5 @@ height = 16
 /// working copies of its f32 master weights, loss scaling); the loss falls like the f32 run's.
 #[test]
 fn half_precision_hypernetwork_tracks_f32() {
-    common::f32_and_f16_training(&pipeline(HYPER), "hyper", 0.05);
+    crate::common::f32_and_f16_training(&pipeline(HYPER), "hyper", 0.05);
 }

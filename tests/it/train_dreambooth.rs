@@ -4,9 +4,7 @@
 //! bit-identically and resumes after a kill to the same bytes; class images are cached one by
 //! one.
 
-mod common;
-
-use common::{Project, wait_for};
+use crate::common::{Project, wait_for};
 
 fn pipeline(class_count: usize, extra_train: &str) -> String {
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
@@ -253,7 +251,7 @@ fn half_precision_dreambooth_tracks_f32() {
         "save_dtype = \"f32\"",
         "save_dtype = \"f32\"\ntrain_text_encoder = true\ntext_encoder_lr = 1e-4",
     );
-    let (_, half_run) = common::f32_and_f16_training(&text, "train", 0.05);
+    let (_, half_run) = crate::common::f32_and_f16_training(&text, "train", 0.05);
 
     // The saved UNet is the f32 masters: most values are not representable in f16.
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");

@@ -1,9 +1,7 @@
 //! The encode_latents stage on the tiny fixture model: per-item caching, both checkpoint
 //! layouts, and the stored latents equal a direct VAE encode of the preprocessed tensor.
 
-mod common;
-
-use common::Project;
+use crate::common::Project;
 use dfdx::prelude::*;
 use sdpipe::diffusion::Checkpoint;
 

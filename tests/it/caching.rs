@@ -1,8 +1,6 @@
 //! The cache as users see it through the binary: what reruns and what does not.
 
-mod common;
-
-use common::{BASIC, Project};
+use crate::common::{BASIC, Project};
 
 #[test]
 fn second_run_is_all_cached_and_does_no_work() {

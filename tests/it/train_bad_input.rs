@@ -2,11 +2,9 @@
 //! names the thing (an empty dataset, a placeholder that is already a word, a LoRA made for
 //! another architecture).
 
-mod common;
-
 use std::collections::BTreeMap;
 
-use common::Project;
+use crate::common::Project;
 use sdpipe::formats::HostTensor;
 
 fn pipeline(images: &str, token: &str, extra_ti: &str) -> String {

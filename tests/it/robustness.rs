@@ -1,11 +1,9 @@
 //! Bad images, failures, kills and concurrent runs: errors name the file, nothing is lost,
 //! and the cache stays consistent.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{BASIC, Project, count_files, wait_for};
+use crate::common::{BASIC, Project, count_files, wait_for};
 
 #[test]
 fn corrupt_image_is_named_and_fails_the_stage() {

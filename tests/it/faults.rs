@@ -1,11 +1,9 @@
 //! The fault suite: each test simulates one thing a user, a disk or a process does wrong and
 //! checks that nothing is lost and the error says what to do. Named after what it simulates.
 
-mod common;
-
 use std::path::Path;
 
-use common::{BASIC, Project};
+use crate::common::{BASIC, Project};
 
 /// Every file under `dir`, relative, sorted.
 fn files_under(dir: &Path) -> Vec<String> {

@@ -2,12 +2,10 @@
 //! report; the HTML is self-contained and has a row per grid variant, the JSON carries the
 //! train records' figures, the SVG is well-formed, and `run` says where the page is.
 
-mod common;
-
-use common::Project;
+use crate::common::Project;
 
 fn pipeline(concept: &str) -> String {
-    let start = common::tiny_latents_pipeline(3);
+    let start = crate::common::tiny_latents_pipeline(3);
     format!(
         r#"{start}
 [stage.train]

@@ -2,12 +2,10 @@
 //! writes a kohya file, is bit-identical on rerun and after a kill + resume, and its LoRA
 //! changes the sampled image in the grid.
 
-mod common;
-
-use common::{Project, wait_for};
+use crate::common::{Project, wait_for};
 
 fn pipeline(extra_train: &str) -> String {
-    let start = common::tiny_latents_pipeline(5);
+    let start = crate::common::tiny_latents_pipeline(5);
     format!(
         r#"{start}
 [stage.train]
@@ -267,7 +265,7 @@ fn half_precision_lora_training_tracks_f32() {
     let extra = "[stage.train.lora]\nrank = 4\nalpha = 2\ntext_encoder = true\n";
     let text = pipeline("").replace("[stage.train.lora]\nrank = 4\nalpha = 2\n", extra);
     assert!(text.contains("text_encoder = true"));
-    let (f32_run, half_run) = common::f32_and_f16_training(&text, "train", 0.1);
+    let (f32_run, half_run) = crate::common::f32_and_f16_training(&text, "train", 0.1);
 
     // The adapters: the same modules, values near the f32 run's. Adam's normalised first
     // steps turn f16 rounding of near-zero gradients into full-size updates of `up` (which

@@ -1,12 +1,10 @@
 //! `sdpipe watch`: a save re-plans (saying why) and reruns; a running stage whose key changed is
 //! cancelled; an added input is picked up; the run's own outputs trigger nothing.
 
-mod common;
-
 use std::io::Read;
 use std::time::Duration;
 
-use common::{BASIC, Project, wait_for};
+use crate::common::{BASIC, Project, wait_for};
 
 fn item_records(p: &Project) -> usize {
     std::fs::read_dir(p.path(".sdpipe/cache-v1/records/items"))

@@ -1,8 +1,6 @@
 //! A broken pipeline file: exit code 2, `file:line:column` of the offending key, and a fix.
 
-mod common;
-
-use common::{BASIC, Project};
+use crate::common::{BASIC, Project};
 
 /// Runs `plan` and `run` on `text`; both must fail with exit 2 at `p.toml:LINE:COL`, and the
 /// message must contain every string of `expect`.
