@@ -19,6 +19,7 @@
 //!
 //! The work is generic over the dfdx device ([`run_on`]); [`run_cli`] picks the device.
 
+use crate::exit::ExitCode;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -181,8 +182,8 @@ pub struct BenchArgs {
     #[arg(long, default_value = "f32")]
     pub precision: String,
     /// Device: auto (the GPU when this build has CUDA and one opens), cpu or cuda:N.
-    #[arg(long, default_value = "auto", value_parser = parse_device)]
-    pub device: crate::pipeline::Device,
+    #[arg(long, default_value = "auto")]
+    pub device: crate::device::DeviceChoice,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -382,7 +383,7 @@ pub struct BenchOptions {
     /// Gradient checkpointing of the UNet in the training tasks.
     pub gradient_checkpointing: bool,
     /// What the UNet computes in (`f16`: mixed precision; the UNet tasks only).
-    pub precision: crate::pipeline::Precision,
+    pub precision: crate::device::Precision,
 }
 
 impl BenchOptions {
@@ -412,8 +413,8 @@ impl BenchOptions {
         })
     }
 
-    fn precision(args: &BenchArgs) -> Result<crate::pipeline::Precision, BenchError> {
-        use crate::pipeline::Precision;
+    fn precision(args: &BenchArgs) -> Result<crate::device::Precision, BenchError> {
+        use crate::device::Precision;
         match args.precision.as_str() {
             "f32" => Ok(Precision::F32),
             "f16"
@@ -964,31 +965,27 @@ fn clip(grads: &mut BTreeMap<String, crate::formats::HostTensor>, max_norm: f32)
     }
 }
 
-fn parse_device(s: &str) -> Result<crate::pipeline::Device, String> {
-    crate::pipeline::Device::try_from(s.to_string())
-}
-
 /// `sdpipe bench`: runs the benchmark on `--device` and prints the table or the JSON object.
 /// Returns the exit code (0, 2 for bad options, 1 when a step fails, 3 when the model cannot
 /// be read, 4 when the device does not open).
-pub fn run_cli(args: &BenchArgs, quiet: bool) -> i32 {
+pub fn run_cli(args: &BenchArgs, quiet: bool) -> ExitCode {
     let opts = match BenchOptions::from_args(args) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("error: {e}");
-            return crate::cli::EXIT_USAGE;
+            return ExitCode::Usage;
         }
     };
     let progress = Progress::new(quiet);
     if let Err(e) = crate::device::check_supported(args.device) {
         eprintln!("error: --device: {e}");
-        return crate::cli::EXIT_USAGE;
+        return ExitCode::Usage;
     }
     let runtime = match crate::device::open(args.device) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: {e}");
-            return crate::cli::EXIT_DEVICE;
+            return ExitCode::Device;
         }
     };
     let name = runtime.name();
@@ -1002,24 +999,24 @@ pub fn run_cli(args: &BenchArgs, quiet: bool) -> i32 {
                     Ok(s) => println!("{s}"),
                     Err(e) => {
                         eprintln!("error: {e}");
-                        return crate::cli::EXIT_ENVIRONMENT;
+                        return ExitCode::Environment;
                     }
                 }
             } else {
                 print!("{}", report.table());
             }
-            crate::cli::EXIT_OK
+            ExitCode::Ok
         }
         Err(e) => {
             eprintln!("error: {e}");
             match &e {
-                BenchError::Usage(_) => crate::cli::EXIT_USAGE,
+                BenchError::Usage(_) => ExitCode::Usage,
                 BenchError::Model {
                     source: DiffusionError::Io { source, .. },
                     ..
-                } if source.kind() != std::io::ErrorKind::NotFound => crate::cli::EXIT_ENVIRONMENT,
-                BenchError::Model { .. } => crate::cli::EXIT_USAGE,
-                BenchError::Step { .. } => crate::cli::EXIT_STAGE_FAILED,
+                } if source.kind() != std::io::ErrorKind::NotFound => ExitCode::Environment,
+                BenchError::Model { .. } => ExitCode::Usage,
+                BenchError::Step { .. } => ExitCode::Failed,
             }
         }
     }

@@ -1,14 +1,7 @@
-//! The command line: parsing with clap and dispatch to the library. Exit codes:
-//!
-//! | code | meaning |
-//! |---|---|
-//! | 0 | success |
-//! | 1 | a stage failed (the others that could finish did; the summary says which) |
-//! | 2 | usage error, or the pipeline file is invalid (the message points at the key) |
-//! | 3 | the environment failed: cache or outputs not writable, I/O error |
-//! | 4 | refused before starting: a train stage's estimated peak memory exceeds what the device has (`--no-memory-check` overrides) |
-//! | 130 | interrupted (Ctrl-C); finished stages are kept, nothing half-written remains |
+//! The command line: parsing with clap and dispatch to the library. Exit codes: see
+//! [`crate::exit`].
 
+use crate::exit::ExitCode;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -18,21 +11,6 @@ use clap::{Args, Parser, Subcommand};
 use crate::cache::Store;
 use crate::engine::{self, CancelToken, Progress, RunLock, RunOptions, Workspace};
 use crate::pipeline;
-
-/// Exit code: success.
-pub const EXIT_OK: i32 = 0;
-/// Exit code: a stage failed.
-pub const EXIT_STAGE_FAILED: i32 = 1;
-/// Exit code: usage or pipeline-file error.
-pub const EXIT_USAGE: i32 = 2;
-/// Exit code: environment / I/O failure.
-pub const EXIT_ENVIRONMENT: i32 = 3;
-/// Exit code: the device cannot run it, refused before starting: a train stage's estimated
-/// peak memory exceeds the device's available memory (see [`crate::memory`]), or no GPU
-/// opens where one is needed (`device-check`, `bench --device cuda:N`).
-pub const EXIT_DEVICE: i32 = 4;
-/// Exit code: interrupted.
-pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// Fine-tune Stable Diffusion from declarative, cached TOML pipelines.
 #[derive(Debug, Parser)]
@@ -72,8 +50,8 @@ pub enum Command {
         #[arg(long, value_name = "STAGE")]
         force: Vec<String>,
         /// Plan as if the pipeline's `device` were this (see `run --device`).
-        #[arg(long, value_name = "DEVICE", value_parser = parse_device)]
-        device: Option<pipeline::Device>,
+        #[arg(long, value_name = "DEVICE")]
+        device: Option<crate::device::DeviceChoice>,
     },
     /// Run, then re-plan and run again on every save of the file or its inputs.
     Watch {
@@ -119,21 +97,17 @@ pub struct RunArgs {
     pub no_memory_check: bool,
     /// Run the model stages on this device instead of the pipeline's `device`:
     /// auto, cpu or cuda:N.
-    #[arg(long, value_name = "DEVICE", value_parser = parse_device)]
-    pub device: Option<pipeline::Device>,
-}
-
-fn parse_device(s: &str) -> Result<pipeline::Device, String> {
-    pipeline::Device::try_from(s.to_string())
+    #[arg(long, value_name = "DEVICE")]
+    pub device: Option<crate::device::DeviceChoice>,
 }
 
 /// Applies a `--device` override for the whole process (a usage error when this build cannot
 /// use it).
-fn apply_device(device: Option<pipeline::Device>) -> Result<(), i32> {
+fn apply_device(device: Option<crate::device::DeviceChoice>) -> Result<(), ExitCode> {
     if let Some(d) = device {
         crate::device::check_supported(d).map_err(|e| {
             eprintln!("error: --device: {e}");
-            EXIT_USAGE
+            ExitCode::Usage
         })?;
         crate::device::set_override(d);
     }
@@ -183,7 +157,7 @@ pub enum CacheCommand {
 }
 
 /// Runs the parsed command line; returns the process exit code.
-pub fn run(cli: Cli) -> i32 {
+pub fn run(cli: Cli) -> ExitCode {
     // Long diagnostics stay on one line so `file:line:col: message` can be grepped.
     let _ = miette::set_hook(Box::new(|_| {
         Box::new(miette::MietteHandlerOpts::new().wrap_lines(false).build())
@@ -234,7 +208,7 @@ pub fn run(cli: Cli) -> i32 {
     }
 }
 
-fn cmd_world(args: &WorldArgs) -> i32 {
+fn cmd_world(args: &WorldArgs) -> ExitCode {
     use crate::world::{WorldError, write_dataset};
     match write_dataset(
         &args.out,
@@ -247,27 +221,33 @@ fn cmd_world(args: &WorldArgs) -> i32 {
             for w in &written {
                 println!("{}: {}", w.image.display(), w.caption);
             }
-            EXIT_OK
+            ExitCode::Ok
         }
         Err(e @ (WorldError::UnknownConcept { .. } | WorldError::Resolution(_))) => {
             eprintln!("error: {e}");
-            EXIT_USAGE
+            ExitCode::Usage
         }
         Err(e) => {
             eprintln!("error: {e}");
-            EXIT_ENVIRONMENT
+            ExitCode::Environment
         }
     }
 }
 
-fn load(file: &Path) -> Result<pipeline::Pipeline, i32> {
+fn load(file: &Path) -> Result<pipeline::Pipeline, ExitCode> {
     pipeline::load(file).map_err(|e| {
         eprintln!("{:?}", miette::Report::new(e));
-        EXIT_USAGE
+        ExitCode::Usage
     })
 }
 
-fn cmd_run(file: &Path, ws: &Workspace, args: &RunArgs, progress: &Progress, quiet: bool) -> i32 {
+fn cmd_run(
+    file: &Path,
+    ws: &Workspace,
+    args: &RunArgs,
+    progress: &Progress,
+    quiet: bool,
+) -> ExitCode {
     let p = match load(file) {
         Ok(p) => p,
         Err(code) => return code,
@@ -293,11 +273,11 @@ fn cmd_run(file: &Path, ws: &Workspace, args: &RunArgs, progress: &Progress, qui
         Ok(report) => {
             print!("{}", engine::print_summary(&report));
             if report.cancelled() || engine::interrupted() {
-                EXIT_INTERRUPTED
+                ExitCode::Interrupted
             } else if report.failed() {
-                EXIT_STAGE_FAILED
+                ExitCode::Failed
             } else {
-                EXIT_OK
+                ExitCode::Ok
             }
         }
         Err(e) => environment_error(&e),
@@ -311,7 +291,7 @@ fn check_memory(
     entries: &[engine::PlanEntry],
     skip: bool,
     quiet: bool,
-) -> Result<(), i32> {
+) -> Result<(), ExitCode> {
     use crate::memory::stages::{Verdict, gate};
     let (report, verdict) = gate(p, &engine::stages_to_run(entries));
     if !quiet {
@@ -322,16 +302,16 @@ fn check_memory(
         Verdict::Fits => Ok(()),
         Verdict::Refused(message) => {
             eprintln!("error: {message}");
-            Err(EXIT_DEVICE)
+            Err(ExitCode::Device)
         }
         Verdict::BadLimit(message) => {
             eprintln!("error: {message}");
-            Err(EXIT_USAGE)
+            Err(ExitCode::Usage)
         }
     }
 }
 
-fn check_force(p: &pipeline::Pipeline, force: &BTreeSet<String>) -> Result<(), i32> {
+fn check_force(p: &pipeline::Pipeline, force: &BTreeSet<String>) -> Result<(), ExitCode> {
     for name in force {
         if p.select(name).is_empty() {
             let names: Vec<&str> = p.stages.iter().map(|s| s.name.as_str()).collect();
@@ -342,13 +322,13 @@ fn check_force(p: &pipeline::Pipeline, force: &BTreeSet<String>) -> Result<(), i
                 "error: --force {name}: no such stage{hint}; stages: {}",
                 names.join(", ")
             );
-            return Err(EXIT_USAGE);
+            return Err(ExitCode::Usage);
         }
     }
     Ok(())
 }
 
-fn cmd_plan(file: &Path, ws: &Workspace, json: bool, force: Vec<String>) -> i32 {
+fn cmd_plan(file: &Path, ws: &Workspace, json: bool, force: Vec<String>) -> ExitCode {
     let p = match load(file) {
         Ok(p) => p,
         Err(code) => return code,
@@ -379,7 +359,7 @@ fn cmd_plan(file: &Path, ws: &Workspace, json: bool, force: Vec<String>) -> i32 
             }
         }
     }
-    EXIT_OK
+    ExitCode::Ok
 }
 
 /// `plan --json`: the plan entries; each train or pretrain stage's entry also has `memory`:
@@ -421,10 +401,10 @@ fn plan_json(
     serde_json::to_string_pretty(&value)
 }
 
-fn cmd_cache(command: CacheCommand, ws: &Workspace) -> i32 {
+fn cmd_cache(command: CacheCommand, ws: &Workspace) -> ExitCode {
     let Some(store) = Store::open_existing(&ws.cache_root) else {
         println!("no cache at {}", ws.cache_root.display());
-        return EXIT_OK;
+        return ExitCode::Ok;
     };
     match command {
         CacheCommand::Size { json } => {
@@ -443,7 +423,7 @@ fn cmd_cache(command: CacheCommand, ws: &Workspace) -> i32 {
                     );
                 }
             }
-            EXIT_OK
+            ExitCode::Ok
         }
         CacheCommand::Gc { dry_run, max_age } => {
             let roots = RunLock::all_keys(&ws.outputs_root);
@@ -457,7 +437,7 @@ fn cmd_cache(command: CacheCommand, ws: &Workspace) -> i32 {
                         human_bytes(r.bytes),
                         r.other
                     );
-                    EXIT_OK
+                    ExitCode::Ok
                 }
                 Err(e) => environment_error(&e.into()),
             }
@@ -466,20 +446,20 @@ fn cmd_cache(command: CacheCommand, ws: &Workspace) -> i32 {
             let problems = store.verify();
             if problems.is_empty() {
                 println!("cache {} is consistent", store.root().display());
-                EXIT_OK
+                ExitCode::Ok
             } else {
                 for p in &problems {
                     println!("{p}");
                 }
-                EXIT_ENVIRONMENT
+                ExitCode::Environment
             }
         }
     }
 }
 
-fn environment_error(e: &anyhow::Error) -> i32 {
+fn environment_error(e: &anyhow::Error) -> ExitCode {
     eprintln!("error: {e:#}");
-    EXIT_ENVIRONMENT
+    ExitCode::Environment
 }
 
 fn human_bytes(n: u64) -> String {

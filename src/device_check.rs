@@ -26,6 +26,7 @@
 //! not be loaded; 4 no GPU to compare (a binary built without the `cuda` feature, or no CUDA
 //! device could be opened) — use `--cpu-only` there.
 
+use crate::exit::ExitCode;
 use std::path::{Path, PathBuf};
 
 use clap::Args;
@@ -40,17 +41,6 @@ use crate::diffusion::pipeline::TextToImage;
 use crate::diffusion::weights::Checkpoint;
 use crate::train::optim::{AdamW, AdamWConfig};
 
-/// Exit code: every comparison within tolerance.
-pub const EXIT_OK: i32 = 0;
-/// Exit code: some comparison exceeds the tolerance (or is not finite).
-pub const EXIT_MISMATCH: i32 = 1;
-/// Exit code: bad usage.
-pub const EXIT_USAGE: i32 = 2;
-/// Exit code: the model could not be loaded or run.
-pub const EXIT_MODEL: i32 = 3;
-/// Exit code: there is no GPU to compare (no CUDA in this build, or no device found).
-pub const EXIT_NO_GPU: i32 = crate::cli::EXIT_DEVICE;
-
 /// Options of `sdpipe device-check`.
 #[derive(Debug, Clone, Args)]
 pub struct DeviceCheckArgs {
@@ -58,8 +48,8 @@ pub struct DeviceCheckArgs {
     #[arg(long, value_name = "PATH", default_value = "tests/fixtures/tiny-sd")]
     pub model: PathBuf,
     /// The CUDA device under test (`cuda:N`).
-    #[arg(long, value_name = "DEVICE", default_value = "cuda:0", value_parser = parse_device)]
-    pub device: crate::pipeline::Device,
+    #[arg(long, value_name = "DEVICE", default_value = "cuda:0")]
+    pub device: crate::device::DeviceChoice,
     /// Compare dfdx's generic op composition against the fused CPU kernels, both on the CPU
     /// (needs no GPU).
     #[arg(long)]
@@ -70,10 +60,6 @@ pub struct DeviceCheckArgs {
     /// Print the result as JSON.
     #[arg(long)]
     pub json: bool,
-}
-
-fn parse_device(s: &str) -> Result<crate::pipeline::Device, String> {
-    crate::pipeline::Device::try_from(s.to_string())
 }
 
 /// One computed output of one check: its name, shape and values.
@@ -521,21 +507,21 @@ fn report(
 }
 
 /// Runs `sdpipe device-check`; returns the exit code.
-pub fn run(args: &DeviceCheckArgs) -> i32 {
+pub fn run(args: &DeviceCheckArgs) -> ExitCode {
     if args.tolerance.is_nan() || args.tolerance < 0.0 {
         eprintln!("error: --tolerance must be a non-negative number");
-        return EXIT_USAGE;
+        return ExitCode::Usage;
     }
     let result = if args.cpu_only {
         check_cpu_paths(&args.model, args.tolerance)
     } else {
         let ordinal = match args.device {
-            crate::pipeline::Device::Cuda(n) => n,
+            crate::device::DeviceChoice::Cuda(n) => n,
             _ => {
                 eprintln!(
                     "error: --device must be cuda:N (the device under test; the reference is the CPU)"
                 );
-                return EXIT_USAGE;
+                return ExitCode::Usage;
             }
         };
         if !crate::device::cuda_available() {
@@ -544,13 +530,13 @@ pub fn run(args: &DeviceCheckArgs) -> i32 {
                  (build with scripts/build-cuda.sh); `--cpu-only` checks the generic op path on \
                  the CPU instead"
             );
-            return EXIT_NO_GPU;
+            return ExitCode::Device;
         }
-        let rt = match crate::device::open(crate::pipeline::Device::Cuda(ordinal)) {
+        let rt = match crate::device::open(crate::device::DeviceChoice::Cuda(ordinal)) {
             Ok(rt) => rt,
             Err(e) => {
                 eprintln!("device check: no GPU to compare: {e}");
-                return EXIT_NO_GPU;
+                return ExitCode::Device;
             }
         };
         let name = rt.name();
@@ -560,7 +546,7 @@ pub fn run(args: &DeviceCheckArgs) -> i32 {
         Ok(r) => r,
         Err(e) => {
             eprintln!("error: --model {}: {e}", args.model.display());
-            return EXIT_MODEL;
+            return ExitCode::Environment;
         }
     };
     if args.json {
@@ -568,13 +554,17 @@ pub fn run(args: &DeviceCheckArgs) -> i32 {
             Ok(s) => println!("{s}"),
             Err(e) => {
                 eprintln!("error: {e}");
-                return EXIT_MODEL;
+                return ExitCode::Environment;
             }
         }
     } else {
         print!("{}", format_table(&report));
     }
-    if report.ok { EXIT_OK } else { EXIT_MISMATCH }
+    if report.ok {
+        ExitCode::Ok
+    } else {
+        ExitCode::Failed
+    }
 }
 
 #[cfg(test)]

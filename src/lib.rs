@@ -13,6 +13,7 @@ pub mod device;
 pub mod device_check;
 pub mod diffusion;
 pub mod engine;
+pub mod exit;
 pub mod formats;
 pub mod image;
 pub mod memory;

@@ -12,5 +12,5 @@ fn main() {
         .without_time()
         .init();
     let cli = sdpipe::cli::Cli::parse();
-    std::process::exit(sdpipe::cli::run(cli));
+    std::process::exit(sdpipe::cli::run(cli).code());
 }

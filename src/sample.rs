@@ -30,6 +30,7 @@
 //! of 8 or of the model's downsampling, a missing or invalid model or latents file), 3 an I/O
 //! failure while reading or writing.
 
+use crate::exit::ExitCode;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -43,13 +44,6 @@ use crate::diffusion::schedulers::SamplerKind;
 use crate::diffusion::weights::{Checkpoint, CheckpointLayout, SafetensorsFile};
 use crate::render::png_meta::{GenerationParameters, write_atomic, write_png_with_parameters};
 use crate::render::rgb_image_from_chw;
-
-/// Exit code: success.
-const EXIT_OK: i32 = 0;
-/// Exit code: bad usage or input.
-const EXIT_USAGE: i32 = 2;
-/// Exit code: I/O failure.
-const EXIT_IO: i32 = 3;
 
 /// Options of `sdpipe sample` (see the module documentation for the contract).
 #[derive(Debug, Clone, Args)]
@@ -117,25 +111,21 @@ pub struct SampleArgs {
     pub out_tensor: Option<PathBuf>,
     /// Where the models run: auto (the GPU when this build has CUDA and one is present), cpu
     /// or cuda:N.
-    #[arg(long, value_name = "DEVICE", default_value = "auto", value_parser = parse_device)]
-    pub device: crate::pipeline::Device,
+    #[arg(long, value_name = "DEVICE", default_value = "auto")]
+    pub device: crate::device::DeviceChoice,
     /// What the UNet computes in: f32, or f16 (mixed precision: f16 storage, f32 arithmetic
     /// inside each op; for the GPU). The text encoder and the VAE compute in f32.
     #[arg(long, value_name = "PRECISION", default_value = "f32", value_parser = parse_precision)]
-    pub precision: crate::pipeline::Precision,
+    pub precision: crate::device::Precision,
 }
 
-fn parse_precision(s: &str) -> Result<crate::pipeline::Precision, String> {
+fn parse_precision(s: &str) -> Result<crate::device::Precision, String> {
     match s {
-        "f32" => Ok(crate::pipeline::Precision::F32),
-        "f16" => Ok(crate::pipeline::Precision::F16),
+        "f32" => Ok(crate::device::Precision::F32),
+        "f16" => Ok(crate::device::Precision::F16),
         "bf16" => Err("bf16 is not available (dfdx 0.13 has no bfloat16 kernels); use f16".into()),
         other => Err(format!("unknown precision `{other}`: use f32 or f16")),
     }
-}
-
-fn parse_device(s: &str) -> Result<crate::pipeline::Device, String> {
-    crate::pipeline::Device::try_from(s.to_string())
 }
 
 fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
@@ -145,20 +135,20 @@ fn parse_sampler(s: &str) -> Result<SamplerKind, String> {
 /// A failure of the command: its exit code and message.
 #[derive(Debug)]
 struct Failure {
-    code: i32,
+    code: ExitCode,
     message: String,
 }
 
 fn usage(message: impl Into<String>) -> Failure {
     Failure {
-        code: EXIT_USAGE,
+        code: ExitCode::Usage,
         message: message.into(),
     }
 }
 
 fn io_failure(message: impl Into<String>) -> Failure {
     Failure {
-        code: EXIT_IO,
+        code: ExitCode::Environment,
         message: message.into(),
     }
 }
@@ -169,9 +159,9 @@ fn io_failure(message: impl Into<String>) -> Failure {
 fn model_failure(context: &str, e: &DiffusionError) -> Failure {
     let code = match e {
         DiffusionError::Io { source, .. } if source.kind() != std::io::ErrorKind::NotFound => {
-            EXIT_IO
+            ExitCode::Environment
         }
-        _ => EXIT_USAGE,
+        _ => ExitCode::Usage,
     };
     Failure {
         code,
@@ -205,18 +195,18 @@ fn pipeline_failure(e: PipelineError) -> Failure {
 
 /// Runs `sdpipe sample` with a progress bar on a terminal; returns the exit code (0 ok, 2
 /// usage / bad input, 3 I/O).
-pub fn run(args: SampleArgs) -> i32 {
+pub fn run(args: SampleArgs) -> ExitCode {
     run_with(args, false)
 }
 
 /// [`run`], without the progress bar when `quiet` (the global `--quiet`).
-pub fn run_with(args: SampleArgs, quiet: bool) -> i32 {
+pub fn run_with(args: SampleArgs, quiet: bool) -> ExitCode {
     match execute(&args, quiet) {
         Ok(written) => {
             for path in written {
                 println!("wrote {}", path.display());
             }
-            EXIT_OK
+            ExitCode::Ok
         }
         Err(f) => {
             eprintln!("error: {}", f.message);

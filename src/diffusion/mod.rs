@@ -13,6 +13,7 @@
 pub mod attention;
 pub mod clip;
 pub mod error;
+pub mod host_tensor;
 pub mod hypernetwork;
 pub mod nn;
 pub mod params;

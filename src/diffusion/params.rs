@@ -18,7 +18,7 @@ use super::resnet::ResnetBlock2D;
 use super::unet::UNet;
 use super::unet_blocks::{DownBlock, MidBlock, UpBlock};
 use super::vae::{Vae, VaeAttention, VaeMidBlock};
-use crate::formats::HostTensor;
+use crate::diffusion::host_tensor::HostTensor;
 
 /// A parameterised layer, borrowed mutably.
 pub enum Layer<'a, D: Storage<E>, E = f32> {

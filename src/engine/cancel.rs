@@ -16,7 +16,7 @@ pub fn interrupted() -> bool {
 pub fn install_ctrlc_handler() {
     let _ = ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {
-            std::process::exit(130);
+            std::process::exit(crate::exit::ExitCode::Interrupted.code());
         }
         eprintln!("\ninterrupted: stopping after the current step (Ctrl-C again to quit now)");
     });

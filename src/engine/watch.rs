@@ -4,6 +4,7 @@
 //! and everything downstream of them: the running stage is cancelled if it is among them,
 //! stages of the current run that are not are left to finish, and the new plan runs next.
 
+use crate::exit::ExitCode;
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
@@ -28,7 +29,7 @@ pub fn watch(
     base: RunOptions,
     progress: &Progress,
     debounce: Duration,
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<ExitCode> {
     let (tx, rx) = mpsc::channel::<PathBuf>();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         if let Ok(event) = event
@@ -59,7 +60,7 @@ pub fn watch(
             Err(e) => {
                 progress.message(&format!("{:?}", miette::Report::new(e)));
                 progress.message("waiting for the pipeline file to be fixed...");
-                exit_code = 2;
+                exit_code = ExitCode::Usage;
             }
             Ok(p) => {
                 for stage in &p.stages {
@@ -130,22 +131,26 @@ pub fn watch(
                     match outcome {
                         Ok(Ok(report)) => {
                             progress.message(&print_summary(&report));
-                            exit_code = i32::from(report.failed());
+                            exit_code = if report.failed() {
+                                ExitCode::Failed
+                            } else {
+                                ExitCode::Ok
+                            };
                         }
                         Ok(Err(e)) => {
                             progress.message(&format!("error: {e:#}"));
-                            exit_code = 3;
+                            exit_code = ExitCode::Environment;
                         }
                         Err(_) => {
                             progress.message("error: the run panicked");
-                            exit_code = 3;
+                            exit_code = ExitCode::Environment;
                         }
                     }
                 }
             }
         }
         if super::cancel::interrupted() {
-            return Ok(130);
+            return Ok(ExitCode::Interrupted);
         }
         // Wait for the next relevant change (one may have arrived during the run).
         changed.retain(|p| is_relevant(p, &file, &watched));
@@ -163,7 +168,7 @@ pub fn watch(
                 }
                 Err(RecvTimeoutError::Timeout) => {
                     if super::cancel::interrupted() {
-                        return Ok(130);
+                        return Ok(ExitCode::Interrupted);
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => return Ok(exit_code),
@@ -217,7 +222,7 @@ fn memory_refusal(
     entries: &[super::PlanEntry],
     opts: &RunOptions,
     progress: &Progress,
-) -> Option<(String, i32)> {
+) -> Option<(String, ExitCode)> {
     use crate::memory::stages::{Verdict, gate};
     if !opts.memory_check {
         return None;
@@ -228,7 +233,7 @@ fn memory_refusal(
     }
     match verdict {
         Verdict::Fits => None,
-        Verdict::Refused(message) => Some((message, 4)),
-        Verdict::BadLimit(message) => Some((message, 2)),
+        Verdict::Refused(message) => Some((message, ExitCode::Device)),
+        Verdict::BadLimit(message) => Some((message, ExitCode::Usage)),
     }
 }

@@ -149,7 +149,7 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
                     device: device.clone(),
                     loaded: Default::default(),
                     unet_elem_bytes: match pipeline.settings.precision {
-                        crate::pipeline::Precision::F16 => 2,
+                        crate::device::Precision::F16 => 2,
                         _ => 4,
                     },
                 },
@@ -162,7 +162,7 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
             resolution: resolution.unwrap_or(0),
             estimate,
             method: Some(p.method),
-            half: pipeline.settings.precision == crate::pipeline::Precision::F16,
+            half: pipeline.settings.precision == crate::device::Precision::F16,
         });
     }
     out

@@ -9,7 +9,7 @@ mod settings;
 
 pub use diagnostic::{PipelineError, ReadError, did_you_mean, line_col};
 pub use parse::{LoadError, load, parse, resolve as resolve_path};
-pub use settings::{Device, PipelineSettings, Precision};
+pub use settings::PipelineSettings;
 
 use std::path::PathBuf;
 

@@ -239,7 +239,7 @@ impl<'a> Parser<'a> {
                 Some("point it at a diffusers folder with unet/, vae/, text_encoder/ config.json files".into()),
             ));
         }
-        if s.precision == super::Precision::Bf16 {
+        if s.precision == crate::device::Precision::Bf16 {
             return Err(self.error(
                 self.field_span(table, "precision"),
                 "precision \"bf16\" is not available: dfdx 0.13 has no bfloat16 kernels",
@@ -249,7 +249,7 @@ impl<'a> Parser<'a> {
                 ),
             ));
         }
-        if s.precision == super::Precision::F16
+        if s.precision == crate::device::Precision::F16
             && let Some(stage) = stages.iter().find(|st| !st.params.supports_half())
         {
             return Err(self.error(
@@ -263,7 +263,7 @@ impl<'a> Parser<'a> {
                 Some("use precision = \"f32\" for pipelines that pretrain".into()),
             ));
         }
-        if let super::Device::Cuda(n) = s.device
+        if let crate::device::DeviceChoice::Cuda(n) = s.device
             && !crate::device::cuda_available()
         {
             return Err(self.error(

@@ -14,7 +14,9 @@
 //! a GPU can be opened at run time; otherwise the CPU (said once on stderr when a CUDA build finds
 //! no GPU).
 
-use crate::pipeline::{Device, Precision};
+mod choice;
+
+pub use choice::{DeviceChoice, Precision};
 
 /// Whether this binary can run on a CUDA GPU (built with `--features cuda`).
 pub fn cuda_available() -> bool {
@@ -40,41 +42,41 @@ pub fn gpu_present() -> bool {
     }
 }
 
-static OVERRIDE: std::sync::OnceLock<Device> = std::sync::OnceLock::new();
+static OVERRIDE: std::sync::OnceLock<DeviceChoice> = std::sync::OnceLock::new();
 
 /// Makes every later [`resolve`], [`key_fragment`] and [`open`] of this process use `device`
 /// instead of the pipeline's `device` (the `--device` option of `run`, `watch` and `plan`).
 /// The first call wins.
-pub fn set_override(device: Device) {
+pub fn set_override(device: DeviceChoice) {
     let _ = OVERRIDE.set(device);
 }
 
-fn effective(device: Device) -> Device {
+fn effective(device: DeviceChoice) -> DeviceChoice {
     OVERRIDE.get().copied().unwrap_or(device)
 }
 
 /// Checks that this binary can use `device` at all (`cuda:N` needs the `cuda` feature).
-pub fn check_supported(device: Device) -> Result<(), DeviceError> {
+pub fn check_supported(device: DeviceChoice) -> Result<(), DeviceError> {
     match device {
-        Device::Cuda(n) if !cuda_available() => Err(DeviceError::NoCudaSupport(n)),
+        DeviceChoice::Cuda(n) if !cuda_available() => Err(DeviceError::NoCudaSupport(n)),
         _ => Ok(()),
     }
 }
 
 /// The device a stage with `device` really uses, as recorded in keys and records
 /// (`"cpu"` or `"cuda:N"`), after the [`set_override`]. `auto` resolves to `"cuda:0"` only when [`gpu_present`].
-pub fn resolve(device: Device) -> String {
+pub fn resolve(device: DeviceChoice) -> String {
     match effective(device) {
-        Device::Cpu => "cpu".into(),
-        Device::Auto if !gpu_present() => "cpu".into(),
-        Device::Auto => "cuda:0".into(),
-        Device::Cuda(n) => format!("cuda:{n}"),
+        DeviceChoice::Cpu => "cpu".into(),
+        DeviceChoice::Auto if !gpu_present() => "cpu".into(),
+        DeviceChoice::Auto => "cuda:0".into(),
+        DeviceChoice::Cuda(n) => format!("cuda:{n}"),
     }
 }
 
 /// The key fragment of a model stage: the numbers depend on where and in what precision they
 /// are computed.
-pub fn key_fragment(device: Device, precision: Precision) -> serde_json::Value {
+pub fn key_fragment(device: DeviceChoice, precision: Precision) -> serde_json::Value {
     let kind = if resolve(device) == "cpu" {
         "cpu"
     } else {
@@ -128,12 +130,12 @@ pub enum DeviceError {
 }
 
 /// Opens `device` (or the [`set_override`]; dfdx devices are seeded with 0; the stages draw their own noise).
-pub fn open(device: Device) -> Result<Runtime, DeviceError> {
+pub fn open(device: DeviceChoice) -> Result<Runtime, DeviceError> {
     match effective(device) {
-        Device::Cpu => Ok(Runtime::Cpu(dfdx::tensor::Cpu::default())),
-        Device::Auto if !gpu_present() => Ok(Runtime::Cpu(dfdx::tensor::Cpu::default())),
-        Device::Auto => open_cuda(0),
-        Device::Cuda(n) => open_cuda(n),
+        DeviceChoice::Cpu => Ok(Runtime::Cpu(dfdx::tensor::Cpu::default())),
+        DeviceChoice::Auto if !gpu_present() => Ok(Runtime::Cpu(dfdx::tensor::Cpu::default())),
+        DeviceChoice::Auto => open_cuda(0),
+        DeviceChoice::Cuda(n) => open_cuda(n),
     }
 }
 
@@ -188,7 +190,7 @@ macro_rules! on_device {
 macro_rules! on_device_precision {
     ($rt:expr, $precision:expr, $dev:ident, $E:ident => $body:expr) => {
         match $precision {
-            $crate::pipeline::Precision::F16 => {
+            $crate::device::Precision::F16 => {
                 type $E = $crate::diffusion::nn::Half;
                 $crate::on_device!($rt, $dev => $body)
             }
@@ -206,8 +208,8 @@ mod tests {
 
     #[test]
     fn cpu_resolves_and_opens_everywhere() {
-        assert_eq!(resolve(Device::Cpu), "cpu");
-        let rt = open(Device::Cpu).unwrap();
+        assert_eq!(resolve(DeviceChoice::Cpu), "cpu");
+        let rt = open(DeviceChoice::Cpu).unwrap();
         assert_eq!(rt.name(), "cpu");
         let n = on_device!(rt, dev => {
             use dfdx::prelude::*;
@@ -220,11 +222,11 @@ mod tests {
     #[test]
     fn auto_is_cpu_without_a_gpu() {
         if !gpu_present() {
-            assert_eq!(resolve(Device::Auto), "cpu");
-            assert!(matches!(open(Device::Auto), Ok(Runtime::Cpu(_))));
+            assert_eq!(resolve(DeviceChoice::Auto), "cpu");
+            assert!(matches!(open(DeviceChoice::Auto), Ok(Runtime::Cpu(_))));
             assert_eq!(
-                key_fragment(Device::Auto, Precision::F32),
-                key_fragment(Device::Cpu, Precision::F32)
+                key_fragment(DeviceChoice::Auto, Precision::F32),
+                key_fragment(DeviceChoice::Cpu, Precision::F32)
             );
         }
     }
@@ -232,7 +234,7 @@ mod tests {
     #[test]
     fn cuda_without_cuda_support_is_an_error() {
         if !cuda_available() {
-            let e = open(Device::Cuda(1)).err().unwrap();
+            let e = open(DeviceChoice::Cuda(1)).err().unwrap();
             assert!(e.to_string().contains("cuda:1"), "{e}");
         }
     }
