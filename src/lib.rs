@@ -9,6 +9,7 @@
 pub mod bench;
 pub mod cache;
 pub mod cli;
+pub mod control;
 pub mod device;
 pub mod device_check;
 pub mod diffusion;

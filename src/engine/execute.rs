@@ -10,10 +10,10 @@ use std::time::Instant;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use super::cancel::CancelToken;
+use crate::control::CancelToken;
 use super::material::stage_material;
 use super::outputs::{Failure, LockEntry, publish, update_lock};
-use super::progress::Progress;
+use crate::control::Progress;
 use super::workspace::Workspace;
 use crate::cache::store::STAGES;
 use crate::cache::{FileHasher, Record, Store, atomic_write};

@@ -1,22 +1,19 @@
 //! Planning and running a pipeline: stage keys, fresh/stale with reasons, execution with
 //! keep-going or fail-fast, run records and friendly output paths, and `watch`.
 
-mod cancel;
 mod execute;
 mod material;
 mod outputs;
 mod plan;
-mod progress;
 mod report;
 mod watch;
 mod workspace;
 
-pub use cancel::{CancelToken, install_ctrlc_handler, interrupted};
+pub use crate::control::{CancelToken, Progress, install_ctrlc_handler, interrupted};
 pub use execute::{Outcome, RunOptions, RunReport, StageOutcome, execute};
 pub use material::stage_material;
 pub use outputs::{LockEntry, RunLock};
 pub use plan::{PlanEntry, PlanStatus, plan, plan_readonly, stages_to_run};
-pub use progress::Progress;
 pub use report::{print_plan, print_summary};
 pub use watch::watch;
 pub use workspace::Workspace;

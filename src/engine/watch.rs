@@ -14,10 +14,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use notify::{RecursiveMode, Watcher};
 
-use super::cancel::CancelToken;
+use crate::control::CancelToken;
 use super::execute::{RunOptions, RunningSlot, execute};
 use super::plan::PlanStatus;
-use super::progress::Progress;
+use crate::control::Progress;
 use super::report::{print_plan, print_summary};
 use super::workspace::Workspace;
 use crate::pipeline::{self, Pipeline};
@@ -122,7 +122,7 @@ pub fn watch(
                                 Err(RecvTimeoutError::Timeout) => {}
                                 Err(RecvTimeoutError::Disconnected) => break,
                             }
-                            if super::cancel::interrupted() {
+                            if crate::control::interrupted() {
                                 run_token.cancel();
                             }
                         }
@@ -149,7 +149,7 @@ pub fn watch(
                 }
             }
         }
-        if super::cancel::interrupted() {
+        if crate::control::interrupted() {
             return Ok(ExitCode::Interrupted);
         }
         // Wait for the next relevant change (one may have arrived during the run).
@@ -167,7 +167,7 @@ pub fn watch(
                     }
                 }
                 Err(RecvTimeoutError::Timeout) => {
-                    if super::cancel::interrupted() {
+                    if crate::control::interrupted() {
                         return Ok(ExitCode::Interrupted);
                     }
                 }

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::stages::TrainMetrics;
+use crate::train::TrainMetrics;
 
 /// dfdx's version, as locked in `Cargo.lock` (a unit test keeps the two in step).
 pub const DFDX_VERSION: &str = "0.13.0";

@@ -8,7 +8,7 @@ use anyhow::Context as _;
 use thiserror::Error;
 
 use crate::cache::{BlobRef, FileHasher, Record, Store};
-use crate::engine::{CancelToken, Progress};
+use crate::control::{CancelToken, Progress};
 use crate::pipeline::{Pipeline, StageInstance};
 
 /// Returned (inside `anyhow::Error`) by a stage that stopped because it was cancelled.

@@ -6,7 +6,12 @@
 pub mod hypernetwork;
 pub mod lora;
 pub mod lr;
+mod method;
+mod metrics;
 pub mod mixed;
 pub mod objective;
 pub mod optim;
 pub mod textual_inversion;
+
+pub use method::Method;
+pub use metrics::TrainMetrics;

@@ -2,10 +2,10 @@
 //! the library or the real `sdpipe` binary on the fixtures. `tests/memory_probe.rs` stays alone
 //! in its own binary because it reads process-wide memory figures.
 
-mod common;
 mod base_model;
 mod bench_cli;
 mod caching;
+mod common;
 mod device_check;
 mod encode_latents;
 mod faults;

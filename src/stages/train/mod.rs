@@ -48,19 +48,7 @@ pub use pretrain::PretrainParams;
 /// Implementation version (part of the key); bumped whenever the numbers change (v2: fused CPU kernels).
 pub const VERSION: u32 = 2;
 
-/// Training methods.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Method {
-    /// Low-rank adapters on the UNet attention projections.
-    Lora,
-    /// New token vectors for the text encoder (A1111 / diffusers embeddings).
-    TextualInversion,
-    /// Full UNet fine-tuning with prior preservation; a single-file checkpoint.
-    Dreambooth,
-    /// An A1111 hypernetwork on the attentions' key/value context.
-    Hypernetwork,
-}
+pub use crate::train::{Method, TrainMetrics};
 
 /// `[stage.NAME] kind = "train"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -257,35 +245,6 @@ fn schedule(p: &TrainParams) -> Result<LrSchedule, String> {
         LrSchedule::from_name(&p.lr_scheduler, p.lr_warmup_steps, p.steps)
             .map_err(|e| e.to_string())
     }
-}
-
-/// Loss figures of a run, written as `metrics.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainMetrics {
-    /// Method.
-    pub method: Method,
-    /// Steps trained.
-    pub steps: u64,
-    /// Loss on a fixed evaluation set (same items, noise and timesteps) before training.
-    pub eval_loss_before: f32,
-    /// The same after training.
-    pub eval_loss_after: f32,
-    /// Mean training loss over the first and the last tenth of the steps.
-    pub train_loss_first: f32,
-    /// See `train_loss_first`.
-    pub train_loss_last: f32,
-    /// Wall time of the training loop (this process; a resumed run counts its own part).
-    pub wall_s: f64,
-    /// Steps per second in this process.
-    pub steps_per_s: f64,
-    /// Peak resident memory of the process (VmHWM), MiB.
-    pub peak_memory_mib: f64,
-    /// Size of the trained artifact in bytes.
-    pub artifact_bytes: u64,
-    /// Trainable parameters.
-    pub trainable_params: usize,
-    /// The step it resumed from (0 = fresh start).
-    pub resumed_from: u64,
 }
 
 /// A resumable checkpoint: `state.json` beside the adapters and the optimiser state.
