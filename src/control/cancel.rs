@@ -58,3 +58,19 @@ impl CancelToken {
             || interrupted()
     }
 }
+
+/// Returned (inside `anyhow::Error`) by work that stopped because it was cancelled.
+#[derive(Debug, thiserror::Error)]
+#[error("cancelled")]
+pub struct Cancelled;
+
+impl CancelToken {
+    /// Fails with [`Cancelled`] if the work should stop.
+    pub fn check(&self) -> Result<(), Cancelled> {
+        if self.is_cancelled() {
+            Err(Cancelled)
+        } else {
+            Ok(())
+        }
+    }
+}

@@ -5,5 +5,5 @@
 mod cancel;
 mod progress;
 
-pub use cancel::{CancelToken, install_ctrlc_handler, interrupted};
+pub use cancel::{CancelToken, Cancelled, install_ctrlc_handler, interrupted};
 pub use progress::Progress;

@@ -10,13 +10,13 @@ use std::time::Instant;
 use anyhow::Context as _;
 use serde::Serialize;
 
-use crate::control::CancelToken;
 use super::material::stage_material;
 use super::outputs::{Failure, LockEntry, publish, update_lock};
-use crate::control::Progress;
 use super::workspace::Workspace;
 use crate::cache::store::STAGES;
 use crate::cache::{FileHasher, Record, Store, atomic_write};
+use crate::control::CancelToken;
+use crate::control::Progress;
 use crate::pipeline::Pipeline;
 use crate::stages::{Cancelled, StageContext};
 

@@ -14,12 +14,12 @@ use std::time::Duration;
 use anyhow::Context as _;
 use notify::{RecursiveMode, Watcher};
 
-use crate::control::CancelToken;
 use super::execute::{RunOptions, RunningSlot, execute};
 use super::plan::PlanStatus;
-use crate::control::Progress;
 use super::report::{print_plan, print_summary};
 use super::workspace::Workspace;
+use crate::control::CancelToken;
+use crate::control::Progress;
 use crate::pipeline::{self, Pipeline};
 
 /// Watches `file` and its inputs until Ctrl-C; returns the exit code of the last run.

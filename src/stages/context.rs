@@ -5,16 +5,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
-use thiserror::Error;
 
 use crate::cache::{BlobRef, FileHasher, Record, Store};
 use crate::control::{CancelToken, Progress};
 use crate::pipeline::{Pipeline, StageInstance};
 
-/// Returned (inside `anyhow::Error`) by a stage that stopped because it was cancelled.
-#[derive(Debug, Error)]
-#[error("cancelled")]
-pub struct Cancelled;
+pub use crate::control::Cancelled;
 
 /// Everything a stage run can use.
 pub struct StageContext<'a> {
@@ -63,10 +59,7 @@ impl StageContext<'_> {
 
     /// Fails with [`Cancelled`] if the stage should stop.
     pub fn check_cancelled(&self) -> anyhow::Result<()> {
-        if self.cancel.is_cancelled() {
-            return Err(Cancelled.into());
-        }
-        Ok(())
+        Ok(self.cancel.check()?)
     }
 
     /// The scratch directory of this key (for checkpoints).

@@ -32,3 +32,17 @@ pub struct TrainMetrics {
     /// The step it resumed from (0 = fresh start).
     pub resumed_from: u64,
 }
+
+/// Peak resident memory of this process in MiB (Linux VmHWM; 0 elsewhere).
+pub fn peak_memory_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}

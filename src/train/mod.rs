@@ -3,6 +3,8 @@
 //! prediction type), the AdamW optimiser with gradient clipping ([`optim`]) and learning-rate
 //! schedules ([`lr`]).
 
+pub mod batch;
+pub mod eval;
 pub mod hypernetwork;
 pub mod lora;
 pub mod lr;
@@ -11,7 +13,9 @@ mod metrics;
 pub mod mixed;
 pub mod objective;
 pub mod optim;
+pub mod resume;
+pub mod run_loop;
 pub mod textual_inversion;
 
 pub use method::Method;
-pub use metrics::TrainMetrics;
+pub use metrics::{TrainMetrics, peak_memory_mib};

@@ -12,10 +12,7 @@ use anyhow::Context as _;
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Batch, CheckpointState, Item, RunEnd, Setup, StepMethod, TrainParams, batch_context, eval_loss,
-    load_items, newest_checkpoint, read_state, save_checkpoint_with, schedule,
-};
+use super::{RunEnd, Setup, TrainParams, load_items, schedule};
 use crate::diffusion::nn::{Elem, Tensor3};
 use crate::diffusion::params::{
     Layers, ParamMut, copy_params, count_params, named_grads, set_trainable,
@@ -28,8 +25,12 @@ use crate::formats::checkpoint::{ModelTensors, SaveDtype, write_single_file};
 use crate::formats::{HostTensor, read_safetensors, write_safetensors};
 use crate::stages::context::{StageContext, StageResult};
 use crate::stages::encode_latents::LatentsManifest;
+use crate::train::batch::{Batch, Item, batch_context};
+use crate::train::eval::eval_loss;
 use crate::train::mixed::{self, LossScaler};
 use crate::train::optim::AdamW;
+use crate::train::resume::{self, TrainState, read_state};
+use crate::train::run_loop::TrainMethod;
 
 /// DreamBooth settings (`[stage.NAME.dreambooth]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -409,12 +410,12 @@ impl<D: Device<f32> + Device<E>, E: Elem> DreamboothSteps<'_, D, E> {
     }
 }
 
-impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for DreamboothSteps<'_, D, E> {
+impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for DreamboothSteps<'_, D, E> {
     fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         let (mut loss, mut grads) = self.batch_grads(self.items, batch)?;
         if !self.class_items.is_empty() {
             let dev = batch.latents.device().clone();
-            let class_batch = self.params.draw_batch(
+            let class_batch = self.params.sampling().draw(
                 self.class_items,
                 self.scaling,
                 self.seed ^ CLASS_SALT,
@@ -456,7 +457,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for DreamboothSteps<'_, 
         Ok(())
     }
 
-    fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()> {
+    fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
         let weights = match self.master.as_deref_mut() {
             Some(master) => crate::diffusion::params::named_tensors(master),
             None => crate::diffusion::params::named_tensors(self.unet),
@@ -468,7 +469,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for DreamboothSteps<'_, 
             .text_encoder
             .as_deref_mut()
             .map(crate::diffusion::params::named_tensors);
-        save_checkpoint_with(self.scratch, state, |dir| {
+        resume::save(self.scratch, state, |dir| {
             write_safetensors(&dir.join("unet.safetensors"), &weights, None)?;
             if let Some(te) = &te_weights {
                 write_safetensors(&dir.join("text_encoder.safetensors"), te, None)?;
@@ -529,25 +530,29 @@ fn load_full_checkpoint<D: Device<f32>>(
     text_encoder: Option<&mut TextEncoder<D>>,
     dev: &D,
     ctx: &StageContext<'_>,
-) -> anyhow::Result<Option<(AdamW<D>, CheckpointState)>> {
-    type Loaded<E> = (UNet<E>, Option<TextEncoder<E>>, AdamW<E>, CheckpointState);
-    let found = newest_checkpoint(scratch, ctx, |dir| -> anyhow::Result<Loaded<D>> {
-        let state = read_state(dir)?;
-        let file = read_safetensors(&dir.join("unet.safetensors"))?;
-        let mut candidate = unet.clone();
-        load_weights(&mut candidate, &file.tensors)?;
-        let te = match text_encoder.as_deref() {
-            Some(te) => {
-                let file = read_safetensors(&dir.join("text_encoder.safetensors"))?;
-                let mut candidate = te.clone();
-                load_weights(&mut candidate, &file.tensors)?;
-                Some(candidate)
-            }
-            None => None,
-        };
-        let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
-        Ok((candidate, te, optimizer, state))
-    })?;
+) -> anyhow::Result<Option<(AdamW<D>, TrainState)>> {
+    type Loaded<E> = (UNet<E>, Option<TextEncoder<E>>, AdamW<E>, TrainState);
+    let found = resume::newest(
+        scratch,
+        |m| ctx.progress.message(m),
+        |dir| -> anyhow::Result<Loaded<D>> {
+            let state = read_state(dir)?;
+            let file = read_safetensors(&dir.join("unet.safetensors"))?;
+            let mut candidate = unet.clone();
+            load_weights(&mut candidate, &file.tensors)?;
+            let te = match text_encoder.as_deref() {
+                Some(te) => {
+                    let file = read_safetensors(&dir.join("text_encoder.safetensors"))?;
+                    let mut candidate = te.clone();
+                    load_weights(&mut candidate, &file.tensors)?;
+                    Some(candidate)
+                }
+                None => None,
+            };
+            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+            Ok((candidate, te, optimizer, state))
+        },
+    )?;
     let Some((loaded, te, optimizer, state)) = found else {
         return Ok(None);
     };

@@ -22,10 +22,7 @@ use anyhow::{Context as _, bail};
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{
-    Batch, CheckpointState, Item, RunEnd, Setup, StepMethod, TrainParams, batch_context, eval_loss,
-    mix, newest_checkpoint, read_state, save_checkpoint_with, schedule,
-};
+use super::{RunEnd, Setup, TrainParams, schedule};
 use crate::diffusion::UNet;
 use crate::diffusion::hypernetwork::HyperActivation;
 use crate::diffusion::nn::{Elem, Tensor3};
@@ -37,9 +34,13 @@ use crate::formats::hypernetwork::{
 };
 use crate::stages::ParamError;
 use crate::stages::context::{StageContext, StageResult};
+use crate::train::batch::{Batch, Item, batch_context, mix};
+use crate::train::eval::eval_loss;
 use crate::train::hypernetwork::{HyperNet, apply_grads, install, param_grads};
 use crate::train::mixed::{self, LossScaler};
 use crate::train::optim::AdamW;
+use crate::train::resume::{self, TrainState, read_state};
+use crate::train::run_loop::TrainMethod;
 
 /// `[stage.NAME.hypernetwork]`: A1111's hypernetwork settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -343,7 +344,7 @@ impl TrainParams {
 }
 
 /// What a hypernetwork checkpoint restores: weights, optimiser, state.
-type HyperResume<D> = (HyperNet<D>, AdamW<D>, CheckpointState);
+type HyperResume<D> = (HyperNet<D>, AdamW<D>, TrainState);
 
 /// The newest readable checkpoint whose settings and widths are this run's.
 fn load_checkpoint<D: Device<f32>>(
@@ -352,22 +353,26 @@ fn load_checkpoint<D: Device<f32>>(
     dev: &D,
     ctx: &StageContext<'_>,
 ) -> anyhow::Result<Option<HyperResume<D>>> {
-    newest_checkpoint(scratch, ctx, |dir| {
-        let state = read_state(dir)?;
-        let file = read_hypernetwork(&dir.join("hypernetwork.safetensors"))?;
-        if file.modules.keys().ne(template.modules.keys()) {
-            bail!(
-                "checkpoint has widths {:?}, this run trains {:?}",
-                file.modules.keys().collect::<Vec<_>>(),
-                template.modules.keys().collect::<Vec<_>>()
-            );
-        }
-        let mut restored = template.clone();
-        restored.modules = file.modules;
-        let net = HyperNet::from_host(&restored, dev)?;
-        let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
-        Ok((net, optimizer, state))
-    })
+    resume::newest(
+        scratch,
+        |m| ctx.progress.message(m),
+        |dir| {
+            let state = read_state(dir)?;
+            let file = read_hypernetwork(&dir.join("hypernetwork.safetensors"))?;
+            if file.modules.keys().ne(template.modules.keys()) {
+                bail!(
+                    "checkpoint has widths {:?}, this run trains {:?}",
+                    file.modules.keys().collect::<Vec<_>>(),
+                    template.modules.keys().collect::<Vec<_>>()
+                );
+            }
+            let mut restored = template.clone();
+            restored.modules = file.modules;
+            let net = HyperNet::from_host(&restored, dev)?;
+            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+            Ok((net, optimizer, state))
+        },
+    )
 }
 
 /// Hypernetwork: f32 master weights here, copies (in the UNet's element type) hooked into the
@@ -391,7 +396,7 @@ struct HyperSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     finite: bool,
 }
 
-impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for HyperSteps<'_, D, E> {
+impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for HyperSteps<'_, D, E> {
     fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         let (step, micro) = (
             self.calls / self.accumulation,
@@ -429,13 +434,13 @@ impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for HyperSteps<'_, D, E>
         Ok(())
     }
 
-    fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()> {
+    fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
         let mut file = self.net.to_host(self.template);
         file.step = state.step;
         let mut state = state.clone();
         state.loss_scaler = E::HALF.then_some(self.scaler);
         let state = &state;
-        save_checkpoint_with(self.scratch, state, |dir| {
+        resume::save(self.scratch, state, |dir| {
             write_hypernetwork_safetensors(&dir.join("hypernetwork.safetensors"), &file)?;
             self.optimizer.save(&dir.join("optimizer.safetensors"))?;
             Ok(())

@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, bail};
 use dfdx::prelude::*;
-use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::ParamError;
@@ -23,9 +22,9 @@ use super::context::{StageContext, StageResult};
 use super::encode_latents::{LatentsManifest, read_f32};
 use super::model::{Component, open_checkpoint};
 use crate::cache::BlobRef;
-use crate::diffusion::nn::{Elem, Tensor2, Tensor3, Tensor4};
+use crate::diffusion::nn::{Elem, Tensor2, Tensor3};
 use crate::diffusion::pipeline::TextToImage;
-use crate::diffusion::schedulers::{Ddpm, SeededNoise};
+use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::HostTensor;
 use crate::formats::embedding::{
@@ -35,10 +34,15 @@ use crate::formats::lora::{
     KohyaMetadata, LoraComponent, LoraModule, LoraNetwork, read_lora, write_kohya,
 };
 use crate::pipeline::PipelineSettings;
+use crate::train::batch::{Batch, Item, Sampling, batch_context, mix};
+use crate::train::eval::eval_loss;
 use crate::train::lora::{LoraTarget, adapter_grads, extract, install, set_dropout};
 use crate::train::lr::{A1111Schedule, LrSchedule};
 use crate::train::mixed::{self, LossScaler, Masters};
-use crate::train::optim::{AdamW, AdamWConfig, clip_coefficient};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::peak_memory_mib;
+use crate::train::resume::{self, TrainState, read_state};
+use crate::train::run_loop::{LoopConfig, LoopData, LoopEnv, TrainMethod};
 
 mod dreambooth;
 pub use dreambooth::DreamboothParams;
@@ -247,17 +251,6 @@ fn schedule(p: &TrainParams) -> Result<LrSchedule, String> {
     }
 }
 
-/// A resumable checkpoint: `state.json` beside the adapters and the optimiser state.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct CheckpointState {
-    step: u64,
-    losses: Vec<f32>,
-    eval_loss_before: f32,
-    /// The loss scaler of a mixed-precision run (absent in f32 runs and older checkpoints).
-    #[serde(default)]
-    loss_scaler: Option<LossScaler>,
-}
-
 /// What a training run starts from (see [`TrainParams::setup`]).
 struct Setup<D: Device<f32> + Device<E>, E: Elem = f32> {
     manifest: LatentsManifest,
@@ -275,14 +268,6 @@ struct RunEnd {
     wall_s: f64,
     resumed_from: u64,
     trainable_params: usize,
-}
-
-/// One latent item in memory.
-struct Item {
-    caption: String,
-    mean: Vec<f32>,
-    std: Vec<f32>,
-    shape: [usize; 3],
 }
 
 impl TrainParams {
@@ -876,113 +861,61 @@ impl TrainParams {
         Ok(contexts)
     }
 
-    /// The step loop every method shares: per step, the gradients of `gradient_accumulation`
-    /// seeded micro-batches are averaged, clipped by global norm and applied at the scheduled
-    /// rate; a checkpoint is written every `checkpoint_every` steps. Returns the wall time.
+    /// How this stage draws its micro-batches.
+    fn sampling(&self) -> Sampling {
+        Sampling {
+            batch_size: self.batch_size,
+            min_timestep: self.min_timestep,
+            max_timestep: self.max_timestep,
+        }
+    }
+
+    /// Runs the shared step loop ([`LoopConfig::run`]) for this stage's `method`, labelled
+    /// `label` on the progress bar. Returns the wall time.
     #[allow(clippy::too_many_arguments)]
     fn drive<D: Device<f32>>(
         &self,
         ctx: &StageContext<'_>,
         label: &str,
-        state: &mut CheckpointState,
+        state: &mut TrainState,
         items: &[Item],
         scaling: f32,
         seed: u64,
         dev: &D,
         sched: &LrSchedule,
-        method: &mut dyn StepMethod<D>,
+        method: &mut dyn TrainMethod<D>,
     ) -> anyhow::Result<f64> {
-        let started = std::time::Instant::now();
-        let bar = ctx
-            .progress
-            .bar(self.steps, &format!("{} {label}", ctx.instance.name));
-        bar.set_position(state.step);
-        let delay = std::env::var("SDPIPE_TEST_ITEM_DELAY_MS")
+        let config = LoopConfig {
+            steps: self.steps,
+            lr: self.lr,
+            gradient_accumulation: self.gradient_accumulation,
+            max_grad_norm: self.max_grad_norm,
+            checkpoint_every: self.checkpoint_every,
+            sampling: self.sampling(),
+        };
+        let scratch = ctx.scratch()?;
+        // Tests slow a run down to interrupt it mid-way.
+        let delay: Option<u64> = std::env::var("SDPIPE_TEST_ITEM_DELAY_MS")
             .ok()
             .and_then(|v| v.parse().ok());
-        while state.step < self.steps {
-            ctx.check_cancelled()?;
-            let step = state.step;
-            let lr = sched.lr_at(self.lr, step);
-            let mut summed: BTreeMap<String, HostTensor> = BTreeMap::new();
-            let mut loss_sum = 0.0f32;
-            for micro in 0..self.gradient_accumulation {
-                let batch = self.draw_batch(items, scaling, seed, step, micro as u64, dev);
-                let (loss, grads) = match method.grads(&batch) {
-                    Ok(found) => found,
-                    Err(e)
-                        if e.downcast_ref::<crate::train::lora::LoraTrainError>()
-                            .is_some_and(|e| {
-                                matches!(
-                                    e,
-                                    crate::train::lora::LoraTrainError::Objective(
-                                        crate::train::objective::ObjectiveError::NonFinite(_)
-                                    )
-                                )
-                            }) =>
-                    {
-                        (f32::NAN, BTreeMap::new())
-                    }
-                    Err(e) => return Err(e.context(format!("step {}", step + 1))),
-                };
-                loss_sum += loss;
-                for (name, g) in grads {
-                    match summed.get_mut(&name) {
-                        Some(acc) => acc.data.iter_mut().zip(&g.data).for_each(|(a, b)| *a += b),
-                        None => {
-                            summed.insert(name, g);
-                        }
-                    }
-                }
-            }
-            let k = self.gradient_accumulation as f32;
-            if k > 1.0 {
-                summed
-                    .values_mut()
-                    .for_each(|g| g.data.iter_mut().for_each(|v| *v /= k));
-            }
-            if self.max_grad_norm > 0.0 {
-                let norms: Vec<f32> = summed
-                    .values()
-                    .map(|g| g.data.iter().map(|v| v * v).sum::<f32>().sqrt())
-                    .collect();
-                let (_, coef) = clip_coefficient(&norms, self.max_grad_norm as f32);
-                if coef < 1.0 {
-                    summed
-                        .values_mut()
-                        .for_each(|g| g.data.iter_mut().for_each(|v| *v *= coef));
-                }
-            }
-            if !loss_sum.is_finite() {
-                bail!(
-                    "the loss became {} at step {}: training diverged (lower `lr`, or set `max_grad_norm`); \
-                     the last good checkpoint is kept in {}",
-                    loss_sum / k,
-                    step + 1,
-                    ctx.scratch()?.join("checkpoints").display()
-                );
-            }
-            method.apply(&summed, lr)?;
-            state.losses.push(loss_sum / k);
-            state.step += 1;
-            bar.set_position(state.step);
-            bar.set_message(format!(
-                "{} {label} loss {:.4}",
-                ctx.instance.name,
-                loss_sum / k
-            ));
-            if self.checkpoint_every > 0
-                && state.step.is_multiple_of(self.checkpoint_every)
-                && state.step < self.steps
-            {
-                method.checkpoint(state)?;
-            }
+        let sleep = move || {
             if let Some(ms) = delay {
                 std::thread::sleep(std::time::Duration::from_millis(ms));
             }
-        }
-        bar.finish_and_clear();
-        Ok(started.elapsed().as_secs_f64())
+        };
+        let env = LoopEnv {
+            progress: ctx.progress,
+            label: format!("{} {label}", ctx.instance.name),
+            cancel: ctx.cancel,
+            scratch: &scratch,
+            after_step: delay.is_some().then_some(&sleep as &dyn Fn()),
+        };
+        let data = LoopData {
+            items,
+            scaling,
+            seed,
+        };
+        config.run(data, dev, sched, state, method, &env)
     }
 
     fn embedding<D: Device<f32>>(
@@ -1009,7 +942,7 @@ impl TrainParams {
         &self,
         ctx: &StageContext<'_>,
         sched: &LrSchedule,
-        state: &CheckpointState,
+        state: &TrainState,
         end: RunEnd,
         (name, artifact): (&str, BlobRef),
     ) -> anyhow::Result<(StageResult, TrainMetrics)> {
@@ -1019,7 +952,7 @@ impl TrainParams {
         Ok((result, metrics))
     }
 
-    fn metrics(&self, state: &CheckpointState, end: &RunEnd, artifact_bytes: u64) -> TrainMetrics {
+    fn metrics(&self, state: &TrainState, end: &RunEnd, artifact_bytes: u64) -> TrainMetrics {
         let RunEnd {
             eval_after,
             wall_s,
@@ -1049,7 +982,7 @@ impl TrainParams {
         &self,
         ctx: &StageContext<'_>,
         sched: &LrSchedule,
-        state: &CheckpointState,
+        state: &TrainState,
         metrics: &TrainMetrics,
     ) -> anyhow::Result<StageResult> {
         let mut csv = String::from("step,loss,lr\n");
@@ -1126,140 +1059,15 @@ impl TrainParams {
         }
         Ok(out)
     }
-
-    /// The micro-batch of `step`: items from one latent size, latent samples, noise, timesteps.
-    #[allow(clippy::too_many_arguments)]
-    fn draw_batch<D: Device<f32>>(
-        &self,
-        items: &[Item],
-        scaling: f32,
-        seed: u64,
-        step: u64,
-        micro: u64,
-        dev: &D,
-    ) -> Batch<D> {
-        let batch_seed = mix(seed, step, micro);
-        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(batch_seed);
-        let first = rng.random_range(0..items.len());
-        let same: Vec<usize> = (0..items.len())
-            .filter(|&i| items[i].shape == items[first].shape)
-            .collect();
-        let mut picked = vec![first];
-        while picked.len() < self.batch_size {
-            picked.push(same[rng.random_range(0..same.len())]);
-        }
-        let [c, h, w] = items[first].shape;
-        let mut noise_src = SeededNoise::new(batch_seed ^ 0x05ee_d0f0_015e);
-        let mut latents = Vec::with_capacity(picked.len() * c * h * w);
-        for &i in &picked {
-            for (m, s) in items[i].mean.iter().zip(&items[i].std) {
-                latents.push((m + s * noise_src.next_normal() as f32) * scaling);
-            }
-        }
-        let noise: Vec<f32> = (0..latents.len())
-            .map(|_| noise_src.next_normal() as f32)
-            .collect();
-        let timesteps: Vec<usize> = picked
-            .iter()
-            .map(|_| rng.random_range(self.min_timestep..self.max_timestep))
-            .collect();
-        let b = picked.len();
-        Batch {
-            latents: dev.tensor_from_vec(latents, (b, c, h, w)),
-            noise: dev.tensor_from_vec(noise, (b, c, h, w)),
-            timesteps,
-            picked,
-            step,
-            micro,
-        }
-    }
-}
-
-/// One micro-batch: latent samples, noise, timesteps, and which items they are.
-struct Batch<D: Device<f32>> {
-    latents: Tensor4<D>,
-    noise: Tensor4<D>,
-    timesteps: Vec<usize>,
-    picked: Vec<usize>,
-    /// The optimiser step and micro-batch it was drawn for.
-    step: u64,
-    micro: u64,
-}
-
-/// The text-encoder states of the picked items' captions, `[b, 77, d]`.
-fn batch_context<D: Device<f32>>(
-    items: &[Item],
-    contexts: &HashMap<String, Tensor3<D>>,
-    picked: &[usize],
-) -> anyhow::Result<Tensor3<D>> {
-    let parts: Vec<&Tensor3<D>> = picked
-        .iter()
-        .map(|&i| {
-            contexts
-                .get(&items[i].caption)
-                .context("caption not encoded")
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let (_, n, d) = *parts[0].shape();
-    let data: Vec<f32> = parts.iter().flat_map(|t| t.as_vec()).collect();
-    let dev = parts[0].device().clone();
-    Ok(dev.tensor_from_vec(data, (parts.len(), n, d)))
-}
-
-fn mix(seed: u64, step: u64, micro: u64) -> u64 {
-    let mut h = blake3::Hasher::new();
-    h.update(&seed.to_le_bytes());
-    h.update(&step.to_le_bytes());
-    h.update(&micro.to_le_bytes());
-    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or_default())
-}
-
-/// Mean loss over a fixed evaluation set: up to 8 items at their latent means, fixed noise and
-/// timesteps spread over the range, no gradients.
-fn eval_loss<E: Elem, D: Device<f32> + Device<E>>(
-    unet: &UNet<D, E>,
-    ddpm: &Ddpm,
-    items: &[Item],
-    contexts: &HashMap<String, Tensor3<D>>,
-    scaling: f32,
-    seed: u64,
-    dev: &D,
-) -> anyhow::Result<f32> {
-    let n = items.len().min(8);
-    let mut total = 0.0f32;
-    for (i, item) in items.iter().take(n).enumerate() {
-        let [c, h, w] = item.shape;
-        let mut noise_src = SeededNoise::new(mix(seed, u64::MAX, i as u64));
-        let latents: Vec<f32> = item.mean.iter().map(|m| m * scaling).collect();
-        let noise: Vec<f32> = (0..latents.len())
-            .map(|_| noise_src.next_normal() as f32)
-            .collect();
-        let t = 50 + (900 * i) / n.max(1);
-        let latents = dev.tensor_from_vec(latents, (1, c, h, w));
-        let noise = dev.tensor_from_vec(noise, (1, c, h, w));
-        let context = contexts
-            .get(&item.caption)
-            .cloned()
-            .context("caption not encoded")?;
-        total += crate::train::objective::eval_loss(
-            unet,
-            ddpm,
-            &latents,
-            &noise,
-            &[t],
-            context.to_dtype::<E>(),
-        )?;
-    }
-    Ok(total / n as f32)
 }
 
 fn save_checkpoint<D: Device<f32>>(
     scratch: &Path,
     network: &LoraNetwork,
     optimizer: &AdamW<D>,
-    state: &CheckpointState,
+    state: &TrainState,
 ) -> anyhow::Result<()> {
-    save_checkpoint_with(scratch, state, |dir| {
+    resume::save(scratch, state, |dir| {
         write_kohya(
             &dir.join("lora.safetensors"),
             network,
@@ -1270,101 +1078,14 @@ fn save_checkpoint<D: Device<f32>>(
     })
 }
 
-/// Writes a checkpoint (`write` fills the method's files, then `state.json`) into a temp dir
-/// renamed to `checkpoints/step-N` (atomic), keeping the two newest.
-fn save_checkpoint_with(
-    scratch: &Path,
-    state: &impl StepState,
-    write: impl FnOnce(&Path) -> anyhow::Result<()>,
-) -> anyhow::Result<()> {
-    let root = scratch.join("checkpoints");
-    std::fs::create_dir_all(&root)?;
-    let tmp = tempfile::Builder::new().prefix(".tmp-").tempdir_in(&root)?;
-    write(tmp.path())?;
-    std::fs::write(tmp.path().join("state.json"), serde_json::to_vec(state)?)?;
-    let dir = root.join(format!("step-{:08}", state.step()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(tmp.keep(), &dir)?;
-    crate::cache::sync_dir(&root)?;
-    // Keep the two newest: if the newest turns out unreadable, the previous one is there.
-    let mut all = checkpoint_dirs(scratch);
-    while all.len() > 2 {
-        let _ = std::fs::remove_dir_all(all.remove(0));
-    }
-    Ok(())
-}
-
-fn checkpoint_dirs(scratch: &Path) -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(scratch.join("checkpoints"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with("step-"))
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    dirs.sort();
-    dirs
-}
-
-/// The newest checkpoint `read` accepts (newest first); one it rejects is reported and the
-/// previous one tried, so a checkpoint corrupted by a crash costs only the steps since the one
-/// before it.
-fn newest_checkpoint<T>(
-    scratch: &Path,
-    ctx: &StageContext<'_>,
-    mut read: impl FnMut(&Path) -> anyhow::Result<T>,
-) -> anyhow::Result<Option<T>> {
-    for dir in checkpoint_dirs(scratch).into_iter().rev() {
-        match read(&dir) {
-            Ok(found) => return Ok(Some(found)),
-            Err(e) => ctx.progress.message(&format!(
-                "warning: checkpoint {} is unreadable ({e:#}); trying the previous one",
-                dir.display()
-            )),
-        }
-    }
-    Ok(None)
-}
-
-/// What a checkpoint's `state.json` holds: at least the step it was written at.
-trait StepState: Serialize {
-    /// Steps done when the checkpoint was written.
-    fn step(&self) -> u64;
-}
-
-impl StepState for CheckpointState {
-    fn step(&self) -> u64 {
-        self.step
-    }
-}
-
-/// The `state.json` of a checkpoint directory.
-fn read_state<S: serde::de::DeserializeOwned>(dir: &Path) -> anyhow::Result<S> {
-    Ok(serde_json::from_slice(&std::fs::read(
-        dir.join("state.json"),
-    )?)?)
-}
-
 impl TrainParams {
     /// A fresh optimiser and step 0, for a run with no usable checkpoint.
-    fn fresh_start<D: Device<f32>>(&self, dev: &D) -> (AdamW<D>, CheckpointState) {
+    fn fresh_start<D: Device<f32>>(&self, dev: &D) -> (AdamW<D>, TrainState) {
         let cfg = AdamWConfig {
             weight_decay: self.weight_decay,
             ..AdamWConfig::default()
         };
-        (
-            AdamW::new(dev, cfg),
-            CheckpointState {
-                step: 0,
-                losses: Vec::new(),
-                eval_loss_before: f32::NAN,
-                loss_scaler: None,
-            },
-        )
+        (AdamW::new(dev, cfg), TrainState::fresh())
     }
 }
 
@@ -1374,44 +1095,34 @@ fn load_checkpoint<D: Device<f32>>(
     known: &LoraNetwork,
     dev: &D,
     ctx: &StageContext<'_>,
-) -> anyhow::Result<Option<(LoraNetwork, AdamW<D>, CheckpointState)>> {
-    newest_checkpoint(scratch, ctx, |dir| {
-        let state = read_state(dir)?;
-        let (mut network, _) = read_lora(&dir.join("lora.safetensors"), None)?;
-        for component in [LoraComponent::Unet, LoraComponent::TextEncoder] {
-            let expected = known.modules(component);
-            let found = network.modules_mut(component);
-            for (name, m) in found.iter_mut() {
-                let fresh = expected
-                    .get(name)
-                    .context("checkpoint has a module this run does not train")?;
-                m.alpha = fresh.alpha;
+) -> anyhow::Result<Option<(LoraNetwork, AdamW<D>, TrainState)>> {
+    resume::newest(
+        scratch,
+        |m| ctx.progress.message(m),
+        |dir| {
+            let state = read_state(dir)?;
+            let (mut network, _) = read_lora(&dir.join("lora.safetensors"), None)?;
+            for component in [LoraComponent::Unet, LoraComponent::TextEncoder] {
+                let expected = known.modules(component);
+                let found = network.modules_mut(component);
+                for (name, m) in found.iter_mut() {
+                    let fresh = expected
+                        .get(name)
+                        .context("checkpoint has a module this run does not train")?;
+                    m.alpha = fresh.alpha;
+                }
+                if found.len() != expected.len() {
+                    bail!(
+                        "checkpoint has {} {component:?} modules, expected {}",
+                        found.len(),
+                        expected.len()
+                    );
+                }
             }
-            if found.len() != expected.len() {
-                bail!(
-                    "checkpoint has {} {component:?} modules, expected {}",
-                    found.len(),
-                    expected.len()
-                );
-            }
-        }
-        let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
-        Ok((network, optimizer, state))
-    })
-}
-
-/// Peak resident memory of this process in MiB (Linux VmHWM; 0 elsewhere).
-fn peak_memory_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+            Ok((network, optimizer, state))
+        },
+    )
 }
 
 /// The latent items of an encode_latents manifest, in memory.
@@ -1440,9 +1151,9 @@ fn save_ti_checkpoint<D: Device<f32>>(
     scratch: &Path,
     embedding: &Embedding,
     optimizer: &AdamW<D>,
-    state: &CheckpointState,
+    state: &TrainState,
 ) -> anyhow::Result<()> {
-    save_checkpoint_with(scratch, state, |dir| {
+    resume::save(scratch, state, |dir| {
         write_a1111_safetensors(&dir.join("embedding.safetensors"), embedding)?;
         optimizer.save(&dir.join("optimizer.safetensors"))?;
         Ok(())
@@ -1450,7 +1161,7 @@ fn save_ti_checkpoint<D: Device<f32>>(
 }
 
 /// What a textual-inversion checkpoint restores: vectors, optimiser, state.
-type TiResume<D> = (Tensor2<D>, AdamW<D>, CheckpointState);
+type TiResume<D> = (Tensor2<D>, AdamW<D>, TrainState);
 
 /// The newest readable textual-inversion checkpoint (vectors, optimiser, state).
 fn load_ti_checkpoint<D: Device<f32>>(
@@ -1460,29 +1171,23 @@ fn load_ti_checkpoint<D: Device<f32>>(
     dev: &D,
     ctx: &StageContext<'_>,
 ) -> anyhow::Result<Option<TiResume<D>>> {
-    newest_checkpoint(scratch, ctx, |dir| {
-        let state = read_state(dir)?;
-        let (emb, _) = read_embedding(&dir.join("embedding.safetensors"), Some(token))?;
-        if emb.vectors.numel() != numel || emb.vectors.shape.len() != 2 {
-            bail!("checkpoint vectors have shape {:?}", emb.vectors.shape);
-        }
-        let extra = dev.tensor_from_vec(
-            emb.vectors.data.clone(),
-            (emb.vectors.shape[0], emb.vectors.shape[1]),
-        );
-        let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
-        Ok((extra, optimizer, state))
-    })
-}
-
-/// What differs between training methods inside the shared step loop ([`TrainParams::drive`]).
-trait StepMethod<D: Device<f32>> {
-    /// The loss of one micro-batch and the gradients of the trained tensors, by name.
-    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)>;
-    /// One optimiser update with the averaged, clipped gradients.
-    fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()>;
-    /// Writes a resumable checkpoint of the trained tensors and the optimiser after `state`.
-    fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()>;
+    resume::newest(
+        scratch,
+        |m| ctx.progress.message(m),
+        |dir| {
+            let state = read_state(dir)?;
+            let (emb, _) = read_embedding(&dir.join("embedding.safetensors"), Some(token))?;
+            if emb.vectors.numel() != numel || emb.vectors.shape.len() != 2 {
+                bail!("checkpoint vectors have shape {:?}", emb.vectors.shape);
+            }
+            let extra = dev.tensor_from_vec(
+                emb.vectors.data.clone(),
+                (emb.vectors.shape[0], emb.vectors.shape[1]),
+            );
+            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+            Ok((extra, optimizer, state))
+        },
+    )
 }
 
 /// LoRA: adapters installed on the UNet (computing in `E`) and the text encoder (f32).
@@ -1528,7 +1233,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> LoraSteps<'_, D, E> {
     }
 }
 
-impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for LoraSteps<'_, D, E> {
+impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for LoraSteps<'_, D, E> {
     fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         if self.dropout > 0.0 {
             let dropout_seed = mix(self.seed ^ 0xD80F_0F7A, batch.step, batch.micro);
@@ -1611,7 +1316,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for LoraSteps<'_, D, E> 
         Ok(())
     }
 
-    fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()> {
+    fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
         let network = self.network();
         let mut state = state.clone();
         state.loss_scaler = E::HALF.then_some(self.scaler);
@@ -1640,7 +1345,7 @@ struct TiSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
 /// The parameter name of the trained vectors (A1111's tensor name).
 const EMB_PARAMS: &str = "emb_params";
 
-impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for TiSteps<'_, D, E> {
+impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for TiSteps<'_, D, E> {
     fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         let batch_ids: Vec<Vec<u32>> = batch
             .picked
@@ -1680,7 +1385,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> StepMethod<D> for TiSteps<'_, D, E> {
         Ok(self.optimizer.update(EMB_PARAMS, self.extra, &grad, lr)?)
     }
 
-    fn checkpoint(&mut self, state: &CheckpointState) -> anyhow::Result<()> {
+    fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
         let embedding = self
             .params
             .embedding(self.token, self.extra, state.step, self.model_path);

@@ -23,7 +23,6 @@ use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 use super::dreambooth::{load_weights, update_all};
-use super::{StepState, mix, newest_checkpoint, peak_memory_mib, read_state, save_checkpoint_with};
 use crate::diffusion::clip::{ClipActivation, ClipConfig};
 use crate::diffusion::nn::Tensor4;
 use crate::diffusion::params::{count_params, named_grads, named_tensors, set_trainable};
@@ -38,9 +37,12 @@ use crate::formats::checkpoint::{ModelTensors, SaveDtype, write_single_file};
 use crate::formats::{HostTensor, read_safetensors, write_safetensors};
 use crate::stages::ParamError;
 use crate::stages::context::{StageContext, StageResult};
+use crate::train::batch::mix;
 use crate::train::lora::loss_and_grads_taped;
 use crate::train::lr::LrSchedule;
 use crate::train::optim::{AdamW, AdamWConfig, clip_coefficient};
+use crate::train::peak_memory_mib;
+use crate::train::resume::{self, ResumeState, read_state};
 
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
@@ -286,7 +288,7 @@ struct PretrainState {
     scaling_factor: Option<f64>,
 }
 
-impl StepState for PretrainState {
+impl ResumeState for PretrainState {
     fn step(&self) -> u64 {
         self.step
     }
@@ -721,7 +723,7 @@ impl PretrainParams {
                 named_tensors(&mut models.vae),
                 named_tensors(&mut models.text_encoder),
             );
-            save_checkpoint_with(&ctx.scratch()?, &*state, |dir| {
+            resume::save(&ctx.scratch()?, &*state, |dir| {
                 write_safetensors(&dir.join("unet.safetensors"), &u, None)?;
                 write_safetensors(&dir.join("vae.safetensors"), &v, None)?;
                 write_safetensors(&dir.join("text_encoder.safetensors"), &t, None)?;
@@ -947,26 +949,30 @@ fn load_pretrain_checkpoint<D: Device<f32>>(
     dev: &D,
     ctx: &StageContext<'_>,
 ) -> anyhow::Result<Option<(AdamW<D>, PretrainState)>> {
-    let found = newest_checkpoint(scratch, ctx, |dir| -> anyhow::Result<_> {
-        let state: PretrainState = read_state(dir)?;
-        let mut unet = models.unet.clone();
-        let mut vae = models.vae.clone();
-        let mut te = models.text_encoder.clone();
-        load_weights(
-            &mut unet,
-            &read_safetensors(&dir.join("unet.safetensors"))?.tensors,
-        )?;
-        load_weights(
-            &mut vae,
-            &read_safetensors(&dir.join("vae.safetensors"))?.tensors,
-        )?;
-        load_weights(
-            &mut te,
-            &read_safetensors(&dir.join("text_encoder.safetensors"))?.tensors,
-        )?;
-        let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
-        Ok((unet, vae, te, optimizer, state))
-    })?;
+    let found = resume::newest(
+        scratch,
+        |m| ctx.progress.message(m),
+        |dir| -> anyhow::Result<_> {
+            let state: PretrainState = read_state(dir)?;
+            let mut unet = models.unet.clone();
+            let mut vae = models.vae.clone();
+            let mut te = models.text_encoder.clone();
+            load_weights(
+                &mut unet,
+                &read_safetensors(&dir.join("unet.safetensors"))?.tensors,
+            )?;
+            load_weights(
+                &mut vae,
+                &read_safetensors(&dir.join("vae.safetensors"))?.tensors,
+            )?;
+            load_weights(
+                &mut te,
+                &read_safetensors(&dir.join("text_encoder.safetensors"))?.tensors,
+            )?;
+            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+            Ok((unet, vae, te, optimizer, state))
+        },
+    )?;
     let Some((unet, mut vae, text_encoder, optimizer, state)) = found else {
         return Ok(None);
     };

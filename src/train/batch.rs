@@ -1,0 +1,131 @@
+//! Drawing the micro-batches of a run: every draw is seeded by the pipeline seed, the step and
+//! the micro-batch, so a rerun is bit-identical on the CPU and a run resumed from a checkpoint
+//! ends exactly where an uninterrupted one does.
+
+use std::collections::HashMap;
+
+use anyhow::Context as _;
+use dfdx::prelude::*;
+use rand::{RngExt, SeedableRng};
+
+use crate::diffusion::nn::{Tensor3, Tensor4};
+use crate::diffusion::schedulers::SeededNoise;
+
+/// One latent item in memory: the VAE posterior's mean and std and the item's caption.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// The caption its text-encoder states come from.
+    pub caption: String,
+    /// Posterior mean, `[c, h, w]` row-major (unscaled).
+    pub mean: Vec<f32>,
+    /// Posterior standard deviation, same layout.
+    pub std: Vec<f32>,
+    /// `[c, h, w]`.
+    pub shape: [usize; 3],
+}
+
+/// One micro-batch: latent samples, noise, timesteps, and which items they are.
+pub struct Batch<D: Device<f32>> {
+    /// Scaled latent samples, `[b, c, h, w]`.
+    pub latents: Tensor4<D>,
+    /// The noise added, same shape.
+    pub noise: Tensor4<D>,
+    /// One training timestep per item.
+    pub timesteps: Vec<usize>,
+    /// Indices of the items drawn.
+    pub picked: Vec<usize>,
+    /// The optimiser step it was drawn for.
+    pub step: u64,
+    /// The micro-batch within the step.
+    pub micro: u64,
+}
+
+/// How micro-batches are drawn: size and the timestep range.
+#[derive(Debug, Clone, Copy)]
+pub struct Sampling {
+    /// Items per micro-batch (drawn from one latent size).
+    pub batch_size: usize,
+    /// Smallest timestep drawn.
+    pub min_timestep: usize,
+    /// One past the largest timestep drawn.
+    pub max_timestep: usize,
+}
+
+impl Sampling {
+    /// The micro-batch of `step`: items of one latent size, latent samples
+    /// `(mean + std·ε)·scaling`, noise, uniform timesteps.
+    #[allow(clippy::too_many_arguments)]
+    pub fn draw<D: Device<f32>>(
+        &self,
+        items: &[Item],
+        scaling: f32,
+        seed: u64,
+        step: u64,
+        micro: u64,
+        dev: &D,
+    ) -> Batch<D> {
+        let batch_seed = mix(seed, step, micro);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(batch_seed);
+        let first = rng.random_range(0..items.len());
+        let same: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].shape == items[first].shape)
+            .collect();
+        let mut picked = vec![first];
+        while picked.len() < self.batch_size {
+            picked.push(same[rng.random_range(0..same.len())]);
+        }
+        let [c, h, w] = items[first].shape;
+        let mut noise_src = SeededNoise::new(batch_seed ^ 0x05ee_d0f0_015e);
+        let mut latents = Vec::with_capacity(picked.len() * c * h * w);
+        for &i in &picked {
+            for (m, s) in items[i].mean.iter().zip(&items[i].std) {
+                latents.push((m + s * noise_src.next_normal() as f32) * scaling);
+            }
+        }
+        let noise: Vec<f32> = (0..latents.len())
+            .map(|_| noise_src.next_normal() as f32)
+            .collect();
+        let timesteps: Vec<usize> = picked
+            .iter()
+            .map(|_| rng.random_range(self.min_timestep..self.max_timestep))
+            .collect();
+        let b = picked.len();
+        Batch {
+            latents: dev.tensor_from_vec(latents, (b, c, h, w)),
+            noise: dev.tensor_from_vec(noise, (b, c, h, w)),
+            timesteps,
+            picked,
+            step,
+            micro,
+        }
+    }
+}
+
+/// The text-encoder states of the picked items' captions, `[b, 77, d]`.
+pub fn batch_context<D: Device<f32>>(
+    items: &[Item],
+    contexts: &HashMap<String, Tensor3<D>>,
+    picked: &[usize],
+) -> anyhow::Result<Tensor3<D>> {
+    let parts: Vec<&Tensor3<D>> = picked
+        .iter()
+        .map(|&i| {
+            contexts
+                .get(&items[i].caption)
+                .context("caption not encoded")
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let (_, n, d) = *parts[0].shape();
+    let data: Vec<f32> = parts.iter().flat_map(|t| t.as_vec()).collect();
+    let dev = parts[0].device().clone();
+    Ok(dev.tensor_from_vec(data, (parts.len(), n, d)))
+}
+
+/// A seed derived from the run's seed, the step and the micro-batch (or any two counters).
+pub fn mix(seed: u64, step: u64, micro: u64) -> u64 {
+    let mut h = blake3::Hasher::new();
+    h.update(&seed.to_le_bytes());
+    h.update(&step.to_le_bytes());
+    h.update(&micro.to_le_bytes());
+    u64::from_le_bytes(h.finalize().as_bytes()[..8].try_into().unwrap_or_default())
+}

@@ -1,0 +1,51 @@
+//! The evaluation loss a run reports before and after training: the same items, noise and
+//! timesteps every time, so the two figures (and those of other methods) compare.
+
+use std::collections::HashMap;
+
+use anyhow::Context as _;
+use dfdx::prelude::*;
+
+use super::batch::{Item, mix};
+use crate::diffusion::UNet;
+use crate::diffusion::nn::{Elem, Tensor3};
+use crate::diffusion::schedulers::{Ddpm, SeededNoise};
+
+/// Mean loss over a fixed evaluation set: up to 8 items at their latent means, fixed noise and
+/// timesteps spread over the range, no gradients.
+pub fn eval_loss<E: Elem, D: Device<f32> + Device<E>>(
+    unet: &UNet<D, E>,
+    ddpm: &Ddpm,
+    items: &[Item],
+    contexts: &HashMap<String, Tensor3<D>>,
+    scaling: f32,
+    seed: u64,
+    dev: &D,
+) -> anyhow::Result<f32> {
+    let n = items.len().min(8);
+    let mut total = 0.0f32;
+    for (i, item) in items.iter().take(n).enumerate() {
+        let [c, h, w] = item.shape;
+        let mut noise_src = SeededNoise::new(mix(seed, u64::MAX, i as u64));
+        let latents: Vec<f32> = item.mean.iter().map(|m| m * scaling).collect();
+        let noise: Vec<f32> = (0..latents.len())
+            .map(|_| noise_src.next_normal() as f32)
+            .collect();
+        let t = 50 + (900 * i) / n.max(1);
+        let latents = dev.tensor_from_vec(latents, (1, c, h, w));
+        let noise = dev.tensor_from_vec(noise, (1, c, h, w));
+        let context = contexts
+            .get(&item.caption)
+            .cloned()
+            .context("caption not encoded")?;
+        total += super::objective::eval_loss(
+            unet,
+            ddpm,
+            &latents,
+            &noise,
+            &[t],
+            context.to_dtype::<E>(),
+        )?;
+    }
+    Ok(total / n as f32)
+}

@@ -1,0 +1,219 @@
+//! The step loop every fine-tuning method shares, and the one optimiser step inside it: per
+//! step, the gradients of `gradient_accumulation` seeded micro-batches are averaged, clipped
+//! by global norm and applied at the scheduled rate; a resumable checkpoint is written every
+//! `checkpoint_every` steps. What differs between methods is a [`TrainMethod`].
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use dfdx::prelude::*;
+
+use super::batch::{Batch, Item, Sampling};
+use super::lr::LrSchedule;
+use super::objective::ObjectiveError;
+use super::optim::clip_coefficient;
+use super::resume::{self, TrainState};
+use crate::control::{CancelToken, Progress};
+use crate::diffusion::host_tensor::HostTensor;
+
+/// Gradients of the trained tensors, by parameter name, on the host.
+pub type Grads = BTreeMap<String, HostTensor>;
+
+/// What differs between training methods inside the shared loop: one file per method in
+/// [`super::methods`].
+pub trait TrainMethod<D: Device<f32>> {
+    /// The loss of one micro-batch and the gradients of the trained tensors, by name.
+    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, Grads)>;
+    /// One optimiser update with the averaged, clipped gradients.
+    fn apply(&mut self, grads: &Grads, lr: f64) -> anyhow::Result<()>;
+    /// Writes a resumable checkpoint of the trained tensors and the optimiser after `state`.
+    fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()>;
+}
+
+/// The loop's settings (the train stage's keys of the same names).
+#[derive(Debug, Clone, Copy)]
+pub struct LoopConfig {
+    /// Optimiser steps.
+    pub steps: u64,
+    /// Base learning rate (the schedule scales it).
+    pub lr: f64,
+    /// Micro-batches whose gradients are averaged per step.
+    pub gradient_accumulation: usize,
+    /// Global gradient-norm clipping; 0 turns it off.
+    pub max_grad_norm: f64,
+    /// Steps between resumable checkpoints; 0 writes none.
+    pub checkpoint_every: u64,
+    /// How micro-batches are drawn.
+    pub sampling: Sampling,
+}
+
+/// What the loop trains on: the items, the latent scaling factor and the run's seed.
+#[derive(Clone, Copy)]
+pub struct LoopData<'a> {
+    /// The latent items.
+    pub items: &'a [Item],
+    /// The VAE's latent scaling factor.
+    pub scaling: f32,
+    /// The seed every draw derives from.
+    pub seed: u64,
+}
+
+/// Where the loop reports and what stops it.
+pub struct LoopEnv<'a> {
+    /// Progress display.
+    pub progress: &'a Progress,
+    /// The progress bar's label (`train@method=lora lora`).
+    pub label: String,
+    /// Checked before every step.
+    pub cancel: &'a CancelToken,
+    /// The run's scratch folder (checkpoints).
+    pub scratch: &'a Path,
+    /// Called after every step (tests slow a run down with it).
+    pub after_step: Option<&'a dyn Fn()>,
+}
+
+/// The result of one optimiser step.
+#[derive(Debug, Clone, Copy)]
+pub struct StepOutcome {
+    /// The mean loss of its micro-batches (NaN or infinite when training diverged: then
+    /// nothing was applied).
+    pub loss: f32,
+}
+
+impl LoopConfig {
+    /// One optimiser step of `method` at rate `lr` on the micro-batches `draw(micro)` gives:
+    /// gradients summed and averaged, clipped by global norm, applied. A micro-batch whose loss
+    /// is not finite makes the step's loss NaN and nothing is applied.
+    pub fn step<D: Device<f32>>(
+        &self,
+        method: &mut dyn TrainMethod<D>,
+        mut draw: impl FnMut(u64) -> Batch<D>,
+        lr: f64,
+    ) -> anyhow::Result<StepOutcome> {
+        let mut summed = Grads::new();
+        let mut loss_sum = 0.0f32;
+        for micro in 0..self.gradient_accumulation {
+            let batch = draw(micro as u64);
+            let (loss, grads) = match method.grads(&batch) {
+                Ok(found) => found,
+                Err(e) if is_non_finite(&e) => (f32::NAN, Grads::new()),
+                Err(e) => return Err(e),
+            };
+            loss_sum += loss;
+            for (name, g) in grads {
+                match summed.get_mut(&name) {
+                    Some(acc) => acc.data.iter_mut().zip(&g.data).for_each(|(a, b)| *a += b),
+                    None => {
+                        summed.insert(name, g);
+                    }
+                }
+            }
+        }
+        let k = self.gradient_accumulation as f32;
+        if k > 1.0 {
+            summed
+                .values_mut()
+                .for_each(|g| g.data.iter_mut().for_each(|v| *v /= k));
+        }
+        clip_by_global_norm(&mut summed, self.max_grad_norm);
+        let loss = loss_sum / k;
+        if loss.is_finite() {
+            method.apply(&summed, lr)?;
+        }
+        Ok(StepOutcome { loss })
+    }
+
+    /// Trains `method` from `state` to `self.steps`; returns the wall time of this process's
+    /// part. Stops with [`crate::control::Cancelled`] when `env.cancel` is set.
+    pub fn run<D: Device<f32>>(
+        &self,
+        data: LoopData<'_>,
+        dev: &D,
+        sched: &LrSchedule,
+        state: &mut TrainState,
+        method: &mut dyn TrainMethod<D>,
+        env: &LoopEnv<'_>,
+    ) -> anyhow::Result<f64> {
+        let started = std::time::Instant::now();
+        let bar = env.progress.bar(self.steps, &env.label);
+        bar.set_position(state.step);
+        while state.step < self.steps {
+            env.cancel.check()?;
+            let step = state.step;
+            let lr = sched.lr_at(self.lr, step);
+            let outcome = self
+                .step(
+                    method,
+                    |micro| {
+                        self.sampling
+                            .draw(data.items, data.scaling, data.seed, step, micro, dev)
+                    },
+                    lr,
+                )
+                .map_err(|e| e.context(format!("step {}", step + 1)))?;
+            if !outcome.loss.is_finite() {
+                anyhow::bail!(
+                    "the loss became {} at step {}: training diverged (lower `lr`, or set \
+                     `max_grad_norm`); {}",
+                    outcome.loss,
+                    step + 1,
+                    match resume::dirs(env.scratch).last() {
+                        Some(dir) =>
+                            format!("the last good checkpoint is kept in {}", dir.display()),
+                        None => "no checkpoint had been written yet".into(),
+                    }
+                );
+            }
+            state.losses.push(outcome.loss);
+            state.step += 1;
+            bar.set_position(state.step);
+            bar.set_message(format!("{} loss {:.4}", env.label, outcome.loss));
+            if self.checkpoint_every > 0
+                && state.step.is_multiple_of(self.checkpoint_every)
+                && state.step < self.steps
+            {
+                method.checkpoint(state)?;
+            }
+            if let Some(hook) = env.after_step {
+                hook();
+            }
+        }
+        bar.finish_and_clear();
+        Ok(started.elapsed().as_secs_f64())
+    }
+}
+
+/// Scales `grads` so their global L2 norm is at most `max_norm` (0 turns it off), as
+/// `torch.nn.utils.clip_grad_norm_` does.
+pub fn clip_by_global_norm(grads: &mut Grads, max_norm: f64) {
+    if max_norm <= 0.0 {
+        return;
+    }
+    let norms: Vec<f32> = grads
+        .values()
+        .map(|g| g.data.iter().map(|v| v * v).sum::<f32>().sqrt())
+        .collect();
+    let (_, coef) = clip_coefficient(&norms, max_norm as f32);
+    if coef < 1.0 {
+        grads
+            .values_mut()
+            .for_each(|g| g.data.iter_mut().for_each(|v| *v *= coef));
+    }
+}
+
+/// Whether `e` is the objective's non-finite loss, from whichever method's error type.
+fn is_non_finite(e: &anyhow::Error) -> bool {
+    use super::hypernetwork::HyperTrainError;
+    use super::lora::LoraTrainError;
+    let objective = e
+        .downcast_ref::<ObjectiveError>()
+        .or_else(|| match e.downcast_ref::<LoraTrainError>() {
+            Some(LoraTrainError::Objective(o)) => Some(o),
+            _ => None,
+        })
+        .or_else(|| match e.downcast_ref::<HyperTrainError>() {
+            Some(HyperTrainError::Objective(o)) => Some(o),
+            _ => None,
+        });
+    matches!(objective, Some(ObjectiveError::NonFinite(_)))
+}
