@@ -86,6 +86,65 @@ impl LossScaler {
     }
 }
 
+/// A run's [`LossScaler`] with the overflow flag of the step in progress: every method's
+/// micro-batches unscale through it, and its update is skipped on an f16 overflow.
+#[derive(Debug, Clone, Copy)]
+pub struct StepScaler {
+    /// The scaler (saved in checkpoints).
+    pub scaler: LossScaler,
+    /// Whether every gradient of the step's micro-batches so far was finite.
+    finite: bool,
+}
+
+impl StepScaler {
+    /// Resumes `saved`, or starts [`LossScaler::for_elem`].
+    pub fn new<E: Elem>(saved: Option<LossScaler>) -> Self {
+        Self {
+            scaler: saved.unwrap_or_else(LossScaler::for_elem::<E>),
+            finite: true,
+        }
+    }
+
+    /// The factor the loss is multiplied by before the backward pass.
+    pub fn scale(&self) -> f32 {
+        self.scaler.scale
+    }
+
+    /// Divides `grads` by the scale and notes whether they are finite.
+    pub fn unscale(&mut self, grads: &mut BTreeMap<String, HostTensor>) {
+        self.finite &= self.scaler.unscale(grads);
+    }
+
+    /// Notes whether gradients computed outside the scaled pass (in f32) are finite.
+    pub fn note_finite<'a>(&mut self, grads: impl IntoIterator<Item = &'a HostTensor>) {
+        self.finite &= grads
+            .into_iter()
+            .all(|g| g.data.iter().all(|v| v.is_finite()));
+    }
+
+    /// Whether the step's update should be applied: `false` after an f16 overflow, when the
+    /// scale is halved and the step skipped (GradScaler). Call once per step; after applying,
+    /// call [`Self::applied`].
+    pub fn begin_update<E: Elem>(&mut self) -> bool {
+        let finite = std::mem::replace(&mut self.finite, true);
+        if !finite && E::HALF {
+            self.scaler.update(false);
+            return false;
+        }
+        true
+    }
+
+    /// Records an applied update (the scale grows after enough of them).
+    pub fn applied(&mut self) {
+        self.scaler.update(true);
+    }
+
+    /// What a checkpoint saves: the scaler of a mixed-precision run, nothing in f32.
+    pub fn saved<E: Elem>(&self) -> Option<LossScaler> {
+        E::HALF.then_some(self.scaler)
+    }
+}
+
 /// The loss of one batch and the gradients (of the loss times `loss_scale`) with the UNet
 /// computing in `E` ([`objective::loss_and_grads`]); `context` joins the tape, so
 /// `grads.get(context)` is its gradient.

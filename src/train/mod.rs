@@ -9,6 +9,7 @@ pub mod hypernetwork;
 pub mod lora;
 pub mod lr;
 mod method;
+pub mod methods;
 mod metrics;
 pub mod mixed;
 pub mod objective;

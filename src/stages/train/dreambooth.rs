@@ -13,24 +13,23 @@ use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{RunEnd, Setup, TrainParams, load_items, schedule};
-use crate::diffusion::nn::{Elem, Tensor3};
+use crate::diffusion::nn::Elem;
 use crate::diffusion::params::{
-    Layers, ParamMut, copy_params, count_params, named_grads, set_trainable,
-    try_for_each_named_param,
+    Layers, ParamMut, copy_params, count_params, set_trainable, try_for_each_named_param,
 };
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::weights::single_file::StoredConfigs;
 use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::checkpoint::{ModelTensors, SaveDtype, write_single_file};
-use crate::formats::{HostTensor, read_safetensors, write_safetensors};
+use crate::formats::{HostTensor, read_safetensors};
 use crate::stages::context::{StageContext, StageResult};
 use crate::stages::encode_latents::LatentsManifest;
-use crate::train::batch::{Batch, Item, batch_context};
 use crate::train::eval::eval_loss;
-use crate::train::mixed::{self, LossScaler};
+use crate::train::methods::DreamboothSteps;
+use crate::train::methods::dreambooth::as_f32;
+use crate::train::mixed::StepScaler;
 use crate::train::optim::AdamW;
 use crate::train::resume::{self, TrainState, read_state};
-use crate::train::run_loop::TrainMethod;
 
 /// DreamBooth settings (`[stage.NAME.dreambooth]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -68,15 +67,9 @@ impl Default for DreamboothParams {
     }
 }
 
-/// Prefix of the text encoder's parameters in gradient maps, optimiser state and checkpoints.
-const TE: &str = "text_encoder.";
-
 fn default_prior_loss_weight() -> f64 {
     1.0
 }
-
-/// Salt of the class batches' seeds (they must differ from the instance batches').
-const CLASS_SALT: u64 = 0xC1A5_5EED_0000_0001;
 
 impl TrainParams {
     pub(super) fn validate_dreambooth(&self) -> Result<(), crate::stages::ParamError> {
@@ -196,7 +189,8 @@ impl TrainParams {
         let sched = schedule(self).map_err(anyhow::Error::msg)?;
         let mut optimizer = optimizer;
         let mut steps = DreamboothSteps {
-            params: self,
+            clip_skip: self.clip_skip,
+            sampling: self.sampling(),
             unet: &mut unet,
             text_encoder: train_te.then_some(&mut text_encoder),
             ids: &ids,
@@ -211,8 +205,7 @@ impl TrainParams {
             seed,
             te_lr_factor: self.dreambooth.text_encoder_lr.map_or(1.0, |l| l / self.lr),
             master: master.as_mut(),
-            scaler: state.loss_scaler.unwrap_or_else(LossScaler::for_elem::<E>),
-            finite: true,
+            scaler: StepScaler::new::<E>(state.loss_scaler),
         };
         let wall_s = self.drive(
             ctx,
@@ -225,7 +218,7 @@ impl TrainParams {
             &sched,
             &mut steps,
         )?;
-        let skipped = steps.scaler.skipped;
+        let skipped = steps.scaler.scaler.skipped;
         if skipped > 0 {
             ctx.progress.message(&format!(
                 "{}: {skipped} of {} steps skipped on an f16 gradient overflow",
@@ -313,170 +306,6 @@ impl TrainParams {
         let _ = std::fs::remove_dir_all(scratch.join("checkpoints"));
         let _ = std::fs::remove_file(&out);
         Ok(result)
-    }
-}
-
-/// Full fine-tuning: every UNet layer trainable.
-struct DreamboothSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
-    params: &'a TrainParams,
-    /// The UNet the passes run through (computing in `E`).
-    unet: &'a mut UNet<D, E>,
-    /// The text encoder when it trains too (contexts are then computed per batch).
-    text_encoder: Option<&'a mut TextEncoder<D>>,
-    /// Token ids by caption.
-    ids: &'a HashMap<String, Vec<u32>>,
-    ddpm: &'a Ddpm,
-    items: &'a [Item],
-    class_items: &'a [Item],
-    contexts: &'a HashMap<String, Tensor3<D>>,
-    optimizer: &'a mut AdamW<D>,
-    scratch: &'a Path,
-    scaling: f32,
-    prior_weight: f32,
-    /// The pipeline seed (class batches use it with a salt).
-    seed: u64,
-    /// Text-encoder learning rate / UNet learning rate.
-    te_lr_factor: f64,
-    /// The f32 master weights in mixed precision (`None`: `unet` is f32 and is updated).
-    master: Option<&'a mut UNet<D>>,
-    /// Loss scaling (a fixed 1 in f32).
-    scaler: LossScaler,
-    /// Whether the last micro-batches' gradients were all finite.
-    finite: bool,
-}
-
-/// `unet` as the f32 model it is when the run computes in f32.
-fn as_f32<D: Device<f32> + Device<E>, E: Elem>(
-    unet: &mut UNet<D, E>,
-) -> anyhow::Result<&mut UNet<D>> {
-    (unet as &mut dyn std::any::Any)
-        .downcast_mut::<UNet<D>>()
-        .context("a mixed-precision UNet has no f32 weights to update (masters missing)")
-}
-
-impl<D: Device<f32> + Device<E>, E: Elem> DreamboothSteps<'_, D, E> {
-    fn batch_grads(
-        &mut self,
-        items: &[Item],
-        batch: &Batch<D>,
-    ) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
-        let scale = self.scaler.scale;
-        let Some(te) = self.text_encoder.as_deref_mut() else {
-            let context = batch_context(items, self.contexts, &batch.picked)?.to_dtype::<E>();
-            let (loss, grads) = mixed::loss_and_grads(
-                self.unet,
-                self.ddpm,
-                &batch.latents,
-                &batch.noise,
-                &batch.timesteps,
-                &context,
-                scale,
-            )?;
-            let mut out = named_grads(self.unet, &grads);
-            self.finite &= self.scaler.unscale(&mut out);
-            return Ok((loss, out));
-        };
-        let batch_ids: Vec<Vec<u32>> = batch
-            .picked
-            .iter()
-            .map(|&i| self.ids[&items[i].caption].clone())
-            .collect();
-        // Two backward passes: the UNet's (in `E`) gives the context's gradient, which the
-        // text encoder's (f32) carries to its weights.
-        let embeds = te.embed_tokens_traced(&batch_ids)?;
-        let (context, te_tape) = te
-            .forward_embeds(embeds, self.params.clip_skip)?
-            .split_tape();
-        let context_e = context.clone().to_dtype::<E>();
-        let (loss, grads) = mixed::loss_and_grads(
-            self.unet,
-            self.ddpm,
-            &batch.latents,
-            &batch.noise,
-            &batch.timesteps,
-            &context_e,
-            scale,
-        )?;
-        let mut out = named_grads(self.unet, &grads);
-        let g_context = grads.get(&context_e).to_dtype::<f32>() * (1.0 / scale);
-        drop(grads);
-        self.finite &= self.scaler.unscale(&mut out);
-        let te_grads = (context.put_tape(te_tape) * g_context).sum().backward();
-        for (name, g) in named_grads(te, &te_grads) {
-            self.finite &= g.data.iter().all(|v| v.is_finite());
-            out.insert(format!("{TE}{name}"), g);
-        }
-        Ok((loss, out))
-    }
-}
-
-impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for DreamboothSteps<'_, D, E> {
-    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
-        let (mut loss, mut grads) = self.batch_grads(self.items, batch)?;
-        if !self.class_items.is_empty() {
-            let dev = batch.latents.device().clone();
-            let class_batch = self.params.sampling().draw(
-                self.class_items,
-                self.scaling,
-                self.seed ^ CLASS_SALT,
-                batch.step,
-                batch.micro,
-                &dev,
-            );
-            let (class_loss, class_grads) = self.batch_grads(self.class_items, &class_batch)?;
-            loss += self.prior_weight * class_loss;
-            for (name, g) in class_grads {
-                if let Some(acc) = grads.get_mut(&name) {
-                    for (a, b) in acc.data.iter_mut().zip(&g.data) {
-                        *a += self.prior_weight * b;
-                    }
-                }
-            }
-        }
-        Ok((loss, grads))
-    }
-
-    fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
-        let finite = std::mem::replace(&mut self.finite, true);
-        if !finite && E::HALF {
-            // an f16 overflow: skip the step with a smaller scale (GradScaler)
-            self.scaler.update(false);
-            return Ok(());
-        }
-        match self.master.as_deref_mut() {
-            Some(master) => {
-                update_all(master, "", grads, self.optimizer, lr)?;
-                copy_params(master, self.unet).map_err(anyhow::Error::msg)?;
-            }
-            None => update_all(as_f32(self.unet)?, "", grads, self.optimizer, lr)?,
-        }
-        if let Some(te) = self.text_encoder.as_deref_mut() {
-            update_all(te, TE, grads, self.optimizer, lr * self.te_lr_factor)?;
-        }
-        self.scaler.update(true);
-        Ok(())
-    }
-
-    fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
-        let weights = match self.master.as_deref_mut() {
-            Some(master) => crate::diffusion::params::named_tensors(master),
-            None => crate::diffusion::params::named_tensors(self.unet),
-        };
-        let mut state = state.clone();
-        state.loss_scaler = E::HALF.then_some(self.scaler);
-        let state = &state;
-        let te_weights = self
-            .text_encoder
-            .as_deref_mut()
-            .map(crate::diffusion::params::named_tensors);
-        resume::save(self.scratch, state, |dir| {
-            write_safetensors(&dir.join("unet.safetensors"), &weights, None)?;
-            if let Some(te) = &te_weights {
-                write_safetensors(&dir.join("text_encoder.safetensors"), te, None)?;
-            }
-            self.optimizer.save(&dir.join("optimizer.safetensors"))?;
-            Ok(())
-        })
     }
 }
 

@@ -15,7 +15,6 @@
 //!
 //! Dropout masks come from the per-step seed, so a rerun (and a resumed run) is bit-identical.
 
-use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
 use anyhow::{Context as _, bail};
@@ -23,24 +22,22 @@ use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{RunEnd, Setup, TrainParams, schedule};
-use crate::diffusion::UNet;
 use crate::diffusion::hypernetwork::HyperActivation;
-use crate::diffusion::nn::{Elem, Tensor3};
+use crate::diffusion::nn::Elem;
 use crate::diffusion::schedulers::Ddpm;
-use crate::formats::HostTensor;
 use crate::formats::hypernetwork::{
     Hypernetwork, HypernetworkConfig, read_hypernetwork, sequential_layout, write_hypernetwork_pt,
     write_hypernetwork_safetensors,
 };
 use crate::stages::ParamError;
 use crate::stages::context::{StageContext, StageResult};
-use crate::train::batch::{Batch, Item, batch_context, mix};
+use crate::train::batch::mix;
 use crate::train::eval::eval_loss;
-use crate::train::hypernetwork::{HyperNet, apply_grads, install, param_grads};
-use crate::train::mixed::{self, LossScaler};
+use crate::train::hypernetwork::{HyperNet, install};
+use crate::train::methods::HyperSteps;
+use crate::train::mixed::StepScaler;
 use crate::train::optim::AdamW;
 use crate::train::resume::{self, TrainState, read_state};
-use crate::train::run_loop::TrainMethod;
 
 /// `[stage.NAME.hypernetwork]`: A1111's hypernetwork settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -282,10 +279,7 @@ impl TrainParams {
             scratch: &scratch,
             template: &template,
             seed,
-            accumulation: self.gradient_accumulation as u64,
-            calls: state.step * self.gradient_accumulation as u64,
-            scaler: state.loss_scaler.unwrap_or_else(LossScaler::for_elem::<E>),
-            finite: true,
+            scaler: StepScaler::new::<E>(state.loss_scaler),
         };
         let wall_s = self.drive(
             ctx,
@@ -373,77 +367,4 @@ fn load_checkpoint<D: Device<f32>>(
             Ok((net, optimizer, state))
         },
     )
-}
-
-/// Hypernetwork: f32 master weights here, copies (in the UNet's element type) hooked into the
-/// attentions for each micro-batch (with that micro-batch's dropout seed).
-struct HyperSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
-    unet: &'a mut UNet<D, E>,
-    ddpm: &'a Ddpm,
-    items: &'a [Item],
-    contexts: &'a HashMap<String, Tensor3<D>>,
-    net: HyperNet<D>,
-    optimizer: &'a mut AdamW<D>,
-    scratch: &'a Path,
-    template: &'a Hypernetwork,
-    seed: u64,
-    accumulation: u64,
-    /// Micro-batches done (the drive loop calls `grads` `accumulation` times per step).
-    calls: u64,
-    /// Loss scaling (a fixed 1 in f32).
-    scaler: LossScaler,
-    /// Whether the last micro-batches' gradients were all finite.
-    finite: bool,
-}
-
-impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for HyperSteps<'_, D, E> {
-    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
-        let (step, micro) = (
-            self.calls / self.accumulation,
-            self.calls % self.accumulation,
-        );
-        self.calls += 1;
-        // A1111 trains at multiplier 1, dropout on.
-        let dropout_seed = mix(self.seed ^ 0xd80_9047, step, micro);
-        let working = self.net.to_elem::<E>();
-        install(self.unet, &[(&working, 1.0)], Some(dropout_seed))?;
-        let context = batch_context(self.items, self.contexts, &batch.picked)?.to_dtype::<E>();
-        let (loss, mut grads) = mixed::loss_and_grads(
-            self.unet,
-            self.ddpm,
-            &batch.latents,
-            &batch.noise,
-            &batch.timesteps,
-            &context,
-            self.scaler.scale,
-        )?;
-        let mut out = param_grads(&working, &mut grads)?;
-        self.finite &= self.scaler.unscale(&mut out);
-        Ok((loss, out))
-    }
-
-    fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
-        let finite = std::mem::replace(&mut self.finite, true);
-        if !finite && E::HALF {
-            // an f16 overflow: skip the step with a smaller scale (GradScaler)
-            self.scaler.update(false);
-            return Ok(());
-        }
-        apply_grads(&mut self.net, grads, self.optimizer, lr)?;
-        self.scaler.update(true);
-        Ok(())
-    }
-
-    fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
-        let mut file = self.net.to_host(self.template);
-        file.step = state.step;
-        let mut state = state.clone();
-        state.loss_scaler = E::HALF.then_some(self.scaler);
-        let state = &state;
-        resume::save(self.scratch, state, |dir| {
-            write_hypernetwork_safetensors(&dir.join("hypernetwork.safetensors"), &file)?;
-            self.optimizer.save(&dir.join("optimizer.safetensors"))?;
-            Ok(())
-        })
-    }
 }

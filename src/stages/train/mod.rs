@@ -25,7 +25,6 @@ use crate::cache::BlobRef;
 use crate::diffusion::nn::{Elem, Tensor2, Tensor3};
 use crate::diffusion::pipeline::TextToImage;
 use crate::diffusion::schedulers::Ddpm;
-use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::HostTensor;
 use crate::formats::embedding::{
     Embedding, read_embedding, write_a1111_safetensors, write_diffusers,
@@ -34,11 +33,13 @@ use crate::formats::lora::{
     KohyaMetadata, LoraComponent, LoraModule, LoraNetwork, read_lora, write_kohya,
 };
 use crate::pipeline::PipelineSettings;
-use crate::train::batch::{Batch, Item, Sampling, batch_context, mix};
+use crate::train::batch::{Item, Sampling};
 use crate::train::eval::eval_loss;
-use crate::train::lora::{LoraTarget, adapter_grads, extract, install, set_dropout};
+use crate::train::lora::{LoraTarget, extract, install};
 use crate::train::lr::{A1111Schedule, LrSchedule};
-use crate::train::mixed::{self, LossScaler, Masters};
+use crate::train::methods::{LoraSteps, TiSteps};
+use crate::train::mixed::Masters;
+use crate::train::mixed::StepScaler;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::peak_memory_mib;
 use crate::train::resume::{self, TrainState, read_state};
@@ -539,7 +540,6 @@ impl TrainParams {
             .keys()
             .flat_map(|n| [format!("{n}.lora_A.weight"), format!("{n}.lora_B.weight")])
             .collect();
-        let scaler = state.loss_scaler.unwrap_or_else(LossScaler::for_elem::<E>);
         let resumed_from = state.step;
         if state.step == 0 {
             state.eval_loss_before =
@@ -568,8 +568,7 @@ impl TrainParams {
             te_lr_factor: self.lora.text_encoder_lr.map_or(1.0, |l| l / self.lr),
             masters,
             te_keys,
-            scaler,
-            finite: true,
+            scaler: StepScaler::new::<E>(state.loss_scaler),
         };
         let wall_s = self.drive(
             ctx, "lora", &mut state, &items, scaling, seed, &dev, &sched, &mut steps,
@@ -577,6 +576,7 @@ impl TrainParams {
         let LoraSteps {
             masters, scaler, ..
         } = steps;
+        let scaler = scaler.scaler;
         if scaler.skipped > 0 {
             ctx.progress.message(&format!(
                 "{}: {} of {} steps skipped on an f16 gradient overflow (loss scale now {})",
@@ -741,8 +741,10 @@ impl TrainParams {
         }
 
         let sched = schedule(self).map_err(anyhow::Error::msg)?;
+        let embedding =
+            |extra: &Tensor2<D>, step: u64| self.embedding(&token, extra, step, &model_path);
         let mut steps = TiSteps {
-            params: self,
+            clip_skip: self.clip_skip,
             t2i: &t2i,
             ddpm: &ddpm,
             items: &items,
@@ -750,10 +752,8 @@ impl TrainParams {
             extra: &mut extra,
             optimizer: &mut optimizer,
             scratch: &scratch,
-            token: &token,
-            model_path: &model_path,
-            scaler: state.loss_scaler.unwrap_or_else(LossScaler::for_elem::<E>),
-            finite: true,
+            embedding: &embedding,
+            scaler: StepScaler::new::<E>(state.loss_scaler),
         };
         let wall_s = self.drive(
             ctx,
@@ -1061,23 +1061,6 @@ impl TrainParams {
     }
 }
 
-fn save_checkpoint<D: Device<f32>>(
-    scratch: &Path,
-    network: &LoraNetwork,
-    optimizer: &AdamW<D>,
-    state: &TrainState,
-) -> anyhow::Result<()> {
-    resume::save(scratch, state, |dir| {
-        write_kohya(
-            &dir.join("lora.safetensors"),
-            network,
-            &KohyaMetadata::default(),
-        )?;
-        optimizer.save(&dir.join("optimizer.safetensors"))?;
-        Ok(())
-    })
-}
-
 impl TrainParams {
     /// A fresh optimiser and step 0, for a run with no usable checkpoint.
     fn fresh_start<D: Device<f32>>(&self, dev: &D) -> (AdamW<D>, TrainState) {
@@ -1147,19 +1130,6 @@ fn load_items(ctx: &StageContext<'_>, manifest: &LatentsManifest) -> anyhow::Res
     Ok(items)
 }
 
-fn save_ti_checkpoint<D: Device<f32>>(
-    scratch: &Path,
-    embedding: &Embedding,
-    optimizer: &AdamW<D>,
-    state: &TrainState,
-) -> anyhow::Result<()> {
-    resume::save(scratch, state, |dir| {
-        write_a1111_safetensors(&dir.join("embedding.safetensors"), embedding)?;
-        optimizer.save(&dir.join("optimizer.safetensors"))?;
-        Ok(())
-    })
-}
-
 /// What a textual-inversion checkpoint restores: vectors, optimiser, state.
 type TiResume<D> = (Tensor2<D>, AdamW<D>, TrainState);
 
@@ -1188,209 +1158,4 @@ fn load_ti_checkpoint<D: Device<f32>>(
             Ok((extra, optimizer, state))
         },
     )
-}
-
-/// LoRA: adapters installed on the UNet (computing in `E`) and the text encoder (f32).
-struct LoraSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
-    unet: &'a mut UNet<D, E>,
-    /// The text encoder when its adapters train too (contexts are then computed per batch).
-    text_encoder: Option<&'a mut TextEncoder<D>>,
-    ddpm: &'a Ddpm,
-    items: &'a [Item],
-    /// Frozen-text-encoder contexts by caption.
-    contexts: &'a HashMap<String, Tensor3<D>>,
-    /// Token ids by caption.
-    ids: &'a HashMap<String, Vec<u32>>,
-    clip_skip: usize,
-    optimizer: &'a mut AdamW<D>,
-    scratch: &'a Path,
-    alpha: f32,
-    dropout: f32,
-    seed: u64,
-    /// Text-encoder learning rate / UNet learning rate.
-    te_lr_factor: f64,
-    /// f32 values of every adapter, which the optimiser updates.
-    masters: Masters<D>,
-    /// Parameter names of the text encoder's adapters.
-    te_keys: std::collections::HashSet<String>,
-    /// Loss scaling (a fixed 1 in f32).
-    scaler: LossScaler,
-    /// Whether the last micro-batches' unscaled gradients were all finite.
-    finite: bool,
-}
-
-impl<D: Device<f32> + Device<E>, E: Elem> LoraSteps<'_, D, E> {
-    /// The adapters as a network, with their f32 master values.
-    fn network(&mut self) -> LoraNetwork {
-        let mut network = extract(self.unet, self.alpha);
-        if let Some(te) = self.text_encoder.as_deref_mut() {
-            network.text_encoder = extract(te, self.alpha).text_encoder;
-        }
-        self.masters.into_network(&mut network, LoraComponent::Unet);
-        self.masters
-            .into_network(&mut network, LoraComponent::TextEncoder);
-        network
-    }
-}
-
-impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for LoraSteps<'_, D, E> {
-    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
-        if self.dropout > 0.0 {
-            let dropout_seed = mix(self.seed ^ 0xD80F_0F7A, batch.step, batch.micro);
-            set_dropout(self.unet, self.dropout, dropout_seed);
-            if let Some(te) = self.text_encoder.as_deref_mut() {
-                set_dropout(te, self.dropout, dropout_seed);
-            }
-        }
-        let scale = self.scaler.scale;
-        let Some(te) = self.text_encoder.as_deref_mut() else {
-            let context = batch_context(self.items, self.contexts, &batch.picked)?.to_dtype::<E>();
-            let (loss, grads) = mixed::loss_and_grads(
-                self.unet,
-                self.ddpm,
-                &batch.latents,
-                &batch.noise,
-                &batch.timesteps,
-                &context,
-                scale,
-            )?;
-            let mut out = adapter_grads(self.unet, &grads);
-            self.finite &= self.scaler.unscale(&mut out);
-            return Ok((loss, out));
-        };
-        let batch_ids: Vec<Vec<u32>> = batch
-            .picked
-            .iter()
-            .map(|&i| self.ids[&self.items[i].caption].clone())
-            .collect();
-        // Two backward passes: the UNet's (in `E`) gives the context's gradient, which the
-        // text encoder's (f32) carries to its adapters.
-        let embeds = te.embed_tokens(&batch_ids)?;
-        let (context, te_tape) = te
-            .forward_embeds(embeds.leaky_trace(), self.clip_skip)?
-            .split_tape();
-        let context_e = context.clone().to_dtype::<E>();
-        let (loss, grads) = mixed::loss_and_grads(
-            self.unet,
-            self.ddpm,
-            &batch.latents,
-            &batch.noise,
-            &batch.timesteps,
-            &context_e,
-            scale,
-        )?;
-        let mut out = adapter_grads(self.unet, &grads);
-        let g_context = grads.get(&context_e).to_dtype::<f32>() * (1.0 / scale);
-        drop(grads);
-        let te_grads = (context.put_tape(te_tape) * g_context).sum().backward();
-        let mut te_out = adapter_grads(te, &te_grads);
-        self.finite &= self.scaler.unscale(&mut out);
-        self.finite &= te_out
-            .values()
-            .all(|g| g.data.iter().all(|v| v.is_finite()));
-        out.append(&mut te_out);
-        Ok((loss, out))
-    }
-
-    fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
-        let finite = std::mem::replace(&mut self.finite, true);
-        if !finite && E::HALF {
-            // an f16 overflow: skip the step with a smaller scale (GradScaler)
-            self.scaler.update(false);
-            return Ok(());
-        }
-        let te_keys = &self.te_keys;
-        self.masters
-            .update(grads, self.optimizer, lr, |n| !te_keys.contains(n))?;
-        if self.text_encoder.is_some() {
-            self.masters
-                .update(grads, self.optimizer, lr * self.te_lr_factor, |n| {
-                    te_keys.contains(n)
-                })?;
-        }
-        self.masters.write_lora(self.unet);
-        if let Some(te) = self.text_encoder.as_deref_mut() {
-            self.masters.write_lora(te);
-        }
-        self.scaler.update(true);
-        Ok(())
-    }
-
-    fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
-        let network = self.network();
-        let mut state = state.clone();
-        state.loss_scaler = E::HALF.then_some(self.scaler);
-        save_checkpoint(self.scratch, &network, self.optimizer, &state)
-    }
-}
-
-/// Textual inversion: the token's vectors, fed through the frozen text encoder.
-struct TiSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
-    params: &'a TrainParams,
-    t2i: &'a TextToImage<D, E>,
-    ddpm: &'a Ddpm,
-    items: &'a [Item],
-    ids: &'a HashMap<String, Vec<u32>>,
-    extra: &'a mut Tensor2<D>,
-    optimizer: &'a mut AdamW<D>,
-    scratch: &'a Path,
-    token: &'a str,
-    model_path: &'a Path,
-    /// Loss scaling (a fixed 1 in f32).
-    scaler: LossScaler,
-    /// Whether the last micro-batches' gradients were all finite.
-    finite: bool,
-}
-
-/// The parameter name of the trained vectors (A1111's tensor name).
-const EMB_PARAMS: &str = "emb_params";
-
-impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for TiSteps<'_, D, E> {
-    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
-        let batch_ids: Vec<Vec<u32>> = batch
-            .picked
-            .iter()
-            .map(|&i| self.ids[&self.items[i].caption].clone())
-            .collect();
-        let (loss, grad) = crate::train::textual_inversion::loss_and_grad(
-            &self.t2i.models.text_encoder,
-            &self.t2i.models.unet,
-            self.ddpm,
-            &batch_ids,
-            self.extra,
-            self.params.clip_skip,
-            &batch.latents,
-            &batch.noise,
-            &batch.timesteps,
-            self.scaler.scale,
-        )?;
-        let grad = HostTensor::from_tensor(&grad);
-        self.finite &= grad.data.iter().all(|v| v.is_finite());
-        Ok((loss, BTreeMap::from([(EMB_PARAMS.to_string(), grad)])))
-    }
-
-    fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
-        let finite = std::mem::replace(&mut self.finite, true);
-        if !finite && E::HALF {
-            // an f16 overflow: skip the step with a smaller scale (GradScaler)
-            self.scaler.update(false);
-            return Ok(());
-        }
-        self.scaler.update(true);
-        let dev = self.extra.device().clone();
-        let grad = grads
-            .get(EMB_PARAMS)
-            .and_then(|g| g.to_tensor::<(usize, usize), D>(&dev))
-            .context("no gradient for the embedding")?;
-        Ok(self.optimizer.update(EMB_PARAMS, self.extra, &grad, lr)?)
-    }
-
-    fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
-        let embedding = self
-            .params
-            .embedding(self.token, self.extra, state.step, self.model_path);
-        let mut state = state.clone();
-        state.loss_scaler = E::HALF.then_some(self.scaler);
-        save_ti_checkpoint(self.scratch, &embedding, self.optimizer, &state)
-    }
 }

@@ -1,0 +1,189 @@
+//! DreamBooth inside the shared loop: every UNet weight (and the text encoder's when it
+//! trains), with prior preservation `loss = mse(instance) + w · mse(class)`, one class
+//! micro-batch drawn beside each instance micro-batch.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::Context as _;
+use dfdx::prelude::*;
+
+use crate::diffusion::host_tensor::HostTensor;
+use crate::diffusion::nn::{Elem, Tensor3};
+use crate::diffusion::params::{copy_params, named_grads};
+use crate::diffusion::schedulers::Ddpm;
+use crate::diffusion::{TextEncoder, UNet};
+use crate::formats::write_safetensors;
+use crate::train::batch::{Batch, Item, Sampling, batch_context};
+use crate::train::mixed::{self, StepScaler};
+use crate::train::optim::{AdamW, update_layers as update_all};
+use crate::train::resume::{self, TrainState};
+use crate::train::run_loop::TrainMethod;
+
+/// Prefix of the text encoder's parameter names among the trained tensors.
+pub const TE: &str = "text_encoder.";
+
+/// Salt of the class (prior) batches' seed.
+pub const CLASS_SALT: u64 = 0xC1A5_5EED_0000_0001;
+
+/// Full fine-tuning: every UNet layer trainable.
+pub struct DreamboothSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
+    /// CLIP skip of the text encoder.
+    pub clip_skip: usize,
+    /// How the class (prior) batches are drawn.
+    pub sampling: Sampling,
+    /// The UNet the passes run through (computing in `E`).
+    pub unet: &'a mut UNet<D, E>,
+    /// The text encoder when it trains too (contexts are then computed per batch).
+    pub text_encoder: Option<&'a mut TextEncoder<D>>,
+    /// Token ids by caption.
+    pub ids: &'a HashMap<String, Vec<u32>>,
+    pub ddpm: &'a Ddpm,
+    pub items: &'a [Item],
+    pub class_items: &'a [Item],
+    pub contexts: &'a HashMap<String, Tensor3<D>>,
+    pub optimizer: &'a mut AdamW<D>,
+    pub scratch: &'a Path,
+    pub scaling: f32,
+    pub prior_weight: f32,
+    /// The pipeline seed (class batches use it with a salt).
+    pub seed: u64,
+    /// Text-encoder learning rate / UNet learning rate.
+    pub te_lr_factor: f64,
+    /// The f32 master weights in mixed precision (`None`: `unet` is f32 and is updated).
+    pub master: Option<&'a mut UNet<D>>,
+    /// Loss scaling (a fixed 1 in f32) and the step's overflow flag.
+    pub scaler: StepScaler,
+}
+
+/// `unet` as the f32 model it is when the run computes in f32.
+pub fn as_f32<D: Device<f32> + Device<E>, E: Elem>(
+    unet: &mut UNet<D, E>,
+) -> anyhow::Result<&mut UNet<D>> {
+    (unet as &mut dyn std::any::Any)
+        .downcast_mut::<UNet<D>>()
+        .context("a mixed-precision UNet has no f32 weights to update (masters missing)")
+}
+
+impl<D: Device<f32> + Device<E>, E: Elem> DreamboothSteps<'_, D, E> {
+    fn batch_grads(
+        &mut self,
+        items: &[Item],
+        batch: &Batch<D>,
+    ) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+        let scale = self.scaler.scale();
+        let Some(te) = self.text_encoder.as_deref_mut() else {
+            let context = batch_context(items, self.contexts, &batch.picked)?.to_dtype::<E>();
+            let (loss, grads) = mixed::loss_and_grads(
+                self.unet,
+                self.ddpm,
+                &batch.latents,
+                &batch.noise,
+                &batch.timesteps,
+                &context,
+                scale,
+            )?;
+            let mut out = named_grads(self.unet, &grads);
+            self.scaler.unscale(&mut out);
+            return Ok((loss, out));
+        };
+        let batch_ids: Vec<Vec<u32>> = batch
+            .picked
+            .iter()
+            .map(|&i| self.ids[&items[i].caption].clone())
+            .collect();
+        // Two backward passes: the UNet's (in `E`) gives the context's gradient, which the
+        // text encoder's (f32) carries to its weights.
+        let embeds = te.embed_tokens_traced(&batch_ids)?;
+        let (context, te_tape) = te.forward_embeds(embeds, self.clip_skip)?.split_tape();
+        let context_e = context.clone().to_dtype::<E>();
+        let (loss, grads) = mixed::loss_and_grads(
+            self.unet,
+            self.ddpm,
+            &batch.latents,
+            &batch.noise,
+            &batch.timesteps,
+            &context_e,
+            scale,
+        )?;
+        let mut out = named_grads(self.unet, &grads);
+        let g_context = grads.get(&context_e).to_dtype::<f32>() * (1.0 / scale);
+        drop(grads);
+        self.scaler.unscale(&mut out);
+        let te_grads = (context.put_tape(te_tape) * g_context).sum().backward();
+        let te_out = named_grads(te, &te_grads);
+        self.scaler.note_finite(te_out.values());
+        for (name, g) in te_out {
+            out.insert(format!("{TE}{name}"), g);
+        }
+        Ok((loss, out))
+    }
+}
+
+impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for DreamboothSteps<'_, D, E> {
+    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+        let (mut loss, mut grads) = self.batch_grads(self.items, batch)?;
+        if !self.class_items.is_empty() {
+            let dev = batch.latents.device().clone();
+            let class_batch = self.sampling.draw(
+                self.class_items,
+                self.scaling,
+                self.seed ^ CLASS_SALT,
+                batch.step,
+                batch.micro,
+                &dev,
+            );
+            let (class_loss, class_grads) = self.batch_grads(self.class_items, &class_batch)?;
+            loss += self.prior_weight * class_loss;
+            for (name, g) in class_grads {
+                if let Some(acc) = grads.get_mut(&name) {
+                    for (a, b) in acc.data.iter_mut().zip(&g.data) {
+                        *a += self.prior_weight * b;
+                    }
+                }
+            }
+        }
+        Ok((loss, grads))
+    }
+
+    fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
+        if !self.scaler.begin_update::<E>() {
+            // an f16 overflow: the step is skipped with a smaller scale (GradScaler)
+            return Ok(());
+        }
+        match self.master.as_deref_mut() {
+            Some(master) => {
+                update_all(master, "", grads, self.optimizer, lr)?;
+                copy_params(master, self.unet).map_err(anyhow::Error::msg)?;
+            }
+            None => update_all(as_f32(self.unet)?, "", grads, self.optimizer, lr)?,
+        }
+        if let Some(te) = self.text_encoder.as_deref_mut() {
+            update_all(te, TE, grads, self.optimizer, lr * self.te_lr_factor)?;
+        }
+        self.scaler.applied();
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
+        let weights = match self.master.as_deref_mut() {
+            Some(master) => crate::diffusion::params::named_tensors(master),
+            None => crate::diffusion::params::named_tensors(self.unet),
+        };
+        let mut state = state.clone();
+        state.loss_scaler = self.scaler.saved::<E>();
+        let state = &state;
+        let te_weights = self
+            .text_encoder
+            .as_deref_mut()
+            .map(crate::diffusion::params::named_tensors);
+        resume::save(self.scratch, state, |dir| {
+            write_safetensors(&dir.join("unet.safetensors"), &weights, None)?;
+            if let Some(te) = &te_weights {
+                write_safetensors(&dir.join("text_encoder.safetensors"), te, None)?;
+            }
+            self.optimizer.save(&dir.join("optimizer.safetensors"))?;
+            Ok(())
+        })
+    }
+}

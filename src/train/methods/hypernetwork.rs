@@ -1,0 +1,81 @@
+//! Hypernetwork inside the shared loop: f32 master networks, copies in the UNet's element
+//! type hooked into its attentions for each micro-batch (with that micro-batch's dropout seed).
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use dfdx::prelude::*;
+
+use crate::diffusion::UNet;
+use crate::diffusion::host_tensor::HostTensor;
+use crate::diffusion::nn::{Elem, Tensor3};
+use crate::diffusion::schedulers::Ddpm;
+use crate::formats::hypernetwork::{Hypernetwork, write_hypernetwork_safetensors};
+use crate::train::batch::{Batch, Item, batch_context, mix};
+use crate::train::hypernetwork::{HyperNet, apply_grads, install, param_grads};
+use crate::train::mixed::{self, StepScaler};
+use crate::train::optim::AdamW;
+use crate::train::resume::{self, TrainState};
+use crate::train::run_loop::TrainMethod;
+
+/// Hypernetwork: f32 master weights here, copies (in the UNet's element type) hooked into the
+/// attentions for each micro-batch (with that micro-batch's dropout seed).
+pub struct HyperSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
+    pub unet: &'a mut UNet<D, E>,
+    pub ddpm: &'a Ddpm,
+    pub items: &'a [Item],
+    pub contexts: &'a HashMap<String, Tensor3<D>>,
+    pub net: HyperNet<D>,
+    pub optimizer: &'a mut AdamW<D>,
+    pub scratch: &'a Path,
+    pub template: &'a Hypernetwork,
+    pub seed: u64,
+    /// Loss scaling (a fixed 1 in f32) and the step's overflow flag.
+    pub scaler: StepScaler,
+}
+
+impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for HyperSteps<'_, D, E> {
+    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+        let (step, micro) = (batch.step, batch.micro);
+        // A1111 trains at multiplier 1, dropout on.
+        let dropout_seed = mix(self.seed ^ 0xd80_9047, step, micro);
+        let working = self.net.to_elem::<E>();
+        install(self.unet, &[(&working, 1.0)], Some(dropout_seed))?;
+        let context = batch_context(self.items, self.contexts, &batch.picked)?.to_dtype::<E>();
+        let (loss, mut grads) = mixed::loss_and_grads(
+            self.unet,
+            self.ddpm,
+            &batch.latents,
+            &batch.noise,
+            &batch.timesteps,
+            &context,
+            self.scaler.scale(),
+        )?;
+        let mut out = param_grads(&working, &mut grads)?;
+        self.scaler.unscale(&mut out);
+        Ok((loss, out))
+    }
+
+    fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
+        if !self.scaler.begin_update::<E>() {
+            // an f16 overflow: the step is skipped with a smaller scale (GradScaler)
+            return Ok(());
+        }
+        apply_grads(&mut self.net, grads, self.optimizer, lr)?;
+        self.scaler.applied();
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
+        let mut file = self.net.to_host(self.template);
+        file.step = state.step;
+        let mut state = state.clone();
+        state.loss_scaler = self.scaler.saved::<E>();
+        let state = &state;
+        resume::save(self.scratch, state, |dir| {
+            write_hypernetwork_safetensors(&dir.join("hypernetwork.safetensors"), &file)?;
+            self.optimizer.save(&dir.join("optimizer.safetensors"))?;
+            Ok(())
+        })
+    }
+}

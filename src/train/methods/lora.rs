@@ -1,0 +1,165 @@
+//! LoRA (and its text-encoder adapters) inside the shared loop: the adapters train through
+//! f32 masters; the UNet computes in `E`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use dfdx::prelude::*;
+
+use crate::diffusion::host_tensor::HostTensor;
+use crate::diffusion::nn::{Elem, Tensor3};
+use crate::diffusion::schedulers::Ddpm;
+use crate::diffusion::{TextEncoder, UNet};
+use crate::formats::lora::{KohyaMetadata, LoraComponent, LoraNetwork, write_kohya};
+use crate::train::batch::{Batch, Item, batch_context, mix};
+use crate::train::lora::{adapter_grads, extract, set_dropout};
+use crate::train::mixed::{self, Masters, StepScaler};
+use crate::train::optim::AdamW;
+use crate::train::resume::{self, TrainState};
+use crate::train::run_loop::TrainMethod;
+
+/// LoRA: adapters installed on the UNet (computing in `E`) and the text encoder (f32).
+pub struct LoraSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
+    pub unet: &'a mut UNet<D, E>,
+    /// The text encoder when its adapters train too (contexts are then computed per batch).
+    pub text_encoder: Option<&'a mut TextEncoder<D>>,
+    pub ddpm: &'a Ddpm,
+    pub items: &'a [Item],
+    /// Frozen-text-encoder contexts by caption.
+    pub contexts: &'a HashMap<String, Tensor3<D>>,
+    /// Token ids by caption.
+    pub ids: &'a HashMap<String, Vec<u32>>,
+    pub clip_skip: usize,
+    pub optimizer: &'a mut AdamW<D>,
+    pub scratch: &'a Path,
+    pub alpha: f32,
+    pub dropout: f32,
+    pub seed: u64,
+    /// Text-encoder learning rate / UNet learning rate.
+    pub te_lr_factor: f64,
+    /// f32 values of every adapter, which the optimiser updates.
+    pub masters: Masters<D>,
+    /// Parameter names of the text encoder's adapters.
+    pub te_keys: std::collections::HashSet<String>,
+    /// Loss scaling (a fixed 1 in f32) and the step's overflow flag.
+    pub scaler: StepScaler,
+}
+
+impl<D: Device<f32> + Device<E>, E: Elem> LoraSteps<'_, D, E> {
+    /// The adapters as a network, with their f32 master values.
+    pub fn network(&mut self) -> LoraNetwork {
+        let mut network = extract(self.unet, self.alpha);
+        if let Some(te) = self.text_encoder.as_deref_mut() {
+            network.text_encoder = extract(te, self.alpha).text_encoder;
+        }
+        self.masters.into_network(&mut network, LoraComponent::Unet);
+        self.masters
+            .into_network(&mut network, LoraComponent::TextEncoder);
+        network
+    }
+}
+
+impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for LoraSteps<'_, D, E> {
+    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+        if self.dropout > 0.0 {
+            let dropout_seed = mix(self.seed ^ 0xD80F_0F7A, batch.step, batch.micro);
+            set_dropout(self.unet, self.dropout, dropout_seed);
+            if let Some(te) = self.text_encoder.as_deref_mut() {
+                set_dropout(te, self.dropout, dropout_seed);
+            }
+        }
+        let scale = self.scaler.scale();
+        let Some(te) = self.text_encoder.as_deref_mut() else {
+            let context = batch_context(self.items, self.contexts, &batch.picked)?.to_dtype::<E>();
+            let (loss, grads) = mixed::loss_and_grads(
+                self.unet,
+                self.ddpm,
+                &batch.latents,
+                &batch.noise,
+                &batch.timesteps,
+                &context,
+                scale,
+            )?;
+            let mut out = adapter_grads(self.unet, &grads);
+            self.scaler.unscale(&mut out);
+            return Ok((loss, out));
+        };
+        let batch_ids: Vec<Vec<u32>> = batch
+            .picked
+            .iter()
+            .map(|&i| self.ids[&self.items[i].caption].clone())
+            .collect();
+        // Two backward passes: the UNet's (in `E`) gives the context's gradient, which the
+        // text encoder's (f32) carries to its adapters.
+        let embeds = te.embed_tokens(&batch_ids)?;
+        let (context, te_tape) = te
+            .forward_embeds(embeds.leaky_trace(), self.clip_skip)?
+            .split_tape();
+        let context_e = context.clone().to_dtype::<E>();
+        let (loss, grads) = mixed::loss_and_grads(
+            self.unet,
+            self.ddpm,
+            &batch.latents,
+            &batch.noise,
+            &batch.timesteps,
+            &context_e,
+            scale,
+        )?;
+        let mut out = adapter_grads(self.unet, &grads);
+        let g_context = grads.get(&context_e).to_dtype::<f32>() * (1.0 / scale);
+        drop(grads);
+        let te_grads = (context.put_tape(te_tape) * g_context).sum().backward();
+        let mut te_out = adapter_grads(te, &te_grads);
+        self.scaler.unscale(&mut out);
+        self.scaler.note_finite(te_out.values());
+        out.append(&mut te_out);
+        Ok((loss, out))
+    }
+
+    fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
+        if !self.scaler.begin_update::<E>() {
+            // an f16 overflow: the step is skipped with a smaller scale (GradScaler)
+            return Ok(());
+        }
+        let te_keys = &self.te_keys;
+        self.masters
+            .update(grads, self.optimizer, lr, |n| !te_keys.contains(n))?;
+        if self.text_encoder.is_some() {
+            self.masters
+                .update(grads, self.optimizer, lr * self.te_lr_factor, |n| {
+                    te_keys.contains(n)
+                })?;
+        }
+        self.masters.write_lora(self.unet);
+        if let Some(te) = self.text_encoder.as_deref_mut() {
+            self.masters.write_lora(te);
+        }
+        self.scaler.applied();
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
+        let network = self.network();
+        let mut state = state.clone();
+        state.loss_scaler = self.scaler.saved::<E>();
+        save_lora_checkpoint(self.scratch, &network, self.optimizer, &state)
+    }
+}
+
+/// Writes a resumable LoRA checkpoint: the adapters (kohya format) and the optimiser.
+pub fn save_lora_checkpoint<D: Device<f32>>(
+    scratch: &Path,
+    network: &LoraNetwork,
+    optimizer: &AdamW<D>,
+    state: &TrainState,
+) -> anyhow::Result<()> {
+    resume::save(scratch, state, |dir| {
+        write_kohya(
+            &dir.join("lora.safetensors"),
+            network,
+            &KohyaMetadata::default(),
+        )?;
+        optimizer.save(&dir.join("optimizer.safetensors"))?;
+        Ok(())
+    })
+}

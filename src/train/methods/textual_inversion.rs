@@ -1,0 +1,100 @@
+//! Textual inversion inside the shared loop: the token's vectors, fed through the frozen text
+//! encoder and UNet.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+
+use anyhow::Context as _;
+use dfdx::prelude::*;
+
+use crate::diffusion::host_tensor::HostTensor;
+use crate::diffusion::nn::{Elem, Tensor2};
+use crate::diffusion::pipeline::TextToImage;
+use crate::diffusion::schedulers::Ddpm;
+use crate::formats::embedding::{Embedding, write_a1111_safetensors};
+use crate::train::batch::{Batch, Item};
+use crate::train::mixed::StepScaler;
+use crate::train::optim::AdamW;
+use crate::train::resume::{self, TrainState};
+use crate::train::run_loop::TrainMethod;
+
+/// Textual inversion: the token's vectors, fed through the frozen text encoder.
+pub struct TiSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
+    /// CLIP skip of the text encoder.
+    pub clip_skip: usize,
+    pub t2i: &'a TextToImage<D, E>,
+    pub ddpm: &'a Ddpm,
+    pub items: &'a [Item],
+    pub ids: &'a HashMap<String, Vec<u32>>,
+    pub extra: &'a mut Tensor2<D>,
+    pub optimizer: &'a mut AdamW<D>,
+    pub scratch: &'a Path,
+    /// The embedding a checkpoint writes for the vectors at a step.
+    pub embedding: &'a dyn Fn(&Tensor2<D>, u64) -> Embedding,
+    /// Loss scaling (a fixed 1 in f32) and the step's overflow flag.
+    pub scaler: StepScaler,
+}
+
+/// The parameter name of the trained vectors (A1111's tensor name).
+pub const EMB_PARAMS: &str = "emb_params";
+
+impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for TiSteps<'_, D, E> {
+    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
+        let batch_ids: Vec<Vec<u32>> = batch
+            .picked
+            .iter()
+            .map(|&i| self.ids[&self.items[i].caption].clone())
+            .collect();
+        let (loss, grad) = crate::train::textual_inversion::loss_and_grad(
+            &self.t2i.models.text_encoder,
+            &self.t2i.models.unet,
+            self.ddpm,
+            &batch_ids,
+            self.extra,
+            self.clip_skip,
+            &batch.latents,
+            &batch.noise,
+            &batch.timesteps,
+            self.scaler.scale(),
+        )?;
+        let grad = HostTensor::from_tensor(&grad);
+        self.scaler.note_finite([&grad]);
+        Ok((loss, BTreeMap::from([(EMB_PARAMS.to_string(), grad)])))
+    }
+
+    fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {
+        if !self.scaler.begin_update::<E>() {
+            // an f16 overflow: the step is skipped with a smaller scale (GradScaler)
+            return Ok(());
+        }
+        self.scaler.applied();
+        let dev = self.extra.device().clone();
+        let grad = grads
+            .get(EMB_PARAMS)
+            .and_then(|g| g.to_tensor::<(usize, usize), D>(&dev))
+            .context("no gradient for the embedding")?;
+        Ok(self.optimizer.update(EMB_PARAMS, self.extra, &grad, lr)?)
+    }
+
+    fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
+        let embedding = (self.embedding)(self.extra, state.step);
+        let mut state = state.clone();
+        state.loss_scaler = self.scaler.saved::<E>();
+        save_ti_checkpoint(self.scratch, &embedding, self.optimizer, &state)
+    }
+}
+
+/// Writes a resumable textual-inversion checkpoint: the vectors (A1111 format) and the
+/// optimiser.
+pub fn save_ti_checkpoint<D: Device<f32>>(
+    scratch: &Path,
+    embedding: &Embedding,
+    optimizer: &AdamW<D>,
+    state: &TrainState,
+) -> anyhow::Result<()> {
+    resume::save(scratch, state, |dir| {
+        write_a1111_safetensors(&dir.join("embedding.safetensors"), embedding)?;
+        optimizer.save(&dir.join("optimizer.safetensors"))?;
+        Ok(())
+    })
+}
