@@ -26,6 +26,9 @@ pub enum ObjectiveError {
     NonFinite(f32),
 }
 
+/// The UNet's prediction `[b, c, h, w]` (in `E`, on the tape `T`) and its f32 target.
+pub type PredictionAndTarget<D, T, E> = (Tensor4<D, T, E>, Tensor4<D>);
+
 /// The UNet's prediction for one batch, on the tape of `context` (none for an evaluation),
 /// and its target in f32: the UNet computes in `E` on the noisy latents converted from f32,
 /// the target is the scheduler's [`Ddpm::training_target`].
@@ -36,7 +39,7 @@ pub fn prediction_and_target<E: Elem, D: Device<f32> + Device<E>, T: Tape<E, D>>
     noise: &Tensor4<D>,
     timesteps: &[usize],
     context: Tensor3<D, T, E>,
-) -> Result<(Tensor4<D, T, E>, Tensor4<D>), ObjectiveError> {
+) -> Result<PredictionAndTarget<D, T, E>, ObjectiveError> {
     // [b, c, h, w]
     let noisy = ddpm.add_noise(latents, noise, timesteps)?.to_dtype::<E>();
     let target = ddpm.training_target(latents, noise, timesteps)?;
