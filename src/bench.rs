@@ -45,7 +45,8 @@ use crate::memory::{
 };
 use crate::train::lora::{adapter_grads, install};
 use crate::train::mixed::{self, LossScaler, Masters};
-use crate::train::optim::{AdamW, AdamWConfig, clip_coefficient, update_layers};
+use crate::train::optim::{AdamW, AdamWConfig, update_layers};
+use crate::train::run_loop::clip_by_global_norm;
 
 /// The task a benchmark times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -944,25 +945,11 @@ fn scaled_step<E: Elem, D: Device<f32> + Device<E>>(
     let mut grads = collect(unet, &grads);
     let finite = scaler.unscale(&mut grads);
     if finite {
-        clip(&mut grads, 1.0);
+        clip_by_global_norm(&mut grads, 1.0);
         apply(unet, &grads)?;
     }
     scaler.update(finite);
     Ok(loss)
-}
-
-/// Global-norm clipping of host gradients at `max_norm`, as the train stage's step loop does.
-fn clip(grads: &mut BTreeMap<String, crate::formats::HostTensor>, max_norm: f32) {
-    let norms: Vec<f32> = grads
-        .values()
-        .map(|g| g.data.iter().map(|v| v * v).sum::<f32>().sqrt())
-        .collect();
-    let (_, coef) = clip_coefficient(&norms, max_norm);
-    if coef < 1.0 {
-        grads
-            .values_mut()
-            .for_each(|g| g.data.iter_mut().for_each(|v| *v *= coef));
-    }
 }
 
 /// `sdpipe bench`: runs the benchmark on `--device` and prints the table or the JSON object.
