@@ -983,14 +983,14 @@ pub fn run_cli(args: &BenchArgs, quiet: bool) -> ExitCode {
         Ok(report) => {
             if args.json {
                 match serde_json::to_string(&report) {
-                    Ok(s) => println!("{s}"),
+                    Ok(s) => crate::outln!("{s}"),
                     Err(e) => {
                         eprintln!("error: {e}");
                         return ExitCode::Environment;
                     }
                 }
             } else {
-                print!("{}", report.table());
+                crate::out!("{}", report.table());
             }
             ExitCode::Ok
         }

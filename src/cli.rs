@@ -219,7 +219,7 @@ fn cmd_world(args: &WorldArgs) -> ExitCode {
     ) {
         Ok(written) => {
             for w in &written {
-                println!("{}: {}", w.image.display(), w.caption);
+                crate::outln!("{}: {}", w.image.display(), w.caption);
             }
             ExitCode::Ok
         }
@@ -271,9 +271,11 @@ fn cmd_run(
     };
     match engine::execute(&p, ws, &opts, progress, &CancelToken::new()) {
         Ok(report) => {
-            print!("{}", engine::print_summary(&report));
+            crate::out!("{}", engine::print_summary(&report));
             if report.cancelled() || engine::interrupted() {
                 ExitCode::Interrupted
+            } else if report.environment_failed() {
+                ExitCode::Environment
             } else if report.failed() {
                 ExitCode::Failed
             } else {
@@ -340,15 +342,15 @@ fn cmd_plan(file: &Path, ws: &Workspace, json: bool, force: Vec<String>) -> Exit
     let entries = engine::plan_readonly(&p, ws, &force);
     if json {
         match plan_json(&p, &entries) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => crate::outln!("{s}"),
             Err(e) => return environment_error(&e.into()),
         }
     } else {
-        print!("{}", engine::print_plan(p.name(), &entries));
+        crate::out!("{}", engine::print_plan(p.name(), &entries));
         let list = crate::memory::stages::train_stage_estimates(&p);
         if let Some(first) = list.first() {
             let available = crate::memory::available(&first.device);
-            print!(
+            crate::out!(
                 "{}",
                 crate::memory::stages::print_estimates(&list, &available)
             );
@@ -403,21 +405,21 @@ fn plan_json(
 
 fn cmd_cache(command: CacheCommand, ws: &Workspace) -> ExitCode {
     let Some(store) = Store::open_existing(&ws.cache_root) else {
-        println!("no cache at {}", ws.cache_root.display());
+        crate::outln!("no cache at {}", ws.cache_root.display());
         return ExitCode::Ok;
     };
     match command {
         CacheCommand::Size { json } => {
             let u = store.usage();
             if json {
-                println!("{}", serde_json::to_string_pretty(&u).unwrap_or_default());
+                crate::outln!("{}", serde_json::to_string_pretty(&u).unwrap_or_default());
             } else {
-                println!("cache {}", store.root().display());
-                println!("  blobs    {} ({})", u.blobs, human_bytes(u.blob_bytes));
-                println!("  records  {}", u.records);
-                println!("  scratch  {}", human_bytes(u.scratch_bytes));
+                crate::outln!("cache {}", store.root().display());
+                crate::outln!("  blobs    {} ({})", u.blobs, human_bytes(u.blob_bytes));
+                crate::outln!("  records  {}", u.records);
+                crate::outln!("  scratch  {}", human_bytes(u.scratch_bytes));
                 if u.temp_files > 0 {
-                    println!(
+                    crate::outln!(
                         "  leftover temp files {} (removed by `sdpipe cache gc`)",
                         u.temp_files
                     );
@@ -429,7 +431,7 @@ fn cmd_cache(command: CacheCommand, ws: &Workspace) -> ExitCode {
             let roots = RunLock::all_keys(&ws.outputs_root);
             match store.gc(&roots, max_age, dry_run) {
                 Ok(r) => {
-                    println!(
+                    crate::outln!(
                         "{} {} records, {} blobs ({}), {} temp files/scratch dirs",
                         if dry_run { "would remove" } else { "removed" },
                         r.records,
@@ -445,11 +447,11 @@ fn cmd_cache(command: CacheCommand, ws: &Workspace) -> ExitCode {
         CacheCommand::Verify => {
             let problems = store.verify();
             if problems.is_empty() {
-                println!("cache {} is consistent", store.root().display());
+                crate::outln!("cache {} is consistent", store.root().display());
                 ExitCode::Ok
             } else {
                 for p in &problems {
-                    println!("{p}");
+                    crate::outln!("{p}");
                 }
                 ExitCode::Environment
             }
@@ -458,7 +460,7 @@ fn cmd_cache(command: CacheCommand, ws: &Workspace) -> ExitCode {
 }
 
 fn environment_error(e: &anyhow::Error) -> ExitCode {
-    eprintln!("error: {e:#}");
+    eprintln!("error: {}", crate::control::error_chain::describe_anyhow(e));
     ExitCode::Environment
 }
 

@@ -551,14 +551,14 @@ pub fn run(args: &DeviceCheckArgs) -> ExitCode {
     };
     if args.json {
         match serde_json::to_string_pretty(&report) {
-            Ok(s) => println!("{s}"),
+            Ok(s) => crate::outln!("{s}"),
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::Environment;
             }
         }
     } else {
-        print!("{}", format_table(&report));
+        crate::out!("{}", format_table(&report));
     }
     if report.ok {
         ExitCode::Ok

@@ -5,9 +5,9 @@
 //! | 0 | success |
 //! | 1 | a stage failed (the others that could finish did; the summary says which); `device-check`: a comparison exceeds its tolerance |
 //! | 2 | usage error, or the pipeline file is invalid (the message points at the key) |
-//! | 3 | the environment failed: cache or outputs not writable, I/O error, a model that cannot be read |
+//! | 3 | the environment failed: cache or outputs not writable, I/O error (a full disk, stdout included), a model that cannot be read |
 //! | 4 | refused before starting: a train stage's estimated peak memory exceeds what the device has (`--no-memory-check` overrides), or no GPU opens where one is needed |
-//! | 130 | interrupted (Ctrl-C); finished stages are kept, nothing half-written remains |
+//! | 130 | interrupted (Ctrl-C, SIGTERM or SIGHUP); finished stages are kept, nothing half-written remains |
 
 /// What a command tells the shell.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -23,7 +23,7 @@ pub enum ExitCode {
     Environment = 3,
     /// The device cannot run it (memory estimate, or no GPU), refused before starting.
     Device = 4,
-    /// Interrupted by Ctrl-C.
+    /// Interrupted by Ctrl-C, SIGTERM or SIGHUP.
     Interrupted = 130,
 }
 

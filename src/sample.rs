@@ -204,7 +204,7 @@ pub fn run_with(args: SampleArgs, quiet: bool) -> ExitCode {
     match execute(&args, quiet) {
         Ok(written) => {
             for path in written {
-                println!("wrote {}", path.display());
+                crate::outln!("wrote {}", path.display());
             }
             ExitCode::Ok
         }

@@ -6,13 +6,15 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// Whether Ctrl-C (SIGINT/SIGTERM) was received.
+/// Whether Ctrl-C (SIGINT), SIGTERM or SIGHUP was received.
 pub fn interrupted() -> bool {
     INTERRUPTED.load(Ordering::SeqCst)
 }
 
 /// Makes Ctrl-C ask running stages to stop at their next check instead of killing the process
-/// mid-write; a second Ctrl-C exits at once (writes are atomic, so that is safe too).
+/// mid-write; a second Ctrl-C exits at once (writes are atomic, so that is safe too). SIGTERM
+/// (what Slurm, systemd and `docker stop` send) and SIGHUP (a closed terminal) act the same,
+/// through `ctrlc`'s `termination` feature: the run stops, prints its summary and exits 130.
 pub fn install_ctrlc_handler() {
     let _ = ctrlc::set_handler(|| {
         if INTERRUPTED.swap(true, Ordering::SeqCst) {

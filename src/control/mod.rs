@@ -3,7 +3,9 @@
 //! use it without importing each other.
 
 mod cancel;
+pub mod error_chain;
 mod progress;
+pub mod stdout;
 
 pub use cancel::{CancelToken, Cancelled, install_ctrlc_handler, interrupted};
 pub use progress::Progress;

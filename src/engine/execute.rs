@@ -17,6 +17,7 @@ use crate::cache::store::STAGES;
 use crate::cache::{FileHasher, Record, Store, atomic_write};
 use crate::control::CancelToken;
 use crate::control::Progress;
+use crate::control::error_chain::{describe_anyhow, is_environment_failure};
 use crate::pipeline::Pipeline;
 use crate::stages::{Cancelled, StageContext};
 
@@ -80,6 +81,10 @@ pub struct StageOutcome {
     pub params: serde_json::Value,
     /// Output digest.
     pub output_digest: Option<String>,
+    /// The failure was the machine's (a full disk, a read-only folder), not the stage's: the
+    /// run exits 3, and rerunning once it is fixed resumes.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub environment_failure: bool,
 }
 
 /// The result of a run.
@@ -105,6 +110,11 @@ impl RunReport {
         self.stages
             .iter()
             .any(|s| !matches!(s.outcome, Outcome::Computed | Outcome::Cached))
+    }
+
+    /// Whether a stage failed because of the machine (full disk, read-only folder): exit 3.
+    pub fn environment_failed(&self) -> bool {
+        self.stages.iter().any(|s| s.environment_failure)
     }
 
     /// Whether the run was interrupted.
@@ -146,6 +156,7 @@ pub fn execute(
             stats: serde_json::Value::Null,
             params: serde_json::to_value(&instance.params).unwrap_or_default(),
             output_digest: None,
+            environment_failure: false,
         };
         if stop || cancel.is_cancelled() {
             outcomes.push(outcome);
@@ -177,7 +188,8 @@ pub fn execute(
         let material = match stage_material(pipeline, instance, &hasher, upstream) {
             Ok(m) => m,
             Err(e) => {
-                outcome.outcome = Outcome::Failed(format!("{e:#}"));
+                outcome.environment_failure = is_environment_failure(&e);
+                outcome.outcome = Outcome::Failed(describe_anyhow(&e));
                 broken.insert(instance.name.clone(), "failed".into());
                 outcomes.push(outcome);
                 stop = opts.fail_fast;
@@ -266,7 +278,8 @@ pub fn execute(
                     continue;
                 }
                 Err(e) => {
-                    let error = format!("{e:#}");
+                    let error = describe_anyhow(&e);
+                    outcome.environment_failure = is_environment_failure(&e);
                     let failure = Failure {
                         key: key.clone(),
                         error: error.clone(),

@@ -100,7 +100,7 @@ pub fn plan(
                     stage: instance.name.clone(),
                     kind: instance.params.kind().into(),
                     status: PlanStatus::Error,
-                    reason: format!("{e:#}"),
+                    reason: crate::control::error_chain::describe_anyhow(&e),
                     key: None,
                     material: None,
                 });

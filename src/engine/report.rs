@@ -119,6 +119,13 @@ pub fn print_summary(report: &RunReport) -> String {
             error.replace('\n', "\n  ")
         );
     }
+    if report.environment_failed() {
+        let _ = writeln!(
+            out,
+            "\nthe machine refused a write (disk full, read-only or forbidden folder): make room or \
+             fix the permissions and rerun; finished stages and checkpoints are kept"
+        );
+    }
     out
 }
 

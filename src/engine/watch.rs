@@ -138,7 +138,10 @@ pub fn watch(
                             };
                         }
                         Ok(Err(e)) => {
-                            progress.message(&format!("error: {e:#}"));
+                            progress.message(&format!(
+                                "error: {}",
+                                crate::control::error_chain::describe_anyhow(&e)
+                            ));
                             exit_code = ExitCode::Environment;
                         }
                         Err(_) => {

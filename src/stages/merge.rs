@@ -530,8 +530,7 @@ impl MergeParams {
             ]
             .into();
             let out = scratch.join("model.safetensors");
-            write_single_file(&out, &a, &first.configs(), self.dtype, &meta)
-                .with_context(|| format!("writing {}", out.display()))?;
+            write_single_file(&out, &a, &first.configs(), self.dtype, &meta)?;
             let blob = ctx.store.put_file(&out)?;
             let _ = std::fs::remove_file(&out);
             summary = format!(
@@ -628,8 +627,7 @@ impl MergeParams {
                 ..KohyaMetadata::default()
             };
             let out = scratch.join("lora.safetensors");
-            write_kohya(&out, &network, &meta)
-                .with_context(|| format!("writing {}", out.display()))?;
+            write_kohya(&out, &network, &meta)?;
             let blob = ctx.store.put_file(&out)?;
             let _ = std::fs::remove_file(&out);
             summary = format!(

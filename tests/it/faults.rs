@@ -144,3 +144,136 @@ fn stage_folder_holding_user_files_is_not_replaced() {
         "mine again"
     );
 }
+
+#[test]
+fn sigterm_from_a_scheduler_stops_like_ctrl_c() {
+    // Slurm, systemd and `docker stop` send SIGTERM: the run stops at its next check, prints
+    // its summary and exits 130, keeping what finished.
+    let p = Project::new(BASIC);
+    let child = p.spawn(
+        &["run", "p.toml"],
+        &[
+            ("SDPIPE_TEST_ITEM_DELAY_MS", "300"),
+            ("RAYON_NUM_THREADS", "1"),
+        ],
+    );
+    let items = p.path(".sdpipe/cache-v1/records/items");
+    crate::common::wait_for("the first preprocessed item", || {
+        crate::common::count_files(&items) >= 1
+    });
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("cancelled"),
+        "a summary is printed: {stdout}"
+    );
+    assert_eq!(p.outcome("preprocess"), "cancelled");
+    assert_eq!(p.sdpipe(&["cache", "verify"]).code, 0);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(p.stats("preprocess")["images_reused"].as_u64().unwrap() >= 1);
+}
+
+#[test]
+fn stdout_closed_by_head_ends_quietly() {
+    // `sdpipe plan --json | head -c 1`: the reader goes away after one byte.
+    let p = Project::new(BASIC);
+    let mut child = p
+        .command(&["plan", "--json", "p.toml"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take()); // close the pipe before sdpipe writes
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.trim().is_empty(),
+        "no message for a closed pipe: {stderr}"
+    );
+}
+
+#[test]
+fn stdout_on_a_full_disk_is_an_environment_error() {
+    let full = Path::new("/dev/full");
+    if !full.exists() {
+        return; // Linux has it; elsewhere there is no full device to write to
+    }
+    let p = Project::new(BASIC);
+    assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
+    let out = p
+        .command(&["cache", "verify"])
+        .stdout(std::fs::File::create(full).unwrap())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("writing to standard output"), "{stderr}");
+}
+
+/// A 48 KiB tmpfs, or `None` where this process may not mount one (not root): the full-disk
+/// test then has nothing to run on, and `control::error_chain`'s unit tests still cover the
+/// classification.
+struct TinyDisk(tempfile::TempDir);
+
+impl TinyDisk {
+    fn mount() -> Option<TinyDisk> {
+        let dir = tempfile::tempdir().ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=48k", "tmpfs"])
+            .arg(dir.path())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(TinyDisk(dir))
+    }
+}
+
+impl Drop for TinyDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+#[test]
+fn full_disk_during_a_stage_is_exit_3_and_names_the_path_once() {
+    let Some(disk) = TinyDisk::mount() else {
+        eprintln!("skipped: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    let p = Project::new(BASIC);
+    let cache = disk.0.path().join("cache");
+    let run = p.sdpipe(&["--cache-dir", cache.to_str().unwrap(), "run", "p.toml"]);
+    assert_eq!(run.code, 3, "{}{}", run.stdout, run.stderr);
+    assert!(
+        run.stdout.contains("No space left") && run.stdout.contains("make room"),
+        "{}",
+        run.stdout
+    );
+    let error = run
+        .stdout
+        .lines()
+        .find(|l| l.contains("No space left"))
+        .unwrap();
+    assert_eq!(error.matches("No space left").count(), 1, "{error}");
+    // once there is room, the same run finishes
+    drop(disk);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+}

@@ -273,8 +273,7 @@ impl TrainParams {
             },
             self.dreambooth.save_dtype,
             &metadata,
-        )
-        .with_context(|| format!("writing {}", out.display()))?;
+        )?;
         let blob = ctx.store.put_file(&out)?;
 
         let (mut result, metrics) = self.finish(

@@ -17,7 +17,7 @@
 
 use std::path::Path;
 
-use anyhow::{Context as _, bail};
+use anyhow::bail;
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -299,11 +299,9 @@ impl TrainParams {
         let mut trained = net.to_host(&template);
         trained.step = self.steps;
         let pt = scratch.join("hypernetwork.pt");
-        write_hypernetwork_pt(&pt, &trained)
-            .with_context(|| format!("writing {}", pt.display()))?;
+        write_hypernetwork_pt(&pt, &trained)?;
         let st = scratch.join("hypernetwork.safetensors");
-        write_hypernetwork_safetensors(&st, &trained)
-            .with_context(|| format!("writing {}", st.display()))?;
+        write_hypernetwork_safetensors(&st, &trained)?;
         let blob = ctx.store.put_file(&pt)?;
 
         let (mut result, metrics) = self.finish(

@@ -617,7 +617,7 @@ impl TrainParams {
             ..KohyaMetadata::default()
         };
         let out = scratch.join("final.safetensors");
-        write_kohya(&out, &network, &meta).with_context(|| format!("writing {}", out.display()))?;
+        write_kohya(&out, &network, &meta)?;
         let blob = ctx.store.put_file(&out)?;
 
         let (mut result, metrics) = self.finish(
@@ -779,11 +779,9 @@ impl TrainParams {
 
         let embedding = self.embedding(&token, &extra, self.steps, &model_path);
         let a1111 = scratch.join("embedding.safetensors");
-        write_a1111_safetensors(&a1111, &embedding)
-            .with_context(|| format!("writing {}", a1111.display()))?;
+        write_a1111_safetensors(&a1111, &embedding)?;
         let diffusers = scratch.join("learned_embeds.safetensors");
-        write_diffusers(&diffusers, &embedding)
-            .with_context(|| format!("writing {}", diffusers.display()))?;
+        write_diffusers(&diffusers, &embedding)?;
         let blob = ctx.store.put_file(&a1111)?;
         let (mut result, metrics) = self.finish(
             ctx,

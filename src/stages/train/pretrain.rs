@@ -632,8 +632,7 @@ impl PretrainParams {
             ("format".to_string(), "pt".to_string()),
         ]);
         let out = scratch.join("model.safetensors");
-        write_single_file(&out, &tensors, &configs, self.save_dtype, &metadata)
-            .with_context(|| format!("writing {}", out.display()))?;
+        write_single_file(&out, &tensors, &configs, self.save_dtype, &metadata)?;
         let blob = ctx.store.put_file(&out)?;
 
         let tenth = |v: &[f32], last: bool| {
