@@ -28,6 +28,9 @@ pub struct StageMemory {
     pub method: Option<Method>,
     /// Whether the UNet computes in f16 (`precision = "f16"`).
     pub half: bool,
+    /// The key that sets how many parameters train, with its value (`lora.rank (now 16)`):
+    /// the advice when the training state, not the activations, is what does not fit.
+    pub size_key: Option<String>,
 }
 
 /// The resolution of the preprocess stage `instance` depends on (through encode_latents).
@@ -127,6 +130,7 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
                     }),
                     method: None,
                     half: false,
+                    size_key: None,
                 });
                 continue;
             }
@@ -163,6 +167,18 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
             estimate,
             method: Some(p.method),
             half: pipeline.settings.precision == crate::device::Precision::F16,
+            size_key: match p.method {
+                Method::Lora => Some(format!("lora.rank (now {})", p.lora.rank)),
+                Method::TextualInversion => Some(format!(
+                    "textual_inversion.num_vectors (now {})",
+                    p.textual_inversion.num_vectors
+                )),
+                Method::Hypernetwork => Some(format!(
+                    "hypernetwork.layer_structure (now {:?})",
+                    p.hypernetwork.layer_structure
+                )),
+                Method::Dreambooth => None,
+            },
         });
     }
     out
@@ -235,7 +251,18 @@ pub fn refusal(list: &[StageMemory], available: &Available) -> Option<String> {
         .iter()
         .find(|s| s.estimate.as_ref().is_ok_and(|e| e.total > available.bytes))?;
     let e = s.estimate.as_ref().ok()?;
-    let mut advice = vec![format!("lower `batch_size` (now {})", s.batch)];
+    let mut advice = Vec::new();
+    // What dominates decides what to lower first: a huge rank is not fixed by a smaller batch.
+    if e.training_state > e.activations
+        && let Some(key) = &s.size_key
+    {
+        let (name, now) = key.split_once(' ').unwrap_or((key, ""));
+        advice.push(format!(
+            "lower `{name}` {now}: the trained parameters and their optimiser state alone need {}",
+            human_bytes(e.training_state)
+        ));
+    }
+    advice.push(format!("lower `batch_size` (now {})", s.batch));
     if s.method.is_none() {
         advice.push("lower `vae_batch_size`".into());
         advice.push(format!(

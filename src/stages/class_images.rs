@@ -97,6 +97,11 @@ impl ClassImagesParams {
                 "e.g. steps = 30",
             ));
         }
+        super::checks::non_negative(
+            "cfg",
+            f64::from(self.cfg),
+            "7.5 is the usual value; 1 or less disables guidance",
+        )?;
         for (field, v) in [("width", self.width), ("height", self.height)] {
             if let Some(v) = v
                 && (v == 0 || !v.is_multiple_of(8))

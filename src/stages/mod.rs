@@ -2,6 +2,7 @@
 //! they read from outside, and how they run.
 
 mod caption;
+mod checks;
 mod class_images;
 mod context;
 mod encode_latents;

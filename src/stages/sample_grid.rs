@@ -44,9 +44,9 @@ pub struct SampleGridParams {
     /// Negative prompt shared by every image.
     #[serde(default)]
     pub negative_prompt: String,
-    /// Seeds, one column per prompt and seed. Default: the pipeline seed.
-    #[serde(default)]
-    pub seeds: Vec<u64>,
+    /// Seeds, one column per prompt and seed. Default (key absent): the pipeline seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seeds: Option<Vec<u64>>,
     /// Sampling steps.
     #[serde(default = "default_steps")]
     pub steps: usize,
@@ -130,6 +130,14 @@ impl SampleGridParams {
                 ));
             }
         }
+        if self.seeds.as_ref().is_some_and(Vec::is_empty) {
+            return Err(ParamError::new(
+                "seeds",
+                "`seeds` is empty: the grid would have no columns",
+                "give at least one seed, e.g. seeds = [1, 2, 3, 4], or leave the key out to use \
+                 the pipeline seed",
+            ));
+        }
         if !(self.cfg.is_finite() && self.cfg >= 0.0) {
             return Err(ParamError::new(
                 "cfg",
@@ -153,11 +161,7 @@ impl SampleGridParams {
 
     /// The seeds used: `seeds`, or the pipeline seed.
     fn seeds(&self, settings: &PipelineSettings) -> Vec<u64> {
-        if self.seeds.is_empty() {
-            vec![settings.seed]
-        } else {
-            self.seeds.clone()
-        }
+        self.seeds.clone().unwrap_or_else(|| vec![settings.seed])
     }
 
     pub(super) fn key_params(&self, settings: &PipelineSettings) -> serde_json::Value {

@@ -28,6 +28,10 @@ pub trait TrainMethod<D: Device<f32>> {
     fn apply(&mut self, grads: &Grads, lr: f64) -> anyhow::Result<()>;
     /// Writes a resumable checkpoint of the trained tensors and the optimiser after `state`.
     fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()>;
+    /// The keys to change when the loss diverges after some updates.
+    fn divergence_advice(&self) -> &'static str {
+        "lower `lr`, or set `max_grad_norm`"
+    }
 }
 
 /// The loop's settings (the train stage's keys of the same names).
@@ -152,17 +156,12 @@ impl LoopConfig {
                 )
                 .map_err(|e| e.context(format!("step {}", step + 1)))?;
             if !outcome.loss.is_finite() {
-                anyhow::bail!(
-                    "the loss became {} at step {}: training diverged (lower `lr`, or set \
-                     `max_grad_norm`); {}",
+                return Err(divergence(
                     outcome.loss,
-                    step + 1,
-                    match resume::dirs(env.scratch).last() {
-                        Some(dir) =>
-                            format!("the last good checkpoint is kept in {}", dir.display()),
-                        None => "no checkpoint had been written yet".into(),
-                    }
-                );
+                    step,
+                    method.divergence_advice(),
+                    env.scratch,
+                ));
             }
             state.losses.push(outcome.loss);
             state.step += 1;
@@ -216,4 +215,48 @@ fn is_non_finite(e: &anyhow::Error) -> bool {
             _ => None,
         });
     matches!(objective, Some(ObjectiveError::NonFinite(_)))
+}
+
+/// The error of a loss that became NaN or infinite at 0-based `step`: why (at the first step no
+/// update has happened, so the rate is not the cause), what to change, and the last checkpoint
+/// left in `scratch`, only if one exists.
+pub fn divergence(loss: f32, step: u64, advice: &str, scratch: &Path) -> anyhow::Error {
+    let why = if step == 0 {
+        "before any update, so the base model, the latents or the method's own settings produce          it, not the learning rate"
+            .to_string()
+    } else {
+        format!("training diverged ({advice})")
+    };
+    let checkpoint = match resume::dirs(scratch).last() {
+        Some(dir) => format!("the last good checkpoint is kept in {}", dir.display()),
+        None => "no checkpoint had been written yet".into(),
+    };
+    anyhow::anyhow!(
+        "the loss became {loss} at step {}: {why}; {checkpoint}",
+        step + 1
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_divergence_names_only_a_checkpoint_that_exists() {
+        let scratch = tempfile::tempdir().unwrap();
+        let first = divergence(f32::NAN, 0, "lower `lr`", scratch.path()).to_string();
+        assert!(first.contains("at step 1: before any update"), "{first}");
+        assert!(!first.contains("lower `lr`"), "{first}");
+        assert!(
+            first.contains("no checkpoint had been written yet"),
+            "{first}"
+        );
+
+        let step = std::path::PathBuf::from("checkpoints/step-00000004");
+        std::fs::create_dir_all(scratch.path().join(&step)).unwrap();
+        let later = divergence(f32::INFINITY, 6, "lower `lora.alpha`", scratch.path()).to_string();
+        assert!(later.contains("the loss became inf at step 7"), "{later}");
+        assert!(later.contains("diverged (lower `lora.alpha`)"), "{later}");
+        assert!(later.contains("step-00000004"), "{later}");
+    }
 }

@@ -197,3 +197,27 @@ fn plan_json_carries_the_estimates() {
     assert!(memory["estimate"]["activations"].as_u64().unwrap() > 0);
     assert!(by_stage("caption").get("memory").is_none());
 }
+
+/// When the trained parameters, not the activations, are what does not fit, the advice names
+/// the key that sizes them first: a smaller batch does not fix a rank of 100000.
+#[test]
+fn a_huge_rank_is_refused_naming_the_rank() {
+    let text = format!(
+        "{}\n[stage.train_lora.lora]\nrank = 100000\n",
+        pipeline(1).replace(
+            "[stage.train_full]\nkind = \"train\"\nneeds = [\"latents\"]\nmethod = \
+             \"dreambooth\"\nsteps = 2\nbatch_size = 1\n",
+            ""
+        )
+    );
+    assert!(!text.contains("train_full"), "{text}");
+    let p = Project::new(&text);
+    let run = with_limit(&p, "256MiB", &["run", "p.toml"]);
+    assert_eq!(run.code, 4, "{}{}", run.stdout, run.stderr);
+    let first = run
+        .stderr
+        .find("lower `lora.rank` (now 100000)")
+        .unwrap_or_else(|| panic!("no rank advice:\n{}", run.stderr));
+    let batch = run.stderr.find("lower `batch_size`").unwrap();
+    assert!(first < batch, "rank advice comes first:\n{}", run.stderr);
+}

@@ -235,3 +235,61 @@ fn usage_errors_exit_2() {
     assert_eq!(missing.code, 2);
     assert!(missing.stderr.contains("nope.toml"), "{}", missing.stderr);
 }
+
+/// Values TOML accepts but nothing can train or sample with (`1e30`, `nan`, an empty list) are
+/// refused at their key before anything runs, instead of a NaN stop minutes later.
+#[test]
+fn numbers_that_cannot_train_are_refused_at_their_key() {
+    let start = crate::common::tiny_latents_pipeline(5);
+    let train = |extra: &str, table: &str| {
+        format!(
+            "{start}\n[stage.train]\nkind = \"train\"\nneeds = [\"latents\"]\nmethod = \
+             \"lora\"\nsteps = 2\n{extra}\n[stage.train.lora]\n{table}\n"
+        )
+    };
+    // (pipeline, the key's line text, what the message says)
+    let cases = [
+        (
+            train("lr = 1e30", ""),
+            "lr = 1e30",
+            "beyond any rate that trains",
+        ),
+        (
+            train("lr = nan", ""),
+            "lr = nan",
+            "must be a positive number",
+        ),
+        (train("", "alpha = nan"), "alpha = nan", "lora.alpha"),
+        (train("", "lr = inf"), "lr = inf", "lora.lr"),
+        (
+            train("max_grad_norm = -1.0", ""),
+            "max_grad_norm = -1.0",
+            "must be a finite number ≥ 0",
+        ),
+        (
+            format!(
+                "{start}\n[stage.grid]\nkind = \"sample_grid\"\nprompts = [\"a\"]\nseeds = \
+                 []\n"
+            ),
+            "seeds = []",
+            "the grid would have no columns",
+        ),
+    ];
+    for (text, key_line, message) in cases {
+        let line = text
+            .lines()
+            .position(|l| l == key_line)
+            .unwrap_or_else(|| panic!("{key_line} not in\n{text}"))
+            + 1;
+        let p = Project::new(&text);
+        let run = p.sdpipe(&["plan", "p.toml"]);
+        assert_eq!(run.code, 2, "{key_line}: {}", run.stderr);
+        for part in [format!("p.toml:{line}:"), message.to_string()] {
+            assert!(
+                run.stderr.contains(&part),
+                "{key_line}: `{part}` in\n{}",
+                run.stderr
+            );
+        }
+    }
+}

@@ -314,3 +314,29 @@ fn bad_init_latents_are_named() {
         run.stderr
     );
 }
+
+/// Warnings reach a log file or a CI capture as plain `WARN`, without terminal colour codes.
+#[test]
+fn warnings_on_a_redirected_stderr_carry_no_colour_codes() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let model = fixtures().join("tiny-sd");
+    let prompt = format!("{} tail end", "word ".repeat(80));
+    let run = sdpipe(
+        dir,
+        &[
+            "sample",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            &prompt,
+            "--steps",
+            "1",
+            "--out",
+            "long.png",
+        ],
+    );
+    assert_eq!(run.code, 0, "stderr: {}", run.stderr);
+    assert!(run.stderr.contains("WARN"), "{}", run.stderr);
+    assert!(!run.stderr.contains('\x1b'), "{:?}", run.stderr);
+}

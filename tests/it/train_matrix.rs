@@ -61,7 +61,7 @@ fn a_bad_method_rate_points_at_its_key() {
     let err = sdpipe::pipeline::parse(Path::new("p.toml"), &pipeline("-1")).unwrap_err();
     assert!(
         err.message
-            .contains("textual_inversion.lr must be a positive number"),
+            .contains("textual_inversion.lr = -1 must be a positive number"),
         "{err:?}"
     );
     assert_eq!(err.line, 28, "{err:?}");

@@ -72,27 +72,6 @@ fn default_prior_loss_weight() -> f64 {
 }
 
 impl TrainParams {
-    pub(super) fn validate_dreambooth(&self) -> Result<(), crate::stages::ParamError> {
-        let w = self.dreambooth.prior_loss_weight;
-        if !(w.is_finite() && w >= 0.0) {
-            return Err(crate::stages::ParamError::new(
-                "dreambooth.prior_loss_weight",
-                format!("prior_loss_weight {w} must be a non-negative number"),
-                "1.0 is diffusers' default; 0 turns prior preservation off",
-            ));
-        }
-        if let Some(lr) = self.dreambooth.text_encoder_lr
-            && !(lr.is_finite() && lr > 0.0)
-        {
-            return Err(crate::stages::ParamError::new(
-                "dreambooth.text_encoder_lr",
-                "text_encoder_lr must be a positive number",
-                "e.g. the UNet's rate, or half of it",
-            ));
-        }
-        Ok(())
-    }
-
     /// Runs DreamBooth with the UNet computing in `E`. In mixed precision (`E` = f16) an f32
     /// copy of the UNet holds the master weights the optimiser updates; the f16 working copy
     /// is refreshed from it after every step.

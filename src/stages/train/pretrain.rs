@@ -444,6 +444,25 @@ impl PretrainParams {
                 "use \"l1\" or \"mse\"",
             ));
         }
+        for (field, v) in [("lr", self.lr), ("vae_lr", self.vae_lr)] {
+            if v > crate::stages::checks::MAX_LEARNING_RATE {
+                crate::stages::checks::learning_rate(
+                    field,
+                    v,
+                    "see the defaults in the pipeline reference",
+                )?;
+            }
+        }
+        crate::stages::checks::non_negative(
+            "max_grad_norm",
+            self.max_grad_norm,
+            "the global gradient norm is clipped to it; 0 turns clipping off",
+        )?;
+        crate::stages::checks::non_negative(
+            "weight_decay",
+            self.weight_decay,
+            "AdamW's decoupled decay; 0 turns it off",
+        )?;
         if !(0.0..1.0).contains(&self.caption_dropout) {
             return Err(ParamError::new(
                 "caption_dropout",
@@ -702,12 +721,18 @@ impl PretrainParams {
         optimizer: &AdamW<D>,
     ) -> anyhow::Result<()> {
         if !loss.is_finite() {
-            bail!(
-                "the {phase} loss became {loss} at step {}: training diverged (lower the learning \
-                 rate); the last good checkpoint is kept in {}",
-                state.step + 1,
-                ctx.scratch()?.join("checkpoints").display()
-            );
+            let advice = if phase == "vae" {
+                "lower `vae_lr`, or set `max_grad_norm`"
+            } else {
+                "lower `lr`, or set `max_grad_norm`"
+            };
+            return Err(crate::train::run_loop::divergence(
+                loss,
+                state.step,
+                advice,
+                &ctx.scratch()?,
+            )
+            .context(format!("pretraining the {phase}")));
         }
         state.step += 1;
         bar.set_position(state.step);

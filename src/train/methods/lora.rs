@@ -144,6 +144,10 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for LoraSteps<'_, D, E>
         state.loss_scaler = self.scaler.saved::<E>();
         save_lora_checkpoint(self.scratch, &network, self.optimizer, &state)
     }
+
+    fn divergence_advice(&self) -> &'static str {
+        "lower `lr` or `lora.alpha` (the update is scaled by alpha / rank), or set `max_grad_norm`"
+    }
 }
 
 /// Writes a resumable LoRA checkpoint: the adapters (kohya format) and the optimiser.

@@ -1,0 +1,162 @@
+//! Whether a `train` stage's parameters can train, checked at their keys before anything runs.
+
+use super::{Method, TrainParams, schedule};
+use crate::stages::{ParamError, checks};
+
+impl TrainParams {
+    pub(in crate::stages) fn validate(&self) -> Result<(), ParamError> {
+        if self.steps == 0 {
+            return Err(ParamError::new(
+                "steps",
+                "steps must be positive",
+                "e.g. steps = 500",
+            ));
+        }
+        if self.batch_size == 0 {
+            return Err(ParamError::new(
+                "batch_size",
+                "batch_size must be positive",
+                "e.g. batch_size = 1",
+            ));
+        }
+        if self.gradient_accumulation == 0 {
+            return Err(ParamError::new(
+                "gradient_accumulation",
+                "gradient_accumulation must be positive",
+                "1 means none",
+            ));
+        }
+        checks::learning_rate("lr", self.lr, "LoRA typically uses 1e-4")?;
+        for (key, lr) in [
+            ("lora.lr", self.lora.lr),
+            ("textual_inversion.lr", self.textual_inversion.lr),
+            ("dreambooth.lr", self.dreambooth.lr),
+            ("hypernetwork.lr", self.hypernetwork.lr),
+        ] {
+            if let Some(lr) = lr {
+                checks::learning_rate(
+                    key,
+                    lr,
+                    "it overrides the stage's `lr` for that method; e.g. 5e-3",
+                )?;
+            }
+        }
+        checks::non_negative(
+            "weight_decay",
+            self.weight_decay,
+            "AdamW's decoupled decay; 1e-2 is the default, 0 turns it off",
+        )?;
+        checks::non_negative(
+            "max_grad_norm",
+            self.max_grad_norm,
+            "the global gradient norm is clipped to it; 1.0 is the default, 0 turns clipping off",
+        )?;
+        if self.min_timestep >= self.max_timestep || self.max_timestep > 1000 {
+            return Err(ParamError::new(
+                "max_timestep",
+                format!(
+                    "the timestep range {}..{} is empty or beyond 1000",
+                    self.min_timestep, self.max_timestep
+                ),
+                "use 0 <= min_timestep < max_timestep <= 1000",
+            ));
+        }
+        if let Err(e) = schedule(self) {
+            return Err(ParamError::new(
+                "lr_scheduler",
+                e,
+                "constant, constant_with_warmup, cosine, linear, or \"1e-3:100, 1e-4\"",
+            ));
+        }
+        if self.method == Method::TextualInversion {
+            let ti = &self.textual_inversion;
+            if ti.token.as_deref().is_none_or(|t| t.trim().is_empty()) {
+                return Err(ParamError::new(
+                    "textual_inversion.token",
+                    "textual inversion needs a `token`",
+                    "add [stage.NAME.textual_inversion] token = \"zorb\" (the word your captions use)",
+                ));
+            }
+            if ti.num_vectors == 0 || ti.num_vectors > 75 {
+                return Err(ParamError::new(
+                    "textual_inversion.num_vectors",
+                    "num_vectors must be 1..=75",
+                    "1 to 8 are common",
+                ));
+            }
+            if ti.init_word.trim().is_empty() {
+                return Err(ParamError::new(
+                    "textual_inversion.init_word",
+                    "init_word is empty",
+                    "e.g. init_word = \"star\"",
+                ));
+            }
+        }
+        if self.method == Method::Dreambooth {
+            self.validate_dreambooth()?;
+        }
+        if self.method == Method::Hypernetwork {
+            self.hypernetwork.validate()?;
+        }
+        if self.lora.rank == 0 {
+            return Err(ParamError::new(
+                "lora.rank",
+                "lora.rank must be positive",
+                "4 to 128 are common",
+            ));
+        }
+        if !(0.0..1.0).contains(&self.lora.dropout) {
+            return Err(ParamError::new(
+                "lora.dropout",
+                format!("dropout {} is outside [0, 1)", self.lora.dropout),
+                "0.1 is a common value; 0 turns it off",
+            ));
+        }
+        if self.lora.text_encoder && self.lora.text_encoder_targets.is_empty() {
+            return Err(ParamError::new(
+                "lora.text_encoder_targets",
+                "lora.text_encoder_targets is empty",
+                "the default is [\"q_proj\", \"k_proj\", \"v_proj\", \"out_proj\"]",
+            ));
+        }
+        if let Some(alpha) = self.lora.alpha {
+            checks::positive(
+                "lora.alpha",
+                f64::from(alpha),
+                "the update is scaled by alpha / rank: alpha = rank (the default) gives 1, kohya \
+                 users often take alpha = 1 or rank / 2",
+            )?;
+        }
+        if let Some(lr) = self.lora.text_encoder_lr {
+            checks::learning_rate(
+                "lora.text_encoder_lr",
+                lr,
+                "kohya users often take half the UNet's rate, e.g. 5e-5",
+            )?;
+        }
+        if self.lora.targets.is_empty() {
+            return Err(ParamError::new(
+                "lora.targets",
+                "lora.targets is empty",
+                "the default is [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]",
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_dreambooth(&self) -> Result<(), ParamError> {
+        checks::non_negative(
+            "dreambooth.prior_loss_weight",
+            self.dreambooth.prior_loss_weight,
+            "1.0 is diffusers' default; 0 turns prior preservation off",
+        )?;
+        if let Some(lr) = self.dreambooth.text_encoder_lr {
+            checks::learning_rate(
+                "dreambooth.text_encoder_lr",
+                lr,
+                "e.g. the UNet's rate, or half of it",
+            )?;
+        }
+        Ok(())
+    }
+}
