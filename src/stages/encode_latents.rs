@@ -220,7 +220,8 @@ impl EncodeLatentsParams {
         let mut result = StageResult::default();
         for item in &manifest.items {
             result.outputs.insert(
-                format!("latents/{}.safetensors", item.name.replace('/', "__")),
+                // The dataset's folders are kept: `a/x.png` and `a__x.png` are two files.
+                format!("latents/{}.safetensors", item.name),
                 item.latents.clone(),
             );
         }

@@ -393,7 +393,8 @@ impl PreprocessParams {
         let mut result = StageResult::default();
         for item in &manifest.items {
             result.outputs.insert(
-                format!("items/{}.safetensors", item.name.replace('/', "__")),
+                // The dataset's folders are kept: `a/x.png` and `a__x.png` are two files.
+                format!("items/{}.safetensors", item.name),
                 item.tensor.clone(),
             );
         }

@@ -236,3 +236,95 @@ fn ctrl_c_stops_cleanly_with_exit_130() {
     assert_eq!(run.code, 0);
     assert!(p.stats("preprocess")["images_reused"].as_u64().unwrap() >= 1);
 }
+
+/// A PNG of the given size with one tiny IDAT: what a decompression bomb's header looks like.
+fn png_claiming(width: u32, height: u32) -> Vec<u8> {
+    fn crc32(bytes: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in bytes {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 == 1 {
+                    (crc >> 1) ^ 0xEDB8_8320
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
+    }
+    fn chunk(out: &mut Vec<u8>, kind: &[u8], data: &[u8]) {
+        out.extend_from_slice(&(data.len() as u32).to_be_bytes());
+        let start = out.len();
+        out.extend_from_slice(kind);
+        out.extend_from_slice(data);
+        let crc = crc32(&out[start..]);
+        out.extend_from_slice(&crc.to_be_bytes());
+    }
+    let mut ihdr = Vec::new();
+    ihdr.extend_from_slice(&width.to_be_bytes());
+    ihdr.extend_from_slice(&height.to_be_bytes());
+    ihdr.extend_from_slice(&[8, 2, 0, 0, 0]); // 8-bit RGB
+    let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
+    chunk(&mut out, b"IHDR", &ihdr);
+    // zlib stream of one stored empty block
+    chunk(
+        &mut out,
+        b"IDAT",
+        &[0x78, 0x01, 0x01, 0x00, 0x00, 0xff, 0xff, 0, 0, 0, 1],
+    );
+    chunk(&mut out, b"IEND", &[]);
+    out
+}
+
+/// A header claiming 100000x100000 used to abort the process allocating 30 GB, even with
+/// `on_bad_image = "skip"`; a truncated JPEG decoded silently to grey. Both are bad images now.
+#[test]
+fn a_decompression_bomb_and_a_truncated_jpeg_are_bad_images() {
+    let p = Project::new(BASIC);
+    std::fs::write(p.path("images/bomb.png"), png_claiming(100_000, 100_000)).unwrap();
+    let jpeg = std::fs::read(p.path("images/zorb-05.jpg")).unwrap();
+    std::fs::write(p.path("images/cut.jpg"), &jpeg[..jpeg.len() * 2 / 3]).unwrap();
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
+    for part in ["bomb.png", "claims 100000x100000", "cut.jpg"] {
+        assert!(run.stdout.contains(part), "`{part}` in\n{}", run.stdout);
+    }
+
+    p.write_pipeline(&BASIC.replace(
+        "resolution = 32",
+        "resolution = 32\non_bad_image = \"skip\"",
+    ));
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_eq!(p.stats("preprocess")["skipped"], 2);
+    // the intact JPEG still decodes (strict mode refuses only what is broken)
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(p.path("outputs/t/preprocess/manifest.json")).unwrap(),
+    )
+    .unwrap();
+    let names: Vec<&str> = manifest["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"zorb-05.jpg"), "{names:?}");
+}
+
+/// With `recursive = true`, `a/x.png` and `a__x.png` are two items with two output files (both
+/// used to be written to `a__x.png.safetensors`, one lost).
+#[test]
+fn nested_and_flat_names_do_not_collide() {
+    let text = BASIC.replace("token = \"zorb\"", "token = \"zorb\"\nrecursive = true");
+    let p = Project::new(&text);
+    std::fs::create_dir_all(p.path("images/a")).unwrap();
+    std::fs::copy(p.path("images/zorb-01.png"), p.path("images/a/x.png")).unwrap();
+    std::fs::copy(p.path("images/zorb-03.png"), p.path("images/a__x.png")).unwrap();
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let items = p.path("outputs/t/preprocess/items");
+    let nested = std::fs::read(items.join("a/x.png.safetensors")).unwrap();
+    let flat = std::fs::read(items.join("a__x.png.safetensors")).unwrap();
+    assert_ne!(nested, flat, "two images, two tensors");
+}
