@@ -2,19 +2,29 @@
 //!
 //! Layout under the versioned root (`.sdpipe/cache-v1/`):
 //! `blobs/ab/abcdef…` (read-only files named by their blake3), `records/<ns>/<key>.json`,
-//! `locks/<key>.lock`, `scratch/<key>/`, `hash-memo.json`. A blob is written to a temp file in
-//! its directory, synced and renamed; a record is written last and is the commit point, so a
-//! crash leaves at worst unreferenced temp files, never a record pointing at missing data.
+//! `locks/<key>.lock`, `scratch/<key>/`, `hash-memo.json`, `blob-memo.json`, `quarantine/`. A
+//! blob is written to a temp file in its directory, synced and renamed; a record is written last
+//! and is the commit point, so a crash leaves at worst unreferenced temp files, never a record
+//! pointing at missing data.
+//!
+//! Nothing is served unverified: a record counts only when every blob it names hashes to its
+//! digest. Re-hashing is skipped while a blob's stat (device, inode, size, mtime, ctime) is the
+//! one it had when last verified (`blob-memo.json`), so an edit through a hard-linked output is
+//! caught on the next lookup; silent bit rot, which changes no stat, is what `cache verify`
+//! (a full re-hash) is for. A blob or record that fails its check is moved to `quarantine/`
+//! (never deleted: it is evidence) and the lookup is a miss, so the stage recomputes it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::atomic::{atomic_write, sync_dir};
+use super::hash::FileHasher;
 use super::key::KeyMaterial;
 use super::lock::KeyLock;
 
@@ -122,7 +132,7 @@ pub struct GcReport {
     pub blobs: u64,
     /// Bytes freed.
     pub bytes: u64,
-    /// Temp files and scratch dirs removed.
+    /// Temp files, scratch dirs and quarantined files removed.
     pub other: u64,
 }
 
@@ -130,6 +140,11 @@ pub struct GcReport {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: PathBuf,
+    /// Blob path → digest of the bytes last verified there, by stat.
+    verified: Arc<FileHasher>,
+    /// Whether a damaged entry is moved to `quarantine/` (false for `plan`, which writes
+    /// nothing: the entry is only reported and treated as a miss).
+    repair: bool,
 }
 
 /// Record namespaces.
@@ -150,16 +165,110 @@ impl Store {
             let p = root.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
-        Ok(Store {
-            root: root.to_path_buf(),
-        })
+        Ok(Store::at(root))
     }
 
-    /// Opens the store at `root` for reading only: nothing is created. `None` if absent.
+    /// Opens the existing store at `root` without creating anything. `None` if absent.
     pub fn open_existing(root: &Path) -> Option<Store> {
-        root.join("records").is_dir().then(|| Store {
+        root.join("records").is_dir().then(|| Store::at(root))
+    }
+
+    fn at(root: &Path) -> Store {
+        Store {
             root: root.to_path_buf(),
-        })
+            verified: Arc::new(FileHasher::with_memo(root.join(BLOB_MEMO))),
+            repair: true,
+        }
+    }
+
+    /// This store, looking only: a damaged entry is a miss and a warning, but nothing is moved
+    /// and the verification memo is not saved.
+    pub fn without_repair(mut self) -> Store {
+        self.repair = false;
+        self
+    }
+
+    /// Saves what was verified this session, so the next one does not re-hash it.
+    pub fn save_memo(&self) {
+        if !self.repair {
+            return;
+        }
+        if let Err(e) = self.verified.save() {
+            tracing::warn!(
+                "could not save {}: {e}",
+                self.root.join(BLOB_MEMO).display()
+            );
+        }
+    }
+
+    /// Whether the blob is present and its bytes hash to its digest (through the stat memo).
+    /// A blob that does not is quarantined (when repairing) and reported once.
+    pub fn blob_intact(&self, blob: &BlobRef) -> bool {
+        let path = self.blob_path(&blob.digest);
+        match std::fs::metadata(&path) {
+            Ok(m) if m.len() == blob.size => {}
+            Ok(m) => {
+                self.damaged(
+                    &path,
+                    &format!("{} bytes where {} were stored", m.len(), blob.size),
+                );
+                return false;
+            }
+            Err(_) => return false,
+        }
+        match self.verified.hash_file(&path) {
+            Ok(digest) if digest == blob.digest => true,
+            Ok(_) => {
+                self.damaged(
+                    &path,
+                    "its bytes no longer hash to its name (edited, or bit rot)",
+                );
+                false
+            }
+            Err(e) => {
+                tracing::warn!("cannot read cached blob {}: {e}", path.display());
+                false
+            }
+        }
+    }
+
+    /// Reports a damaged cache file and, when repairing, moves it to `quarantine/`.
+    fn damaged(&self, path: &Path, what: &str) {
+        if !self.repair {
+            tracing::warn!(
+                "cache file {} is damaged: {what}; the next run recomputes it",
+                path.display()
+            );
+            return;
+        }
+        let name = format!(
+            "{}-{}",
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+            path.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        );
+        let dest = self.root.join(QUARANTINE).join(name);
+        let moved = std::fs::create_dir_all(self.root.join(QUARANTINE))
+            .and_then(|()| std::fs::rename(path, &dest));
+        match moved {
+            Ok(()) => tracing::warn!(
+                "cache file {} is damaged: {what}; moved to {} and recomputed",
+                path.display(),
+                dest.display()
+            ),
+            // Another process may have moved it already.
+            Err(e) if !path.exists() => {
+                tracing::debug!("{} already moved: {e}", path.display())
+            }
+            Err(e) => tracing::warn!(
+                "cache file {} is damaged: {what}; it could not be moved aside ({e})",
+                path.display()
+            ),
+        }
     }
 
     /// The root directory.
@@ -181,7 +290,8 @@ impl Store {
             size: bytes.len() as u64,
         };
         let path = self.blob_path(&blob.digest);
-        if blob_ok(&path, blob.size) {
+        // A damaged blob of the same name is quarantined here and written again.
+        if path.exists() && self.blob_intact(&blob) {
             return Ok(blob);
         }
         let dir = path.parent().unwrap_or(&self.root).to_path_buf();
@@ -198,6 +308,7 @@ impl Store {
             source: e.error,
         })?;
         sync_dir(&dir).map_err(io_err(&dir))?;
+        self.verified.remember(&path, &blob.digest);
         Ok(blob)
     }
 
@@ -231,7 +342,8 @@ impl Store {
             .join(format!("{key}.json"))
     }
 
-    /// The record of `key` in namespace `ns`, if committed and all its blobs are present.
+    /// The record of `key` in namespace `ns`, if committed and every blob it names is intact.
+    /// An unreadable record or a damaged blob is a miss (and is quarantined when repairing).
     pub fn record(&self, ns: &str, key: &str) -> Result<Option<Record>, CacheError> {
         let path = self.record_path(ns, key);
         let bytes = match std::fs::read(&path) {
@@ -239,15 +351,32 @@ impl Store {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(CacheError::Io { path, source: e }),
         };
-        let record: Record = serde_json::from_slice(&bytes).map_err(|e| CacheError::Corrupt {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
-        let complete = record
+        let record: Record = match serde_json::from_slice(&bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                self.damaged(&path, &format!("not a record ({e})"));
+                return Ok(None);
+            }
+        };
+        // Every blob is checked (not only up to the first damaged one), so one run repairs all.
+        let damaged = record
             .outputs
             .values()
-            .all(|b| blob_ok(&self.blob_path(&b.digest), b.size));
-        Ok(complete.then_some(record))
+            .filter(|b| !self.blob_intact(b))
+            .count();
+        let intact = damaged == 0;
+        Ok(intact.then_some(record))
+    }
+
+    /// Empties the scratch directory of `key` (`--force` starts training over).
+    pub fn clear_scratch(&self, key: &str) -> Result<(), CacheError> {
+        let path = self.root.join("scratch").join(key);
+        match std::fs::remove_dir_all(&path) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                Err(CacheError::Io { path, source: e })
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Marks a record as used now (for age-based gc). Best effort.
@@ -391,6 +520,13 @@ impl Store {
                 remove(&path, dry_run);
             }
         }
+        for path in walk(&self.root.join(QUARANTINE)) {
+            if old(&path) {
+                report.other += 1;
+                report.bytes += file_size(&path);
+                remove(&path, dry_run);
+            }
+        }
         if let Ok(dirs) = std::fs::read_dir(self.root.join("scratch")) {
             for dir in dirs.flatten() {
                 let key = dir.file_name().to_string_lossy().into_owned();
@@ -407,7 +543,9 @@ impl Store {
         Ok(report)
     }
 
-    /// Re-hashes every blob that a record references; returns one line per problem.
+    /// Re-hashes every blob that a record references (ignoring the memo: this is what finds bit
+    /// rot); returns one line per problem. Damaged blobs and records are quarantined when
+    /// repairing, so the next run recomputes them.
     pub fn verify(&self) -> Vec<String> {
         let mut problems = Vec::new();
         let mut checked = BTreeSet::new();
@@ -420,28 +558,40 @@ impl Store {
                     .map_err(|e| e.to_string())
                     .and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string()));
                 match record {
-                    Err(e) => problems.push(format!("{}: unreadable record: {e}", path.display())),
+                    Err(e) => {
+                        problems.push(format!("{}: unreadable record: {e}", path.display()));
+                        self.damaged(&path, "unreadable record");
+                    }
                     Ok(record) => {
                         for (name, blob) in &record.outputs {
-                            if checked.insert(blob.digest.clone())
-                                && let Err(e) = self.read_blob(blob)
-                            {
-                                problems.push(format!("{} ({name}): {e}", path.display()));
+                            if !checked.insert(blob.digest.clone()) {
+                                continue;
+                            }
+                            match self.read_blob(blob) {
+                                Ok(_) => self
+                                    .verified
+                                    .remember(&self.blob_path(&blob.digest), &blob.digest),
+                                Err(e) => {
+                                    problems.push(format!("{} ({name}): {e}", path.display()));
+                                    if let CacheError::Corrupt { path, .. } = &e {
+                                        self.damaged(path, "content does not match its digest");
+                                    }
+                                }
                             }
                         }
                     }
                 }
             }
         }
+        self.save_memo();
         problems
     }
 }
 
-fn blob_ok(path: &Path, size: u64) -> bool {
-    std::fs::metadata(path)
-        .map(|m| m.len() == size)
-        .unwrap_or(false)
-}
+/// The verification memo's file name under the store root.
+const BLOB_MEMO: &str = "blob-memo.json";
+/// Where damaged blobs and records are moved.
+pub const QUARANTINE: &str = "quarantine";
 
 fn set_readonly(path: &Path) {
     if let Ok(meta) = std::fs::metadata(path) {

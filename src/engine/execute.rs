@@ -11,7 +11,7 @@ use anyhow::Context as _;
 use serde::Serialize;
 
 use super::material::stage_material;
-use super::outputs::{Failure, LockEntry, publish, update_lock};
+use super::outputs::{Failure, LockEntry, publish, published_intact, update_lock};
 use super::workspace::Workspace;
 use crate::cache::store::STAGES;
 use crate::cache::{FileHasher, Record, Store, atomic_write};
@@ -216,6 +216,9 @@ pub fn execute(
             })?);
             if !forced {
                 cached = store.record(STAGES, &key)?;
+            } else {
+                // `--force` recomputes from the start, not from a training checkpoint.
+                store.clear_scratch(&key)?;
             }
         }
 
@@ -247,6 +250,7 @@ pub fn execute(
                     .collect(),
                 progress,
                 cancel: &token,
+                forced,
             };
             let result = instance.params.run(&ctx);
             if let Some(slot) = &opts.running {
@@ -301,11 +305,12 @@ pub fn execute(
         drop(_lock);
 
         let stage_dir = out_dir.join(crate::pipeline::names::folder_name(&instance.name));
+        // A published file deleted or replaced since is restored from the cache.
         let unchanged = previous
             .stages
             .get(&instance.name)
             .is_some_and(|e| e.key == key)
-            && stage_dir.is_dir();
+            && published_intact(&store, &hasher, &stage_dir, &record.outputs).is_ok();
         if !unchanged || outcome.outcome == Outcome::Computed {
             let entry = LockEntry {
                 key: key.clone(),
@@ -339,6 +344,7 @@ pub fn execute(
     if let Err(e) = hasher.save() {
         tracing::warn!("could not save the hash memo: {e}");
     }
+    store.save_memo();
 
     let report = RunReport {
         pipeline: pipeline.name().to_string(),

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use crate::cache::{BlobRef, KeyLock, KeyMaterial, Store, atomic_write};
+use crate::cache::{BlobRef, FileHasher, KeyLock, KeyMaterial, Store, atomic_write};
 use crate::pipeline::names::{check_output_name, folder_name};
 
 /// File name of the run lock.
@@ -153,6 +153,40 @@ pub fn publish(
         .with_context(|| format!("cannot write {}", target.display()))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(target)
+}
+
+/// Whether `stage_dir` still holds every output as it was published: each file the blob
+/// itself (same device and inode: the hard link publish made) or, for a copy, bytes that hash
+/// to the blob's digest (through the stat memo). `Err` names the first file deleted or
+/// changed: the run publishes the folder again, restoring it from the cache.
+pub fn published_intact(
+    store: &Store,
+    hasher: &FileHasher,
+    stage_dir: &Path,
+    outputs: &BTreeMap<String, BlobRef>,
+) -> Result<(), PathBuf> {
+    for (name, blob) in outputs {
+        let file = stage_dir.join(name);
+        let Ok(meta) = std::fs::symlink_metadata(&file) else {
+            return Err(file);
+        };
+        if !meta.is_file() || meta.len() != blob.size {
+            return Err(file);
+        }
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::MetadataExt;
+            if let Ok(b) = std::fs::metadata(store.blob_path(&blob.digest))
+                && (b.dev(), b.ino()) == (meta.dev(), meta.ino())
+            {
+                continue;
+            }
+        }
+        if hasher.hash_file(&file).ok().as_deref() != Some(blob.digest.as_str()) {
+            return Err(file);
+        }
+    }
+    Ok(())
 }
 
 /// Refuses to replace `target` unless it is absent or a folder holding only what sdpipe

@@ -1,14 +1,16 @@
 //! `plan`: each stage instance as fresh or stale, with the reason, writing nothing.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
 
 use serde::Serialize;
 use serde_json::Value;
 
 use super::material::stage_material;
-use super::outputs::{LockEntry, RunLock};
+use super::outputs::{LockEntry, RunLock, published_intact};
 use super::workspace::Workspace;
 use crate::cache::{FileHasher, KeyMaterial, Store, store::STAGES};
+use crate::pipeline::names::folder_name;
 use crate::pipeline::{Pipeline, StageInstance};
 use crate::stages::input_noun;
 
@@ -62,21 +64,24 @@ pub fn plan_readonly(
     ws: &Workspace,
     force: &BTreeSet<String>,
 ) -> Vec<PlanEntry> {
-    let store = Store::open_existing(&ws.cache_root);
+    let store = Store::open_existing(&ws.cache_root).map(Store::without_repair);
     let hasher = match &store {
         Some(s) => FileHasher::with_memo(s.memo_path()),
         None => FileHasher::without_memo(),
     };
-    let lock = RunLock::load(&ws.pipeline_outputs(pipeline.name()));
-    plan(pipeline, store.as_ref(), &hasher, &lock, force)
+    let out_dir = ws.pipeline_outputs(pipeline.name());
+    let lock = RunLock::load(&out_dir);
+    plan(pipeline, store.as_ref(), &hasher, &lock, &out_dir, force)
 }
 
-/// Plans `pipeline` against the cache (`store`, if it exists) and the last run lock.
+/// Plans `pipeline` against the cache (`store`, if it exists), the last run lock and what is
+/// published in `out_dir`.
 pub fn plan(
     pipeline: &Pipeline,
     store: Option<&Store>,
     hasher: &FileHasher,
     previous: &RunLock,
+    out_dir: &Path,
     force: &BTreeSet<String>,
 ) -> Vec<PlanEntry> {
     let mut entries: Vec<PlanEntry> = Vec::with_capacity(pipeline.stages.len());
@@ -112,8 +117,17 @@ pub fn plan(
         let (status, key) = if stale_upstream.is_empty() {
             let key = material.key();
             let record = store.and_then(|s| s.record(STAGES, &key).ok().flatten());
-            if let Some(record) = record.filter(|_| !forced) {
+            if let (Some(record), Some(store)) = (record.filter(|_| !forced), store) {
                 digests.insert(instance.name.clone(), record.output_digest());
+                let stage_dir = out_dir.join(folder_name(&instance.name));
+                if prev.is_some_and(|p| p.key == key)
+                    && let Err(file) = published_intact(store, hasher, &stage_dir, &record.outputs)
+                {
+                    reasons.push(format!(
+                        "{} was deleted or changed: it is restored from the cache",
+                        file.display()
+                    ));
+                }
                 (PlanStatus::Fresh, Some(key))
             } else {
                 reasons = diff_reasons(instance, &material, &[], prev);

@@ -179,9 +179,7 @@ impl ClassImagesParams {
         let mut records = Vec::with_capacity(self.count);
         let mut todo = 0usize;
         for i in 0..self.count {
-            let r = ctx
-                .store
-                .record(ITEMS, &item_key(Self::seed_of(settings, i)))?;
+            let r = ctx.item_record(&item_key(Self::seed_of(settings, i)))?;
             todo += usize::from(r.is_none());
             records.push(r);
         }

@@ -30,6 +30,8 @@ pub struct StageContext<'a> {
     pub progress: &'a Progress,
     /// Set when the stage should stop (Ctrl-C, or `watch` saw its key change).
     pub cancel: &'a CancelToken,
+    /// `--force`: per-item results are recomputed too, not reused.
+    pub forced: bool,
 }
 
 impl StageContext<'_> {
@@ -55,6 +57,15 @@ impl StageContext<'_> {
         let bytes = self.store.read_blob(blob)?;
         serde_json::from_slice(&bytes)
             .with_context(|| format!("reading `{name}` of stage `{}`", record.stage))
+    }
+
+    /// The per-item record of `key` (one image, one latent, one grid cell), or `None` to
+    /// compute it: absent, damaged, or the stage is forced.
+    pub fn item_record(&self, key: &str) -> Result<Option<Record>, crate::cache::CacheError> {
+        if self.forced {
+            return Ok(None);
+        }
+        self.store.record(crate::cache::store::ITEMS, key)
     }
 
     /// Fails with [`Cancelled`] if the stage should stop.

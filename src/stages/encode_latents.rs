@@ -114,7 +114,7 @@ impl EncodeLatentsParams {
         // Load the VAE only if some item is not cached.
         let mut cached: HashMap<String, Record> = HashMap::new();
         for item in &manifest.items {
-            if let Some(r) = ctx.store.record(ITEMS, &item_key(&item.tensor))? {
+            if let Some(r) = ctx.item_record(&item_key(&item.tensor))? {
                 cached.insert(item.name.clone(), r);
             }
         }

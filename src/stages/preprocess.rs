@@ -285,8 +285,7 @@ impl PreprocessParams {
                     ctx.check_cancelled().map_err(ItemFailure::Fatal)?;
                     let item_key = item_key(&item_params, &item.hash);
                     if let Some(record) = ctx
-                        .store
-                        .record(ITEMS, &item_key)
+                        .item_record(&item_key)
                         .map_err(|e| ItemFailure::Fatal(e.into()))?
                         && let Ok(r) = serde_json::from_value::<ItemResult>(record.stats.clone())
                     {

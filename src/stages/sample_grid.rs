@@ -298,7 +298,7 @@ impl SampleGridParams {
         for vi in 0..variants.len() {
             for pi in 0..self.prompts.len() {
                 for (si, seed) in seeds.iter().enumerate() {
-                    let r = ctx.store.record(ITEMS, &cell_key(vi, pi, *seed))?;
+                    let r = ctx.item_record(&cell_key(vi, pi, *seed))?;
                     todo += usize::from(r.is_none());
                     cells.insert((vi, pi, si), r);
                 }

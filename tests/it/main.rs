@@ -4,6 +4,7 @@
 
 mod base_model;
 mod bench_cli;
+mod cache_integrity;
 mod caching;
 mod common;
 mod device_check;
