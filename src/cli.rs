@@ -428,7 +428,23 @@ fn cmd_cache(command: CacheCommand, ws: &Workspace) -> ExitCode {
             ExitCode::Ok
         }
         CacheCommand::Gc { dry_run, max_age } => {
+            // Exclusive against runs: what a live run wrote but has not committed is not
+            // garbage, and the roots are read after the last run's lock was written.
+            let _lock = if dry_run {
+                None
+            } else {
+                match store.gc_lock(|| {
+                    eprintln!(
+                        "waiting for the runs using {} to end",
+                        store.root().display()
+                    )
+                }) {
+                    Ok(l) => Some(l),
+                    Err(e) => return environment_error(&e.into()),
+                }
+            };
             let roots = RunLock::all_keys(&ws.outputs_root);
+            let staging = crate::engine::sweep_stale_staging(&ws.outputs_root, dry_run);
             match store.gc(&roots, max_age, dry_run) {
                 Ok(r) => {
                     crate::outln!(
@@ -437,7 +453,7 @@ fn cmd_cache(command: CacheCommand, ws: &Workspace) -> ExitCode {
                         r.records,
                         r.blobs,
                         human_bytes(r.bytes),
-                        r.other
+                        r.other + staging
                     );
                     ExitCode::Ok
                 }

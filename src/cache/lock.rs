@@ -1,4 +1,5 @@
-//! Per-key locks with `std::fs::File::lock`: the OS releases them when the process dies.
+//! Per-key locks with `std::fs::File::lock`, and the store-wide lock that keeps `cache gc` and
+//! runs apart: the OS releases them when the process dies.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{self, Read, Seek, Write};
@@ -57,6 +58,61 @@ impl KeyLock {
 }
 
 impl Drop for KeyLock {
+    fn drop(&mut self) {
+        let _ = self.file.unlock();
+    }
+}
+
+/// The store-wide lock: every run holds it shared for its whole duration, `cache gc` holds it
+/// exclusive, so gc never deletes a blob a live run has written but not yet committed.
+#[derive(Debug)]
+pub struct StoreLock {
+    file: File,
+}
+
+impl StoreLock {
+    fn open(path: &Path) -> io::Result<File> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+    }
+
+    /// Shared: runs hold it together; waits (after `on_wait`) only while gc holds it.
+    pub fn shared(path: &Path, on_wait: impl FnOnce()) -> io::Result<StoreLock> {
+        let file = Self::open(path)?;
+        match file.try_lock_shared() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                on_wait();
+                file.lock_shared()?;
+            }
+            Err(TryLockError::Error(e)) => return Err(e),
+        }
+        Ok(StoreLock { file })
+    }
+
+    /// Exclusive: waits (after `on_wait`) until no run holds it.
+    pub fn exclusive(path: &Path, on_wait: impl FnOnce()) -> io::Result<StoreLock> {
+        let file = Self::open(path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                on_wait();
+                file.lock()?;
+            }
+            Err(TryLockError::Error(e)) => return Err(e),
+        }
+        Ok(StoreLock { file })
+    }
+}
+
+impl Drop for StoreLock {
     fn drop(&mut self) {
         let _ = self.file.unlock();
     }

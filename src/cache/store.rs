@@ -26,7 +26,7 @@ use thiserror::Error;
 use super::atomic::{atomic_write, sync_dir};
 use super::hash::FileHasher;
 use super::key::KeyMaterial;
-use super::lock::KeyLock;
+use super::lock::{KeyLock, StoreLock};
 
 /// A cache failure, naming the file involved.
 #[derive(Debug, Error)]
@@ -403,6 +403,18 @@ impl Store {
         KeyLock::acquire(&path, on_wait).map_err(io_err(&path))
     }
 
+    /// The store-wide lock, shared: held by a run from start to end.
+    pub fn use_lock(&self, on_wait: impl FnOnce()) -> Result<StoreLock, CacheError> {
+        let path = self.root.join("locks").join(STORE_LOCK);
+        StoreLock::shared(&path, on_wait).map_err(io_err(&path))
+    }
+
+    /// The store-wide lock, exclusive: held by `cache gc` while it deletes.
+    pub fn gc_lock(&self, on_wait: impl FnOnce()) -> Result<StoreLock, CacheError> {
+        let path = self.root.join("locks").join(STORE_LOCK);
+        StoreLock::exclusive(&path, on_wait).map_err(io_err(&path))
+    }
+
     /// The scratch directory of `key` (created), for checkpoints of long stages.
     pub fn scratch(&self, key: &str) -> Result<PathBuf, CacheError> {
         let path = self.root.join("scratch").join(key);
@@ -442,6 +454,7 @@ impl Store {
 
     /// Removes records that are neither in `roots` nor used within `max_age`, then every blob
     /// no remaining record references, leftover temp files and scratch dirs of finished keys.
+    /// Hold [`Store::gc_lock`] while calling it (and while reading `roots`) unless `dry_run`.
     pub fn gc(
         &self,
         roots: &BTreeSet<String>,
@@ -588,6 +601,8 @@ impl Store {
     }
 }
 
+/// The store-wide lock's file name under `locks/`.
+const STORE_LOCK: &str = "store.lock";
 /// The verification memo's file name under the store root.
 const BLOB_MEMO: &str = "blob-memo.json";
 /// Where damaged blobs and records are moved.

@@ -133,6 +133,10 @@ pub fn execute(
 ) -> anyhow::Result<RunReport> {
     let started = Instant::now();
     let store = Store::open(&ws.cache_root)?;
+    // Held to the end: `cache gc` waits instead of deleting blobs not yet committed.
+    let _in_use = store.use_lock(|| {
+        progress.message("waiting for `sdpipe cache gc` to finish with the cache");
+    })?;
     let hasher = FileHasher::with_memo(store.memo_path());
     let out_dir = ws.pipeline_outputs(pipeline.name());
     std::fs::create_dir_all(&out_dir)

@@ -13,6 +13,8 @@ use crate::pipeline::names::{check_output_name, folder_name};
 
 /// File name of the run lock.
 pub const LOCK_FILE: &str = "sdpipe.lock.json";
+/// The file locked while the run lock or a stage folder of the pipeline is written.
+const RUN_LOCK_LOCK: &str = ".sdpipe.lock.lock";
 
 /// `outputs/<pipeline>/sdpipe.lock.json`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -78,7 +80,7 @@ pub fn update_lock(
     f: impl FnOnce(&mut RunLock) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let _guard = KeyLock::acquire(&dir.join(".sdpipe.lock.lock"), |_| {})
+    let _guard = KeyLock::acquire(&dir.join(RUN_LOCK_LOCK), |_| {})
         .with_context(|| format!("cannot lock {}", dir.display()))?;
     let mut lock = RunLock::load(dir);
     f(&mut lock)?;
@@ -120,6 +122,7 @@ pub fn publish(
         check_output_name(name).map_err(|e| anyhow::anyhow!("stage {stage}: {e}"))?;
     }
     check_replaceable(&target, previous)?;
+    sweep_staging_in(dir, false);
     let staging = dir.join(format!(".{folder}.new-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&staging);
     std::fs::create_dir_all(&staging)
@@ -153,6 +156,56 @@ pub fn publish(
         .with_context(|| format!("cannot write {}", target.display()))?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(target)
+}
+
+/// Whether `name` is one of publish's own temporary folders: `.<folder>.new-<pid>` (being
+/// built) or `.<folder>.old-<pid>` (being replaced).
+fn is_staging_name(name: &str) -> bool {
+    let Some(rest) = name.strip_prefix('.') else {
+        return false;
+    };
+    [".new-", ".old-"].iter().any(|tag| {
+        rest.rsplit_once(tag).is_some_and(|(folder, pid)| {
+            !folder.is_empty() && !pid.is_empty() && pid.bytes().all(|b| b.is_ascii_digit())
+        })
+    })
+}
+
+/// Removes publish's temporary folders left in the pipeline folder `dir` by a process that
+/// died mid-publish; returns how many. Call holding the run lock of `dir` (publish does all
+/// its work under it, so any such folder seen then is stale).
+fn sweep_staging_in(dir: &Path, dry_run: bool) -> u64 {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if is_staging_name(&name) && entry.file_type().is_ok_and(|t| t.is_dir()) {
+            removed += 1;
+            if !dry_run {
+                let _ = std::fs::remove_dir_all(entry.path());
+            }
+        }
+    }
+    removed
+}
+
+/// [`sweep_staging_in`] for every pipeline folder under `outputs_root` (those holding a run
+/// lock), each under its lock; returns how many folders were (or would be) removed.
+pub fn sweep_stale_staging(outputs_root: &Path, dry_run: bool) -> u64 {
+    let mut removed = 0;
+    for entry in std::fs::read_dir(outputs_root)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let dir = entry.path();
+        if !dir.join(LOCK_FILE).is_file() {
+            continue;
+        }
+        if let Ok(_guard) = KeyLock::acquire(&dir.join(RUN_LOCK_LOCK), |_| {}) {
+            removed += sweep_staging_in(&dir, dry_run);
+        }
+    }
+    removed
 }
 
 /// Whether `stage_dir` still holds every output as it was published: each file the blob
@@ -252,4 +305,26 @@ fn list_files(dir: &Path, prefix: &str, out: &mut Vec<String>) -> std::io::Resul
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_publish_temporaries_are_swept() {
+        for name in [".class.new-123", ".grid@seed=1.old-9", "..x.new-1"] {
+            assert!(is_staging_name(name), "{name}");
+        }
+        for name in [
+            "class",
+            ".class",
+            ".class.new-",
+            ".class.new-12a",
+            ".new-12",
+            "x.new-1",
+        ] {
+            assert!(!is_staging_name(name), "{name}");
+        }
+    }
 }

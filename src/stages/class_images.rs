@@ -201,6 +201,14 @@ impl ClassImagesParams {
                 continue;
             }
             ctx.check_cancelled()?;
+            // Another run may be sampling this image: wait for it and use its result.
+            let key = item_key(Self::seed_of(settings, i));
+            let _item_lock = ctx.item_lock(&key)?;
+            if let Some(r) = ctx.item_record(&key)? {
+                bar.inc(self.steps as u64);
+                *slot = Some(r);
+                continue;
+            }
             if t2i.is_none() {
                 let ckpt = open_checkpoint(settings)?;
                 t2i = Some(

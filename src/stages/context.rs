@@ -68,6 +68,17 @@ impl StageContext<'_> {
         self.store.record(crate::cache::store::ITEMS, key)
     }
 
+    /// The lock of one item's key, for work two runs may share (a grid cell, a class image):
+    /// the second waits, then finds the first one's record instead of computing it again.
+    pub fn item_lock(&self, key: &str) -> Result<crate::cache::KeyLock, crate::cache::CacheError> {
+        let stage = &self.instance.name;
+        self.store.lock(key, |holder| {
+            self.progress.message(&format!(
+                "{stage}: waiting for {holder}, which is computing the same item"
+            ));
+        })
+    }
+
     /// Fails with [`Cancelled`] if the stage should stop.
     pub fn check_cancelled(&self) -> anyhow::Result<()> {
         Ok(self.cancel.check()?)
@@ -88,4 +99,14 @@ pub struct StageResult {
     pub stats: serde_json::Map<String, serde_json::Value>,
     /// One line for the summary table.
     pub summary: String,
+}
+
+/// Milliseconds to sleep after each computed item or training step; only read from
+/// `SDPIPE_TEST_ITEM_DELAY_MS`, which the kill and concurrency tests set to widen the window in
+/// which they interrupt a stage or race a second run against it.
+pub(crate) fn test_item_delay() -> Option<u64> {
+    std::env::var("SDPIPE_TEST_ITEM_DELAY_MS")
+        .ok()?
+        .parse()
+        .ok()
 }

@@ -276,7 +276,7 @@ impl PreprocessParams {
             &format!("{} images", ctx.instance.name),
         );
         let computed = AtomicUsize::new(0);
-        let item_delay = test_item_delay();
+        let item_delay = super::context::test_item_delay();
         let results: Vec<Result<ItemResult, ItemFailure>> = manifest
             .items
             .par_iter()
@@ -581,15 +581,6 @@ fn bucket_report(manifest: &PreprocessManifest) -> BucketReport {
             .collect(),
         items,
     }
-}
-
-/// Milliseconds to sleep after each computed item; only read from `SDPIPE_TEST_ITEM_DELAY_MS`,
-/// which the kill and concurrency tests set to widen the window in which they interrupt a stage.
-fn test_item_delay() -> Option<u64> {
-    std::env::var("SDPIPE_TEST_ITEM_DELAY_MS")
-        .ok()?
-        .parse()
-        .ok()
 }
 
 fn now_unix() -> u64 {

@@ -334,6 +334,14 @@ impl SampleGridParams {
                 continue;
             }
             ctx.check_cancelled()?;
+            // Another run may be sampling this cell (an overlapping grid): wait for it and use
+            // its image rather than sampling it twice.
+            let _cell_lock = ctx.item_lock(&cell_key(*vi, *pi, seeds[*si]))?;
+            if let Some(r) = ctx.item_record(&cell_key(*vi, *pi, seeds[*si]))? {
+                bar.inc(self.steps as u64);
+                *record = Some(r);
+                continue;
+            }
             if pipe.is_none() {
                 let ckpt = open_checkpoint(settings)?;
                 pipe = Some(
@@ -520,6 +528,9 @@ impl SampleGridParams {
             ctx.store.put_record(ITEMS, &key, &r)?;
             computed += 1;
             *record = Some(r);
+            if let Some(ms) = super::context::test_item_delay() {
+                std::thread::sleep(std::time::Duration::from_millis(ms));
+            }
         }
         bar.finish_and_clear();
 

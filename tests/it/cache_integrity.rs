@@ -145,3 +145,50 @@ fn force_recomputes_every_item_and_rewrites_a_damaged_blob() {
     assert_eq!(quarantined(&p), 1);
     assert_eq!(p.sdpipe(&["cache", "verify"]).code, 0);
 }
+
+/// `cache gc` while a run is writing used to delete the blobs the run had just written but not
+/// yet committed (the run died with exit 3). gc now waits for the run, then collects.
+#[test]
+fn gc_during_a_run_waits_for_it() {
+    let p = Project::new(BASIC);
+    let env = [
+        ("SDPIPE_TEST_ITEM_DELAY_MS", "150"),
+        ("RAYON_NUM_THREADS", "1"),
+    ];
+    let run = p.spawn(&["run", "p.toml"], &env);
+    crate::common::wait_for("a preprocessed item", || {
+        std::fs::read_dir(cache(&p).join("records/items")).is_ok_and(|mut d| d.next().is_some())
+    });
+    let gc = p.spawn(&["cache", "gc", "--max-age", "0s"], &[]);
+    let run = run.wait_with_output().unwrap();
+    let gc = gc.wait_with_output().unwrap();
+    let run_err = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "{run_err}");
+    let gc_err = String::from_utf8_lossy(&gc.stderr);
+    assert!(gc.status.success(), "{gc_err}");
+    assert!(gc_err.contains("waiting for the runs using"), "{gc_err}");
+    assert_eq!(p.sdpipe(&["cache", "verify"]).code, 0);
+    assert!(p.plan().iter().all(|(_, s, _)| s == "fresh"));
+}
+
+/// A process killed mid-publish leaves `.<stage>.new-<pid>/`; the next publish in that
+/// pipeline folder, or `cache gc`, removes it.
+#[test]
+fn stale_publish_folders_are_swept() {
+    let p = Project::new(BASIC);
+    run_ok(&p);
+    let stale = p.path("outputs/t/.preprocess.new-999999");
+    std::fs::create_dir_all(stale.join("items")).unwrap();
+    std::fs::write(stale.join("manifest.json"), b"{}").unwrap();
+    let dry = p.sdpipe(&["cache", "gc", "--dry-run"]);
+    assert_eq!(dry.code, 0, "{}", dry.stderr);
+    assert!(stale.exists(), "a dry run removes nothing");
+    let gc = p.sdpipe(&["cache", "gc"]);
+    assert_eq!(gc.code, 0, "{}", gc.stderr);
+    assert!(!stale.exists());
+
+    std::fs::create_dir_all(p.path("outputs/t/.caption.old-123")).unwrap();
+    p.write_pipeline(&BASIC.replace("resolution = 32", "resolution = 40"));
+    run_ok(&p);
+    assert!(!p.path("outputs/t/.caption.old-123").exists());
+}

@@ -148,3 +148,45 @@ fn half_precision_grid_is_close_to_f32() {
         assert!(mean < 1.5 && max <= 16.0, "{cell}: f16 image far from f32");
     }
 }
+
+/// Two runs whose grids overlap (different stage keys, shared cells) sample each shared cell
+/// once: the second waits on the cell's lock and uses the first one's image.
+#[test]
+fn concurrent_overlapping_grids_sample_each_cell_once() {
+    let p = Project::new(&pipeline("[1, 2, 3]"));
+    p.write_pipeline(
+        &pipeline("[1, 2, 3]").replace("prompts = [\"a photo of sks dog\", ", "prompts = ["),
+    );
+    let other = pipeline("[1, 2, 3, 4]")
+        .replace("name = \"t\"", "name = \"u\"")
+        .replace("prompts = [\"a photo of sks dog\", ", "prompts = [");
+    std::fs::write(p.path("q.toml"), other).unwrap();
+    let env = [("SDPIPE_TEST_ITEM_DELAY_MS", "300")];
+    let a = p.spawn(&["run", "p.toml"], &env);
+    let b = p.spawn(&["run", "q.toml"], &env);
+    let a = a.wait_with_output().unwrap();
+    let b = b.wait_with_output().unwrap();
+    assert!(a.status.success(), "{}", String::from_utf8_lossy(&a.stderr));
+    assert!(b.status.success(), "{}", String::from_utf8_lossy(&b.stderr));
+    let computed = |name: &str| {
+        let run: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(p.path(&format!("outputs/{name}/last-run.json"))).unwrap(),
+        )
+        .unwrap();
+        run["stages"][0]["stats"]["images_computed"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(
+        computed("t") + computed("u"),
+        4,
+        "three shared cells and one of u's own"
+    );
+    for seed in 1..=3 {
+        let cell = format!("images/base/00-{seed}.png");
+        assert_eq!(
+            std::fs::read(p.path(&format!("outputs/t/grid/{cell}"))).unwrap(),
+            std::fs::read(p.path(&format!("outputs/u/grid/{cell}"))).unwrap(),
+        );
+    }
+}

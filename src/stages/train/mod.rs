@@ -761,9 +761,7 @@ impl TrainParams {
         };
         let scratch = ctx.scratch()?;
         // Tests slow a run down to interrupt it mid-way.
-        let delay: Option<u64> = std::env::var("SDPIPE_TEST_ITEM_DELAY_MS")
-            .ok()
-            .and_then(|v| v.parse().ok());
+        let delay = crate::stages::context::test_item_delay();
         let sleep = move || {
             if let Some(ms) = delay {
                 std::thread::sleep(std::time::Duration::from_millis(ms));
