@@ -85,26 +85,26 @@ impl StoreLock {
 
     /// Shared: runs hold it together; waits (after `on_wait`) only while gc holds it.
     pub fn shared(path: &Path, on_wait: impl FnOnce()) -> io::Result<StoreLock> {
-        let file = Self::open(path)?;
-        match file.try_lock_shared() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                on_wait();
-                file.lock_shared()?;
-            }
-            Err(TryLockError::Error(e)) => return Err(e),
-        }
-        Ok(StoreLock { file })
+        Self::take(path, on_wait, File::try_lock_shared, File::lock_shared)
     }
 
     /// Exclusive: waits (after `on_wait`) until no run holds it.
     pub fn exclusive(path: &Path, on_wait: impl FnOnce()) -> io::Result<StoreLock> {
+        Self::take(path, on_wait, File::try_lock, File::lock)
+    }
+
+    fn take(
+        path: &Path,
+        on_wait: impl FnOnce(),
+        try_lock: fn(&File) -> Result<(), TryLockError>,
+        lock: fn(&File) -> io::Result<()>,
+    ) -> io::Result<StoreLock> {
         let file = Self::open(path)?;
-        match file.try_lock() {
+        match try_lock(&file) {
             Ok(()) => {}
             Err(TryLockError::WouldBlock) => {
                 on_wait();
-                file.lock()?;
+                lock(&file)?;
             }
             Err(TryLockError::Error(e)) => return Err(e),
         }
