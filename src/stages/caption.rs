@@ -1,6 +1,7 @@
 //! `caption`: pairs each image of a folder with its caption, from a sidecar file, a template,
 //! or both (template as fallback), and writes a caption manifest.
 
+use crate::stages::artifact::Artifact;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -298,9 +299,10 @@ impl CaptionParams {
         let manifest = CaptionManifest { items };
         let bytes = serde_json::to_vec_pretty(&manifest)?;
         let mut result = StageResult::default();
-        result
-            .outputs
-            .insert("manifest.json".into(), ctx.store.put_bytes(&bytes)?);
+        result.outputs.insert(
+            Artifact::Manifest.file_name().into(),
+            ctx.store.put_bytes(&bytes)?,
+        );
         result
             .stats
             .insert("images".into(), manifest.items.len().into());

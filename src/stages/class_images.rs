@@ -7,6 +7,7 @@
 //! Every image is cached on its own: raising `count` from 50 to 100 samples only the 50 new
 //! ones, and the set is reused by every train stage (and pipeline) with the same settings.
 
+use crate::stages::artifact::Artifact;
 use anyhow::{Context as _, bail};
 use dfdx::prelude::*;
 
@@ -346,7 +347,7 @@ impl ClassImagesParams {
             items,
         };
         result.outputs.insert(
-            "manifest.json".into(),
+            Artifact::Manifest.file_name().into(),
             ctx.store
                 .put_bytes(&serde_json::to_vec_pretty(&manifest)?)?,
         );

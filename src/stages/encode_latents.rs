@@ -2,6 +2,7 @@
 //! std), cached per item by the item's tensor, the VAE weights, device and precision, so adding
 //! one image encodes one image.
 
+use crate::stages::artifact::Artifact;
 use std::collections::HashMap;
 
 use anyhow::{Context as _, bail};
@@ -93,7 +94,8 @@ impl EncodeLatentsParams {
         dev: D,
     ) -> anyhow::Result<StageResult> {
         let (_, pre_record) = ctx.upstream_of_kind("preprocess")?;
-        let manifest: PreprocessManifest = ctx.read_json(pre_record, "manifest.json")?;
+        let manifest: PreprocessManifest =
+            ctx.read_json(pre_record, Artifact::Manifest.file_name())?;
         let settings = &ctx.pipeline.settings;
         let inputs = super::model::model_inputs(settings, ctx.hasher, Self::components())?;
         let vae_digest = hash_bytes(canonical_json(&serde_json::to_value(&inputs)?).as_bytes());
@@ -226,7 +228,7 @@ impl EncodeLatentsParams {
             );
         }
         result.outputs.insert(
-            "manifest.json".into(),
+            Artifact::Manifest.file_name().into(),
             ctx.store
                 .put_bytes(&serde_json::to_vec_pretty(&manifest)?)?,
         );

@@ -25,6 +25,7 @@
 //! Every output carries its recipe (mode, inputs with their hashes, weights, rank) in the
 //! safetensors metadata key `sdpipe_merge_recipe`, and as `recipe.json`.
 
+use crate::stages::artifact::Artifact;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
@@ -438,8 +439,8 @@ impl MergeParams {
         let mode = self.mode.name();
         // every named stage must be upstream with the right output, before any heavy reading
         for (field, file, sources) in [
-            ("models", "model.safetensors", self.model_sources()),
-            ("loras", "lora.safetensors", Self::sources(&self.loras)),
+            ("models", Artifact::Checkpoint, self.model_sources()),
+            ("loras", Artifact::Lora, Self::sources(&self.loras)),
         ] {
             for src in sources {
                 if let Origin::Stage(name) = &src.origin {
@@ -529,7 +530,7 @@ impl MergeParams {
                 ("format".to_string(), "pt".to_string()),
             ]
             .into();
-            let out = scratch.join("model.safetensors");
+            let out = scratch.join(Artifact::Checkpoint.file_name());
             write_single_file(&out, &a, &first.configs(), self.dtype, &meta)?;
             let blob = ctx.store.put_file(&out)?;
             let _ = std::fs::remove_file(&out);
@@ -538,7 +539,9 @@ impl MergeParams {
                 self.dtype.name(),
                 blob.size as f64 / (1 << 20) as f64
             );
-            result.outputs.insert("model.safetensors".into(), blob);
+            result
+                .outputs
+                .insert(Artifact::Checkpoint.file_name().into(), blob);
         } else {
             let (network, detail) = match self.mode {
                 MergeMode::CombineLoras => {
@@ -626,7 +629,7 @@ impl MergeParams {
                 extra,
                 ..KohyaMetadata::default()
             };
-            let out = scratch.join("lora.safetensors");
+            let out = scratch.join(Artifact::Lora.file_name());
             write_kohya(&out, &network, &meta)?;
             let blob = ctx.store.put_file(&out)?;
             let _ = std::fs::remove_file(&out);
@@ -635,7 +638,9 @@ impl MergeParams {
                 network.len(),
                 blob.size / 1024
             );
-            result.outputs.insert("lora.safetensors".into(), blob);
+            result
+                .outputs
+                .insert(Artifact::Lora.file_name().into(), blob);
         }
         result.outputs.insert(
             "recipe.json".into(),
@@ -667,8 +672,8 @@ impl MergeParams {
                 ))
             }
             Origin::Stage(name) => {
-                let record = upstream_record(ctx, name, "model.safetensors", "models")?;
-                let blob = output(record, name, "model.safetensors")?;
+                let record = upstream_record(ctx, name, Artifact::Checkpoint, "models")?;
+                let blob = output(record, name, Artifact::Checkpoint)?;
                 let ckpt = open_model_blob(ctx, blob)?;
                 Ok((
                     ckpt,
@@ -695,8 +700,8 @@ impl MergeParams {
     ) -> anyhow::Result<(String, PathBuf, String, Option<tempfile::NamedTempFile>)> {
         match &src.origin {
             Origin::Stage(name) => {
-                let record = upstream_record(ctx, name, "lora.safetensors", "loras")?;
-                let blob = output(record, name, "lora.safetensors")?;
+                let record = upstream_record(ctx, name, Artifact::Lora, "loras")?;
+                let blob = output(record, name, Artifact::Lora)?;
                 let tmp = tempfile::Builder::new().suffix(".safetensors").tempfile()?;
                 std::fs::write(tmp.path(), ctx.store.read_blob(blob)?)?;
                 Ok((
@@ -726,9 +731,10 @@ fn input_name(kind: &str, i: usize) -> String {
 fn upstream_record<'a>(
     ctx: &'a StageContext<'_>,
     name: &str,
-    wanted: &str,
+    wanted: Artifact,
     field: &str,
 ) -> anyhow::Result<&'a crate::cache::Record> {
+    let wanted = wanted.file_name();
     let found: Vec<_> = ctx
         .upstream
         .iter()
@@ -760,8 +766,9 @@ fn upstream_record<'a>(
 fn output<'a>(
     record: &'a crate::cache::Record,
     name: &str,
-    file: &str,
+    file: Artifact,
 ) -> anyhow::Result<&'a BlobRef> {
+    let file = file.file_name();
     record.outputs.get(file).with_context(|| {
         let have: Vec<&str> = record.outputs.keys().map(String::as_str).collect();
         format!(

@@ -1,6 +1,7 @@
 //! Stage kinds: their parameters (parsed with spans, defaulted, normalised, validated), what
 //! they read from outside, and how they run.
 
+mod artifact;
 mod caption;
 mod checks;
 mod class_images;
@@ -14,6 +15,7 @@ mod report;
 mod sample_grid;
 mod train;
 
+pub use artifact::Artifact;
 pub use caption::{CaptionItem, CaptionManifest, CaptionParams};
 pub use class_images::ClassImagesParams;
 pub use context::{Cancelled, StageContext, StageResult};

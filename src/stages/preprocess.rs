@@ -4,6 +4,7 @@
 //! normalised float tensor per item. Items are cached one by one, so adding an image processes
 //! only that image.
 
+use crate::stages::artifact::Artifact;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -259,7 +260,8 @@ impl PreprocessParams {
         let super::StageParams::Caption(caption_params) = &caption_stage.params else {
             bail!("stage `{}` is not a caption stage", caption_stage.name);
         };
-        let manifest: CaptionManifest = ctx.read_json(caption_record, "manifest.json")?;
+        let manifest: CaptionManifest =
+            ctx.read_json(caption_record, Artifact::Manifest.file_name())?;
         let images_dir = caption_params.images.clone();
         let item_params = self.item_params(&ctx.pipeline.settings);
         let buckets = (self.mode == ResizeMode::Bucket).then(|| {
@@ -398,7 +400,7 @@ impl PreprocessParams {
             );
         }
         result.outputs.insert(
-            "manifest.json".into(),
+            Artifact::Manifest.file_name().into(),
             ctx.store
                 .put_bytes(&serde_json::to_vec_pretty(&manifest)?)?,
         );

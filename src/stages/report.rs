@@ -4,6 +4,7 @@
 //! i.e. the training images), and writes `report.html` (self-contained), `report.md`,
 //! `report.json`, `grid.png` and `loss.svg`.
 
+use crate::stages::artifact::Artifact as StageArtifact;
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, bail};
@@ -22,14 +23,6 @@ use crate::report::{
 
 /// Implementation version (part of the key); bumped whenever the outputs change.
 pub const VERSION: u32 = 1;
-
-/// The outputs a variant's stage can produce, in the order they are looked for.
-const ARTIFACTS: &[&str] = &[
-    "lora.safetensors",
-    "embedding.safetensors",
-    "hypernetwork.pt",
-    "model.safetensors",
-];
 
 /// `[stage.NAME] kind = "report"`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -88,7 +81,8 @@ impl ReportParams {
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         let settings = &ctx.pipeline.settings;
         let (grid_instance, grid_record) = ctx.upstream_of_kind("sample_grid")?;
-        let manifest: GridManifest = ctx.read_json(grid_record, "manifest.json")?;
+        let manifest: GridManifest =
+            ctx.read_json(grid_record, StageArtifact::Manifest.file_name())?;
         let grid_png = ctx.store.read_blob(&manifest.grid)?;
 
         let concept = match &self.concept {
@@ -198,9 +192,10 @@ impl ReportParams {
             "report.json".into(),
             put(&serde_json::to_vec_pretty(&report)?)?,
         );
-        result
-            .outputs
-            .insert("grid.png".into(), manifest.grid.clone());
+        result.outputs.insert(
+            StageArtifact::Grid.file_name().into(),
+            manifest.grid.clone(),
+        );
         if let Some(svg) = &loss_svg {
             result
                 .outputs
@@ -244,7 +239,8 @@ impl ReportParams {
             );
             return Ok(Vec::new());
         };
-        let manifest: PreprocessManifest = ctx.read_json(record, "manifest.json")?;
+        let manifest: PreprocessManifest =
+            ctx.read_json(record, StageArtifact::Manifest.file_name())?;
         let mut out = Vec::new();
         for item in &manifest.items {
             let bytes = ctx.store.read_blob(&item.tensor)?;
@@ -299,9 +295,9 @@ impl ReportParams {
         v.stage_kind = Some(instance.params.kind().to_string());
         v.key = Some(record.key.clone());
         v.stage_seconds = Some(record.duration_s);
-        v.artifact = ARTIFACTS.iter().find_map(|file| {
-            record.outputs.get(*file).map(|b| Artifact {
-                file: file.to_string(),
+        v.artifact = StageArtifact::TRAINED.iter().find_map(|kind| {
+            kind.in_record(record).map(|b| Artifact {
+                file: kind.file_name().to_string(),
                 bytes: b.size,
             })
         });
@@ -310,8 +306,8 @@ impl ReportParams {
                 let method = serde_json::to_value(p.method)?;
                 v.method = method_label(method.as_str().unwrap_or_default());
                 v.training = serde_json::from_value::<TrainMetrics>(record.stats.clone()).ok();
-                if record.outputs.contains_key("loss.json") {
-                    v.loss = Some(ctx.read_json(record, "loss.json")?);
+                if StageArtifact::LossCurve.in_record(record).is_some() {
+                    v.loss = Some(ctx.read_json(record, StageArtifact::LossCurve.file_name())?);
                 }
             }
             StageParams::Merge(p) => {

@@ -12,6 +12,7 @@
 //! the number may be left out (1). The tags are removed from the text the model sees and kept
 //! in the images' `parameters`, as A1111 does. `NAME` must be a stage in `needs`.
 
+use crate::stages::artifact::Artifact;
 use std::collections::BTreeMap;
 
 use anyhow::{Context as _, bail};
@@ -212,10 +213,10 @@ impl SampleGridParams {
         // a whole checkpoint (DreamBooth, merge) replaces the base model for its row
         let mut checkpoints: Vec<Option<BlobRef>> = vec![None];
         for (instance, record) in &ctx.upstream {
-            let lora = record.outputs.get("lora.safetensors");
-            let embedding = record.outputs.get("embedding.safetensors");
-            let hypernet = record.outputs.get("hypernetwork.pt");
-            let checkpoint = record.outputs.get("model.safetensors");
+            let lora = Artifact::Lora.in_record(record);
+            let embedding = Artifact::Embedding.in_record(record);
+            let hypernet = Artifact::Hypernetwork.in_record(record);
+            let checkpoint = Artifact::Checkpoint.in_record(record);
             if lora.is_some() || embedding.is_some() || hypernet.is_some() || checkpoint.is_some() {
                 variants.push(instance.name.clone());
                 loras.push(lora.cloned());
@@ -231,9 +232,10 @@ impl SampleGridParams {
             let mut resolved = Vec::new();
             for tag in tags {
                 let output = match tag.kind {
-                    NetworkKind::Lora => "lora.safetensors",
-                    NetworkKind::Hypernet => "hypernetwork.pt",
-                };
+                    NetworkKind::Lora => Artifact::Lora,
+                    NetworkKind::Hypernet => Artifact::Hypernetwork,
+                }
+                .file_name();
                 let found = ctx
                     .upstream
                     .iter()
@@ -588,7 +590,9 @@ impl SampleGridParams {
         let grid_image = grid.render(&GridStyle::default())?;
         let grid_png = encode_png(&grid_image, &[("Software", "sdpipe")])?;
         let grid_blob = ctx.store.put_bytes(&grid_png)?;
-        result.outputs.insert("grid.png".into(), grid_blob.clone());
+        result
+            .outputs
+            .insert(Artifact::Grid.file_name().into(), grid_blob.clone());
         let manifest = GridManifest {
             variants: variants.clone(),
             columns,
@@ -596,7 +600,7 @@ impl SampleGridParams {
             grid: grid_blob,
         };
         result.outputs.insert(
-            "manifest.json".into(),
+            Artifact::Manifest.file_name().into(),
             ctx.store
                 .put_bytes(&serde_json::to_vec_pretty(&manifest)?)?,
         );

@@ -5,6 +5,7 @@
 //! checkpoint in the original layout (`model.safetensors`, f16 or f32) that A1111, ComfyUI and
 //! diffusers' `from_single_file` load.
 
+use crate::stages::artifact::Artifact;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -92,7 +93,7 @@ impl TrainParams {
         let prior_weight = self.dreambooth.prior_loss_weight as f32;
         let class_items = match ctx.upstream_of_kind("class_images") {
             Ok((_, record)) if prior_weight > 0.0 => {
-                let m: LatentsManifest = ctx.read_json(record, "manifest.json")?;
+                let m: LatentsManifest = ctx.read_json(record, Artifact::Manifest.file_name())?;
                 load_items(ctx, &m)?
             }
             _ => Vec::new(),
@@ -242,7 +243,7 @@ impl TrainParams {
             ("sdpipe_train_recipe".to_string(), recipe.to_string()),
             ("format".to_string(), "pt".to_string()),
         ]);
-        let out = scratch.join("model.safetensors");
+        let out = scratch.join(Artifact::Checkpoint.file_name());
         write_single_file(
             &out,
             &tensors,
@@ -265,7 +266,7 @@ impl TrainParams {
                 resumed_from,
                 trainable_params,
             },
-            ("model.safetensors", blob),
+            (Artifact::Checkpoint, blob),
         )?;
         result.summary = format!(
             "dreambooth{}{}: {} steps, eval loss {:.4} → {:.4}, {:.2} steps/s, {} MiB checkpoint",

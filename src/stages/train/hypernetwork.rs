@@ -15,6 +15,7 @@
 //!
 //! Dropout masks come from the per-step seed, so a rerun (and a resumed run) is bit-identical.
 
+use crate::stages::artifact::Artifact;
 use std::path::Path;
 
 use anyhow::bail;
@@ -298,9 +299,9 @@ impl TrainParams {
         let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
         let mut trained = net.to_host(&template);
         trained.step = self.steps;
-        let pt = scratch.join("hypernetwork.pt");
+        let pt = scratch.join(Artifact::Hypernetwork.file_name());
         write_hypernetwork_pt(&pt, &trained)?;
-        let st = scratch.join("hypernetwork.safetensors");
+        let st = scratch.join(Artifact::HypernetworkSafetensors.file_name());
         write_hypernetwork_safetensors(&st, &trained)?;
         let blob = ctx.store.put_file(&pt)?;
 
@@ -314,11 +315,12 @@ impl TrainParams {
                 resumed_from,
                 trainable_params,
             },
-            ("hypernetwork.pt", blob),
+            (Artifact::Hypernetwork, blob),
         )?;
-        result
-            .outputs
-            .insert("hypernetwork.safetensors".into(), ctx.store.put_file(&st)?);
+        result.outputs.insert(
+            Artifact::HypernetworkSafetensors.file_name().into(),
+            ctx.store.put_file(&st)?,
+        );
         let structure: Vec<String> = hp.layer_structure.iter().map(|m| m.to_string()).collect();
         result.summary = format!(
             "hypernetwork `{name}` {sizes:?} {} {}: {} steps, eval loss {:.4} → {:.4}, {:.1} steps/s, {} KiB",
@@ -350,7 +352,7 @@ fn load_checkpoint<D: Device<f32>>(
         |m| ctx.progress.message(m),
         |dir| {
             let state = read_state(dir)?;
-            let file = read_hypernetwork(&dir.join("hypernetwork.safetensors"))?;
+            let file = read_hypernetwork(&dir.join(Artifact::HypernetworkSafetensors.file_name()))?;
             if file.modules.keys().ne(template.modules.keys()) {
                 bail!(
                     "checkpoint has widths {:?}, this run trains {:?}",

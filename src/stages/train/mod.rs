@@ -10,6 +10,7 @@ mod hypernetwork;
 
 pub use hypernetwork::HypernetworkParams;
 
+use crate::stages::artifact::Artifact;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -498,7 +499,7 @@ impl TrainParams {
                 resumed_from,
                 trainable_params,
             },
-            ("lora.safetensors", blob),
+            (Artifact::Lora, blob),
         )?;
         result.summary = format!(
             "lora r{} α{}: {} steps, eval loss {:.4} → {:.4}, {:.1} steps/s, {} KiB",
@@ -646,9 +647,9 @@ impl TrainParams {
         )?;
 
         let embedding = self.embedding(&token, &extra, self.steps, &model_path);
-        let a1111 = scratch.join("embedding.safetensors");
+        let a1111 = scratch.join(Artifact::Embedding.file_name());
         write_a1111_safetensors(&a1111, &embedding)?;
-        let diffusers = scratch.join("learned_embeds.safetensors");
+        let diffusers = scratch.join(Artifact::DiffusersEmbedding.file_name());
         write_diffusers(&diffusers, &embedding)?;
         let blob = ctx.store.put_file(&a1111)?;
         let (mut result, metrics) = self.finish(
@@ -661,10 +662,10 @@ impl TrainParams {
                 resumed_from,
                 trainable_params: ti.num_vectors * d,
             },
-            ("embedding.safetensors", blob),
+            (Artifact::Embedding, blob),
         )?;
         result.outputs.insert(
-            "learned_embeds.safetensors".into(),
+            Artifact::DiffusersEmbedding.file_name().into(),
             ctx.store.put_file(&diffusers)?,
         );
         result.summary = format!(
@@ -688,7 +689,8 @@ impl TrainParams {
     ) -> anyhow::Result<Setup<D, E>> {
         let settings = &ctx.pipeline.settings;
         let (_, lat_record) = ctx.upstream_of_kind("encode_latents")?;
-        let manifest: LatentsManifest = ctx.read_json(lat_record, "manifest.json")?;
+        let manifest: LatentsManifest =
+            ctx.read_json(lat_record, Artifact::Manifest.file_name())?;
         if manifest.items.is_empty() {
             bail!("the encode_latents stage has no items: the dataset has no images");
         }
@@ -808,11 +810,11 @@ impl TrainParams {
         sched: &LrSchedule,
         state: &TrainState,
         end: RunEnd,
-        (name, artifact): (&str, BlobRef),
+        (kind, artifact): (Artifact, BlobRef),
     ) -> anyhow::Result<(StageResult, TrainMetrics)> {
         let metrics = self.metrics(state, &end, artifact.size);
         let mut result = self.result(ctx, sched, state, &metrics)?;
-        result.outputs.insert(name.into(), artifact);
+        result.outputs.insert(kind.file_name().into(), artifact);
         Ok((result, metrics))
     }
 
@@ -862,7 +864,7 @@ impl TrainParams {
             .outputs
             .insert("loss.csv".into(), ctx.store.put_bytes(csv.as_bytes())?);
         result.outputs.insert(
-            "loss.json".into(),
+            Artifact::LossCurve.file_name().into(),
             ctx.store.put_bytes(&serde_json::to_vec(&state.losses)?)?,
         );
         // Timings and memory vary between runs: they stay out of the outputs (and downstream
@@ -948,7 +950,7 @@ fn load_checkpoint<D: Device<f32>>(
         |m| ctx.progress.message(m),
         |dir| {
             let state = read_state(dir)?;
-            let (mut network, _) = read_lora(&dir.join("lora.safetensors"), None)?;
+            let (mut network, _) = read_lora(&dir.join(Artifact::Lora.file_name()), None)?;
             for component in [LoraComponent::Unet, LoraComponent::TextEncoder] {
                 let expected = known.modules(component);
                 let found = network.modules_mut(component);
@@ -1010,7 +1012,7 @@ fn load_ti_checkpoint<D: Device<f32>>(
         |m| ctx.progress.message(m),
         |dir| {
             let state = read_state(dir)?;
-            let (emb, _) = read_embedding(&dir.join("embedding.safetensors"), Some(token))?;
+            let (emb, _) = read_embedding(&dir.join(Artifact::Embedding.file_name()), Some(token))?;
             if emb.vectors.numel() != numel || emb.vectors.shape.len() != 2 {
                 bail!("checkpoint vectors have shape {:?}", emb.vectors.shape);
             }

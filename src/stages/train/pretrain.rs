@@ -14,6 +14,7 @@
 //! resumes where it stopped and ends in the same bytes. The result is one single-file
 //! checkpoint in the original layout with its configs in the metadata.
 
+use crate::stages::artifact::Artifact;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -650,7 +651,7 @@ impl PretrainParams {
             ("sdpipe_train_recipe".to_string(), recipe.to_string()),
             ("format".to_string(), "pt".to_string()),
         ]);
-        let out = scratch.join("model.safetensors");
+        let out = scratch.join(Artifact::Checkpoint.file_name());
         write_single_file(&out, &tensors, &configs, self.save_dtype, &metadata)?;
         let blob = ctx.store.put_file(&out)?;
 
@@ -678,14 +679,16 @@ impl PretrainParams {
             resumed_from,
         };
         let mut result = StageResult::default();
-        result.outputs.insert("model.safetensors".into(), blob);
+        result
+            .outputs
+            .insert(Artifact::Checkpoint.file_name().into(), blob);
         result.outputs.insert(
             "vae_loss.json".into(),
             ctx.store
                 .put_bytes(&serde_json::to_vec(&state.vae_losses)?)?,
         );
         result.outputs.insert(
-            "loss.json".into(),
+            Artifact::LossCurve.file_name().into(),
             ctx.store.put_bytes(&serde_json::to_vec(&state.losses)?)?,
         );
         if let serde_json::Value::Object(mut map) = serde_json::to_value(&metrics)? {
