@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::model::{self, Component};
-use super::train::pretrain::Init;
+use super::pretrain::{self, Init};
 use super::{
     CaptionParams, ClassImagesParams, EncodeLatentsParams, MergeParams, ParamError,
     PreprocessParams, PretrainParams, ReportParams, SampleGridParams, StageContext, StageResult,
@@ -300,7 +300,7 @@ impl StageKind for MergeParams {
 
 impl StageKind for PretrainParams {
     const KIND: &'static str = "pretrain";
-    const VERSION: u32 = train::pretrain::VERSION;
+    const VERSION: u32 = pretrain::VERSION;
     const REQUIRED_UPSTREAM: &'static [&'static str] = &[];
     fn validate(&self) -> Result<(), ParamError> {
         PretrainParams::validate(self)

@@ -3,11 +3,17 @@
 //! `state.json`); rerunning the same key resumes from the newest readable one. Only the final
 //! artifact enters the store.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use dfdx::prelude::*;
 
 use serde::{Deserialize, Serialize};
 
 use super::mixed::LossScaler;
+use crate::diffusion::params::{Layers, ParamMut, try_for_each_named_param};
+use crate::formats::HostTensor;
 
 /// The `state.json` of a fine-tuning run: where the loop is and what it has measured.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,4 +119,43 @@ pub fn read_state<S: serde::de::DeserializeOwned>(dir: &Path) -> anyhow::Result<
     Ok(serde_json::from_slice(&std::fs::read(
         dir.join("state.json"),
     )?)?)
+}
+
+/// Replaces every parameter of `model` by the tensor of the same name in `weights`.
+pub fn load_weights<D: Device<f32>, M: Layers<D>>(
+    model: &mut M,
+    weights: &BTreeMap<String, HostTensor>,
+) -> anyhow::Result<()> {
+    try_for_each_named_param(model, |key, param| {
+        let w = weights
+            .get(key)
+            .with_context(|| format!("the checkpoint has no tensor `{key}`"))?;
+        let bad = || anyhow::anyhow!("tensor `{key}` has shape {:?}", w.shape);
+        fn replace<S: Shape, D: Device<f32>>(
+            t: &mut Tensor<S, f32, D>,
+            n: Option<Tensor<S, f32, D>>,
+            bad: impl Fn() -> anyhow::Error,
+        ) -> anyhow::Result<()> {
+            let n = n.ok_or_else(&bad)?;
+            if n.shape() != t.shape() {
+                return Err(bad());
+            }
+            *t = n;
+            Ok(())
+        }
+        match param {
+            ParamMut::T1(t) => {
+                let n = w.to_tensor::<(usize,), D>(t.device());
+                replace(t, n, bad)
+            }
+            ParamMut::T2(t) => {
+                let n = w.to_tensor::<(usize, usize), D>(t.device());
+                replace(t, n, bad)
+            }
+            ParamMut::T4(t) => {
+                let n = w.to_tensor::<(usize, usize, usize, usize), D>(t.device());
+                replace(t, n, bad)
+            }
+        }
+    })
 }

@@ -15,14 +15,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{RunEnd, Setup, TrainParams, load_items, schedule};
 use crate::diffusion::nn::Elem;
-use crate::diffusion::params::{
-    Layers, ParamMut, copy_params, count_params, set_trainable, try_for_each_named_param,
-};
+use crate::diffusion::params::{copy_params, count_params, set_trainable};
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::weights::single_file::StoredConfigs;
 use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::checkpoint::{ModelTensors, SaveDtype, write_single_file};
-use crate::formats::{HostTensor, read_safetensors};
+use crate::formats::read_safetensors;
 use crate::stages::context::{StageContext, StageResult};
 use crate::stages::encode_latents::LatentsManifest;
 use crate::train::eval::eval_loss;
@@ -288,46 +286,7 @@ impl TrainParams {
     }
 }
 
-pub(super) use crate::train::optim::update_layers as update_all;
-
-/// Replaces every parameter of `model` by the tensor of the same name in `weights`.
-pub(super) fn load_weights<D: Device<f32>, M: Layers<D>>(
-    model: &mut M,
-    weights: &BTreeMap<String, HostTensor>,
-) -> anyhow::Result<()> {
-    try_for_each_named_param(model, |key, param| {
-        let w = weights
-            .get(key)
-            .with_context(|| format!("the checkpoint has no tensor `{key}`"))?;
-        let bad = || anyhow::anyhow!("tensor `{key}` has shape {:?}", w.shape);
-        fn replace<S: Shape, D: Device<f32>>(
-            t: &mut Tensor<S, f32, D>,
-            n: Option<Tensor<S, f32, D>>,
-            bad: impl Fn() -> anyhow::Error,
-        ) -> anyhow::Result<()> {
-            let n = n.ok_or_else(&bad)?;
-            if n.shape() != t.shape() {
-                return Err(bad());
-            }
-            *t = n;
-            Ok(())
-        }
-        match param {
-            ParamMut::T1(t) => {
-                let n = w.to_tensor::<(usize,), D>(t.device());
-                replace(t, n, bad)
-            }
-            ParamMut::T2(t) => {
-                let n = w.to_tensor::<(usize, usize), D>(t.device());
-                replace(t, n, bad)
-            }
-            ParamMut::T4(t) => {
-                let n = w.to_tensor::<(usize, usize, usize, usize), D>(t.device());
-                replace(t, n, bad)
-            }
-        }
-    })
-}
+pub(super) use crate::train::resume::load_weights;
 
 /// The newest readable full checkpoint, loaded into `unet` (and `text_encoder` when it
 /// trains); an unreadable one is reported and skipped (the models are only touched by a

@@ -48,8 +48,6 @@ use crate::train::run_loop::{LoopConfig, LoopData, LoopEnv, TrainMethod};
 mod dreambooth;
 mod validate;
 pub use dreambooth::DreamboothParams;
-pub mod pretrain;
-pub use pretrain::PretrainParams;
 
 /// Implementation version (part of the key); bumped whenever the numbers change (v2: fused CPU kernels).
 pub const VERSION: u32 = 2;
