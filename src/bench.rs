@@ -30,13 +30,13 @@ use rand::{RngExt, SeedableRng};
 use serde::Serialize;
 use thiserror::Error;
 
+use crate::diffusion::checkpoint::single_file::StoredConfigs;
 use crate::diffusion::clip::ClipConfig;
+use crate::diffusion::nn::weights::{Loader, WeightStore};
 use crate::diffusion::nn::{DEFAULT_ATTENTION_CHUNK, Elem};
 use crate::diffusion::nn::{Tensor3, Tensor4};
 use crate::diffusion::params::{copy_params, count_params, named_grads, set_trainable};
 use crate::diffusion::schedulers::{Ddpm, SamplerKind, SchedulerConfig, SeededNoise};
-use crate::diffusion::weights::single_file::StoredConfigs;
-use crate::diffusion::weights::{Loader, WeightStore};
 use crate::diffusion::{Checkpoint, DiffusionError, TextEncoder, UNet, UNetConfig, Vae, VaeConfig};
 use crate::engine::Progress;
 use crate::formats::lora::{LoraModule, LoraNetwork};

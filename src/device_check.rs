@@ -32,13 +32,13 @@ use std::path::{Path, PathBuf};
 use clap::Args;
 use dfdx::prelude::*;
 
+use crate::diffusion::checkpoint::Checkpoint;
 use crate::diffusion::error::DiffusionError;
 use crate::diffusion::nn::{
     Conv2d, GroupNorm, Half, LayerNorm, Linear, Padding2d, gelu, scaled_dot_product_attention,
     silu, upsample_nearest2x, with_generic_kernels,
 };
 use crate::diffusion::pipeline::TextToImage;
-use crate::diffusion::weights::Checkpoint;
 use crate::train::optim::{AdamW, AdamWConfig};
 
 /// Options of `sdpipe device-check`.

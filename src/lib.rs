@@ -3,7 +3,7 @@
 //! The pieces: [`pipeline`] (the TOML file → a DAG of stage instances), [`cache`] (blobs,
 //! records, locks), [`engine`] (plan, run, watch), [`stages`] (what each kind does), [`image`]
 //! (decoding and resizing), [`diffusion`] (the Stable Diffusion core on dfdx), [`render`]
-//! (sample grids and PNG metadata), [`report`] (the method-comparison report), [`bench`] and
+//! (sample grids and PNG metadata), [`report`] (the method-comparison report), [`bench`](mod@bench) and
 //! [`memory`] (speed and memory figures, the memory estimate of `plan`), [`cli`].
 
 pub mod bench;
@@ -19,10 +19,12 @@ pub mod formats;
 pub mod image;
 pub mod memory;
 pub mod merge;
+pub mod names;
 pub mod pipeline;
 pub mod render;
 pub mod report;
 pub mod sample;
+pub mod settings;
 pub mod stages;
 pub mod train;
 pub mod world;

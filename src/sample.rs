@@ -41,7 +41,10 @@ use sha2::{Digest, Sha256};
 use crate::diffusion::error::DiffusionError;
 use crate::diffusion::pipeline::{PipelineError, TextToImage, TextToImageOptions};
 use crate::diffusion::schedulers::SamplerKind;
-use crate::diffusion::weights::{Checkpoint, CheckpointLayout, SafetensorsFile};
+use crate::diffusion::{
+    checkpoint::{Checkpoint, CheckpointLayout},
+    nn::weights::SafetensorsFile,
+};
 use crate::render::png_meta::{GenerationParameters, write_atomic, write_png_with_parameters};
 use crate::render::rgb_image_from_chw;
 

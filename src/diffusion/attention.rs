@@ -6,13 +6,13 @@ use dfdx::prelude::*;
 
 use super::error::Result;
 use super::hypernetwork::HyperStack;
-use super::nn::checkpoint::{checkpoint, flat_view, hypernetwork_params, trainable_params};
 use super::nn::elem::Elem;
+use super::nn::weights::Loader;
 use super::nn::{
     Conv2d, DEFAULT_ATTENTION_CHUNK, GroupNorm, LayerNorm, Linear, Padding2d, Tensor3, Tensor4,
     gelu, merge_heads, scaled_dot_product_attention, split_heads,
 };
-use super::weights::Loader;
+use super::recompute::{checkpoint, flat_view, trainable_params};
 
 /// diffusers `Attention` as SD 1.x uses it: bias-free q/k/v projections, a biased output
 /// projection, `heads` heads of width `inner / heads`.
@@ -236,7 +236,7 @@ pub struct Transformer2D<D: Storage<E>, E = f32> {
     pub transformer_blocks: Vec<BasicTransformerBlock<D, E>>,
     /// Output projection.
     pub proj_out: Projection<D, E>,
-    /// Gradient checkpointing under a tape (see [`crate::diffusion::nn::checkpoint`]).
+    /// Gradient checkpointing under a tape (see [`crate::diffusion::recompute`]).
     pub checkpoint: bool,
 }
 
@@ -329,4 +329,22 @@ impl<E: Elem, D: Device<E>> Transformer2D<D, E> {
         };
         out + x
     }
+}
+
+/// Flat views of the parameters of the hypernetworks hooked into `attention`.
+fn hypernetwork_params<E: Elem, D: Device<E>>(
+    attention: &CrossAttention<D, E>,
+) -> Vec<super::nn::Tensor1<D, NoneTape, E>> {
+    let mut out = Vec::new();
+    for pair in attention.hypernetwork.iter().flat_map(|h| &h.pairs) {
+        for layer in pair.k.layers.iter().chain(&pair.v.layers) {
+            out.push(flat_view(&layer.weight));
+            out.push(flat_view(&layer.bias));
+            if let Some((w, b)) = &layer.layer_norm {
+                out.push(flat_view(w));
+                out.push(flat_view(b));
+            }
+        }
+    }
+    out
 }

@@ -5,11 +5,11 @@ use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::error::{DiffusionError, Result};
+use super::nn::weights::Loader;
 use super::nn::{
     DEFAULT_ATTENTION_CHUNK, LayerNorm, Linear, Tensor2, Tensor3, gelu, merge_heads, quick_gelu,
     scaled_dot_product_attention, split_heads,
 };
-use super::weights::Loader;
 
 /// Activation of the CLIP MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -410,7 +410,7 @@ impl<D: Device<f32>> TextEncoder<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diffusion::weights::WeightStore;
+    use crate::diffusion::nn::weights::WeightStore;
 
     #[test]
     fn other_architectures_and_clip_skip() {

@@ -2,8 +2,8 @@
 //! generic over the device so the same code runs on the CPU (tests, CI) and on CUDA.
 //!
 //! Models: [`clip::TextEncoder`], [`unet::UNet`], [`vae::Vae`], each with a config struct
-//! whose defaults are SD 1.5's. Weights: [`weights::Checkpoint`] opens a diffusers folder or a
-//! single-file checkpoint; [`weights::StableDiffusion`] holds the three loaded models.
+//! whose defaults are SD 1.5's. Weights: [`checkpoint::Checkpoint`] opens a diffusers folder or a
+//! single-file checkpoint; [`checkpoint::StableDiffusion`] holds the three loaded models.
 //!
 //! Conventions: parameters are plain (un-taped) dfdx tensors; activations may carry a tape
 //! (`T: Tape<f32, D>`), so gradients reach inputs (latents, text embeddings) and anything
@@ -11,6 +11,7 @@
 //! [`error::DiffusionError`]s.
 
 pub mod attention;
+pub mod checkpoint;
 pub mod clip;
 pub mod error;
 pub mod host_tensor;
@@ -18,16 +19,16 @@ pub mod hypernetwork;
 pub mod nn;
 pub mod params;
 pub mod pipeline;
+pub mod recompute;
 pub mod resnet;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod unet;
 pub mod unet_blocks;
 pub mod vae;
-pub mod weights;
 
+pub use checkpoint::{Checkpoint, CheckpointLayout, StableDiffusion};
 pub use clip::{ClipConfig, TextEncoder, TextEncoderOutput};
 pub use error::{DiffusionError, Result};
 pub use unet::{UNet, UNetConfig};
 pub use vae::{LatentDistribution, Vae, VaeConfig};
-pub use weights::{Checkpoint, CheckpointLayout, StableDiffusion};

@@ -23,11 +23,11 @@ use std::path::{Path, PathBuf};
 
 use dfdx::prelude::*;
 
+use super::checkpoint::{Checkpoint, CheckpointLayout, StableDiffusion};
 use super::error::DiffusionError;
 use super::nn::{Tensor3, Tensor4};
 use super::schedulers::{NoiseSource, SamplerKind, SchedulerConfig, SchedulerError, SeededNoise};
 use super::tokenizer::{ClipTokenizer, TokenizerError};
-use super::weights::{Checkpoint, CheckpointLayout, StableDiffusion};
 
 /// Errors of text-to-image generation.
 #[derive(Debug, thiserror::Error)]

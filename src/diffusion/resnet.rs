@@ -7,9 +7,9 @@ use dfdx::prelude::*;
 use crate::diffusion::nn::elem::Elem;
 
 use super::error::Result;
-use super::nn::checkpoint::{checkpoint, flat_view, trainable_params};
+use super::nn::weights::Loader;
 use super::nn::{Conv2d, GroupNorm, Linear, Padding2d, Tensor2, Tensor4, silu};
-use super::weights::Loader;
+use super::recompute::{checkpoint, flat_view, trainable_params};
 
 /// Shape of one ResNet block.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -41,7 +41,7 @@ pub struct ResnetBlock2D<D: Storage<E>, E = f32> {
     pub conv2: Conv2d<D, E>,
     /// 1x1 conv on the residual path when `in_channels != out_channels`.
     pub conv_shortcut: Option<Conv2d<D, E>>,
-    /// Gradient checkpointing under a tape (see [`crate::diffusion::nn::checkpoint`]).
+    /// Gradient checkpointing under a tape (see [`crate::diffusion::recompute`]).
     pub checkpoint: bool,
 }
 

@@ -146,7 +146,7 @@ pub struct ClipTokenizer {
     /// Placeholders: (token, [token, token_1, ...]) in the order added; a placeholder that
     /// shadows an existing word is stored as `<word>` parts and matched as a whole word.
     placeholders: Vec<(String, Vec<String>)>,
-    /// Whether [`Tokenizer::add_placeholder`] may shadow an existing single-token word.
+    /// Whether [`ClipTokenizer::add_placeholder`] may shadow an existing single-token word.
     allow_existing: bool,
 }
 
@@ -478,7 +478,7 @@ impl ClipTokenizer {
         prompts.iter().map(|p| self.encode(p.as_ref())).collect()
     }
 
-    /// Lets [`Tokenizer::add_placeholder`] take a word that is already a single token: the
+    /// Lets [`ClipTokenizer::add_placeholder`] take a word that is already a single token: the
     /// word (matched as a whole word, any case) then means the new token in every prompt, as
     /// A1111 does with embeddings named after a word.
     pub fn allow_existing_tokens(&mut self, on: bool) {

@@ -8,9 +8,9 @@ use crate::diffusion::nn::elem::{Elem, elems};
 use serde::{Deserialize, Serialize};
 
 use super::error::{DiffusionError, Result};
+use super::nn::weights::Loader;
 use super::nn::{Conv2d, GroupNorm, Linear, Padding2d, Tensor2, Tensor3, Tensor4, silu};
 use super::unet_blocks::{BlockSettings, DownBlock, MidBlock, UpBlock};
-use super::weights::Loader;
 
 /// A config value given once for every level or once per level.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -429,7 +429,7 @@ impl<E: Elem, D: Device<E>> UNet<D, E> {
     /// Turns gradient checkpointing of every ResNet and transformer on or off: under a tape,
     /// their activations are recomputed in the backward pass instead of kept (less memory
     /// between the passes, one more forward pass of each block; see
-    /// [`super::nn::checkpoint`]). No effect without a tape.
+    /// [`super::recompute`]). No effect without a tape.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
         let mid = &mut self.mid_block;
         let resnets = self
@@ -552,7 +552,7 @@ impl<E: Elem, D: Device<E>> UNet<D, E> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diffusion::weights::WeightStore;
+    use crate::diffusion::nn::weights::WeightStore;
 
     /// An architecture unlike the fixture's: 3 levels, 2 ResNets per level, per-level head
     /// counts, 2 transformer blocks per attention, linear projections, odd widths.

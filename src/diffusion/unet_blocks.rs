@@ -7,9 +7,9 @@ use crate::diffusion::nn::elem::Elem;
 
 use super::attention::{Transformer2D, Transformer2DConfig};
 use super::error::Result;
+use super::nn::weights::Loader;
 use super::nn::{Conv2d, Padding2d, Tensor2, Tensor3, Tensor4, upsample_nearest2x};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
-use super::weights::Loader;
 
 /// 3x3 stride-2 conv with padding 1 (`downsamplers.0.conv`).
 #[derive(Debug, Clone)]

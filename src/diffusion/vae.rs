@@ -5,13 +5,13 @@ use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::error::{DiffusionError, Result};
+use super::nn::weights::Loader;
 use super::nn::{
     Conv2d, DEFAULT_ATTENTION_CHUNK, GroupNorm, Linear, Padding2d, Tensor4,
     scaled_dot_product_attention,
 };
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 use super::unet_blocks::Upsample2D;
-use super::weights::Loader;
 
 /// GroupNorm epsilon used everywhere in the VAE.
 const VAE_EPS: f64 = 1e-6;
@@ -504,7 +504,7 @@ impl<D: Device<f32>> Vae<D> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diffusion::weights::WeightStore;
+    use crate::diffusion::nn::weights::WeightStore;
 
     #[test]
     fn other_architectures_encode_and_decode() {

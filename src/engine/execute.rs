@@ -242,7 +242,8 @@ pub fn execute(
                     Some((instance.name.clone(), key.clone(), token.clone()));
             }
             let ctx = StageContext {
-                pipeline,
+                settings: &pipeline.settings,
+                pipeline_file: &pipeline.path,
                 instance,
                 key: &key,
                 store: &store,
@@ -308,7 +309,7 @@ pub fn execute(
         };
         drop(_lock);
 
-        let stage_dir = out_dir.join(crate::pipeline::names::folder_name(&instance.name));
+        let stage_dir = out_dir.join(crate::names::folder_name(&instance.name));
         // A published file deleted or replaced since is restored from the cache.
         let unchanged = previous
             .stages

@@ -9,7 +9,7 @@ use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
 use crate::cache::{BlobRef, FileHasher, KeyLock, KeyMaterial, Store, atomic_write};
-use crate::pipeline::names::{check_output_name, folder_name};
+use crate::names::{check_output_name, folder_name};
 
 /// File name of the run lock.
 pub const LOCK_FILE: &str = "sdpipe.lock.json";
@@ -188,7 +188,7 @@ fn sweep_staging_in(dir: &Path, dry_run: bool) -> u64 {
     removed
 }
 
-/// [`sweep_staging_in`] for every pipeline folder under `outputs_root` (those holding a run
+/// `sweep_staging_in` for every pipeline folder under `outputs_root` (those holding a run
 /// lock), each under its lock; returns how many folders were (or would be) removed.
 pub fn sweep_stale_staging(outputs_root: &Path, dry_run: bool) -> u64 {
     let mut removed = 0;

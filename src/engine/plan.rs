@@ -10,7 +10,7 @@ use super::material::stage_material;
 use super::outputs::{LockEntry, RunLock, published_intact};
 use super::workspace::Workspace;
 use crate::cache::{FileHasher, KeyMaterial, Store, store::STAGES};
-use crate::pipeline::names::folder_name;
+use crate::names::folder_name;
 use crate::pipeline::{Pipeline, StageInstance};
 use crate::stages::input_noun;
 

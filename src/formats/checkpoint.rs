@@ -4,7 +4,7 @@
 //! with the `embeddings.position_ids` buffer the original files carry).
 //!
 //! The key mapping is the exact inverse of the reader's
-//! ([`crate::diffusion::weights::single_file`]): [`ldm_unet_key`] and [`ldm_vae_key`]; the VAE
+//! ([`crate::diffusion::checkpoint::single_file`]): [`ldm_unet_key`] and [`ldm_vae_key`]; the VAE
 //! mid-block attention projections go back to `[c, c, 1, 1]` convolutions. The file is written
 //! tensor by tensor (no second copy of the model in memory), atomically, with a canonical
 //! (sorted) header, so equal tensors give equal bytes.
@@ -17,12 +17,12 @@ use serde::{Deserialize, Serialize};
 
 use super::{FormatError, HostTensor, Result};
 use crate::diffusion::Checkpoint;
-use crate::diffusion::unet::UNetConfig;
-use crate::diffusion::vae::VaeConfig;
-use crate::diffusion::weights::WeightStore;
-use crate::diffusion::weights::single_file::{
+use crate::diffusion::checkpoint::single_file::{
     CLIP_PREFIX, CONFIGS_KEY, StoredConfigs, UNET_PREFIX, VAE_PREFIX, ldm_unet_key, ldm_vae_key,
 };
+use crate::diffusion::nn::weights::WeightStore;
+use crate::diffusion::unet::UNetConfig;
+use crate::diffusion::vae::VaeConfig;
 
 /// All tensors of a model under the [`WeightStore`]s' diffusers names (text encoder without
 /// `text_model.`), in f32.
@@ -316,7 +316,7 @@ pub fn write_single_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diffusion::weights::single_file::{unet_name, vae_name};
+    use crate::diffusion::checkpoint::single_file::{unet_name, vae_name};
 
     fn fixtures() -> &'static Path {
         Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
@@ -325,7 +325,7 @@ mod tests {
     /// Every key of the tiny single-file fixture maps to diffusers and back to itself.
     #[test]
     fn every_fixture_key_round_trips() {
-        let file = crate::diffusion::weights::SafetensorsFile::open(
+        let file = crate::diffusion::nn::weights::SafetensorsFile::open(
             fixtures().join("tiny-sd-single-file.safetensors"),
         )
         .unwrap();

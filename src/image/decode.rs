@@ -59,7 +59,7 @@ pub const MAX_DECODED_BYTES: u64 = 1 << 30;
 /// Decodes `bytes` (read from `path`) to RGB8 with the EXIF orientation applied.
 ///
 /// Refuses, naming the file, what a lenient decoder would turn into a wrong picture or an
-/// aborted process: a header larger than [`MAX_SIDE`] or [`MAX_DECODED_BYTES`], and a JPEG
+/// aborted process: a header larger than 20 000 pixels a side or 1 GiB decoded, and a JPEG
 /// whose scan is truncated or corrupt (decoded in strict mode; lenient decoders fill the rest
 /// with grey).
 pub fn decode_image(path: &Path, bytes: &[u8]) -> Result<RgbImage, ImageError> {

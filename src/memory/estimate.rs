@@ -17,8 +17,8 @@
 
 use serde::Serialize;
 
+use crate::diffusion::checkpoint::single_file::StoredConfigs;
 use crate::diffusion::clip::ClipConfig;
-use crate::diffusion::weights::single_file::StoredConfigs;
 use crate::diffusion::{UNetConfig, VaeConfig};
 
 /// Bytes of one value (f32 everywhere for now).

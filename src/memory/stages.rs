@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 
 use super::estimate::{MemoryEstimate, TrainShape, TrainedPart, estimate_pretrain, estimate_train};
 use super::{Available, human_bytes};
+use crate::diffusion::checkpoint::single_file::StoredConfigs;
 use crate::diffusion::nn::DEFAULT_ATTENTION_CHUNK;
-use crate::diffusion::weights::single_file::StoredConfigs;
 use crate::pipeline::{Pipeline, StageInstance};
 use crate::stages::{Method, PretrainInit, StageParams, TrainParams};
 

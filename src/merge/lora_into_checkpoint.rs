@@ -31,7 +31,7 @@ pub fn known_modules(model: &ModelTensors) -> KnownModules {
 
 /// [`known_modules`] from a checkpoint's tensor shapes alone (nothing is read).
 pub fn known_modules_of(ckpt: &crate::diffusion::Checkpoint) -> KnownModules {
-    let shapes = |store: &crate::diffusion::weights::WeightStore, prefix: &str| {
+    let shapes = |store: &crate::diffusion::nn::weights::WeightStore, prefix: &str| {
         store
             .names()
             .filter_map(|n| store.shape(n).map(|s| (format!("{prefix}{n}"), s)))

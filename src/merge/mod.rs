@@ -5,8 +5,8 @@
 //! [`crate::formats::lora::write_kohya`].
 //!
 //! * [`lora_into_checkpoint`]: `W + w · alpha/rank · up·down` for every module of every LoRA.
-//! * [`combine_loras`]: concatenated ranks (exact) or an SVD of the summed update.
-//! * [`extract_lora`]: kohya's `extract_lora_from_models` (SVD of `tuned − base`).
+//! * [`combine_loras`](mod@combine_loras): concatenated ranks (exact) or an SVD of the summed update.
+//! * [`extract_lora`](mod@extract_lora): kohya's `extract_lora_from_models` (SVD of `tuned − base`).
 //! * [`checkpoint_sum`]: `(1−α)·A + α·B` and `A + α·(B − C)`.
 //! * [`svd`]: the (randomised when large) truncated SVD they share.
 

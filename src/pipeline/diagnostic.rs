@@ -84,19 +84,6 @@ fn floor_char_boundary(text: &str, mut at: usize) -> usize {
     at
 }
 
-/// The candidate closest to `word` if it is plausibly a typo of it.
-pub fn did_you_mean<'a>(
-    word: &str,
-    candidates: impl IntoIterator<Item = &'a str>,
-) -> Option<&'a str> {
-    candidates
-        .into_iter()
-        .map(|c| (strsim::jaro_winkler(word, c), c))
-        .filter(|(score, _)| *score > 0.7)
-        .max_by(|a, b| a.0.total_cmp(&b.0))
-        .map(|(_, c)| c)
-}
-
 /// A file that could not be read at all (not a syntax error: there is no position to show).
 #[derive(Debug, Error, Diagnostic)]
 #[error("cannot read pipeline file {path}: {source}")]
@@ -119,12 +106,5 @@ mod tests {
         assert_eq!(line_col(text, 6), (2, 1));
         // 'é' is two bytes but one column.
         assert_eq!(line_col(text, 9), (2, 3));
-    }
-
-    #[test]
-    fn suggests_close_names_only() {
-        let names = ["template", "token", "images"];
-        assert_eq!(did_you_mean("templat", names), Some("template"));
-        assert_eq!(did_you_mean("zzzzzz", names), None);
     }
 }

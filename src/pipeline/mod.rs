@@ -3,17 +3,15 @@
 mod diagnostic;
 mod graph;
 mod matrix;
-pub mod names;
 mod parse;
-mod settings;
 
-pub use diagnostic::{PipelineError, ReadError, did_you_mean, line_col};
-pub use parse::{LoadError, load, parse, resolve as resolve_path};
-pub use settings::PipelineSettings;
+pub use crate::names::{self, did_you_mean, resolve as resolve_path};
+pub use crate::settings::PipelineSettings;
+pub use crate::stages::StageInstance;
+pub use diagnostic::{PipelineError, ReadError, line_col};
+pub use parse::{LoadError, load, parse};
 
 use std::path::PathBuf;
-
-use crate::stages::StageParams;
 
 /// A parsed, defaulted and validated pipeline: settings plus stage instances in topological
 /// order (every stage comes after all the stages it needs).
@@ -27,22 +25,6 @@ pub struct Pipeline {
     pub settings: PipelineSettings,
     /// Expanded stage instances, topologically sorted.
     pub stages: Vec<StageInstance>,
-}
-
-/// One runnable stage: a `[stage.NAME]` table, or one point of its `matrix`.
-#[derive(Debug, Clone)]
-pub struct StageInstance {
-    /// Unique name: `NAME` or `NAME@key=value,...` for matrix points.
-    pub name: String,
-    /// The `[stage.NAME]` it comes from.
-    pub base: String,
-    /// Parsed, defaulted and normalised parameters of its kind.
-    pub params: StageParams,
-    /// Names of the instances it needs (a `needs` entry naming a matrixed stage means all of
-    /// its instances).
-    pub needs: Vec<String>,
-    /// The matrix point, in declaration order (empty without a matrix).
-    pub matrix: Vec<(String, String)>,
 }
 
 impl Pipeline {

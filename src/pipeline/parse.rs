@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use miette::Diagnostic;
 use serde::de::IntoDeserializer;
@@ -14,10 +14,11 @@ use thiserror::Error;
 use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
-use super::diagnostic::{PipelineError, ReadError, did_you_mean};
+use super::diagnostic::{PipelineError, ReadError};
 use super::graph::order_stages;
 use super::matrix::{MatrixAxis, expand};
 use super::{Pipeline, PipelineSettings, StageInstance};
+use crate::names::{did_you_mean, resolve};
 use crate::stages::{self, StageParams};
 
 /// Why a pipeline file could not be loaded.
@@ -611,15 +612,6 @@ fn suggest<S: AsRef<str>>(word: &str, known: &[S]) -> String {
     match did_you_mean(word, known.iter().copied()) {
         Some(s) => format!("did you mean `{s}`? valid keys: {}", known.join(", ")),
         None => format!("valid keys: {}", known.join(", ")),
-    }
-}
-
-/// `p` relative to `dir` unless absolute.
-pub fn resolve(dir: &Path, p: &Path) -> PathBuf {
-    if p.is_absolute() {
-        p.to_path_buf()
-    } else {
-        dir.join(p)
     }
 }
 

@@ -94,10 +94,8 @@ impl CaptionParams {
                 ParamError::new("template", m, "placeholders: {token}, {class}, {filename}")
             })? {
                 if !PLACEHOLDERS.contains(&name.as_str()) {
-                    let help = match crate::pipeline::did_you_mean(
-                        &name,
-                        PLACEHOLDERS.iter().copied(),
-                    ) {
+                    let help = match crate::names::did_you_mean(&name, PLACEHOLDERS.iter().copied())
+                    {
                         Some(s) => format!(
                             "did you mean {{{s}}}? placeholders: {{token}}, {{class}}, {{filename}}"
                         ),
@@ -136,7 +134,7 @@ impl CaptionParams {
     }
 
     pub(super) fn normalize(&mut self, dir: &Path) -> Result<(), ParamError> {
-        self.images = crate::pipeline::resolve_path(dir, &self.images);
+        self.images = crate::names::resolve(dir, &self.images);
         if !self.images.is_dir() {
             return Err(ParamError::new(
                 "images",

@@ -23,9 +23,9 @@ use crate::cache::{KEY_SCHEMA, Record, canonical_json, hash_bytes};
 use crate::diffusion::pipeline::{TextToImage, TextToImageOptions};
 use crate::diffusion::schedulers::SamplerKind;
 use crate::formats::{HostTensor, safetensors_bytes};
-use crate::pipeline::PipelineSettings;
 use crate::render::png_meta::{GenerationParameters, encode_png};
 use crate::render::rgb_image_from_chw;
+use crate::settings::PipelineSettings;
 
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 1;
@@ -139,8 +139,8 @@ impl ClassImagesParams {
     }
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
-        let rt = crate::device::open(ctx.pipeline.settings.device)?;
-        crate::on_device_precision!(rt, ctx.pipeline.settings.precision, dev, E => self.run_on::<E, _>(ctx, dev))
+        let rt = crate::device::open(ctx.settings.device)?;
+        crate::on_device_precision!(rt, ctx.settings.precision, dev, E => self.run_on::<E, _>(ctx, dev))
     }
 
     /// [`Self::run`] on the opened device.
@@ -149,7 +149,7 @@ impl ClassImagesParams {
         ctx: &StageContext<'_>,
         dev: D,
     ) -> anyhow::Result<StageResult> {
-        let settings = &ctx.pipeline.settings;
+        let settings = &ctx.settings;
         let model_path = settings
             .base_model
             .clone()

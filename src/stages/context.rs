@@ -2,20 +2,24 @@
 //! cancellation.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
 
 use crate::cache::{BlobRef, FileHasher, Record, Store};
 use crate::control::{CancelToken, Progress};
-use crate::pipeline::{Pipeline, StageInstance};
+use crate::settings::PipelineSettings;
+
+use super::StageInstance;
 
 pub use crate::control::Cancelled;
 
 /// Everything a stage run can use.
 pub struct StageContext<'a> {
-    /// The whole pipeline.
-    pub pipeline: &'a Pipeline,
+    /// The `[pipeline]` settings.
+    pub settings: &'a PipelineSettings,
+    /// The pipeline file (absolute).
+    pub pipeline_file: &'a Path,
     /// The instance being run.
     pub instance: &'a StageInstance,
     /// Its key.

@@ -73,7 +73,7 @@ impl EncodeLatentsParams {
 
     pub(super) fn key_params(
         &self,
-        settings: &crate::pipeline::PipelineSettings,
+        settings: &crate::settings::PipelineSettings,
     ) -> serde_json::Value {
         crate::device::key_fragment(settings.device, settings.precision)
     }
@@ -83,7 +83,7 @@ impl EncodeLatentsParams {
     }
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
-        let rt = crate::device::open(ctx.pipeline.settings.device)?;
+        let rt = crate::device::open(ctx.settings.device)?;
         crate::on_device!(rt, dev => self.run_on(ctx, dev))
     }
 
@@ -96,7 +96,7 @@ impl EncodeLatentsParams {
         let (_, pre_record) = ctx.upstream_of_kind("preprocess")?;
         let manifest: PreprocessManifest =
             ctx.read_json(pre_record, Artifact::Manifest.file_name())?;
-        let settings = &ctx.pipeline.settings;
+        let settings = &ctx.settings;
         let inputs = super::model::model_inputs(settings, ctx.hasher, Self::components())?;
         let vae_digest = hash_bytes(canonical_json(&serde_json::to_value(&inputs)?).as_bytes());
         let device_key = crate::device::key_fragment(settings.device, settings.precision);

@@ -15,7 +15,7 @@ use super::{
     train,
 };
 use crate::cache::FileHasher;
-use crate::pipeline::PipelineSettings;
+use crate::settings::PipelineSettings;
 
 /// One stage kind.
 pub trait StageKind {

@@ -43,7 +43,7 @@ use crate::merge::{
     CombineMethod, ExtractOptions, ExtractTargets, add_difference, combine_loras, extract_lora,
     known_modules, known_modules_of, merge_loras, weighted_sum,
 };
-use crate::pipeline::PipelineSettings;
+use crate::settings::PipelineSettings;
 
 /// Implementation version (part of the key); bumped whenever the numbers change.
 pub const VERSION: u32 = 1;
@@ -431,7 +431,7 @@ impl MergeParams {
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         let started = std::time::Instant::now();
-        let settings = &ctx.pipeline.settings;
+        let settings = &ctx.settings;
         let scratch = ctx.scratch()?;
         std::fs::create_dir_all(&scratch)?;
         let mut recipe_inputs = Vec::new();
@@ -660,7 +660,7 @@ impl MergeParams {
         src: &Source,
         i: usize,
     ) -> anyhow::Result<(Checkpoint, serde_json::Value)> {
-        let settings = &ctx.pipeline.settings;
+        let settings = &ctx.settings;
         match &src.origin {
             Origin::Base => {
                 let ckpt = open_checkpoint(settings)?;
@@ -820,7 +820,7 @@ pub(super) fn open_model_blob(
             blob.size
         );
     }
-    open_model_file(&ctx.pipeline.settings, &path)
+    open_model_file(ctx.settings, &path)
 }
 
 #[cfg(test)]

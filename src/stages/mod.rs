@@ -7,6 +7,7 @@ mod checks;
 mod class_images;
 mod context;
 mod encode_latents;
+mod instance;
 mod kind;
 mod merge;
 pub mod model;
@@ -21,6 +22,7 @@ pub use caption::{CaptionItem, CaptionManifest, CaptionParams};
 pub use class_images::ClassImagesParams;
 pub use context::{Cancelled, StageContext, StageResult};
 pub use encode_latents::{EncodeLatentsParams, LatentItem, LatentsManifest};
+pub use instance::StageInstance;
 pub use kind::StageKind;
 pub use merge::{MergeMode, MergeParams, RECIPE_KEY};
 pub use preprocess::{PreprocessItem, PreprocessManifest, PreprocessParams};
@@ -37,7 +39,7 @@ use toml::Spanned;
 use toml::de::DeValue;
 
 use crate::cache::FileHasher;
-use crate::pipeline::PipelineSettings;
+use crate::settings::PipelineSettings;
 
 /// A parameter problem found after parsing, reported at the key `field` (dotted).
 #[derive(Debug, Clone)]

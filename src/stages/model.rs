@@ -7,7 +7,7 @@ use anyhow::Context as _;
 
 use crate::cache::FileHasher;
 use crate::diffusion::Checkpoint;
-use crate::pipeline::PipelineSettings;
+use crate::settings::PipelineSettings;
 
 /// A model component a stage reads.
 #[derive(Debug, Clone, Copy)]

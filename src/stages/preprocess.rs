@@ -22,7 +22,7 @@ use crate::cache::{BlobRef, KEY_SCHEMA, Record, hash_bytes};
 use crate::image::{
     Bucket, BucketSet, CropBox, ImageError, decode_image, fit_and_crop, to_chw_tensor,
 };
-use crate::pipeline::PipelineSettings;
+use crate::settings::PipelineSettings;
 
 /// Implementation version (part of the key).
 pub const VERSION: u32 = 2;
@@ -263,7 +263,7 @@ impl PreprocessParams {
         let manifest: CaptionManifest =
             ctx.read_json(caption_record, Artifact::Manifest.file_name())?;
         let images_dir = caption_params.images.clone();
-        let item_params = self.item_params(&ctx.pipeline.settings);
+        let item_params = self.item_params(ctx.settings);
         let buckets = (self.mode == ResizeMode::Bucket).then(|| {
             BucketSet::new(
                 self.resolution,
@@ -468,7 +468,7 @@ impl PreprocessParams {
                 height: self.resolution,
             },
         };
-        let seed = crop_seed(ctx.pipeline.settings.seed, image_hash);
+        let seed = crop_seed(ctx.settings.seed, image_hash);
         let crop_mode = self.crop;
         let (cropped, crop) =
             fit_and_crop(

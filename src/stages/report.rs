@@ -15,11 +15,11 @@ use super::context::{StageContext, StageResult};
 use super::sample_grid::parse_network_tags;
 use super::{GridManifest, ParamError, PreprocessManifest, StageParams, TrainMetrics};
 use crate::cache::{canonical_json, hash_bytes};
-use crate::pipeline::PipelineSettings;
 use crate::report::{
     Artifact, ComparisonReport, DFDX_VERSION, GridSummary, ImageScore, Provenance, QualitySummary,
     StageProvenance, VariantReport, html, markdown, merge_label, method_label, svg,
 };
+use crate::settings::PipelineSettings;
 
 /// Implementation version (part of the key); bumped whenever the outputs change.
 pub const VERSION: u32 = 1;
@@ -48,7 +48,7 @@ impl ReportParams {
             && crate::world::concept(name).is_none()
         {
             let known = known_concepts();
-            let hint = crate::pipeline::did_you_mean(name, known.iter().copied())
+            let hint = crate::names::did_you_mean(name, known.iter().copied())
                 .map(|s| format!("did you mean `{s}`? "))
                 .unwrap_or_default();
             return Err(ParamError::new(
@@ -79,7 +79,7 @@ impl ReportParams {
     }
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
-        let settings = &ctx.pipeline.settings;
+        let settings = &ctx.settings;
         let (grid_instance, grid_record) = ctx.upstream_of_kind("sample_grid")?;
         let manifest: GridManifest =
             ctx.read_json(grid_record, StageArtifact::Manifest.file_name())?;
@@ -131,7 +131,7 @@ impl ReportParams {
                     seed: cell.seed,
                     file: format!(
                         "images/{}/{:02}-{}.png",
-                        crate::pipeline::names::folder_name(name),
+                        crate::names::folder_name(name),
                         cell.prompt_index,
                         cell.seed
                     ),
@@ -147,7 +147,7 @@ impl ReportParams {
             title: self
                 .title
                 .clone()
-                .unwrap_or_else(|| format!("Method comparison: {}", ctx.pipeline.name())),
+                .unwrap_or_else(|| format!("Method comparison: {}", ctx.settings.name.as_str())),
             concept: concept.map(|c| c.name.to_string()),
             grid: GridSummary {
                 stage: grid_instance.name.clone(),
@@ -353,8 +353,8 @@ fn provenance(ctx: &StageContext<'_>, settings: &PipelineSettings) -> Provenance
         _ => None,
     };
     Provenance {
-        pipeline: ctx.pipeline.name().to_string(),
-        pipeline_file: ctx.pipeline.path.display().to_string(),
+        pipeline: ctx.settings.name.as_str().to_string(),
+        pipeline_file: ctx.pipeline_file.display().to_string(),
         seed: settings.seed,
         report_key: ctx.key.to_string(),
         stages,

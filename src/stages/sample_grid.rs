@@ -28,10 +28,10 @@ use crate::cache::store::ITEMS;
 use crate::cache::{BlobRef, KEY_SCHEMA, Record, canonical_json, hash_bytes};
 use crate::diffusion::pipeline::{TextToImage, TextToImageOptions};
 use crate::diffusion::schedulers::SamplerKind;
-use crate::pipeline::PipelineSettings;
 use crate::render::grid::{GridStyle, SampleGrid};
 use crate::render::png_meta::{GenerationParameters, encode_png, read_png_text_bytes};
 use crate::render::rgb_image_from_chw;
+use crate::settings::PipelineSettings;
 
 /// Implementation version (part of the key); bumped whenever the numbers change (v2: fused CPU kernels).
 pub const VERSION: u32 = 2;
@@ -185,8 +185,8 @@ impl SampleGridParams {
     }
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
-        let rt = crate::device::open(ctx.pipeline.settings.device)?;
-        crate::on_device_precision!(rt, ctx.pipeline.settings.precision, dev, E => self.run_on::<E, _>(ctx, dev))
+        let rt = crate::device::open(ctx.settings.device)?;
+        crate::on_device_precision!(rt, ctx.settings.precision, dev, E => self.run_on::<E, _>(ctx, dev))
     }
 
     /// [`Self::run`] on the opened device.
@@ -195,7 +195,7 @@ impl SampleGridParams {
         ctx: &StageContext<'_>,
         dev: D,
     ) -> anyhow::Result<StageResult> {
-        let settings = &ctx.pipeline.settings;
+        let settings = &ctx.settings;
         let seeds = self.seeds(settings);
         let model_path = settings
             .base_model
@@ -572,7 +572,7 @@ impl SampleGridParams {
                     result.outputs.insert(
                         format!(
                             "images/{}/{pi:02}-{seed}.png",
-                            crate::pipeline::names::folder_name(variant)
+                            crate::names::folder_name(variant)
                         ),
                         blob.clone(),
                     );

@@ -5,10 +5,10 @@
 //!   (small / medium / large) and a position (center or a corner) on a flat background of
 //!   another palette colour, and the caption grammar (`a small red star in the top left on a
 //!   blue background`) with its parser [`PromptSpec::parse`].
-//! - [`render`]: anti-aliased rendering (4×4 supersampling), deterministic from the scene.
+//! - [`render`](mod@render): anti-aliased rendering (4×4 supersampling), deterministic from the scene.
 //! - [`concepts`]: what the base world never shows (`heart`, `striped`, `outline`) and their
 //!   made-up tokens.
-//! - [`detect`]: a deterministic detector (background, object, colour, position, size, shape,
+//! - [`detect`](mod@detect): a deterministic detector (background, object, colour, position, size, shape,
 //!   stripes, hollowness).
 //! - [`quality`]: subject and prompt fidelity of sampled images; the formulas are in its docs.
 //!

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use dfdx::prelude::*;
 use sdpipe::diffusion::nn::Half;
 use sdpipe::diffusion::nn::elem::to_f32_vec;
-use sdpipe::diffusion::weights::{Checkpoint, SafetensorsFile};
+use sdpipe::diffusion::{checkpoint::Checkpoint, nn::weights::SafetensorsFile};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")

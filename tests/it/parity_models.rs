@@ -5,11 +5,11 @@ use std::path::{Path, PathBuf};
 
 use dfdx::prelude::*;
 use safetensors::SafeTensors;
+use sdpipe::diffusion::checkpoint::{Checkpoint, CheckpointLayout, StableDiffusion};
 use sdpipe::diffusion::clip::TextEncoder;
 use sdpipe::diffusion::error::DiffusionError;
 use sdpipe::diffusion::unet::UNet;
 use sdpipe::diffusion::vae::Vae;
-use sdpipe::diffusion::weights::{Checkpoint, CheckpointLayout, StableDiffusion};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -310,7 +310,7 @@ fn write_safetensors(path: &Path, tensors: Vec<(String, Vec<f32>, Vec<usize>)>) 
 /// The single file's tensors (as f32), optionally transformed.
 fn single_file_tensors() -> Vec<(String, Vec<f32>, Vec<usize>)> {
     let path = fixtures().join("tiny-sd-single-file.safetensors");
-    let f = sdpipe::diffusion::weights::SafetensorsFile::open(&path).unwrap();
+    let f = sdpipe::diffusion::nn::weights::SafetensorsFile::open(&path).unwrap();
     f.names()
         .into_iter()
         .filter(|n| !n.ends_with("position_ids"))

@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 
 use dfdx::prelude::*;
 use safetensors::SafeTensors;
+use sdpipe::diffusion::checkpoint::{Checkpoint, CheckpointLayout};
 use sdpipe::diffusion::pipeline::{Generation, PipelineError, TextToImage, TextToImageOptions};
 use sdpipe::diffusion::schedulers::SamplerKind;
-use sdpipe::diffusion::weights::{Checkpoint, CheckpointLayout};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -349,7 +349,10 @@ fn other_architectures_generate() {
     use sdpipe::diffusion::tokenizer::ClipTokenizer;
     use sdpipe::diffusion::unet::{PerLevel, UNet, UNetConfig};
     use sdpipe::diffusion::vae::{Vae, VaeConfig};
-    use sdpipe::diffusion::weights::{Loader, StableDiffusion, WeightStore};
+    use sdpipe::diffusion::{
+        checkpoint::StableDiffusion,
+        nn::weights::{Loader, WeightStore},
+    };
 
     let dev = Cpu::default();
     let store = WeightStore::synthetic(21);

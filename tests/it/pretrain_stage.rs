@@ -146,8 +146,8 @@ fn pretraining_continues_from_a_base_model_keeping_its_vae() {
         after.vae_config.scaling_factor,
         before.vae_config.scaling_factor
     );
-    let same = |a: &sdpipe::diffusion::weights::WeightStore,
-                b: &sdpipe::diffusion::weights::WeightStore| {
+    let same = |a: &sdpipe::diffusion::nn::weights::WeightStore,
+                b: &sdpipe::diffusion::nn::weights::WeightStore| {
         a.names().all(|n| a.read(n).unwrap() == b.read(n).unwrap())
     };
     assert!(same(before.vae_weights(), after.vae_weights()));

@@ -82,7 +82,7 @@ fn diffusers_folder_written_as_single_file_reads_back_identically() {
         }
 
         // The original layout: VAE attention as 1x1 convs, position ids as int64, metadata kept.
-        let raw = sdpipe::diffusion::weights::SafetensorsFile::open(&path).unwrap();
+        let raw = sdpipe::diffusion::nn::weights::SafetensorsFile::open(&path).unwrap();
         assert_eq!(
             raw.shape("first_stage_model.encoder.mid.attn_1.q.weight"),
             Some(vec![32, 32, 1, 1])
@@ -130,8 +130,8 @@ fn the_fixture_single_file_rewrites_to_the_same_keys_and_shapes() {
         &BTreeMap::new(),
     )
     .unwrap();
-    let a = sdpipe::diffusion::weights::SafetensorsFile::open(&src).unwrap();
-    let b = sdpipe::diffusion::weights::SafetensorsFile::open(&out).unwrap();
+    let a = sdpipe::diffusion::nn::weights::SafetensorsFile::open(&src).unwrap();
+    let b = sdpipe::diffusion::nn::weights::SafetensorsFile::open(&out).unwrap();
     let mut names_a = a.names();
     let mut names_b = b.names();
     names_a.sort();

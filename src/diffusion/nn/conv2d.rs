@@ -14,9 +14,9 @@ use dfdx::prelude::*;
 use super::elem::Elem;
 use super::host::{BackwardP, flat, host_op_params, host_vec, sgemm, sum_f32};
 use super::ops::concat_many;
+use super::weights::Loader;
 use super::{Tensor1, Tensor3, Tensor4};
 use crate::diffusion::error::Result;
-use crate::diffusion::weights::Loader;
 
 /// Zero padding of a convolution: rows added on top/bottom, columns on left/right.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -4,9 +4,9 @@ use dfdx::prelude::*;
 
 use super::elem::{Elem, elems, lit};
 use super::host;
+use super::weights::Loader;
 use super::{Tensor1, Tensor2, Tensor3};
 use crate::diffusion::error::Result;
-use crate::diffusion::weights::Loader;
 
 /// `y = x Wᵀ + b` with `W: [out, in]` (PyTorch layout) and an optional bias `[out]`, plus an
 /// optional LoRA branch `scale · (x downᵀ) upᵀ` (the weights stay untouched).

@@ -6,7 +6,6 @@
 //!   place convolution is implemented, so a faster kernel can replace it.
 //! * [`norm`]: `GroupNorm`, `LayerNorm`.
 //! * [`attention`]: scaled dot-product attention computed in chunks of queries.
-//! * [`checkpoint`]: gradient checkpointing of a block (recomputed in the backward pass).
 //! * [`ops`]: activations (SiLU, quick GELU, erf GELU), zero padding, nearest upsampling.
 //! * `host`: fused CPU kernels (conv, linear, norms (+SiLU), attention, GEGLU) with
 //!   hand-written backward passes, taken when the device is [`Cpu`]. Their backward computes
@@ -19,13 +18,13 @@
 //! else uses (or use `gather`, whose backward accumulates).
 
 pub mod attention;
-pub mod checkpoint;
 pub mod conv2d;
 pub mod elem;
 pub(crate) mod host;
 pub mod linear;
 pub mod norm;
 pub mod ops;
+pub mod weights;
 
 pub use attention::{
     DEFAULT_ATTENTION_CHUNK, merge_heads, scaled_dot_product_attention, split_heads,

@@ -5,9 +5,9 @@ use dfdx::prelude::*;
 use super::elem::Elem;
 use super::host::{NormLayout, host_vec, norm_affine};
 use super::ops::silu;
+use super::weights::Loader;
 use super::{Tensor1, Tensor3, Tensor4};
 use crate::diffusion::error::{DiffusionError, Result};
-use crate::diffusion::weights::Loader;
 
 /// Group normalisation over `[b, c, h, w]` (PyTorch `nn.GroupNorm`, biased variance) with a
 /// per-channel affine transform. The epsilon differs per use site in SD: 1e-5 in the UNet

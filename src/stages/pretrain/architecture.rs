@@ -2,10 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::diffusion::checkpoint::single_file::StoredConfigs;
 use crate::diffusion::clip::{ClipActivation, ClipConfig};
 use crate::diffusion::unet::{PerLevel, UNetConfig};
 use crate::diffusion::vae::VaeConfig;
-use crate::diffusion::weights::single_file::StoredConfigs;
 
 /// The architecture of a pretrained model. Defaults: the bundled base model's, for 64×64 images
 /// and 8×8×4 latents (about 1 M parameters, plus the 49408-row token table).

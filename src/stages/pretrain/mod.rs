@@ -90,7 +90,7 @@ pub struct PretrainParams {
     #[serde(default)]
     pub init: Init,
     /// Model sizes (`[stage.X.architecture]`; only with `init = "random"`). Default:
-    /// [`Architecture::default`].
+    /// the bundled base model's sizes (`Architecture::default()`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub architecture: Option<Architecture>,
 }

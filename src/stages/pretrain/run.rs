@@ -10,13 +10,13 @@ use dfdx::prelude::*;
 use rand::{RngExt, SeedableRng};
 use serde::{Deserialize, Serialize};
 
+use crate::diffusion::checkpoint::single_file::StoredConfigs;
 use crate::diffusion::nn::Tensor4;
+use crate::diffusion::nn::weights::{Loader, WeightStore};
 use crate::diffusion::params::{count_params, named_grads, named_tensors, set_trainable};
 use crate::diffusion::schedulers::{Ddpm, SchedulerConfig, SeededNoise};
 use crate::diffusion::tokenizer::ClipTokenizer;
 use crate::diffusion::vae::VaeConfig;
-use crate::diffusion::weights::single_file::StoredConfigs;
-use crate::diffusion::weights::{Loader, WeightStore};
 use crate::diffusion::{TextEncoder, UNet, Vae};
 use crate::formats::checkpoint::{ModelTensors, write_single_file};
 use crate::formats::{HostTensor, read_safetensors, write_safetensors};
@@ -100,7 +100,7 @@ use super::{Init, PretrainParams};
 impl PretrainParams {
     /// Runs both phases and writes `model.safetensors`.
     pub fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
-        let rt = crate::device::open(ctx.pipeline.settings.device)?;
+        let rt = crate::device::open(ctx.settings.device)?;
         crate::on_device!(rt, dev => self.run_on(ctx, dev))
     }
 
@@ -110,7 +110,7 @@ impl PretrainParams {
         ctx: &StageContext<'_>,
         dev: D,
     ) -> anyhow::Result<StageResult> {
-        let seed = ctx.pipeline.settings.seed;
+        let seed = ctx.settings.seed;
         let tokenizer = ClipTokenizer::bundled()?;
         let ddpm = Ddpm::new(&SchedulerConfig::sd15())?;
         let (mut configs, mut models) = match self.init {
@@ -433,7 +433,6 @@ impl PretrainParams {
         dev: &D,
     ) -> anyhow::Result<(StoredConfigs, Models<D>)> {
         let path = ctx
-            .pipeline
             .settings
             .base_model
             .as_deref()

@@ -14,10 +14,10 @@ use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use super::{RunEnd, Setup, TrainParams, load_items, schedule};
+use crate::diffusion::checkpoint::single_file::StoredConfigs;
 use crate::diffusion::nn::Elem;
 use crate::diffusion::params::{copy_params, count_params, set_trainable};
 use crate::diffusion::schedulers::Ddpm;
-use crate::diffusion::weights::single_file::StoredConfigs;
 use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::checkpoint::{ModelTensors, SaveDtype, write_single_file};
 use crate::formats::read_safetensors;
@@ -79,7 +79,7 @@ impl TrainParams {
         ctx: &StageContext<'_>,
         dev: D,
     ) -> anyhow::Result<StageResult> {
-        let settings = &ctx.pipeline.settings;
+        let settings = &ctx.settings;
         let Setup {
             manifest,
             items,

@@ -209,7 +209,7 @@ impl TrainParams {
         ctx: &StageContext<'_>,
         dev: D,
     ) -> anyhow::Result<StageResult> {
-        let settings = &ctx.pipeline.settings;
+        let settings = &ctx.settings;
         let hp = &self.hypernetwork;
         let Setup {
             manifest,

@@ -32,7 +32,7 @@ use crate::formats::embedding::{
 use crate::formats::lora::{
     KohyaMetadata, LoraComponent, LoraModule, LoraNetwork, read_lora, write_kohya,
 };
-use crate::pipeline::PipelineSettings;
+use crate::settings::PipelineSettings;
 use crate::train::batch::{Item, Sampling};
 use crate::train::eval::eval_loss;
 use crate::train::lora::{LoraTarget, extract, install};
@@ -325,8 +325,8 @@ impl TrainParams {
     }
 
     pub(super) fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
-        let rt = crate::device::open(ctx.pipeline.settings.device)?;
-        crate::on_device_precision!(rt, ctx.pipeline.settings.precision, dev, E => {
+        let rt = crate::device::open(ctx.settings.device)?;
+        crate::on_device_precision!(rt, ctx.settings.precision, dev, E => {
             self.run_on::<E, _>(ctx, dev)
         })
     }
@@ -351,7 +351,7 @@ impl TrainParams {
         ctx: &StageContext<'_>,
         dev: D,
     ) -> anyhow::Result<StageResult> {
-        let settings = &ctx.pipeline.settings;
+        let settings = &ctx.settings;
         let Setup {
             manifest,
             items,
@@ -518,7 +518,7 @@ impl TrainParams {
         ctx: &StageContext<'_>,
         dev: D,
     ) -> anyhow::Result<StageResult> {
-        let settings = &ctx.pipeline.settings;
+        let settings = &ctx.settings;
         let ti = &self.textual_inversion;
         let token = ti
             .token
@@ -685,7 +685,7 @@ impl TrainParams {
         ctx: &StageContext<'_>,
         dev: D,
     ) -> anyhow::Result<Setup<D, E>> {
-        let settings = &ctx.pipeline.settings;
+        let settings = &ctx.settings;
         let (_, lat_record) = ctx.upstream_of_kind("encode_latents")?;
         let manifest: LatentsManifest =
             ctx.read_json(lat_record, Artifact::Manifest.file_name())?;

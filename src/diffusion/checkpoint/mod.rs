@@ -6,10 +6,12 @@ use std::sync::Arc;
 use dfdx::prelude::*;
 use serde::de::DeserializeOwned;
 
-use super::{Loader, SafetensorsFile, WeightStore, single_file};
+pub mod single_file;
+
 use crate::diffusion::clip::{ClipConfig, TextEncoder};
 use crate::diffusion::error::{DiffusionError, Result};
 use crate::diffusion::nn::elem::Elem;
+use crate::diffusion::nn::weights::{Loader, SafetensorsFile, WeightStore};
 use crate::diffusion::unet::{UNet, UNetConfig};
 use crate::diffusion::vae::{Vae, VaeConfig};
 
@@ -197,8 +199,8 @@ impl Checkpoint {
     }
 
     /// The three configs, as a single file stores them.
-    pub fn configs(&self) -> super::single_file::StoredConfigs {
-        super::single_file::StoredConfigs {
+    pub fn configs(&self) -> single_file::StoredConfigs {
+        single_file::StoredConfigs {
             unet: self.unet_config.clone(),
             vae: self.vae_config.clone(),
             text_encoder: self.clip_config.clone(),

@@ -7,14 +7,9 @@
 //!   diffusers names, each pointing into a file (under its own name there, possibly a 1x1-conv
 //!   shape for a linear weight).
 //! * [`Loader`]: builds dfdx tensors from a store with a name prefix, checking shapes.
-//! * [`single_file`]: the original LDM/CompVis single-file layout, mapped to diffusers names, and
-//!   the architecture inferred from the tensor shapes.
-//! * [`checkpoint`]: [`Checkpoint`] (either layout, configs included) and [`StableDiffusion`].
-
-pub mod checkpoint;
-pub mod single_file;
-
-pub use checkpoint::{Checkpoint, CheckpointLayout, StableDiffusion};
+//!
+//! Whole models are loaded one level up, in [`crate::diffusion::checkpoint`] (either layout,
+//! configs included; the LDM/CompVis names in its `single_file`).
 
 use std::collections::BTreeMap;
 use std::fs::File;
@@ -25,9 +20,9 @@ use dfdx::prelude::*;
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype as StDtype, Metadata, SafeTensors};
 
-use super::error::{DiffusionError, Result};
-use super::nn::elem::{Elem, elems};
-use super::nn::{Tensor1, Tensor2, Tensor4};
+use super::elem::{Elem, elems};
+use super::{Tensor1, Tensor2, Tensor4};
+use crate::diffusion::error::{DiffusionError, Result};
 
 /// A memory-mapped safetensors file with its parsed header.
 pub struct SafetensorsFile {

@@ -1,8 +1,9 @@
-//! Names that become paths: the pipeline's name (`outputs/<name>/`), stage instance names
-//! (`outputs/<name>/<instance>/`, `images/<variant>/` in a grid) and the relative names of a
-//! stage's outputs. Nothing a pipeline file says may reach outside those folders.
+//! Names a user writes: the pipeline's name (`outputs/<name>/`), stage instance names
+//! (`outputs/<name>/<instance>/`, `images/<variant>/` in a grid), the relative names of a
+//! stage's outputs, paths relative to the pipeline file, and suggestions for typos. Nothing a
+//! pipeline file says may reach outside its folders.
 
-use std::path::{Component, Path};
+use std::path::{Component, Path, PathBuf};
 
 /// The longest folder name an instance maps to (file systems allow 255 bytes; the staging
 /// folder adds a prefix and a suffix).
@@ -133,6 +134,28 @@ fn describe_char(c: char) -> String {
     }
 }
 
+/// The candidate closest to `word` if it is plausibly a typo of it.
+pub fn did_you_mean<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    candidates
+        .into_iter()
+        .map(|c| (strsim::jaro_winkler(word, c), c))
+        .filter(|(score, _)| *score > 0.7)
+        .max_by(|a, b| a.0.total_cmp(&b.0))
+        .map(|(_, c)| c)
+}
+
+/// `p` relative to `dir` unless absolute.
+pub fn resolve(dir: &Path, p: &Path) -> PathBuf {
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,5 +230,12 @@ mod tests {
         for good in ["grid.png", "images/base/00-1.png", "lora.safetensors"] {
             assert!(check_output_name(good).is_ok(), "{good:?} refused");
         }
+    }
+
+    #[test]
+    fn suggests_close_names_only() {
+        let names = ["template", "token", "images"];
+        assert_eq!(did_you_mean("templat", names), Some("template"));
+        assert_eq!(did_you_mean("zzzzzz", names), None);
     }
 }

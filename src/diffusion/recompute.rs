@@ -15,8 +15,8 @@
 
 use dfdx::prelude::*;
 
-use super::elem::Elem;
-use super::{Tensor1, Tensor4};
+use super::nn::elem::Elem;
+use super::nn::{Tensor1, Tensor4};
 use crate::diffusion::params::{Layer, Layers};
 
 /// The tape a recomputed block runs under.
@@ -125,23 +125,5 @@ pub fn trainable_params<E: Elem, D: Device<E>>(
         }
         Layer::Embedding(_) => {}
     });
-    out
-}
-
-/// Flat views of the parameters of the hypernetworks hooked into `attention`.
-pub fn hypernetwork_params<E: Elem, D: Device<E>>(
-    attention: &crate::diffusion::attention::CrossAttention<D, E>,
-) -> Vec<Tensor1<D, NoneTape, E>> {
-    let mut out = Vec::new();
-    for pair in attention.hypernetwork.iter().flat_map(|h| &h.pairs) {
-        for layer in pair.k.layers.iter().chain(&pair.v.layers) {
-            out.push(flat_view(&layer.weight));
-            out.push(flat_view(&layer.bias));
-            if let Some((w, b)) = &layer.layer_norm {
-                out.push(flat_view(w));
-                out.push(flat_view(b));
-            }
-        }
-    }
     out
 }

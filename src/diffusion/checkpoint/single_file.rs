@@ -11,9 +11,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{SafetensorsFile, WeightStore};
 use crate::diffusion::clip::ClipConfig;
 use crate::diffusion::error::{DiffusionError, Result};
+use crate::diffusion::nn::weights::{SafetensorsFile, WeightStore};
 use crate::diffusion::unet::{PerLevel, UNetConfig};
 use crate::diffusion::vae::VaeConfig;
 
