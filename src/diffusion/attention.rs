@@ -12,6 +12,7 @@ use super::nn::{
     Conv2d, DEFAULT_ATTENTION_CHUNK, GroupNorm, LayerNorm, Linear, Padding2d, Tensor3, Tensor4,
     gelu, merge_heads, scaled_dot_product_attention, split_heads,
 };
+use super::params::{Layer, Layers, join};
 use super::recompute::{checkpoint, flat_view, trainable_params};
 
 /// diffusers `Attention` as SD 1.x uses it: bias-free q/k/v projections, a biased output
@@ -347,4 +348,46 @@ fn hypernetwork_params<E: Elem, D: Device<E>>(
         }
     }
     out
+}
+
+impl<E: Elem, D: Device<E>> Layers<D, E> for CrossAttention<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
+        f(&join(prefix, "to_q"), Layer::Linear(&mut self.to_q));
+        f(&join(prefix, "to_k"), Layer::Linear(&mut self.to_k));
+        f(&join(prefix, "to_v"), Layer::Linear(&mut self.to_v));
+        f(&join(prefix, "to_out.0"), Layer::Linear(&mut self.to_out));
+    }
+}
+
+impl<E: Elem, D: Device<E>> Layers<D, E> for BasicTransformerBlock<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
+        f(&join(prefix, "norm1"), Layer::LayerNorm(&mut self.norm1));
+        self.attn1.visit_layers(&join(prefix, "attn1"), f);
+        f(&join(prefix, "norm2"), Layer::LayerNorm(&mut self.norm2));
+        self.attn2.visit_layers(&join(prefix, "attn2"), f);
+        f(&join(prefix, "norm3"), Layer::LayerNorm(&mut self.norm3));
+        f(
+            &join(prefix, "ff.net.0.proj"),
+            Layer::Linear(&mut self.ff.proj),
+        );
+        f(&join(prefix, "ff.net.2"), Layer::Linear(&mut self.ff.out));
+    }
+}
+
+fn projection<'a, E, D: Storage<E>>(p: &'a mut Projection<D, E>) -> Layer<'a, D, E> {
+    match p {
+        Projection::Conv(c) => Layer::Conv(c),
+        Projection::Linear(l) => Layer::Linear(l),
+    }
+}
+
+impl<E: Elem, D: Device<E>> Layers<D, E> for Transformer2D<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
+        f(&join(prefix, "norm"), Layer::GroupNorm(&mut self.norm));
+        f(&join(prefix, "proj_in"), projection(&mut self.proj_in));
+        for (k, block) in self.transformer_blocks.iter_mut().enumerate() {
+            block.visit_layers(&join(prefix, format!("transformer_blocks.{k}")), f);
+        }
+        f(&join(prefix, "proj_out"), projection(&mut self.proj_out));
+    }
 }

@@ -10,6 +10,7 @@ use super::nn::{
     DEFAULT_ATTENTION_CHUNK, LayerNorm, Linear, Tensor2, Tensor3, gelu, merge_heads, quick_gelu,
     scaled_dot_product_attention, split_heads,
 };
+use super::params::{Layer, Layers, join};
 
 /// Activation of the CLIP MLP.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
@@ -404,6 +405,59 @@ impl<D: Device<f32>> TextEncoder<D> {
             pooler_output,
             penultimate_hidden_state_final_ln: penultimate,
         })
+    }
+}
+
+impl<D: Device<f32>> Layers<D> for TextEncoder<D> {
+    /// Names as the text encoder's weights are stored, without `text_model.`.
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        f(
+            &join(prefix, "embeddings.token_embedding"),
+            Layer::Embedding(&mut self.token_embedding),
+        );
+        f(
+            &join(prefix, "embeddings.position_embedding"),
+            Layer::Embedding(&mut self.position_embedding),
+        );
+        for (i, layer) in self.layers.iter_mut().enumerate() {
+            let base = join(prefix, format!("encoder.layers.{i}"));
+            f(
+                &format!("{base}.layer_norm1"),
+                Layer::LayerNorm(&mut layer.layer_norm1),
+            );
+            let a = &mut layer.self_attn;
+            f(
+                &format!("{base}.self_attn.q_proj"),
+                Layer::Linear(&mut a.q_proj),
+            );
+            f(
+                &format!("{base}.self_attn.k_proj"),
+                Layer::Linear(&mut a.k_proj),
+            );
+            f(
+                &format!("{base}.self_attn.v_proj"),
+                Layer::Linear(&mut a.v_proj),
+            );
+            f(
+                &format!("{base}.self_attn.out_proj"),
+                Layer::Linear(&mut a.out_proj),
+            );
+            f(
+                &format!("{base}.layer_norm2"),
+                Layer::LayerNorm(&mut layer.layer_norm2),
+            );
+            f(&format!("{base}.mlp.fc1"), Layer::Linear(&mut layer.fc1));
+            f(&format!("{base}.mlp.fc2"), Layer::Linear(&mut layer.fc2));
+        }
+        f(
+            &join(prefix, "final_layer_norm"),
+            Layer::LayerNorm(&mut self.final_layer_norm),
+        );
+    }
+
+    fn set_trainable(&mut self, on: bool) {
+        self.embeddings_trainable = on;
+        self.visit_layers("", &mut |_, mut layer| layer.set_trainable(on));
     }
 }
 

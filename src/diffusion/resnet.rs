@@ -9,6 +9,7 @@ use crate::diffusion::nn::elem::Elem;
 use super::error::Result;
 use super::nn::weights::Loader;
 use super::nn::{Conv2d, GroupNorm, Linear, Padding2d, Tensor2, Tensor4, silu};
+use super::params::{Layer, Layers, join};
 use super::recompute::{checkpoint, flat_view, trainable_params};
 
 /// Shape of one ResNet block.
@@ -107,6 +108,21 @@ impl<E: Elem, D: Device<E>> ResnetBlock2D<D, E> {
         match &self.conv_shortcut {
             Some(sc) => h + sc.forward(x),
             None => h + x,
+        }
+    }
+}
+
+impl<E: Elem, D: Device<E>> Layers<D, E> for ResnetBlock2D<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
+        f(&join(prefix, "norm1"), Layer::GroupNorm(&mut self.norm1));
+        f(&join(prefix, "conv1"), Layer::Conv(&mut self.conv1));
+        if let Some(t) = &mut self.time_emb_proj {
+            f(&join(prefix, "time_emb_proj"), Layer::Linear(t));
+        }
+        f(&join(prefix, "norm2"), Layer::GroupNorm(&mut self.norm2));
+        f(&join(prefix, "conv2"), Layer::Conv(&mut self.conv2));
+        if let Some(c) = &mut self.conv_shortcut {
+            f(&join(prefix, "conv_shortcut"), Layer::Conv(c));
         }
     }
 }

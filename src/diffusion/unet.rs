@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use super::error::{DiffusionError, Result};
 use super::nn::weights::Loader;
 use super::nn::{Conv2d, GroupNorm, Linear, Padding2d, Tensor2, Tensor3, Tensor4, silu};
+use super::params::{Layer, Layers, join};
 use super::unet_blocks::{BlockSettings, DownBlock, MidBlock, UpBlock};
 
 /// A config value given once for every level or once per level.
@@ -546,6 +547,32 @@ impl<E: Elem, D: Device<E>> UNet<D, E> {
             x = block.forward(x, &temb, &context, &mut skips);
         }
         Ok(self.conv_out.forward(self.conv_norm_out.forward_silu(x)))
+    }
+}
+
+impl<E: Elem, D: Device<E>> Layers<D, E> for UNet<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
+        f(
+            &join(prefix, "time_embedding.linear_1"),
+            Layer::Linear(&mut self.time_linear_1),
+        );
+        f(
+            &join(prefix, "time_embedding.linear_2"),
+            Layer::Linear(&mut self.time_linear_2),
+        );
+        f(&join(prefix, "conv_in"), Layer::Conv(&mut self.conv_in));
+        for (i, b) in self.down_blocks.iter_mut().enumerate() {
+            b.visit_layers(&join(prefix, format!("down_blocks.{i}")), f);
+        }
+        self.mid_block.visit_layers(&join(prefix, "mid_block"), f);
+        for (i, b) in self.up_blocks.iter_mut().enumerate() {
+            b.visit_layers(&join(prefix, format!("up_blocks.{i}")), f);
+        }
+        f(
+            &join(prefix, "conv_norm_out"),
+            Layer::GroupNorm(&mut self.conv_norm_out),
+        );
+        f(&join(prefix, "conv_out"), Layer::Conv(&mut self.conv_out));
     }
 }
 

@@ -9,6 +9,7 @@ use super::attention::{Transformer2D, Transformer2DConfig};
 use super::error::Result;
 use super::nn::weights::Loader;
 use super::nn::{Conv2d, Padding2d, Tensor2, Tensor3, Tensor4, upsample_nearest2x};
+use super::params::{Layer, Layers, join};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 
 /// 3x3 stride-2 conv with padding 1 (`downsamplers.0.conv`).
@@ -309,5 +310,45 @@ impl<E: Elem, D: Device<E>> UpBlock<D, E> {
             x = up.forward(x);
         }
         x
+    }
+}
+
+impl<E: Elem, D: Device<E>> Layers<D, E> for DownBlock<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
+        for (j, r) in self.resnets.iter_mut().enumerate() {
+            r.visit_layers(&join(prefix, format!("resnets.{j}")), f);
+        }
+        for (j, a) in self.attentions.iter_mut().enumerate() {
+            a.visit_layers(&join(prefix, format!("attentions.{j}")), f);
+        }
+        if let Some(d) = &mut self.downsampler {
+            f(
+                &join(prefix, "downsamplers.0.conv"),
+                Layer::Conv(&mut d.conv),
+            );
+        }
+    }
+}
+
+impl<E: Elem, D: Device<E>> Layers<D, E> for MidBlock<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
+        self.resnet0.visit_layers(&join(prefix, "resnets.0"), f);
+        self.attention
+            .visit_layers(&join(prefix, "attentions.0"), f);
+        self.resnet1.visit_layers(&join(prefix, "resnets.1"), f);
+    }
+}
+
+impl<E: Elem, D: Device<E>> Layers<D, E> for UpBlock<D, E> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D, E>)) {
+        for (j, r) in self.resnets.iter_mut().enumerate() {
+            r.visit_layers(&join(prefix, format!("resnets.{j}")), f);
+        }
+        for (j, a) in self.attentions.iter_mut().enumerate() {
+            a.visit_layers(&join(prefix, format!("attentions.{j}")), f);
+        }
+        if let Some(u) = &mut self.upsampler {
+            f(&join(prefix, "upsamplers.0.conv"), Layer::Conv(&mut u.conv));
+        }
     }
 }

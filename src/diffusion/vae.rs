@@ -10,6 +10,7 @@ use super::nn::{
     Conv2d, DEFAULT_ATTENTION_CHUNK, GroupNorm, Linear, Padding2d, Tensor4,
     scaled_dot_product_attention,
 };
+use super::params::{Layer, Layers, join};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
 use super::unet_blocks::Upsample2D;
 
@@ -498,6 +499,77 @@ impl<D: Device<f32>> Vae<D> {
             None => latents,
         };
         Ok(self.decoder.forward(z))
+    }
+}
+
+impl<D: Device<f32>> Layers<D> for VaeAttention<D> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        f(
+            &join(prefix, "group_norm"),
+            Layer::GroupNorm(&mut self.group_norm),
+        );
+        f(&join(prefix, "to_q"), Layer::Linear(&mut self.to_q));
+        f(&join(prefix, "to_k"), Layer::Linear(&mut self.to_k));
+        f(&join(prefix, "to_v"), Layer::Linear(&mut self.to_v));
+        f(&join(prefix, "to_out.0"), Layer::Linear(&mut self.to_out));
+    }
+}
+
+impl<D: Device<f32>> Layers<D> for VaeMidBlock<D> {
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        self.resnet0.visit_layers(&join(prefix, "resnets.0"), f);
+        if let Some(a) = &mut self.attention {
+            a.visit_layers(&join(prefix, "attentions.0"), f);
+        }
+        self.resnet1.visit_layers(&join(prefix, "resnets.1"), f);
+    }
+}
+
+impl<D: Device<f32>> Layers<D> for Vae<D> {
+    /// Names as diffusers stores them (`encoder.down_blocks.0.resnets.0.conv1`, …).
+    fn visit_layers(&mut self, prefix: &str, f: &mut dyn FnMut(&str, Layer<'_, D>)) {
+        let enc = join(prefix, "encoder");
+        let e = &mut self.encoder;
+        f(&join(&enc, "conv_in"), Layer::Conv(&mut e.conv_in));
+        for (i, b) in e.down_blocks.iter_mut().enumerate() {
+            let base = join(&enc, format!("down_blocks.{i}"));
+            for (j, r) in b.resnets.iter_mut().enumerate() {
+                r.visit_layers(&join(&base, format!("resnets.{j}")), f);
+            }
+            if let Some(d) = &mut b.downsampler {
+                f(&join(&base, "downsamplers.0.conv"), Layer::Conv(d));
+            }
+        }
+        e.mid_block.visit_layers(&join(&enc, "mid_block"), f);
+        f(
+            &join(&enc, "conv_norm_out"),
+            Layer::GroupNorm(&mut e.conv_norm_out),
+        );
+        f(&join(&enc, "conv_out"), Layer::Conv(&mut e.conv_out));
+        if let Some(q) = &mut self.quant_conv {
+            f(&join(prefix, "quant_conv"), Layer::Conv(q));
+        }
+        if let Some(q) = &mut self.post_quant_conv {
+            f(&join(prefix, "post_quant_conv"), Layer::Conv(q));
+        }
+        let dec = join(prefix, "decoder");
+        let d = &mut self.decoder;
+        f(&join(&dec, "conv_in"), Layer::Conv(&mut d.conv_in));
+        d.mid_block.visit_layers(&join(&dec, "mid_block"), f);
+        for (i, b) in d.up_blocks.iter_mut().enumerate() {
+            let base = join(&dec, format!("up_blocks.{i}"));
+            for (j, r) in b.resnets.iter_mut().enumerate() {
+                r.visit_layers(&join(&base, format!("resnets.{j}")), f);
+            }
+            if let Some(u) = &mut b.upsampler {
+                f(&join(&base, "upsamplers.0.conv"), Layer::Conv(&mut u.conv));
+            }
+        }
+        f(
+            &join(&dec, "conv_norm_out"),
+            Layer::GroupNorm(&mut d.conv_norm_out),
+        );
+        f(&join(&dec, "conv_out"), Layer::Conv(&mut d.conv_out));
     }
 }
 

@@ -7,7 +7,7 @@ use petgraph::graph::{DiGraph, NodeIndex};
 
 use super::StageInstance;
 use super::diagnostic::PipelineError;
-use super::parse::{Parser, RawStage};
+use super::source::{Parser, RawStage};
 
 /// Orders `instances` so that each comes after everything it needs (ties keep file order);
 /// a cycle is an error naming its stages and pointing at the `needs` of one of them.

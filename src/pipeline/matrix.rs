@@ -6,14 +6,7 @@ use toml::Spanned;
 use toml::de::{DeString, DeTable, DeValue};
 
 use super::diagnostic::PipelineError;
-use super::parse::{Parser, RawStage};
-
-/// One `matrix.<param> = [ ... ]` list; nested tables give dotted params (`lora.rank`).
-pub(super) struct MatrixAxis<'i> {
-    pub param: String,
-    pub key_span: Range<usize>,
-    pub values: Vec<Spanned<DeValue<'i>>>,
-}
+use super::source::{MatrixAxis, Parser, RawStage};
 
 /// One point of the product.
 pub(super) struct Point<'i> {

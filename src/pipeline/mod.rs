@@ -4,6 +4,7 @@ mod diagnostic;
 mod graph;
 mod matrix;
 mod parse;
+mod source;
 
 pub use crate::names::{self, did_you_mean, resolve as resolve_path};
 pub use crate::settings::PipelineSettings;

@@ -16,7 +16,8 @@ use toml::de::{DeString, DeTable, DeValue};
 
 use super::diagnostic::{PipelineError, ReadError};
 use super::graph::order_stages;
-use super::matrix::{MatrixAxis, expand};
+use super::matrix::expand;
+use super::source::{Parser, RawStage};
 use super::{Pipeline, PipelineSettings, StageInstance};
 use crate::names::{did_you_mean, resolve};
 use crate::stages::{self, StageParams};
@@ -48,34 +49,10 @@ pub fn parse(path: &Path, text: &str) -> Result<Pipeline, Box<PipelineError>> {
     Parser { path, text }.parse()
 }
 
-pub(super) struct Parser<'a> {
-    pub path: &'a Path,
-    pub text: &'a str,
-}
-
-/// A stage table with `kind`, `needs` and `matrix` taken out.
-pub(super) struct RawStage<'i> {
-    pub name: Spanned<String>,
-    pub kind: &'static str,
-    pub needs: Vec<Spanned<String>>,
-    pub needs_span: Option<Range<usize>>,
-    pub matrix: Vec<MatrixAxis<'i>>,
-    pub table: Spanned<DeTable<'i>>,
-}
-
 const TOP_LEVEL_KEYS: &[&str] = &["pipeline", "stage"];
 const RESERVED_STAGE_KEYS: &[&str] = &["kind", "needs", "matrix"];
 
 impl<'a> Parser<'a> {
-    pub fn error(
-        &self,
-        span: Range<usize>,
-        message: impl Into<String>,
-        help: Option<String>,
-    ) -> Box<PipelineError> {
-        Box::new(PipelineError::at(self.path, self.text, span, message, help))
-    }
-
     fn parse(&self) -> Result<Pipeline, Box<PipelineError>> {
         let doc = DeTable::parse(self.text).map_err(|e| self.toml_error(&e, "", 0..0))?;
         let doc_span = doc.span();
@@ -430,25 +407,6 @@ impl<'a> Parser<'a> {
             ));
         }
         Ok(params)
-    }
-
-    /// The span of dotted `field` inside `table`, or of the table header when absent.
-    pub fn field_span(&self, table: &Spanned<DeTable<'_>>, field: &str) -> Range<usize> {
-        let mut current = table.get_ref();
-        let mut span = table.span();
-        for part in field.split('.') {
-            match current.get_key_value(part) {
-                Some((key, value)) => {
-                    span = key.span();
-                    match value.get_ref() {
-                        DeValue::Table(t) => current = t,
-                        _ => break,
-                    }
-                }
-                None => break,
-            }
-        }
-        span
     }
 
     fn resolve_needs(
