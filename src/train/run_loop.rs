@@ -19,13 +19,21 @@ use crate::diffusion::host_tensor::HostTensor;
 /// Gradients of the trained tensors, by parameter name, on the host.
 pub type Grads = BTreeMap<String, HostTensor>;
 
-/// What differs between training methods inside the shared loop: one file per method in
-/// [`super::methods`].
-pub trait TrainMethod<D: Device<f32>> {
+/// The two halves of one optimiser step, which [`step`] drives: the gradients of a
+/// micro-batch, and the update with their average. Every fine-tuning method, `pretrain`'s two
+/// phases and `bench`'s train tasks implement it.
+pub trait TrainStep<D: Device<f32>> {
+    /// One micro-batch.
+    type Batch;
     /// The loss of one micro-batch and the gradients of the trained tensors, by name.
-    fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, Grads)>;
+    fn grads(&mut self, batch: &Self::Batch) -> anyhow::Result<(f32, Grads)>;
     /// One optimiser update with the averaged, clipped gradients.
     fn apply(&mut self, grads: &Grads, lr: f64) -> anyhow::Result<()>;
+}
+
+/// What differs between fine-tuning methods inside the shared loop ([`LoopConfig::run`]): one
+/// file per method in [`super::methods`].
+pub trait TrainMethod<D: Device<f32>>: TrainStep<D, Batch = Batch<D>> {
     /// Writes a resumable checkpoint of the trained tensors and the optimiser after `state`.
     fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()>;
     /// The keys to change when the loss diverges after some updates.
@@ -85,46 +93,20 @@ pub struct StepOutcome {
 }
 
 impl LoopConfig {
-    /// One optimiser step of `method` at rate `lr` on the micro-batches `draw(micro)` gives:
-    /// gradients summed and averaged, clipped by global norm, applied. A micro-batch whose loss
-    /// is not finite makes the step's loss NaN and nothing is applied.
+    /// One optimiser step of `method` at rate `lr` (see [`step`]).
     pub fn step<D: Device<f32>>(
         &self,
         method: &mut dyn TrainMethod<D>,
-        mut draw: impl FnMut(u64) -> Batch<D>,
+        draw: impl FnMut(u64) -> Batch<D>,
         lr: f64,
     ) -> anyhow::Result<StepOutcome> {
-        let mut summed = Grads::new();
-        let mut loss_sum = 0.0f32;
-        for micro in 0..self.gradient_accumulation {
-            let batch = draw(micro as u64);
-            let (loss, grads) = match method.grads(&batch) {
-                Ok(found) => found,
-                Err(e) if is_non_finite(&e) => (f32::NAN, Grads::new()),
-                Err(e) => return Err(e),
-            };
-            loss_sum += loss;
-            for (name, g) in grads {
-                match summed.get_mut(&name) {
-                    Some(acc) => acc.data.iter_mut().zip(&g.data).for_each(|(a, b)| *a += b),
-                    None => {
-                        summed.insert(name, g);
-                    }
-                }
-            }
-        }
-        let k = self.gradient_accumulation as f32;
-        if k > 1.0 {
-            summed
-                .values_mut()
-                .for_each(|g| g.data.iter_mut().for_each(|v| *v /= k));
-        }
-        clip_by_global_norm(&mut summed, self.max_grad_norm);
-        let loss = loss_sum / k;
-        if loss.is_finite() {
-            method.apply(&summed, lr)?;
-        }
-        Ok(StepOutcome { loss })
+        step(
+            method,
+            draw,
+            lr,
+            self.gradient_accumulation,
+            self.max_grad_norm,
+        )
     }
 
     /// Trains `method` from `state` to `self.steps`; returns the wall time of this process's
@@ -180,6 +162,50 @@ impl LoopConfig {
         bar.finish_and_clear();
         Ok(started.elapsed().as_secs_f64())
     }
+}
+
+/// One optimiser step of `method` at rate `lr` on the `micro_batches` micro-batches
+/// `draw(micro)` gives: gradients summed and averaged, clipped to a global norm of
+/// `max_grad_norm` (0: no clipping), applied. A micro-batch whose loss is not finite makes the
+/// step's loss NaN and nothing is applied.
+pub fn step<D: Device<f32>, M: TrainStep<D> + ?Sized>(
+    method: &mut M,
+    mut draw: impl FnMut(u64) -> M::Batch,
+    lr: f64,
+    micro_batches: usize,
+    max_grad_norm: f64,
+) -> anyhow::Result<StepOutcome> {
+    let mut summed = Grads::new();
+    let mut loss_sum = 0.0f32;
+    for micro in 0..micro_batches {
+        let batch = draw(micro as u64);
+        let (loss, grads) = match method.grads(&batch) {
+            Ok(found) => found,
+            Err(e) if is_non_finite(&e) => (f32::NAN, Grads::new()),
+            Err(e) => return Err(e),
+        };
+        loss_sum += loss;
+        for (name, g) in grads {
+            match summed.get_mut(&name) {
+                Some(acc) => acc.data.iter_mut().zip(&g.data).for_each(|(a, b)| *a += b),
+                None => {
+                    summed.insert(name, g);
+                }
+            }
+        }
+    }
+    let k = micro_batches as f32;
+    if k > 1.0 {
+        summed
+            .values_mut()
+            .for_each(|g| g.data.iter_mut().for_each(|v| *v /= k));
+    }
+    clip_by_global_norm(&mut summed, max_grad_norm);
+    let loss = loss_sum / k;
+    if loss.is_finite() {
+        method.apply(&summed, lr)?;
+    }
+    Ok(StepOutcome { loss })
 }
 
 /// Scales `grads` so their global L2 norm is at most `max_norm` (0 turns it off), as

@@ -15,6 +15,7 @@
 //! checkpoint in the original layout with its configs in the metadata.
 
 mod architecture;
+mod phases;
 mod run;
 
 pub use architecture::Architecture;

@@ -13,22 +13,21 @@ use serde::{Deserialize, Serialize};
 use crate::diffusion::checkpoint::single_file::StoredConfigs;
 use crate::diffusion::nn::Tensor4;
 use crate::diffusion::nn::weights::{Loader, WeightStore};
-use crate::diffusion::params::{count_params, named_grads, named_tensors, set_trainable};
+use crate::diffusion::params::{count_params, named_tensors, set_trainable};
 use crate::diffusion::schedulers::{Ddpm, SchedulerConfig, SeededNoise};
 use crate::diffusion::tokenizer::ClipTokenizer;
 use crate::diffusion::vae::VaeConfig;
 use crate::diffusion::{TextEncoder, UNet, Vae};
 use crate::formats::checkpoint::{ModelTensors, write_single_file};
-use crate::formats::{HostTensor, read_safetensors, write_safetensors};
+use crate::formats::{read_safetensors, write_safetensors};
 use crate::stages::context::{StageContext, StageResult};
 use crate::train::batch::mix;
-use crate::train::lora::loss_and_grads_taped;
 use crate::train::lr::LrSchedule;
-use crate::train::optim::update_layers as update_all;
-use crate::train::optim::{AdamW, AdamWConfig, clip_coefficient};
+use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::peak_memory_mib;
 use crate::train::resume::load_weights;
 use crate::train::resume::{self, ResumeState, read_state};
+use crate::train::run_loop::step as train_step;
 
 /// Resume state of a pretraining run.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -84,17 +83,7 @@ pub struct PretrainMetrics {
     pub resumed_from: u64,
 }
 
-/// The three models being trained.
-struct Models<D: Device<f32>> {
-    unet: UNet<D>,
-    vae: Vae<D>,
-    text_encoder: TextEncoder<D>,
-}
-
-const VAE: &str = "vae.";
-const UNET: &str = "unet.";
-const TE: &str = "text_encoder.";
-
+use super::phases::{DiffusionPhase, ImageBatch, Models, VaePhase, WorldBatch};
 use super::{Init, PretrainParams};
 
 impl PretrainParams {
@@ -169,16 +158,14 @@ impl PretrainParams {
             let step = state.step;
             let (images, _) = self.world_batch(mix(seed, step, 0), self.vae_batch_size, &dev);
             let noise = self.latent_noise(mix(seed, step, 1), &configs.vae, &dev);
-            let (loss, grads) = self.vae_loss(&models.vae, images, noise)?;
-            let mut grads = prefixed(VAE, named_grads(&mut models.vae, &grads));
-            self.clip(&mut grads);
-            update_all(
-                &mut models.vae,
-                VAE,
-                &grads,
-                &mut optimizer,
-                vae_sched.lr_at(self.vae_lr, step),
-            )?;
+            let batch = ImageBatch { images, noise };
+            let mut phase = VaePhase {
+                params: self,
+                vae: &mut models.vae,
+                optimizer: &mut optimizer,
+            };
+            let lr = vae_sched.lr_at(self.vae_lr, step);
+            let loss = train_step(&mut phase, |_| batch.clone(), lr, 1, self.max_grad_norm)?.loss;
             state.vae_losses.push(loss);
             self.advance(ctx, &bar, &mut state, loss, "vae", &mut models, &optimizer)?;
         }
@@ -231,16 +218,19 @@ impl PretrainParams {
                         .map(|e| e.input_ids)
                 })
                 .collect::<Result<Vec<_>, _>>()?;
-            let embeds = models.text_encoder.embed_tokens_traced(&ids)?;
-            let context = models.text_encoder.forward_embeds(embeds, 0)?;
-            let (loss, grads) =
-                loss_and_grads_taped(&models.unet, &ddpm, &latents, &noise, &timesteps, context)?;
-            let mut all = prefixed(UNET, named_grads(&mut models.unet, &grads));
-            all.extend(prefixed(TE, named_grads(&mut models.text_encoder, &grads)));
-            self.clip(&mut all);
+            let batch = WorldBatch {
+                latents,
+                noise,
+                timesteps,
+                ids,
+            };
+            let mut phase = DiffusionPhase {
+                models: &mut models,
+                ddpm: &ddpm,
+                optimizer: &mut optimizer,
+            };
             let lr = unet_sched.lr_at(self.lr, local);
-            update_all(&mut models.unet, UNET, &all, &mut optimizer, lr)?;
-            update_all(&mut models.text_encoder, TE, &all, &mut optimizer, lr)?;
+            let loss = train_step(&mut phase, |_| batch.clone(), lr, 1, self.max_grad_norm)?.loss;
             state.losses.push(loss);
             self.advance(ctx, &bar, &mut state, loss, "unet", &mut models, &optimizer)?;
         }
@@ -386,23 +376,6 @@ impl PretrainParams {
         Ok(())
     }
 
-    /// Clips the global gradient norm to `max_grad_norm`.
-    fn clip(&self, grads: &mut BTreeMap<String, HostTensor>) {
-        if self.max_grad_norm <= 0.0 {
-            return;
-        }
-        let norms: Vec<f32> = grads
-            .values()
-            .map(|g| g.data.iter().map(|v| v * v).sum::<f32>().sqrt())
-            .collect();
-        let (_, coef) = clip_coefficient(&norms, self.max_grad_norm as f32);
-        if coef < 1.0 {
-            grads
-                .values_mut()
-                .for_each(|g| g.data.iter_mut().for_each(|v| *v *= coef));
-        }
-    }
-
     /// `batch_size` rendered scenes `[b, 3, r, r]` in [-1, 1] and their captions.
     /// Random initial weights (PyTorch's default ranges), the same for every run of a seed.
     fn random_models<D: Device<f32>>(
@@ -492,7 +465,7 @@ impl PretrainParams {
     }
 
     /// The VAE loss of a batch and its gradients.
-    fn vae_loss<D: Device<f32>>(
+    pub(super) fn vae_loss<D: Device<f32>>(
         &self,
         vae: &Vae<D>,
         images: Tensor4<D>,
@@ -577,14 +550,6 @@ fn small_initial_variance<D: Device<f32>>(vae: &mut Vae<D>, dev: &D) {
         }
         *bias = dev.tensor_from_vec(b, (2 * z,));
     }
-}
-
-/// `grads` with `prefix` before every name.
-fn prefixed(prefix: &str, grads: BTreeMap<String, HostTensor>) -> BTreeMap<String, HostTensor> {
-    grads
-        .into_iter()
-        .map(|(k, v)| (format!("{prefix}{k}"), v))
-        .collect()
 }
 
 /// The newest readable checkpoint, loaded into `models`.

@@ -18,7 +18,7 @@ use crate::train::batch::{Batch, Item, Sampling, batch_context};
 use crate::train::mixed::{self, StepScaler};
 use crate::train::optim::{AdamW, update_layers as update_all};
 use crate::train::resume::{self, TrainState};
-use crate::train::run_loop::TrainMethod;
+use crate::train::run_loop::{TrainMethod, TrainStep};
 
 /// Prefix of the text encoder's parameter names among the trained tensors.
 pub const TE: &str = "text_encoder.";
@@ -120,7 +120,9 @@ impl<D: Device<f32> + Device<E>, E: Elem> DreamboothSteps<'_, D, E> {
     }
 }
 
-impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for DreamboothSteps<'_, D, E> {
+impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for DreamboothSteps<'_, D, E> {
+    type Batch = Batch<D>;
+
     fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         let (mut loss, mut grads) = self.batch_grads(self.items, batch)?;
         if !self.class_items.is_empty() {
@@ -164,7 +166,9 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for DreamboothSteps<'_,
         self.scaler.applied();
         Ok(())
     }
+}
 
+impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for DreamboothSteps<'_, D, E> {
     fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
         let weights = match self.master.as_deref_mut() {
             Some(master) => crate::diffusion::params::named_tensors(master),

@@ -16,7 +16,7 @@ use crate::train::hypernetwork::{HyperNet, apply_grads, install, param_grads};
 use crate::train::mixed::{self, StepScaler};
 use crate::train::optim::AdamW;
 use crate::train::resume::{self, TrainState};
-use crate::train::run_loop::TrainMethod;
+use crate::train::run_loop::{TrainMethod, TrainStep};
 
 /// Hypernetwork: f32 master weights here, copies (in the UNet's element type) hooked into the
 /// attentions for each micro-batch (with that micro-batch's dropout seed).
@@ -34,7 +34,9 @@ pub struct HyperSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     pub scaler: StepScaler,
 }
 
-impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for HyperSteps<'_, D, E> {
+impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for HyperSteps<'_, D, E> {
+    type Batch = Batch<D>;
+
     fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         let (step, micro) = (batch.step, batch.micro);
         // A1111 trains at multiplier 1, dropout on.
@@ -65,7 +67,9 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for HyperSteps<'_, D, E
         self.scaler.applied();
         Ok(())
     }
+}
 
+impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for HyperSteps<'_, D, E> {
     fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
         let mut file = self.net.to_host(self.template);
         file.step = state.step;

@@ -16,7 +16,7 @@ use crate::train::lora::{adapter_grads, extract, set_dropout};
 use crate::train::mixed::{self, Masters, StepScaler};
 use crate::train::optim::AdamW;
 use crate::train::resume::{self, TrainState};
-use crate::train::run_loop::TrainMethod;
+use crate::train::run_loop::{TrainMethod, TrainStep};
 
 /// LoRA: adapters installed on the UNet (computing in `E`) and the text encoder (f32).
 pub struct LoraSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
@@ -59,7 +59,9 @@ impl<D: Device<f32> + Device<E>, E: Elem> LoraSteps<'_, D, E> {
     }
 }
 
-impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for LoraSteps<'_, D, E> {
+impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for LoraSteps<'_, D, E> {
+    type Batch = Batch<D>;
+
     fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         if self.dropout > 0.0 {
             let dropout_seed = mix(self.seed ^ 0xD80F_0F7A, batch.step, batch.micro);
@@ -137,7 +139,9 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for LoraSteps<'_, D, E>
         self.scaler.applied();
         Ok(())
     }
+}
 
+impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for LoraSteps<'_, D, E> {
     fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
         let network = self.network();
         let mut state = state.clone();

@@ -16,7 +16,7 @@ use crate::train::batch::{Batch, Item};
 use crate::train::mixed::StepScaler;
 use crate::train::optim::AdamW;
 use crate::train::resume::{self, TrainState};
-use crate::train::run_loop::TrainMethod;
+use crate::train::run_loop::{TrainMethod, TrainStep};
 
 /// Textual inversion: the token's vectors, fed through the frozen text encoder.
 pub struct TiSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
@@ -38,7 +38,9 @@ pub struct TiSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
 /// The parameter name of the trained vectors (A1111's tensor name).
 pub const EMB_PARAMS: &str = "emb_params";
 
-impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for TiSteps<'_, D, E> {
+impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for TiSteps<'_, D, E> {
+    type Batch = Batch<D>;
+
     fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
         let batch_ids: Vec<Vec<u32>> = batch
             .picked
@@ -75,7 +77,9 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for TiSteps<'_, D, E> {
             .context("no gradient for the embedding")?;
         Ok(self.optimizer.update(EMB_PARAMS, self.extra, &grad, lr)?)
     }
+}
 
+impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for TiSteps<'_, D, E> {
     fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()> {
         let embedding = (self.embedding)(self.extra, state.step);
         let mut state = state.clone();
