@@ -24,14 +24,16 @@ pub trait StageKind {
     /// The implementation version, part of every key: bump it when the same parameters and
     /// inputs would give other outputs.
     const VERSION: u32;
-    /// Kinds the stage must have exactly one of in `needs`.
-    const REQUIRED_UPSTREAM: &'static [&'static str];
+    /// Kinds the stage must have exactly one of in `needs` (default: none).
+    const REQUIRED_UPSTREAM: &'static [&'static str] = &[];
 
     /// Checks values serde cannot (ranges, placeholders, combinations).
     fn validate(&self) -> Result<(), ParamError>;
     /// Resolves relative paths against `dir` (the pipeline file's folder) and fills derived
-    /// defaults.
-    fn normalize(&mut self, dir: &Path) -> Result<(), ParamError>;
+    /// defaults (default: nothing to do).
+    fn normalize(&mut self, _dir: &Path) -> Result<(), ParamError> {
+        Ok(())
+    }
     /// The parameters as hashed into the key: defaulted and normalised, without file paths
     /// (their contents are inputs) and without fields that cannot change the result.
     fn key_params(&self, settings: &PipelineSettings) -> serde_json::Value;
@@ -43,8 +45,11 @@ pub trait StageKind {
     ) -> anyhow::Result<BTreeMap<String, String>>;
     /// Whether the stage reads `[pipeline] base_model`.
     fn uses_model(&self) -> bool;
-    /// Whether it runs with `precision = "f16"` (its UNet in mixed precision, or no model).
-    fn supports_half(&self) -> bool;
+    /// Whether it runs with `precision = "f16"` (its UNet in mixed precision, or no model;
+    /// default: yes).
+    fn supports_half(&self) -> bool {
+        true
+    }
     /// Files and folders `watch` should observe.
     fn watch_paths(&self) -> Vec<PathBuf> {
         Vec::new()
@@ -69,7 +74,6 @@ fn model_files(
 impl StageKind for CaptionParams {
     const KIND: &'static str = "caption";
     const VERSION: u32 = caption::VERSION;
-    const REQUIRED_UPSTREAM: &'static [&'static str] = &[];
     fn validate(&self) -> Result<(), ParamError> {
         CaptionParams::validate(self)
     }
@@ -88,9 +92,6 @@ impl StageKind for CaptionParams {
     }
     fn uses_model(&self) -> bool {
         false
-    }
-    fn supports_half(&self) -> bool {
-        true
     }
     fn watch_paths(&self) -> Vec<PathBuf> {
         vec![self.images.clone()]
@@ -125,9 +126,6 @@ impl StageKind for PreprocessParams {
     fn uses_model(&self) -> bool {
         false
     }
-    fn supports_half(&self) -> bool {
-        true
-    }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         PreprocessParams::run(self, ctx)
     }
@@ -140,9 +138,6 @@ impl StageKind for EncodeLatentsParams {
     fn validate(&self) -> Result<(), ParamError> {
         EncodeLatentsParams::validate(self)
     }
-    fn normalize(&mut self, _: &Path) -> Result<(), ParamError> {
-        Ok(())
-    }
     fn key_params(&self, settings: &PipelineSettings) -> serde_json::Value {
         EncodeLatentsParams::key_params(self, settings)
     }
@@ -154,9 +149,6 @@ impl StageKind for EncodeLatentsParams {
         model_files(settings, hasher, EncodeLatentsParams::components())
     }
     fn uses_model(&self) -> bool {
-        true
-    }
-    fn supports_half(&self) -> bool {
         true
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
@@ -208,12 +200,8 @@ impl StageKind for TrainParams {
 impl StageKind for SampleGridParams {
     const KIND: &'static str = "sample_grid";
     const VERSION: u32 = sample_grid::VERSION;
-    const REQUIRED_UPSTREAM: &'static [&'static str] = &[];
     fn validate(&self) -> Result<(), ParamError> {
         SampleGridParams::validate(self)
-    }
-    fn normalize(&mut self, _: &Path) -> Result<(), ParamError> {
-        Ok(())
     }
     fn key_params(&self, settings: &PipelineSettings) -> serde_json::Value {
         SampleGridParams::key_params(self, settings)
@@ -228,9 +216,6 @@ impl StageKind for SampleGridParams {
     fn uses_model(&self) -> bool {
         true
     }
-    fn supports_half(&self) -> bool {
-        true
-    }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         SampleGridParams::run(self, ctx)
     }
@@ -239,12 +224,8 @@ impl StageKind for SampleGridParams {
 impl StageKind for ClassImagesParams {
     const KIND: &'static str = "class_images";
     const VERSION: u32 = class_images::VERSION;
-    const REQUIRED_UPSTREAM: &'static [&'static str] = &[];
     fn validate(&self) -> Result<(), ParamError> {
         ClassImagesParams::validate(self)
-    }
-    fn normalize(&mut self, _: &Path) -> Result<(), ParamError> {
-        Ok(())
     }
     fn key_params(&self, settings: &PipelineSettings) -> serde_json::Value {
         ClassImagesParams::key_params(self, settings)
@@ -259,9 +240,6 @@ impl StageKind for ClassImagesParams {
     fn uses_model(&self) -> bool {
         true
     }
-    fn supports_half(&self) -> bool {
-        true
-    }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         ClassImagesParams::run(self, ctx)
     }
@@ -270,7 +248,6 @@ impl StageKind for ClassImagesParams {
 impl StageKind for MergeParams {
     const KIND: &'static str = "merge";
     const VERSION: u32 = merge::VERSION;
-    const REQUIRED_UPSTREAM: &'static [&'static str] = &[];
     fn validate(&self) -> Result<(), ParamError> {
         MergeParams::validate(self)
     }
@@ -290,9 +267,6 @@ impl StageKind for MergeParams {
     fn uses_model(&self) -> bool {
         MergeParams::uses_model(self)
     }
-    fn supports_half(&self) -> bool {
-        true
-    }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         MergeParams::run(self, ctx)
     }
@@ -301,12 +275,8 @@ impl StageKind for MergeParams {
 impl StageKind for PretrainParams {
     const KIND: &'static str = "pretrain";
     const VERSION: u32 = pretrain::VERSION;
-    const REQUIRED_UPSTREAM: &'static [&'static str] = &[];
     fn validate(&self) -> Result<(), ParamError> {
         PretrainParams::validate(self)
-    }
-    fn normalize(&mut self, _: &Path) -> Result<(), ParamError> {
-        Ok(())
     }
     fn key_params(&self, _: &PipelineSettings) -> serde_json::Value {
         PretrainParams::key_params(self)
@@ -345,9 +315,6 @@ impl StageKind for ReportParams {
     fn validate(&self) -> Result<(), ParamError> {
         ReportParams::validate(self)
     }
-    fn normalize(&mut self, _: &Path) -> Result<(), ParamError> {
-        Ok(())
-    }
     fn key_params(&self, settings: &PipelineSettings) -> serde_json::Value {
         ReportParams::key_params(self, settings)
     }
@@ -360,9 +327,6 @@ impl StageKind for ReportParams {
     }
     fn uses_model(&self) -> bool {
         false
-    }
-    fn supports_half(&self) -> bool {
-        true
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         ReportParams::run(self, ctx)
