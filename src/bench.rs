@@ -20,7 +20,7 @@
 //! The work is generic over the dfdx device ([`run_on`]); [`run_cli`] picks the device.
 
 use crate::exit::ExitCode;
-use std::collections::BTreeMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -35,7 +35,7 @@ use crate::diffusion::clip::ClipConfig;
 use crate::diffusion::nn::weights::{Loader, WeightStore};
 use crate::diffusion::nn::{DEFAULT_ATTENTION_CHUNK, Elem};
 use crate::diffusion::nn::{Tensor3, Tensor4};
-use crate::diffusion::params::{copy_params, count_params, named_grads, set_trainable};
+use crate::diffusion::params::{count_params, set_trainable};
 use crate::diffusion::schedulers::{Ddpm, SamplerKind, SchedulerConfig, SeededNoise};
 use crate::diffusion::{Checkpoint, DiffusionError, TextEncoder, UNet, UNetConfig, Vae, VaeConfig};
 use crate::engine::Progress;
@@ -43,10 +43,12 @@ use crate::formats::lora::{LoraModule, LoraNetwork};
 use crate::memory::{
     LoadedModels, MemoryProbe, TrainShape, TrainedPart, estimate_train, human_bytes,
 };
-use crate::train::lora::{adapter_grads, install};
-use crate::train::mixed::{self, LossScaler, Masters};
-use crate::train::optim::{AdamW, AdamWConfig, update_layers};
-use crate::train::run_loop::clip_by_global_norm;
+use crate::train::batch::{Batch, Item, Sampling};
+use crate::train::lora::install;
+use crate::train::methods::{DreamboothSteps, LoraSteps};
+use crate::train::mixed::{LossScaler, Masters, StepScaler};
+use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::run_loop::step as train_step;
 
 /// The task a benchmark times.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -664,27 +666,33 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 .sum();
             install(&mut unet, &network, 1.0, dev).map_err(|e| step_err(&e))?;
             // the train stage's step: f32 masters, loss scaling in f16
-            let mut masters = Masters::of_lora(&network, dev).map_err(|e| step_err(&e))?;
-            let mut scaler = LossScaler::for_elem::<E>();
-            let context = context.clone().to_dtype::<E>();
+            let masters = Masters::of_lora(&network, dev).map_err(|e| step_err(&e))?;
             let mut optimizer = AdamW::new(dev, AdamWConfig::default());
+            let (items, contexts) = caption_contexts(&context, b);
+            let (ids, scratch) = (HashMap::new(), std::env::temp_dir());
+            let mut steps = LoraSteps {
+                unet: &mut unet,
+                text_encoder: None,
+                ddpm: &ddpm,
+                items: &items,
+                contexts: &contexts,
+                ids: &ids,
+                clip_skip: 0,
+                optimizer: &mut optimizer,
+                scratch: &scratch,
+                alpha: rank as f32,
+                dropout: 0.0,
+                seed: opts.seed,
+                te_lr_factor: 1.0,
+                masters,
+                te_keys: HashSet::new(),
+                scaler: StepScaler::new::<E>(None),
+            };
+            let draw = |_| whole_batch(&latents, &noise, &timesteps);
             last_loss = timed(&mut || {
-                let loss = scaled_step(
-                    task,
-                    &mut unet,
-                    (&ddpm, &latents, &noise, &timesteps),
-                    &context,
-                    &mut scaler,
-                    |unet, grads| adapter_grads(unet, grads),
-                    |unet, grads| {
-                        masters
-                            .update(grads, &mut optimizer, 1e-4, |_| true)
-                            .map_err(|e| step_err(&e))?;
-                        masters.write_lora(unet);
-                        Ok(())
-                    },
-                )?;
-                Ok(Some(loss))
+                let outcome =
+                    train_step(&mut steps, draw, 1e-4, 1, 1.0).map_err(|e| step_err(&e))?;
+                Ok(Some(outcome.loss))
             })?;
         }
         BenchTask::FullTrain => {
@@ -698,36 +706,37 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
             } else {
                 None
             };
-            let mut scaler = LossScaler::for_elem::<E>();
-            let context = context.clone().to_dtype::<E>();
             let mut optimizer = AdamW::new(dev, AdamWConfig::default());
+            let (items, contexts) = caption_contexts(&context, b);
+            let (ids, scratch) = (HashMap::new(), std::env::temp_dir());
+            let mut steps = DreamboothSteps {
+                clip_skip: 0,
+                sampling: Sampling {
+                    batch_size: b,
+                    min_timestep: 0,
+                    max_timestep: 1000,
+                },
+                unet: &mut unet,
+                text_encoder: None,
+                ids: &ids,
+                ddpm: &ddpm,
+                items: &items,
+                class_items: &[],
+                contexts: &contexts,
+                optimizer: &mut optimizer,
+                scratch: &scratch,
+                scaling: 1.0,
+                prior_weight: 0.0,
+                seed: opts.seed,
+                te_lr_factor: 1.0,
+                master: master.as_mut(),
+                scaler: StepScaler::new::<E>(None),
+            };
+            let draw = |_| whole_batch(&latents, &noise, &timesteps);
             last_loss = timed(&mut || {
-                let loss = scaled_step(
-                    task,
-                    &mut unet,
-                    (&ddpm, &latents, &noise, &timesteps),
-                    &context,
-                    &mut scaler,
-                    |unet, grads| named_grads(unet, grads),
-                    |unet, grads| {
-                        match master.as_mut() {
-                            Some(m) => {
-                                update_layers(m, "", grads, &mut optimizer, 1e-6)
-                                    .map_err(|e| step_err(&e))?;
-                                copy_params(m, unet).map_err(|e| step_err(&e))?;
-                            }
-                            None => {
-                                let f32_unet = (unet as &mut dyn std::any::Any)
-                                    .downcast_mut::<UNet<D>>()
-                                    .ok_or_else(|| step_err(&"an f32 run has an f32 UNet"))?;
-                                update_layers(f32_unet, "", grads, &mut optimizer, 1e-6)
-                                    .map_err(|e| step_err(&e))?;
-                            }
-                        }
-                        Ok(())
-                    },
-                )?;
-                Ok(Some(loss))
+                let outcome =
+                    train_step(&mut steps, draw, 1e-6, 1, 1.0).map_err(|e| step_err(&e))?;
+                Ok(Some(outcome.loss))
             })?;
         }
         BenchTask::TiTrain => {
@@ -916,40 +925,47 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
     })
 }
 
-/// One training step of the train tasks, as the stages take it: the batch's loss and gradients
-/// with the loss scaled by `scaler`, the trained tensors' gradients by name (`collect`),
-/// unscaled; when all are finite, clipped at norm 1 and applied (`apply`); the scaler records
-/// the step. Returns the loss.
-#[allow(clippy::type_complexity)]
-fn scaled_step<E: Elem, D: Device<f32> + Device<E>>(
-    task: BenchTask,
-    unet: &mut UNet<D, E>,
-    (ddpm, latents, noise, timesteps): (&Ddpm, &Tensor4<D>, &Tensor4<D>, &[usize]),
-    context: &Tensor3<D, NoneTape, E>,
-    scaler: &mut LossScaler,
-    collect: impl FnOnce(
-        &mut UNet<D, E>,
-        &Gradients<E, D>,
-    ) -> BTreeMap<String, crate::formats::HostTensor>,
-    apply: impl FnOnce(
-        &mut UNet<D, E>,
-        &BTreeMap<String, crate::formats::HostTensor>,
-    ) -> Result<(), BenchError>,
-) -> Result<f32, BenchError> {
-    let (loss, grads) =
-        mixed::loss_and_grads(unet, ddpm, latents, noise, timesteps, context, scaler.scale)
-            .map_err(|e| BenchError::Step {
-                task,
-                reason: e.to_string(),
-            })?;
-    let mut grads = collect(unet, &grads);
-    let finite = scaler.unscale(&mut grads);
-    if finite {
-        clip_by_global_norm(&mut grads, 1.0);
-        apply(unet, &grads)?;
+/// `b` items with their own captions, and each caption's row of `context` (the stages look
+/// contexts up by caption).
+fn caption_contexts<D: Device<f32>>(
+    context: &Tensor3<D>,
+    b: usize,
+) -> (Vec<Item>, HashMap<String, Tensor3<D>>) {
+    let (_, n, d) = *context.shape();
+    let rows = context.as_vec();
+    let mut items = Vec::with_capacity(b);
+    let mut contexts = HashMap::with_capacity(b);
+    for (i, row) in rows.chunks(n * d).take(b).enumerate() {
+        let caption = format!("bench item {i}");
+        contexts.insert(
+            caption.clone(),
+            context.device().tensor_from_vec(row.to_vec(), (1, n, d)),
+        );
+        items.push(Item {
+            caption,
+            mean: Vec::new(),
+            std: Vec::new(),
+            shape: [0; 3],
+        });
     }
-    scaler.update(finite);
-    Ok(loss)
+    (items, contexts)
+}
+
+/// The benchmark's one batch, as the stages' loop hands it to a method: every item, fixed
+/// latents, noise and timesteps.
+fn whole_batch<D: Device<f32>>(
+    latents: &Tensor4<D>,
+    noise: &Tensor4<D>,
+    timesteps: &[usize],
+) -> Batch<D> {
+    Batch {
+        latents: latents.clone(),
+        noise: noise.clone(),
+        timesteps: timesteps.to_vec(),
+        picked: (0..timesteps.len()).collect(),
+        step: 0,
+        micro: 0,
+    }
 }
 
 /// `sdpipe bench`: runs the benchmark on `--device` and prints the table or the JSON object.
