@@ -895,8 +895,10 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
             },
             unet_elem_bytes: E::BYTES as u64,
         };
-        estimate_train(&configs, &part, &shape).total
+        estimate_train(&configs, &part, &shape).map(|e| e.total)
     });
+    let memory_estimate_bytes =
+        (memory_estimate_bytes.transpose()).map_err(|reason| BenchError::Step { task, reason })?;
     Ok(BenchReport {
         task,
         arch: opts.arch.name(),

@@ -24,11 +24,10 @@ pub mod resnet;
 pub mod schedulers;
 pub mod tokenizer;
 pub mod unet;
-pub mod unet_blocks;
 pub mod vae;
 
 pub use checkpoint::{Checkpoint, CheckpointLayout, StableDiffusion};
 pub use clip::{ClipConfig, TextEncoder, TextEncoderOutput};
 pub use error::{DiffusionError, Result};
-pub use unet::{UNet, UNetConfig};
+pub use unet::{Conditioning, UNet, UNetConfig};
 pub use vae::{LatentDistribution, Vae, VaeConfig};

@@ -12,7 +12,7 @@ use super::nn::{
 };
 use super::params::{Layer, Layers, join};
 use super::resnet::{ResnetBlock2D, ResnetConfig};
-use super::unet_blocks::Upsample2D;
+use super::unet::Upsample2D;
 
 /// GroupNorm epsilon used everywhere in the VAE.
 const VAE_EPS: f64 = 1e-6;

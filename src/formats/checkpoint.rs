@@ -4,8 +4,9 @@
 //! with the `embeddings.position_ids` buffer the original files carry).
 //!
 //! The key mapping is the exact inverse of the reader's
-//! ([`crate::diffusion::checkpoint::single_file`]): [`ldm_unet_key`] and [`ldm_vae_key`]; the VAE
-//! mid-block attention projections go back to `[c, c, 1, 1]` convolutions. The file is written
+//! ([`crate::diffusion::checkpoint::single_file`]): the UNet's names come from its
+//! [`UNetPlan`] ([`LdmKeys`]), the VAE's from [`ldm_vae_key`], whose mid-block attention
+//! projections go back to `[c, c, 1, 1]` convolutions. The file is written
 //! tensor by tensor (no second copy of the model in memory), atomically, with a canonical
 //! (sorted) header, so equal tensors give equal bytes.
 
@@ -18,10 +19,10 @@ use serde::{Deserialize, Serialize};
 use super::{FormatError, HostTensor, Result};
 use crate::diffusion::Checkpoint;
 use crate::diffusion::checkpoint::single_file::{
-    CLIP_PREFIX, CONFIGS_KEY, StoredConfigs, UNET_PREFIX, VAE_PREFIX, ldm_unet_key, ldm_vae_key,
+    CLIP_PREFIX, CONFIGS_KEY, StoredConfigs, UNET_PREFIX, VAE_PREFIX, ldm_vae_key,
 };
 use crate::diffusion::nn::weights::WeightStore;
-use crate::diffusion::unet::UNetConfig;
+use crate::diffusion::unet::{LdmKeys, UNetConfig, UNetPlan};
 use crate::diffusion::vae::VaeConfig;
 
 /// All tensors of a model under the [`WeightStore`]s' diffusers names (text encoder without
@@ -152,20 +153,17 @@ fn plan<'a>(
     dtype: SaveDtype,
 ) -> Result<Vec<Planned<'a>>> {
     let mut out = Vec::with_capacity(m.len() + 1);
-    let up_attention: Vec<bool> = unet_cfg
-        .up_block_types
-        .iter()
-        .map(|t| t.contains("Attn"))
-        .collect();
+    let plan = UNetPlan::new(unet_cfg)
+        .map_err(|reason| FormatError::invalid(path, format!("UNet config: {reason}")))?;
+    let keys = LdmKeys::new(&plan);
     let floats = dtype.safetensors_name();
     for (name, t) in &m.unet {
-        let key =
-            ldm_unet_key(name, unet_cfg.layers_per_block, &up_attention).ok_or_else(|| {
-                FormatError::invalid(
-                    path,
-                    format!("UNet tensor `{name}` has no place in the original SD 1.x layout"),
-                )
-            })?;
+        let key = keys.ldm_key(name).ok_or_else(|| {
+            FormatError::invalid(
+                path,
+                format!("UNet tensor `{name}` has no place in the original SD 1.x layout"),
+            )
+        })?;
         out.push(Planned {
             key: format!("{UNET_PREFIX}{key}"),
             dtype: floats,
@@ -316,7 +314,7 @@ pub fn write_single_file(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::diffusion::checkpoint::single_file::{unet_name, vae_name};
+    use crate::diffusion::checkpoint::single_file::vae_name;
 
     fn fixtures() -> &'static Path {
         Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures"))
@@ -333,22 +331,13 @@ mod tests {
             .unwrap()
             .with_configs_from(fixtures().join("tiny-sd"))
             .unwrap();
-        let u = &ckpt.unet_config;
-        let up: Vec<bool> = u
-            .up_block_types
-            .iter()
-            .map(|t| t.contains("Attn"))
-            .collect();
+        let keys = LdmKeys::new(&UNetPlan::new(&ckpt.unet_config).unwrap());
         let levels = ckpt.vae_config.block_out_channels.len();
         let mut n = 0;
         for key in file.names() {
             if let Some(k) = key.strip_prefix(UNET_PREFIX) {
-                let name = unet_name(k, u.layers_per_block).unwrap();
-                assert_eq!(
-                    ldm_unet_key(&name, u.layers_per_block, &up).as_deref(),
-                    Some(k),
-                    "{name}"
-                );
+                let name = keys.diffusers_name(k).unwrap();
+                assert_eq!(keys.ldm_key(&name).as_deref(), Some(k), "{name}");
                 n += 1;
             } else if let Some(k) = key.strip_prefix(VAE_PREFIX) {
                 let (name, squeeze) = vae_name(k, levels).unwrap();

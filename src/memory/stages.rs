@@ -119,7 +119,7 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
                     device: device.clone(),
                     batch: p.batch_size,
                     resolution: p.resolution,
-                    estimate: configs.map(|c| {
+                    estimate: configs.and_then(|c| {
                         estimate_pretrain(
                             &c,
                             p.vae_batch_size,
@@ -141,7 +141,7 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
         let estimate = match (configs.as_ref(), resolution) {
             (Err(e), _) => Err(e.clone()),
             (_, None) => Err("no preprocess stage upstream gives the resolution".into()),
-            (Ok(c), Some(r)) => Ok(estimate_train(
+            (Ok(c), Some(r)) => estimate_train(
                 c,
                 &trained_part(p, c),
                 &TrainShape {
@@ -157,7 +157,7 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
                         _ => 4,
                     },
                 },
-            )),
+            ),
         };
         out.push(StageMemory {
             stage: instance.name.clone(),

@@ -7,10 +7,10 @@
 use dfdx::losses::mse_loss;
 use dfdx::prelude::*;
 
-use crate::diffusion::UNet;
+use crate::diffusion::nn::Tensor4;
 use crate::diffusion::nn::elem::{Elem, to_f32_vec};
-use crate::diffusion::nn::{Tensor3, Tensor4};
 use crate::diffusion::schedulers::{Ddpm, SchedulerError};
+use crate::diffusion::{Conditioning, UNet};
 
 /// Why the objective could not give a loss.
 #[derive(Debug, thiserror::Error)]
@@ -29,36 +29,37 @@ pub enum ObjectiveError {
 /// The UNet's prediction `[b, c, h, w]` (in `E`, on the tape `T`) and its f32 target.
 pub type PredictionAndTarget<D, T, E> = (Tensor4<D, T, E>, Tensor4<D>);
 
-/// The UNet's prediction for one batch, on the tape of `context` (none for an evaluation),
-/// and its target in f32: the UNet computes in `E` on the noisy latents converted from f32,
-/// the target is the scheduler's [`Ddpm::training_target`].
+/// The UNet's prediction for one batch, on the tape of the conditioning (none for an
+/// evaluation), and its target in f32: the UNet computes in `E` on the noisy latents converted
+/// from f32, the target is the scheduler's [`Ddpm::training_target`].
 pub fn prediction_and_target<E: Elem, D: Device<f32> + Device<E>, T: Tape<E, D>>(
     unet: &UNet<D, E>,
     ddpm: &Ddpm,
     latents: &Tensor4<D>,
     noise: &Tensor4<D>,
     timesteps: &[usize],
-    context: Tensor3<D, T, E>,
+    conditioning: impl Into<Conditioning<D, T, E>>,
 ) -> Result<PredictionAndTarget<D, T, E>, ObjectiveError> {
     // [b, c, h, w]
     let noisy = ddpm.add_noise(latents, noise, timesteps)?.to_dtype::<E>();
     let target = ddpm.training_target(latents, noise, timesteps)?;
     let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
-    let pred = unet.forward(noisy.retaped::<T>(), &t, context)?;
+    let pred = unet.forward(noisy.retaped::<T>(), &t, conditioning)?;
     Ok((pred, target))
 }
 
-/// The loss of one batch on the tape of `context`, computed in `E`:
-/// `mse(unet(x_t, t, context), target)`.
+/// The loss of one batch on the tape of the conditioning, computed in `E`:
+/// `mse(unet(x_t, t, conditioning), target)`.
 pub fn loss<E: Elem, D: Device<f32> + Device<E>, T: Tape<E, D>>(
     unet: &UNet<D, E>,
     ddpm: &Ddpm,
     latents: &Tensor4<D>,
     noise: &Tensor4<D>,
     timesteps: &[usize],
-    context: Tensor3<D, T, E>,
+    conditioning: impl Into<Conditioning<D, T, E>>,
 ) -> Result<Tensor<(), E, D, T>, ObjectiveError> {
-    let (pred, target) = prediction_and_target(unet, ddpm, latents, noise, timesteps, context)?;
+    let (pred, target) =
+        prediction_and_target(unet, ddpm, latents, noise, timesteps, conditioning)?;
     Ok(mse_loss(pred, target.to_dtype::<E>()))
 }
 
@@ -71,10 +72,10 @@ pub fn loss_and_grads<E: Elem, D: Device<f32> + Device<E>>(
     latents: &Tensor4<D>,
     noise: &Tensor4<D>,
     timesteps: &[usize],
-    context: Tensor3<D, OwnedTape<E, D>, E>,
+    conditioning: impl Into<Conditioning<D, OwnedTape<E, D>, E>>,
     loss_scale: f32,
 ) -> Result<(f32, Gradients<E, D>), ObjectiveError> {
-    let loss = loss(unet, ddpm, latents, noise, timesteps, context)?;
+    let loss = loss(unet, ddpm, latents, noise, timesteps, conditioning)?;
     let value = to_f32_vec(&loss).first().copied().unwrap_or(f32::NAN);
     if !value.is_finite() {
         return Err(ObjectiveError::NonFinite(value));
@@ -95,9 +96,10 @@ pub fn eval_loss<E: Elem, D: Device<f32> + Device<E>>(
     latents: &Tensor4<D>,
     noise: &Tensor4<D>,
     timesteps: &[usize],
-    context: Tensor3<D, NoneTape, E>,
+    conditioning: impl Into<Conditioning<D, NoneTape, E>>,
 ) -> Result<f32, ObjectiveError> {
-    let (pred, target) = prediction_and_target(unet, ddpm, latents, noise, timesteps, context)?;
+    let (pred, target) =
+        prediction_and_target(unet, ddpm, latents, noise, timesteps, conditioning)?;
     let loss = mse_loss(pred.to_dtype::<f32>(), target);
     Ok(loss.as_vec().first().copied().unwrap_or(f32::NAN))
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use crate::diffusion::clip::ClipConfig;
 use crate::diffusion::error::{DiffusionError, Result};
 use crate::diffusion::nn::weights::{SafetensorsFile, WeightStore};
-use crate::diffusion::unet::{PerLevel, UNetConfig};
+use crate::diffusion::unet::{LdmKeys, PerLevel, UNetConfig, UNetPlan};
 use crate::diffusion::vae::VaeConfig;
 
 /// Key prefix of the UNet.
@@ -102,10 +102,14 @@ pub fn open(path: &Path) -> Result<SingleFile> {
             ),
         };
 
-    let layers = unet_config.layers_per_block;
+    let plan = UNetPlan::new(&unet_config).map_err(|reason| DiffusionError::Config {
+        path: path.to_path_buf(),
+        reason: format!("UNet: {reason}"),
+    })?;
+    let ldm_keys = LdmKeys::new(&plan);
     let mut unet = WeightStore::with_files(vec![file.clone()]);
     for key in unet_keys.keys() {
-        if let Some(name) = unet_name(key, layers) {
+        if let Some(name) = ldm_keys.diffusers_name(key) {
             unet.insert(name, 0, format!("{UNET_PREFIX}{key}"), false);
         }
     }
@@ -376,84 +380,6 @@ fn infer_clip(path: &Path, keys: &BTreeMap<String, &Vec<usize>>) -> Result<ClipC
     })
 }
 
-/// `in_layers.0` → `norm1` … inside a UNet ResNet.
-fn unet_resnet_part(rest: &str) -> Option<String> {
-    const MAP: [(&str, &str); 6] = [
-        ("in_layers.0.", "norm1."),
-        ("in_layers.2.", "conv1."),
-        ("out_layers.0.", "norm2."),
-        ("out_layers.3.", "conv2."),
-        ("emb_layers.1.", "time_emb_proj."),
-        ("skip_connection.", "conv_shortcut."),
-    ];
-    MAP.iter()
-        .find_map(|(from, to)| rest.strip_prefix(from).map(|r| format!("{to}{r}")))
-}
-
-/// Splits `"12.1.rest"` into `(12, 1, "rest")`.
-fn two_indices(s: &str) -> Option<(usize, usize, &str)> {
-    let mut it = s.splitn(3, '.');
-    let a = it.next()?.parse().ok()?;
-    let b = it.next()?.parse().ok()?;
-    Some((a, b, it.next()?))
-}
-
-/// The diffusers name of a UNet key (without prefix) for `layers` ResNets per level.
-pub fn unet_name(key: &str, layers: usize) -> Option<String> {
-    let l1 = layers + 1;
-    if let Some(r) = key.strip_prefix("time_embed.0.") {
-        return Some(format!("time_embedding.linear_1.{r}"));
-    }
-    if let Some(r) = key.strip_prefix("time_embed.2.") {
-        return Some(format!("time_embedding.linear_2.{r}"));
-    }
-    if let Some(r) = key.strip_prefix("out.0.") {
-        return Some(format!("conv_norm_out.{r}"));
-    }
-    if let Some(r) = key.strip_prefix("out.2.") {
-        return Some(format!("conv_out.{r}"));
-    }
-    if let Some(r) = key.strip_prefix("input_blocks.0.0.") {
-        return Some(format!("conv_in.{r}"));
-    }
-    if let Some(rest) = key.strip_prefix("input_blocks.") {
-        let (k, m, r) = two_indices(rest)?;
-        let (i, j) = ((k - 1) / l1, (k - 1) % l1);
-        if j == layers {
-            return r
-                .strip_prefix("op.")
-                .map(|r| format!("down_blocks.{i}.downsamplers.0.conv.{r}"));
-        }
-        return match m {
-            0 => unet_resnet_part(r).map(|r| format!("down_blocks.{i}.resnets.{j}.{r}")),
-            1 => Some(format!("down_blocks.{i}.attentions.{j}.{r}")),
-            _ => None,
-        };
-    }
-    if let Some(rest) = key.strip_prefix("middle_block.") {
-        let (m, r) = rest.split_once('.')?;
-        return match m {
-            "0" => unet_resnet_part(r).map(|r| format!("mid_block.resnets.0.{r}")),
-            "1" => Some(format!("mid_block.attentions.0.{r}")),
-            "2" => unet_resnet_part(r).map(|r| format!("mid_block.resnets.1.{r}")),
-            _ => None,
-        };
-    }
-    if let Some(rest) = key.strip_prefix("output_blocks.") {
-        let (k, m, r) = two_indices(rest)?;
-        let (i, j) = (k / l1, k % l1);
-        return match m {
-            0 => unet_resnet_part(r).map(|r| format!("up_blocks.{i}.resnets.{j}.{r}")),
-            // on levels without attention the upsampler is the second module
-            1 if r.starts_with("conv.") => Some(format!("up_blocks.{i}.upsamplers.0.{r}")),
-            1 => Some(format!("up_blocks.{i}.attentions.{j}.{r}")),
-            2 => Some(format!("up_blocks.{i}.upsamplers.0.{r}")),
-            _ => None,
-        };
-    }
-    None
-}
-
 /// The diffusers name of a VAE key (without prefix) for `levels` levels, and whether the file
 /// stores it as a 1x1 conv that diffusers holds as a linear weight.
 pub fn vae_name(key: &str, levels: usize) -> Option<(String, bool)> {
@@ -535,92 +461,10 @@ pub fn vae_name(key: &str, levels: usize) -> Option<(String, bool)> {
     None
 }
 
-/// `norm1` → `in_layers.0` … inside a UNet ResNet (the inverse of `unet_resnet_part`).
-fn ldm_resnet_part(rest: &str) -> Option<String> {
-    const MAP: [(&str, &str); 6] = [
-        ("norm1.", "in_layers.0."),
-        ("conv1.", "in_layers.2."),
-        ("norm2.", "out_layers.0."),
-        ("conv2.", "out_layers.3."),
-        ("time_emb_proj.", "emb_layers.1."),
-        ("conv_shortcut.", "skip_connection."),
-    ];
-    MAP.iter()
-        .find_map(|(from, to)| rest.strip_prefix(from).map(|r| format!("{to}{r}")))
-}
-
 /// Splits `"3.rest"` into `(3, "rest")`.
 fn one_index(s: &str) -> Option<(usize, &str)> {
     let (a, r) = s.split_once('.')?;
     Some((a.parse().ok()?, r))
-}
-
-/// The original (LDM) key, without [`UNET_PREFIX`], of a diffusers UNet tensor name: the inverse
-/// of [`unet_name`]. `layers` is `layers_per_block`; `up_attention[i]` says whether up level `i`
-/// has attention (it decides whether the upsampler is the module `1` or `2` of its output
-/// block). `None` for names outside the SD 1.x layout.
-pub fn ldm_unet_key(name: &str, layers: usize, up_attention: &[bool]) -> Option<String> {
-    let l1 = layers + 1;
-    if let Some(r) = name.strip_prefix("time_embedding.linear_1.") {
-        return Some(format!("time_embed.0.{r}"));
-    }
-    if let Some(r) = name.strip_prefix("time_embedding.linear_2.") {
-        return Some(format!("time_embed.2.{r}"));
-    }
-    if let Some(r) = name.strip_prefix("conv_norm_out.") {
-        return Some(format!("out.0.{r}"));
-    }
-    if let Some(r) = name.strip_prefix("conv_out.") {
-        return Some(format!("out.2.{r}"));
-    }
-    if let Some(r) = name.strip_prefix("conv_in.") {
-        return Some(format!("input_blocks.0.0.{r}"));
-    }
-    if let Some(rest) = name.strip_prefix("down_blocks.") {
-        let (i, rest) = one_index(rest)?;
-        if let Some(r) = rest.strip_prefix("downsamplers.0.conv.") {
-            return Some(format!("input_blocks.{}.0.op.{r}", 1 + i * l1 + layers));
-        }
-        if let Some((j, r)) = rest.strip_prefix("resnets.").and_then(one_index) {
-            return (j < layers)
-                .then(|| ldm_resnet_part(r))
-                .flatten()
-                .map(|r| format!("input_blocks.{}.0.{r}", 1 + i * l1 + j));
-        }
-        if let Some((j, r)) = rest.strip_prefix("attentions.").and_then(one_index) {
-            return (j < layers).then(|| format!("input_blocks.{}.1.{r}", 1 + i * l1 + j));
-        }
-        return None;
-    }
-    if let Some(rest) = name.strip_prefix("mid_block.") {
-        if let Some(r) = rest.strip_prefix("attentions.0.") {
-            return Some(format!("middle_block.1.{r}"));
-        }
-        let (j, r) = rest.strip_prefix("resnets.").and_then(one_index)?;
-        let m = match j {
-            0 => 0,
-            1 => 2,
-            _ => return None,
-        };
-        return ldm_resnet_part(r).map(|r| format!("middle_block.{m}.{r}"));
-    }
-    if let Some(rest) = name.strip_prefix("up_blocks.") {
-        let (i, rest) = one_index(rest)?;
-        if let Some(r) = rest.strip_prefix("upsamplers.0.") {
-            let m = if *up_attention.get(i)? { 2 } else { 1 };
-            return Some(format!("output_blocks.{}.{m}.{r}", i * l1 + layers));
-        }
-        if let Some((j, r)) = rest.strip_prefix("resnets.").and_then(one_index) {
-            return (j < l1)
-                .then(|| ldm_resnet_part(r))
-                .flatten()
-                .map(|r| format!("output_blocks.{}.0.{r}", i * l1 + j));
-        }
-        if let Some((j, r)) = rest.strip_prefix("attentions.").and_then(one_index) {
-            return (j < l1).then(|| format!("output_blocks.{}.1.{r}", i * l1 + j));
-        }
-    }
-    None
 }
 
 /// The original (LDM) key, without [`VAE_PREFIX`], of a diffusers VAE tensor name for `levels`
@@ -763,24 +607,17 @@ mod tests {
             ("out.0.weight", "conv_norm_out.weight"),
             ("out.2.bias", "conv_out.bias"),
         ];
-        // SD 1.5's up levels: no attention on the first (the lowest resolution)
-        let up_attention = [false, true, true, true];
+        let keys = LdmKeys::new(&UNetPlan::new(&UNetConfig::default()).unwrap());
         for (ldm, diffusers) in cases {
-            assert_eq!(unet_name(ldm, 2).as_deref(), Some(diffusers), "{ldm}");
             assert_eq!(
-                ldm_unet_key(diffusers, 2, &up_attention).as_deref(),
-                Some(ldm),
-                "{diffusers}"
+                keys.diffusers_name(ldm).as_deref(),
+                Some(diffusers),
+                "{ldm}"
             );
+            assert_eq!(keys.ldm_key(diffusers).as_deref(), Some(ldm), "{diffusers}");
         }
-        assert_eq!(
-            ldm_unet_key("down_blocks.0.resnets.2.conv1.weight", 2, &up_attention),
-            None
-        );
-        assert_eq!(
-            ldm_unet_key("up_blocks.9.upsamplers.0.conv.weight", 2, &up_attention),
-            None
-        );
+        assert_eq!(keys.ldm_key("down_blocks.0.resnets.2.conv1.weight"), None);
+        assert_eq!(keys.ldm_key("up_blocks.9.upsamplers.0.conv.weight"), None);
     }
 
     /// Every key of SD 1.5's original UNet and VAE (as in `v1-5-pruned-emaonly`), generated
@@ -864,15 +701,11 @@ mod tests {
             }
         }
         assert_eq!(unet.len(), 686, "SD 1.5's UNet has 686 tensors");
-        let up_attention = [false, true, true, true];
+        let keys = LdmKeys::new(&UNetPlan::new(&UNetConfig::default()).unwrap());
         let mut names = BTreeSet::new();
         for key in &unet {
-            let name = unet_name(key, 2).unwrap_or_else(|| panic!("{key} unmapped"));
-            assert_eq!(
-                ldm_unet_key(&name, 2, &up_attention).as_ref(),
-                Some(key),
-                "{name}"
-            );
+            let name = (keys.diffusers_name(key)).unwrap_or_else(|| panic!("{key} unmapped"));
+            assert_eq!(keys.ldm_key(&name).as_ref(), Some(key), "{name}");
             assert!(names.insert(name.clone()), "{name} twice");
         }
 

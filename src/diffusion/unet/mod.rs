@@ -5,219 +5,41 @@
 use dfdx::prelude::*;
 
 use crate::diffusion::nn::elem::{Elem, elems};
-use serde::{Deserialize, Serialize};
+
+mod blocks;
+mod config;
+mod plan;
+
+pub use blocks::{DownBlock, Downsample2D, MidBlock, UpBlock, Upsample2D};
+pub use config::{PerLevel, UNetConfig};
+pub use plan::{LdmKeys, UNetPlan};
 
 use super::error::{DiffusionError, Result};
 use super::nn::weights::Loader;
 use super::nn::{Conv2d, GroupNorm, Linear, Padding2d, Tensor2, Tensor3, Tensor4, silu};
 use super::params::{Layer, Layers, join};
-use super::unet_blocks::{BlockSettings, DownBlock, MidBlock, UpBlock};
 
-/// A config value given once for every level or once per level.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(untagged)]
-pub enum PerLevel {
-    /// The same value on every level.
-    One(usize),
-    /// One value per level (down-block order).
-    Each(Vec<usize>),
-}
-
-impl PerLevel {
-    /// The value of level `i`.
-    pub fn get(&self, i: usize) -> Option<usize> {
-        match self {
-            PerLevel::One(v) => Some(*v),
-            PerLevel::Each(v) => v.get(i).copied(),
-        }
-    }
-}
-
-/// UNet configuration (diffusers `config.json` fields). Defaults are SD 1.5's.
+/// What the UNet is conditioned on besides the timestep. SD 1.x and 2.x condition on text
+/// states only; SDXL's added embeddings (pooled text, size and crop ids) will join here, so
+/// callers build one value and [`UNet::forward`] keeps one signature.
 ///
-/// `attention_head_dim` keeps diffusers' historical meaning: in SD 1.x configs it is the
-/// **number of heads** (8), each of width `channels / 8`; `num_attention_heads`, when set,
-/// takes precedence with the same meaning.
-#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
-pub struct UNetConfig {
-    /// Latent channels in (4).
-    pub in_channels: usize,
-    /// Channels out (4).
-    pub out_channels: usize,
-    /// Width of each level (320, 640, 1280, 1280).
-    pub block_out_channels: Vec<usize>,
-    /// `CrossAttnDownBlock2D` or `DownBlock2D` per level.
-    pub down_block_types: Vec<String>,
-    /// `CrossAttnUpBlock2D` or `UpBlock2D` per level (deepest first).
-    pub up_block_types: Vec<String>,
-    /// ResNets per down level (2); up levels have one more.
-    pub layers_per_block: usize,
-    /// Heads per transformer (8; see the type docs).
-    pub attention_head_dim: PerLevel,
-    /// Heads per transformer when set (overrides `attention_head_dim`).
-    pub num_attention_heads: Option<PerLevel>,
-    /// Width of the text states (768).
-    pub cross_attention_dim: usize,
-    /// GroupNorm groups (32).
-    pub norm_num_groups: usize,
-    /// ResNet/out GroupNorm epsilon (1e-5).
-    pub norm_eps: f64,
-    /// Linear instead of 1x1-conv `proj_in`/`proj_out` (false).
-    pub use_linear_projection: bool,
-    /// Transformer blocks per attention (1).
-    pub transformer_layers_per_block: PerLevel,
-    /// `[cos, sin]` instead of `[sin, cos]` timestep features (true).
-    pub flip_sin_to_cos: bool,
-    /// Frequency shift of the timestep features (0).
-    pub freq_shift: f64,
-    /// Padding of the downsampling convs (1).
-    pub downsample_padding: usize,
-    /// Mid block type (`UNetMidBlock2DCrossAttn`).
-    pub mid_block_type: Option<String>,
-    /// Latent size the model was trained at (64).
-    pub sample_size: usize,
-    /// Activation (`silu`).
-    pub act_fn: String,
-    /// SDXL-style added conditioning (must be absent for SD 1.x).
-    pub addition_embed_type: Option<String>,
-    /// Class conditioning (must be absent).
-    pub class_embed_type: Option<String>,
-    /// Time-embedding variant (`positional`).
-    pub time_embedding_type: String,
-    /// ResNet time conditioning (`default`).
-    pub resnet_time_scale_shift: String,
+/// A bare context tensor converts into it (`unet.forward(x, &t, context)`).
+#[derive(Debug, Clone)]
+pub struct Conditioning<D: Storage<E>, T, E = f32> {
+    /// Text states the cross-attentions attend to: `[b, m, cross_attention_dim]`.
+    pub context: Tensor3<D, T, E>,
 }
 
-impl Default for UNetConfig {
-    fn default() -> Self {
-        Self {
-            in_channels: 4,
-            out_channels: 4,
-            block_out_channels: vec![320, 640, 1280, 1280],
-            down_block_types: vec![
-                "CrossAttnDownBlock2D".into(),
-                "CrossAttnDownBlock2D".into(),
-                "CrossAttnDownBlock2D".into(),
-                "DownBlock2D".into(),
-            ],
-            up_block_types: vec![
-                "UpBlock2D".into(),
-                "CrossAttnUpBlock2D".into(),
-                "CrossAttnUpBlock2D".into(),
-                "CrossAttnUpBlock2D".into(),
-            ],
-            layers_per_block: 2,
-            attention_head_dim: PerLevel::One(8),
-            num_attention_heads: None,
-            cross_attention_dim: 768,
-            norm_num_groups: 32,
-            norm_eps: 1e-5,
-            use_linear_projection: false,
-            transformer_layers_per_block: PerLevel::One(1),
-            flip_sin_to_cos: true,
-            freq_shift: 0.0,
-            downsample_padding: 1,
-            mid_block_type: Some("UNetMidBlock2DCrossAttn".into()),
-            sample_size: 64,
-            act_fn: "silu".into(),
-            addition_embed_type: None,
-            class_embed_type: None,
-            time_embedding_type: "positional".into(),
-            resnet_time_scale_shift: "default".into(),
-        }
+impl<D: Storage<E>, T, E> Conditioning<D, T, E> {
+    /// Conditioning on text states alone.
+    pub fn text(context: Tensor3<D, T, E>) -> Self {
+        Self { context }
     }
 }
 
-impl UNetConfig {
-    /// Heads of the transformers on level `i` (down-block order).
-    pub fn heads(&self, i: usize) -> usize {
-        self.num_attention_heads
-            .as_ref()
-            .unwrap_or(&self.attention_head_dim)
-            .get(i)
-            .unwrap_or(8)
-    }
-
-    /// Whether level `i`'s down block has attention.
-    pub fn down_has_attention(&self, i: usize) -> bool {
-        self.down_block_types
-            .get(i)
-            .is_some_and(|t| t.starts_with("CrossAttn"))
-    }
-
-    /// Checks that the configuration is a UNet this code implements, naming what is not.
-    pub fn validate(&self) -> std::result::Result<(), String> {
-        let n = self.block_out_channels.len();
-        if n == 0 {
-            return Err("block_out_channels is empty".into());
-        }
-        if self.down_block_types.len() != n || self.up_block_types.len() != n {
-            return Err(format!(
-                "{} levels but {} down and {} up block types",
-                n,
-                self.down_block_types.len(),
-                self.up_block_types.len()
-            ));
-        }
-        for t in &self.down_block_types {
-            if t != "CrossAttnDownBlock2D" && t != "DownBlock2D" {
-                return Err(format!("down block type {t} is not supported"));
-            }
-        }
-        for (i, t) in self.up_block_types.iter().enumerate() {
-            let mirrored = self.down_has_attention(n - 1 - i);
-            let expected = if mirrored {
-                "CrossAttnUpBlock2D"
-            } else {
-                "UpBlock2D"
-            };
-            if t != expected {
-                return Err(format!(
-                    "up block {i} is {t}, expected {expected} (mirror of the down blocks)"
-                ));
-            }
-        }
-        if let Some(m) = &self.mid_block_type
-            && m != "UNetMidBlock2DCrossAttn"
-        {
-            return Err(format!("mid block type {m} is not supported"));
-        }
-        if let Some(a) = &self.addition_embed_type {
-            return Err(format!(
-                "addition_embed_type {a} (SDXL-style added conditioning)"
-            ));
-        }
-        if let Some(c) = &self.class_embed_type {
-            return Err(format!("class_embed_type {c}"));
-        }
-        if self.time_embedding_type != "positional" {
-            return Err(format!("time_embedding_type {}", self.time_embedding_type));
-        }
-        if self.resnet_time_scale_shift != "default" {
-            return Err(format!(
-                "resnet_time_scale_shift {}",
-                self.resnet_time_scale_shift
-            ));
-        }
-        if self.act_fn != "silu" {
-            return Err(format!("act_fn {}", self.act_fn));
-        }
-        for (i, &c) in self.block_out_channels.iter().enumerate() {
-            if self.norm_num_groups == 0 || c % self.norm_num_groups != 0 {
-                return Err(format!(
-                    "level {i}: {c} channels are not divisible by norm_num_groups {}",
-                    self.norm_num_groups
-                ));
-            }
-            let h = self.heads(i);
-            if h == 0 || c % h != 0 {
-                return Err(format!(
-                    "level {i}: {c} channels cannot be split into {h} heads"
-                ));
-            }
-        }
-        Ok(())
+impl<D: Storage<E>, T, E> From<Tensor3<D, T, E>> for Conditioning<D, T, E> {
+    fn from(context: Tensor3<D, T, E>) -> Self {
+        Self::text(context)
     }
 }
 
@@ -321,93 +143,36 @@ impl<E: Elem, D: Device<E>> UNet<D, E> {
         widths
     }
 
-    /// Loads the UNet from diffusers names (`conv_in.weight`, `down_blocks.0.resnets.0…`).
+    /// Loads the UNet from diffusers names (`conv_in.weight`, `down_blocks.0.resnets.0…`),
+    /// building each block as [`UNetPlan`] describes it.
     pub fn load(l: &Loader<D, E>, config: &UNetConfig) -> Result<Self> {
-        let c = config;
-        c.validate().map_err(|reason| DiffusionError::Input {
-            model: "UNet",
-            reason: format!("unsupported config: {reason}"),
-        })?;
-        let ch = &c.block_out_channels;
-        let n = ch.len();
-        let c0 = ch[0];
-        let temb = 4 * c0;
-        let settings = |level: usize| BlockSettings {
-            temb_channels: temb,
-            groups: c.norm_num_groups,
-            eps: c.norm_eps,
-            context_dim: c.cross_attention_dim,
-            transformer_layers: c.transformer_layers_per_block.get(level).unwrap_or(1),
-            use_linear_projection: c.use_linear_projection,
-            downsample_padding: c.downsample_padding,
-        };
+        let plan = (config.validate())
+            .and_then(|()| UNetPlan::new(config))
+            .map_err(|reason| DiffusionError::Input {
+                model: "UNet",
+                reason: format!("unsupported config: {reason}"),
+            })?;
+        let (c0, temb) = (plan.base_channels, plan.temb_channels);
         let te = l.pp("time_embedding");
-        let mut down_blocks = Vec::with_capacity(n);
-        for i in 0..n {
-            let input = if i == 0 { c0 } else { ch[i - 1] };
-            down_blocks.push(DownBlock::load(
-                &l.pp("down_blocks").pp(i),
-                &settings(i),
-                input,
-                ch[i],
-                c.layers_per_block,
-                c.down_has_attention(i).then(|| c.heads(i)),
-                i + 1 < n,
-            )?);
-        }
-        let mid_block = MidBlock::load(
-            &l.pp("mid_block"),
-            &settings(n - 1),
-            ch[n - 1],
-            c.heads(n - 1),
-        )?;
-        let mut up_blocks = Vec::with_capacity(n);
-        let mut prev_output = ch[n - 1];
-        for i in 0..n {
-            let level = n - 1 - i;
-            let out = ch[level];
-            let input = ch[level.saturating_sub(1)];
-            up_blocks.push(UpBlock::load(
-                &l.pp("up_blocks").pp(i),
-                &settings(level),
-                input,
-                prev_output,
-                out,
-                c.layers_per_block,
-                c.down_has_attention(level).then(|| c.heads(level)),
-                i + 1 < n,
-            )?);
-            prev_output = out;
-        }
+        let down_blocks = (plan.down.iter().enumerate())
+            .map(|(i, d)| DownBlock::load(&l.pp("down_blocks").pp(i), d))
+            .collect::<Result<Vec<_>>>()?;
+        let up_blocks = (plan.up.iter().enumerate())
+            .map(|(i, u)| UpBlock::load(&l.pp("up_blocks").pp(i), u))
+            .collect::<Result<Vec<_>>>()?;
+        let conv3 = |name: &str, i: usize, o: usize| {
+            Conv2d::load(&l.pp(name), i, o, 3, 1, Padding2d::same(1))
+        };
         Ok(Self {
             time_linear_1: Linear::load(&te.pp("linear_1"), c0, temb, true)?,
             time_linear_2: Linear::load(&te.pp("linear_2"), temb, temb, true)?,
-            conv_in: Conv2d::load(
-                &l.pp("conv_in"),
-                c.in_channels,
-                c0,
-                3,
-                1,
-                Padding2d::same(1),
-            )?,
+            conv_in: conv3("conv_in", plan.in_channels, c0)?,
             down_blocks,
-            mid_block,
+            mid_block: MidBlock::load(&l.pp("mid_block"), &plan.mid)?,
             up_blocks,
-            conv_norm_out: GroupNorm::load(
-                &l.pp("conv_norm_out"),
-                c.norm_num_groups,
-                c0,
-                c.norm_eps,
-            )?,
-            conv_out: Conv2d::load(
-                &l.pp("conv_out"),
-                c0,
-                c.out_channels,
-                3,
-                1,
-                Padding2d::same(1),
-            )?,
-            config: c.clone(),
+            conv_norm_out: GroupNorm::load(&l.pp("conv_norm_out"), plan.groups, c0, plan.eps)?,
+            conv_out: conv3("conv_out", c0, plan.out_channels)?,
+            config: config.clone(),
         })
     }
 
@@ -479,18 +244,20 @@ impl<E: Elem, D: Device<E>> UNet<D, E> {
         out
     }
 
-    /// Predicts the noise: `sample: [b, in, h, w]`, `timesteps`: one per batch item (or one for
-    /// all), `context: [b, m, cross_attention_dim]` -> `[b, out, h, w]`. `h` and `w` must be
-    /// divisible by `2^(levels-1)`.
+    /// Predicts the model output (noise, or `v` for v-prediction models): `sample: [b, in, h,
+    /// w]`, `timesteps`: one per batch item (or one for all), `conditioning`: the text states
+    /// `[b, m, cross_attention_dim]` (a tensor converts) -> `[b, out, h, w]`. `h` and `w` must
+    /// be divisible by `2^(levels-1)`.
     ///
-    /// Gradients flow to `sample` and `context` (and to whatever produced them) when they carry
-    /// a tape; the parameters are constants.
+    /// Gradients flow to `sample` and the conditioning (and to whatever produced them) when
+    /// they carry a tape; the parameters are constants.
     pub fn forward<T: Tape<E, D>>(
         &self,
         sample: Tensor4<D, T, E>,
         timesteps: &[f32],
-        context: Tensor3<D, T, E>,
+        conditioning: impl Into<Conditioning<D, T, E>>,
     ) -> Result<Tensor4<D, T, E>> {
+        let Conditioning { context } = conditioning.into();
         let (b, c, h, w) = *sample.shape();
         let (cb, _, cd) = *context.shape();
         let err = |reason: String| DiffusionError::Input {

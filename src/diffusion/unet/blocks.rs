@@ -5,12 +5,14 @@ use dfdx::prelude::*;
 
 use crate::diffusion::nn::elem::Elem;
 
-use super::attention::{Transformer2D, Transformer2DConfig};
-use super::error::Result;
-use super::nn::weights::Loader;
-use super::nn::{Conv2d, Padding2d, Tensor2, Tensor3, Tensor4, upsample_nearest2x};
-use super::params::{Layer, Layers, join};
-use super::resnet::{ResnetBlock2D, ResnetConfig};
+use crate::diffusion::attention::Transformer2D;
+use crate::diffusion::error::Result;
+use crate::diffusion::nn::weights::Loader;
+use crate::diffusion::nn::{Conv2d, Padding2d, Tensor2, Tensor3, Tensor4, upsample_nearest2x};
+use crate::diffusion::params::{Layer, Layers, join};
+use crate::diffusion::resnet::ResnetBlock2D;
+
+use super::plan::{DownLevel, MidLevel, UpLevel};
 
 /// 3x3 stride-2 conv with padding 1 (`downsamplers.0.conv`).
 #[derive(Debug, Clone)]
@@ -61,50 +63,7 @@ impl<E: Elem, D: Device<E>> Upsample2D<D, E> {
     }
 }
 
-/// Shared settings of the blocks of one UNet.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct BlockSettings {
-    /// Time-embedding width.
-    pub temb_channels: usize,
-    /// GroupNorm groups.
-    pub groups: usize,
-    /// ResNet GroupNorm epsilon.
-    pub eps: f64,
-    /// Text-state width.
-    pub context_dim: usize,
-    /// Transformer blocks per attention.
-    pub transformer_layers: usize,
-    /// Linear instead of 1x1-conv projections in attentions.
-    pub use_linear_projection: bool,
-    /// Downsampler padding.
-    pub downsample_padding: usize,
-}
-
-impl BlockSettings {
-    fn resnet(&self, i: usize, o: usize) -> ResnetConfig {
-        ResnetConfig {
-            in_channels: i,
-            out_channels: o,
-            temb_channels: Some(self.temb_channels),
-            groups: self.groups,
-            eps: self.eps,
-        }
-    }
-
-    fn transformer(&self, channels: usize, heads: usize) -> Transformer2DConfig {
-        Transformer2DConfig {
-            in_channels: channels,
-            heads,
-            head_dim: channels / heads.max(1),
-            context_dim: self.context_dim,
-            layers: self.transformer_layers,
-            groups: self.groups,
-            use_linear_projection: self.use_linear_projection,
-        }
-    }
-}
-
-/// A down block: `layers` ResNets (each followed by a transformer when `heads` is set), then
+/// A down block: ResNets (each followed by a transformer on cross-attention levels), then
 /// an optional downsampler. Returns its output and the skip states it produced.
 #[derive(Debug, Clone)]
 pub struct DownBlock<D: Storage<E>, E = f32> {
@@ -117,40 +76,21 @@ pub struct DownBlock<D: Storage<E>, E = f32> {
 }
 
 impl<E: Elem, D: Device<E>> DownBlock<D, E> {
-    /// Loads `down_blocks.i`.
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        l: &Loader<D, E>,
-        s: &BlockSettings,
-        in_channels: usize,
-        out_channels: usize,
-        layers: usize,
-        heads: Option<usize>,
-        add_downsample: bool,
-    ) -> Result<Self> {
-        let mut resnets = Vec::with_capacity(layers);
-        let mut attentions = Vec::new();
-        for j in 0..layers {
-            let i = if j == 0 { in_channels } else { out_channels };
-            resnets.push(ResnetBlock2D::load(
-                &l.pp("resnets").pp(j),
-                &s.resnet(i, out_channels),
-            )?);
-            if let Some(h) = heads {
-                attentions.push(Transformer2D::load(
-                    &l.pp("attentions").pp(j),
-                    &s.transformer(out_channels, h),
-                )?);
-            }
-        }
-        let downsampler = if add_downsample {
-            Some(Downsample2D::load(
+    /// Loads `down_blocks.i` as its plan describes it.
+    pub fn load(l: &Loader<D, E>, plan: &DownLevel) -> Result<Self> {
+        let resnets = (plan.resnets.iter().enumerate())
+            .map(|(j, c)| ResnetBlock2D::load(&l.pp("resnets").pp(j), c))
+            .collect::<Result<Vec<_>>>()?;
+        let attentions = (plan.attentions.iter().enumerate())
+            .map(|(j, c)| Transformer2D::load(&l.pp("attentions").pp(j), c))
+            .collect::<Result<Vec<_>>>()?;
+        let downsampler = match plan.downsample_padding {
+            Some(padding) => Some(Downsample2D::load(
                 &l.pp("downsamplers").pp(0),
-                out_channels,
-                s.downsample_padding,
-            )?)
-        } else {
-            None
+                plan.channels,
+                padding,
+            )?),
+            None => None,
         };
         Ok(Self {
             resnets,
@@ -194,20 +134,13 @@ pub struct MidBlock<D: Storage<E>, E = f32> {
 }
 
 impl<E: Elem, D: Device<E>> MidBlock<D, E> {
-    /// Loads `mid_block`.
-    pub fn load(
-        l: &Loader<D, E>,
-        s: &BlockSettings,
-        channels: usize,
-        heads: usize,
-    ) -> Result<Self> {
+    /// Loads `mid_block` as its plan describes it.
+    pub fn load(l: &Loader<D, E>, plan: &MidLevel) -> Result<Self> {
+        let [r0, r1] = &plan.resnets;
         Ok(Self {
-            resnet0: ResnetBlock2D::load(&l.pp("resnets").pp(0), &s.resnet(channels, channels))?,
-            attention: Transformer2D::load(
-                &l.pp("attentions").pp(0),
-                &s.transformer(channels, heads),
-            )?,
-            resnet1: ResnetBlock2D::load(&l.pp("resnets").pp(1), &s.resnet(channels, channels))?,
+            resnet0: ResnetBlock2D::load(&l.pp("resnets").pp(0), r0)?,
+            attention: Transformer2D::load(&l.pp("attentions").pp(0), &plan.attention)?,
+            resnet1: ResnetBlock2D::load(&l.pp("resnets").pp(1), r1)?,
         })
     }
 
@@ -224,8 +157,8 @@ impl<E: Elem, D: Device<E>> MidBlock<D, E> {
     }
 }
 
-/// An up block: `layers + 1` ResNets, each on the concatenation of the running state and a
-/// skip state (each followed by a transformer when `heads` is set), then an optional upsampler.
+/// An up block: ResNets, each on the concatenation of the running state and a skip state (each
+/// followed by a transformer on cross-attention levels), then an optional upsampler.
 #[derive(Debug, Clone)]
 pub struct UpBlock<D: Storage<E>, E = f32> {
     /// ResNets.
@@ -237,46 +170,16 @@ pub struct UpBlock<D: Storage<E>, E = f32> {
 }
 
 impl<E: Elem, D: Device<E>> UpBlock<D, E> {
-    /// Loads `up_blocks.i` (diffusers' channel rule: ResNet `j` takes `prev_output_channels`
-    /// (first) or `out_channels`, plus the skip: `in_channels` for the last, else
-    /// `out_channels`).
-    #[allow(clippy::too_many_arguments)]
-    pub fn load(
-        l: &Loader<D, E>,
-        s: &BlockSettings,
-        in_channels: usize,
-        prev_output_channels: usize,
-        out_channels: usize,
-        layers: usize,
-        heads: Option<usize>,
-        add_upsample: bool,
-    ) -> Result<Self> {
-        let mut resnets = Vec::with_capacity(layers + 1);
-        let mut attentions = Vec::new();
-        for j in 0..=layers {
-            let skip = if j == layers {
-                in_channels
-            } else {
-                out_channels
-            };
-            let input = if j == 0 {
-                prev_output_channels
-            } else {
-                out_channels
-            };
-            resnets.push(ResnetBlock2D::load(
-                &l.pp("resnets").pp(j),
-                &s.resnet(input + skip, out_channels),
-            )?);
-            if let Some(h) = heads {
-                attentions.push(Transformer2D::load(
-                    &l.pp("attentions").pp(j),
-                    &s.transformer(out_channels, h),
-                )?);
-            }
-        }
-        let upsampler = if add_upsample {
-            Some(Upsample2D::load(&l.pp("upsamplers").pp(0), out_channels)?)
+    /// Loads `up_blocks.i` as its plan describes it.
+    pub fn load(l: &Loader<D, E>, plan: &UpLevel) -> Result<Self> {
+        let resnets = (plan.resnets.iter().enumerate())
+            .map(|(j, c)| ResnetBlock2D::load(&l.pp("resnets").pp(j), c))
+            .collect::<Result<Vec<_>>>()?;
+        let attentions = (plan.attentions.iter().enumerate())
+            .map(|(j, c)| Transformer2D::load(&l.pp("attentions").pp(j), c))
+            .collect::<Result<Vec<_>>>()?;
+        let upsampler = if plan.upsample {
+            Some(Upsample2D::load(&l.pp("upsamplers").pp(0), plan.channels)?)
         } else {
             None
         };
