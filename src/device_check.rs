@@ -284,6 +284,7 @@ pub fn op_outputs<D: Device<f32>>(dev: &D) -> Vec<Output> {
             bias: Some(t1(dev, seed + 1, 16, 1.0)),
             stride,
             padding: Padding2d::same(1),
+            lora: None,
             trainable: false,
         };
         let x = t4(dev, seed + 2, (2, 8, 12, 10), 1.0);
@@ -296,6 +297,7 @@ pub fn op_outputs<D: Device<f32>>(dev: &D) -> Vec<Output> {
         bias: None,
         stride: 1,
         padding: Padding2d::same(0),
+        lora: None,
         trainable: false,
     };
     out.push(

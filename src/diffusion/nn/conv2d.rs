@@ -11,7 +11,7 @@
 
 use dfdx::prelude::*;
 
-use super::elem::Elem;
+use super::elem::{Elem, lit};
 use super::host::{BackwardP, flat, host_op_params, host_vec, sgemm, sum_f32};
 use super::ops::concat_many;
 use super::weights::Loader;
@@ -54,8 +54,28 @@ pub struct Conv2d<D: Storage<E>, E = f32> {
     pub stride: usize,
     /// Zero padding.
     pub padding: Padding2d,
+    /// A low-rank adapter added to the output (LoCon; the weight stays untouched).
+    pub lora: Option<ConvLoraAdapter<D, E>>,
     /// Whether the weight and bias get gradients under a tape (full fine-tuning).
     pub trainable: bool,
+}
+
+/// A LoRA pair on a [`Conv2d`] as kohya's LoCon and LyCORIS build it: `down` is a convolution
+/// with the layer's kernel, stride and padding into `r` channels (`[r, c_in, kh, kw]`, kohya's
+/// `lora_down`), `up` a 1×1 convolution back (`[c_out, r, 1, 1]`, `lora_up`), their output
+/// scaled by `multiplier · alpha / r` and added to the layer's. Merged, it adds
+/// `scale · up · down` to the weight.
+///
+/// The tensors carry no tape; [`Conv2d::forward`] puts them on the activation's, so a backward
+/// pass yields their gradients under their own ids (`grads.get(&adapter.down)`).
+#[derive(Debug, Clone)]
+pub struct ConvLoraAdapter<D: Storage<E>, E = f32> {
+    /// `[r, c_in, kh, kw]`
+    pub down: Tensor4<D, NoneTape, E>,
+    /// `[c_out, r, 1, 1]`
+    pub up: Tensor4<D, NoneTape, E>,
+    /// `multiplier · alpha / r`.
+    pub scale: f32,
 }
 
 impl<E: Elem, D: Device<E>> Conv2d<D, E> {
@@ -73,6 +93,7 @@ impl<E: Elem, D: Device<E>> Conv2d<D, E> {
             bias: Some(l.tensor1("bias", c_out)?),
             stride,
             padding,
+            lora: None,
             trainable: false,
         })
     }
@@ -84,7 +105,8 @@ impl<E: Elem, D: Device<E>> Conv2d<D, E> {
 
     /// `[b, c_in, h, w] -> [b, c_out, ho, wo]`
     pub fn forward<T: Tape<E, D>>(&self, x: Tensor4<D, T, E>) -> Tensor4<D, T, E> {
-        conv2d_with(
+        let lora_input = self.lora.as_ref().map(|_| x.retaped::<T>());
+        let y = conv2d_with(
             x,
             &self.weight,
             self.bias.as_ref(),
@@ -93,7 +115,21 @@ impl<E: Elem, D: Device<E>> Conv2d<D, E> {
             true,
             MAX_COLS_ELEMENTS,
             self.trainable && T::OWNS_TAPE,
-        )
+        );
+        match (&self.lora, lora_input) {
+            (Some(lora), Some(x)) => {
+                // the adapter's tensors join the tape when there is one (they train)
+                let train = T::OWNS_TAPE;
+                let conv = |x, w, stride, padding| {
+                    conv2d_with(x, w, None, stride, padding, true, MAX_COLS_ELEMENTS, train)
+                };
+                // [b, c_in, h, w] -> [b, r, ho, wo] -> [b, c_out, ho, wo]
+                let z = conv(x, &lora.down, self.stride, self.padding);
+                let z = conv(z, &lora.up, 1, Padding2d::default());
+                y + z * lit::<E>(lora.scale)
+            }
+            _ => y,
+        }
     }
 }
 
@@ -517,6 +553,100 @@ fn im2col<E: Elem, D: Device<E>, T: Tape<E, D>>(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A LoCon adapter gives what its merged weight `W + scale · up · down` gives, and its
+    /// `down` and `up` get the gradients a finite difference measures (the loss is linear in
+    /// each, so the difference is exact up to rounding), at stride 1 and 2.
+    #[test]
+    fn lora_adapter_is_its_merged_weight_and_trains() {
+        let dev = Cpu::default();
+        let v = |n: usize, k: f32| {
+            (0..n)
+                .map(|i| (i as f32 * k).sin() * 0.5)
+                .collect::<Vec<_>>()
+        };
+        let (b, ci, co, r, h, w) = (2, 3, 5, 2, 7, 6);
+        let k = ci * 9;
+        let weight: Tensor4<Cpu> = dev.tensor_from_vec(v(co * k, 0.37), (co, ci, 3, 3));
+        let bias: Tensor1<Cpu> = dev.tensor_from_vec(v(co, 1.3), (co,));
+        let (dv, uv) = (v(r * k, 0.71), v(co * r, 0.53));
+        let scale = 0.75;
+        let x: Tensor4<Cpu> = dev.tensor_from_vec(v(b * ci * h * w, 0.19), (b, ci, h, w));
+        for stride in [1, 2] {
+            let with = |down: Vec<f32>, up: Vec<f32>| Conv2d {
+                weight: weight.clone(),
+                bias: Some(bias.clone()),
+                stride,
+                padding: Padding2d::same(1),
+                lora: Some(ConvLoraAdapter {
+                    down: dev.tensor_from_vec(down, (r, ci, 3, 3)),
+                    up: dev.tensor_from_vec(up, (co, r, 1, 1)),
+                    scale,
+                }),
+                trainable: false,
+            };
+            let layer = with(dv.clone(), uv.clone());
+            let mut merged_w = weight.as_vec();
+            for o in 0..co {
+                for j in 0..k {
+                    merged_w[o * k + j] +=
+                        scale * (0..r).map(|q| uv[o * r + q] * dv[q * k + j]).sum::<f32>();
+                }
+            }
+            let merged = Conv2d {
+                weight: dev.tensor_from_vec(merged_w, (co, ci, 3, 3)),
+                lora: None,
+                ..layer.clone()
+            };
+            let y = layer.forward(x.clone());
+            let shape = *y.shape();
+            let (a, m) = (y.as_vec(), merged.forward(x.clone()).as_vec());
+            let diff = a
+                .iter()
+                .zip(&m)
+                .map(|(a, m)| (a - m).abs())
+                .fold(0f32, f32::max);
+            assert!(
+                diff < 1e-5,
+                "stride {stride}: adapter vs merged differ by {diff}"
+            );
+
+            let rv = v(a.len(), 0.23);
+            let loss = |l: &Conv2d<Cpu>| -> f64 {
+                let y = l.forward(x.clone()).as_vec();
+                y.iter().zip(&rv).map(|(y, r)| (y * r) as f64).sum()
+            };
+            let weights: Tensor4<Cpu> = dev.tensor_from_vec(rv.clone(), shape);
+            let grads = (layer.forward(x.leaky_trace()) * weights).sum().backward();
+            let adapter = layer.lora.as_ref().unwrap();
+            let (gd, gu) = (
+                grads.get(&adapter.down).as_vec(),
+                grads.get(&adapter.up).as_vec(),
+            );
+            let base = loss(&layer);
+            let step = 1e-2f32;
+            for idx in [0, 7, r * k - 1] {
+                let mut d = dv.clone();
+                d[idx] += step;
+                let fd = (loss(&with(d, uv.clone())) - base) / step as f64;
+                assert!(
+                    (fd - gd[idx] as f64).abs() < 2e-3,
+                    "down[{idx}]: {fd} vs {}",
+                    gd[idx]
+                );
+            }
+            for idx in [0, co * r - 1] {
+                let mut u = uv.clone();
+                u[idx] += step;
+                let fd = (loss(&with(dv.clone(), u)) - base) / step as f64;
+                assert!(
+                    (fd - gu[idx] as f64).abs() < 2e-3,
+                    "up[{idx}]: {fd} vs {}",
+                    gu[idx]
+                );
+            }
+        }
+    }
 
     /// Direct (loop) convolution, the reference.
     #[allow(clippy::too_many_arguments)]

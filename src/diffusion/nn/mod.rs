@@ -29,7 +29,7 @@ pub mod weights;
 pub use attention::{
     DEFAULT_ATTENTION_CHUNK, merge_heads, scaled_dot_product_attention, split_heads,
 };
-pub use conv2d::{Conv2d, Padding2d};
+pub use conv2d::{Conv2d, ConvLoraAdapter, Padding2d};
 pub use elem::{Elem, Half, lit};
 pub use host::with_generic_kernels;
 pub use linear::{Linear, LoraAdapter};

@@ -14,10 +14,12 @@ pub use blocks::{DownBlock, Downsample2D, MidBlock, UpBlock, Upsample2D};
 pub use config::{PerLevel, UNetConfig};
 pub use plan::{LdmKeys, UNetPlan};
 
+use super::attention::{CrossAttention, Transformer2D};
 use super::error::{DiffusionError, Result};
 use super::nn::weights::Loader;
 use super::nn::{Conv2d, GroupNorm, Linear, Padding2d, Tensor2, Tensor3, Tensor4, silu};
 use super::params::{Layer, Layers, join};
+use super::resnet::ResnetBlock2D;
 
 /// What the UNet is conditioned on besides the timestep. SD 1.x and 2.x condition on text
 /// states only; SDXL's added embeddings (pooled text, size and crop ids) will join here, so
@@ -67,69 +69,57 @@ pub struct UNet<D: Storage<E>, E = f32> {
 }
 
 impl<E: Elem, D: Device<E>> UNet<D, E> {
-    /// Calls `f` with the diffusers module path and the layer of every attention projection,
-    /// in module order: `…transformer_blocks.K.attn1.to_q`, `to_k`, `to_v`, `to_out.0`, then
-    /// the same for `attn2` (the modules LoRA targets by default).
-    pub fn for_each_attention_linear_mut(&mut self, mut f: impl FnMut(&str, &mut Linear<D, E>)) {
-        let mut visit = |prefix: String, t: &mut super::attention::Transformer2D<D, E>| {
-            for (k, block) in t.transformer_blocks.iter_mut().enumerate() {
-                for (name, attn) in [("attn1", &mut block.attn1), ("attn2", &mut block.attn2)] {
-                    let base = format!("{prefix}.transformer_blocks.{k}.{name}");
-                    f(&format!("{base}.to_q"), &mut attn.to_q);
-                    f(&format!("{base}.to_k"), &mut attn.to_k);
-                    f(&format!("{base}.to_v"), &mut attn.to_v);
-                    f(&format!("{base}.to_out.0"), &mut attn.to_out);
-                }
-            }
-        };
-        for (i, block) in self.down_blocks.iter_mut().enumerate() {
-            for (j, t) in block.attentions.iter_mut().enumerate() {
-                visit(format!("down_blocks.{i}.attentions.{j}"), t);
-            }
-        }
-        visit(
+    /// Every transformer with its diffusers module path (`down_blocks.0.attentions.1`,
+    /// `mid_block.attentions.0`, …), in module order: the one walk over the UNet's attention
+    /// sites that the methods below build on.
+    pub fn transformers_mut(&mut self) -> Vec<(String, &mut Transformer2D<D, E>)> {
+        let down = (self.down_blocks.iter_mut().enumerate()).flat_map(|(i, b)| {
+            (b.attentions.iter_mut().enumerate())
+                .map(move |(j, t)| (format!("down_blocks.{i}.attentions.{j}"), t))
+        });
+        let mid = std::iter::once((
             "mid_block.attentions.0".to_string(),
             &mut self.mid_block.attention,
-        );
-        for (i, block) in self.up_blocks.iter_mut().enumerate() {
-            for (j, t) in block.attentions.iter_mut().enumerate() {
-                visit(format!("up_blocks.{i}.attentions.{j}"), t);
-            }
-        }
+        ));
+        let up = (self.up_blocks.iter_mut().enumerate()).flat_map(|(i, b)| {
+            (b.attentions.iter_mut().enumerate())
+                .map(move |(j, t)| (format!("up_blocks.{i}.attentions.{j}"), t))
+        });
+        down.chain(mid).chain(up).collect()
+    }
+
+    /// Every ResNet, in module order.
+    pub fn resnets_mut(&mut self) -> Vec<&mut ResnetBlock2D<D, E>> {
+        let mid = &mut self.mid_block;
+        (self.down_blocks.iter_mut())
+            .flat_map(|b| b.resnets.iter_mut())
+            .chain([&mut mid.resnet0, &mut mid.resnet1])
+            .chain(self.up_blocks.iter_mut().flat_map(|b| b.resnets.iter_mut()))
+            .collect()
     }
 
     /// Calls `f` with the diffusers module path (`…transformer_blocks.K.attn1`, `…attn2`) and
     /// the layer of every attention, in module order.
-    pub fn for_each_attention_mut(
-        &mut self,
-        mut f: impl FnMut(&str, &mut super::attention::CrossAttention<D, E>),
-    ) {
-        let mut visit = |prefix: String, t: &mut super::attention::Transformer2D<D, E>| {
+    pub fn for_each_attention_mut(&mut self, mut f: impl FnMut(&str, &mut CrossAttention<D, E>)) {
+        for (prefix, t) in self.transformers_mut() {
             for (k, block) in t.transformer_blocks.iter_mut().enumerate() {
-                f(
-                    &format!("{prefix}.transformer_blocks.{k}.attn1"),
-                    &mut block.attn1,
-                );
-                f(
-                    &format!("{prefix}.transformer_blocks.{k}.attn2"),
-                    &mut block.attn2,
-                );
-            }
-        };
-        for (i, block) in self.down_blocks.iter_mut().enumerate() {
-            for (j, t) in block.attentions.iter_mut().enumerate() {
-                visit(format!("down_blocks.{i}.attentions.{j}"), t);
+                let base = format!("{prefix}.transformer_blocks.{k}");
+                f(&format!("{base}.attn1"), &mut block.attn1);
+                f(&format!("{base}.attn2"), &mut block.attn2);
             }
         }
-        visit(
-            "mid_block.attentions.0".to_string(),
-            &mut self.mid_block.attention,
-        );
-        for (i, block) in self.up_blocks.iter_mut().enumerate() {
-            for (j, t) in block.attentions.iter_mut().enumerate() {
-                visit(format!("up_blocks.{i}.attentions.{j}"), t);
-            }
-        }
+    }
+
+    /// Calls `f` with the diffusers module path and the layer of every attention projection,
+    /// in module order: `…transformer_blocks.K.attn1.to_q`, `to_k`, `to_v`, `to_out.0`, then
+    /// the same for `attn2` (the modules LoRA targets by default).
+    pub fn for_each_attention_linear_mut(&mut self, mut f: impl FnMut(&str, &mut Linear<D, E>)) {
+        self.for_each_attention_mut(|base, attn| {
+            f(&format!("{base}.to_q"), &mut attn.to_q);
+            f(&format!("{base}.to_k"), &mut attn.to_k);
+            f(&format!("{base}.to_v"), &mut attn.to_v);
+            f(&format!("{base}.to_out.0"), &mut attn.to_out);
+        });
     }
 
     /// The context widths the attentions of this UNet see (the width of `to_k`'s input): the
@@ -179,16 +169,8 @@ impl<E: Elem, D: Device<E>> UNet<D, E> {
     /// Sets the number of queries per attention chunk in every transformer (default
     /// [`super::nn::DEFAULT_ATTENTION_CHUNK`]); smaller bounds memory, larger is faster.
     pub fn set_attention_chunk(&mut self, chunk: usize) {
-        for b in &mut self.down_blocks {
-            b.attentions
-                .iter_mut()
-                .for_each(|a| a.set_attention_chunk(chunk));
-        }
-        self.mid_block.attention.set_attention_chunk(chunk);
-        for b in &mut self.up_blocks {
-            b.attentions
-                .iter_mut()
-                .for_each(|a| a.set_attention_chunk(chunk));
+        for (_, t) in self.transformers_mut() {
+            t.set_attention_chunk(chunk);
         }
     }
 
@@ -197,25 +179,12 @@ impl<E: Elem, D: Device<E>> UNet<D, E> {
     /// between the passes, one more forward pass of each block; see
     /// [`super::recompute`]). No effect without a tape.
     pub fn set_gradient_checkpointing(&mut self, on: bool) {
-        let mid = &mut self.mid_block;
-        let resnets = self
-            .down_blocks
-            .iter_mut()
-            .flat_map(|b| b.resnets.iter_mut())
-            .chain([&mut mid.resnet0, &mut mid.resnet1])
-            .chain(self.up_blocks.iter_mut().flat_map(|b| b.resnets.iter_mut()));
-        resnets.for_each(|r| r.checkpoint = on);
-        let attentions = self
-            .down_blocks
-            .iter_mut()
-            .flat_map(|b| b.attentions.iter_mut())
-            .chain([&mut mid.attention])
-            .chain(
-                self.up_blocks
-                    .iter_mut()
-                    .flat_map(|b| b.attentions.iter_mut()),
-            );
-        attentions.for_each(|a| a.checkpoint = on);
+        self.resnets_mut()
+            .into_iter()
+            .for_each(|r| r.checkpoint = on);
+        for (_, t) in self.transformers_mut() {
+            t.checkpoint = on;
+        }
     }
 
     /// Sinusoidal timestep features `[b, c0]` computed as diffusers' `get_timestep_embedding`
