@@ -110,6 +110,10 @@ pub fn trainable_params<E: Elem, D: Device<E>>(
                 out.push(flat_view(&l.weight));
                 out.extend(l.bias.as_ref().map(flat_view));
             }
+            if let Some(a) = &l.lora {
+                out.push(flat_view(&a.down));
+                out.push(flat_view(&a.up));
+            }
         }
         Layer::GroupNorm(l) => {
             if l.trainable {

@@ -284,31 +284,14 @@ pub fn clip_params(c: &ClipConfig) -> u64 {
         + 2 * d as u64
 }
 
-/// Parameters of rank-`rank` LoRA adapters on the UNet's attention projections ending with one
-/// of `targets`.
+/// Parameters of rank-`rank` LoRA adapters on the UNet's linear and convolution layers whose
+/// path ends with one of `targets` (`to_q`, `attn2.to_k`, `ff.net.2`, `conv1`…):
+/// `rank · (out + in·kh·kw)` each.
 pub fn unet_lora_params(plan: &UNetPlan, rank: usize, targets: &[String]) -> u64 {
-    let wants = |name: &str| targets.iter().any(|t| t == name);
-    let per_block = |w: usize, ctx: usize| -> u64 {
-        let mut n = 0;
-        // (name, in, out) of attn1 then attn2
-        for (name, i, o) in [
-            ("to_q", w, w),
-            ("to_k", w, w),
-            ("to_v", w, w),
-            ("to_out.0", w, w),
-            ("to_q", w, w),
-            ("to_k", ctx, w),
-            ("to_v", ctx, w),
-            ("to_out.0", w, w),
-        ] {
-            if wants(name) {
-                n += (rank * (i + o)) as u64;
-            }
-        }
-        n
-    };
-    (plan.transformers().iter())
-        .map(|(_, t)| t.layers as u64 * per_block(t.in_channels, t.context_dim))
+    let wanted = |name: &str| targets.iter().any(|t| name.ends_with(&format!(".{t}")));
+    (plan.weight_shapes().iter())
+        .filter(|(name, _)| wanted(name))
+        .map(|(_, shape)| (rank * (shape[0] + shape[1..].iter().product::<usize>())) as u64)
         .sum()
 }
 
@@ -768,18 +751,23 @@ mod tests {
         );
         assert_eq!(vae_params(&c.vae), count_params(&mut vae) as u64);
         assert_eq!(clip_params(&c.text_encoder), count_params(&mut te) as u64);
-        let targets: Vec<String> = ["to_q", "to_k", "to_v", "to_out.0"]
+        // the plan's layers are the model's, shape for shape
+        let plan = UNetPlan::new(&c.unet).unwrap();
+        let mut shapes = crate::train::lora::lora_modules(&mut unet);
+        let mut planned = plan.weight_shapes();
+        shapes.sort();
+        planned.sort();
+        assert_eq!(planned, shapes);
+        let targets: Vec<String> = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "ff.net.2"]
             .map(String::from)
             .to_vec();
         let mut lora = 0u64;
-        unet.for_each_attention_linear_mut(|_, l| {
-            let (o, i) = *l.weight.shape();
-            lora += (3 * (o + i)) as u64;
-        });
-        assert_eq!(
-            unet_lora_params(&UNetPlan::new(&c.unet).unwrap(), 3, &targets),
-            lora
-        );
+        for (name, shape) in &shapes {
+            if targets.iter().any(|t| name.ends_with(&format!(".{t}"))) {
+                lora += (3 * (shape[0] + shape[1..].iter().product::<usize>())) as u64;
+            }
+        }
+        assert_eq!(unet_lora_params(&plan, 3, &targets), lora);
     }
 
     #[test]

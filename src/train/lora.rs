@@ -12,28 +12,180 @@ use thiserror::Error;
 
 use super::objective;
 use super::optim::{AdamW, OptimError};
-use crate::diffusion::nn::{Linear, LoraAdapter, Tensor3, Tensor4};
+use crate::diffusion::nn::{Conv2d, ConvLoraAdapter, Linear, LoraAdapter, Tensor3, Tensor4};
+use crate::diffusion::params::{Layer, Layers};
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::HostTensor;
 use crate::formats::lora::{LoraComponent, LoraModule, LoraNetwork};
 
-/// A model whose linear layers LoRA can adapt, walked by module path.
+/// A layer LoRA can adapt: a linear layer (the classic LoRA) or a convolution (LoCon), each
+/// carrying its optional adapter.
+pub enum Adaptable<'a, D: Storage<E>, E = f32> {
+    /// `[out, in]` weight, [`LoraAdapter`].
+    Linear(&'a mut Linear<D, E>),
+    /// `[out, in, kh, kw]` weight, [`ConvLoraAdapter`].
+    Conv(&'a mut Conv2d<D, E>),
+}
+
+impl<E: Elem, D: Device<E>> Adaptable<'_, D, E> {
+    /// The layer's weight shape: `[out, in]` or `[out, in, kh, kw]` (what a [`LoraModule`]
+    /// for it must fit).
+    pub fn weight_shape(&self) -> Vec<usize> {
+        match self {
+            Adaptable::Linear(l) => l.weight.shape().concrete().to_vec(),
+            Adaptable::Conv(c) => c.weight.shape().concrete().to_vec(),
+        }
+    }
+
+    /// Whether an adapter is installed.
+    pub fn has_adapter(&self) -> bool {
+        match self {
+            Adaptable::Linear(l) => l.lora.is_some(),
+            Adaptable::Conv(c) => c.lora.is_some(),
+        }
+    }
+
+    /// Removes the adapter.
+    pub fn remove_adapter(&mut self) {
+        match self {
+            Adaptable::Linear(l) => l.lora = None,
+            Adaptable::Conv(c) => c.lora = None,
+        }
+    }
+
+    /// Installs `module` as the adapter, its output scaled by `scale`; why not when it does
+    /// not fit the layer.
+    fn install(&mut self, module: &LoraModule, scale: f32, dev: &D) -> Result<(), String> {
+        let shape = self.weight_shape();
+        let misfit = || {
+            format!(
+                "down {:?} / up {:?} do not fit a {shape:?} layer",
+                module.down.shape, module.up.shape
+            )
+        };
+        if module.weight_shape() != shape || module.up.shape.len() != 2 {
+            return Err(misfit());
+        }
+        match self {
+            Adaptable::Linear(l) => {
+                let down = module.down.to_tensor_as::<(usize, usize), E, D>(dev);
+                let up = module.up.to_tensor_as::<(usize, usize), E, D>(dev);
+                let (Some(down), Some(up)) = (down, up) else {
+                    return Err(misfit());
+                };
+                l.lora = Some(LoraAdapter {
+                    down,
+                    up,
+                    scale,
+                    dropout: 0.0,
+                    dropout_seed: 0,
+                });
+            }
+            Adaptable::Conv(c) => {
+                let down = module.down.to_tensor_as::<Shape4, E, D>(dev);
+                let up = as_1x1(module.up.clone()).to_tensor_as::<Shape4, E, D>(dev);
+                let (Some(down), Some(up)) = (down, up) else {
+                    return Err(misfit());
+                };
+                c.lora = Some(ConvLoraAdapter { down, up, scale });
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds `module`'s update at `multiplier` to the weight; why not when it does not fit.
+    fn merge(&mut self, module: &LoraModule, multiplier: f32) -> Result<(), String> {
+        match self {
+            Adaptable::Linear(l) => {
+                let mut weight = HostTensor::from_tensor(&l.weight);
+                module.merge_into(&mut weight, multiplier)?;
+                let dev = l.weight.device().clone();
+                if let Some(w) = weight.to_tensor_as::<(usize, usize), E, D>(&dev) {
+                    l.weight = w;
+                }
+            }
+            Adaptable::Conv(c) => {
+                let mut weight = HostTensor::from_tensor(&c.weight);
+                module.merge_into(&mut weight, multiplier)?;
+                let dev = c.weight.device().clone();
+                if let Some(w) = weight.to_tensor_as::<Shape4, E, D>(&dev) {
+                    c.weight = w;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The adapter's `(down, up)` as a [`LoraModule`] holds them (a conv's `up` as `[out, r]`).
+    fn adapter_tensors(&self) -> Option<(HostTensor, HostTensor)> {
+        match self {
+            Adaptable::Linear(l) => (l.lora.as_ref()).map(|a| {
+                (
+                    HostTensor::from_tensor(&a.down),
+                    HostTensor::from_tensor(&a.up),
+                )
+            }),
+            Adaptable::Conv(c) => c.lora.as_ref().map(|a| {
+                let up = as_matrix(HostTensor::from_tensor(&a.up));
+                (HostTensor::from_tensor(&a.down), up)
+            }),
+        }
+    }
+
+    /// The gradients of the adapter's `(down, up)` in `grads`, shaped as
+    /// [`Self::adapter_tensors`].
+    fn adapter_grads(&self, grads: &Gradients<E, D>) -> Option<(HostTensor, HostTensor)> {
+        match self {
+            Adaptable::Linear(l) => l.lora.as_ref().map(|a| {
+                let down = HostTensor::from_tensor(&grads.get(&a.down));
+                (down, HostTensor::from_tensor(&grads.get(&a.up)))
+            }),
+            Adaptable::Conv(c) => c.lora.as_ref().map(|a| {
+                let down = HostTensor::from_tensor(&grads.get(&a.down));
+                (down, as_matrix(HostTensor::from_tensor(&grads.get(&a.up))))
+            }),
+        }
+    }
+}
+
+/// `[b0, b1, b2, b3]` with run-time sizes.
+type Shape4 = (usize, usize, usize, usize);
+
+/// `[out, r]` → `[out, r, 1, 1]` (a conv adapter's `up` as the model holds it).
+fn as_1x1(mut t: HostTensor) -> HostTensor {
+    t.shape.extend([1, 1]);
+    t
+}
+
+/// `[out, r, 1, 1]` → `[out, r]` (as a [`LoraModule`] holds it).
+fn as_matrix(mut t: HostTensor) -> HostTensor {
+    t.shape.truncate(2);
+    t
+}
+
+/// A model whose linear and convolution layers LoRA can adapt, walked by module path.
 pub trait LoraTarget<D: Device<E>, E: Elem = f32> {
     /// The part of a LoRA network that belongs to this model.
     const COMPONENT: LoraComponent;
     /// What the model is called in messages.
     const NAME: &'static str;
-    /// Calls `f` with the module path and the layer of every adaptable linear layer.
-    fn for_each_lora_linear_mut(&mut self, f: &mut dyn FnMut(&str, &mut Linear<D, E>));
+    /// Calls `f` with the module path of every adaptable layer, in module order.
+    fn for_each_lora_layer_mut(&mut self, f: &mut dyn FnMut(&str, Adaptable<'_, D, E>));
 }
 
 impl<E: Elem, D: Device<E>> LoraTarget<D, E> for UNet<D, E> {
     const COMPONENT: LoraComponent = LoraComponent::Unet;
     const NAME: &'static str = "UNet";
-    /// The attention projections (`…attn1.to_q`, `to_k`, `to_v`, `to_out.0`, then `attn2`).
-    fn for_each_lora_linear_mut(&mut self, f: &mut dyn FnMut(&str, &mut Linear<D, E>)) {
-        self.for_each_attention_linear_mut(|name, linear| f(name, linear));
+    /// Every linear and convolution layer: the attention projections and feed-forwards (what
+    /// LoRA training targets), the transformers' `proj_in`/`proj_out`, the ResNets' and
+    /// samplers' convolutions (kohya's LoCon), the time embedding.
+    fn for_each_lora_layer_mut(&mut self, f: &mut dyn FnMut(&str, Adaptable<'_, D, E>)) {
+        self.visit_layers("", &mut |name, layer| match layer {
+            Layer::Linear(l) => f(name, Adaptable::Linear(l)),
+            Layer::Conv(c) => f(name, Adaptable::Conv(c)),
+            _ => {}
+        });
     }
 }
 
@@ -42,16 +194,20 @@ impl<D: Device<f32>> LoraTarget<D> for TextEncoder<D> {
     const NAME: &'static str = "text encoder";
     /// Per layer `text_model.encoder.layers.N.self_attn.{q,k,v,out}_proj`, then `.mlp.fc1`,
     /// `.mlp.fc2` (kohya's text-encoder targets: CLIPAttention and CLIPMLP).
-    fn for_each_lora_linear_mut(&mut self, f: &mut dyn FnMut(&str, &mut Linear<D>)) {
+    fn for_each_lora_layer_mut(&mut self, f: &mut dyn FnMut(&str, Adaptable<'_, D>)) {
         for (i, layer) in self.layers.iter_mut().enumerate() {
             let base = format!("text_model.encoder.layers.{i}");
             let a = &mut layer.self_attn;
-            f(&format!("{base}.self_attn.q_proj"), &mut a.q_proj);
-            f(&format!("{base}.self_attn.k_proj"), &mut a.k_proj);
-            f(&format!("{base}.self_attn.v_proj"), &mut a.v_proj);
-            f(&format!("{base}.self_attn.out_proj"), &mut a.out_proj);
-            f(&format!("{base}.mlp.fc1"), &mut layer.fc1);
-            f(&format!("{base}.mlp.fc2"), &mut layer.fc2);
+            for (name, linear) in [
+                ("self_attn.q_proj", &mut a.q_proj),
+                ("self_attn.k_proj", &mut a.k_proj),
+                ("self_attn.v_proj", &mut a.v_proj),
+                ("self_attn.out_proj", &mut a.out_proj),
+                ("mlp.fc1", &mut layer.fc1),
+                ("mlp.fc2", &mut layer.fc2),
+            ] {
+                f(&format!("{base}.{name}"), Adaptable::Linear(linear));
+            }
         }
     }
 }
@@ -98,8 +254,8 @@ fn unknown_target<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
     model: &mut M,
     name: &str,
 ) -> LoraTrainError {
-    let available = attention_targets(model);
-    let shown: Vec<&str> = available.iter().take(8).map(String::as_str).collect();
+    let available = lora_modules(model);
+    let shown: Vec<&str> = available.iter().take(8).map(|(n, _)| n.as_str()).collect();
     LoraTrainError::UnknownTarget {
         model: M::NAME,
         name: name.to_string(),
@@ -107,12 +263,16 @@ fn unknown_target<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
     }
 }
 
-/// Module paths of every adaptable layer of `model` (the UNet's attention projections, the
-/// text encoder's attention and MLP layers).
-pub fn attention_targets<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(model: &mut M) -> Vec<String> {
-    let mut names = Vec::new();
-    model.for_each_lora_linear_mut(&mut |name, _| names.push(name.to_string()));
-    names
+/// Module path and weight shape of every adaptable layer of `model` (see
+/// [`LoraTarget::for_each_lora_layer_mut`]), in module order.
+pub fn lora_modules<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
+    model: &mut M,
+) -> Vec<(String, Vec<usize>)> {
+    let mut out = Vec::new();
+    model.for_each_lora_layer_mut(&mut |name, layer| {
+        out.push((name.to_string(), layer.weight_shape()))
+    });
+    out
 }
 
 /// Installs `model`'s part of `network` (its UNet or text-encoder modules) as adapters
@@ -127,36 +287,15 @@ pub fn install<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
     let mut remaining: BTreeMap<&String, &LoraModule> =
         network.modules(M::COMPONENT).iter().collect();
     let mut error = None;
-    model.for_each_lora_linear_mut(&mut |name, linear| {
+    model.for_each_lora_layer_mut(&mut |name, mut layer| {
         let Some(module) = remaining.remove(&name.to_string()) else {
             return;
         };
-        let (out, inp) = *linear.weight.shape();
-        let down = module.down.to_tensor_as::<(usize, usize), E, D>(dev);
-        let up = module.up.to_tensor_as::<(usize, usize), E, D>(dev);
-        match (down, up) {
-            (Some(down), Some(up))
-                if down.shape().1 == inp
-                    && up.shape().0 == out
-                    && up.shape().1 == down.shape().0 =>
-            {
-                linear.lora = Some(LoraAdapter {
-                    down,
-                    up,
-                    scale: multiplier * module.scale(),
-                    dropout: 0.0,
-                    dropout_seed: 0,
-                });
-            }
-            _ => {
-                error.get_or_insert(LoraTrainError::Shape {
-                    name: name.to_string(),
-                    reason: format!(
-                        "down {:?} / up {:?} do not fit a [{out}, {inp}] linear layer",
-                        module.down.shape, module.up.shape
-                    ),
-                });
-            }
+        if let Err(reason) = layer.install(module, multiplier * module.scale(), dev) {
+            error.get_or_insert(LoraTrainError::Shape {
+                name: name.to_string(),
+                reason,
+            });
         }
     });
     if let Some(e) = error {
@@ -179,24 +318,15 @@ pub fn merge_into_unet<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
     let mut remaining: BTreeMap<&String, &LoraModule> =
         network.modules(M::COMPONENT).iter().collect();
     let mut error = None;
-    model.for_each_lora_linear_mut(&mut |name, linear| {
+    model.for_each_lora_layer_mut(&mut |name, mut layer| {
         let Some(module) = remaining.remove(&name.to_string()) else {
             return;
         };
-        let mut weight = HostTensor::from_tensor(&linear.weight);
-        match module.merge_into(&mut weight, multiplier) {
-            Ok(()) => {
-                let dev = linear.weight.device().clone();
-                if let Some(w) = weight.to_tensor_as::<(usize, usize), E, D>(&dev) {
-                    linear.weight = w;
-                }
-            }
-            Err(reason) => {
-                error.get_or_insert(LoraTrainError::Shape {
-                    name: name.to_string(),
-                    reason,
-                });
-            }
+        if let Err(reason) = layer.merge(module, multiplier) {
+            error.get_or_insert(LoraTrainError::Shape {
+                name: name.to_string(),
+                reason,
+            });
         }
     });
     if let Some(e) = error {
@@ -210,15 +340,16 @@ pub fn merge_into_unet<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
 
 /// Removes every adapter.
 pub fn uninstall<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(model: &mut M) {
-    model.for_each_lora_linear_mut(&mut |_, linear| linear.lora = None);
+    model.for_each_lora_layer_mut(&mut |_, mut layer| layer.remove_adapter());
 }
 
 /// Sets the dropout of every installed adapter: probability `p` on the adapter's input
 /// (PEFT's `lora_dropout`), the mask of each module drawn from `seed` and its path (so a
-/// micro-batch's masks are reproducible). Dropout only acts under a tape (training).
+/// micro-batch's masks are reproducible). Dropout only acts under a tape (training), and on
+/// linear layers' adapters only.
 pub fn set_dropout<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(model: &mut M, p: f32, seed: u64) {
-    model.for_each_lora_linear_mut(&mut |name, linear| {
-        if let Some(l) = &mut linear.lora {
+    model.for_each_lora_layer_mut(&mut |name, layer| {
+        if let Adaptable::Linear(Linear { lora: Some(l), .. }) = layer {
             let h = blake3::hash(name.as_bytes());
             let salt = u64::from_le_bytes(h.as_bytes()[..8].try_into().unwrap_or_default());
             l.dropout = p;
@@ -233,16 +364,12 @@ pub fn extract<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
     alpha: f32,
 ) -> LoraNetwork {
     let mut network = LoraNetwork::default();
-    model.for_each_lora_linear_mut(&mut |name, linear| {
-        if let Some(l) = &linear.lora {
-            network.modules_mut(M::COMPONENT).insert(
-                name.to_string(),
-                LoraModule {
-                    down: HostTensor::from_tensor(&l.down),
-                    up: HostTensor::from_tensor(&l.up),
-                    alpha,
-                },
-            );
+    model.for_each_lora_layer_mut(&mut |name, layer| {
+        if let Some((down, up)) = layer.adapter_tensors() {
+            let module = LoraModule { down, up, alpha };
+            network
+                .modules_mut(M::COMPONENT)
+                .insert(name.to_string(), module);
         }
     });
     network
@@ -268,6 +395,30 @@ pub fn train_step<D: Device<f32>>(
     Ok(loss)
 }
 
+/// One AdamW update of `param` by `grad` (host values of the same shape).
+fn update<S: Shape, D: Device<f32>>(
+    optimizer: &mut AdamW<D>,
+    key: &str,
+    param: &mut Tensor<S, f32, D>,
+    grad: &HostTensor,
+    lr: f64,
+) -> Result<(), LoraTrainError> {
+    let dev = param.device().clone();
+    let shape = *param.shape();
+    let grad = (HostTensor::new(grad.shape.clone(), grad.data.clone()))
+        .filter(|g| g.shape == shape.concrete().into_iter().collect::<Vec<_>>())
+        .map(|g| dev.tensor_from_vec(g.data, shape))
+        .ok_or_else(|| LoraTrainError::Shape {
+            name: key.to_string(),
+            reason: format!(
+                "gradient of shape {:?} for {:?}",
+                grad.shape,
+                shape.concrete()
+            ),
+        })?;
+    Ok(optimizer.update(key, param, &grad, lr)?)
+}
+
 /// One AdamW update of every adapter with `grads` (by PEFT parameter name, as
 /// [`adapter_grads`] gives them; summed or clipped by the caller as needed).
 pub fn apply_grads<D: Device<f32>, M: LoraTarget<D>>(
@@ -277,28 +428,39 @@ pub fn apply_grads<D: Device<f32>, M: LoraTarget<D>>(
     lr: f64,
 ) -> Result<(), LoraTrainError> {
     let mut error = None;
-    model.for_each_lora_linear_mut(&mut |name, linear| {
+    model.for_each_lora_layer_mut(&mut |name, layer| {
         if error.is_some() {
             return;
         }
-        let Some(l) = &mut linear.lora else { return };
-        let dev = l.down.device().clone();
-        for (suffix, param) in [("lora_A.weight", &mut l.down), ("lora_B.weight", &mut l.up)] {
+        let grad = |suffix: &str| {
             let key = format!("{name}.{suffix}");
-            let Some(grad) = grads
-                .get(&key)
-                .and_then(|g| g.to_tensor::<(usize, usize), D>(&dev))
-            else {
-                error = Some(LoraTrainError::Shape {
+            match grads.get(&key) {
+                Some(g) => Ok((key, g.clone())),
+                None => Err(LoraTrainError::Shape {
                     name: key,
                     reason: "no gradient".into(),
-                });
-                return;
-            };
-            if let Err(e) = optimizer.update(&key, param, &grad, lr) {
-                error = Some(e.into());
-                return;
+                }),
             }
+        };
+        let result = match layer {
+            Adaptable::Linear(Linear { lora: Some(l), .. }) => {
+                [("lora_A.weight", &mut l.down), ("lora_B.weight", &mut l.up)]
+                    .into_iter()
+                    .try_for_each(|(suffix, param)| {
+                        let (key, g) = grad(suffix)?;
+                        update(optimizer, &key, param, &g, lr)
+                    })
+            }
+            Adaptable::Conv(Conv2d { lora: Some(c), .. }) => grad("lora_A.weight")
+                .and_then(|(key, g)| update(optimizer, &key, &mut c.down, &g, lr))
+                .and_then(|()| {
+                    let (key, g) = grad("lora_B.weight")?;
+                    update(optimizer, &key, &mut c.up, &as_1x1(g), lr)
+                }),
+            _ => Ok(()),
+        };
+        if let Err(e) = result {
+            error = Some(e);
         }
     });
     match error {
@@ -340,16 +502,10 @@ pub fn adapter_grads<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
     grads: &Gradients<E, D>,
 ) -> BTreeMap<String, HostTensor> {
     let mut out = BTreeMap::new();
-    model.for_each_lora_linear_mut(&mut |name, linear| {
-        if let Some(l) = &linear.lora {
-            out.insert(
-                format!("{name}.lora_A.weight"),
-                HostTensor::from_tensor(&grads.get(&l.down)),
-            );
-            out.insert(
-                format!("{name}.lora_B.weight"),
-                HostTensor::from_tensor(&grads.get(&l.up)),
-            );
+    model.for_each_lora_layer_mut(&mut |name, layer| {
+        if let Some((down, up)) = layer.adapter_grads(grads) {
+            out.insert(format!("{name}.lora_A.weight"), down);
+            out.insert(format!("{name}.lora_B.weight"), up);
         }
     });
     out

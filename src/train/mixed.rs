@@ -20,12 +20,13 @@ use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::diffusion::nn::elem::Elem;
+use crate::diffusion::nn::{Conv2d, Linear};
 use crate::diffusion::nn::{Tensor2, Tensor3, Tensor4};
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::unet::UNet;
 use crate::formats::HostTensor;
 use crate::formats::lora::{LoraComponent, LoraModule, LoraNetwork};
-use crate::train::lora::{LoraTarget, LoraTrainError};
+use crate::train::lora::{Adaptable, LoraTarget, LoraTrainError};
 use crate::train::objective;
 use crate::train::optim::{AdamW, OptimError};
 
@@ -168,6 +169,17 @@ pub fn loss_and_grads<E: Elem, D: Device<f32> + Device<E>>(
     )?)
 }
 
+/// `t` as rows: `[d0, d1·d2·…]` (a conv adapter's `[r, in, kh, kw]` becomes `[r, in·kh·kw]`;
+/// a matrix stays as it is).
+fn as_rows(t: &HostTensor) -> HostTensor {
+    let rows = t.shape.first().copied().unwrap_or(0);
+    let cols = t.numel().checked_div(rows).unwrap_or(0);
+    HostTensor {
+        shape: vec![rows, cols],
+        data: t.data.clone(),
+    }
+}
+
 /// f32 master copies of trained tensors, by parameter name.
 #[derive(Debug, Clone)]
 pub struct Masters<D: Device<f32>> {
@@ -186,12 +198,12 @@ impl<D: Device<f32>> Masters<D> {
                 ("lora_B.weight", &module.up),
             ] {
                 let key = format!("{name}.{suffix}");
-                let tensor =
-                    t.to_tensor::<(usize, usize), D>(dev)
-                        .ok_or_else(|| LoraTrainError::Shape {
-                            name: key.clone(),
-                            reason: format!("shape {:?} is not 2-d", t.shape),
-                        })?;
+                let tensor = as_rows(t)
+                    .to_tensor::<(usize, usize), D>(dev)
+                    .ok_or_else(|| LoraTrainError::Shape {
+                        name: key.clone(),
+                        reason: format!("shape {:?} has no rows", t.shape),
+                    })?;
                 tensors.insert(key, tensor);
             }
         }
@@ -210,7 +222,7 @@ impl<D: Device<f32>> Masters<D> {
             let dev = master.device().clone();
             let grad = grads
                 .get(name)
-                .and_then(|g| g.to_tensor::<(usize, usize), D>(&dev))
+                .and_then(|g| as_rows(g).to_tensor::<(usize, usize), D>(&dev))
                 .ok_or_else(|| LoraTrainError::Shape {
                     name: name.clone(),
                     reason: "no gradient".into(),
@@ -227,14 +239,29 @@ impl<D: Device<f32>> Masters<D> {
     where
         D: Device<E>,
     {
-        model.for_each_lora_linear_mut(&mut |name, linear| {
-            if let Some(l) = &mut linear.lora {
-                if let Some(m) = self.tensors.get(&format!("{name}.lora_A.weight")) {
-                    l.down = m.clone().to_dtype::<E>();
+        model.for_each_lora_layer_mut(&mut |name, layer| {
+            let master = |suffix: &str| self.tensors.get(&format!("{name}.{suffix}"));
+            match layer {
+                Adaptable::Linear(Linear { lora: Some(l), .. }) => {
+                    if let Some(m) = master("lora_A.weight") {
+                        l.down = m.clone().to_dtype::<E>();
+                    }
+                    if let Some(m) = master("lora_B.weight") {
+                        l.up = m.clone().to_dtype::<E>();
+                    }
                 }
-                if let Some(m) = self.tensors.get(&format!("{name}.lora_B.weight")) {
-                    l.up = m.clone().to_dtype::<E>();
+                // the masters are flat rows: [r, in·kh·kw] and [out, r]
+                Adaptable::Conv(Conv2d { lora: Some(c), .. }) => {
+                    if let Some(m) = master("lora_A.weight") {
+                        let shape = *c.down.shape();
+                        c.down = m.clone().to_dtype::<E>().reshape_like(&shape);
+                    }
+                    if let Some(m) = master("lora_B.weight") {
+                        let shape = *c.up.shape();
+                        c.up = m.clone().to_dtype::<E>().reshape_like(&shape);
+                    }
                 }
+                _ => {}
             }
         });
     }
@@ -249,7 +276,10 @@ impl<D: Device<f32>> Masters<D> {
                 ("lora_B.weight", &mut module.up),
             ] {
                 if let Some(m) = self.tensors.get(&format!("{name}.{suffix}")) {
+                    // a conv module's down keeps its kernel axes
+                    let shape = std::mem::take(&mut t.shape);
                     *t = HostTensor::from_tensor(m);
+                    t.shape = shape;
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! Gradient checkpointing recomputes each UNet block in the backward pass instead of keeping
-//! its activations: the gradients must be those of the plain backward pass — of LoRA adapters,
-//! of the text states (textual inversion), and of every weight (full fine-tuning).
+//! its activations: the gradients must be those of the plain backward pass — of LoRA adapters
+//! (on linear layers and, LoCon, on convolutions), of the text states (textual inversion), and of every weight (full fine-tuning).
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -11,7 +11,7 @@ use sdpipe::diffusion::schedulers::{Ddpm, SchedulerConfig};
 use sdpipe::diffusion::{Checkpoint, UNet};
 use sdpipe::formats::HostTensor;
 use sdpipe::formats::lora::{LoraModule, LoraNetwork};
-use sdpipe::train::lora::{adapter_grads, attention_targets, install, loss_and_grads_taped};
+use sdpipe::train::lora::{adapter_grads, install, lora_modules, loss_and_grads_taped};
 
 /// Named gradients of the parameters a test looks at.
 type Named = BTreeMap<String, HostTensor>;
@@ -69,7 +69,14 @@ fn max_rel(a: &HostTensor, b: &HostTensor) -> f32 {
     diff / scale
 }
 
-fn assert_same(label: &str, plain: (f32, HostTensor, Named), ckpt: (f32, HostTensor, Named)) {
+/// `tolerance`: the largest relative difference of a parameter gradient (the summation order of
+/// the gradients flowing into a shared tensor differs between the two passes).
+fn assert_same(
+    label: &str,
+    plain: (f32, HostTensor, Named),
+    ckpt: (f32, HostTensor, Named),
+    tolerance: f32,
+) {
     assert_eq!(plain.0, ckpt.0, "{label}: the loss differs");
     let e = max_rel(&plain.1, &ckpt.1);
     println!("{label}: text-state gradient max rel err {e:.2e}");
@@ -86,7 +93,7 @@ fn assert_same(label: &str, plain: (f32, HostTensor, Named), ckpt: (f32, HostTen
             "{label}: {name} has no gradient"
         );
         let e = max_rel(g, &ckpt.2[name]);
-        assert!(e < 1e-5, "{label}: {name} differs ({e})");
+        assert!(e < tolerance, "{label}: {name} differs ({e})");
         worst = worst.max(e);
     }
     println!(
@@ -100,11 +107,13 @@ fn checkpointed_lora_gradients_equal_the_plain_ones() {
     let dev = Cpu::default();
     let mut model = unet(&dev);
     let mut network = LoraNetwork::default();
-    for (i, name) in attention_targets(&mut model).into_iter().enumerate() {
-        let weight = &model_weight_shape(&mut model, &name);
-        let (out, inp) = (weight[0], weight[1]);
+    // every adaptable layer: attention and feed-forward linears, and (LoCon) every conv
+    for (i, (name, weight)) in lora_modules(&mut model).into_iter().enumerate() {
+        let (out, fan_in) = (weight[0], weight[1..].iter().product::<usize>());
+        let mut down_shape = vec![2];
+        down_shape.extend(&weight[1..]);
         let module = LoraModule {
-            down: HostTensor::new(vec![2, inp], values(2 * inp, 10 + i as u64)).unwrap(),
+            down: HostTensor::new(down_shape, values(2 * fan_in, 10 + i as u64)).unwrap(),
             up: HostTensor::new(vec![out, 2], values(2 * out, 50 + i as u64)).unwrap(),
             alpha: 2.0,
         };
@@ -115,7 +124,10 @@ fn checkpointed_lora_gradients_equal_the_plain_ones() {
     let plain = grads_of(&mut model, &dev, &pick);
     model.set_gradient_checkpointing(true);
     let ckpt = grads_of(&mut model, &dev, &pick);
-    assert_same("LoRA", plain, ckpt);
+    // ~1e-6 on most adapters; up to ~1.5e-5 on the time embedding's, whose input gradient sums
+    // every ResNet's contribution (in another order when the blocks are recomputed) and is
+    // then contracted with `up` (cancellation)
+    assert_same("LoRA", plain, ckpt, 5e-5);
 }
 
 #[test]
@@ -127,18 +139,5 @@ fn checkpointed_full_fine_tuning_gradients_equal_the_plain_ones() {
     let plain = grads_of(&mut model, &dev, &pick);
     model.set_gradient_checkpointing(true);
     let ckpt = grads_of(&mut model, &dev, &pick);
-    assert_same("full UNet", plain, ckpt);
-}
-
-fn model_weight_shape(model: &mut UNet<Cpu>, name: &str) -> Vec<usize> {
-    let mut shape = Vec::new();
-    model.visit_layers("", &mut |n, layer| {
-        if n == name
-            && let sdpipe::diffusion::params::Layer::Linear(l) = layer
-        {
-            let (o, i) = *l.weight.shape();
-            shape = vec![o, i];
-        }
-    });
-    shape
+    assert_same("full UNet", plain, ckpt, 1e-5);
 }

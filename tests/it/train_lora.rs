@@ -294,3 +294,34 @@ fn half_precision_lora_training_tracks_f32() {
     assert_eq!(again.code, 0);
     assert_eq!(half_run.outcome("train"), "cached");
 }
+
+/// LoCon: naming the ResNets' `conv1` beside an attention projection trains conv adapters too
+/// (kohya's `[r, in, 3, 3]` down, `[out, r, 1, 1]` up), the loss falls, and the grid renders
+/// with them.
+#[test]
+fn conv_targets_train_locon_adapters() {
+    let text = pipeline("").replace("alpha = 2", "alpha = 2\ntargets = [\"to_q\", \"conv1\"]");
+    let p = Project::new(&text);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let stats = p.stats("train");
+    let (before, after) = (
+        stats["eval_loss_before"].as_f64().unwrap(),
+        stats["eval_loss_after"].as_f64().unwrap(),
+    );
+    assert!(after < before, "{before} → {after}");
+    let lora = p.path("outputs/t/train/lora.safetensors");
+    let file = sdpipe::formats::read_safetensors(&lora).unwrap();
+    let down = &file.tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_down.weight"];
+    let up = &file.tensors["lora_unet_down_blocks_0_resnets_0_conv1.lora_up.weight"];
+    assert_eq!((down.shape.len(), &down.shape[2..]), (4, &[3usize, 3][..]));
+    assert_eq!((up.shape[1..]).to_vec(), vec![4, 1, 1]);
+    assert!(
+        up.data.iter().any(|v| *v != 0.0),
+        "the conv adapter did not train"
+    );
+    let (network, _) = sdpipe::formats::lora::read_lora(&lora, None).unwrap();
+    let convs = network.unet.values().filter(|m| m.is_conv()).count();
+    assert!(convs >= 8, "{convs} conv modules");
+    assert!(p.path("outputs/t/grid/grid.png").exists());
+}

@@ -190,6 +190,91 @@ impl UNetPlan {
         down.chain(mid).chain(up).collect()
     }
 
+    /// The diffusers path and weight shape of every linear (`[out, in]`) and convolution
+    /// (`[out, in, kh, kw]`) layer, in module order: the layers LoRA and LoCon adapt, and
+    /// what the memory estimate counts their adapters on.
+    pub fn weight_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let mut out = Vec::new();
+        let c0 = self.base_channels;
+        let mut push = |name: String, shape: Vec<usize>| out.push((name, shape));
+        push(
+            "time_embedding.linear_1".into(),
+            vec![self.temb_channels, c0],
+        );
+        push(
+            "time_embedding.linear_2".into(),
+            vec![self.temb_channels, self.temb_channels],
+        );
+        push("conv_in".into(), vec![c0, self.in_channels, 3, 3]);
+        let resnet = |push: &mut dyn FnMut(String, Vec<usize>), p: &str, r: &ResnetConfig| {
+            let (i, o) = (r.in_channels, r.out_channels);
+            push(format!("{p}.conv1"), vec![o, i, 3, 3]);
+            if let Some(t) = r.temb_channels {
+                push(format!("{p}.time_emb_proj"), vec![o, t]);
+            }
+            push(format!("{p}.conv2"), vec![o, o, 3, 3]);
+            if i != o {
+                push(format!("{p}.conv_shortcut"), vec![o, i, 1, 1]);
+            }
+        };
+        let transformer =
+            |push: &mut dyn FnMut(String, Vec<usize>), p: &str, t: &Transformer2DConfig| {
+                let (c, inner, ctx) = (t.in_channels, t.heads * t.head_dim, t.context_dim);
+                let proj = |o: usize, i: usize| {
+                    if t.use_linear_projection {
+                        vec![o, i]
+                    } else {
+                        vec![o, i, 1, 1]
+                    }
+                };
+                push(format!("{p}.proj_in"), proj(inner, c));
+                for k in 0..t.layers {
+                    let b = format!("{p}.transformer_blocks.{k}");
+                    for (attn, kv) in [("attn1", inner), ("attn2", ctx)] {
+                        push(format!("{b}.{attn}.to_q"), vec![inner, inner]);
+                        push(format!("{b}.{attn}.to_k"), vec![inner, kv]);
+                        push(format!("{b}.{attn}.to_v"), vec![inner, kv]);
+                        push(format!("{b}.{attn}.to_out.0"), vec![inner, inner]);
+                    }
+                    push(format!("{b}.ff.net.0.proj"), vec![8 * inner, inner]);
+                    push(format!("{b}.ff.net.2"), vec![inner, 4 * inner]);
+                }
+                push(format!("{p}.proj_out"), proj(c, inner));
+            };
+        for (i, d) in self.down.iter().enumerate() {
+            for (j, r) in d.resnets.iter().enumerate() {
+                resnet(&mut push, &format!("down_blocks.{i}.resnets.{j}"), r);
+            }
+            for (j, t) in d.attentions.iter().enumerate() {
+                transformer(&mut push, &format!("down_blocks.{i}.attentions.{j}"), t);
+            }
+            if d.downsample_padding.is_some() {
+                let c = d.channels;
+                push(
+                    format!("down_blocks.{i}.downsamplers.0.conv"),
+                    vec![c, c, 3, 3],
+                );
+            }
+        }
+        resnet(&mut push, "mid_block.resnets.0", &self.mid.resnets[0]);
+        transformer(&mut push, "mid_block.attentions.0", &self.mid.attention);
+        resnet(&mut push, "mid_block.resnets.1", &self.mid.resnets[1]);
+        for (i, u) in self.up.iter().enumerate() {
+            for (j, r) in u.resnets.iter().enumerate() {
+                resnet(&mut push, &format!("up_blocks.{i}.resnets.{j}"), r);
+            }
+            for (j, t) in u.attentions.iter().enumerate() {
+                transformer(&mut push, &format!("up_blocks.{i}.attentions.{j}"), t);
+            }
+            if u.upsample {
+                let c = u.channels;
+                push(format!("up_blocks.{i}.upsamplers.0.conv"), vec![c, c, 3, 3]);
+            }
+        }
+        push("conv_out".into(), vec![self.out_channels, c0, 3, 3]);
+        out
+    }
+
     /// The diffusers module path and the original (LDM) one of every module whose parameters
     /// are named differently in the two layouts, in module order.
     pub fn ldm_modules(&self) -> Vec<ModuleNames> {

@@ -164,7 +164,8 @@ pub struct LoraParams {
     /// Alpha (kohya's `network_alpha`); the update is scaled by alpha / rank. Default: the rank.
     #[serde(default)]
     pub alpha: Option<f32>,
-    /// Module-name suffixes to adapt (the UNet's attention projections by default).
+    /// Module-path suffixes to adapt (the UNet's attention projections by default; any linear
+    /// or convolution layer, `ff.net.2`, `proj_in`, `conv1` (LoCon), may be named).
     #[serde(default = "default_targets")]
     pub targets: Vec<String>,
     /// Dropout probability on each adapter's input during training (PEFT's `lora_dropout`).
@@ -881,11 +882,7 @@ impl TrainParams {
         targets: &[String],
         seed: u64,
     ) -> anyhow::Result<BTreeMap<String, LoraModule>> {
-        let mut modules: Vec<(String, Vec<usize>)> = Vec::new();
-        model.for_each_lora_linear_mut(&mut |name, linear| {
-            let (o, i) = *linear.weight.shape();
-            modules.push((name.to_string(), vec![o, i]));
-        });
+        let modules = crate::train::lora::lora_modules(model);
         let mut out = BTreeMap::new();
         for target in targets {
             let matching: Vec<&(String, Vec<usize>)> = modules
@@ -893,18 +890,7 @@ impl TrainParams {
                 .filter(|(n, _)| n.ends_with(&format!(".{target}")))
                 .collect();
             if matching.is_empty() {
-                let mut suffixes: Vec<String> = modules
-                    .iter()
-                    .map(|(n, _)| {
-                        n.rsplit('.')
-                            .take(2)
-                            .collect::<Vec<_>>()
-                            .into_iter()
-                            .rev()
-                            .collect::<Vec<_>>()
-                            .join(".")
-                    })
-                    .collect();
+                let mut suffixes: Vec<&str> = modules.iter().map(|(n, _)| local_name(n)).collect();
                 suffixes.sort();
                 suffixes.dedup();
                 bail!(
@@ -1022,4 +1008,52 @@ fn load_ti_checkpoint<D: Device<f32>>(
             Ok((extra, optimizer, state))
         },
     )
+}
+
+/// A module's name inside its block (`attn1.to_out.0`, `conv1`, `ff.net.2`,
+/// `self_attn.q_proj`): what follows the last `resnets.N.`, `attentions.N.`,
+/// `transformer_blocks.N.`, `downsamplers.N.`, `upsamplers.N.` or `layers.N.` of its path (the
+/// whole path outside blocks, `time_embedding.linear_1`). Any such tail is a LoRA target.
+fn local_name(path: &str) -> &str {
+    const BLOCKS: [&str; 6] = [
+        "resnets",
+        "attentions",
+        "transformer_blocks",
+        "downsamplers",
+        "upsamplers",
+        "layers",
+    ];
+    let segments: Vec<&str> = path.split('.').collect();
+    let mut start = 0;
+    for (i, pair) in segments.windows(2).enumerate() {
+        if BLOCKS.contains(&pair[0]) && pair[1].bytes().all(|b| b.is_ascii_digit()) {
+            start = i + 2;
+        }
+    }
+    let skipped: usize = segments[..start.min(segments.len())]
+        .iter()
+        .map(|s| s.len() + 1)
+        .sum();
+    &path[skipped.min(path.len())..]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_names_are_the_tails_after_the_last_block() {
+        for (path, local) in [
+            (
+                "down_blocks.0.attentions.1.transformer_blocks.0.attn1.to_out.0",
+                "attn1.to_out.0",
+            ),
+            ("up_blocks.2.resnets.0.conv_shortcut", "conv_shortcut"),
+            ("down_blocks.1.downsamplers.0.conv", "conv"),
+            ("time_embedding.linear_1", "time_embedding.linear_1"),
+            ("text_model.encoder.layers.11.mlp.fc2", "mlp.fc2"),
+        ] {
+            assert_eq!(local_name(path), local);
+        }
+    }
 }
