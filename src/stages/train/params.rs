@@ -1,0 +1,193 @@
+//! The train stage's table in the pipeline file: `[stage.NAME] kind = "train"` and its
+//! per-method tables (`[stage.NAME.lora]`, `.textual_inversion`; DreamBooth's and the
+//! hypernetwork's live beside their runs), with the documented defaults.
+
+use serde::{Deserialize, Serialize};
+
+use super::{DreamboothParams, HypernetworkParams, Method};
+
+/// `[stage.NAME] kind = "train"`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainParams {
+    /// The method.
+    pub method: Method,
+    /// Optimiser steps.
+    #[serde(default = "default_steps")]
+    pub steps: u64,
+    /// Items per micro-batch (drawn from one resolution bucket).
+    #[serde(default = "one")]
+    pub batch_size: usize,
+    /// Micro-batches whose gradients are averaged per step.
+    #[serde(default = "one")]
+    pub gradient_accumulation: usize,
+    /// Base learning rate.
+    #[serde(default = "default_lr")]
+    pub lr: f64,
+    /// `constant`, `constant_with_warmup`, `cosine`, `linear`, or an A1111 schedule such as
+    /// `"1e-3:100, 1e-4:1000, 1e-5"` (rate until step; the last rate runs to the end).
+    #[serde(default = "default_scheduler")]
+    pub lr_scheduler: String,
+    /// Warm-up steps of the named schedules.
+    #[serde(default)]
+    pub lr_warmup_steps: u64,
+    /// AdamW's decoupled weight decay.
+    #[serde(default = "default_weight_decay")]
+    pub weight_decay: f64,
+    /// Global gradient-norm clipping; 0 turns it off.
+    #[serde(default = "default_max_grad_norm")]
+    pub max_grad_norm: f64,
+    /// Timesteps are drawn uniformly from `min_timestep..max_timestep`.
+    #[serde(default)]
+    pub min_timestep: usize,
+    /// Exclusive upper bound of the timesteps.
+    #[serde(default = "default_max_timestep")]
+    pub max_timestep: usize,
+    /// Text-encoder layers skipped (diffusers' convention).
+    #[serde(default)]
+    pub clip_skip: usize,
+    /// Recompute each UNet block's activations in the backward pass instead of keeping them
+    /// (diffusers' `--gradient_checkpointing`): less memory, about a third more compute.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
+    /// Write a resumable checkpoint every this many steps (0: never). Does not change results.
+    #[serde(default = "default_checkpoint_every")]
+    pub checkpoint_every: u64,
+    /// `[stage.NAME.lora]`.
+    #[serde(default)]
+    pub lora: LoraParams,
+    /// `[stage.NAME.textual_inversion]`.
+    #[serde(default)]
+    pub textual_inversion: TextualInversionParams,
+    /// `[stage.NAME.dreambooth]`.
+    #[serde(default)]
+    pub dreambooth: DreamboothParams,
+    /// `[stage.NAME.hypernetwork]` (boxed: it is large and most stages do not use it).
+    #[serde(default)]
+    pub hypernetwork: Box<HypernetworkParams>,
+}
+
+/// Textual-inversion settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TextualInversionParams {
+    /// The new token, as the captions and prompts write it (e.g. `zorb`); it must not already
+    /// be a single token of the vocabulary.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Word whose embedding initialises the vectors (A1111's "initialization text").
+    #[serde(default = "default_init_word")]
+    pub init_word: String,
+    /// Vectors per token (A1111's "number of vectors per token").
+    #[serde(default = "one")]
+    pub num_vectors: usize,
+    /// Allow a `token` that is already one word of the vocabulary: the embedding then replaces
+    /// that word in every prompt.
+    #[serde(default)]
+    pub allow_existing_token: bool,
+    /// This method's learning rate in a `matrix.method` stage; default the stage's `lr`.
+    #[serde(default)]
+    pub lr: Option<f64>,
+}
+
+impl Default for TextualInversionParams {
+    fn default() -> Self {
+        TextualInversionParams {
+            token: None,
+            init_word: default_init_word(),
+            num_vectors: 1,
+            allow_existing_token: false,
+            lr: None,
+        }
+    }
+}
+
+fn default_init_word() -> String {
+    "*".into()
+}
+
+/// LoRA settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraParams {
+    /// Rank (kohya's `network_dim`).
+    #[serde(default = "default_rank")]
+    pub rank: usize,
+    /// Alpha (kohya's `network_alpha`); the update is scaled by alpha / rank. Default: the rank.
+    #[serde(default)]
+    pub alpha: Option<f32>,
+    /// Module-path suffixes to adapt (the UNet's attention projections by default; any linear
+    /// or convolution layer, `ff.net.2`, `proj_in`, `conv1` (LoCon), may be named).
+    #[serde(default = "default_targets")]
+    pub targets: Vec<String>,
+    /// Dropout probability on each adapter's input during training (PEFT's `lora_dropout`).
+    #[serde(default)]
+    pub dropout: f32,
+    /// Also adapt the text encoder (kohya's default; `lora_te_…` modules).
+    #[serde(default)]
+    pub text_encoder: bool,
+    /// Text-encoder module suffixes to adapt (`q_proj`, `k_proj`, `v_proj`, `out_proj`,
+    /// `mlp.fc1`, `mlp.fc2`).
+    #[serde(default = "default_te_targets")]
+    pub text_encoder_targets: Vec<String>,
+    /// Learning rate of the text-encoder adapters (kohya's `text_encoder_lr`); default `lr`.
+    #[serde(default)]
+    pub text_encoder_lr: Option<f64>,
+    /// This method's learning rate in a `matrix.method` stage; default the stage's `lr`.
+    #[serde(default)]
+    pub lr: Option<f64>,
+}
+
+impl Default for LoraParams {
+    fn default() -> Self {
+        LoraParams {
+            rank: default_rank(),
+            alpha: None,
+            targets: default_targets(),
+            dropout: 0.0,
+            text_encoder: false,
+            text_encoder_targets: default_te_targets(),
+            text_encoder_lr: None,
+            lr: None,
+        }
+    }
+}
+
+fn default_te_targets() -> Vec<String> {
+    ["q_proj", "k_proj", "v_proj", "out_proj"]
+        .map(String::from)
+        .to_vec()
+}
+
+fn default_steps() -> u64 {
+    500
+}
+fn one() -> usize {
+    1
+}
+fn default_lr() -> f64 {
+    1e-4
+}
+fn default_scheduler() -> String {
+    "constant".into()
+}
+fn default_weight_decay() -> f64 {
+    1e-2
+}
+fn default_max_grad_norm() -> f64 {
+    1.0
+}
+fn default_max_timestep() -> usize {
+    1000
+}
+fn default_checkpoint_every() -> u64 {
+    100
+}
+fn default_rank() -> usize {
+    4
+}
+fn default_targets() -> Vec<String> {
+    ["to_q", "to_k", "to_v", "to_out.0"]
+        .map(String::from)
+        .to_vec()
+}
