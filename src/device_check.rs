@@ -38,7 +38,7 @@ use crate::diffusion::nn::{
     Conv2d, GroupNorm, Half, LayerNorm, Linear, Padding2d, gelu, scaled_dot_product_attention,
     silu, upsample_nearest2x, with_generic_kernels,
 };
-use crate::diffusion::pipeline::TextToImage;
+use crate::diffusion::text_to_image::TextToImage;
 use crate::train::optim::{AdamW, AdamWConfig};
 
 /// Options of `sdpipe device-check`.
@@ -391,7 +391,7 @@ pub fn model_outputs<D: Device<f32> + Device<Half>>(
 ) -> Result<Vec<Output>, DiffusionError> {
     let ckpt = Checkpoint::open(model)?;
     let pipe = TextToImage::load(&ckpt, None, dev).map_err(|e| match e {
-        crate::diffusion::pipeline::PipelineError::Model(m) => m,
+        crate::diffusion::text_to_image::TextToImageError::Model(m) => m,
         other => DiffusionError::Input {
             model: "device check",
             reason: other.to_string(),

@@ -39,8 +39,8 @@ use dfdx::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::diffusion::error::DiffusionError;
-use crate::diffusion::pipeline::{PipelineError, TextToImage, TextToImageOptions};
 use crate::diffusion::schedulers::SamplerKind;
+use crate::diffusion::text_to_image::{TextToImage, TextToImageError, TextToImageOptions};
 use crate::diffusion::{
     checkpoint::{Checkpoint, CheckpointLayout},
     nn::weights::SafetensorsFile,
@@ -172,7 +172,7 @@ fn model_failure(context: &str, e: &DiffusionError) -> Failure {
     }
 }
 
-/// The command-line flag of a [`PipelineError::InvalidOption`] field.
+/// The command-line flag of a [`TextToImageError::InvalidOption`] field.
 fn flag_of(option: &str) -> &'static str {
     match option {
         "width" => "--width",
@@ -186,12 +186,12 @@ fn flag_of(option: &str) -> &'static str {
     }
 }
 
-fn pipeline_failure(e: PipelineError) -> Failure {
+fn pipeline_failure(e: TextToImageError) -> Failure {
     match e {
-        PipelineError::InvalidOption { option, reason } => {
+        TextToImageError::InvalidOption { option, reason } => {
             usage(format!("{} {reason}", flag_of(option)))
         }
-        PipelineError::Model(m) => model_failure("model", &m),
+        TextToImageError::Model(m) => model_failure("model", &m),
         other => usage(other.to_string()),
     }
 }
@@ -403,7 +403,7 @@ fn generate_on<E: crate::diffusion::nn::Elem, D: Device<f32> + Device<E>>(
 ) -> Result<Vec<PathBuf>, Failure> {
     let mut pipe: TextToImage<D, E> = TextToImage::load_as(ckpt, args.config.as_deref(), dev)
         .map_err(|e| match e {
-            PipelineError::Model(m) => model_failure(context, &m),
+            TextToImageError::Model(m) => model_failure(context, &m),
             other => usage(format!("{context}: {other}")),
         })?;
     for spec in &args.embedding {

@@ -5,7 +5,7 @@ mod execute;
 mod material;
 mod outputs;
 mod plan;
-mod report;
+mod summary;
 mod watch;
 mod workspace;
 
@@ -14,6 +14,6 @@ pub use execute::{Outcome, RunOptions, RunReport, StageOutcome, execute};
 pub use material::stage_material;
 pub use outputs::{LockEntry, RunLock, sweep_stale_staging};
 pub use plan::{PlanEntry, PlanStatus, plan, plan_readonly, stages_to_run};
-pub use report::{print_plan, print_summary};
+pub use summary::{print_plan, print_summary};
 pub use watch::watch;
 pub use workspace::Workspace;

@@ -16,7 +16,7 @@ use notify::{RecursiveMode, Watcher};
 
 use super::execute::{RunOptions, RunningSlot, execute};
 use super::plan::PlanStatus;
-use super::report::{print_plan, print_summary};
+use super::summary::{print_plan, print_summary};
 use super::workspace::Workspace;
 use crate::control::CancelToken;
 use crate::control::Progress;

@@ -6,8 +6,8 @@ use std::path::Path;
 
 use dfdx::prelude::Cpu;
 use sdpipe::diffusion::Checkpoint;
-use sdpipe::diffusion::pipeline::{TextToImage, TextToImageOptions};
 use sdpipe::diffusion::schedulers::SamplerKind;
+use sdpipe::diffusion::text_to_image::{TextToImage, TextToImageOptions};
 use sdpipe::world::{base_scene, detect};
 
 fn model_path() -> &'static Path {

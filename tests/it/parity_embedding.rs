@@ -5,7 +5,7 @@ use std::path::Path;
 
 use dfdx::prelude::*;
 use sdpipe::diffusion::Checkpoint;
-use sdpipe::diffusion::pipeline::TextToImage;
+use sdpipe::diffusion::text_to_image::TextToImage;
 use sdpipe::formats::embedding::read_embedding;
 use sdpipe::formats::read_safetensors;
 

@@ -7,8 +7,10 @@ use std::path::{Path, PathBuf};
 use dfdx::prelude::*;
 use safetensors::SafeTensors;
 use sdpipe::diffusion::checkpoint::{Checkpoint, CheckpointLayout};
-use sdpipe::diffusion::pipeline::{Generation, PipelineError, TextToImage, TextToImageOptions};
 use sdpipe::diffusion::schedulers::SamplerKind;
+use sdpipe::diffusion::text_to_image::{
+    Generation, TextToImage, TextToImageError, TextToImageOptions,
+};
 
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
@@ -289,7 +291,7 @@ fn bad_options_are_named() {
     ];
     for (options, want) in cases {
         match pipe.generate(&options, None, &mut |_| {}) {
-            Err(PipelineError::InvalidOption { option, reason }) => {
+            Err(TextToImageError::InvalidOption { option, reason }) => {
                 assert_eq!(option, want, "{reason}");
             }
             other => panic!(
@@ -305,7 +307,7 @@ fn bad_options_are_named() {
         ..golden_options()
     };
     match pipe.generate(&options, Some(latents), &mut |_| {}) {
-        Err(PipelineError::InvalidOption { option, reason }) => {
+        Err(TextToImageError::InvalidOption { option, reason }) => {
             assert_eq!(option, "init_latents");
             assert!(reason.contains("[1, 4, 8, 12]"), "{reason}");
         }
@@ -438,7 +440,7 @@ fn other_architectures_generate() {
         ..options
     };
     match pipe.generate(&bad, None, &mut |_| {}) {
-        Err(PipelineError::InvalidOption { option, reason }) => {
+        Err(TextToImageError::InvalidOption { option, reason }) => {
             assert_eq!(option, "width");
             assert!(reason.contains("multiple of 16"), "{reason}");
         }

@@ -24,7 +24,7 @@ use super::encode_latents::{LatentsManifest, read_f32};
 use super::model::{Component, open_checkpoint};
 use crate::cache::BlobRef;
 use crate::diffusion::nn::{Elem, Tensor3};
-use crate::diffusion::pipeline::TextToImage;
+use crate::diffusion::text_to_image::TextToImage;
 use crate::settings::PipelineSettings;
 use crate::train::batch::{Item, Sampling};
 use crate::train::lr::{A1111Schedule, LrSchedule};

@@ -9,8 +9,8 @@ use anyhow::{Context as _, bail};
 use dfdx::prelude::*;
 
 use crate::diffusion::nn::{Elem, Tensor2, Tensor3};
-use crate::diffusion::pipeline::TextToImage;
 use crate::diffusion::schedulers::Ddpm;
+use crate::diffusion::text_to_image::TextToImage;
 use crate::formats::HostTensor;
 use crate::formats::embedding::{
     Embedding, read_embedding, write_a1111_safetensors, write_diffusers,

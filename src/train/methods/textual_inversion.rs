@@ -9,8 +9,8 @@ use dfdx::prelude::*;
 
 use crate::diffusion::host_tensor::HostTensor;
 use crate::diffusion::nn::{Elem, Tensor2};
-use crate::diffusion::pipeline::TextToImage;
 use crate::diffusion::schedulers::Ddpm;
+use crate::diffusion::text_to_image::TextToImage;
 use crate::formats::embedding::{Embedding, write_a1111_safetensors};
 use crate::train::batch::{Batch, Item};
 use crate::train::mixed::StepScaler;

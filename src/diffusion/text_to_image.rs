@@ -31,7 +31,7 @@ use super::tokenizer::{ClipTokenizer, TokenizerError};
 
 /// Errors of text-to-image generation.
 #[derive(Debug, thiserror::Error)]
-pub enum PipelineError {
+pub enum TextToImageError {
     /// A model failed to load or rejected its input.
     #[error(transparent)]
     Model(#[from] DiffusionError),
@@ -54,7 +54,7 @@ pub enum PipelineError {
 }
 
 /// Result alias of the pipeline.
-pub type Result<T, E = PipelineError> = std::result::Result<T, E>;
+pub type Result<T, E = TextToImageError> = std::result::Result<T, E>;
 
 /// Settings of one text-to-image call. Defaults: empty prompts, the model's native size, 20
 /// steps of Euler a, CFG 7.5, one image, seed 0, no clip skip.
@@ -321,7 +321,7 @@ impl<E: Elem, D: Device<f32> + Device<E>> TextToImage<D, E> {
     /// Checks `options` against this model and returns the resolved (width, height).
     pub fn check_options(&self, options: &TextToImageOptions) -> Result<(usize, usize)> {
         let bad = |option: &'static str, reason: String| {
-            Err(PipelineError::InvalidOption { option, reason })
+            Err(TextToImageError::InvalidOption { option, reason })
         };
         let (dw, dh) = self.default_size();
         let (width, height) = (options.width.unwrap_or(dw), options.height.unwrap_or(dh));
@@ -376,7 +376,7 @@ impl<E: Elem, D: Device<f32> + Device<E>> TextToImage<D, E> {
     pub fn add_embedding(&mut self, token: &str, vectors: &[f32]) -> Result<Vec<u32>> {
         let d = self.models.text_encoder.config.hidden_size;
         if vectors.is_empty() || !vectors.len().is_multiple_of(d) {
-            return Err(PipelineError::InvalidOption {
+            return Err(TextToImageError::InvalidOption {
                 option: "embedding",
                 reason: format!(
                     "the vectors of `{token}` hold {} values, not a whole number of {d}-wide vectors (this model's text width)",
@@ -389,7 +389,7 @@ impl<E: Elem, D: Device<f32> + Device<E>> TextToImage<D, E> {
         for (i, id) in ids.iter().enumerate() {
             let row = (*id - vocab) as usize;
             if row * d != self.extra_embeddings.len() {
-                return Err(PipelineError::InvalidOption {
+                return Err(TextToImageError::InvalidOption {
                     option: "embedding",
                     reason: format!("token `{token}` got id {id}, not the next free one"),
                 });
@@ -477,7 +477,7 @@ impl<E: Elem, D: Device<f32> + Device<E>> TextToImage<D, E> {
                 if *l.shape() != latent_shape {
                     let (lb, lc, lh, lw) = *l.shape();
                     let (_, c, h, w) = latent_shape;
-                    return Err(PipelineError::InvalidOption {
+                    return Err(TextToImageError::InvalidOption {
                         option: "init_latents",
                         reason: format!(
                             "latents of shape [{lb}, {lc}, {lh}, {lw}], expected [{b}, {c}, {h}, \
