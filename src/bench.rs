@@ -34,19 +34,21 @@ use crate::diffusion::checkpoint::single_file::StoredConfigs;
 use crate::diffusion::clip::ClipConfig;
 use crate::diffusion::nn::weights::{Loader, WeightStore};
 use crate::diffusion::nn::{DEFAULT_ATTENTION_CHUNK, Elem};
-use crate::diffusion::nn::{Tensor3, Tensor4};
+use crate::diffusion::nn::{Tensor2, Tensor3, Tensor4};
 use crate::diffusion::params::{count_params, set_trainable};
 use crate::diffusion::schedulers::{Ddpm, SamplerKind, SchedulerConfig, SeededNoise};
 use crate::diffusion::{Checkpoint, DiffusionError, TextEncoder, UNet, UNetConfig, Vae, VaeConfig};
 use crate::engine::Progress;
+use crate::formats::HostTensor;
+use crate::formats::embedding::Embedding;
 use crate::formats::lora::{LoraModule, LoraNetwork};
 use crate::memory::{
     LoadedModels, MemoryProbe, TrainShape, TrainedPart, estimate_train, human_bytes,
 };
 use crate::train::batch::{Batch, Item, Sampling};
 use crate::train::lora::install;
-use crate::train::methods::{DreamboothSteps, LoraSteps};
-use crate::train::mixed::{LossScaler, Masters, StepScaler};
+use crate::train::methods::{DreamboothSteps, LoraSteps, TiSteps};
+use crate::train::mixed::{Masters, StepScaler};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::run_loop::step as train_step;
 
@@ -762,30 +764,44 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                         .collect()
                 })
                 .collect();
+            // the textual-inversion stage's step
+            let items: Vec<Item> = (0..b)
+                .map(|i| Item {
+                    caption: format!("bench item {i}"),
+                    mean: Vec::new(),
+                    std: Vec::new(),
+                    shape: [0; 3],
+                })
+                .collect();
+            let ids: HashMap<String, Vec<u32>> =
+                (items.iter().map(|i| i.caption.clone())).zip(ids).collect();
             let mut optimizer = AdamW::new(dev, AdamWConfig::default());
-            let mut scaler = LossScaler::for_elem::<E>();
+            let scratch = std::env::temp_dir();
+            let embedding = |vectors: &Tensor2<D>, step: u64| Embedding {
+                token: "bench".into(),
+                vectors: HostTensor::from_tensor(vectors),
+                step: Some(step),
+                sd_checkpoint: None,
+                sd_checkpoint_name: None,
+            };
+            let mut steps = TiSteps {
+                clip_skip: 0,
+                text_encoder: &te,
+                unet: &unet,
+                ddpm: &ddpm,
+                items: &items,
+                ids: &ids,
+                extra: &mut extra,
+                optimizer: &mut optimizer,
+                scratch: &scratch,
+                embedding: &embedding,
+                scaler: StepScaler::new::<E>(None),
+            };
+            let draw = |_| whole_batch(&latents, &noise, &timesteps);
             last_loss = timed(&mut || {
-                let (loss, grad) = crate::train::textual_inversion::loss_and_grad(
-                    &te,
-                    &unet,
-                    &ddpm,
-                    &ids,
-                    &extra,
-                    0,
-                    &latents,
-                    &noise,
-                    &timesteps,
-                    scaler.scale,
-                )
-                .map_err(|e| step_err(&e))?;
-                let finite = grad.as_vec().iter().all(|v| v.is_finite());
-                if finite {
-                    optimizer
-                        .update("emb_params", &mut extra, &grad, 5e-4)
-                        .map_err(|e| step_err(&e))?;
-                }
-                scaler.update(finite);
-                Ok(Some(loss))
+                let outcome =
+                    train_step(&mut steps, draw, 5e-4, 1, 1.0).map_err(|e| step_err(&e))?;
+                Ok(Some(outcome.loss))
             })?;
         }
         BenchTask::UnetForward => {

@@ -124,7 +124,8 @@ impl TrainParams {
             |extra: &Tensor2<D>, step: u64| self.embedding(&token, extra, step, &model_path);
         let mut steps = TiSteps {
             clip_skip: self.clip_skip,
-            t2i: &t2i,
+            text_encoder: &t2i.models.text_encoder,
+            unet: &t2i.models.unet,
             ddpm: &ddpm,
             items: &items,
             ids: &ids,

@@ -10,7 +10,7 @@ use dfdx::prelude::*;
 use crate::diffusion::host_tensor::HostTensor;
 use crate::diffusion::nn::{Elem, Tensor2};
 use crate::diffusion::schedulers::Ddpm;
-use crate::diffusion::text_to_image::TextToImage;
+use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::embedding::{Embedding, write_a1111_safetensors};
 use crate::train::batch::{Batch, Item};
 use crate::train::mixed::StepScaler;
@@ -22,7 +22,10 @@ use crate::train::run_loop::{TrainMethod, TrainStep};
 pub struct TiSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     /// CLIP skip of the text encoder.
     pub clip_skip: usize,
-    pub t2i: &'a TextToImage<D, E>,
+    /// The frozen text encoder the new vectors pass through.
+    pub text_encoder: &'a TextEncoder<D>,
+    /// The frozen UNet.
+    pub unet: &'a UNet<D, E>,
     pub ddpm: &'a Ddpm,
     pub items: &'a [Item],
     pub ids: &'a HashMap<String, Vec<u32>>,
@@ -48,8 +51,8 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for TiSteps<'_, D, E> {
             .map(|&i| self.ids[&self.items[i].caption].clone())
             .collect();
         let (loss, grad) = crate::train::textual_inversion::loss_and_grad(
-            &self.t2i.models.text_encoder,
-            &self.t2i.models.unet,
+            self.text_encoder,
+            self.unet,
             self.ddpm,
             &batch_ids,
             self.extra,
