@@ -469,7 +469,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
             targets: ["to_q", "to_k", "to_v", "to_out.0"]
                 .map(String::from)
                 .to_vec(),
-            text_encoder: false,
+            text_encoder: None,
         }),
         BenchTask::FullTrain => Some(TrainedPart::FullUnet {
             text_encoder: false,

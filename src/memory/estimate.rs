@@ -47,16 +47,16 @@ const CPU_MAX_KEPT_PROBS: u64 = 1 << 26;
 /// What a training method trains.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TrainedPart {
-    /// LoRA adapters of `rank` on the UNet's attention projections whose names end with one of
-    /// `targets` (`to_q`, `to_k`, `to_v`, `to_out.0`); the text encoder's attention too with
+    /// LoRA adapters of `rank` on the UNet's layers whose paths end with one of `targets`
+    /// (`to_q`, `to_k`, `to_v`, `to_out.0`, `conv1`…), and on the text encoder's with
     /// `text_encoder`.
     Lora {
         /// Rank.
         rank: usize,
-        /// Module-name suffixes.
+        /// Module-path suffixes in the UNet.
         targets: Vec<String>,
-        /// Whether the text encoder's q/k/v/out projections are adapted as well.
-        text_encoder: bool,
+        /// Module-path suffixes in the text encoder (`q_proj`, `mlp.fc1`…), when it is adapted.
+        text_encoder: Option<Vec<String>>,
     },
     /// `vectors` new token vectors (textual inversion): the text encoder runs under the tape.
     TextualInversion {
@@ -293,6 +293,29 @@ pub fn unet_lora_params(plan: &UNetPlan, rank: usize, targets: &[String]) -> u64
         .filter(|(name, _)| wanted(name))
         .map(|(_, shape)| (rank * (shape[0] + shape[1..].iter().product::<usize>())) as u64)
         .sum()
+}
+
+/// Parameters of rank-`rank` LoRA adapters on the text encoder's layers whose paths end with one
+/// of `targets`: per layer `self_attn.{q,k,v,out}_proj` (`[d, d]`), `mlp.fc1` (`[i, d]`) and
+/// `mlp.fc2` (`[d, i]`), the modules its LoRA walker offers.
+pub fn clip_lora_params(c: &ClipConfig, rank: usize, targets: &[String]) -> u64 {
+    let (d, i) = (c.hidden_size, c.intermediate_size);
+    let layer: usize = [
+        ("self_attn.q_proj", d, d),
+        ("self_attn.k_proj", d, d),
+        ("self_attn.v_proj", d, d),
+        ("self_attn.out_proj", d, d),
+        ("mlp.fc1", i, d),
+        ("mlp.fc2", d, i),
+    ]
+    .iter()
+    .filter(|(name, ..)| {
+        let path = format!(".{name}");
+        targets.iter().any(|t| path.ends_with(&format!(".{t}")))
+    })
+    .map(|&(_, out, inp)| rank * (out + inp))
+    .sum();
+    (c.num_hidden_layers * layer) as u64
 }
 
 /// Values per element of a checkpointed block's input: the saved input, and its gradient,
@@ -561,12 +584,10 @@ pub fn estimate_train(
             targets,
             text_encoder,
         } => {
-            let mut n = unet_lora_params(&plan, *rank, targets);
-            if *text_encoder {
-                let d = configs.text_encoder.hidden_size;
-                n += (configs.text_encoder.num_hidden_layers * 4 * rank * 2 * d) as u64;
-            }
-            n
+            let te = (text_encoder.as_deref())
+                .map(|t| clip_lora_params(&configs.text_encoder, *rank, t))
+                .unwrap_or(0);
+            unet_lora_params(&plan, *rank, targets) + te
         }
         TrainedPart::TextualInversion { vectors } => {
             (*vectors * configs.text_encoder.hidden_size) as u64
@@ -609,7 +630,7 @@ pub fn estimate_train(
         TrainedPart::TextualInversion { .. }
             | TrainedPart::FullUnet { text_encoder: true }
             | TrainedPart::Lora {
-                text_encoder: true,
+                text_encoder: Some(_),
                 ..
             }
     );
@@ -714,7 +735,7 @@ mod tests {
             targets: ["to_q", "to_k", "to_v", "to_out.0"]
                 .map(String::from)
                 .to_vec(),
-            text_encoder: false,
+            text_encoder: None,
         };
         for device in ["cpu", "cuda:0"] {
             let plain = estimate_train(&sd15(), &lora, &shape(4, 512, device)).unwrap();
@@ -768,6 +789,21 @@ mod tests {
             }
         }
         assert_eq!(unet_lora_params(&plan, 3, &targets), lora);
+        // and the text encoder's, for its default targets and the MLP
+        for targets in [
+            vec!["q_proj", "k_proj", "v_proj", "out_proj"],
+            vec!["q_proj", "mlp.fc1", "fc2"],
+        ] {
+            let targets: Vec<String> = targets.into_iter().map(String::from).collect();
+            let loaded: usize = (crate::train::lora::lora_modules(&mut te).iter())
+                .filter(|(n, _)| targets.iter().any(|t| n.ends_with(&format!(".{t}"))))
+                .map(|(_, s)| 3 * (s[0] + s[1]))
+                .sum();
+            assert_eq!(
+                clip_lora_params(&c.text_encoder, 3, &targets),
+                loaded as u64
+            );
+        }
     }
 
     #[test]
@@ -775,7 +811,7 @@ mod tests {
         let lora = TrainedPart::Lora {
             rank: 4,
             targets: vec!["to_q".into(), "to_v".into()],
-            text_encoder: false,
+            text_encoder: None,
         };
         for part in [
             lora,
@@ -811,7 +847,7 @@ mod tests {
         let lora = TrainedPart::Lora {
             rank: 16,
             targets,
-            text_encoder: false,
+            text_encoder: None,
         };
         let full = TrainedPart::FullUnet {
             text_encoder: false,
@@ -873,7 +909,7 @@ mod tests {
             &TrainedPart::Lora {
                 rank: 16,
                 targets: vec!["to_q".into()],
-                text_encoder: false,
+                text_encoder: None,
             },
             &s,
         )

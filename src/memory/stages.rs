@@ -61,7 +61,7 @@ pub fn trained_part(p: &TrainParams, configs: &StoredConfigs) -> TrainedPart {
         Method::Lora => TrainedPart::Lora {
             rank: p.lora.rank,
             targets: p.lora.targets.clone(),
-            text_encoder: p.lora.text_encoder,
+            text_encoder: (p.lora.text_encoder).then(|| p.lora.text_encoder_targets.clone()),
         },
         Method::TextualInversion => TrainedPart::TextualInversion {
             vectors: p.textual_inversion.num_vectors,
