@@ -38,14 +38,6 @@ impl<E: Elem, D: Device<E>> Adaptable<'_, D, E> {
         }
     }
 
-    /// Whether an adapter is installed.
-    pub fn has_adapter(&self) -> bool {
-        match self {
-            Adaptable::Linear(l) => l.lora.is_some(),
-            Adaptable::Conv(c) => c.lora.is_some(),
-        }
-    }
-
     /// Removes the adapter.
     pub fn remove_adapter(&mut self) {
         match self {

@@ -5,12 +5,12 @@ use dfdx::prelude::*;
 
 use crate::diffusion::nn::elem::Elem;
 
-use crate::diffusion::attention::Transformer2D;
+use crate::diffusion::attention::{Transformer2D, Transformer2DConfig};
 use crate::diffusion::error::Result;
 use crate::diffusion::nn::weights::Loader;
 use crate::diffusion::nn::{Conv2d, Padding2d, Tensor2, Tensor3, Tensor4, upsample_nearest2x};
 use crate::diffusion::params::{Layer, Layers, join};
-use crate::diffusion::resnet::ResnetBlock2D;
+use crate::diffusion::resnet::{ResnetBlock2D, ResnetConfig};
 
 use super::plan::{DownLevel, MidLevel, UpLevel};
 
@@ -63,6 +63,23 @@ impl<E: Elem, D: Device<E>> Upsample2D<D, E> {
     }
 }
 
+/// A level's `resnets.{j}` and `attentions.{j}` as the plan gives their configs.
+type Stack<D, E> = (Vec<ResnetBlock2D<D, E>>, Vec<Transformer2D<D, E>>);
+
+fn load_stack<E: Elem, D: Device<E>>(
+    l: &Loader<D, E>,
+    resnets: &[ResnetConfig],
+    attentions: &[Transformer2DConfig],
+) -> Result<Stack<D, E>> {
+    let resnets = (resnets.iter().enumerate())
+        .map(|(j, c)| ResnetBlock2D::load(&l.pp("resnets").pp(j), c))
+        .collect::<Result<Vec<_>>>()?;
+    let attentions = (attentions.iter().enumerate())
+        .map(|(j, c)| Transformer2D::load(&l.pp("attentions").pp(j), c))
+        .collect::<Result<Vec<_>>>()?;
+    Ok((resnets, attentions))
+}
+
 /// A down block: ResNets (each followed by a transformer on cross-attention levels), then
 /// an optional downsampler. Returns its output and the skip states it produced.
 #[derive(Debug, Clone)]
@@ -78,12 +95,7 @@ pub struct DownBlock<D: Storage<E>, E = f32> {
 impl<E: Elem, D: Device<E>> DownBlock<D, E> {
     /// Loads `down_blocks.i` as its plan describes it.
     pub fn load(l: &Loader<D, E>, plan: &DownLevel) -> Result<Self> {
-        let resnets = (plan.resnets.iter().enumerate())
-            .map(|(j, c)| ResnetBlock2D::load(&l.pp("resnets").pp(j), c))
-            .collect::<Result<Vec<_>>>()?;
-        let attentions = (plan.attentions.iter().enumerate())
-            .map(|(j, c)| Transformer2D::load(&l.pp("attentions").pp(j), c))
-            .collect::<Result<Vec<_>>>()?;
+        let (resnets, attentions) = load_stack(l, &plan.resnets, &plan.attentions)?;
         let downsampler = match plan.downsample_padding {
             Some(padding) => Some(Downsample2D::load(
                 &l.pp("downsamplers").pp(0),
@@ -172,12 +184,7 @@ pub struct UpBlock<D: Storage<E>, E = f32> {
 impl<E: Elem, D: Device<E>> UpBlock<D, E> {
     /// Loads `up_blocks.i` as its plan describes it.
     pub fn load(l: &Loader<D, E>, plan: &UpLevel) -> Result<Self> {
-        let resnets = (plan.resnets.iter().enumerate())
-            .map(|(j, c)| ResnetBlock2D::load(&l.pp("resnets").pp(j), c))
-            .collect::<Result<Vec<_>>>()?;
-        let attentions = (plan.attentions.iter().enumerate())
-            .map(|(j, c)| Transformer2D::load(&l.pp("attentions").pp(j), c))
-            .collect::<Result<Vec<_>>>()?;
+        let (resnets, attentions) = load_stack(l, &plan.resnets, &plan.attentions)?;
         let upsampler = if plan.upsample {
             Some(Upsample2D::load(&l.pp("upsamplers").pp(0), plan.channels)?)
         } else {
