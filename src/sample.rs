@@ -425,7 +425,7 @@ fn generate_on<E: crate::diffusion::nn::Elem, D: Device<f32> + Device<E>>(
         crate::train::lora::merge_into_unet(&mut pipe.models.unet, &network, *weight)
             .and_then(|()| {
                 crate::train::lora::merge_into_unet(
-                    &mut pipe.models.text_encoder,
+                    pipe.models.text_encoder_mut(),
                     &network,
                     *weight,
                 )

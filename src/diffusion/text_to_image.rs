@@ -354,7 +354,7 @@ impl<E: Elem, D: Device<f32> + Device<E>> TextToImage<D, E> {
         if options.batch == 0 {
             return bad("batch", "0; at least one image is needed".into());
         }
-        let layers = self.models.text_encoder.layers.len();
+        let layers = self.models.text_encoder().layers.len();
         if options.clip_skip >= layers {
             return bad(
                 "clip_skip",
@@ -374,7 +374,7 @@ impl<E: Elem, D: Device<f32> + Device<E>> TextToImage<D, E> {
     /// (A1111 and diffusers give a multi-vector token that many consecutive positions), whose
     /// input vectors are `vectors` (`[n, d]`, row-major). Returns the new ids.
     pub fn add_embedding(&mut self, token: &str, vectors: &[f32]) -> Result<Vec<u32>> {
-        let d = self.models.text_encoder.config.hidden_size;
+        let d = self.models.text_encoder().config.hidden_size;
         if vectors.is_empty() || !vectors.len().is_multiple_of(d) {
             return Err(TextToImageError::InvalidOption {
                 option: "embedding",
@@ -384,7 +384,7 @@ impl<E: Elem, D: Device<f32> + Device<E>> TextToImage<D, E> {
                 ),
             });
         }
-        let vocab = self.models.text_encoder.config.vocab_size as u32;
+        let vocab = self.models.text_encoder().config.vocab_size as u32;
         let ids = self.tokenizer.add_placeholder(token, vectors.len() / d)?;
         for (i, id) in ids.iter().enumerate() {
             let row = (*id - vocab) as usize;
@@ -407,7 +407,7 @@ impl<E: Elem, D: Device<f32> + Device<E>> TextToImage<D, E> {
     }
 
     fn encode_ids(&self, ids: &[Vec<u32>], clip_skip: usize) -> Result<Tensor3<D>> {
-        let te = &self.models.text_encoder;
+        let te = self.models.text_encoder();
         if self.extra_embeddings.is_empty() {
             return Ok(te.encode(ids, clip_skip)?);
         }

@@ -383,7 +383,12 @@ impl SampleGridParams {
                     let (network, _) = crate::formats::lora::read_lora(tmp.path(), None)
                         .with_context(|| format!("reading the LoRA of {}", variants[*vi]))?;
                     crate::train::lora::install(&mut t2i.models.unet, &network, 1.0, &dev)?;
-                    crate::train::lora::install(&mut t2i.models.text_encoder, &network, 1.0, &dev)?;
+                    crate::train::lora::install(
+                        t2i.models.text_encoder_mut(),
+                        &network,
+                        1.0,
+                        &dev,
+                    )?;
                 }
                 if let Some(blob) = &embeddings[*vi] {
                     let tmp = tempfile::Builder::new().suffix(".safetensors").tempfile()?;
@@ -418,7 +423,7 @@ impl SampleGridParams {
                                 tag.weight,
                             )?;
                             crate::train::lora::merge_into_unet(
-                                &mut t2i.models.text_encoder,
+                                t2i.models.text_encoder_mut(),
                                 &network,
                                 tag.weight,
                             )?;

@@ -254,22 +254,39 @@ impl Checkpoint {
         dev: &D,
     ) -> Result<StableDiffusion<D, E>> {
         Ok(StableDiffusion {
-            text_encoder: self.load_text_encoder(dev)?,
+            text_encoders: vec![self.load_text_encoder(dev)?],
             unet: self.load_unet_as(dev)?,
             vae: self.load_vae(dev)?,
         })
     }
 }
 
-/// The three models of an SD 1.x checkpoint (configs in each model's `config` field).
+/// The models of a checkpoint (configs in each model's `config` field): its text encoders, the
+/// UNet and the VAE.
 #[derive(Debug, Clone)]
 pub struct StableDiffusion<D: Storage<f32> + Storage<E>, E = f32> {
-    /// CLIP text encoder.
-    pub text_encoder: TextEncoder<D>,
+    /// The text encoders, in the order a family concatenates their hidden states (SDXL: CLIP
+    /// ViT-L, then OpenCLIP ViT-bigG). Never empty: loading builds one per encoder the family
+    /// has, one CLIP ViT-L for SD 1.x, and families with more are refused when the checkpoint
+    /// is opened until text-to-image and training use them all. The first is the
+    /// one kohya's `lora_te_` modules, textual-inversion vectors and clip skip address.
+    pub text_encoders: Vec<TextEncoder<D>>,
     /// Noise-predicting UNet (computing in `E`).
     pub unet: UNet<D, E>,
     /// KL autoencoder.
     pub vae: Vae<D>,
+}
+
+impl<D: Storage<f32> + Storage<E>, E> StableDiffusion<D, E> {
+    /// The first text encoder (for SD 1.x the only one).
+    pub fn text_encoder(&self) -> &TextEncoder<D> {
+        &self.text_encoders[0]
+    }
+
+    /// The first text encoder, mutably.
+    pub fn text_encoder_mut(&mut self) -> &mut TextEncoder<D> {
+        &mut self.text_encoders[0]
+    }
 }
 
 impl<D: Device<f32>> StableDiffusion<D> {

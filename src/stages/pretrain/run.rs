@@ -430,7 +430,10 @@ impl PretrainParams {
             Models {
                 unet: sd.unet,
                 vae: sd.vae,
-                text_encoder: sd.text_encoder,
+                text_encoder: crate::stages::train::single_text_encoder(
+                    sd.text_encoders,
+                    "pretrain",
+                )?,
             },
         ))
     }

@@ -116,7 +116,7 @@ impl TrainParams {
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
         let mut unet = t2i.models.unet;
-        let mut text_encoder = t2i.models.text_encoder;
+        let mut text_encoder = super::single_text_encoder(t2i.models.text_encoders, "dreambooth")?;
         let train_te = self.dreambooth.train_text_encoder;
         let mut trainable_params = count_params(&mut unet);
         if train_te {

@@ -45,7 +45,7 @@ impl TrainParams {
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
         let mut unet = t2i.models.unet;
-        let mut text_encoder = t2i.models.text_encoder;
+        let mut text_encoder = super::single_text_encoder(t2i.models.text_encoders, "lora")?;
         let mut ids: HashMap<String, Vec<u32>> = HashMap::new();
         for item in &items {
             ids.insert(

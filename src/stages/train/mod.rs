@@ -23,6 +23,7 @@ use super::context::{StageContext, StageResult};
 use super::encode_latents::{LatentsManifest, read_f32};
 use super::model::{Component, open_checkpoint};
 use crate::cache::BlobRef;
+use crate::diffusion::clip::TextEncoder;
 use crate::diffusion::nn::{Elem, Tensor3};
 use crate::diffusion::text_to_image::TextToImage;
 use crate::settings::PipelineSettings;
@@ -195,7 +196,7 @@ impl TrainParams {
         for item in items {
             if !contexts.contains_key(&item.caption) {
                 let ids = t2i.tokenizer.encode(&item.caption)?.input_ids;
-                let c = t2i.models.text_encoder.encode(&[ids], self.clip_skip)?;
+                let c = t2i.models.text_encoder().encode(&[ids], self.clip_skip)?;
                 contexts.insert(item.caption.clone(), c);
             }
         }
@@ -339,6 +340,19 @@ impl TrainParams {
             ..AdamWConfig::default()
         };
         (AdamW::new(dev, cfg), TrainState::fresh())
+    }
+}
+
+/// The text encoder of a one-encoder model (SD 1.x), taken out of the loaded models to train or
+/// to run beside the UNet. Refused, naming `method`, for a model with several encoders: their
+/// states are concatenated and trained together, which `method` does not do.
+pub(crate) fn single_text_encoder<D: Storage<f32>>(
+    mut encoders: Vec<TextEncoder<D>>,
+    method: &str,
+) -> anyhow::Result<TextEncoder<D>> {
+    match encoders.len() {
+        1 => Ok(encoders.remove(0)),
+        n => bail!("method `{method}` trains models with one text encoder; this model has {n}"),
     }
 }
 

@@ -46,7 +46,7 @@ impl TrainParams {
         } = self.setup::<E, D>(ctx, dev)?;
         let ddpm = Ddpm::new(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
-        let d = t2i.models.text_encoder.config.hidden_size;
+        let d = t2i.models.text_encoder().config.hidden_size;
 
         // The initial vectors: the init word's token embeddings, repeated to num_vectors.
         let init_ids = t2i.tokenizer.encode_untruncated(&ti.init_word)?;
@@ -58,7 +58,7 @@ impl TrainParams {
         if content.is_empty() {
             bail!("init_word {:?} has no tokens", ti.init_word);
         }
-        let table = t2i.models.text_encoder.token_embedding.as_vec();
+        let table = t2i.models.text_encoder().token_embedding.as_vec();
         let mut vectors = Vec::with_capacity(ti.num_vectors * d);
         for i in 0..ti.num_vectors {
             let row = content[i % content.len()] as usize;
@@ -124,7 +124,7 @@ impl TrainParams {
             |extra: &Tensor2<D>, step: u64| self.embedding(&token, extra, step, &model_path);
         let mut steps = TiSteps {
             clip_skip: self.clip_skip,
-            text_encoder: &t2i.models.text_encoder,
+            text_encoder: t2i.models.text_encoder(),
             unet: &t2i.models.unet,
             ddpm: &ddpm,
             items: &items,
