@@ -5,7 +5,7 @@
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-use crate::common::{BASIC, Project};
+use crate::common::{PipelineToml, Project};
 
 const MANIFEST: &str = "outputs/t/preprocess/manifest.json";
 
@@ -42,7 +42,7 @@ fn run_ok(p: &Project) -> String {
 
 #[test]
 fn an_output_edited_in_place_is_not_served_and_is_recomputed() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     run_ok(&p);
     let good = std::fs::read(p.path(MANIFEST)).unwrap();
     // The output is a hard link to the blob: the edit reaches the cache.
@@ -63,7 +63,7 @@ fn an_output_edited_in_place_is_not_served_and_is_recomputed() {
 
 #[test]
 fn bit_rot_is_found_by_verify_and_recomputed_by_the_next_run() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     run_ok(&p);
     let good = std::fs::read(p.path(MANIFEST)).unwrap();
     flip_a_byte(&p.path(MANIFEST));
@@ -84,7 +84,7 @@ fn bit_rot_is_found_by_verify_and_recomputed_by_the_next_run() {
 
 #[test]
 fn a_deleted_or_replaced_output_is_restored() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     run_ok(&p);
     let good = std::fs::read(p.path(MANIFEST)).unwrap();
 
@@ -111,7 +111,7 @@ fn a_deleted_or_replaced_output_is_restored() {
 
 #[test]
 fn a_corrupt_record_is_a_miss_not_a_failed_run() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     run_ok(&p);
     let records = cache(&p).join("records/stages");
     for e in std::fs::read_dir(&records).unwrap().flatten() {
@@ -126,7 +126,7 @@ fn a_corrupt_record_is_a_miss_not_a_failed_run() {
 
 #[test]
 fn force_recomputes_every_item_and_rewrites_a_damaged_blob() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     run_ok(&p);
     assert_eq!(p.stats("preprocess")["images_computed"], 6);
     let item = p.path("outputs/t/preprocess/items/zorb-01.png.safetensors");
@@ -150,7 +150,7 @@ fn force_recomputes_every_item_and_rewrites_a_damaged_blob() {
 /// yet committed (the run died with exit 3). gc now waits for the run, then collects.
 #[test]
 fn gc_during_a_run_waits_for_it() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     let env = [
         ("SDPIPE_TEST_ITEM_DELAY_MS", "150"),
         ("RAYON_NUM_THREADS", "1"),
@@ -175,7 +175,7 @@ fn gc_during_a_run_waits_for_it() {
 /// pipeline folder, or `cache gc`, removes it.
 #[test]
 fn stale_publish_folders_are_swept() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     run_ok(&p);
     let stale = p.path("outputs/t/.preprocess.new-999999");
     std::fs::create_dir_all(stale.join("items")).unwrap();
@@ -188,7 +188,7 @@ fn stale_publish_folders_are_swept() {
     assert!(!stale.exists());
 
     std::fs::create_dir_all(p.path("outputs/t/.caption.old-123")).unwrap();
-    p.write_pipeline(&BASIC.replace("resolution = 32", "resolution = 40"));
+    p.write_pipeline(PipelineToml::basic().set("stage.preprocess.resolution", 40));
     run_ok(&p);
     assert!(!p.path("outputs/t/.caption.old-123").exists());
 }

@@ -1,10 +1,10 @@
 //! The cache as users see it through the binary: what reruns and what does not.
 
-use crate::common::{BASIC, Project};
+use crate::common::{PipelineToml, Project};
 
 #[test]
 fn second_run_is_all_cached_and_does_no_work() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     let first = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(first.code, 0, "{}{}", first.stdout, first.stderr);
     assert_eq!(p.outcome("caption"), "computed");
@@ -29,7 +29,7 @@ fn second_run_is_all_cached_and_does_no_work() {
 
 #[test]
 fn plan_writes_nothing() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     let plan = p.plan();
     assert_eq!(plan.len(), 2);
     assert!(
@@ -119,7 +119,7 @@ fn editing_one_param_makes_exactly_that_stage_and_its_dependents_stale() {
 
 #[test]
 fn formatting_comments_order_and_explicit_defaults_change_no_key() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
     // Same pipeline: comments, other key order, inline tables, and every default written out.
     p.write_pipeline(
@@ -158,67 +158,53 @@ sidecar_extensions = [".TXT", "caption"]
 
 #[test]
 fn each_result_affecting_field_changes_the_key() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
-    let edits: &[(&str, &str, &str)] = &[
-        ("seed = 1", "seed = 1\n", "caption"), // not result-affecting for center crops: handled below
-        ("token = \"zorb\"", "token = \"zorp\"", "caption"),
-        ("class = \"star\"", "class = \"sun\"", "caption"),
-        ("resolution = 32", "resolution = 40", "preprocess"),
+    let base = PipelineToml::basic;
+    let edits = [
+        (base().set("stage.caption.token", "zorp"), "caption"),
+        (base().set("stage.caption.class", "sun"), "caption"),
+        (base().set("stage.preprocess.resolution", 40), "preprocess"),
+        (base().set("stage.preprocess.flip", true), "preprocess"),
+        (base().set("stage.preprocess.crop", "random"), "preprocess"),
+        (base().set("stage.preprocess.min_size", 8), "preprocess"),
         (
-            "resolution = 32",
-            "resolution = 32\nflip = true",
+            base().merge(toml::toml! {
+                [stage.preprocess]
+                mode = "bucket"
+                bucket = { min = 16, max = 64, step = 16 }
+            }),
             "preprocess",
         ),
         (
-            "resolution = 32",
-            "resolution = 32\ncrop = \"random\"",
+            base().set("stage.preprocess.on_bad_image", "skip"),
             "preprocess",
         ),
-        (
-            "resolution = 32",
-            "resolution = 32\nmin_size = 8",
-            "preprocess",
-        ),
-        (
-            "resolution = 32",
-            "resolution = 32\nmode = \"bucket\"\nbucket = { min = 16, max = 64, step = 16 }",
-            "preprocess",
-        ),
-        (
-            "resolution = 32",
-            "resolution = 32\non_bad_image = \"skip\"",
-            "preprocess",
-        ),
-        (
-            "template = \"a photo of {token} {class}\"",
-            "template = \"a photo of {token} {class}\"\nuse_sidecars = false",
-            "caption",
-        ),
+        (base().set("stage.caption.use_sidecars", false), "caption"),
     ];
-    for (from, to, stage) in &edits[1..] {
-        p.write_pipeline(&BASIC.replacen(from, to, 1));
+    for (edited, stage) in &edits {
+        p.write_pipeline(edited);
         let (status, reason) = p.status_of(stage);
-        assert_eq!(status, "stale", "editing {to:?} left {stage} fresh");
+        assert_eq!(status, "stale", "editing\n{edited}\nleft {stage} fresh");
         assert!(
             reason.contains(stage),
             "reason {reason:?} does not name the field"
         );
     }
     // A random crop depends on the pipeline seed; a center crop does not.
-    let random = BASIC.replacen("resolution = 32", "resolution = 32\ncrop = \"random\"", 1);
+    let random = base().set("stage.preprocess.crop", "random");
     p.write_pipeline(&random);
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
-    p.write_pipeline(&random.replacen("seed = 1", "seed = 2", 1));
+    p.write_pipeline(random.set("pipeline.seed", 2));
     assert_eq!(p.status_of("preprocess").0, "stale");
     assert_eq!(p.status_of("caption").0, "fresh");
-    p.write_pipeline(&BASIC.replacen("seed = 1", "seed = 2", 1));
+    p.write_pipeline(base().set("pipeline.seed", 2));
     assert_eq!(p.status_of("preprocess").0, "fresh");
 }
 
 #[test]
 fn adding_one_image_preprocesses_only_that_image() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
     assert_eq!(p.stats("preprocess")["images_computed"], 6);
 
@@ -244,7 +230,7 @@ fn adding_one_image_preprocesses_only_that_image() {
 
 #[test]
 fn force_recomputes_a_cached_stage() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
     let run = p.sdpipe(&["run", "p.toml", "--force", "preprocess"]);
     assert_eq!(run.code, 0);
@@ -261,11 +247,10 @@ fn force_recomputes_a_cached_stage() {
 
 #[test]
 fn matrix_expands_into_named_instances_sharing_upstream() {
-    let text = BASIC.replacen(
-        "resolution = 32",
-        "matrix.resolution = [32, 48]\nmatrix.flip = [false, true]",
-        1,
-    );
+    let text = PipelineToml::basic()
+        .remove("stage.preprocess.resolution")
+        .set("stage.preprocess.matrix.resolution", vec![32, 48])
+        .set("stage.preprocess.matrix.flip", vec![false, true]);
     let p = Project::new(&text);
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
@@ -288,9 +273,9 @@ fn matrix_expands_into_named_instances_sharing_upstream() {
 
 #[test]
 fn gc_keeps_what_the_last_run_uses() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
-    p.write_pipeline(&BASIC.replacen("resolution = 32", "resolution = 40", 1));
+    p.write_pipeline(PipelineToml::basic().set("stage.preprocess.resolution", 40));
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
     let dry = p.sdpipe(&["cache", "gc", "--dry-run", "--max-age", "0s"]);
     // The first run's stage record and its six per-image records are no longer used.
@@ -303,7 +288,7 @@ fn gc_keeps_what_the_last_run_uses() {
     assert_eq!(gc.code, 0);
     assert!(p.plan().iter().all(|(_, s, _)| s == "fresh"));
     assert_eq!(p.sdpipe(&["cache", "verify"]).code, 0);
-    p.write_pipeline(BASIC);
+    p.write_pipeline(PipelineToml::basic());
     assert_eq!(
         p.status_of("preprocess").0,
         "stale",
@@ -316,11 +301,14 @@ fn gc_keeps_what_the_last_run_uses() {
 
 #[test]
 fn exif_orientation_buckets_and_flips_are_applied_and_reported() {
-    let text = BASIC.replacen(
-        "resolution = 32",
-        "resolution = 64\nmode = \"bucket\"\nbucket = { min = 32, max = 128, step = 16 }\nflip = true\ncrop = \"random\"",
-        1,
-    );
+    let text = PipelineToml::basic().merge(toml::toml! {
+        [stage.preprocess]
+        resolution = 64
+        mode = "bucket"
+        bucket = { min = 32, max = 128, step = 16 }
+        flip = true
+        crop = "random"
+    });
     let p = Project::new(&text);
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}", run.stderr);

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use crate::common::{BASIC, Project};
+use crate::common::{PipelineToml, Project};
 
 /// Every file under `dir`, relative, sorted.
 fn files_under(dir: &Path) -> Vec<String> {
@@ -25,7 +25,7 @@ fn files_under(dir: &Path) -> Vec<String> {
 
 /// A project with a user's `important/thesis.txt` beside `outputs/`.
 fn project_beside_important_folder() -> Project {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     let important = p.path("important");
     std::fs::create_dir_all(&important).unwrap();
     std::fs::write(important.join("thesis.txt"), "four years of work").unwrap();
@@ -38,13 +38,15 @@ fn pipeline_name_with_dotdot_cannot_replace_a_sibling_folder() {
     // folder used to rename that folder aside and delete it.
     let p = project_beside_important_folder();
     p.write_pipeline(
-        &BASIC
-            .replace("name = \"t\"", "name = \"..\"")
-            .replace("[stage.preprocess]", "[stage.important]"),
+        PipelineToml::basic()
+            .set("pipeline.name", "..")
+            .remove("stage.preprocess")
+            .stage("important", "preprocess", &["caption"])
+            .set("stage.important.resolution", 32),
     );
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
-    assert!(run.stderr.contains("p.toml:3:"), "{}", run.stderr);
+    assert!(run.stderr.contains("p.toml:2:"), "{}", run.stderr);
     assert!(run.stderr.contains("pipeline name"), "{}", run.stderr);
     assert_eq!(
         std::fs::read_to_string(p.path("important/thesis.txt")).unwrap(),
@@ -55,15 +57,15 @@ fn pipeline_name_with_dotdot_cannot_replace_a_sibling_folder() {
 
 #[test]
 fn pipeline_name_escaping_outputs_is_refused_at_its_key() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     let outside = tempfile::tempdir().unwrap();
     let absolute = outside.path().join("x");
     for name in ["../x", "a/b", ".hidden", absolute.to_str().unwrap()] {
-        p.write_pipeline(&BASIC.replace("name = \"t\"", &format!("name = {name:?}")));
+        p.write_pipeline(PipelineToml::basic().set("pipeline.name", name));
         for command in ["run", "plan"] {
             let run = p.sdpipe(&[command, "p.toml"]);
             assert_eq!(run.code, 2, "{name}: {}{}", run.stdout, run.stderr);
-            assert!(run.stderr.contains("p.toml:3:1"), "{name}: {}", run.stderr);
+            assert!(run.stderr.contains("p.toml:2:1"), "{name}: {}", run.stderr);
             assert!(run.stderr.contains("letters, digits"), "{}", run.stderr);
         }
     }
@@ -76,11 +78,15 @@ fn pipeline_name_escaping_outputs_is_refused_at_its_key() {
 #[test]
 fn matrix_value_with_a_path_stays_inside_its_stage_folder() {
     // `matrix.template = ["a/../../x"]` used to write a manifest outside outputs/.
-    let caption_only = BASIC.split("[stage.preprocess]").next().unwrap();
-    let p = Project::new(&caption_only.replace(
-        "template = \"a photo of {token} {class}\"",
-        "matrix.template = [\"a/../../x {token}\", \"/tmp/y {token}\"]",
-    ));
+    let p = Project::new(
+        PipelineToml::basic()
+            .remove("stage.preprocess")
+            .remove("stage.caption.template")
+            .set(
+                "stage.caption.matrix.template",
+                vec!["a/../../x {token}", "/tmp/y {token}"],
+            ),
+    );
     let before = files_under(p.dir.path());
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
@@ -110,7 +116,7 @@ fn matrix_value_with_a_path_stays_inside_its_stage_folder() {
 
 #[test]
 fn stage_folder_holding_user_files_is_not_replaced() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     let folder = p.path("outputs/t/caption");
     std::fs::create_dir_all(&folder).unwrap();
     std::fs::write(folder.join("notes.txt"), "mine").unwrap();
@@ -128,7 +134,7 @@ fn stage_folder_holding_user_files_is_not_replaced() {
     std::fs::remove_file(folder.join("notes.txt")).unwrap();
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    p.write_pipeline(&BASIC.replace("token = \"zorb\"", "token = \"blip\""));
+    p.write_pipeline(PipelineToml::basic().set("stage.caption.token", "blip"));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let manifest = std::fs::read_to_string(folder.join("manifest.json")).unwrap();
@@ -136,7 +142,7 @@ fn stage_folder_holding_user_files_is_not_replaced() {
 
     // A file dropped into a published folder is kept too: the next publish refuses.
     std::fs::write(folder.join("notes.txt"), "mine again").unwrap();
-    p.write_pipeline(&BASIC.replace("token = \"zorb\"", "token = \"zap\""));
+    p.write_pipeline(PipelineToml::basic().set("stage.caption.token", "zap"));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 3, "{}{}", run.stdout, run.stderr);
     assert_eq!(
@@ -149,7 +155,7 @@ fn stage_folder_holding_user_files_is_not_replaced() {
 fn sigterm_from_a_scheduler_stops_like_ctrl_c() {
     // Slurm, systemd and `docker stop` send SIGTERM: the run stops at its next check, prints
     // its summary and exits 130, keeping what finished.
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     let child = p.spawn(
         &["run", "p.toml"],
         &[
@@ -188,7 +194,7 @@ fn sigterm_from_a_scheduler_stops_like_ctrl_c() {
 #[test]
 fn stdout_closed_by_head_ends_quietly() {
     // `sdpipe plan --json | head -c 1`: the reader goes away after one byte.
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     let mut child = p
         .command(&["plan", "--json", "p.toml"])
         .stdout(std::process::Stdio::piped())
@@ -212,7 +218,7 @@ fn stdout_on_a_full_disk_is_an_environment_error() {
     if !full.exists() {
         return; // Linux has it; elsewhere there is no full device to write to
     }
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
     let out = p
         .command(&["cache", "verify"])
@@ -257,7 +263,7 @@ fn full_disk_during_a_stage_is_exit_3_and_names_the_path_once() {
         eprintln!("skipped: cannot mount a tmpfs here (needs root)");
         return;
     };
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     let cache = disk.0.path().join("cache");
     let run = p.sdpipe(&["--cache-dir", cache.to_str().unwrap(), "run", "p.toml"]);
     assert_eq!(run.code, 3, "{}{}", run.stdout, run.stderr);

@@ -2,27 +2,25 @@
 //! whose stale train stage cannot fit before anything starts (exit code 4), unless
 //! `--no-memory-check`. The available memory is injected with `SDPIPE_MEMORY_LIMIT`.
 
-use crate::common::{Project, Run};
+use crate::common::{PipelineToml, Project, Run};
 
-fn pipeline(batch: usize) -> String {
-    let start = crate::common::tiny_latents_pipeline(5);
-    format!(
-        r#"{start}
-[stage.train_lora]
-kind = "train"
-needs = ["latents"]
-method = "lora"
-steps = 2
-batch_size = {batch}
+fn pipeline(batch: usize) -> PipelineToml {
+    PipelineToml::tiny_latents(5)
+        .merge(toml::toml! {
+            [stage.train_lora]
+            kind = "train"
+            needs = ["latents"]
+            method = "lora"
+            steps = 2
 
-[stage.train_full]
-kind = "train"
-needs = ["latents"]
-method = "dreambooth"
-steps = 2
-batch_size = {batch}
-"#
-    )
+            [stage.train_full]
+            kind = "train"
+            needs = ["latents"]
+            method = "dreambooth"
+            steps = 2
+        })
+        .set("stage.train_lora.batch_size", batch as i64)
+        .set("stage.train_full.batch_size", batch as i64)
 }
 
 fn with_limit(p: &Project, limit: &str, args: &[&str]) -> Run {
@@ -202,15 +200,9 @@ fn plan_json_carries_the_estimates() {
 /// the key that sizes them first: a smaller batch does not fix a rank of 100000.
 #[test]
 fn a_huge_rank_is_refused_naming_the_rank() {
-    let text = format!(
-        "{}\n[stage.train_lora.lora]\nrank = 100000\n",
-        pipeline(1).replace(
-            "[stage.train_full]\nkind = \"train\"\nneeds = [\"latents\"]\nmethod = \
-             \"dreambooth\"\nsteps = 2\nbatch_size = 1\n",
-            ""
-        )
-    );
-    assert!(!text.contains("train_full"), "{text}");
+    let text = pipeline(1)
+        .remove("stage.train_full")
+        .set("stage.train_lora.lora.rank", 100000);
     let p = Project::new(&text);
     let run = with_limit(&p, "256MiB", &["run", "p.toml"]);
     assert_eq!(run.code, 4, "{}{}", run.stdout, run.stderr);

@@ -11,7 +11,7 @@ fn fixtures() -> &'static str {
 }
 
 fn pipeline(stages: &str) -> String {
-    let start = crate::common::tiny_latents_pipeline(5);
+    let start = crate::common::PipelineToml::tiny_latents(5).text();
     format!(
         r#"{start}
 [stage.train]

@@ -223,7 +223,7 @@ fn stable_diffusion_load_builds_all_models() {
     assert_eq!(sd.unet.config.block_out_channels, vec![32, 64]);
     assert_eq!(sd.vae.config.scaling_factor, 0.18215);
     assert_eq!(sd.vae.config.downsampling_factor(), 2);
-    assert_eq!(sd.text_encoder.config.num_attention_heads, 4);
+    assert_eq!(sd.text_encoder().config.num_attention_heads, 4);
 }
 
 /// Every tensor of the fp16 single file, mapped to diffusers names, equals the f32 diffusers
@@ -570,7 +570,7 @@ fn models_match_the_pipeline_golden() {
             .iter()
             .map(|k| g.i64(k).0.iter().map(|&i| i as u32).collect())
             .collect();
-        let embeds = sd.text_encoder.encode(&ids, 0).unwrap();
+        let embeds = sd.text_encoder().encode(&ids, 0).unwrap();
         assert_close(
             &format!("pipeline prompt_embeds ({what})"),
             &embeds.as_vec(),

@@ -226,7 +226,7 @@ fn guidance_off_runs_the_conditional_batch_only() {
             .unwrap()
             .input_ids,
     ];
-    let ctx = pipe.models.text_encoder.encode(&ids, 0).unwrap();
+    let ctx = pipe.models.text_encoder().encode(&ids, 0).unwrap();
     let sampler = SamplerKind::Ddim.build(&pipe.scheduler_config, 4).unwrap();
     let mut x = init;
     let mut noise = sdpipe::diffusion::schedulers::SeededNoise::new(0);
@@ -394,7 +394,7 @@ fn other_architectures_generate() {
         ..VaeConfig::default()
     };
     let models = StableDiffusion {
-        text_encoder: TextEncoder::load(&l.pp("te"), &clip).unwrap(),
+        text_encoders: vec![TextEncoder::load(&l.pp("te"), &clip).unwrap()],
         unet: UNet::load(&l.pp("unet"), &unet).unwrap(),
         vae: Vae::load(&l.pp("vae"), &vae).unwrap(),
     };

@@ -1,6 +1,26 @@
 //! A broken pipeline file: exit code 2, `file:line:column` of the offending key, and a fix.
 
-use crate::common::{BASIC, Project};
+use crate::common::Project;
+
+/// A hand-written pipeline file: the errors below point at its lines and columns, so it stays
+/// text (the other tests build theirs with `common::PipelineToml`).
+const BASIC: &str = r#"
+[pipeline]
+name = "t"
+seed = 1
+
+[stage.caption]
+kind = "caption"
+images = "images"
+template = "a photo of {token} {class}"
+token = "zorb"
+class = "star"
+
+[stage.preprocess]
+kind = "preprocess"
+needs = ["caption"]
+resolution = 32
+"#;
 
 /// Runs `plan` and `run` on `text`; both must fail with exit 2 at `p.toml:LINE:COL`, and the
 /// message must contain every string of `expect`.
@@ -240,7 +260,7 @@ fn usage_errors_exit_2() {
 /// refused at their key before anything runs, instead of a NaN stop minutes later.
 #[test]
 fn numbers_that_cannot_train_are_refused_at_their_key() {
-    let start = crate::common::tiny_latents_pipeline(5);
+    let start = crate::common::PipelineToml::tiny_latents(5).text();
     let train = |extra: &str, table: &str| {
         format!(
             "{start}\n[stage.train]\nkind = \"train\"\nneeds = [\"latents\"]\nmethod = \

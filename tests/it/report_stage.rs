@@ -5,7 +5,7 @@
 use crate::common::Project;
 
 fn pipeline(concept: &str) -> String {
-    let start = crate::common::tiny_latents_pipeline(3);
+    let start = crate::common::PipelineToml::tiny_latents(3).text();
     format!(
         r#"{start}
 [stage.train]

@@ -3,11 +3,11 @@
 
 use std::time::Duration;
 
-use crate::common::{BASIC, Project, count_files, wait_for};
+use crate::common::{PipelineToml, Project, count_files, wait_for};
 
 #[test]
 fn corrupt_image_is_named_and_fails_the_stage() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     std::fs::write(
         p.path("images/broken.png"),
         b"\x89PNG\r\n\x1a\nthis is not really a png",
@@ -33,10 +33,7 @@ fn corrupt_image_is_named_and_fails_the_stage() {
     assert!(reason.contains("broken.png"), "{reason}");
 
     // Skipping reports it and keeps the rest.
-    p.write_pipeline(&BASIC.replace(
-        "resolution = 32",
-        "resolution = 32\non_bad_image = \"skip\"",
-    ));
+    p.write_pipeline(PipelineToml::basic().set("stage.preprocess.on_bad_image", "skip"));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(p.stats("preprocess")["skipped"], 1);
@@ -50,7 +47,7 @@ fn corrupt_image_is_named_and_fails_the_stage() {
 
 #[test]
 fn too_small_image_is_named() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     image::RgbImage::from_pixel(8, 8, image::Rgb([1, 2, 3]))
         .save(p.path("images/tiny.png"))
         .unwrap();
@@ -66,7 +63,7 @@ fn too_small_image_is_named() {
 
 #[test]
 fn missing_captions_list_the_files() {
-    let text = BASIC.replace("template = \"a photo of {token} {class}\"\n", "");
+    let text = PipelineToml::basic().remove("stage.caption.template");
     let p = Project::new(&text);
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 1);
@@ -132,12 +129,12 @@ fn fail_fast_stops_at_the_first_failure() {
 #[test]
 fn kill_during_a_stage_then_rerun_gives_the_right_result() {
     // Reference: an uninterrupted run in its own project.
-    let reference = Project::new(BASIC);
+    let reference = Project::new(PipelineToml::basic());
     assert_eq!(reference.sdpipe(&["run", "p.toml"]).code, 0);
     let expected =
         std::fs::read_to_string(reference.path("outputs/t/preprocess/manifest.json")).unwrap();
 
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     let mut child = p.spawn(
         &["run", "p.toml"],
         &[
@@ -173,7 +170,7 @@ fn kill_during_a_stage_then_rerun_gives_the_right_result() {
 
 #[test]
 fn two_concurrent_runs_compute_each_stage_once() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     let env = [
         ("SDPIPE_TEST_ITEM_DELAY_MS", "150"),
         ("RAYON_NUM_THREADS", "1"),
@@ -208,7 +205,7 @@ fn two_concurrent_runs_compute_each_stage_once() {
 
 #[test]
 fn ctrl_c_stops_cleanly_with_exit_130() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     let child = p.spawn(
         &["run", "p.toml"],
         &[
@@ -281,7 +278,7 @@ fn png_claiming(width: u32, height: u32) -> Vec<u8> {
 /// `on_bad_image = "skip"`; a truncated JPEG decoded silently to grey. Both are bad images now.
 #[test]
 fn a_decompression_bomb_and_a_truncated_jpeg_are_bad_images() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     std::fs::write(p.path("images/bomb.png"), png_claiming(100_000, 100_000)).unwrap();
     let jpeg = std::fs::read(p.path("images/zorb-05.jpg")).unwrap();
     std::fs::write(p.path("images/cut.jpg"), &jpeg[..jpeg.len() * 2 / 3]).unwrap();
@@ -291,10 +288,7 @@ fn a_decompression_bomb_and_a_truncated_jpeg_are_bad_images() {
         assert!(run.stdout.contains(part), "`{part}` in\n{}", run.stdout);
     }
 
-    p.write_pipeline(&BASIC.replace(
-        "resolution = 32",
-        "resolution = 32\non_bad_image = \"skip\"",
-    ));
+    p.write_pipeline(PipelineToml::basic().set("stage.preprocess.on_bad_image", "skip"));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(p.stats("preprocess")["skipped"], 2);
@@ -316,7 +310,7 @@ fn a_decompression_bomb_and_a_truncated_jpeg_are_bad_images() {
 /// used to be written to `a__x.png.safetensors`, one lost).
 #[test]
 fn nested_and_flat_names_do_not_collide() {
-    let text = BASIC.replace("token = \"zorb\"", "token = \"zorb\"\nrecursive = true");
+    let text = PipelineToml::basic().set("stage.caption.recursive", true);
     let p = Project::new(&text);
     std::fs::create_dir_all(p.path("images/a")).unwrap();
     std::fs::copy(p.path("images/zorb-01.png"), p.path("images/a/x.png")).unwrap();

@@ -6,7 +6,7 @@
 use crate::common::{Project, wait_for};
 
 fn pipeline(hyper: &str) -> String {
-    let start = crate::common::tiny_latents_pipeline(4);
+    let start = crate::common::PipelineToml::tiny_latents(4).text();
     format!(
         r#"{start}
 [stage.hyper]
@@ -252,7 +252,7 @@ fn a_width_the_model_lacks_is_a_clear_error() {
 
 #[test]
 fn lora_tags_in_grid_prompts_apply_the_upstream_lora() {
-    let start = crate::common::tiny_latents_pipeline(4);
+    let start = crate::common::PipelineToml::tiny_latents(4).text();
     let text = format!(
         r#"{start}
 [stage.style]

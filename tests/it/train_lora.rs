@@ -2,40 +2,37 @@
 //! writes a kohya file, is bit-identical on rerun and after a kill + resume, and its LoRA
 //! changes the sampled image in the grid.
 
-use crate::common::{Project, wait_for};
+use crate::common::{PipelineToml, Project, wait_for};
 
-fn pipeline(extra_train: &str) -> String {
-    let start = crate::common::tiny_latents_pipeline(5);
-    format!(
-        r#"{start}
-[stage.train]
-kind = "train"
-needs = ["latents"]
-method = "lora"
-steps = 30
-lr = 1e-3
-checkpoint_every = 10
-{extra_train}
-[stage.train.lora]
-rank = 4
-alpha = 2
+fn pipeline() -> PipelineToml {
+    PipelineToml::tiny_latents(5).merge(toml::toml! {
+        [stage.train]
+        kind = "train"
+        needs = ["latents"]
+        method = "lora"
+        steps = 30
+        lr = 1e-3
+        checkpoint_every = 10
 
-[stage.grid]
-kind = "sample_grid"
-needs = ["train"]
-prompts = ["a photo of zorb"]
-seeds = [1]
-steps = 4
-sampler = "ddim"
-width = 16
-height = 16
-"#
-    )
+        [stage.train.lora]
+        rank = 4
+        alpha = 2
+
+        [stage.grid]
+        kind = "sample_grid"
+        needs = ["train"]
+        prompts = ["a photo of zorb"]
+        seeds = [1]
+        steps = 4
+        sampler = "ddim"
+        width = 16
+        height = 16
+    })
 }
 
 #[test]
 fn lora_training_learns_writes_kohya_and_changes_the_grid() {
-    let p = Project::new(&pipeline(""));
+    let p = Project::new(pipeline());
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let stats = p.stats("train");
@@ -156,14 +153,14 @@ fn lora_training_learns_writes_kohya_and_changes_the_grid() {
     );
 
     // Rerun elsewhere: bit-identical.
-    let q = Project::new(&pipeline(""));
+    let q = Project::new(pipeline());
     assert_eq!(q.sdpipe(&["run", "p.toml"]).code, 0);
     let same = std::fs::read(&lora).unwrap()
         == std::fs::read(q.path("outputs/t/train/lora.safetensors")).unwrap();
     assert!(same, "a rerun in another project gives other bytes");
 
     // Killed after a checkpoint, then resumed: the same file as the uninterrupted run.
-    let r = Project::new(&pipeline(""));
+    let r = Project::new(pipeline());
     let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "60")]);
     wait_for("a training checkpoint", || r.scratch_has_checkpoint());
     child.kill().unwrap();
@@ -181,7 +178,7 @@ fn lora_training_learns_writes_kohya_and_changes_the_grid() {
 
 #[test]
 fn an_unmatched_lora_target_lists_the_modules() {
-    let text = pipeline("").replace("alpha = 2", "alpha = 2\ntargets = [\"to_x\"]");
+    let text = pipeline().set("stage.train.lora.targets", vec!["to_x"]);
     let p = Project::new(&text);
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 1);
@@ -191,7 +188,7 @@ fn an_unmatched_lora_target_lists_the_modules() {
         "{}",
         run.stdout
     );
-    let text = pipeline("").replace("method = \"lora\"", "method = \"lorax\"");
+    let text = pipeline().set("stage.train.method", "lorax");
     let p = Project::new(&text);
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_eq!(run.code, 2);
@@ -204,9 +201,12 @@ fn an_unmatched_lora_target_lists_the_modules() {
 
 #[test]
 fn text_encoder_lora_with_dropout_learns_and_writes_lora_te_modules() {
-    let extra = "[stage.train.lora]\nrank = 4\nalpha = 2\ndropout = 0.1\ntext_encoder = true\ntext_encoder_lr = 5e-4\n";
-    let text = pipeline("").replace("[stage.train.lora]\nrank = 4\nalpha = 2\n", extra);
-    assert!(text.contains("text_encoder = true"));
+    let text = pipeline().merge(toml::toml! {
+        [stage.train.lora]
+        dropout = 0.1
+        text_encoder = true
+        text_encoder_lr = 5e-4
+    });
     let p = Project::new(&text);
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
@@ -247,10 +247,7 @@ fn text_encoder_lora_with_dropout_learns_and_writes_lora_te_modules() {
             == std::fs::read(q.path("outputs/t/train/lora.safetensors")).unwrap()
     );
     // An unknown text-encoder target names the modules that exist.
-    let bad = Project::new(&text.replace(
-        "text_encoder = true",
-        "text_encoder = true\ntext_encoder_targets = [\"nope\"]",
-    ));
+    let bad = Project::new(text.set("stage.train.lora.text_encoder_targets", vec!["nope"]));
     let run = bad.sdpipe(&["run", "p.toml"]);
     assert_ne!(run.code, 0);
     let all = format!("{}{}", run.stdout, run.stderr);
@@ -262,10 +259,8 @@ fn text_encoder_lora_with_dropout_learns_and_writes_lora_te_modules() {
 /// adapters stay close to the f32 run's, and a rerun is bit-identical (cache hit).
 #[test]
 fn half_precision_lora_training_tracks_f32() {
-    let extra = "[stage.train.lora]\nrank = 4\nalpha = 2\ntext_encoder = true\n";
-    let text = pipeline("").replace("[stage.train.lora]\nrank = 4\nalpha = 2\n", extra);
-    assert!(text.contains("text_encoder = true"));
-    let (f32_run, half_run) = crate::common::f32_and_f16_training(&text, "train", 0.1);
+    let text = pipeline().set("stage.train.lora.text_encoder", true);
+    let (f32_run, half_run) = crate::common::f32_and_f16_training(&text.text(), "train", 0.1);
 
     // The adapters: the same modules, values near the f32 run's. Adam's normalised first
     // steps turn f16 rounding of near-zero gradients into full-size updates of `up` (which
@@ -300,7 +295,7 @@ fn half_precision_lora_training_tracks_f32() {
 /// with them.
 #[test]
 fn conv_targets_train_locon_adapters() {
-    let text = pipeline("").replace("alpha = 2", "alpha = 2\ntargets = [\"to_q\", \"conv1\"]");
+    let text = pipeline().set("stage.train.lora.targets", vec!["to_q", "conv1"]);
     let p = Project::new(&text);
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);

@@ -4,7 +4,7 @@
 use std::io::Read;
 use std::time::Duration;
 
-use crate::common::{BASIC, Project, wait_for};
+use crate::common::{PipelineToml, Project, wait_for};
 
 fn item_records(p: &Project) -> usize {
     std::fs::read_dir(p.path(".sdpipe/cache-v1/records/items"))
@@ -20,7 +20,7 @@ fn runs(p: &Project) -> usize {
 
 #[test]
 fn watch_reruns_on_save_and_cancels_a_stage_whose_key_changed() {
-    let p = Project::new(BASIC);
+    let p = Project::new(PipelineToml::basic());
     let mut child = p.spawn(
         &["watch", "p.toml", "--debounce-ms", "100"],
         &[
@@ -32,9 +32,9 @@ fn watch_reruns_on_save_and_cancels_a_stage_whose_key_changed() {
 
     // A save reruns what it changed; while preprocess runs its first items, a second save
     // changes it again: the running stage is cancelled and the latest config runs.
-    p.write_pipeline(&BASIC.replace("resolution = 32", "resolution = 40"));
+    p.write_pipeline(PipelineToml::basic().set("stage.preprocess.resolution", 40));
     wait_for("preprocess at 40 px to start", || item_records(&p) > 6);
-    p.write_pipeline(&BASIC.replace("resolution = 32", "resolution = 48"));
+    p.write_pipeline(PipelineToml::basic().set("stage.preprocess.resolution", 48));
     // The run record is written last: once it shows 48 px, that run is over.
     wait_for("the run at 48 px to finish", || {
         std::fs::read(p.path("outputs/t/last-run.json"))

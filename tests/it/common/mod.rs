@@ -2,7 +2,11 @@
 
 #![allow(dead_code)]
 
+use std::fmt::Display;
 use std::path::{Path, PathBuf};
+
+mod pipeline_toml;
+pub use pipeline_toml::PipelineToml;
 use std::process::{Child, Command, Output, Stdio};
 
 /// A temporary project: a copy of the toy dataset and a pipeline file.
@@ -27,24 +31,6 @@ impl Run {
     }
 }
 
-pub const BASIC: &str = r#"
-[pipeline]
-name = "t"
-seed = 1
-
-[stage.caption]
-kind = "caption"
-images = "images"
-template = "a photo of {token} {class}"
-token = "zorb"
-class = "star"
-
-[stage.preprocess]
-kind = "preprocess"
-needs = ["caption"]
-resolution = 32
-"#;
-
 impl Project {
     /// Whether a training stage has written a checkpoint into its scratch dir yet.
     pub fn scratch_has_checkpoint(&self) -> bool {
@@ -63,7 +49,7 @@ impl Project {
     }
 
     /// A project with the toy dataset in `images/` and `pipeline` as `p.toml`.
-    pub fn new(pipeline: &str) -> Project {
+    pub fn new(pipeline: impl Display) -> Project {
         let dir = tempfile::tempdir().unwrap();
         let images = dir.path().join("images");
         std::fs::create_dir_all(&images).unwrap();
@@ -83,8 +69,8 @@ impl Project {
         self.dir.path().join(rel)
     }
 
-    pub fn write_pipeline(&self, text: &str) {
-        std::fs::write(self.path("p.toml"), text).unwrap();
+    pub fn write_pipeline(&self, text: impl Display) {
+        std::fs::write(self.path("p.toml"), text.to_string()).unwrap();
     }
 
     pub fn command(&self, args: &[&str]) -> Command {
@@ -178,36 +164,6 @@ impl Project {
 }
 
 /// Waits until `cond` holds, for at most 60 s.
-/// The start every training test's pipeline shares: `[pipeline]` on the tiny fixture model
-/// (name `t`, `seed`), then `caption` (the project's `images/`, "a photo of zorb"),
-/// `preprocess` at 16 px and `latents` (encode_latents). Append the stages under test.
-pub fn tiny_latents_pipeline(seed: u64) -> String {
-    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-    format!(
-        r#"
-[pipeline]
-name = "t"
-seed = {seed}
-base_model = "{fixtures}/tiny-sd"
-
-[stage.caption]
-kind = "caption"
-images = "images"
-template = "a photo of {{token}}"
-token = "zorb"
-
-[stage.preprocess]
-kind = "preprocess"
-needs = ["caption"]
-resolution = 16
-
-[stage.latents]
-kind = "encode_latents"
-needs = ["preprocess"]
-"#
-    )
-}
-
 pub fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let start = std::time::Instant::now();
     while !cond() {
