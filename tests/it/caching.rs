@@ -72,7 +72,7 @@ fn editing_one_param_makes_exactly_that_stage_and_its_dependents_stale() {
     let p = Project::new(TWO_BRANCHES);
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
 
-    p.write_pipeline(&TWO_BRANCHES.replacen("resolution = 32", "resolution = 48", 1));
+    p.write_pipeline(TWO_BRANCHES.replacen("resolution = 32", "resolution = 48", 1));
     let plan = p.plan();
     let status: Vec<(&str, &str)> = plan
         .iter()
@@ -94,7 +94,7 @@ fn editing_one_param_makes_exactly_that_stage_and_its_dependents_stale() {
     );
 
     p.write_pipeline(
-        &TWO_BRANCHES.replace("a photo of {token} {class}", "a drawing of {token} {class}"),
+        TWO_BRANCHES.replace("a photo of {token} {class}", "a drawing of {token} {class}"),
     );
     let plan = p.plan();
     let status: Vec<(&str, &str)> = plan

@@ -48,7 +48,7 @@ fn f32_tensor(path: &std::path::Path, name: &str) -> (Vec<f32>, Vec<usize>) {
 
 #[test]
 fn latents_are_cached_per_item_and_equal_a_direct_encode() {
-    let p = Project::new(&pipeline("tiny-sd", None));
+    let p = Project::new(pipeline("tiny-sd", None));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(p.stats("latents")["items_computed"], 6);
@@ -91,12 +91,9 @@ fn latents_are_cached_per_item_and_equal_a_direct_encode() {
 
 #[test]
 fn single_file_and_diffusers_folder_give_the_same_latents() {
-    let folder = Project::new(&pipeline("tiny-sd", None));
+    let folder = Project::new(pipeline("tiny-sd", None));
     assert_eq!(folder.sdpipe(&["run", "p.toml"]).code, 0);
-    let single = Project::new(&pipeline(
-        "tiny-sd-single-file.safetensors",
-        Some("tiny-sd"),
-    ));
+    let single = Project::new(pipeline("tiny-sd-single-file.safetensors", Some("tiny-sd")));
     let run = single.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let a = std::fs::read(folder.path("outputs/t/latents/manifest.json")).unwrap();
@@ -119,7 +116,7 @@ fn a_model_stage_without_base_model_is_a_pipeline_error() {
         "{}",
         run.stderr
     );
-    let p = Project::new(&pipeline("no-such-model.safetensors", None));
+    let p = Project::new(pipeline("no-such-model.safetensors", None));
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_eq!(run.code, 2);
     assert!(

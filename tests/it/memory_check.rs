@@ -67,18 +67,18 @@ fn planned_bytes(p: &Project, stage: &str) -> f64 {
 
 #[test]
 fn plan_prints_an_estimate_that_grows_with_the_batch() {
-    let p = Project::new(&pipeline(1));
+    let p = Project::new(pipeline(1));
     let lora1 = planned_bytes(&p, "train_lora");
     let full1 = planned_bytes(&p, "train_full");
     assert!(full1 > lora1, "full fine-tuning {full1} <= LoRA {lora1}");
-    p.write_pipeline(&pipeline(8));
+    p.write_pipeline(pipeline(8));
     let lora8 = planned_bytes(&p, "train_lora");
     assert!(lora8 > lora1, "batch 8 {lora8} <= batch 1 {lora1}");
 }
 
 #[test]
 fn a_run_that_cannot_fit_is_refused_before_it_starts() {
-    let p = Project::new(&pipeline(2));
+    let p = Project::new(pipeline(2));
     let run = with_limit(&p, "1MiB", &["run", "p.toml"]);
     assert_eq!(run.code, 4, "{}{}", run.stdout, run.stderr);
     for part in [
@@ -116,7 +116,7 @@ fn a_run_that_cannot_fit_is_refused_before_it_starts() {
 
 #[test]
 fn no_memory_check_runs_anyway() {
-    let p = Project::new(&pipeline(1));
+    let p = Project::new(pipeline(1));
     let run = with_limit(&p, "1MiB", &["run", "--no-memory-check", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(run.stderr.contains("WILL NOT FIT"), "{}", run.stderr);
@@ -127,7 +127,7 @@ fn no_memory_check_runs_anyway() {
 #[test]
 fn watch_refuses_a_run_that_cannot_fit_and_waits() {
     use std::io::{BufRead, BufReader};
-    let p = Project::new(&pipeline(2));
+    let p = Project::new(pipeline(2));
     let mut child = p.spawn(
         &["watch", "p.toml", "--debounce-ms", "100"],
         &[("SDPIPE_MEMORY_LIMIT", "1MiB")],
@@ -168,7 +168,7 @@ fn watch_refuses_a_run_that_cannot_fit_and_waits() {
 /// whether it fits, beside the plan entries; other stages have no `memory`.
 #[test]
 fn plan_json_carries_the_estimates() {
-    let p = Project::new(&pipeline(1));
+    let p = Project::new(pipeline(1));
     let run = with_limit(&p, "1MiB", &["plan", "--json", "p.toml"]);
     assert_eq!(run.code, 0, "{}", run.stderr);
     let entries: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();

@@ -95,7 +95,7 @@ fn max_module_diff(
 
 #[test]
 fn lora_baked_extracted_combined_and_sampled_as_a_checkpoint_row() {
-    let p = Project::new(&pipeline(MERGES));
+    let p = Project::new(pipeline(MERGES));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
 
@@ -214,7 +214,7 @@ fn lora_baked_extracted_combined_and_sampled_as_a_checkpoint_row() {
 #[test]
 fn merge_errors_name_the_missing_input_and_the_foreign_module() {
     // a source that is neither a stage in `needs` nor a file
-    let p = Project::new(&pipeline(
+    let p = Project::new(pipeline(
         r#"
 [stage.baked]
 kind = "merge"
@@ -252,7 +252,7 @@ loras = ["trian"]
     );
     std::fs::create_dir_all(p.path("loras")).unwrap();
     sdpipe::formats::write_safetensors(&p.path("loras/sd2.safetensors"), &t, None).unwrap();
-    p.write_pipeline(&pipeline(
+    p.write_pipeline(pipeline(
         r#"
 [stage.baked]
 kind = "merge"
@@ -273,7 +273,7 @@ loras = ["loras/sd2.safetensors:0.5"]
     );
 
     // parameter problems are reported at the key, with a fix
-    p.write_pipeline(&pipeline(
+    p.write_pipeline(pipeline(
         r#"
 [stage.avg]
 kind = "merge"
@@ -289,7 +289,7 @@ alpha = 0.5
         "{}",
         run.stderr
     );
-    p.write_pipeline(&pipeline(
+    p.write_pipeline(pipeline(
         r#"
 [stage.avg]
 kind = "merge"

@@ -37,7 +37,7 @@ text_heads = 2
 
 #[test]
 fn pretraining_learns_writes_a_self_describing_model_and_resumes_identically() {
-    let p = Project::new(&pipeline(""));
+    let p = Project::new(pipeline(""));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let stats = p.stats("base");
@@ -79,7 +79,7 @@ fn pretraining_learns_writes_a_self_describing_model_and_resumes_identically() {
     let uninterrupted = std::fs::read(&model).unwrap();
 
     // Killed after a checkpoint, then resumed: the same bytes.
-    let r = Project::new(&pipeline(""));
+    let r = Project::new(pipeline(""));
     let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "150")]);
     wait_for("a pretraining checkpoint", || r.scratch_has_checkpoint());
     child.kill().unwrap();
@@ -95,7 +95,7 @@ fn pretraining_learns_writes_a_self_describing_model_and_resumes_identically() {
 
 #[test]
 fn a_bad_parameter_is_reported_at_its_key() {
-    let p = Project::new(&pipeline("world = \"space\"\n"));
+    let p = Project::new(pipeline("world = \"space\"\n"));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
     assert!(
@@ -131,10 +131,10 @@ save_dtype = "f32"
 
 #[test]
 fn pretraining_continues_from_a_base_model_keeping_its_vae() {
-    let p = Project::new(&pipeline(""));
+    let p = Project::new(pipeline(""));
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
     let base = p.path("outputs/t/base/model.safetensors");
-    let c = Project::new(&continued(base.to_str().unwrap(), ""));
+    let c = Project::new(continued(base.to_str().unwrap(), ""));
     let run = c.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let before = sdpipe::diffusion::Checkpoint::open(&base).unwrap();

@@ -127,7 +127,7 @@ fn assert_well_formed_svg(svg: &str) {
 
 #[test]
 fn report_is_self_contained_and_carries_every_variant() {
-    let p = Project::new(&pipeline("\"heart\""));
+    let p = Project::new(pipeline("\"heart\""));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(

@@ -27,7 +27,7 @@ height = 16
 
 #[test]
 fn grid_images_are_cached_per_cell_and_match_sdpipe_sample() {
-    let p = Project::new(&pipeline("[1, 2]"));
+    let p = Project::new(pipeline("[1, 2]"));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(p.stats("grid")["images_computed"], 4);
@@ -87,7 +87,7 @@ fn grid_images_are_cached_per_cell_and_match_sdpipe_sample() {
     );
 
     // One more seed: two new cells (one per prompt), the rest reused.
-    p.write_pipeline(&pipeline("[1, 2, 3]"));
+    p.write_pipeline(pipeline("[1, 2, 3]"));
     assert_eq!(p.status_of("grid").1, "grid.seeds [1,2] → [1,2,3]");
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
     assert_eq!(p.stats("grid")["images_computed"], 2);
@@ -96,7 +96,7 @@ fn grid_images_are_cached_per_cell_and_match_sdpipe_sample() {
 
 #[test]
 fn grid_param_errors_point_at_the_key() {
-    let p = Project::new(&pipeline("[1]").replace("width = 16", "width = 20"));
+    let p = Project::new(pipeline("[1]").replace("width = 16", "width = 20"));
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_eq!(run.code, 2);
     assert!(
@@ -107,7 +107,7 @@ fn grid_param_errors_point_at_the_key() {
         "{}",
         run.stderr
     );
-    let p = Project::new(&pipeline("[1]").replace("euler_a", "heun"));
+    let p = Project::new(pipeline("[1]").replace("euler_a", "heun"));
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_eq!(run.code, 2);
     assert!(
@@ -121,7 +121,7 @@ fn grid_param_errors_point_at_the_key() {
 /// the f32 ones (the same seeds and sampler), are not bit-identical, and the cache keys differ.
 #[test]
 fn half_precision_grid_is_close_to_f32() {
-    let f32_run = Project::new(&pipeline("[1]"));
+    let f32_run = Project::new(pipeline("[1]"));
     let run = f32_run.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let half_text = pipeline("[1]").replace(
@@ -153,9 +153,9 @@ fn half_precision_grid_is_close_to_f32() {
 /// once: the second waits on the cell's lock and uses the first one's image.
 #[test]
 fn concurrent_overlapping_grids_sample_each_cell_once() {
-    let p = Project::new(&pipeline("[1, 2, 3]"));
+    let p = Project::new(pipeline("[1, 2, 3]"));
     p.write_pipeline(
-        &pipeline("[1, 2, 3]").replace("prompts = [\"a photo of sks dog\", ", "prompts = ["),
+        pipeline("[1, 2, 3]").replace("prompts = [\"a photo of sks dog\", ", "prompts = ["),
     );
     let other = pipeline("[1, 2, 3, 4]")
         .replace("name = \"t\"", "name = \"u\"")

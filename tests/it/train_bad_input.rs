@@ -47,7 +47,7 @@ init_word = "star"
 
 #[test]
 fn a_dataset_without_images_names_the_folder() {
-    let p = Project::new(&pipeline("empty", "zorb", ""));
+    let p = Project::new(pipeline("empty", "zorb", ""));
     std::fs::create_dir_all(p.path("empty")).unwrap();
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
@@ -60,7 +60,7 @@ fn a_dataset_without_images_names_the_folder() {
 
 #[test]
 fn a_placeholder_that_is_already_a_word_is_refused_unless_allowed() {
-    let p = Project::new(&pipeline("images", "dog", ""));
+    let p = Project::new(pipeline("images", "dog", ""));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     let all = format!("{}{}", run.stdout, run.stderr);
@@ -69,14 +69,14 @@ fn a_placeholder_that_is_already_a_word_is_refused_unless_allowed() {
             && all.contains("allow_existing_token"),
         "{all}"
     );
-    let p = Project::new(&pipeline("images", "dog", "allow_existing_token = true"));
+    let p = Project::new(pipeline("images", "dog", "allow_existing_token = true"));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
 }
 
 #[test]
 fn a_lora_for_another_architecture_names_the_module() {
-    let p = Project::new(&pipeline("images", "zorb", ""));
+    let p = Project::new(pipeline("images", "zorb", ""));
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
     let sample = |lora: &std::path::Path| {
         p.sdpipe(&[

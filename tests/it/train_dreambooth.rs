@@ -55,7 +55,7 @@ save_dtype = "f32"
 
 #[test]
 fn dreambooth_learns_writes_a_loadable_checkpoint_and_resumes_identically() {
-    let p = Project::new(&pipeline(3, ""));
+    let p = Project::new(pipeline(3, ""));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let stats = p.stats("train");
@@ -157,13 +157,13 @@ fn dreambooth_learns_writes_a_loadable_checkpoint_and_resumes_identically() {
     let uninterrupted = std::fs::read(&model).unwrap();
 
     // More class images: only the new one is sampled.
-    p.write_pipeline(&pipeline(4, ""));
+    p.write_pipeline(pipeline(4, ""));
     let more = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(more.code, 0, "{}", more.stderr);
     assert_eq!(p.stats("class")["images_computed"], 1);
 
     // Killed after a checkpoint, then resumed: the same bytes as the uninterrupted run.
-    let r = Project::new(&pipeline(3, ""));
+    let r = Project::new(pipeline(3, ""));
     let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "150")]);
     wait_for("a training checkpoint", || r.scratch_has_checkpoint());
     child.kill().unwrap();

@@ -77,7 +77,7 @@ fn sample(p: &Project, out: &str, hypers: &[&str]) -> (i32, String) {
 
 #[test]
 fn hypernetwork_training_learns_writes_a1111_files_and_changes_samples() {
-    let p = Project::new(&pipeline(HYPER));
+    let p = Project::new(pipeline(HYPER));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let stats = p.stats("hyper");
@@ -194,7 +194,7 @@ fn hypernetwork_training_learns_writes_a1111_files_and_changes_samples() {
     );
 
     // Rerun elsewhere: bit-identical (dropout included).
-    let q = Project::new(&pipeline(HYPER));
+    let q = Project::new(pipeline(HYPER));
     assert_eq!(q.sdpipe(&["run", "p.toml"]).code, 0);
     assert!(
         std::fs::read(&pt).unwrap()
@@ -203,7 +203,7 @@ fn hypernetwork_training_learns_writes_a1111_files_and_changes_samples() {
     );
 
     // Killed after a checkpoint, then resumed: the same file as the uninterrupted run.
-    let r = Project::new(&pipeline(HYPER));
+    let r = Project::new(pipeline(HYPER));
     let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "80")]);
     wait_for("a training checkpoint", || r.scratch_has_checkpoint());
     child.kill().unwrap();
@@ -220,7 +220,7 @@ fn hypernetwork_training_learns_writes_a1111_files_and_changes_samples() {
 
 #[test]
 fn a_width_the_model_lacks_is_a_clear_error() {
-    let p = Project::new(&pipeline("sizes = [768]"));
+    let p = Project::new(pipeline("sizes = [768]"));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 1);
     assert!(
@@ -230,7 +230,7 @@ fn a_width_the_model_lacks_is_a_clear_error() {
         run.stdout
     );
 
-    let p = Project::new(&pipeline("activation = \"wiggle\""));
+    let p = Project::new(pipeline("activation = \"wiggle\""));
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("activation `wiggle`"), "{}", run.stderr);
@@ -319,7 +319,7 @@ height = 16
     assert!(params.extra.iter().any(|(k, _)| k == "Lora hashes"));
 
     // A tag naming no upstream network is an error that lists the ones there are.
-    p.write_pipeline(&text.replace("<lora:style:0.5>", "<hypernet:style>"));
+    p.write_pipeline(text.replace("<lora:style:0.5>", "<hypernet:style>"));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 1);
     assert!(
@@ -328,7 +328,7 @@ height = 16
         "{}",
         run.stdout
     );
-    p.write_pipeline(&text.replace("<lora:style:0.5>", "<lora::0.5>"));
+    p.write_pipeline(text.replace("<lora:style:0.5>", "<lora::0.5>"));
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("names no network"), "{}", run.stderr);

@@ -57,7 +57,7 @@ height = 16
 
 #[test]
 fn textual_inversion_learns_and_writes_a1111_and_diffusers_files() {
-    let p = Project::new(&pipeline());
+    let p = Project::new(pipeline());
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let stats = p.stats("train");
@@ -128,7 +128,7 @@ fn textual_inversion_learns_and_writes_a1111_and_diffusers_files() {
     );
 
     // Deterministic: another project gives the same vectors.
-    let q = Project::new(&pipeline());
+    let q = Project::new(pipeline());
     assert_eq!(q.sdpipe(&["run", "p.toml"]).code, 0);
     let again = sdpipe::formats::read_safetensors(&q.path("outputs/t/train/embedding.safetensors"))
         .unwrap();
