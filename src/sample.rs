@@ -196,13 +196,8 @@ fn pipeline_failure(e: TextToImageError) -> Failure {
     }
 }
 
-/// Runs `sdpipe sample` with a progress bar on a terminal; returns the exit code (0 ok, 2
-/// usage / bad input, 3 I/O).
-pub fn run(args: SampleArgs) -> ExitCode {
-    run_with(args, false)
-}
-
-/// [`run`], without the progress bar when `quiet` (the global `--quiet`).
+/// Runs `sdpipe sample`, with a progress bar on a terminal unless `quiet` (the global
+/// `--quiet`); returns the exit code (0 ok, 2 usage / bad input, 3 I/O).
 pub fn run_with(args: SampleArgs, quiet: bool) -> ExitCode {
     match execute(&args, quiet) {
         Ok(written) => {

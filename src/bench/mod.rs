@@ -23,7 +23,7 @@ mod report;
 mod run;
 
 pub use report::{BenchReport, StepTimes};
-pub use run::{run_on, size_multiple};
+pub use run::run_on;
 
 use crate::exit::ExitCode;
 use std::path::PathBuf;

@@ -10,5 +10,5 @@ pub mod store;
 pub use atomic::{atomic_write, sync_dir};
 pub use hash::{FileHasher, hash_bytes};
 pub use key::{KEY_SCHEMA, KeyMaterial, canonical_json};
-pub use lock::{KeyLock, StoreLock};
-pub use store::{BlobRef, CacheError, Record, Store, StoreUsage};
+pub use lock::KeyLock;
+pub use store::{BlobRef, CacheError, Record, Store};

@@ -1,7 +1,7 @@
 //! Writing a command's results to standard output without panicking.
 //!
 //! `println!` panics when stdout is closed (`sdpipe plan --json | head`) or full
-//! (`sdpipe cache verify > /dev/full`). Results go through [`print`](fn@print) (and the
+//! (`sdpipe cache verify > /dev/full`). Results go through `control::stdout::print` (and the
 //! [`out!`](crate::out)/[`outln!`](crate::outln) macros) instead: a closed pipe ends
 //! the process quietly with exit 0, as `head` asked for no more (what ripgrep and coreutils do),
 //! and any other write error (a full disk) is reported once, with exit code 3.
@@ -51,7 +51,7 @@ pub fn print(text: &str) {
     }
 }
 
-/// `print!` through [`print`](fn@print): a closed pipe exits 0 quietly, a full disk exits 3.
+/// `print!` through `control::stdout::print`: a closed pipe exits 0 quietly, a full disk exits 3.
 #[macro_export]
 macro_rules! out {
     ($($arg:tt)*) => {
@@ -59,7 +59,7 @@ macro_rules! out {
     };
 }
 
-/// `println!` through [`print`](fn@print): a closed pipe exits 0 quietly, a full disk exits 3.
+/// `println!` through `control::stdout::print`: a closed pipe exits 0 quietly, a full disk exits 3.
 #[macro_export]
 macro_rules! outln {
     ($($arg:tt)*) => {

@@ -10,10 +10,9 @@ mod watch;
 mod workspace;
 
 pub use crate::control::{CancelToken, Progress, install_ctrlc_handler, interrupted};
-pub use execute::{Outcome, RunOptions, RunReport, StageOutcome, execute};
-pub use material::stage_material;
-pub use outputs::{LockEntry, RunLock, sweep_stale_staging};
-pub use plan::{PlanEntry, PlanStatus, plan, plan_readonly, stages_to_run};
+pub use execute::{RunOptions, execute};
+pub use outputs::{RunLock, sweep_stale_staging};
+pub use plan::{PlanEntry, plan_readonly, stages_to_run};
 pub use summary::{print_plan, print_summary};
 pub use watch::watch;
 pub use workspace::Workspace;

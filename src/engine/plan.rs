@@ -43,9 +43,6 @@ pub struct PlanEntry {
     pub reason: String,
     /// The key when it can be known before running (upstream fresh).
     pub key: Option<String>,
-    /// The key material, when known.
-    #[serde(skip)]
-    pub material: Option<KeyMaterial>,
 }
 
 /// The stages of a plan that will compute (everything not fresh).
@@ -107,7 +104,6 @@ pub fn plan(
                     status: PlanStatus::Error,
                     reason: crate::control::error_chain::describe_anyhow(&e),
                     key: None,
-                    material: None,
                 });
                 continue;
             }
@@ -171,7 +167,6 @@ pub fn plan(
             status,
             reason: reasons.join("; "),
             key,
-            material: Some(material),
         });
     }
     entries

@@ -49,11 +49,6 @@ impl BucketSet {
         BucketSet { buckets }
     }
 
-    /// All buckets, sorted.
-    pub fn buckets(&self) -> &[Bucket] {
-        &self.buckets
-    }
-
     /// The bucket whose aspect ratio is nearest (in log space) to `width`:`height`.
     pub fn assign(&self, width: u32, height: u32) -> Option<Bucket> {
         let ratio = (f64::from(width) / f64::from(height)).ln();
@@ -73,11 +68,11 @@ mod tests {
     #[test]
     fn buckets_stay_in_bounds_and_area() {
         let set = BucketSet::new(512, 256, 1024, 64);
-        assert!(set.buckets().contains(&Bucket {
+        assert!(set.buckets.contains(&Bucket {
             width: 512,
             height: 512
         }));
-        for b in set.buckets() {
+        for b in &set.buckets {
             assert!(b.width % 64 == 0 && b.height % 64 == 0);
             assert!(b.width >= 256 && b.height >= 256 && b.width <= 1024 && b.height <= 1024);
             assert!(u64::from(b.width) * u64::from(b.height) <= 512 * 512);

@@ -6,7 +6,7 @@ mod matrix;
 mod parse;
 mod source;
 
-pub use crate::names::{self, did_you_mean, resolve as resolve_path};
+pub(crate) use crate::names::{self, did_you_mean};
 pub use crate::settings::PipelineSettings;
 pub use crate::stages::StageInstance;
 pub use diagnostic::{PipelineError, ReadError, line_col};

@@ -26,12 +26,6 @@ const COLORS: [RGBColor; 7] = [
     RGBColor(120, 120, 120),
 ];
 
-/// The colour of curve `i`.
-pub fn curve_color(i: usize) -> (u8, u8, u8) {
-    let c = COLORS[i % COLORS.len()];
-    (c.0, c.1, c.2)
-}
-
 /// Bias-corrected exponential moving average with span `n / 8` (at least 1): readable curves
 /// from noisy per-step losses (each step sees other timesteps and noise), without the lag of an
 /// uncorrected start.
