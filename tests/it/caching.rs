@@ -40,39 +40,29 @@ fn plan_writes_nothing() {
     assert!(!p.path("outputs").exists(), "plan created outputs");
 }
 
-const TWO_BRANCHES: &str = r#"
-[pipeline]
-name = "t"
+/// The basic pipeline (without a seed) and a second, independent caption → preprocess branch.
+fn two_branches() -> PipelineToml {
+    PipelineToml::basic()
+        .remove("pipeline.seed")
+        .merge(toml::toml! {
+            [stage.other]
+            kind = "caption"
+            images = "images"
+            template = "{filename}"
 
-[stage.caption]
-kind = "caption"
-images = "images"
-template = "a photo of {token} {class}"
-token = "zorb"
-class = "star"
-
-[stage.preprocess]
-kind = "preprocess"
-needs = ["caption"]
-resolution = 32
-
-[stage.other]
-kind = "caption"
-images = "images"
-template = "{filename}"
-
-[stage.other_pre]
-kind = "preprocess"
-needs = ["other"]
-resolution = 32
-"#;
+            [stage.other_pre]
+            kind = "preprocess"
+            needs = ["other"]
+            resolution = 32
+        })
+}
 
 #[test]
 fn editing_one_param_makes_exactly_that_stage_and_its_dependents_stale() {
-    let p = Project::new(TWO_BRANCHES);
+    let p = Project::new(two_branches());
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
 
-    p.write_pipeline(TWO_BRANCHES.replacen("resolution = 32", "resolution = 48", 1));
+    p.write_pipeline(two_branches().set("stage.preprocess.resolution", 48));
     let plan = p.plan();
     let status: Vec<(&str, &str)> = plan
         .iter()
@@ -93,9 +83,7 @@ fn editing_one_param_makes_exactly_that_stage_and_its_dependents_stale() {
         "preprocess.min_size 16 → 24; preprocess.resolution 32 → 48"
     );
 
-    p.write_pipeline(
-        TWO_BRANCHES.replace("a photo of {token} {class}", "a drawing of {token} {class}"),
-    );
+    p.write_pipeline(two_branches().set("stage.caption.template", "a drawing of {token} {class}"));
     let plan = p.plan();
     let status: Vec<(&str, &str)> = plan
         .iter()

@@ -1,37 +1,20 @@
 //! The encode_latents stage on the tiny fixture model: per-item caching, both checkpoint
 //! layouts, and the stored latents equal a direct VAE encode of the preprocessed tensor.
 
-use crate::common::Project;
+use crate::common::{PipelineToml, Project};
 use dfdx::prelude::*;
 use sdpipe::diffusion::Checkpoint;
 
-fn pipeline(model: &str, config: Option<&str>) -> String {
+/// The shared caption → preprocess → latents start (seed 0, the default) on
+/// `tests/fixtures/<model>`, with `model_config = tests/fixtures/<config>` when given.
+fn pipeline(model: &str, config: Option<&str>) -> PipelineToml {
     let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-    let config = config
-        .map(|c| format!("model_config = \"{fixtures}/{c}\"\n"))
-        .unwrap_or_default();
-    format!(
-        r#"
-[pipeline]
-name = "t"
-base_model = "{fixtures}/{model}"
-{config}
-[stage.caption]
-kind = "caption"
-images = "images"
-template = "a photo of {{token}}"
-token = "zorb"
-
-[stage.preprocess]
-kind = "preprocess"
-needs = ["caption"]
-resolution = 16
-
-[stage.latents]
-kind = "encode_latents"
-needs = ["preprocess"]
-"#
-    )
+    let text =
+        PipelineToml::tiny_latents(0).set("pipeline.base_model", format!("{fixtures}/{model}"));
+    match config {
+        Some(c) => text.set("pipeline.model_config", format!("{fixtures}/{c}")),
+        None => text,
+    }
 }
 
 fn f32_tensor(path: &std::path::Path, name: &str) -> (Vec<f32>, Vec<usize>) {
@@ -106,7 +89,7 @@ fn single_file_and_diffusers_folder_give_the_same_latents() {
 
 #[test]
 fn a_model_stage_without_base_model_is_a_pipeline_error() {
-    let text = pipeline("tiny-sd", None).replace("base_model = ", "# base_model = ");
+    let text = pipeline("tiny-sd", None).remove("pipeline.base_model");
     let p = Project::new(&text);
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_eq!(run.code, 2);

@@ -2,7 +2,7 @@
 //! checkpoint (which the grid samples as its own row, like the LoRA row), extracted back out,
 //! combined with itself; and the errors that name what is wrong.
 
-use crate::common::Project;
+use crate::common::{PipelineToml, Project};
 use sdpipe::formats::lora::read_lora;
 use sdpipe::formats::read_safetensors;
 
@@ -10,74 +10,75 @@ fn fixtures() -> &'static str {
     concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures")
 }
 
-fn pipeline(stages: &str) -> String {
-    let start = crate::common::PipelineToml::tiny_latents(5).text();
-    format!(
-        r#"{start}
-[stage.train]
-kind = "train"
-needs = ["latents"]
-method = "lora"
-steps = 8
-lr = 1e-2
-checkpoint_every = 0
+/// A rank-4 LoRA `train` on the shared start, then the stages in `stages`.
+fn pipeline(stages: toml::Table) -> PipelineToml {
+    PipelineToml::tiny_latents(5)
+        .merge(toml::toml! {
+            [stage.train]
+            kind = "train"
+            needs = ["latents"]
+            method = "lora"
+            steps = 8
+            lr = 1e-2
+            checkpoint_every = 0
 
-[stage.train.lora]
-rank = 4
-alpha = 4
-{stages}
-"#
-    )
+            [stage.train.lora]
+            rank = 4
+            alpha = 4
+        })
+        .merge(stages)
 }
 
-const MERGES: &str = r#"
-[stage.baked]
-kind = "merge"
-needs = ["train"]
-mode = "lora_into_checkpoint"
-loras = ["train:1.0"]
-dtype = "f32"
+fn merges() -> toml::Table {
+    toml::toml! {
+        [stage.baked]
+        kind = "merge"
+        needs = ["train"]
+        mode = "lora_into_checkpoint"
+        loras = ["train:1.0"]
+        dtype = "f32"
 
-[stage.extracted]
-kind = "merge"
-needs = ["baked"]
-mode = "extract_lora"
-models = ["baked"]
-rank = 4
-clamp_quantile = 1.0
+        [stage.extracted]
+        kind = "merge"
+        needs = ["baked"]
+        mode = "extract_lora"
+        models = ["baked"]
+        rank = 4
+        clamp_quantile = 1.0
 
-[stage.combined]
-kind = "merge"
-needs = ["train"]
-mode = "combine_loras"
-loras = ["train:0.25", "train:0.75"]
+        [stage.combined]
+        kind = "merge"
+        needs = ["train"]
+        mode = "combine_loras"
+        loras = ["train:0.25", "train:0.75"]
 
-[stage.avg]
-kind = "merge"
-needs = ["baked"]
-mode = "weighted_sum"
-models = ["base", "baked"]
-alpha = 0.25
-dtype = "f32"
+        [stage.avg]
+        kind = "merge"
+        needs = ["baked"]
+        mode = "weighted_sum"
+        models = ["base", "baked"]
+        alpha = 0.25
+        dtype = "f32"
 
-[stage.diff]
-kind = "merge"
-needs = ["baked"]
-mode = "add_difference"
-models = ["base", "baked", "base"]
-alpha = 0.5
-dtype = "f32"
+        [stage.diff]
+        kind = "merge"
+        needs = ["baked"]
+        mode = "add_difference"
+        models = ["base", "baked", "base"]
+        alpha = 0.5
+        dtype = "f32"
 
-[stage.grid]
-kind = "sample_grid"
-needs = ["train", "baked"]
-prompts = ["a photo of zorb"]
-seeds = [1]
-steps = 4
-sampler = "ddim"
-width = 16
-height = 16
-"#;
+        [stage.grid]
+        kind = "sample_grid"
+        needs = ["train", "baked"]
+        prompts = ["a photo of zorb"]
+        seeds = [1]
+        steps = 4
+        sampler = "ddim"
+        width = 16
+        height = 16
+    }
+}
 
 fn max_module_diff(
     a: &sdpipe::formats::lora::LoraNetwork,
@@ -95,7 +96,7 @@ fn max_module_diff(
 
 #[test]
 fn lora_baked_extracted_combined_and_sampled_as_a_checkpoint_row() {
-    let p = Project::new(pipeline(MERGES));
+    let p = Project::new(pipeline(merges()));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
 
@@ -214,15 +215,13 @@ fn lora_baked_extracted_combined_and_sampled_as_a_checkpoint_row() {
 #[test]
 fn merge_errors_name_the_missing_input_and_the_foreign_module() {
     // a source that is neither a stage in `needs` nor a file
-    let p = Project::new(pipeline(
-        r#"
-[stage.baked]
-kind = "merge"
-needs = ["train"]
-mode = "lora_into_checkpoint"
-loras = ["trian"]
-"#,
-    ));
+    let p = Project::new(pipeline(toml::toml! {
+        [stage.baked]
+        kind = "merge"
+        needs = ["train"]
+        mode = "lora_into_checkpoint"
+        loras = ["trian"]
+    }));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_ne!(run.code, 0);
     let all = format!("{}{}", run.stdout, run.stderr);
@@ -252,14 +251,12 @@ loras = ["trian"]
     );
     std::fs::create_dir_all(p.path("loras")).unwrap();
     sdpipe::formats::write_safetensors(&p.path("loras/sd2.safetensors"), &t, None).unwrap();
-    p.write_pipeline(pipeline(
-        r#"
-[stage.baked]
-kind = "merge"
-mode = "lora_into_checkpoint"
-loras = ["loras/sd2.safetensors:0.5"]
-"#,
-    ));
+    p.write_pipeline(pipeline(toml::toml! {
+        [stage.baked]
+        kind = "merge"
+        mode = "lora_into_checkpoint"
+        loras = ["loras/sd2.safetensors:0.5"]
+    }));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_ne!(run.code, 0);
     let all = format!("{}{}", run.stdout, run.stderr);
@@ -273,15 +270,13 @@ loras = ["loras/sd2.safetensors:0.5"]
     );
 
     // parameter problems are reported at the key, with a fix
-    p.write_pipeline(pipeline(
-        r#"
-[stage.avg]
-kind = "merge"
-mode = "weighted_sum"
-models = ["base", "loras/missing.safetensors"]
-alpha = 0.5
-"#,
-    ));
+    p.write_pipeline(pipeline(toml::toml! {
+        [stage.avg]
+        kind = "merge"
+        mode = "weighted_sum"
+        models = ["base", "loras/missing.safetensors"]
+        alpha = 0.5
+    }));
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_ne!(run.code, 0);
     assert!(
@@ -289,14 +284,12 @@ alpha = 0.5
         "{}",
         run.stderr
     );
-    p.write_pipeline(pipeline(
-        r#"
-[stage.avg]
-kind = "merge"
-mode = "weighted_sum"
-models = ["base", "base"]
-"#,
-    ));
+    p.write_pipeline(pipeline(toml::toml! {
+        [stage.avg]
+        kind = "merge"
+        mode = "weighted_sum"
+        models = ["base", "base"]
+    }));
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_ne!(run.code, 0);
     assert!(run.stderr.contains("alpha"), "{}", run.stderr);

@@ -2,42 +2,36 @@
 //! is a single-file model that opens with its own configs (no config folder) and samples; a
 //! killed run resumes to the same bytes; a bad parameter is reported at its key.
 
-use crate::common::{Project, wait_for};
+use crate::common::{PipelineToml, Project, wait_for};
 
-fn pipeline(extra: &str) -> String {
-    format!(
-        r#"
-[pipeline]
-name = "t"
-seed = 3
+fn pipeline() -> PipelineToml {
+    PipelineToml::new(3).merge(toml::toml! {
+        [stage.base]
+        kind = "pretrain"
+        resolution = 32
+        vae_steps = 8
+        unet_steps = 8
+        batch_size = 4
+        vae_batch_size = 2
+        lr_warmup_steps = 2
+        checkpoint_every = 4
+        save_dtype = "f32"
 
-[stage.base]
-kind = "pretrain"
-resolution = 32
-vae_steps = 8
-unet_steps = 8
-batch_size = 4
-vae_batch_size = 2
-lr_warmup_steps = 2
-checkpoint_every = 4
-save_dtype = "f32"
-{extra}
-[stage.base.architecture]
-unet_channels = [16, 32]
-unet_heads = 2
-norm_groups = 4
-vae_channels = [8, 16]
-latent_channels = 4
-text_width = 16
-text_layers = 1
-text_heads = 2
-"#
-    )
+        [stage.base.architecture]
+        unet_channels = [16, 32]
+        unet_heads = 2
+        norm_groups = 4
+        vae_channels = [8, 16]
+        latent_channels = 4
+        text_width = 16
+        text_layers = 1
+        text_heads = 2
+    })
 }
 
 #[test]
 fn pretraining_learns_writes_a_self_describing_model_and_resumes_identically() {
-    let p = Project::new(pipeline(""));
+    let p = Project::new(pipeline());
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let stats = p.stats("base");
@@ -79,7 +73,7 @@ fn pretraining_learns_writes_a_self_describing_model_and_resumes_identically() {
     let uninterrupted = std::fs::read(&model).unwrap();
 
     // Killed after a checkpoint, then resumed: the same bytes.
-    let r = Project::new(pipeline(""));
+    let r = Project::new(pipeline());
     let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "150")]);
     wait_for("a pretraining checkpoint", || r.scratch_has_checkpoint());
     child.kill().unwrap();
@@ -95,7 +89,7 @@ fn pretraining_learns_writes_a_self_describing_model_and_resumes_identically() {
 
 #[test]
 fn a_bad_parameter_is_reported_at_its_key() {
-    let p = Project::new(pipeline("world = \"space\"\n"));
+    let p = Project::new(pipeline().set("stage.base.world", "space"));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
     assert!(
@@ -107,34 +101,30 @@ fn a_bad_parameter_is_reported_at_its_key() {
     assert!(run.stderr.contains("p.toml:"), "{}", run.stderr);
 }
 
-fn continued(base: &str, extra: &str) -> String {
-    format!(
-        r#"
-[pipeline]
-name = "c"
-seed = 4
-base_model = "{base}"
-
-[stage.more]
-kind = "pretrain"
-init = "base_model"
-resolution = 32
-vae_steps = 0
-unet_steps = 6
-batch_size = 4
-lr_warmup_steps = 2
-checkpoint_every = 0
-save_dtype = "f32"
-{extra}"#
-    )
+fn continued(base: &str) -> PipelineToml {
+    PipelineToml::new(4)
+        .set("pipeline.name", "c")
+        .set("pipeline.base_model", base)
+        .merge(toml::toml! {
+            [stage.more]
+            kind = "pretrain"
+            init = "base_model"
+            resolution = 32
+            vae_steps = 0
+            unet_steps = 6
+            batch_size = 4
+            lr_warmup_steps = 2
+            checkpoint_every = 0
+            save_dtype = "f32"
+        })
 }
 
 #[test]
 fn pretraining_continues_from_a_base_model_keeping_its_vae() {
-    let p = Project::new(pipeline(""));
+    let p = Project::new(pipeline());
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
     let base = p.path("outputs/t/base/model.safetensors");
-    let c = Project::new(continued(base.to_str().unwrap(), ""));
+    let c = Project::new(continued(base.to_str().unwrap()));
     let run = c.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let before = sdpipe::diffusion::Checkpoint::open(&base).unwrap();
@@ -154,10 +144,7 @@ fn pretraining_continues_from_a_base_model_keeping_its_vae() {
     assert!(!same(before.unet_weights(), after.unet_weights()));
 
     // Its architecture is the base model's: a table of its own is refused at its key.
-    let bad = continued(
-        base.to_str().unwrap(),
-        "[stage.more.architecture]\nunet_heads = 2\n",
-    );
+    let bad = continued(base.to_str().unwrap()).set("stage.more.architecture.unet_heads", 2);
     let c = Project::new(&bad);
     let run = c.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);

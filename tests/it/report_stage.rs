@@ -2,49 +2,47 @@
 //! report; the HTML is self-contained and has a row per grid variant, the JSON carries the
 //! train records' figures, the SVG is well-formed, and `run` says where the page is.
 
-use crate::common::Project;
+use crate::common::{PipelineToml, Project};
 
-fn pipeline(concept: &str) -> String {
-    let start = crate::common::PipelineToml::tiny_latents(3).text();
-    format!(
-        r#"{start}
-[stage.train]
-kind = "train"
-needs = ["latents"]
-matrix.method = ["lora", "textual_inversion"]
-steps = 12
-lr = 1e-3
+fn pipeline(concept: &str) -> PipelineToml {
+    PipelineToml::tiny_latents(3)
+        .merge(toml::toml! {
+            [stage.train]
+            kind = "train"
+            needs = ["latents"]
+            matrix.method = ["lora", "textual_inversion"]
+            steps = 12
+            lr = 1e-3
 
-[stage.train.lora]
-rank = 2
+            [stage.train.lora]
+            rank = 2
 
-[stage.train.textual_inversion]
-token = "zorb"
-init_word = "star"
+            [stage.train.textual_inversion]
+            token = "zorb"
+            init_word = "star"
 
-[stage.merged]
-kind = "merge"
-needs = ["train@method=lora"]
-mode = "lora_into_checkpoint"
-loras = ["train@method=lora"]
+            [stage.merged]
+            kind = "merge"
+            needs = ["train@method=lora"]
+            mode = "lora_into_checkpoint"
+            loras = ["train@method=lora"]
 
-[stage.grid]
-kind = "sample_grid"
-needs = ["train", "merged"]
-prompts = ["a photo of zorb", "a zorb on a blue background"]
-seeds = [1]
-steps = 2
-sampler = "ddim"
-width = 16
-height = 16
+            [stage.grid]
+            kind = "sample_grid"
+            needs = ["train", "merged"]
+            prompts = ["a photo of zorb", "a zorb on a blue background"]
+            seeds = [1]
+            steps = 2
+            sampler = "ddim"
+            width = 16
+            height = 16
 
-[stage.report]
-kind = "report"
-needs = ["train", "merged", "grid", "preprocess"]
-title = "Two <methods> & a merge"
-concept = {concept}
-"#
-    )
+            [stage.report]
+            kind = "report"
+            needs = ["train", "merged", "grid", "preprocess"]
+            title = "Two <methods> & a merge"
+        })
+        .set("stage.report.concept", concept)
 }
 
 /// Checks that `svg` is a well-formed XML element tree with an `<svg>` root: every tag closes
@@ -127,7 +125,7 @@ fn assert_well_formed_svg(svg: &str) {
 
 #[test]
 fn report_is_self_contained_and_carries_every_variant() {
-    let p = Project::new(pipeline("\"heart\""));
+    let p = Project::new(pipeline("heart"));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert!(
@@ -302,7 +300,7 @@ fn report_is_self_contained_and_carries_every_variant() {
 
 #[test]
 fn unknown_concept_is_an_error_at_the_key() {
-    let text = pipeline("\"hart\"");
+    let text = pipeline("hart").text();
     let line = text
         .lines()
         .position(|l| l.starts_with("concept ="))
@@ -331,10 +329,7 @@ fn unknown_concept_is_an_error_at_the_key() {
 
 #[test]
 fn a_report_needs_one_sample_grid() {
-    let text = pipeline("\"heart\"").replace(
-        "needs = [\"train\", \"merged\", \"grid\", \"preprocess\"]",
-        "needs = [\"train\", \"preprocess\"]",
-    );
+    let text = pipeline("heart").set("stage.report.needs", vec!["train", "preprocess"]);
     let p = Project::new(&text);
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_eq!(run.code, 2, "{}", run.stderr);

@@ -76,33 +76,34 @@ fn missing_captions_list_the_files() {
     assert_eq!(p.outcome("preprocess"), "skipped");
 }
 
-const BRANCHES: &str = r#"
-[pipeline]
-name = "t"
+/// After the stages `start` already has (none, or stages a test puts first): a `good` caption →
+/// preprocess branch and a `bad` one whose captions are missing (no template).
+fn branches(start: PipelineToml) -> PipelineToml {
+    start.merge(toml::toml! {
+        [stage.good]
+        kind = "caption"
+        images = "images"
+        template = "ok"
 
-[stage.good]
-kind = "caption"
-images = "images"
-template = "ok"
+        [stage.good_pre]
+        kind = "preprocess"
+        needs = ["good"]
+        resolution = 32
 
-[stage.good_pre]
-kind = "preprocess"
-needs = ["good"]
-resolution = 32
+        [stage.bad]
+        kind = "caption"
+        images = "images"
 
-[stage.bad]
-kind = "caption"
-images = "images"
-
-[stage.bad_pre]
-kind = "preprocess"
-needs = ["bad"]
-resolution = 32
-"#;
+        [stage.bad_pre]
+        kind = "preprocess"
+        needs = ["bad"]
+        resolution = 32
+    })
+}
 
 #[test]
 fn a_failure_skips_only_its_dependents() {
-    let p = Project::new(BRANCHES);
+    let p = Project::new(branches(PipelineToml::new(0)));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 1);
     assert_eq!(p.outcome("good"), "computed");
@@ -115,9 +116,10 @@ fn a_failure_skips_only_its_dependents() {
 #[test]
 fn fail_fast_stops_at_the_first_failure() {
     // `bad` comes first in this file, so fail-fast never starts the good branch.
-    let text = BRANCHES.replace(
-        "[stage.good]",
-        "[stage.bad0]\nkind = \"caption\"\nimages = \"images\"\n\n[stage.good]",
+    let text = branches(
+        PipelineToml::new(0)
+            .stage("bad0", "caption", &[])
+            .set("stage.bad0.images", "images"),
     );
     let p = Project::new(&text);
     let run = p.sdpipe(&["run", "p.toml", "--fail-fast"]);

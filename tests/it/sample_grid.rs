@@ -1,33 +1,30 @@
 //! The sample_grid stage on the tiny fixture model: a labelled grid, PNGs with A1111
 //! parameters, per-image caching, and the same pixels as `sdpipe sample` with the same settings.
 
-use crate::common::Project;
+use crate::common::{PipelineToml, Project};
 
-fn pipeline(seeds: &str) -> String {
-    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-    format!(
-        r#"
-[pipeline]
-name = "t"
-base_model = "{fixtures}/tiny-sd"
-
-[stage.grid]
-kind = "sample_grid"
-prompts = ["a photo of sks dog", "a red star"]
-negative_prompt = "blurry"
-seeds = {seeds}
-steps = 4
-sampler = "euler_a"
-cfg = 7.5
-width = 16
-height = 16
-"#
-    )
+/// The tiny fixture model (seed 0, the default) and one two-prompt grid over `seeds`.
+fn pipeline(seeds: &[i64]) -> PipelineToml {
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
+    PipelineToml::new(0)
+        .set("pipeline.base_model", model)
+        .merge(toml::toml! {
+            [stage.grid]
+            kind = "sample_grid"
+            prompts = ["a photo of sks dog", "a red star"]
+            negative_prompt = "blurry"
+            steps = 4
+            sampler = "euler_a"
+            cfg = 7.5
+            width = 16
+            height = 16
+        })
+        .set("stage.grid.seeds", seeds.to_vec())
 }
 
 #[test]
 fn grid_images_are_cached_per_cell_and_match_sdpipe_sample() {
-    let p = Project::new(pipeline("[1, 2]"));
+    let p = Project::new(pipeline(&[1, 2]));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     assert_eq!(p.stats("grid")["images_computed"], 4);
@@ -87,7 +84,7 @@ fn grid_images_are_cached_per_cell_and_match_sdpipe_sample() {
     );
 
     // One more seed: two new cells (one per prompt), the rest reused.
-    p.write_pipeline(pipeline("[1, 2, 3]"));
+    p.write_pipeline(pipeline(&[1, 2, 3]));
     assert_eq!(p.status_of("grid").1, "grid.seeds [1,2] → [1,2,3]");
     assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
     assert_eq!(p.stats("grid")["images_computed"], 2);
@@ -96,18 +93,18 @@ fn grid_images_are_cached_per_cell_and_match_sdpipe_sample() {
 
 #[test]
 fn grid_param_errors_point_at_the_key() {
-    let p = Project::new(pipeline("[1]").replace("width = 16", "width = 20"));
+    let p = Project::new(pipeline(&[1]).set("stage.grid.width", 20));
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_eq!(run.code, 2);
     assert!(
-        run.stderr.contains("p.toml:14:1")
+        run.stderr.contains("p.toml:13:1")
             && run
                 .stderr
                 .contains("width = 20 is not a positive multiple of 8"),
         "{}",
         run.stderr
     );
-    let p = Project::new(pipeline("[1]").replace("euler_a", "heun"));
+    let p = Project::new(pipeline(&[1]).set("stage.grid.sampler", "heun"));
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_eq!(run.code, 2);
     assert!(
@@ -121,14 +118,10 @@ fn grid_param_errors_point_at_the_key() {
 /// the f32 ones (the same seeds and sampler), are not bit-identical, and the cache keys differ.
 #[test]
 fn half_precision_grid_is_close_to_f32() {
-    let f32_run = Project::new(pipeline("[1]"));
+    let f32_run = Project::new(pipeline(&[1]));
     let run = f32_run.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
-    let half_text = pipeline("[1]").replace(
-        "[pipeline]\nname = \"t\"",
-        "[pipeline]\nname = \"t\"\nprecision = \"f16\"",
-    );
-    assert!(half_text.contains("f16"));
+    let half_text = pipeline(&[1]).set("pipeline.precision", "f16");
     let half_run = Project::new(&half_text);
     let run = half_run.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
@@ -153,14 +146,12 @@ fn half_precision_grid_is_close_to_f32() {
 /// once: the second waits on the cell's lock and uses the first one's image.
 #[test]
 fn concurrent_overlapping_grids_sample_each_cell_once() {
-    let p = Project::new(pipeline("[1, 2, 3]"));
-    p.write_pipeline(
-        pipeline("[1, 2, 3]").replace("prompts = [\"a photo of sks dog\", ", "prompts = ["),
-    );
-    let other = pipeline("[1, 2, 3, 4]")
-        .replace("name = \"t\"", "name = \"u\"")
-        .replace("prompts = [\"a photo of sks dog\", ", "prompts = [");
-    std::fs::write(p.path("q.toml"), other).unwrap();
+    let p = Project::new(pipeline(&[1, 2, 3]));
+    p.write_pipeline(pipeline(&[1, 2, 3]).set("stage.grid.prompts", vec!["a red star"]));
+    let other = pipeline(&[1, 2, 3, 4])
+        .set("pipeline.name", "u")
+        .set("stage.grid.prompts", vec!["a red star"]);
+    std::fs::write(p.path("q.toml"), other.text()).unwrap();
     let env = [("SDPIPE_TEST_ITEM_DELAY_MS", "300")];
     let a = p.spawn(&["run", "p.toml"], &env);
     let b = p.spawn(&["run", "q.toml"], &env);

@@ -4,50 +4,30 @@
 
 use std::collections::BTreeMap;
 
-use crate::common::Project;
+use crate::common::{PipelineToml, Project};
 use sdpipe::formats::HostTensor;
 
-fn pipeline(images: &str, token: &str, extra_ti: &str) -> String {
-    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-    format!(
-        r#"
-[pipeline]
-name = "t"
-seed = 5
-base_model = "{fixtures}/tiny-sd"
+/// Textual inversion of `token` on the captions of `images`.
+fn pipeline(images: &str, token: &str) -> PipelineToml {
+    PipelineToml::tiny_latents(5)
+        .set("stage.caption.images", images)
+        .set("stage.caption.token", token)
+        .merge(toml::toml! {
+            [stage.train]
+            kind = "train"
+            needs = ["latents"]
+            method = "textual_inversion"
+            steps = 3
 
-[stage.caption]
-kind = "caption"
-images = "{images}"
-template = "a photo of {{token}}"
-token = "{token}"
-
-[stage.preprocess]
-kind = "preprocess"
-needs = ["caption"]
-resolution = 16
-
-[stage.latents]
-kind = "encode_latents"
-needs = ["preprocess"]
-
-[stage.train]
-kind = "train"
-needs = ["latents"]
-method = "textual_inversion"
-steps = 3
-
-[stage.train.textual_inversion]
-token = "{token}"
-init_word = "star"
-{extra_ti}
-"#
-    )
+            [stage.train.textual_inversion]
+            init_word = "star"
+        })
+        .set("stage.train.textual_inversion.token", token)
 }
 
 #[test]
 fn a_dataset_without_images_names_the_folder() {
-    let p = Project::new(pipeline("empty", "zorb", ""));
+    let p = Project::new(pipeline("empty", "zorb"));
     std::fs::create_dir_all(p.path("empty")).unwrap();
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
@@ -60,7 +40,7 @@ fn a_dataset_without_images_names_the_folder() {
 
 #[test]
 fn a_placeholder_that_is_already_a_word_is_refused_unless_allowed() {
-    let p = Project::new(pipeline("images", "dog", ""));
+    let p = Project::new(pipeline("images", "dog"));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
     let all = format!("{}{}", run.stdout, run.stderr);
@@ -69,14 +49,16 @@ fn a_placeholder_that_is_already_a_word_is_refused_unless_allowed() {
             && all.contains("allow_existing_token"),
         "{all}"
     );
-    let p = Project::new(pipeline("images", "dog", "allow_existing_token = true"));
+    let p = Project::new(
+        pipeline("images", "dog").set("stage.train.textual_inversion.allow_existing_token", true),
+    );
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
 }
 
 #[test]
 fn a_lora_for_another_architecture_names_the_module() {
-    let p = Project::new(pipeline("images", "zorb", ""));
+    let p = Project::new(pipeline("images", "zorb"));
     let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
     let sample = |lora: &std::path::Path| {
         p.sdpipe(&[

@@ -4,58 +4,46 @@
 //! bit-identically and resumes after a kill to the same bytes; class images are cached one by
 //! one.
 
-use crate::common::{Project, wait_for};
+use crate::common::{PipelineToml, Project, wait_for};
 
-fn pipeline(class_count: usize, extra_train: &str) -> String {
-    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-    format!(
-        r#"
-[pipeline]
-name = "t"
-seed = 5
-base_model = "{fixtures}/tiny-sd"
+fn pipeline(class_count: i64) -> PipelineToml {
+    PipelineToml::tiny_latents(5)
+        .set("stage.caption.template", "a photo of {token} shape")
+        .merge(toml::toml! {
+            [stage.class]
+            kind = "class_images"
+            prompt = "a photo of a shape"
+            steps = 3
+            width = 16
+            height = 16
 
-[stage.caption]
-kind = "caption"
-images = "images"
-template = "a photo of {{token}} shape"
-token = "zorb"
+            [stage.train]
+            kind = "train"
+            needs = ["latents", "class"]
+            method = "dreambooth"
+            steps = 12
+            lr = 2e-4
+            checkpoint_every = 4
 
-[stage.preprocess]
-kind = "preprocess"
-needs = ["caption"]
-resolution = 16
+            [stage.train.dreambooth]
+            prior_loss_weight = 0.5
+            save_dtype = "f32"
+        })
+        .set("stage.class.count", class_count)
+}
 
-[stage.latents]
-kind = "encode_latents"
-needs = ["preprocess"]
-
-[stage.class]
-kind = "class_images"
-prompt = "a photo of a shape"
-count = {class_count}
-steps = 3
-width = 16
-height = 16
-
-[stage.train]
-kind = "train"
-needs = ["latents", "class"]
-method = "dreambooth"
-steps = 12
-lr = 2e-4
-checkpoint_every = 4
-{extra_train}
-[stage.train.dreambooth]
-prior_loss_weight = 0.5
-save_dtype = "f32"
-"#
-    )
+/// [`pipeline`] with the text encoder trained too, at its own rate.
+fn with_text_encoder(class_count: i64) -> PipelineToml {
+    pipeline(class_count).merge(toml::toml! {
+        [stage.train.dreambooth]
+        train_text_encoder = true
+        text_encoder_lr = 1e-4
+    })
 }
 
 #[test]
 fn dreambooth_learns_writes_a_loadable_checkpoint_and_resumes_identically() {
-    let p = Project::new(pipeline(3, ""));
+    let p = Project::new(pipeline(3));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let stats = p.stats("train");
@@ -157,13 +145,13 @@ fn dreambooth_learns_writes_a_loadable_checkpoint_and_resumes_identically() {
     let uninterrupted = std::fs::read(&model).unwrap();
 
     // More class images: only the new one is sampled.
-    p.write_pipeline(pipeline(4, ""));
+    p.write_pipeline(pipeline(4));
     let more = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(more.code, 0, "{}", more.stderr);
     assert_eq!(p.stats("class")["images_computed"], 1);
 
     // Killed after a checkpoint, then resumed: the same bytes as the uninterrupted run.
-    let r = Project::new(pipeline(3, ""));
+    let r = Project::new(pipeline(3));
     let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "150")]);
     wait_for("a training checkpoint", || r.scratch_has_checkpoint());
     child.kill().unwrap();
@@ -180,7 +168,11 @@ fn dreambooth_learns_writes_a_loadable_checkpoint_and_resumes_identically() {
 #[test]
 fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() {
     // A sane rate up to step 5 (a checkpoint at step 4), then an absurd one.
-    let text = pipeline(1, "max_grad_norm = 0\nlr_scheduler = \"1e-4:5, 1e12\"\n");
+    let text = pipeline(1).merge(toml::toml! {
+        [stage.train]
+        max_grad_norm = 0
+        lr_scheduler = "1e-4:5, 1e12"
+    });
     let p = Project::new(&text);
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 1, "{}{}", run.stdout, run.stderr);
@@ -197,10 +189,7 @@ fn a_diverging_run_stops_with_a_clear_error_and_keeps_its_checkpoint() {
 
 #[test]
 fn dreambooth_can_train_the_text_encoder_too() {
-    let text = pipeline(2, "").replace(
-        "save_dtype = \"f32\"",
-        "save_dtype = \"f32\"\ntrain_text_encoder = true\ntext_encoder_lr = 1e-4",
-    );
+    let text = with_text_encoder(2);
     let p = Project::new(&text);
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
@@ -247,10 +236,7 @@ fn dreambooth_can_train_the_text_encoder_too() {
 /// and the checkpoint holds the f32 masters (not f16-rounded values).
 #[test]
 fn half_precision_dreambooth_tracks_f32() {
-    let text = pipeline(2, "").replace(
-        "save_dtype = \"f32\"",
-        "save_dtype = \"f32\"\ntrain_text_encoder = true\ntext_encoder_lr = 1e-4",
-    );
+    let text = with_text_encoder(2).text();
     let (_, half_run) = crate::common::f32_and_f16_training(&text, "train", 0.05);
 
     // The saved UNet is the f32 masters: most values are not representable in f16.

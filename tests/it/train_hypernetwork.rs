@@ -3,44 +3,45 @@
 //! rerun and after a kill + resume, changes the grid and `sdpipe sample --hypernetwork`
 //! (multiplier 0 = the base image), and a width the model lacks is a clear error.
 
-use crate::common::{Project, wait_for};
+use crate::common::{PipelineToml, Project, wait_for};
 
-fn pipeline(hyper: &str) -> String {
-    let start = crate::common::PipelineToml::tiny_latents(4).text();
-    format!(
-        r#"{start}
-[stage.hyper]
-kind = "train"
-needs = ["latents"]
-method = "hypernetwork"
-steps = 30
-lr = 3e-3
-checkpoint_every = 10
+/// A hypernetwork stage `hyper` with `hypernetwork` as its `[stage.hyper.hypernetwork]` table,
+/// and a grid that samples it (and applies it at 0.5 through a prompt tag).
+fn pipeline(hypernetwork: toml::Table) -> PipelineToml {
+    PipelineToml::tiny_latents(4)
+        .merge(toml::toml! {
+            [stage.hyper]
+            kind = "train"
+            needs = ["latents"]
+            method = "hypernetwork"
+            steps = 30
+            lr = 3e-3
+            checkpoint_every = 10
 
-[stage.hyper.hypernetwork]
-{hyper}
-
-[stage.grid]
-kind = "sample_grid"
-needs = ["hyper"]
-prompts = ["a photo of zorb", "a photo of zorb <hypernet:hyper:0.5>"]
-seeds = [1]
-steps = 4
-sampler = "ddim"
-width = 16
-height = 16
-"#
-    )
+            [stage.grid]
+            kind = "sample_grid"
+            needs = ["hyper"]
+            prompts = ["a photo of zorb", "a photo of zorb <hypernet:hyper:0.5>"]
+            seeds = [1]
+            steps = 4
+            sampler = "ddim"
+            width = 16
+            height = 16
+        })
+        .set("stage.hyper.hypernetwork", toml::Value::Table(hypernetwork))
 }
 
 /// Self-attention at level 0 (width 32 = the text width here) and the mid block (64), with
 /// relu, layer norm and dropout: every part of the MLP trains.
-const HYPER: &str = r#"sizes = [32, 64]
-layer_structure = [1, 2, 1]
-activation = "relu"
-layer_norm = true
-dropout_structure = [0, 0.1, 0]
-"#;
+fn hyper() -> toml::Table {
+    toml::toml! {
+        sizes = [32, 64]
+        layer_structure = [1, 2, 1]
+        activation = "relu"
+        layer_norm = true
+        dropout_structure = [0, 0.1, 0]
+    }
+}
 
 fn read_rgb(path: &std::path::Path) -> image::RgbImage {
     image::open(path).unwrap().to_rgb8()
@@ -77,7 +78,7 @@ fn sample(p: &Project, out: &str, hypers: &[&str]) -> (i32, String) {
 
 #[test]
 fn hypernetwork_training_learns_writes_a1111_files_and_changes_samples() {
-    let p = Project::new(pipeline(HYPER));
+    let p = Project::new(pipeline(hyper()));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
     let stats = p.stats("hyper");
@@ -194,7 +195,7 @@ fn hypernetwork_training_learns_writes_a1111_files_and_changes_samples() {
     );
 
     // Rerun elsewhere: bit-identical (dropout included).
-    let q = Project::new(pipeline(HYPER));
+    let q = Project::new(pipeline(hyper()));
     assert_eq!(q.sdpipe(&["run", "p.toml"]).code, 0);
     assert!(
         std::fs::read(&pt).unwrap()
@@ -203,7 +204,7 @@ fn hypernetwork_training_learns_writes_a1111_files_and_changes_samples() {
     );
 
     // Killed after a checkpoint, then resumed: the same file as the uninterrupted run.
-    let r = Project::new(pipeline(HYPER));
+    let r = Project::new(pipeline(hyper()));
     let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "80")]);
     wait_for("a training checkpoint", || r.scratch_has_checkpoint());
     child.kill().unwrap();
@@ -220,7 +221,7 @@ fn hypernetwork_training_learns_writes_a1111_files_and_changes_samples() {
 
 #[test]
 fn a_width_the_model_lacks_is_a_clear_error() {
-    let p = Project::new(pipeline("sizes = [768]"));
+    let p = Project::new(pipeline(toml::toml! { sizes = [768] }));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 1);
     assert!(
@@ -230,7 +231,7 @@ fn a_width_the_model_lacks_is_a_clear_error() {
         run.stdout
     );
 
-    let p = Project::new(pipeline("activation = \"wiggle\""));
+    let p = Project::new(pipeline(toml::toml! { activation = "wiggle" }));
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("activation `wiggle`"), "{}", run.stderr);
@@ -252,27 +253,24 @@ fn a_width_the_model_lacks_is_a_clear_error() {
 
 #[test]
 fn lora_tags_in_grid_prompts_apply_the_upstream_lora() {
-    let start = crate::common::PipelineToml::tiny_latents(4).text();
-    let text = format!(
-        r#"{start}
-[stage.style]
-kind = "train"
-needs = ["latents"]
-method = "lora"
-steps = 8
-lr = 1e-2
+    let text = PipelineToml::tiny_latents(4).merge(toml::toml! {
+        [stage.style]
+        kind = "train"
+        needs = ["latents"]
+        method = "lora"
+        steps = 8
+        lr = 1e-2
 
-[stage.grid]
-kind = "sample_grid"
-needs = ["style"]
-prompts = ["a photo of zorb", "a photo of <lora:style:0.5> zorb"]
-seeds = [1]
-steps = 4
-sampler = "ddim"
-width = 16
-height = 16
-"#
-    );
+        [stage.grid]
+        kind = "sample_grid"
+        needs = ["style"]
+        prompts = ["a photo of zorb", "a photo of <lora:style:0.5> zorb"]
+        seeds = [1]
+        steps = 4
+        sampler = "ddim"
+        width = 16
+        height = 16
+    });
     let p = Project::new(&text);
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
@@ -319,7 +317,10 @@ height = 16
     assert!(params.extra.iter().any(|(k, _)| k == "Lora hashes"));
 
     // A tag naming no upstream network is an error that lists the ones there are.
-    p.write_pipeline(text.replace("<lora:style:0.5>", "<hypernet:style>"));
+    p.write_pipeline(text.clone().set(
+        "stage.grid.prompts",
+        vec!["a photo of zorb", "a photo of <hypernet:style> zorb"],
+    ));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 1);
     assert!(
@@ -328,7 +329,10 @@ height = 16
         "{}",
         run.stdout
     );
-    p.write_pipeline(text.replace("<lora:style:0.5>", "<lora::0.5>"));
+    p.write_pipeline(text.set(
+        "stage.grid.prompts",
+        vec!["a photo of zorb", "a photo of <lora::0.5> zorb"],
+    ));
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("names no network"), "{}", run.stderr);
@@ -338,5 +342,5 @@ height = 16
 /// working copies of its f32 master weights, loss scaling); the loss falls like the f32 run's.
 #[test]
 fn half_precision_hypernetwork_tracks_f32() {
-    crate::common::f32_and_f16_training(&pipeline(HYPER), "hyper", 0.05);
+    crate::common::f32_and_f16_training(&pipeline(hyper()).text(), "hyper", 0.05);
 }

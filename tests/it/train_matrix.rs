@@ -5,47 +5,41 @@ use std::path::Path;
 
 use sdpipe::stages::StageParams;
 
-fn pipeline(ti_lr: &str) -> String {
+use crate::common::PipelineToml;
+
+fn pipeline(ti_lr: impl Into<toml::Value>) -> PipelineToml {
     let root = env!("CARGO_MANIFEST_DIR");
-    format!(
-        r#"[pipeline]
-name = "t"
-base_model = "{root}/tests/fixtures/tiny-sd"
+    PipelineToml::new(0)
+        .set(
+            "pipeline.base_model",
+            format!("{root}/tests/fixtures/tiny-sd"),
+        )
+        .stage("caption", "caption", &[])
+        .set("stage.caption.images", format!("{root}/datasets/heart"))
+        .stage("preprocess", "preprocess", &["caption"])
+        .stage("latents", "encode_latents", &["preprocess"])
+        .merge(toml::toml! {
+            [stage.train]
+            kind = "train"
+            needs = ["latents"]
+            matrix.method = ["lora", "textual_inversion", "dreambooth", "hypernetwork"]
+            lr = 1e-4
 
-[stage.caption]
-kind = "caption"
-images = "{root}/datasets/heart"
+            [stage.train.lora]
+            lr = 2e-4
 
-[stage.preprocess]
-kind = "preprocess"
-needs = ["caption"]
+            [stage.train.textual_inversion]
+            token = "zorb"
 
-[stage.latents]
-kind = "encode_latents"
-needs = ["preprocess"]
-
-[stage.train]
-kind = "train"
-needs = ["latents"]
-matrix.method = ["lora", "textual_inversion", "dreambooth", "hypernetwork"]
-lr = 1e-4
-
-[stage.train.lora]
-lr = 2e-4
-
-[stage.train.textual_inversion]
-token = "zorb"
-lr = {ti_lr}
-
-[stage.train.hypernetwork]
-lr = 3e-5
-"#
-    )
+            [stage.train.hypernetwork]
+            lr = 3e-5
+        })
+        .set("stage.train.textual_inversion.lr", ti_lr)
 }
 
 #[test]
 fn each_method_trains_at_its_own_rate() {
-    let p = sdpipe::pipeline::parse(Path::new("p.toml"), &pipeline("5e-3")).unwrap();
+    let p = sdpipe::pipeline::parse(Path::new("p.toml"), &pipeline(5e-3).text()).unwrap();
     let lr = |name: &str| match &p.stage(name).unwrap().params {
         StageParams::Train(t) => t.lr,
         other => panic!("{name} is {other:?}"),
@@ -58,11 +52,11 @@ fn each_method_trains_at_its_own_rate() {
 
 #[test]
 fn a_bad_method_rate_points_at_its_key() {
-    let err = sdpipe::pipeline::parse(Path::new("p.toml"), &pipeline("-1")).unwrap_err();
+    let err = sdpipe::pipeline::parse(Path::new("p.toml"), &pipeline(-1).text()).unwrap_err();
     assert!(
         err.message
             .contains("textual_inversion.lr = -1 must be a positive number"),
         "{err:?}"
     );
-    assert_eq!(err.line, 28, "{err:?}");
+    assert_eq!(err.line, 31, "{err:?}");
 }

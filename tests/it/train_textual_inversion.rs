@@ -2,57 +2,35 @@
 //! token's vectors train, the loss goes down, A1111 and diffusers files come out, the grid shows
 //! the token's effect, and `sdpipe sample --embedding` reads the file.
 
-use crate::common::Project;
+use crate::common::{PipelineToml, Project};
 
-fn pipeline() -> String {
-    let fixtures = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-    format!(
-        r#"
-[pipeline]
-name = "t"
-seed = 3
-base_model = "{fixtures}/tiny-sd"
+fn pipeline() -> PipelineToml {
+    PipelineToml::tiny_latents(3)
+        .set("stage.caption.use_sidecars", false)
+        .merge(toml::toml! {
+            [stage.train]
+            kind = "train"
+            needs = ["latents"]
+            method = "textual_inversion"
+            steps = 40
+            lr = 5e-3
+            checkpoint_every = 10
 
-[stage.caption]
-kind = "caption"
-images = "images"
-use_sidecars = false
-template = "a photo of {{token}}"
-token = "zorb"
+            [stage.train.textual_inversion]
+            token = "zorb"
+            init_word = "star"
+            num_vectors = 2
 
-[stage.preprocess]
-kind = "preprocess"
-needs = ["caption"]
-resolution = 16
-
-[stage.latents]
-kind = "encode_latents"
-needs = ["preprocess"]
-
-[stage.train]
-kind = "train"
-needs = ["latents"]
-method = "textual_inversion"
-steps = 40
-lr = 5e-3
-checkpoint_every = 10
-
-[stage.train.textual_inversion]
-token = "zorb"
-init_word = "star"
-num_vectors = 2
-
-[stage.grid]
-kind = "sample_grid"
-needs = ["train"]
-prompts = ["a photo of zorb"]
-seeds = [1]
-steps = 4
-sampler = "ddim"
-width = 16
-height = 16
-"#
-    )
+            [stage.grid]
+            kind = "sample_grid"
+            needs = ["train"]
+            prompts = ["a photo of zorb"]
+            seeds = [1]
+            steps = 4
+            sampler = "ddim"
+            width = 16
+            height = 16
+        })
 }
 
 #[test]
@@ -137,10 +115,7 @@ fn textual_inversion_learns_and_writes_a1111_and_diffusers_files() {
 
 #[test]
 fn a_token_missing_from_the_captions_is_an_error() {
-    let text = pipeline().replace(
-        "token = \"zorb\"\ninit_word",
-        "token = \"blorp\"\ninit_word",
-    );
+    let text = pipeline().set("stage.train.textual_inversion.token", "blorp");
     let p = Project::new(&text);
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 1);
@@ -149,7 +124,7 @@ fn a_token_missing_from_the_captions_is_an_error() {
         "{}",
         run.stdout
     );
-    let text = pipeline().replace("token = \"zorb\"\ninit_word", "init_word");
+    let text = pipeline().remove("stage.train.textual_inversion.token");
     let p = Project::new(&text);
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_eq!(run.code, 2);
@@ -164,5 +139,5 @@ fn a_token_missing_from_the_captions_is_an_error() {
 /// encoder and vectors, loss scaling); the loss falls like the f32 run's.
 #[test]
 fn half_precision_textual_inversion_tracks_f32() {
-    crate::common::f32_and_f16_training(&pipeline(), "train", 0.05);
+    crate::common::f32_and_f16_training(&pipeline().text(), "train", 0.05);
 }
