@@ -187,6 +187,7 @@ pub fn run(cli: Cli) -> ExitCode {
                 force: run.force.into_iter().collect(),
                 fail_fast: run.fail_fast,
                 memory_check: !run.no_memory_check,
+                pause: test_pause(),
                 ..Default::default()
             };
             match engine::watch(
@@ -267,6 +268,7 @@ fn cmd_run(
     let opts = RunOptions {
         force,
         fail_fast: args.fail_fast,
+        pause: test_pause(),
         ..Default::default()
     };
     match engine::execute(&p, ws, &opts, progress, &CancelToken::new()) {
@@ -493,4 +495,14 @@ fn human_bytes(n: u64) -> String {
     } else {
         format!("{v:.1} {}", UNITS[unit])
     }
+}
+
+/// The pause at each stage's yield points that the kill, watch and concurrency tests ask for
+/// with `SDPIPE_TEST_ITEM_DELAY_MS` (milliseconds), to interrupt a stage mid-way.
+fn test_pause() -> Option<Duration> {
+    let ms = std::env::var("SDPIPE_TEST_ITEM_DELAY_MS")
+        .ok()?
+        .parse()
+        .ok()?;
+    Some(Duration::from_millis(ms))
 }

@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -25,10 +26,16 @@ pub fn install_ctrlc_handler() {
 }
 
 /// A flag a stage polls to know it should stop; a child is also cancelled by its parent.
+///
+/// Stages check it at every item or step boundary, their yield points. A token may also carry a
+/// pause taken at each of them ([`CancelToken::with_pause`]): the kill, watch and concurrency
+/// tests widen the window in which they interrupt a stage that way, without a test hook in the
+/// stages' loops.
 #[derive(Debug, Clone, Default)]
 pub struct CancelToken {
     own: Arc<AtomicBool>,
     parent: Option<Arc<AtomicBool>>,
+    pause: Option<Duration>,
 }
 
 impl CancelToken {
@@ -37,12 +44,19 @@ impl CancelToken {
         Self::default()
     }
 
-    /// A token cancelled by itself or by `self`.
+    /// A token cancelled by itself or by `self`, pausing as `self` does.
     pub fn child(&self) -> CancelToken {
         CancelToken {
             own: Arc::new(AtomicBool::new(false)),
             parent: Some(self.own.clone()),
+            pause: self.pause,
         }
+    }
+
+    /// The same token, waiting `pause` at each [`CancelToken::check`] before it answers.
+    pub fn with_pause(mut self, pause: Option<Duration>) -> CancelToken {
+        self.pause = pause;
+        self
     }
 
     /// Asks the holder to stop.
@@ -67,12 +81,32 @@ impl CancelToken {
 pub struct Cancelled;
 
 impl CancelToken {
-    /// Fails with [`Cancelled`] if the work should stop.
+    /// Fails with [`Cancelled`] if the work should stop (after the token's pause, if any).
     pub fn check(&self) -> Result<(), Cancelled> {
+        if let Some(pause) = self.pause {
+            std::thread::sleep(pause);
+        }
         if self.is_cancelled() {
             Err(Cancelled)
         } else {
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn children_are_cancelled_by_their_parent_and_keep_its_pause() {
+        let run = CancelToken::new().with_pause(Some(Duration::from_millis(20)));
+        let stage = run.child();
+        let started = std::time::Instant::now();
+        assert!(stage.check().is_ok());
+        assert!(started.elapsed() >= Duration::from_millis(20), "no pause");
+        run.cancel();
+        assert!(stage.check().is_err());
+        assert!(CancelToken::new().child().check().is_ok());
     }
 }

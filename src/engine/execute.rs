@@ -38,6 +38,9 @@ pub struct RunOptions {
     /// `watch`: check each run's train stages against the available memory first and skip a
     /// run that will not fit (`run` checks once, before calling [`execute`]).
     pub memory_check: bool,
+    /// A pause at each yield point of every stage (see [`CancelToken::with_pause`]); the CLI
+    /// sets it from `SDPIPE_TEST_ITEM_DELAY_MS`, which tests use to interrupt stages mid-way.
+    pub pause: Option<std::time::Duration>,
 }
 
 /// What happened to one stage.
@@ -236,7 +239,7 @@ pub fn execute(
                 instance.name,
                 instance.params.kind()
             ));
-            let token = cancel.child();
+            let token = cancel.child().with_pause(opts.pause);
             if let Some(slot) = &opts.running {
                 *slot.lock().unwrap_or_else(|e| e.into_inner()) =
                     Some((instance.name.clone(), key.clone(), token.clone()));

@@ -104,13 +104,3 @@ pub struct StageResult {
     /// One line for the summary table.
     pub summary: String,
 }
-
-/// Milliseconds to sleep after each computed item or training step; only read from
-/// `SDPIPE_TEST_ITEM_DELAY_MS`, which the kill and concurrency tests set to widen the window in
-/// which they interrupt a stage or race a second run against it.
-pub(crate) fn test_item_delay() -> Option<u64> {
-    std::env::var("SDPIPE_TEST_ITEM_DELAY_MS")
-        .ok()?
-        .parse()
-        .ok()
-}

@@ -278,7 +278,6 @@ impl PreprocessParams {
             &format!("{} images", ctx.instance.name),
         );
         let computed = AtomicUsize::new(0);
-        let item_delay = super::context::test_item_delay();
         let results: Vec<Result<ItemResult, ItemFailure>> = manifest
             .items
             .par_iter()
@@ -308,9 +307,6 @@ impl PreprocessParams {
                     }
                     ctx.hasher.remember(&path, &hash);
                     let result = self.process(&path, &bytes, &item.hash, ctx, buckets.as_ref())?;
-                    if let Some(ms) = item_delay {
-                        std::thread::sleep(std::time::Duration::from_millis(ms));
-                    }
                     let record = Record {
                         key: item_key.clone(),
                         kind: "preprocess-item".into(),

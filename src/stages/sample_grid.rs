@@ -535,9 +535,6 @@ impl SampleGridParams {
             ctx.store.put_record(ITEMS, &key, &r)?;
             computed += 1;
             *record = Some(r);
-            if let Some(ms) = super::context::test_item_delay() {
-                std::thread::sleep(std::time::Duration::from_millis(ms));
-            }
         }
         bar.finish_and_clear();
 

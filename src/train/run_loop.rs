@@ -80,8 +80,6 @@ pub struct LoopEnv<'a> {
     pub cancel: &'a CancelToken,
     /// The run's scratch folder (checkpoints).
     pub scratch: &'a Path,
-    /// Called after every step (tests slow a run down with it).
-    pub after_step: Option<&'a dyn Fn()>,
 }
 
 /// The result of one optimiser step.
@@ -154,9 +152,6 @@ impl LoopConfig {
                 && state.step < self.steps
             {
                 method.checkpoint(state)?;
-            }
-            if let Some(hook) = env.after_step {
-                hook();
             }
         }
         bar.finish_and_clear();

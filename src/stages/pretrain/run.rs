@@ -367,12 +367,6 @@ impl PretrainParams {
                 Ok(())
             })?;
         }
-        if let Some(ms) = std::env::var("SDPIPE_TEST_ITEM_DELAY_MS")
-            .ok()
-            .and_then(|v| v.parse().ok())
-        {
-            std::thread::sleep(std::time::Duration::from_millis(ms));
-        }
         Ok(())
     }
 

@@ -236,19 +236,11 @@ impl TrainParams {
             sampling: self.sampling(),
         };
         let scratch = ctx.scratch()?;
-        // Tests slow a run down to interrupt it mid-way.
-        let delay = crate::stages::context::test_item_delay();
-        let sleep = move || {
-            if let Some(ms) = delay {
-                std::thread::sleep(std::time::Duration::from_millis(ms));
-            }
-        };
         let env = LoopEnv {
             progress: ctx.progress,
             label: format!("{} {label}", ctx.instance.name),
             cancel: ctx.cancel,
             scratch: &scratch,
-            after_step: delay.is_some().then_some(&sleep as &dyn Fn()),
         };
         let data = LoopData {
             items,
