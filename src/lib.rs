@@ -28,12 +28,13 @@
 //!   [`exit`]: its documented exit codes.
 //!
 //! Inside the crate: the cache (content-addressed blobs, records, locks), the engine (plan,
-//! run, watch), image decoding and buckets, the report stage's page, `sample`, `bench`, the
-//! device check and settings.
+//! run, watch), image decoding and buckets, `comparison` (the page the `report` stage renders),
+//! `sample`, `bench`, the device check and settings.
 
 pub(crate) mod bench;
 pub(crate) mod cache;
 pub mod cli;
+pub(crate) mod comparison;
 pub(crate) mod control;
 pub mod device;
 pub(crate) mod device_check;
@@ -47,7 +48,6 @@ pub mod merge;
 pub(crate) mod names;
 pub mod pipeline;
 pub mod render;
-pub(crate) mod report;
 pub(crate) mod sample;
 pub(crate) mod settings;
 pub mod stages;

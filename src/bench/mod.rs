@@ -19,10 +19,10 @@
 //!
 //! The work is generic over the dfdx device ([`run_on`]); [`run_cli`] picks the device.
 
-mod report;
+mod results;
 mod run;
 
-pub use report::{BenchReport, StepTimes};
+pub use results::{BenchReport, StepTimes};
 pub use run::run_on;
 
 use crate::exit::ExitCode;

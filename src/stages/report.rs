@@ -15,7 +15,7 @@ use super::context::{StageContext, StageResult};
 use super::sample_grid::parse_network_tags;
 use super::{GridManifest, ParamError, PreprocessManifest, StageParams, TrainMetrics};
 use crate::cache::{canonical_json, hash_bytes};
-use crate::report::{
+use crate::comparison::{
     Artifact, ComparisonReport, DFDX_VERSION, GridSummary, ImageScore, Provenance, QualitySummary,
     StageProvenance, VariantReport, html, markdown, merge_label, method_label, svg,
 };
