@@ -8,14 +8,15 @@ use std::path::Path;
 use anyhow::Context as _;
 use dfdx::prelude::*;
 
+use super::joint::{TextInputs, joint_grads};
 use crate::diffusion::host_tensor::HostTensor;
 use crate::diffusion::nn::{Elem, Tensor3};
 use crate::diffusion::params::{copy_params, named_grads};
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::write_safetensors;
-use crate::train::batch::{Batch, Item, Sampling, batch_context};
-use crate::train::mixed::{self, StepScaler};
+use crate::train::batch::{Batch, Item, Sampling};
+use crate::train::mixed::StepScaler;
 use crate::train::optim::{AdamW, update_layers as update_all};
 use crate::train::resume::{self, TrainState};
 use crate::train::run_loop::{TrainMethod, TrainStep};
@@ -71,52 +72,27 @@ impl<D: Device<f32> + Device<E>, E: Elem> DreamboothSteps<'_, D, E> {
         items: &[Item],
         batch: &Batch<D>,
     ) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
-        let scale = self.scaler.scale();
-        let Some(te) = self.text_encoder.as_deref_mut() else {
-            let context = batch_context(items, self.contexts, &batch.picked)?.to_dtype::<E>();
-            let (loss, grads) = mixed::loss_and_grads(
-                self.unet,
-                self.ddpm,
-                &batch.latents,
-                &batch.noise,
-                &batch.timesteps,
-                &context,
-                scale,
-            )?;
-            let mut out = named_grads(self.unet, &grads);
-            self.scaler.unscale(&mut out);
-            return Ok((loss, out));
+        let text = TextInputs {
+            contexts: self.contexts,
+            ids: self.ids,
+            clip_skip: self.clip_skip,
         };
-        let batch_ids: Vec<Vec<u32>> = batch
-            .picked
-            .iter()
-            .map(|&i| self.ids[&items[i].caption].clone())
-            .collect();
-        // Two backward passes: the UNet's (in `E`) gives the context's gradient, which the
-        // text encoder's (f32) carries to its weights.
-        let embeds = te.embed_tokens_traced(&batch_ids)?;
-        let (context, te_tape) = te.forward_embeds(embeds, self.clip_skip)?.split_tape();
-        let context_e = context.clone().to_dtype::<E>();
-        let (loss, grads) = mixed::loss_and_grads(
+        let g = joint_grads(
             self.unet,
+            self.text_encoder.as_deref_mut(),
             self.ddpm,
-            &batch.latents,
-            &batch.noise,
-            &batch.timesteps,
-            &context_e,
-            scale,
+            items,
+            batch,
+            &text,
+            &mut self.scaler,
+            |unet, grads| named_grads(unet, grads),
+            |te, grads| named_grads(te, grads),
         )?;
-        let mut out = named_grads(self.unet, &grads);
-        let g_context = grads.get(&context_e).to_dtype::<f32>() * (1.0 / scale);
-        drop(grads);
-        self.scaler.unscale(&mut out);
-        let te_grads = (context.put_tape(te_tape) * g_context).sum().backward();
-        let te_out = named_grads(te, &te_grads);
-        self.scaler.note_finite(te_out.values());
-        for (name, g) in te_out {
-            out.insert(format!("{TE}{name}"), g);
+        let mut out = g.unet;
+        for (name, grad) in g.text_encoder {
+            out.insert(format!("{TE}{name}"), grad);
         }
-        Ok((loss, out))
+        Ok((g.loss, out))
     }
 }
 

@@ -6,14 +6,15 @@ use std::path::Path;
 
 use dfdx::prelude::*;
 
+use super::joint::{TextInputs, joint_grads};
 use crate::diffusion::host_tensor::HostTensor;
 use crate::diffusion::nn::{Elem, Tensor3};
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::lora::{KohyaMetadata, LoraComponent, LoraNetwork, write_kohya};
-use crate::train::batch::{Batch, Item, batch_context, mix};
+use crate::train::batch::{Batch, Item, mix};
 use crate::train::lora::{adapter_grads, extract, set_dropout};
-use crate::train::mixed::{self, Masters, StepScaler};
+use crate::train::mixed::{Masters, StepScaler};
 use crate::train::optim::AdamW;
 use crate::train::resume::{self, TrainState};
 use crate::train::run_loop::{TrainMethod, TrainStep};
@@ -70,52 +71,25 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for LoraSteps<'_, D, E> {
                 set_dropout(te, self.dropout, dropout_seed);
             }
         }
-        let scale = self.scaler.scale();
-        let Some(te) = self.text_encoder.as_deref_mut() else {
-            let context = batch_context(self.items, self.contexts, &batch.picked)?.to_dtype::<E>();
-            let (loss, grads) = mixed::loss_and_grads(
-                self.unet,
-                self.ddpm,
-                &batch.latents,
-                &batch.noise,
-                &batch.timesteps,
-                &context,
-                scale,
-            )?;
-            let mut out = adapter_grads(self.unet, &grads);
-            self.scaler.unscale(&mut out);
-            return Ok((loss, out));
+        let text = TextInputs {
+            contexts: self.contexts,
+            ids: self.ids,
+            clip_skip: self.clip_skip,
         };
-        let batch_ids: Vec<Vec<u32>> = batch
-            .picked
-            .iter()
-            .map(|&i| self.ids[&self.items[i].caption].clone())
-            .collect();
-        // Two backward passes: the UNet's (in `E`) gives the context's gradient, which the
-        // text encoder's (f32) carries to its adapters.
-        let embeds = te.embed_tokens(&batch_ids)?;
-        let (context, te_tape) = te
-            .forward_embeds(embeds.leaky_trace(), self.clip_skip)?
-            .split_tape();
-        let context_e = context.clone().to_dtype::<E>();
-        let (loss, grads) = mixed::loss_and_grads(
+        let g = joint_grads(
             self.unet,
+            self.text_encoder.as_deref_mut(),
             self.ddpm,
-            &batch.latents,
-            &batch.noise,
-            &batch.timesteps,
-            &context_e,
-            scale,
+            self.items,
+            batch,
+            &text,
+            &mut self.scaler,
+            |unet, grads| adapter_grads(unet, grads),
+            |te, grads| adapter_grads(te, grads),
         )?;
-        let mut out = adapter_grads(self.unet, &grads);
-        let g_context = grads.get(&context_e).to_dtype::<f32>() * (1.0 / scale);
-        drop(grads);
-        let te_grads = (context.put_tape(te_tape) * g_context).sum().backward();
-        let mut te_out = adapter_grads(te, &te_grads);
-        self.scaler.unscale(&mut out);
-        self.scaler.note_finite(te_out.values());
-        out.append(&mut te_out);
-        Ok((loss, out))
+        let mut out = g.unet;
+        out.extend(g.text_encoder);
+        Ok((g.loss, out))
     }
 
     fn apply(&mut self, grads: &BTreeMap<String, HostTensor>, lr: f64) -> anyhow::Result<()> {

@@ -4,6 +4,7 @@
 
 pub mod dreambooth;
 pub mod hypernetwork;
+pub mod joint;
 pub mod lora;
 pub mod textual_inversion;
 
