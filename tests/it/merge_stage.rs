@@ -29,6 +29,7 @@ fn pipeline(stages: toml::Table) -> PipelineToml {
         .merge(stages)
 }
 
+/// The merge stages of the main test, on the trained LoRA and the base.
 fn merges() -> toml::Table {
     toml::toml! {
         [stage.baked]
@@ -67,16 +68,6 @@ fn merges() -> toml::Table {
         models = ["base", "baked", "base"]
         alpha = 0.5
         dtype = "f32"
-
-        [stage.grid]
-        kind = "sample_grid"
-        needs = ["train", "baked"]
-        prompts = ["a photo of zorb"]
-        seeds = [1]
-        steps = 4
-        sampler = "ddim"
-        width = 16
-        height = 16
     }
 }
 
@@ -96,7 +87,7 @@ fn max_module_diff(
 
 #[test]
 fn lora_baked_extracted_combined_and_sampled_as_a_checkpoint_row() {
-    let p = Project::new(pipeline(merges()));
+    let p = Project::new(pipeline(merges()).tiny_grid("grid", &["train", "baked"]));
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
 

@@ -27,21 +27,17 @@ fn pipeline(concept: &str) -> PipelineToml {
             mode = "lora_into_checkpoint"
             loras = ["train@method=lora"]
 
-            [stage.grid]
-            kind = "sample_grid"
-            needs = ["train", "merged"]
-            prompts = ["a photo of zorb", "a zorb on a blue background"]
-            seeds = [1]
-            steps = 2
-            sampler = "ddim"
-            width = 16
-            height = 16
-
             [stage.report]
             kind = "report"
             needs = ["train", "merged", "grid", "preprocess"]
             title = "Two <methods> & a merge"
         })
+        .tiny_grid("grid", &["train", "merged"])
+        .set(
+            "stage.grid.prompts",
+            vec!["a photo of zorb", "a zorb on a blue background"],
+        )
+        .set("stage.grid.steps", 2)
         .set("stage.report.concept", concept)
 }
 

@@ -17,17 +17,12 @@ fn pipeline(hypernetwork: toml::Table) -> PipelineToml {
             steps = 30
             lr = 3e-3
             checkpoint_every = 10
-
-            [stage.grid]
-            kind = "sample_grid"
-            needs = ["hyper"]
-            prompts = ["a photo of zorb", "a photo of zorb <hypernet:hyper:0.5>"]
-            seeds = [1]
-            steps = 4
-            sampler = "ddim"
-            width = 16
-            height = 16
         })
+        .tiny_grid("grid", &["hyper"])
+        .set(
+            "stage.grid.prompts",
+            vec!["a photo of zorb", "a photo of zorb <hypernet:hyper:0.5>"],
+        )
         .set("stage.hyper.hypernetwork", toml::Value::Table(hypernetwork))
 }
 
@@ -253,24 +248,20 @@ fn a_width_the_model_lacks_is_a_clear_error() {
 
 #[test]
 fn lora_tags_in_grid_prompts_apply_the_upstream_lora() {
-    let text = PipelineToml::tiny_latents(4).merge(toml::toml! {
-        [stage.style]
-        kind = "train"
-        needs = ["latents"]
-        method = "lora"
-        steps = 8
-        lr = 1e-2
-
-        [stage.grid]
-        kind = "sample_grid"
-        needs = ["style"]
-        prompts = ["a photo of zorb", "a photo of <lora:style:0.5> zorb"]
-        seeds = [1]
-        steps = 4
-        sampler = "ddim"
-        width = 16
-        height = 16
-    });
+    let text = PipelineToml::tiny_latents(4)
+        .merge(toml::toml! {
+            [stage.style]
+            kind = "train"
+            needs = ["latents"]
+            method = "lora"
+            steps = 8
+            lr = 1e-2
+        })
+        .tiny_grid("grid", &["style"])
+        .set(
+            "stage.grid.prompts",
+            vec!["a photo of zorb", "a photo of <lora:style:0.5> zorb"],
+        );
     let p = Project::new(&text);
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);

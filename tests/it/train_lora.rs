@@ -5,29 +5,21 @@
 use crate::common::{PipelineToml, Project, wait_for};
 
 fn pipeline() -> PipelineToml {
-    PipelineToml::tiny_latents(5).merge(toml::toml! {
-        [stage.train]
-        kind = "train"
-        needs = ["latents"]
-        method = "lora"
-        steps = 30
-        lr = 1e-3
-        checkpoint_every = 10
+    PipelineToml::tiny_latents(5)
+        .merge(toml::toml! {
+            [stage.train]
+            kind = "train"
+            needs = ["latents"]
+            method = "lora"
+            steps = 30
+            lr = 1e-3
+            checkpoint_every = 10
 
-        [stage.train.lora]
-        rank = 4
-        alpha = 2
-
-        [stage.grid]
-        kind = "sample_grid"
-        needs = ["train"]
-        prompts = ["a photo of zorb"]
-        seeds = [1]
-        steps = 4
-        sampler = "ddim"
-        width = 16
-        height = 16
-    })
+            [stage.train.lora]
+            rank = 4
+            alpha = 2
+        })
+        .tiny_grid("grid", &["train"])
 }
 
 #[test]

@@ -20,17 +20,8 @@ fn pipeline() -> PipelineToml {
             token = "zorb"
             init_word = "star"
             num_vectors = 2
-
-            [stage.grid]
-            kind = "sample_grid"
-            needs = ["train"]
-            prompts = ["a photo of zorb"]
-            seeds = [1]
-            steps = 4
-            sampler = "ddim"
-            width = 16
-            height = 16
         })
+        .tiny_grid("grid", &["train"])
 }
 
 #[test]

@@ -47,6 +47,19 @@ impl PipelineToml {
             .stage("latents", "encode_latents", &["preprocess"])
     }
 
+    /// Adds a `sample_grid` stage `name` on `needs` at the tiny model's scale: "a photo of
+    /// zorb", seed 1, 4 DDIM steps, 16×16 px. Tests change what they test with [`Self::set`].
+    pub fn tiny_grid(self, name: &str, needs: &[&str]) -> PipelineToml {
+        let key = |k: &str| format!("stage.{name}.{k}");
+        self.stage(name, "sample_grid", needs)
+            .set(&key("prompts"), vec!["a photo of zorb"])
+            .set(&key("seeds"), vec![1])
+            .set(&key("steps"), 4)
+            .set(&key("sampler"), "ddim")
+            .set(&key("width"), 16)
+            .set(&key("height"), 16)
+    }
+
     /// Adds `[stage.<name>]` with its `kind` and `needs` (left out when empty).
     pub fn stage(self, name: &str, kind: &str, needs: &[&str]) -> PipelineToml {
         let key = format!("stage.{name}");
