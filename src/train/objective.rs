@@ -2,7 +2,10 @@
 //! latents at the drawn timesteps (`x_t = √ᾱ_t·x₀ + √(1−ᾱ_t)·ε`), ask the UNet for what the
 //! scheduler's `prediction_type` says it predicts (ε, v = √ᾱ_t·ε − √(1−ᾱ_t)·x₀, or x₀, as
 //! diffusers' `DDPMScheduler` and its training examples define the target), and take the mean
-//! squared error over every element.
+//! squared error over every element, or, with a [`LossWeighting`](crate::diffusion::schedulers::LossWeighting) on the [`Ddpm`], each
+//! sample's mean squared error times its timestep's weight, averaged over the batch (as
+//! diffusers and kohya apply min-SNR). Evaluation losses stay unweighted, so runs with
+//! different weightings compare on one scale.
 
 use dfdx::losses::mse_loss;
 use dfdx::prelude::*;
@@ -48,8 +51,9 @@ pub fn prediction_and_target<E: Elem, D: Device<f32> + Device<E>, T: Tape<E, D>>
     Ok((pred, target))
 }
 
-/// The loss of one batch on the tape of the conditioning, computed in `E`:
-/// `mse(unet(x_t, t, conditioning), target)`.
+/// The training loss of one batch on the tape of the conditioning, computed in `E`:
+/// `mse(unet(x_t, t, conditioning), target)`, each sample weighted by
+/// [`Ddpm::loss_weights`] when the weighting is not uniform.
 pub fn loss<E: Elem, D: Device<f32> + Device<E>, T: Tape<E, D>>(
     unet: &UNet<D, E>,
     ddpm: &Ddpm,
@@ -60,7 +64,18 @@ pub fn loss<E: Elem, D: Device<f32> + Device<E>, T: Tape<E, D>>(
 ) -> Result<Tensor<(), E, D, T>, ObjectiveError> {
     let (pred, target) =
         prediction_and_target(unet, ddpm, latents, noise, timesteps, conditioning)?;
-    Ok(mse_loss(pred, target.to_dtype::<E>()))
+    let Some(weights) = ddpm.loss_weights(timesteps)? else {
+        return Ok(mse_loss(pred, target.to_dtype::<E>()));
+    };
+    // [b]: each sample's mean squared error, then weighted and averaged over the batch.
+    let per_sample = (pred - target.to_dtype::<E>())
+        .square()
+        .mean::<(usize,), Axes3<1, 2, 3>>();
+    let dev = latents.device().clone();
+    let weights = dev
+        .tensor_from_vec(weights, (timesteps.len(),))
+        .to_dtype::<E>();
+    Ok((per_sample * weights).mean())
 }
 
 /// The loss of one batch (unscaled, in f32) and the gradients of `loss · loss_scale`: every

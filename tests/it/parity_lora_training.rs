@@ -225,3 +225,129 @@ fn v_prediction_trains_against_the_velocity() {
         }
     }
 }
+
+/// `min_snr_gamma` and `debiased_estimation` weight each sample's squared error by its
+/// timestep, as diffusers' training examples and kohya compute it: the weighted loss equals
+/// the mean over samples of `w_t · mse_i` taken from diffusers' targets, while the evaluation
+/// loss stays the plain MSE.
+#[test]
+fn snr_weighted_losses_weight_each_sample_by_its_timestep() {
+    use sdpipe::diffusion::schedulers::{LossWeighting, PredictionType};
+    use sdpipe::train::objective;
+
+    let sched = read_safetensors(&fixtures().join("goldens/schedulers.safetensors"))
+        .unwrap()
+        .tensors;
+    let training = read_safetensors(&fixtures().join("goldens/lora_training.safetensors"))
+        .unwrap()
+        .tensors;
+    let dev = Cpu::default();
+    let unet = Checkpoint::open(fixtures().join("tiny-sd"))
+        .unwrap()
+        .load_unet(&dev)
+        .unwrap();
+    let t4 = |name: &str| {
+        sched[name]
+            .to_tensor::<(usize, usize, usize, usize), _>(&dev)
+            .unwrap()
+    };
+    let (x0, noise, noisy) = (
+        t4("add_noise.x0"),
+        t4("add_noise.noise"),
+        t4("add_noise.noisy"),
+    );
+    let timesteps: Vec<usize> = sched["add_noise.timesteps"]
+        .data
+        .iter()
+        .map(|&t| t as usize)
+        .collect();
+    let b = timesteps.len();
+    assert!(b >= 2, "weights need several samples to matter");
+    let context = part(&training["encoder_hidden_states"], 0)
+        .to_tensor::<(usize, usize, usize), _>(&dev)
+        .unwrap();
+    let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
+    let pred = unet.forward(noisy, &t, context.clone()).unwrap().as_vec();
+    let per = pred.len() / b;
+    // Each sample's MSE against diffusers' target.
+    let sample_mse = |target: &[f32], i: usize| {
+        (i * per..(i + 1) * per)
+            .map(|k| (pred[k] as f64 - target[k] as f64).powi(2))
+            .sum::<f64>()
+            / per as f64
+    };
+
+    for (prediction_type, target) in [
+        (PredictionType::Epsilon, "add_noise.noise"),
+        (PredictionType::VPrediction, "add_noise.velocity"),
+    ] {
+        let config = SchedulerConfig {
+            prediction_type,
+            ..SchedulerConfig::sd15()
+        };
+        let ddpm = Ddpm::new(&config).unwrap();
+        let snr = ddpm.snr(&timesteps).unwrap();
+        let v = prediction_type == PredictionType::VPrediction;
+        for (weighting, formula) in [
+            (
+                LossWeighting {
+                    min_snr_gamma: Some(5.0),
+                    debiased_estimation: false,
+                },
+                // diffusers: min(snr, γ) / snr (ε) or / (snr + 1) (v)
+                Box::new(move |s: f64| s.min(5.0) / if v { s + 1.0 } else { s })
+                    as Box<dyn Fn(f64) -> f64>,
+            ),
+            (
+                LossWeighting {
+                    min_snr_gamma: None,
+                    debiased_estimation: true,
+                },
+                // kohya: 1 / sqrt(min(snr, 1000)) (ε) or 1 / sqrt(min(snr, 1000) + 1) (v)
+                Box::new(move |s: f64| 1.0 / (s.min(1000.0) + if v { 1.0 } else { 0.0 }).sqrt()),
+            ),
+        ] {
+            let reference = (0..b)
+                .map(|i| formula(snr[i]) * sample_mse(&sched[target].data, i))
+                .sum::<f64>()
+                / b as f64;
+            let weighted = ddpm.clone().with_loss_weighting(weighting);
+            let (loss, _) = objective::loss_and_grads::<f32, _>(
+                &unet,
+                &weighted,
+                &x0,
+                &noise,
+                &timesteps,
+                context.retaped(),
+                1.0,
+            )
+            .unwrap();
+            let err = (loss as f64 - reference).abs() / reference;
+            assert!(
+                err <= 1e-5,
+                "{prediction_type:?} {weighting:?}: loss {loss} vs {reference} ({err:e})"
+            );
+            let plain = (0..b)
+                .map(|i| sample_mse(&sched[target].data, i))
+                .sum::<f64>()
+                / b as f64;
+            assert!(
+                (reference - plain).abs() > 1e-3 * plain,
+                "the weights must change the loss for the test to mean anything"
+            );
+            let eval = objective::eval_loss::<f32, _>(
+                &unet,
+                &weighted,
+                &x0,
+                &noise,
+                &timesteps,
+                context.clone(),
+            )
+            .unwrap();
+            assert!(
+                (eval as f64 - plain).abs() / plain <= 1e-5,
+                "evaluation stays plain MSE"
+            );
+        }
+    }
+}

@@ -312,3 +312,37 @@ fn conv_targets_train_locon_adapters() {
     assert!(convs >= 8, "{convs} conv modules");
     assert!(p.path("outputs/t/grid/grid.png").exists());
 }
+
+/// `min_snr_gamma` is a train-stage key like any other: it changes the stage's key and what it
+/// learns (each sample's loss weighted by its timestep), a bad value points at the key, and
+/// pipelines without it keep their keys.
+#[test]
+fn min_snr_gamma_weights_the_loss_and_is_validated_at_its_key() {
+    // Two samples per batch: with one, a weight only rescales the gradient, which clipping to
+    // `max_grad_norm` and Adam's normalisation undo.
+    let plain = pipeline()
+        .set("stage.train.steps", 4)
+        .set("stage.train.batch_size", 2)
+        .remove("stage.grid");
+    let p = Project::new(&plain);
+    assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
+    let unweighted = std::fs::read(p.path("outputs/t/train/lora.safetensors")).unwrap();
+
+    p.write_pipeline(plain.clone().set("stage.train.min_snr_gamma", 5.0));
+    let (status, reason) = p.status_of("train");
+    assert_eq!(status, "stale");
+    assert!(reason.contains("min_snr_gamma"), "{reason}");
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let weighted = std::fs::read(p.path("outputs/t/train/lora.safetensors")).unwrap();
+    assert!(weighted != unweighted, "the weighting changed nothing");
+
+    p.write_pipeline(plain.set("stage.train.min_snr_gamma", 0.0));
+    let run = p.sdpipe(&["plan", "p.toml"]);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("min_snr_gamma") && run.stderr.contains("p.toml:"),
+        "{}",
+        run.stderr
+    );
+}

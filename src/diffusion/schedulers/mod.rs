@@ -23,7 +23,7 @@ use rand_chacha::rand_core::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 pub use ddim::Ddim;
-pub use ddpm::Ddpm;
+pub use ddpm::{Ddpm, LossWeighting};
 pub use euler::Euler;
 pub use euler_ancestral::EulerAncestral;
 pub use schedule::NoiseSchedule;

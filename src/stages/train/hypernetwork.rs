@@ -220,7 +220,7 @@ impl TrainParams {
             dev,
         } = self.setup::<E, D>(ctx, dev)?;
         let contexts = self.frozen_contexts(&t2i, &items)?;
-        let ddpm = Ddpm::new(&t2i.scheduler_config)?;
+        let ddpm = Ddpm::new(&t2i.scheduler_config)?.with_loss_weighting(self.loss_weighting());
         let scaling = manifest.scaling_factor as f32;
         let mut unet = t2i.models.unet;
 

@@ -25,6 +25,7 @@ use super::model::{Component, open_checkpoint};
 use crate::cache::BlobRef;
 use crate::diffusion::clip::TextEncoder;
 use crate::diffusion::nn::{Elem, Tensor3};
+use crate::diffusion::schedulers::LossWeighting;
 use crate::diffusion::text_to_image::TextToImage;
 use crate::settings::PipelineSettings;
 use crate::train::batch::{Item, Sampling};
@@ -201,6 +202,14 @@ impl TrainParams {
             }
         }
         Ok(contexts)
+    }
+
+    /// How this stage weights each sample's loss by its timestep.
+    fn loss_weighting(&self) -> LossWeighting {
+        LossWeighting {
+            min_snr_gamma: self.min_snr_gamma,
+            debiased_estimation: self.debiased_estimation,
+        }
     }
 
     /// How this stage draws its micro-batches.

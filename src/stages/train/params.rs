@@ -43,6 +43,15 @@ pub struct TrainParams {
     /// Exclusive upper bound of the timesteps.
     #[serde(default = "default_max_timestep")]
     pub max_timestep: usize,
+    /// Min-SNR-γ loss weighting (Hang et al. 2023; kohya's and diffusers' `min_snr_gamma`):
+    /// each sample's loss times `min(SNR, γ) / SNR` (ε) or `/ (SNR + 1)` (v). Unset = plain MSE;
+    /// 5 is the paper's value.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_snr_gamma: Option<f64>,
+    /// kohya's `debiased_estimation_loss`: each sample's loss times `1 / √SNR` (SNR capped at
+    /// 1000; `√(SNR + 1)` for v-prediction).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub debiased_estimation: bool,
     /// Text-encoder layers skipped (diffusers' convention).
     #[serde(default)]
     pub clip_skip: usize,
@@ -190,4 +199,10 @@ fn default_targets() -> Vec<String> {
     ["to_q", "to_k", "to_v", "to_out.0"]
         .map(String::from)
         .to_vec()
+}
+
+/// serde's `skip_serializing_if` for a flag off by default: a key added later leaves the cache
+/// keys of existing pipelines as they were.
+fn is_false(b: &bool) -> bool {
+    !*b
 }

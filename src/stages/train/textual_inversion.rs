@@ -44,7 +44,7 @@ impl TrainParams {
             mut t2i,
             dev,
         } = self.setup::<E, D>(ctx, dev)?;
-        let ddpm = Ddpm::new(&t2i.scheduler_config)?;
+        let ddpm = Ddpm::new(&t2i.scheduler_config)?.with_loss_weighting(self.loss_weighting());
         let scaling = manifest.scaling_factor as f32;
         let d = t2i.models.text_encoder().config.hidden_size;
 

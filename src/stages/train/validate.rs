@@ -51,6 +51,13 @@ impl TrainParams {
             self.max_grad_norm,
             "the global gradient norm is clipped to it; 1.0 is the default, 0 turns clipping off",
         )?;
+        if let Some(gamma) = self.min_snr_gamma {
+            checks::positive(
+                "min_snr_gamma",
+                gamma,
+                "the SNR at which weights are clipped; 5 is the paper's and kohya's usual value",
+            )?;
+        }
         if self.min_timestep >= self.max_timestep || self.max_timestep > 1000 {
             return Err(ParamError::new(
                 "max_timestep",
