@@ -297,6 +297,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                     batch_size: b,
                     min_timestep: 0,
                     max_timestep: 1000,
+                    noise: Default::default(),
                 },
                 unet: &mut unet,
                 text_encoder: None,

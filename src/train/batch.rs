@@ -10,6 +10,7 @@ use rand::{RngExt, SeedableRng};
 
 use crate::diffusion::nn::{Tensor3, Tensor4};
 use crate::diffusion::schedulers::SeededNoise;
+use crate::train::noise::NoiseShaping;
 
 /// One latent item in memory: the VAE posterior's mean and std and the item's caption.
 #[derive(Debug, Clone)]
@@ -49,6 +50,8 @@ pub struct Sampling {
     pub min_timestep: usize,
     /// One past the largest timestep drawn.
     pub max_timestep: usize,
+    /// How the drawn Gaussian noise is shaped (noise offset, pyramid noise).
+    pub noise: NoiseShaping,
 }
 
 impl Sampling {
@@ -82,14 +85,20 @@ impl Sampling {
                 latents.push((m + s * noise_src.next_normal() as f32) * scaling);
             }
         }
-        let noise: Vec<f32> = (0..latents.len())
+        let mut noise: Vec<f32> = (0..latents.len())
             .map(|_| noise_src.next_normal() as f32)
             .collect();
+        let b = picked.len();
+        self.noise.apply(
+            &mut noise,
+            &latents,
+            [b, c, h, w],
+            batch_seed ^ 0x0ff5_e7ed_0015_e5a7,
+        );
         let timesteps: Vec<usize> = picked
             .iter()
             .map(|_| rng.random_range(self.min_timestep..self.max_timestep))
             .collect();
-        let b = picked.len();
         Batch {
             latents: dev.tensor_from_vec(latents, (b, c, h, w)),
             noise: dev.tensor_from_vec(noise, (b, c, h, w)),

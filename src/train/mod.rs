@@ -12,6 +12,7 @@ mod method;
 pub mod methods;
 mod metrics;
 pub mod mixed;
+pub mod noise;
 pub mod objective;
 pub mod optim;
 pub mod resume;

@@ -346,3 +346,40 @@ fn min_snr_gamma_weights_the_loss_and_is_validated_at_its_key() {
         run.stderr
     );
 }
+
+/// kohya's noise options are train-stage keys: `noise_offset` and pyramid noise each change the
+/// key and what is learned; a key that needs another names it.
+#[test]
+fn noise_offset_and_pyramid_noise_change_the_training_noise() {
+    let plain = pipeline().set("stage.train.steps", 3).remove("stage.grid");
+    let p = Project::new(&plain);
+    assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
+    let lora = || std::fs::read(p.path("outputs/t/train/lora.safetensors")).unwrap();
+    let base = lora();
+    let mut seen = vec![base];
+    for (key, value) in [
+        ("noise_offset", toml::Value::from(0.1)),
+        ("multires_noise_iterations", toml::Value::from(6)),
+    ] {
+        p.write_pipeline(plain.clone().set(&format!("stage.train.{key}"), value));
+        assert!(p.status_of("train").1.contains(key));
+        let run = p.sdpipe(&["run", "p.toml"]);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+        let trained = lora();
+        assert!(!seen.contains(&trained), "`{key}` changed nothing");
+        seen.push(trained);
+    }
+    for (key, value, needs) in [
+        ("adaptive_noise_scale", 0.01, "noise_offset"),
+        ("multires_noise_discount", 0.5, "multires_noise_iterations"),
+    ] {
+        p.write_pipeline(plain.clone().set(&format!("stage.train.{key}"), value));
+        let run = p.sdpipe(&["plan", "p.toml"]);
+        assert_eq!(run.code, 2);
+        assert!(
+            run.stderr.contains(key) && run.stderr.contains(needs),
+            "{}",
+            run.stderr
+        );
+    }
+}

@@ -30,6 +30,7 @@ use crate::diffusion::text_to_image::TextToImage;
 use crate::settings::PipelineSettings;
 use crate::train::batch::{Item, Sampling};
 use crate::train::lr::{A1111Schedule, LrSchedule};
+use crate::train::noise::NoiseShaping;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::peak_memory_mib;
 use crate::train::resume::TrainState;
@@ -218,6 +219,12 @@ impl TrainParams {
             batch_size: self.batch_size,
             min_timestep: self.min_timestep,
             max_timestep: self.max_timestep,
+            noise: NoiseShaping {
+                offset: self.noise_offset.unwrap_or(0.0),
+                adaptive_scale: self.adaptive_noise_scale,
+                multires_iterations: self.multires_noise_iterations.unwrap_or(0),
+                multires_discount: self.multires_noise_discount.unwrap_or(0.3),
+            },
         }
     }
 

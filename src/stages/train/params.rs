@@ -52,6 +52,21 @@ pub struct TrainParams {
     /// 1000; `√(SNR + 1)` for v-prediction).
     #[serde(default, skip_serializing_if = "is_false")]
     pub debiased_estimation: bool,
+    /// kohya's `noise_offset`: each (sample, channel) plane of the training noise is shifted by
+    /// `noise_offset · N(0, 1)`, so the model can learn overall brightness (0.05–0.1 is usual).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub noise_offset: Option<f64>,
+    /// kohya's `adaptive_noise_scale`: the offset grows by this times `|mean|` of each latent
+    /// plane (requires `noise_offset`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive_noise_scale: Option<f64>,
+    /// kohya's `multires_noise_iterations`: pyramid noise over up to this many coarser levels
+    /// (6–10 is usual).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multires_noise_iterations: Option<usize>,
+    /// kohya's `multires_noise_discount`: level `i` weighs `discount^i` (default 0.3).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub multires_noise_discount: Option<f64>,
     /// Text-encoder layers skipped (diffusers' convention).
     #[serde(default)]
     pub clip_skip: usize,

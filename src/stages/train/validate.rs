@@ -58,6 +58,54 @@ impl TrainParams {
                 "the SNR at which weights are clipped; 5 is the paper's and kohya's usual value",
             )?;
         }
+        if let Some(offset) = self.noise_offset {
+            checks::non_negative(
+                "noise_offset",
+                offset,
+                "each noise plane's shift; 0.05-0.1 is usual, 0 turns it off",
+            )?;
+        }
+        if let Some(scale) = self.adaptive_noise_scale {
+            if self.noise_offset.is_none() {
+                return Err(ParamError::new(
+                    "adaptive_noise_scale",
+                    "adaptive_noise_scale scales the noise offset, and noise_offset is not set",
+                    "set noise_offset too, e.g. noise_offset = 0.05",
+                ));
+            }
+            if !scale.is_finite() {
+                return Err(ParamError::new(
+                    "adaptive_noise_scale",
+                    format!("{scale} is not a finite number"),
+                    "kohya suggests about a tenth of noise_offset's value, e.g. 0.005",
+                ));
+            }
+        }
+        if let Some(n) = self.multires_noise_iterations
+            && !(1..=20).contains(&n)
+        {
+            return Err(ParamError::new(
+                "multires_noise_iterations",
+                format!("{n} levels; the pyramid needs 1 to 20"),
+                "6-10 is usual; leave the key out to turn pyramid noise off",
+            ));
+        }
+        if self.multires_noise_discount.is_some() && self.multires_noise_iterations.is_none() {
+            return Err(ParamError::new(
+                "multires_noise_discount",
+                "multires_noise_discount weighs the pyramid's levels, and multires_noise_iterations is not set",
+                "set multires_noise_iterations too, e.g. 6",
+            ));
+        }
+        if let Some(d) = self.multires_noise_discount
+            && !(d > 0.0 && d <= 1.0)
+        {
+            return Err(ParamError::new(
+                "multires_noise_discount",
+                format!("{d} is not in (0, 1]"),
+                "each coarser level weighs discount^i; 0.3 is kohya's default",
+            ));
+        }
         if self.min_timestep >= self.max_timestep || self.max_timestep > 1000 {
             return Err(ParamError::new(
                 "max_timestep",
