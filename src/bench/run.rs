@@ -298,6 +298,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                     min_timestep: 0,
                     max_timestep: 1000,
                     noise: Default::default(),
+                    timesteps: Default::default(),
                 },
                 unet: &mut unet,
                 text_encoder: None,

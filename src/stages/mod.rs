@@ -68,6 +68,9 @@ impl ParamError {
 macro_rules! stage_kinds {
     ($($variant:ident($params:ty)),+ $(,)?) => {
         /// The parameters of one stage instance, by kind.
+        // A pipeline holds one value per stage instance, a handful, so the train table's size
+        // (its many sweepable options) costs nothing worth a box and its indirections.
+        #[allow(clippy::large_enum_variant)]
         #[derive(Debug, Clone, PartialEq, Serialize)]
         #[serde(untagged)]
         pub enum StageParams {

@@ -11,6 +11,7 @@ use rand::{RngExt, SeedableRng};
 use crate::diffusion::nn::{Tensor3, Tensor4};
 use crate::diffusion::schedulers::SeededNoise;
 use crate::train::noise::NoiseShaping;
+use crate::train::timesteps::TimestepSampling;
 
 /// One latent item in memory: the VAE posterior's mean and std and the item's caption.
 #[derive(Debug, Clone)]
@@ -52,11 +53,13 @@ pub struct Sampling {
     pub max_timestep: usize,
     /// How the drawn Gaussian noise is shaped (noise offset, pyramid noise).
     pub noise: NoiseShaping,
+    /// How timesteps are drawn in `min_timestep..max_timestep`.
+    pub timesteps: TimestepSampling,
 }
 
 impl Sampling {
     /// The micro-batch of `step`: items of one latent size, latent samples
-    /// `(mean + std·ε)·scaling`, noise, uniform timesteps.
+    /// `(mean + std·ε)·scaling`, noise (shaped by `noise`), timesteps (drawn by `timesteps`).
     #[allow(clippy::too_many_arguments)]
     pub fn draw<D: Device<f32>>(
         &self,
@@ -97,7 +100,10 @@ impl Sampling {
         );
         let timesteps: Vec<usize> = picked
             .iter()
-            .map(|_| rng.random_range(self.min_timestep..self.max_timestep))
+            .map(|_| {
+                self.timesteps
+                    .draw(&mut rng, self.min_timestep, self.max_timestep)
+            })
             .collect();
         Batch {
             latents: dev.tensor_from_vec(latents, (b, c, h, w)),

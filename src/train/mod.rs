@@ -18,6 +18,7 @@ pub mod optim;
 pub mod resume;
 pub mod run_loop;
 pub mod textual_inversion;
+pub mod timesteps;
 
 pub use method::Method;
 pub use metrics::{TrainMetrics, peak_memory_mib};

@@ -196,7 +196,11 @@ mod tests {
         .apply(&mut noise, &plain, [1, 4, 16, 16], 3);
         let n = noise.len() as f64;
         let mean = noise.iter().map(|&v| v as f64).sum::<f64>() / n;
-        let var = noise.iter().map(|&v| (v as f64 - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        let var = noise
+            .iter()
+            .map(|&v| (v as f64 - mean).powi(2))
+            .sum::<f64>()
+            / (n - 1.0);
         assert!((var - 1.0).abs() < 1e-5, "variance {var}");
         // Horizontal neighbours are correlated now (the coarse levels), unlike white noise.
         let corr = |x: &[f32]| {

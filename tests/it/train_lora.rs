@@ -383,3 +383,46 @@ fn noise_offset_and_pyramid_noise_change_the_training_noise() {
         );
     }
 }
+
+/// Timestep sampling is a train-stage key: a bias or the logit-normal draw changes what is
+/// learned; keys that only mean something beside another say so at their line.
+#[test]
+fn timestep_sampling_options_change_the_draw_and_refuse_conflicts() {
+    let plain = pipeline().set("stage.train.steps", 3).remove("stage.grid");
+    let p = Project::new(&plain);
+    assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
+    let lora = || std::fs::read(p.path("outputs/t/train/lora.safetensors")).unwrap();
+    let mut seen = vec![lora()];
+    for edited in [
+        plain.clone().set("stage.train.timestep_bias", "high"),
+        plain
+            .clone()
+            .set("stage.train.timestep_sampling", "logit_normal"),
+    ] {
+        p.write_pipeline(&edited);
+        let run = p.sdpipe(&["run", "p.toml"]);
+        assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+        let trained = lora();
+        assert!(!seen.contains(&trained), "changed nothing:\n{edited}");
+        seen.push(trained);
+    }
+    for (edited, key) in [
+        (
+            plain
+                .clone()
+                .set("stage.train.timestep_sampling", "logit_normal")
+                .set("stage.train.timestep_bias", "low"),
+            "timestep_bias",
+        ),
+        (plain.clone().set("stage.train.logit_std", 0.5), "logit_std"),
+        (
+            plain.clone().set("stage.train.timestep_bias_portion", 0.5),
+            "timestep_bias_portion",
+        ),
+    ] {
+        p.write_pipeline(&edited);
+        let run = p.sdpipe(&["plan", "p.toml"]);
+        assert_eq!(run.code, 2, "{edited}");
+        assert!(run.stderr.contains(key), "{}", run.stderr);
+    }
+}

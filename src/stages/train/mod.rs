@@ -35,6 +35,7 @@ use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::peak_memory_mib;
 use crate::train::resume::TrainState;
 use crate::train::run_loop::{LoopConfig, LoopData, LoopEnv, TrainMethod};
+use crate::train::timesteps::TimestepSampling;
 
 mod dreambooth;
 mod lora;
@@ -224,6 +225,17 @@ impl TrainParams {
                 adaptive_scale: self.adaptive_noise_scale,
                 multires_iterations: self.multires_noise_iterations.unwrap_or(0),
                 multires_discount: self.multires_noise_discount.unwrap_or(0.3),
+            },
+            timesteps: {
+                let d = TimestepSampling::default();
+                TimestepSampling {
+                    distribution: self.timestep_sampling.unwrap_or_default(),
+                    logit_mean: self.logit_mean.unwrap_or(d.logit_mean),
+                    logit_std: self.logit_std.unwrap_or(d.logit_std),
+                    bias: self.timestep_bias.unwrap_or_default(),
+                    bias_multiplier: self.timestep_bias_multiplier.unwrap_or(d.bias_multiplier),
+                    bias_portion: self.timestep_bias_portion.unwrap_or(d.bias_portion),
+                }
             },
         }
     }

@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::train::timesteps::{TimestepBias, TimestepDistribution};
+
 use super::{DreamboothParams, HypernetworkParams, Method};
 
 /// `[stage.NAME] kind = "train"`.
@@ -67,6 +69,26 @@ pub struct TrainParams {
     /// kohya's `multires_noise_discount`: level `i` weighs `discount^i` (default 0.3).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub multires_noise_discount: Option<f64>,
+    /// How timesteps are drawn: `"uniform"` (default) or `"logit_normal"` (SD3's sampling,
+    /// favouring the middle of the range; `logit_mean`, `logit_std`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestep_sampling: Option<TimestepDistribution>,
+    /// The logit-normal's mean (default 0).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_mean: Option<f64>,
+    /// The logit-normal's standard deviation (default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logit_std: Option<f64>,
+    /// Bias the uniform draw toward the `"high"` (noisy: composition) or `"low"` (detail) end,
+    /// as diffusers' `timestep_bias_strategy` (later / earlier).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestep_bias: Option<TimestepBias>,
+    /// How many times likelier the biased timesteps are (default 2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestep_bias_multiplier: Option<f64>,
+    /// The share of the range that is biased (default 0.25).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestep_bias_portion: Option<f64>,
     /// Text-encoder layers skipped (diffusers' convention).
     #[serde(default)]
     pub clip_skip: usize,

@@ -2,6 +2,7 @@
 
 use super::{Method, TrainParams, schedule};
 use crate::stages::{ParamError, checks};
+use crate::train::timesteps::{TimestepBias, TimestepDistribution};
 
 impl TrainParams {
     pub(in crate::stages) fn validate(&self) -> Result<(), ParamError> {
@@ -106,6 +107,7 @@ impl TrainParams {
                 "each coarser level weighs discount^i; 0.3 is kohya's default",
             ));
         }
+        self.validate_timestep_sampling()?;
         if self.min_timestep >= self.max_timestep || self.max_timestep > 1000 {
             return Err(ParamError::new(
                 "max_timestep",
@@ -194,6 +196,83 @@ impl TrainParams {
                 "lora.targets",
                 "lora.targets is empty",
                 "the default is [\"to_q\", \"to_k\", \"to_v\", \"to_out.0\"]",
+            ));
+        }
+        Ok(())
+    }
+
+    /// `timestep_sampling` and the keys that only mean something beside one of its values.
+    fn validate_timestep_sampling(&self) -> Result<(), ParamError> {
+        let logit = self.timestep_sampling == Some(TimestepDistribution::LogitNormal);
+        for (key, set) in [
+            ("logit_mean", self.logit_mean.is_some()),
+            ("logit_std", self.logit_std.is_some()),
+        ] {
+            if set && !logit {
+                return Err(ParamError::new(
+                    key,
+                    format!(
+                        "{key} shapes the logit-normal draw, and timestep_sampling is not \"logit_normal\""
+                    ),
+                    "set timestep_sampling = \"logit_normal\" or leave the key out",
+                ));
+            }
+        }
+        if let Some(std) = self.logit_std {
+            checks::positive("logit_std", std, "1.0 is SD3's default")?;
+        }
+        if let Some(mean) = self.logit_mean
+            && !mean.is_finite()
+        {
+            return Err(ParamError::new(
+                "logit_mean",
+                format!("{mean} is not a finite number"),
+                "0 centres the draw on the middle timestep",
+            ));
+        }
+        let biased = matches!(
+            self.timestep_bias,
+            Some(TimestepBias::High | TimestepBias::Low)
+        );
+        if biased && logit {
+            return Err(ParamError::new(
+                "timestep_bias",
+                "a bias applies to the uniform draw, and timestep_sampling is \"logit_normal\"",
+                "use one of the two",
+            ));
+        }
+        for (key, set) in [
+            (
+                "timestep_bias_multiplier",
+                self.timestep_bias_multiplier.is_some(),
+            ),
+            (
+                "timestep_bias_portion",
+                self.timestep_bias_portion.is_some(),
+            ),
+        ] {
+            if set && !biased {
+                return Err(ParamError::new(
+                    key,
+                    format!("{key} sizes the timestep bias, and timestep_bias is not set"),
+                    "set timestep_bias = \"high\" or \"low\" too",
+                ));
+            }
+        }
+        if let Some(m) = self.timestep_bias_multiplier {
+            checks::positive(
+                "timestep_bias_multiplier",
+                m,
+                "how many times likelier the biased end is; 2.0 is the default",
+            )?;
+        }
+        if let Some(p) = self.timestep_bias_portion
+            && !(p > 0.0 && p <= 1.0)
+        {
+            return Err(ParamError::new(
+                "timestep_bias_portion",
+                format!("{p} is not in (0, 1]"),
+                "the share of the range that is biased; 0.25 is diffusers' default",
             ));
         }
         Ok(())
