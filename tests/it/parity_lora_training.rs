@@ -132,14 +132,19 @@ fn three_lora_steps_match_peft() {
     assert!(p <= 5e-4, "final parameters differ by {p}");
 }
 
-/// The training objective of a v-prediction model: the loss is the mean squared error against
-/// diffusers' `DDPMScheduler(prediction_type="v_prediction").get_velocity` target (the golden
-/// `add_noise.velocity`), not against the noise.
-#[test]
-fn v_prediction_trains_against_the_velocity() {
-    use sdpipe::diffusion::schedulers::PredictionType;
-    use sdpipe::train::objective;
+/// diffusers' noised batch (`add_noise.*` goldens: x0, noise, noisy, timesteps, and the ε and
+/// v targets by name), the tiny UNet and one caption's text states.
+struct NoisedGolden {
+    sched: BTreeMap<String, HostTensor>,
+    unet: sdpipe::diffusion::UNet<Cpu>,
+    x0: Tensor<(usize, usize, usize, usize), f32, Cpu>,
+    noise: Tensor<(usize, usize, usize, usize), f32, Cpu>,
+    noisy: Tensor<(usize, usize, usize, usize), f32, Cpu>,
+    timesteps: Vec<usize>,
+    context: Tensor<(usize, usize, usize), f32, Cpu>,
+}
 
+fn noised_golden() -> NoisedGolden {
     let sched = read_safetensors(&fixtures().join("goldens/schedulers.safetensors"))
         .unwrap()
         .tensors;
@@ -169,6 +174,34 @@ fn v_prediction_trains_against_the_velocity() {
     let context = part(&training["encoder_hidden_states"], 0)
         .to_tensor::<(usize, usize, usize), _>(&dev)
         .unwrap();
+    NoisedGolden {
+        sched,
+        unet,
+        x0,
+        noise,
+        noisy,
+        timesteps,
+        context,
+    }
+}
+
+/// The training objective of a v-prediction model: the loss is the mean squared error against
+/// diffusers' `DDPMScheduler(prediction_type="v_prediction").get_velocity` target (the golden
+/// `add_noise.velocity`), not against the noise.
+#[test]
+fn v_prediction_trains_against_the_velocity() {
+    use sdpipe::diffusion::schedulers::PredictionType;
+    use sdpipe::train::objective;
+
+    let NoisedGolden {
+        sched,
+        unet,
+        x0,
+        noise,
+        noisy,
+        timesteps,
+        context,
+    } = noised_golden();
 
     // The reference: the UNet on diffusers' noisy latents, against diffusers' targets.
     let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
@@ -235,37 +268,17 @@ fn snr_weighted_losses_weight_each_sample_by_its_timestep() {
     use sdpipe::diffusion::schedulers::{LossWeighting, PredictionType};
     use sdpipe::train::objective;
 
-    let sched = read_safetensors(&fixtures().join("goldens/schedulers.safetensors"))
-        .unwrap()
-        .tensors;
-    let training = read_safetensors(&fixtures().join("goldens/lora_training.safetensors"))
-        .unwrap()
-        .tensors;
-    let dev = Cpu::default();
-    let unet = Checkpoint::open(fixtures().join("tiny-sd"))
-        .unwrap()
-        .load_unet(&dev)
-        .unwrap();
-    let t4 = |name: &str| {
-        sched[name]
-            .to_tensor::<(usize, usize, usize, usize), _>(&dev)
-            .unwrap()
-    };
-    let (x0, noise, noisy) = (
-        t4("add_noise.x0"),
-        t4("add_noise.noise"),
-        t4("add_noise.noisy"),
-    );
-    let timesteps: Vec<usize> = sched["add_noise.timesteps"]
-        .data
-        .iter()
-        .map(|&t| t as usize)
-        .collect();
+    let NoisedGolden {
+        sched,
+        unet,
+        x0,
+        noise,
+        noisy,
+        timesteps,
+        context,
+    } = noised_golden();
     let b = timesteps.len();
     assert!(b >= 2, "weights need several samples to matter");
-    let context = part(&training["encoder_hidden_states"], 0)
-        .to_tensor::<(usize, usize, usize), _>(&dev)
-        .unwrap();
     let t: Vec<f32> = timesteps.iter().map(|&t| t as f32).collect();
     let pred = unet.forward(noisy, &t, context.clone()).unwrap().as_vec();
     let per = pred.len() / b;
