@@ -76,23 +76,32 @@ impl TimestepSampling {
                 (min + (u * (max - min) as f64) as usize).min(max - 1)
             }
             (TimestepDistribution::Uniform, bias) => {
-                let (weights, total) = self.bias_weights(bias, max - min);
-                let mut x = rng.random::<f64>() * total;
-                for (i, w) in weights.iter().enumerate() {
-                    if x < *w {
-                        return min + i;
-                    }
-                    x -= w;
-                }
-                max - 1
+                // The inverse of the cumulative `bias_weights`, without building them per draw:
+                // `k` timesteps at one end weigh `m`, the other `n − k` weigh 1.
+                let n = max - min;
+                let k = self.biased_count(n);
+                let m = self.bias_multiplier;
+                let x = rng.random::<f64>() * ((n - k) as f64 + k as f64 * m);
+                let i = match bias {
+                    TimestepBias::Low if x < k as f64 * m => (x / m) as usize,
+                    TimestepBias::Low => k + (x - k as f64 * m) as usize,
+                    TimestepBias::High if x < (n - k) as f64 => x as usize,
+                    _ => n - k + ((x - (n - k) as f64) / m) as usize,
+                };
+                min + i.min(n - 1)
             }
         }
+    }
+
+    /// How many of `n` timesteps the bias favours: `⌊bias_portion·n⌋`.
+    fn biased_count(&self, n: usize) -> usize {
+        ((self.bias_portion * n as f64) as usize).min(n)
     }
 
     /// The relative weight of each of the `n` timesteps of the range and their sum: 1, and
     /// `bias_multiplier` for the `⌊bias_portion·n⌋` at the biased end.
     pub fn bias_weights(&self, bias: TimestepBias, n: usize) -> (Vec<f64>, f64) {
-        let biased = ((self.bias_portion * n as f64) as usize).min(n);
+        let biased = self.biased_count(n);
         let mut weights = vec![1.0; n];
         let range = match bias {
             TimestepBias::None => 0..0,
