@@ -39,7 +39,7 @@ use dfdx::prelude::*;
 use sha2::{Digest, Sha256};
 
 use crate::diffusion::error::DiffusionError;
-use crate::diffusion::schedulers::SamplerKind;
+use crate::diffusion::schedulers::{SamplerKind, SchedulerConfig};
 use crate::diffusion::text_to_image::{TextToImage, TextToImageError, TextToImageOptions};
 use crate::diffusion::{
     checkpoint::{Checkpoint, CheckpointLayout},
@@ -88,6 +88,11 @@ pub struct SampleArgs {
     /// A diffusers folder to take the model configs, tokenizer and scheduler config from.
     #[arg(long, value_name = "DIR")]
     pub config: Option<PathBuf>,
+    /// A diffusers `scheduler_config.json` to sample with instead of the model's: the one a
+    /// `train` stage writes beside a variant trained with another `prediction_type` or zero
+    /// terminal SNR.
+    #[arg(long, value_name = "FILE")]
+    pub scheduler_config: Option<PathBuf>,
     /// Initial latents: a safetensors file with tensor `latents` [b, 4, H/f, W/f] (diffusers'
     /// `latents` argument).
     #[arg(long, value_name = "FILE")]
@@ -401,6 +406,10 @@ fn generate_on<E: crate::diffusion::nn::Elem, D: Device<f32> + Device<E>>(
             TextToImageError::Model(m) => model_failure(context, &m),
             other => usage(format!("{context}: {other}")),
         })?;
+    if let Some(file) = &args.scheduler_config {
+        pipe.scheduler_config = SchedulerConfig::from_json_file(file)
+            .map_err(|e| usage(format!("--scheduler-config: {e}")))?;
+    }
     for spec in &args.embedding {
         let (file, token) = match spec.rsplit_once(':') {
             Some((f, t)) if !t.is_empty() && !t.contains('/') && !t.contains('\\') => {

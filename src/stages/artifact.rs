@@ -20,6 +20,10 @@ pub enum Artifact {
     HypernetworkSafetensors,
     /// A full single-file checkpoint: `train` (dreambooth), `merge`, `pretrain`.
     Checkpoint,
+    /// The diffusers scheduler config a trained variant is sampled with, written by `train`
+    /// only when it differs from the base model's (another `prediction_type`, zero terminal
+    /// SNR).
+    SchedulerConfig,
     /// The loss per step of a training stage.
     LossCurve,
     /// A labelled grid image.
@@ -47,6 +51,7 @@ impl Artifact {
             Artifact::Hypernetwork => "hypernetwork.pt",
             Artifact::HypernetworkSafetensors => "hypernetwork.safetensors",
             Artifact::Checkpoint => "model.safetensors",
+            Artifact::SchedulerConfig => "scheduler_config.json",
             Artifact::LossCurve => "loss.json",
             Artifact::Grid => "grid.png",
             Artifact::Manifest => "manifest.json",

@@ -212,6 +212,8 @@ impl SampleGridParams {
         let mut hypernets: Vec<Option<BlobRef>> = vec![None];
         // a whole checkpoint (DreamBooth, merge) replaces the base model for its row
         let mut checkpoints: Vec<Option<BlobRef>> = vec![None];
+        // a variant trained with another parameterisation or schedule is sampled with it
+        let mut schedulers: Vec<Option<BlobRef>> = vec![None];
         for (instance, record) in &ctx.upstream {
             let lora = Artifact::Lora.in_record(record);
             let embedding = Artifact::Embedding.in_record(record);
@@ -223,6 +225,7 @@ impl SampleGridParams {
                 embeddings.push(embedding.cloned());
                 hypernets.push(hypernet.cloned());
                 checkpoints.push(checkpoint.cloned());
+                schedulers.push(Artifact::SchedulerConfig.in_record(record).cloned());
             }
         }
         // Each prompt: the text the model sees, and its tags resolved to upstream files.
@@ -285,6 +288,9 @@ impl SampleGridParams {
                 "clip_skip": self.clip_skip,
                 "device": device_key,
             });
+            if let Some(scheduler) = &schedulers[vi] {
+                material["scheduler"] = scheduler.digest.clone().into();
+            }
             let tags = &prompt_networks[pi].1;
             if !tags.is_empty() {
                 material["networks"] = tags
@@ -377,6 +383,12 @@ impl SampleGridParams {
                     }
                     None => base.clone(),
                 };
+                if let Some(blob) = &schedulers[*vi] {
+                    t2i.scheduler_config = serde_json::from_slice(&ctx.store.read_blob(blob)?)
+                        .with_context(|| {
+                            format!("reading the scheduler config of {}", variants[*vi])
+                        })?;
+                }
                 if let Some(blob) = &loras[*vi] {
                     let tmp = tempfile::Builder::new().suffix(".safetensors").tempfile()?;
                     std::fs::write(tmp.path(), ctx.store.read_blob(blob)?)?;

@@ -554,3 +554,139 @@ fn prediction_types_recover_the_clean_sample() {
         );
     }
 }
+
+/// SD 1.5's scheduler config rescaled to zero terminal SNR, v-prediction, `trailing` spacing:
+/// what `scripts/fixtures/zero_terminal_snr.py` gives diffusers.
+fn zero_snr_config() -> SchedulerConfig {
+    SchedulerConfig {
+        prediction_type: PredictionType::VPrediction,
+        rescale_betas_zero_snr: true,
+        timestep_spacing: TimestepSpacing::Trailing,
+        ..SchedulerConfig::default()
+    }
+}
+
+#[test]
+fn zero_terminal_snr_schedule_and_targets_match_diffusers() {
+    let g = Goldens::load_file("zero_snr.safetensors");
+    let dev = Cpu::default();
+    let ddpm = Ddpm::new(&zero_snr_config()).unwrap();
+    // torch's vectorised float32 sqrt differs from a correctly rounded one in the last bit of
+    // a few √ᾱ, and the rescale's ratio of tiny ᾱ near t = 999 magnifies that in the betas
+    // (max 2.9e-6 at t = 989); the ᾱ the training uses agree to 4e-7.
+    check(
+        "zero_snr ddpm.betas",
+        ddpm.betas(),
+        &g.vec("ddpm.betas"),
+        5e-6,
+        0.0,
+    );
+    check(
+        "zero_snr ddpm.alphas_cumprod",
+        ddpm.alphas_cumprod(),
+        &g.vec("ddpm.alphas_cumprod"),
+        1e-6,
+        0.0,
+    );
+    // The point of the rescale: the last timestep carries no signal at all.
+    assert_eq!(ddpm.alphas_cumprod()[999], 0.0);
+    assert_eq!(ddpm.betas()[999], 1.0);
+
+    let x0 = g.tensor4(&dev, "velocity.x0");
+    let noise = g.tensor4(&dev, "velocity.noise");
+    let ts = [0usize, 500, 999];
+    let noisy = ddpm.add_noise(&x0, &noise, &ts).unwrap();
+    check(
+        "zero_snr noisy",
+        &noisy.as_vec(),
+        &g.vec("velocity.noisy"),
+        1e-5,
+        0.0,
+    );
+    let target = ddpm.training_target(&x0, &noise, &ts).unwrap();
+    check(
+        "zero_snr v target",
+        &target.as_vec(),
+        &g.vec("velocity.target"),
+        1e-5,
+        0.0,
+    );
+    // At t = 999 the noisy latent is the noise and the target is −x₀.
+    let per = x0.shape().num_elements() / 3;
+    let (x0v, nv, tv) = (x0.as_vec(), noise.as_vec(), target.as_vec());
+    assert_eq!(&noisy.as_vec()[2 * per..], &nv[2 * per..]);
+    for k in 2 * per..3 * per {
+        assert_eq!(tv[k], -x0v[k]);
+    }
+}
+
+#[test]
+fn zero_terminal_snr_samplers_match_diffusers() {
+    let g = Goldens::load_file("zero_snr.safetensors");
+    let dev = Cpu::default();
+    let cfg = zero_snr_config();
+    let v = g.tensor4(&dev, "euler.step0.model_output");
+
+    let euler = Euler::new(&cfg, 10).unwrap();
+    check(
+        "zero_snr euler.timesteps",
+        euler.timesteps(),
+        &g.vec("euler.timesteps"),
+        0.0,
+        0.0,
+    );
+    // σ at t = 999 is finite: diffusers replaces ᾱ = 0 by 2⁻²⁴ there (σ ≈ 4096).
+    check(
+        "zero_snr euler.sigmas",
+        euler.sigmas(),
+        &g.vec("euler.sigmas"),
+        1e-4,
+        1e-5,
+    );
+    check(
+        "zero_snr euler.init_noise_sigma",
+        &[euler.init_noise_sigma()],
+        &g.vec("euler.init_noise_sigma"),
+        1e-4,
+        1e-5,
+    );
+    let x = g.tensor4(&dev, "euler.step0.sample");
+    let out = euler.step(&v, 0, &x).unwrap();
+    // The first step starts at σ ≈ 4096 and x ≈ 4096·N(0, 1), where a float32's last bit is
+    // 4.9e-4: the step's differences of such numbers agree to about two of those.
+    check(
+        "zero_snr euler.step0.prev_sample",
+        &out.prev_sample.as_vec(),
+        &g.vec("euler.step0.prev_sample"),
+        2e-3,
+        0.0,
+    );
+
+    let ddim = Ddim::new(&cfg, 10).unwrap();
+    let want: Vec<usize> = g
+        .vec("ddim.timesteps")
+        .iter()
+        .map(|&t| t as usize)
+        .collect();
+    assert_eq!(ddim.timesteps(), want.as_slice(), "zero_snr ddim.timesteps");
+    assert_eq!(
+        want[0], 999,
+        "trailing spacing starts at the pure-noise step"
+    );
+    let x = g.tensor4(&dev, "ddim.step0.sample");
+    let out = ddim.step(&v, 0, &x, &mut SeededNoise::new(0)).unwrap();
+    check(
+        "zero_snr ddim.step0.prev_sample",
+        &out.prev_sample.as_vec(),
+        &g.vec("ddim.step0.prev_sample"),
+        1e-5,
+        0.0,
+    );
+    check(
+        "zero_snr ddim.step0.pred_original_sample",
+        &out.pred_original_sample.as_vec(),
+        &g.vec("ddim.step0.pred_original_sample"),
+        1e-5,
+        0.0,
+    );
+}

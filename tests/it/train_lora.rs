@@ -426,3 +426,106 @@ fn timestep_sampling_options_change_the_draw_and_refuse_conflicts() {
         assert!(run.stderr.contains(key), "{}", run.stderr);
     }
 }
+
+/// `prediction_type` and `zero_terminal_snr` are train-stage keys: the variant learns to predict
+/// v on the rescaled schedule, ships the scheduler config it must be sampled with, and the
+/// grid samples its row with it, as `sample --scheduler-config` does. ε-prediction with zero
+/// terminal SNR is refused with why, at the key or, for a base model's own ε, at the run.
+#[test]
+fn v_prediction_with_zero_terminal_snr_trains_and_samples_with_its_schedule() {
+    let plain = pipeline().set("stage.train.steps", 3);
+    let p = Project::new(&plain);
+    assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
+    let config = p.path("outputs/t/train/scheduler_config.json");
+    assert!(!config.exists(), "a plain run needs no scheduler config");
+    let eps = std::fs::read(p.path("outputs/t/train/lora.safetensors")).unwrap();
+
+    let v = plain
+        .clone()
+        .set("stage.train.prediction_type", "v_prediction")
+        .set("stage.train.zero_terminal_snr", true);
+    p.write_pipeline(&v);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert_ne!(
+        std::fs::read(p.path("outputs/t/train/lora.safetensors")).unwrap(),
+        eps
+    );
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    assert_eq!(written["prediction_type"], "v_prediction");
+    assert_eq!(written["rescale_betas_zero_snr"], true);
+    assert_eq!(written["timestep_spacing"], "trailing");
+    let meta = sdpipe::formats::read_safetensors(&p.path("outputs/t/train/lora.safetensors"))
+        .unwrap()
+        .metadata;
+    assert_eq!(meta["ss_zero_terminal_snr"], "True");
+    assert_eq!(meta["modelspec.prediction_type"], "v");
+
+    // The grid's row of the variant is what `sample` draws with the written config.
+    let cell = image::open(p.path("outputs/t/grid/images/train/00-1.png"))
+        .unwrap()
+        .to_rgb8();
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
+    let lora = p.path("outputs/t/train/lora.safetensors");
+    let sample = |extra: &[&str]| {
+        let out = p.path("direct.png");
+        let mut args = vec![
+            "sample",
+            "--model",
+            model,
+            "--prompt",
+            "a photo of zorb",
+            "--steps",
+            "4",
+            "--sampler",
+            "ddim",
+            "--seed",
+            "1",
+            "--width",
+            "16",
+            "--height",
+            "16",
+            "--lora",
+            lora.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let run = p.sdpipe(&args);
+        assert_eq!(run.code, 0, "{}", run.stderr);
+        let img = image::open(&out).unwrap().to_rgb8();
+        img.as_raw()
+            .iter()
+            .zip(cell.as_raw())
+            .map(|(a, b)| a.abs_diff(*b))
+            .max()
+            .unwrap()
+    };
+    let with_config = sample(&["--scheduler-config", config.to_str().unwrap()]);
+    assert!(
+        with_config <= 2,
+        "differs from the grid by {with_config}/255"
+    );
+    let without = sample(&[]);
+    assert!(without > 2, "the scheduler config changed nothing");
+
+    // Explicit ε with zero terminal SNR: refused at the key.
+    p.write_pipeline(v.clone().set("stage.train.prediction_type", "epsilon"));
+    let run = p.sdpipe(&["plan", "p.toml"]);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("zero_terminal_snr") && run.stderr.contains("p.toml:"),
+        "{}",
+        run.stderr
+    );
+    // The base model's own ε: refused when the run loads it, saying what to set.
+    p.write_pipeline(v.remove("stage.train.prediction_type"));
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_ne!(run.code, 0);
+    let said = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        said.contains("prediction_type = \"v_prediction\""),
+        "{said}"
+    );
+}

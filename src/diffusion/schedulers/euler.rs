@@ -23,7 +23,14 @@ pub(crate) struct SigmaSchedule {
 
 impl SigmaSchedule {
     pub(crate) fn new(config: &SchedulerConfig, steps: usize) -> Result<Self> {
-        let schedule = NoiseSchedule::new(config)?;
+        let mut schedule = NoiseSchedule::new(config)?;
+        if config.rescale_betas_zero_snr {
+            // diffusers: ᾱ at the last timestep is set close to 0 without being 0 (float16's
+            // smallest subnormal, 2⁻²⁴), so the first σ is large but finite.
+            if let Some(last) = schedule.alphas_cumprod.last_mut() {
+                *last = 2f32.powi(-24);
+            }
+        }
         // diffusers: timesteps cast to float32 by numpy; σ(t) = interp(t, arange(N),
         // sqrt((1-ᾱ)/ᾱ)) in float64 from float32 inputs, then cast to float32.
         let timesteps: Vec<f32> = inference_timesteps(config, steps)?

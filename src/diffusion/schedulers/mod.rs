@@ -93,6 +93,10 @@ pub struct SchedulerConfig {
     pub clip_sample: bool,
     /// DDIM: clamp range (1.0).
     pub clip_sample_range: f64,
+    /// Rescale the betas so the last timestep has zero signal-to-noise ratio (Lin et al. 2023,
+    /// "Common Diffusion Noise Schedules and Sample Steps are Flawed", Algorithm 1; false).
+    /// Models trained so are v-prediction and sampled with `trailing` spacing.
+    pub rescale_betas_zero_snr: bool,
 }
 
 impl Default for SchedulerConfig {
@@ -115,6 +119,7 @@ impl SchedulerConfig {
             set_alpha_to_one: false,
             clip_sample: false,
             clip_sample_range: 1.0,
+            rescale_betas_zero_snr: false,
         }
     }
 

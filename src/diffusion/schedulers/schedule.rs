@@ -49,15 +49,13 @@ impl NoiseSchedule {
                     .collect()
             }
         };
+        let betas = if config.rescale_betas_zero_snr {
+            rescale_zero_terminal_snr(&betas)
+        } else {
+            betas
+        };
         let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
-        // torch's CPU cumprod accumulates float32 inputs in float64 (`acc_type`) and stores
-        // each partial product as float32.
-        let mut alphas_cumprod = Vec::with_capacity(n);
-        let mut acc = 1.0f64;
-        for &a in &alphas {
-            acc *= a as f64;
-            alphas_cumprod.push(acc as f32);
-        }
+        let alphas_cumprod = cumprod(&alphas);
         Ok(Self {
             betas,
             alphas,
@@ -100,6 +98,41 @@ impl NoiseSchedule {
         let a = self.alpha_cumprod(t)? as f64;
         Ok(a / (1.0 - a))
     }
+}
+
+/// torch's CPU `cumprod` of float32 values: accumulated in float64 (`acc_type`), each partial
+/// product stored as float32.
+fn cumprod(values: &[f32]) -> Vec<f32> {
+    let mut acc = 1.0f64;
+    values
+        .iter()
+        .map(|&a| {
+            acc *= a as f64;
+            acc as f32
+        })
+        .collect()
+}
+
+/// Lin et al. 2023, Algorithm 1, in float32 as diffusers' `rescale_zero_terminal_snr`: shift
+/// √ᾱ so its last value is 0, scale it so its first value is unchanged, and turn the new ᾱ
+/// back into betas. The last beta becomes 1, so ᾱ at the last timestep is exactly 0 and the
+/// noisy latent there is pure noise.
+fn rescale_zero_terminal_snr(betas: &[f32]) -> Vec<f32> {
+    let alphas: Vec<f32> = betas.iter().map(|b| 1.0 - b).collect();
+    let sqrt_ab: Vec<f32> = cumprod(&alphas).iter().map(|a| a.sqrt()).collect();
+    let (first, last) = (sqrt_ab[0], sqrt_ab[sqrt_ab.len() - 1]);
+    let scale = first / (first - last);
+    let ab: Vec<f32> = sqrt_ab
+        .iter()
+        .map(|&s| {
+            let s = (s - last) * scale;
+            s * s
+        })
+        .collect();
+    std::iter::once(ab[0])
+        .chain(ab.windows(2).map(|w| w[1] / w[0]))
+        .map(|a| 1.0 - a)
+        .collect()
 }
 
 /// torch.linspace in float32 on the CPU: the step is computed in float32, the first half counts

@@ -32,15 +32,24 @@ impl MergeParams {
         let mut result = StageResult::default();
         let mode = self.mode.name();
         // every named stage must be upstream with the right output, before any heavy reading
+        let mut carried = CarriedScheduler::default();
         for (field, file, sources) in [
             ("models", Artifact::Checkpoint, self.model_sources()),
             ("loras", Artifact::Lora, Self::sources(&self.loras)),
         ] {
             for src in sources {
                 if let Origin::Stage(name) = &src.origin {
-                    output(upstream_record(ctx, name, file, field)?, name, file)?;
+                    let record = upstream_record(ctx, name, file, field)?;
+                    output(record, name, file)?;
+                    carried.carry(name, record)?;
                 }
             }
+        }
+        // A source trained with another parameterisation or schedule makes the result one too.
+        if let Some((_, blob)) = carried.0 {
+            result
+                .outputs
+                .insert(Artifact::SchedulerConfig.file_name().into(), blob);
         }
 
         // The checkpoints, opened (memory-mapped) and described.
@@ -313,6 +322,34 @@ impl MergeParams {
                 None,
             )),
             Origin::Base => bail!("`base` is a checkpoint, not a LoRA: list it in `models`"),
+        }
+    }
+}
+
+/// The sampling scheduler config the merge's stage sources carry (see
+/// [`Artifact::SchedulerConfig`]): at most one, since sources trained to predict different
+/// things do not mix.
+#[derive(Default)]
+struct CarriedScheduler(Option<(String, crate::cache::BlobRef)>);
+
+impl CarriedScheduler {
+    /// Takes note of `record`'s scheduler config, refusing one that differs from another
+    /// source's.
+    fn carry(&mut self, name: &str, record: &crate::cache::Record) -> anyhow::Result<()> {
+        let Some(blob) = Artifact::SchedulerConfig.in_record(record) else {
+            return Ok(());
+        };
+        match &self.0 {
+            Some((other, seen)) if seen.digest != blob.digest => bail!(
+                "`{other}` and `{name}` were trained with different scheduler configs \
+                 (prediction_type or zero_terminal_snr): their weights predict different things \
+                 and do not merge"
+            ),
+            Some(_) => Ok(()),
+            None => {
+                self.0 = Some((name.to_string(), blob.clone()));
+                Ok(())
+            }
         }
     }
 }

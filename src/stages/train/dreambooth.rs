@@ -17,7 +17,6 @@ use super::{RunEnd, Setup, TrainParams, load_items, schedule};
 use crate::diffusion::checkpoint::single_file::StoredConfigs;
 use crate::diffusion::nn::Elem;
 use crate::diffusion::params::{copy_params, count_params, set_trainable};
-use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::checkpoint::{ModelTensors, SaveDtype, write_single_file};
 use crate::formats::read_safetensors;
@@ -113,7 +112,7 @@ impl TrainParams {
                 );
             }
         }
-        let ddpm = Ddpm::new(&t2i.scheduler_config)?.with_loss_weighting(self.loss_weighting());
+        let (ddpm, sampling) = self.noise_process(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
         let mut unet = t2i.models.unet;
         let mut text_encoder = super::single_text_encoder(t2i.models.text_encoders, "dreambooth")?;
@@ -265,6 +264,7 @@ impl TrainParams {
                 trainable_params,
             },
             (Artifact::Checkpoint, blob),
+            sampling.as_ref(),
         )?;
         result.summary = format!(
             "dreambooth{}{}: {} steps, eval loss {:.4} → {:.4}, {:.2} steps/s, {} MiB checkpoint",

@@ -25,7 +25,6 @@ use serde::{Deserialize, Serialize};
 use super::{RunEnd, Setup, TrainParams, schedule};
 use crate::diffusion::hypernetwork::HyperActivation;
 use crate::diffusion::nn::Elem;
-use crate::diffusion::schedulers::Ddpm;
 use crate::formats::hypernetwork::{
     Hypernetwork, HypernetworkConfig, read_hypernetwork, sequential_layout, write_hypernetwork_pt,
     write_hypernetwork_safetensors,
@@ -220,7 +219,7 @@ impl TrainParams {
             dev,
         } = self.setup::<E, D>(ctx, dev)?;
         let contexts = self.frozen_contexts(&t2i, &items)?;
-        let ddpm = Ddpm::new(&t2i.scheduler_config)?.with_loss_weighting(self.loss_weighting());
+        let (ddpm, sampling) = self.noise_process(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
         let mut unet = t2i.models.unet;
 
@@ -316,6 +315,7 @@ impl TrainParams {
                 trainable_params,
             },
             (Artifact::Hypernetwork, blob),
+            sampling.as_ref(),
         )?;
         result.outputs.insert(
             Artifact::HypernetworkSafetensors.file_name().into(),

@@ -11,7 +11,6 @@ use anyhow::{Context as _, bail};
 use dfdx::prelude::*;
 
 use crate::diffusion::nn::Elem;
-use crate::diffusion::schedulers::Ddpm;
 use crate::formats::lora::{
     KohyaMetadata, LoraComponent, LoraModule, LoraNetwork, read_lora, write_kohya,
 };
@@ -42,7 +41,7 @@ impl TrainParams {
             dev,
         } = self.setup::<E, D>(ctx, dev)?;
         let mut contexts = self.frozen_contexts(&t2i, &items)?;
-        let ddpm = Ddpm::new(&t2i.scheduler_config)?.with_loss_weighting(self.loss_weighting());
+        let (ddpm, sampling) = self.noise_process(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
         let mut unet = t2i.models.unet;
         let mut text_encoder = super::single_text_encoder(t2i.models.text_encoders, "lora")?;
@@ -162,6 +161,7 @@ impl TrainParams {
             optimizer: Some("AdamW".into()),
             seed: Some(seed),
             num_train_images: Some(manifest.items.len() as u64),
+            extra: self.objective_metadata(),
             ..KohyaMetadata::default()
         };
         let out = scratch.join("final.safetensors");
@@ -179,6 +179,7 @@ impl TrainParams {
                 trainable_params,
             },
             (Artifact::Lora, blob),
+            sampling.as_ref(),
         )?;
         result.summary = format!(
             "lora r{} α{}: {} steps, eval loss {:.4} → {:.4}, {:.1} steps/s, {} KiB",

@@ -25,7 +25,9 @@ use super::model::{Component, open_checkpoint};
 use crate::cache::BlobRef;
 use crate::diffusion::clip::TextEncoder;
 use crate::diffusion::nn::{Elem, Tensor3};
-use crate::diffusion::schedulers::LossWeighting;
+use crate::diffusion::schedulers::{
+    Ddpm, LossWeighting, PredictionType, SchedulerConfig, TimestepSpacing,
+};
 use crate::diffusion::text_to_image::TextToImage;
 use crate::settings::PipelineSettings;
 use crate::train::batch::{Item, Sampling};
@@ -206,6 +208,87 @@ impl TrainParams {
         Ok(contexts)
     }
 
+    /// The noise process this stage trains with, from the base model's scheduler config
+    /// `base`: its `prediction_type` and `zero_terminal_snr` applied, the loss weighted by
+    /// [`Self::loss_weighting`]. With it, the scheduler config the trained variant must be
+    /// sampled with when that differs from the base's (see [`Self::sampling_scheduler`]).
+    fn noise_process(
+        &self,
+        base: &SchedulerConfig,
+    ) -> anyhow::Result<(Ddpm, Option<SchedulerConfig>)> {
+        let mut config = base.clone();
+        if let Some(prediction) = self.prediction_type {
+            config.prediction_type = prediction;
+        }
+        config.rescale_betas_zero_snr |= self.zero_terminal_snr;
+        if config.rescale_betas_zero_snr && config.prediction_type != PredictionType::VPrediction {
+            bail!(
+                "zero terminal SNR needs v-prediction and the base model predicts {:?}: {}; set \
+                 prediction_type = \"v_prediction\" in the train stage",
+                config.prediction_type,
+                validate::ZERO_SNR_NEEDS_V
+            );
+        }
+        let ddpm = Ddpm::new(&config)?.with_loss_weighting(self.loss_weighting());
+        Ok((ddpm, Self::sampling_scheduler(base, config)))
+    }
+
+    /// The scheduler config a variant trained with `trained` is sampled with, when it differs
+    /// from the base model's: the same parameterisation and schedule, and with zero terminal
+    /// SNR `trailing` timestep spacing so sampling starts at the pure-noise timestep (Lin et
+    /// al. 2023, §3.3; diffusers' recommendation for such models).
+    fn sampling_scheduler(
+        base: &SchedulerConfig,
+        mut trained: SchedulerConfig,
+    ) -> Option<SchedulerConfig> {
+        if trained.rescale_betas_zero_snr && !base.rescale_betas_zero_snr {
+            trained.timestep_spacing = TimestepSpacing::Trailing;
+        }
+        (trained != *base).then_some(trained)
+    }
+
+    /// kohya's metadata for the objective and noise keys this stage sets (`ss_min_snr_gamma`,
+    /// `ss_noise_offset`, `ss_zero_terminal_snr`, …, as kohya's `train_network.py` names
+    /// them), and the model-spec `modelspec.prediction_type` of a changed parameterisation.
+    /// Keys left at their defaults are left out, so such files keep their bytes.
+    fn objective_metadata(&self) -> std::collections::BTreeMap<String, String> {
+        let py = |v: f64| format!("{v:?}");
+        let mut m = std::collections::BTreeMap::new();
+        let mut put = |k: &str, v: Option<String>| {
+            if let Some(v) = v {
+                m.insert(k.to_string(), v);
+            }
+        };
+        put("ss_min_snr_gamma", self.min_snr_gamma.map(py));
+        put(
+            "ss_debiased_estimation",
+            self.debiased_estimation.then(|| "True".into()),
+        );
+        put("ss_noise_offset", self.noise_offset.map(py));
+        put("ss_adaptive_noise_scale", self.adaptive_noise_scale.map(py));
+        put(
+            "ss_multires_noise_iterations",
+            self.multires_noise_iterations.map(|n| n.to_string()),
+        );
+        put(
+            "ss_multires_noise_discount",
+            self.multires_noise_discount.map(py),
+        );
+        put(
+            "ss_zero_terminal_snr",
+            self.zero_terminal_snr.then(|| "True".into()),
+        );
+        put(
+            "modelspec.prediction_type",
+            self.prediction_type.map(|p| match p {
+                PredictionType::VPrediction => "v".into(),
+                PredictionType::Epsilon => "epsilon".into(),
+                PredictionType::Sample => "sample".into(),
+            }),
+        );
+        m
+    }
+
     /// How this stage weights each sample's loss by its timestep.
     fn loss_weighting(&self) -> LossWeighting {
         LossWeighting {
@@ -287,10 +370,17 @@ impl TrainParams {
         state: &TrainState,
         end: RunEnd,
         (kind, artifact): (Artifact, BlobRef),
+        sampling: Option<&SchedulerConfig>,
     ) -> anyhow::Result<(StageResult, TrainMetrics)> {
         let metrics = self.metrics(state, &end, artifact.size);
         let mut result = self.result(ctx, sched, state, &metrics)?;
         result.outputs.insert(kind.file_name().into(), artifact);
+        if let Some(config) = sampling {
+            result.outputs.insert(
+                Artifact::SchedulerConfig.file_name().into(),
+                ctx.store.put_bytes(&serde_json::to_vec_pretty(config)?)?,
+            );
+        }
         Ok((result, metrics))
     }
 

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::diffusion::schedulers::PredictionType;
 use crate::train::timesteps::{TimestepBias, TimestepDistribution};
 
 use super::{DreamboothParams, HypernetworkParams, Method};
@@ -89,6 +90,19 @@ pub struct TrainParams {
     /// The share of the range that is biased (default 0.25).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestep_bias_portion: Option<f64>,
+    /// What the UNet learns to predict: `"epsilon"` (the noise) or `"v_prediction"` (the
+    /// velocity √ᾱ·ε − √(1−ᾱ)·x₀), as diffusers' `--prediction_type`. Default: the base
+    /// model's scheduler config. A changed parameterisation is written beside the trained file
+    /// as `scheduler_config.json`, and the grid samples that variant with it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction_type: Option<PredictionType>,
+    /// Rescale the noise schedule to zero terminal SNR (Lin et al. 2023; kohya's
+    /// `zero_terminal_snr`, diffusers' `rescale_betas_zero_snr`): the last timestep is pure
+    /// noise, so the model learns to make images from it (very dark and bright ones included).
+    /// Needs v-prediction. The variant is sampled with the rescaled schedule and `trailing`
+    /// timestep spacing, as the paper prescribes.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub zero_terminal_snr: bool,
     /// Text-encoder layers skipped (diffusers' convention).
     #[serde(default)]
     pub clip_skip: usize,

@@ -9,7 +9,6 @@ use anyhow::{Context as _, bail};
 use dfdx::prelude::*;
 
 use crate::diffusion::nn::{Elem, Tensor2, Tensor3};
-use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::text_to_image::TextToImage;
 use crate::formats::HostTensor;
 use crate::formats::embedding::{
@@ -44,7 +43,7 @@ impl TrainParams {
             mut t2i,
             dev,
         } = self.setup::<E, D>(ctx, dev)?;
-        let ddpm = Ddpm::new(&t2i.scheduler_config)?.with_loss_weighting(self.loss_weighting());
+        let (ddpm, sampling) = self.noise_process(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
         let d = t2i.models.text_encoder().config.hidden_size;
 
@@ -174,6 +173,7 @@ impl TrainParams {
                 trainable_params: ti.num_vectors * d,
             },
             (Artifact::Embedding, blob),
+            sampling.as_ref(),
         )?;
         result.outputs.insert(
             Artifact::DiffusersEmbedding.file_name().into(),

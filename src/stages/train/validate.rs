@@ -1,10 +1,35 @@
 //! Whether a `train` stage's parameters can train, checked at their keys before anything runs.
 
 use super::{Method, TrainParams, schedule};
+use crate::diffusion::schedulers::PredictionType;
 use crate::stages::{ParamError, checks};
 use crate::train::timesteps::{TimestepBias, TimestepDistribution};
 
+/// Why zero terminal SNR needs v-prediction, for the errors that refuse it.
+pub(super) const ZERO_SNR_NEEDS_V: &str = "with zero terminal SNR the last timestep is pure \
+     noise, so a model predicting the noise learns nothing about the image there and sampling \
+     divides by ᾱ = 0 (Lin et al. 2023, §3.2)";
+
 impl TrainParams {
+    /// `prediction_type` and `zero_terminal_snr`: x₀-prediction is not a training target, and
+    /// an explicit ε-prediction cannot go with zero terminal SNR (a base model's own ε is
+    /// refused when the run loads it).
+    fn validate_parameterization(&self) -> Result<(), ParamError> {
+        match self.prediction_type {
+            Some(PredictionType::Sample) => Err(ParamError::new(
+                "prediction_type",
+                "x₀-prediction (\"sample\") is not a training target here",
+                "use \"epsilon\" or \"v_prediction\", as diffusers' training scripts do",
+            )),
+            Some(PredictionType::Epsilon) if self.zero_terminal_snr => Err(ParamError::new(
+                "zero_terminal_snr",
+                format!("zero_terminal_snr needs v-prediction: {ZERO_SNR_NEEDS_V}"),
+                "set prediction_type = \"v_prediction\"",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub(in crate::stages) fn validate(&self) -> Result<(), ParamError> {
         if self.steps == 0 {
             return Err(ParamError::new(
@@ -108,6 +133,7 @@ impl TrainParams {
             ));
         }
         self.validate_timestep_sampling()?;
+        self.validate_parameterization()?;
         if self.min_timestep >= self.max_timestep || self.max_timestep > 1000 {
             return Err(ParamError::new(
                 "max_timestep",
