@@ -29,6 +29,7 @@ use crate::train::methods::{DreamboothSteps, LoraSteps, TiSteps};
 use crate::train::mixed::{Masters, StepScaler};
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::run_loop::step as train_step;
+use crate::train::text::TextInputs;
 
 /// Where the weights of a benchmark come from.
 enum Weights {
@@ -256,10 +257,13 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 unet: &mut unet,
                 text_encoder: None,
                 ddpm: &ddpm,
-                items: &items,
-                contexts: &contexts,
-                ids: &ids,
-                clip_skip: 0,
+                text: TextInputs {
+                    contexts: &contexts,
+                    ids: &ids,
+                    clip_skip: 0,
+                    tokenizer: None,
+                    frozen_encoder: None,
+                },
                 optimizer: &mut optimizer,
                 scratch: &scratch,
                 alpha: rank as f32,
@@ -270,7 +274,8 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 te_keys: HashSet::new(),
                 scaler: StepScaler::new::<E>(None),
             };
-            let draw = |_| whole_batch(&latents, &noise, &timesteps);
+            let captions: Vec<String> = items.iter().map(|i| i.caption.clone()).collect();
+            let draw = |_| whole_batch(&latents, &noise, &timesteps, &captions);
             last_loss = timed(&mut || {
                 let outcome =
                     train_step(&mut steps, draw, 1e-4, 1, 1.0).map_err(|e| step_err(&e))?;
@@ -292,21 +297,26 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
             let (items, contexts) = caption_contexts(&context, b);
             let (ids, scratch) = (HashMap::new(), std::env::temp_dir());
             let mut steps = DreamboothSteps {
-                clip_skip: 0,
                 sampling: Sampling {
                     batch_size: b,
                     min_timestep: 0,
                     max_timestep: 1000,
                     noise: Default::default(),
                     timesteps: Default::default(),
+                    captions: Default::default(),
                 },
                 unet: &mut unet,
                 text_encoder: None,
-                ids: &ids,
                 ddpm: &ddpm,
                 items: &items,
                 class_items: &[],
-                contexts: &contexts,
+                text: TextInputs {
+                    contexts: &contexts,
+                    ids: &ids,
+                    clip_skip: 0,
+                    tokenizer: None,
+                    frozen_encoder: None,
+                },
                 optimizer: &mut optimizer,
                 scratch: &scratch,
                 scaling: 1.0,
@@ -316,7 +326,8 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 master: master.as_mut(),
                 scaler: StepScaler::new::<E>(None),
             };
-            let draw = |_| whole_batch(&latents, &noise, &timesteps);
+            let captions: Vec<String> = items.iter().map(|i| i.caption.clone()).collect();
+            let draw = |_| whole_batch(&latents, &noise, &timesteps, &captions);
             last_loss = timed(&mut || {
                 let outcome =
                     train_step(&mut steps, draw, 1e-6, 1, 1.0).map_err(|e| step_err(&e))?;
@@ -371,15 +382,21 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 text_encoder: &te,
                 unet: &unet,
                 ddpm: &ddpm,
-                items: &items,
-                ids: &ids,
+                text: TextInputs {
+                    contexts: &HashMap::new(),
+                    ids: &ids,
+                    clip_skip: 0,
+                    tokenizer: None,
+                    frozen_encoder: None,
+                },
                 extra: &mut extra,
                 optimizer: &mut optimizer,
                 scratch: &scratch,
                 embedding: &embedding,
                 scaler: StepScaler::new::<E>(None),
             };
-            let draw = |_| whole_batch(&latents, &noise, &timesteps);
+            let captions: Vec<String> = items.iter().map(|i| i.caption.clone()).collect();
+            let draw = |_| whole_batch(&latents, &noise, &timesteps, &captions);
             last_loss = timed(&mut || {
                 let outcome =
                     train_step(&mut steps, draw, 5e-4, 1, 1.0).map_err(|e| step_err(&e))?;
@@ -551,18 +568,20 @@ fn caption_contexts<D: Device<f32>>(
     (items, contexts)
 }
 
-/// The benchmark's one batch, as the stages' loop hands it to a method: every item, fixed
-/// latents, noise and timesteps.
+/// The benchmark's one batch, as the stages' loop hands it to a method: every item (captioned
+/// `captions`), fixed latents, noise and timesteps.
 fn whole_batch<D: Device<f32>>(
     latents: &Tensor4<D>,
     noise: &Tensor4<D>,
     timesteps: &[usize],
+    captions: &[String],
 ) -> Batch<D> {
     Batch {
         latents: latents.clone(),
         noise: noise.clone(),
         timesteps: timesteps.to_vec(),
         picked: (0..timesteps.len()).collect(),
+        captions: captions.to_vec(),
         step: 0,
         micro: 0,
     }

@@ -2,14 +2,12 @@
 //! the micro-batch, so a rerun is bit-identical on the CPU and a run resumed from a checkpoint
 //! ends exactly where an uninterrupted one does.
 
-use std::collections::HashMap;
-
-use anyhow::Context as _;
 use dfdx::prelude::*;
 use rand::{RngExt, SeedableRng};
 
-use crate::diffusion::nn::{Tensor3, Tensor4};
+use crate::diffusion::nn::Tensor4;
 use crate::diffusion::schedulers::SeededNoise;
+use crate::train::captions::CaptionShaping;
 use crate::train::noise::NoiseShaping;
 use crate::train::timesteps::TimestepSampling;
 
@@ -36,14 +34,17 @@ pub struct Batch<D: Device<f32>> {
     pub timesteps: Vec<usize>,
     /// Indices of the items drawn.
     pub picked: Vec<usize>,
+    /// The caption each drawn item trains with this time (its own, unless `captions`
+    /// shaping changed it).
+    pub captions: Vec<String>,
     /// The optimiser step it was drawn for.
     pub step: u64,
     /// The micro-batch within the step.
     pub micro: u64,
 }
 
-/// How micro-batches are drawn: size and the timestep range.
-#[derive(Debug, Clone, Copy)]
+/// How micro-batches are drawn: size, the timestep range, noise and captions.
+#[derive(Debug, Clone)]
 pub struct Sampling {
     /// Items per micro-batch (drawn from one latent size).
     pub batch_size: usize,
@@ -55,11 +56,15 @@ pub struct Sampling {
     pub noise: NoiseShaping,
     /// How timesteps are drawn in `min_timestep..max_timestep`.
     pub timesteps: TimestepSampling,
+    /// How captions change each time an item is drawn.
+    pub captions: CaptionShaping,
 }
 
 impl Sampling {
     /// The micro-batch of `step`: items of one latent size, latent samples
-    /// `(mean + std·ε)·scaling`, noise (shaped by `noise`), timesteps (drawn by `timesteps`).
+    /// `(mean + std·ε)·scaling`, noise (shaped by `noise`), timesteps (drawn by `timesteps`),
+    /// captions (shaped by `captions`, from a generator of their own so that shaping them
+    /// changes no other draw).
     #[allow(clippy::too_many_arguments)]
     pub fn draw<D: Device<f32>>(
         &self,
@@ -72,15 +77,8 @@ impl Sampling {
     ) -> Batch<D> {
         let batch_seed = mix(seed, step, micro);
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(batch_seed);
-        let first = rng.random_range(0..items.len());
-        let same: Vec<usize> = (0..items.len())
-            .filter(|&i| items[i].shape == items[first].shape)
-            .collect();
-        let mut picked = vec![first];
-        while picked.len() < self.batch_size {
-            picked.push(same[rng.random_range(0..same.len())]);
-        }
-        let [c, h, w] = items[first].shape;
+        let picked = self.pick(items, &mut rng);
+        let [c, h, w] = items[picked[0]].shape;
         let mut noise_src = SeededNoise::new(batch_seed ^ 0x05ee_d0f0_015e);
         let mut latents = Vec::with_capacity(picked.len() * c * h * w);
         for &i in &picked {
@@ -105,35 +103,57 @@ impl Sampling {
                     .draw(&mut rng, self.min_timestep, self.max_timestep)
             })
             .collect();
+        let captions = self.shape_captions(items, &picked, batch_seed);
         Batch {
             latents: dev.tensor_from_vec(latents, (b, c, h, w)),
             noise: dev.tensor_from_vec(noise, (b, c, h, w)),
             timesteps,
             picked,
+            captions,
             step,
             micro,
         }
     }
 }
 
-/// The text-encoder states of the picked items' captions, `[b, 77, d]`.
-pub fn batch_context<D: Device<f32>>(
-    items: &[Item],
-    contexts: &HashMap<String, Tensor3<D>>,
-    picked: &[usize],
-) -> anyhow::Result<Tensor3<D>> {
-    let parts: Vec<&Tensor3<D>> = picked
-        .iter()
-        .map(|&i| {
-            contexts
-                .get(&items[i].caption)
-                .context("caption not encoded")
-        })
-        .collect::<anyhow::Result<_>>()?;
-    let (_, n, d) = *parts[0].shape();
-    let data: Vec<f32> = parts.iter().flat_map(|t| t.as_vec()).collect();
-    let dev = parts[0].device().clone();
-    Ok(dev.tensor_from_vec(data, (parts.len(), n, d)))
+impl Sampling {
+    /// The items of a micro-batch: a first one, then the rest from items of its latent size.
+    fn pick(&self, items: &[Item], rng: &mut rand_chacha::ChaCha8Rng) -> Vec<usize> {
+        let first = rng.random_range(0..items.len());
+        let same: Vec<usize> = (0..items.len())
+            .filter(|&i| items[i].shape == items[first].shape)
+            .collect();
+        let mut picked = vec![first];
+        while picked.len() < self.batch_size {
+            picked.push(same[rng.random_range(0..same.len())]);
+        }
+        picked
+    }
+
+    /// The captions the `picked` items train with in the micro-batch of `batch_seed`.
+    fn shape_captions(&self, items: &[Item], picked: &[usize], batch_seed: u64) -> Vec<String> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(batch_seed ^ 0xCA97_1075_5EED_0001);
+        picked
+            .iter()
+            .map(|&i| self.captions.apply(&items[i].caption, &mut rng))
+            .collect()
+    }
+
+    /// The items and captions of the micro-batch of `step` (what [`Self::draw`] picks, without
+    /// drawing latents or noise): for the record of what a run trained on.
+    pub fn captions_at(
+        &self,
+        items: &[Item],
+        seed: u64,
+        step: u64,
+        micro: u64,
+    ) -> Vec<(usize, String)> {
+        let batch_seed = mix(seed, step, micro);
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(batch_seed);
+        let picked = self.pick(items, &mut rng);
+        let captions = self.shape_captions(items, &picked, batch_seed);
+        picked.into_iter().zip(captions).collect()
+    }
 }
 
 /// A seed derived from the run's seed, the step and the micro-batch (or any two counters).

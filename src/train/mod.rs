@@ -4,6 +4,7 @@
 //! schedules ([`lr`]).
 
 pub mod batch;
+pub mod captions;
 pub mod eval;
 pub mod hypernetwork;
 pub mod lora;
@@ -17,6 +18,7 @@ pub mod objective;
 pub mod optim;
 pub mod resume;
 pub mod run_loop;
+pub mod text;
 pub mod textual_inversion;
 pub mod timesteps;
 

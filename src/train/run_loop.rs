@@ -43,7 +43,7 @@ pub trait TrainMethod<D: Device<f32>>: TrainStep<D, Batch = Batch<D>> {
 }
 
 /// The loop's settings (the train stage's keys of the same names).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LoopConfig {
     /// Optimiser steps.
     pub steps: u64,

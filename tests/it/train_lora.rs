@@ -529,3 +529,96 @@ fn v_prediction_with_zero_terminal_snr_trains_and_samples_with_its_schedule() {
         "{said}"
     );
 }
+
+/// Caption shaping is a set of train-stage keys: shuffled tags keep the leading ones, dropped
+/// captions train as empty, the run records every caption it trained with, and a rerun
+/// elsewhere is bit-identical. The frozen-encoder (LoRA, hypernetwork) and token-id (textual
+/// inversion) paths all take shaped captions; a key that needs another names it.
+#[test]
+fn caption_shuffle_and_dropout_are_seeded_recorded_and_validated() {
+    let plain = pipeline()
+        .set(
+            "stage.caption.template",
+            "{token}, red, heart, shiny, centered",
+        )
+        .set("stage.train.steps", 6)
+        .set("stage.train.batch_size", 2)
+        .remove("stage.grid");
+    let p = Project::new(&plain);
+    assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
+    let lora = || std::fs::read(p.path("outputs/t/train/lora.safetensors")).unwrap();
+    let captions_csv = p.path("outputs/t/train/captions.csv");
+    assert!(!captions_csv.exists(), "nothing to record without shaping");
+    let mut seen = vec![lora()];
+
+    let shuffled = plain
+        .clone()
+        .set("stage.train.shuffle_caption", true)
+        .set("stage.train.keep_tokens", 1)
+        .set("stage.train.caption_dropout", 0.3);
+    p.write_pipeline(&shuffled);
+    assert!(p.status_of("train").1.contains("shuffle_caption"));
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(!seen.contains(&lora()), "shaping changed nothing");
+    seen.push(lora());
+    let csv = std::fs::read_to_string(&captions_csv).unwrap();
+    let captions: Vec<&str> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.splitn(4, ',').nth(3).unwrap().trim_matches('"'))
+        .collect();
+    assert_eq!(captions.len(), 12, "6 steps × 2 items:\n{csv}");
+    let empty = captions.iter().filter(|c| c.is_empty()).count();
+    assert!(empty > 0 && empty < 12, "{empty} of 12 dropped:\n{csv}");
+    let kept: std::collections::HashSet<&str> =
+        captions.iter().copied().filter(|c| !c.is_empty()).collect();
+    // The template's tags keep their leading one (some images have captions of their own).
+    let tagged: Vec<&&str> = kept.iter().filter(|c| c.contains("shiny")).collect();
+    assert!(tagged.iter().all(|c| c.starts_with("zorb, ")), "{csv}");
+    assert!(tagged.len() > 1, "every caption in the same order:\n{csv}");
+
+    // Elsewhere, the same captions and the same file.
+    let q = Project::new(&shuffled);
+    assert_eq!(q.sdpipe(&["run", "p.toml"]).code, 0);
+    assert_eq!(
+        std::fs::read_to_string(q.path("outputs/t/train/captions.csv")).unwrap(),
+        csv
+    );
+    assert_eq!(
+        std::fs::read(q.path("outputs/t/train/lora.safetensors")).unwrap(),
+        seen[1]
+    );
+
+    // The other text paths take shaped captions too.
+    for (method, file) in [
+        ("hypernetwork", "hypernetwork.pt"),
+        ("textual_inversion", "embedding.safetensors"),
+    ] {
+        let edited = shuffled
+            .clone()
+            .set("stage.train.method", method)
+            .set("stage.train.textual_inversion.token", "zorb");
+        p.write_pipeline(&edited);
+        let run = p.sdpipe(&["run", "p.toml"]);
+        assert_eq!(run.code, 0, "{method}: {}{}", run.stdout, run.stderr);
+        assert!(p.path(&format!("outputs/t/train/{file}")).exists());
+        assert!(captions_csv.exists(), "{method}");
+    }
+
+    for (edited, key) in [
+        (
+            plain.clone().set("stage.train.keep_tokens", 1),
+            "keep_tokens",
+        ),
+        (
+            plain.clone().set("stage.train.caption_dropout", 1.0),
+            "caption_dropout",
+        ),
+    ] {
+        p.write_pipeline(&edited);
+        let run = p.sdpipe(&["plan", "p.toml"]);
+        assert_eq!(run.code, 2, "{edited}");
+        assert!(run.stderr.contains(key), "{}", run.stderr);
+    }
+}

@@ -13,7 +13,7 @@ use anyhow::Context as _;
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{RunEnd, Setup, TrainParams, load_items, schedule};
+use super::{RunEnd, Setup, TrainParams, Trained, load_items, schedule};
 use crate::diffusion::checkpoint::single_file::StoredConfigs;
 use crate::diffusion::nn::Elem;
 use crate::diffusion::params::{copy_params, count_params, set_trainable};
@@ -28,6 +28,7 @@ use crate::train::methods::dreambooth::as_f32;
 use crate::train::mixed::StepScaler;
 use crate::train::optim::AdamW;
 use crate::train::resume::{self, TrainState, read_state};
+use crate::train::text::TextInputs;
 
 /// DreamBooth settings (`[stage.NAME.dreambooth]`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -165,16 +166,25 @@ impl TrainParams {
         }
         let sched = schedule(self).map_err(anyhow::Error::msg)?;
         let mut optimizer = optimizer;
+        let (trained_te, frozen_te) = if train_te {
+            (Some(&mut text_encoder), None)
+        } else {
+            (None, Some(&text_encoder))
+        };
         let mut steps = DreamboothSteps {
-            clip_skip: self.clip_skip,
             sampling: self.sampling(),
             unet: &mut unet,
-            text_encoder: train_te.then_some(&mut text_encoder),
-            ids: &ids,
+            text_encoder: trained_te,
             ddpm: &ddpm,
             items: &items,
             class_items: &class_items,
-            contexts: &contexts,
+            text: TextInputs {
+                contexts: &contexts,
+                ids: &ids,
+                clip_skip: self.clip_skip,
+                tokenizer: Some(&t2i.tokenizer),
+                frozen_encoder: frozen_te,
+            },
             optimizer: &mut optimizer,
             scratch: &scratch,
             scaling,
@@ -263,8 +273,12 @@ impl TrainParams {
                 resumed_from,
                 trainable_params,
             },
-            (Artifact::Checkpoint, blob),
-            sampling.as_ref(),
+            Trained {
+                kind: Artifact::Checkpoint,
+                blob,
+                sampling: sampling.as_ref(),
+            },
+            &items,
         )?;
         result.summary = format!(
             "dreambooth{}{}: {} steps, eval loss {:.4} → {:.4}, {:.2} steps/s, {} MiB checkpoint",

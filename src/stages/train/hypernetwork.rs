@@ -22,7 +22,7 @@ use anyhow::bail;
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use super::{RunEnd, Setup, TrainParams, schedule};
+use super::{RunEnd, Setup, TrainParams, Trained, schedule};
 use crate::diffusion::hypernetwork::HyperActivation;
 use crate::diffusion::nn::Elem;
 use crate::formats::hypernetwork::{
@@ -38,6 +38,7 @@ use crate::train::methods::HyperSteps;
 use crate::train::mixed::StepScaler;
 use crate::train::optim::AdamW;
 use crate::train::resume::{self, TrainState, read_state};
+use crate::train::text::TextInputs;
 
 /// `[stage.NAME.hypernetwork]`: A1111's hypernetwork settings.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,8 +273,13 @@ impl TrainParams {
         let mut steps = HyperSteps {
             unet: &mut unet,
             ddpm: &ddpm,
-            items: &items,
-            contexts: &contexts,
+            text: TextInputs {
+                contexts: &contexts,
+                ids: &std::collections::HashMap::new(),
+                clip_skip: self.clip_skip,
+                tokenizer: Some(&t2i.tokenizer),
+                frozen_encoder: t2i.models.text_encoders.first(),
+            },
             net,
             optimizer: &mut optimizer,
             scratch: &scratch,
@@ -314,8 +320,12 @@ impl TrainParams {
                 resumed_from,
                 trainable_params,
             },
-            (Artifact::Hypernetwork, blob),
-            sampling.as_ref(),
+            Trained {
+                kind: Artifact::Hypernetwork,
+                blob,
+                sampling: sampling.as_ref(),
+            },
+            &items,
         )?;
         result.outputs.insert(
             Artifact::HypernetworkSafetensors.file_name().into(),

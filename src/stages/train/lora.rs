@@ -22,8 +22,9 @@ use crate::train::mixed::Masters;
 use crate::train::mixed::StepScaler;
 use crate::train::optim::AdamW;
 use crate::train::resume::{self, TrainState, read_state};
+use crate::train::text::TextInputs;
 
-use super::{RunEnd, Setup, TrainParams, schedule};
+use super::{RunEnd, Setup, TrainParams, Trained, schedule};
 
 impl TrainParams {
     pub(super) fn run_lora<E: Elem, D: Device<f32> + Device<E>>(
@@ -99,14 +100,24 @@ impl TrainParams {
         }
 
         let sched = schedule(self).map_err(anyhow::Error::msg)?;
+        // The encoder trains (its states come from each step's own pass) or encodes the
+        // captions caption shaping makes, frozen.
+        let (trained_te, frozen_te) = if self.lora.text_encoder {
+            (Some(&mut text_encoder), None)
+        } else {
+            (None, Some(&text_encoder))
+        };
         let mut steps = LoraSteps {
             unet: &mut unet,
-            text_encoder: self.lora.text_encoder.then_some(&mut text_encoder),
+            text_encoder: trained_te,
             ddpm: &ddpm,
-            items: &items,
-            contexts: &contexts,
-            ids: &ids,
-            clip_skip: self.clip_skip,
+            text: TextInputs {
+                contexts: &contexts,
+                ids: &ids,
+                clip_skip: self.clip_skip,
+                tokenizer: Some(&t2i.tokenizer),
+                frozen_encoder: frozen_te,
+            },
             optimizer: &mut optimizer,
             scratch: &scratch,
             alpha: self.alpha(),
@@ -178,8 +189,12 @@ impl TrainParams {
                 resumed_from,
                 trainable_params,
             },
-            (Artifact::Lora, blob),
-            sampling.as_ref(),
+            Trained {
+                kind: Artifact::Lora,
+                blob,
+                sampling: sampling.as_ref(),
+            },
+            &items,
         )?;
         result.summary = format!(
             "lora r{} α{}: {} steps, eval loss {:.4} → {:.4}, {:.1} steps/s, {} KiB",

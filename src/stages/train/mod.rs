@@ -31,6 +31,7 @@ use crate::diffusion::schedulers::{
 use crate::diffusion::text_to_image::TextToImage;
 use crate::settings::PipelineSettings;
 use crate::train::batch::{Item, Sampling};
+use crate::train::captions::CaptionShaping;
 use crate::train::lr::{A1111Schedule, LrSchedule};
 use crate::train::noise::NoiseShaping;
 use crate::train::optim::{AdamW, AdamWConfig};
@@ -72,6 +73,14 @@ struct Setup<D: Device<f32> + Device<E>, E: Elem = f32> {
     model_path: PathBuf,
     t2i: TextToImage<D, E>,
     dev: D,
+}
+
+/// What a run trained: its artifact, and the scheduler config it is sampled with when that is
+/// not the base model's ([`TrainParams::noise_process`]).
+struct Trained<'a> {
+    kind: Artifact,
+    blob: BlobRef,
+    sampling: Option<&'a SchedulerConfig>,
 }
 
 /// How a run ended, for its metrics.
@@ -297,6 +306,18 @@ impl TrainParams {
         }
     }
 
+    /// How this stage changes captions each time an item is drawn.
+    fn caption_shaping(&self) -> CaptionShaping {
+        let d = CaptionShaping::default();
+        CaptionShaping {
+            dropout: self.caption_dropout.unwrap_or(0.0),
+            tag_dropout: self.caption_tag_dropout.unwrap_or(0.0),
+            shuffle: self.shuffle_caption,
+            keep_tokens: self.keep_tokens.unwrap_or(0),
+            separator: self.caption_separator.clone().unwrap_or(d.separator),
+        }
+    }
+
     /// How this stage draws its micro-batches.
     fn sampling(&self) -> Sampling {
         Sampling {
@@ -320,6 +341,7 @@ impl TrainParams {
                     bias_portion: self.timestep_bias_portion.unwrap_or(d.bias_portion),
                 }
             },
+            captions: self.caption_shaping(),
         }
     }
 
@@ -369,11 +391,21 @@ impl TrainParams {
         sched: &LrSchedule,
         state: &TrainState,
         end: RunEnd,
-        (kind, artifact): (Artifact, BlobRef),
-        sampling: Option<&SchedulerConfig>,
+        trained: Trained<'_>,
+        items: &[Item],
     ) -> anyhow::Result<(StageResult, TrainMetrics)> {
+        let Trained {
+            kind,
+            blob: artifact,
+            sampling,
+        } = trained;
         let metrics = self.metrics(state, &end, artifact.size);
         let mut result = self.result(ctx, sched, state, &metrics)?;
+        if let Some(csv) = self.captions_csv(items, ctx.settings.seed) {
+            result
+                .outputs
+                .insert("captions.csv".into(), ctx.store.put_bytes(csv.as_bytes())?);
+        }
         result.outputs.insert(kind.file_name().into(), artifact);
         if let Some(config) = sampling {
             result.outputs.insert(
@@ -407,6 +439,26 @@ impl TrainParams {
             trainable_params,
             resumed_from,
         }
+    }
+
+    /// With caption shaping, the caption every drawn item trained with, as CSV (`step`,
+    /// `micro`, `item`, `caption`): the record of what the run saw, which a rerun reproduces
+    /// bit for bit. `None` when every caption is used as written.
+    fn captions_csv(&self, items: &[Item], seed: u64) -> Option<String> {
+        let sampling = self.sampling();
+        if sampling.captions.is_identity() {
+            return None;
+        }
+        let mut csv = String::from("step,micro,item,caption\n");
+        for step in 0..self.steps {
+            for micro in 0..self.gradient_accumulation as u64 {
+                for (item, caption) in sampling.captions_at(items, seed, step, micro) {
+                    let quoted = caption.replace('"', "\"\"");
+                    csv.push_str(&format!("{},{micro},{item},\"{quoted}\"\n", step + 1));
+                }
+            }
+        }
+        Some(csv)
     }
 
     /// The loss curve outputs and the figures of a finished run.

@@ -90,6 +90,27 @@ pub struct TrainParams {
     /// The share of the range that is biased (default 0.25).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestep_bias_portion: Option<f64>,
+    /// kohya's `caption_dropout_rate`: the share of drawn captions replaced by the empty
+    /// caption, so the model also learns the unconditional prediction that classifier-free
+    /// guidance uses (0.05–0.1 is usual).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_dropout: Option<f64>,
+    /// kohya's `caption_tag_dropout_rate`: each tag after the first `keep_tokens` is left out
+    /// with this probability.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_tag_dropout: Option<f64>,
+    /// kohya's `shuffle_caption`: the tags after the first `keep_tokens` in a new order each
+    /// time an item is drawn.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub shuffle_caption: bool,
+    /// kohya's `keep_tokens`: leading tags that stay first and are never dropped (the trigger
+    /// word); default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keep_tokens: Option<usize>,
+    /// kohya's `caption_separator`: what separates tags (default `","`); shaped captions are
+    /// joined with `", "` as kohya joins them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub caption_separator: Option<String>,
     /// What the UNet learns to predict: `"epsilon"` (the noise) or `"v_prediction"` (the
     /// velocity √ᾱ·ε − √(1−ᾱ)·x₀), as diffusers' `--prediction_type`. Default: the base
     /// model's scheduler config. A changed parameterisation is written beside the trained file

@@ -20,8 +20,9 @@ use crate::train::methods::TiSteps;
 use crate::train::mixed::StepScaler;
 use crate::train::optim::AdamW;
 use crate::train::resume::{self, TrainState, read_state};
+use crate::train::text::TextInputs;
 
-use super::{RunEnd, Setup, TrainParams, schedule};
+use super::{RunEnd, Setup, TrainParams, Trained, schedule};
 
 impl TrainParams {
     pub(super) fn run_textual_inversion<E: Elem, D: Device<f32> + Device<E>>(
@@ -126,8 +127,13 @@ impl TrainParams {
             text_encoder: t2i.models.text_encoder(),
             unet: &t2i.models.unet,
             ddpm: &ddpm,
-            items: &items,
-            ids: &ids,
+            text: TextInputs {
+                contexts: &HashMap::new(),
+                ids: &ids,
+                clip_skip: self.clip_skip,
+                tokenizer: Some(&t2i.tokenizer),
+                frozen_encoder: None,
+            },
             extra: &mut extra,
             optimizer: &mut optimizer,
             scratch: &scratch,
@@ -172,8 +178,12 @@ impl TrainParams {
                 resumed_from,
                 trainable_params: ti.num_vectors * d,
             },
-            (Artifact::Embedding, blob),
-            sampling.as_ref(),
+            Trained {
+                kind: Artifact::Embedding,
+                blob,
+                sampling: sampling.as_ref(),
+            },
+            &items,
         )?;
         result.outputs.insert(
             Artifact::DiffusersEmbedding.file_name().into(),

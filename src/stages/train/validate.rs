@@ -30,6 +30,52 @@ impl TrainParams {
         }
     }
 
+    /// The caption keys: rates in [0, 1), and the keys that only mean something beside
+    /// another name it.
+    fn validate_captions(&self) -> Result<(), ParamError> {
+        for (key, rate, hint) in [
+            (
+                "caption_dropout",
+                self.caption_dropout,
+                "the share of captions trained as empty; 0.05-0.1 is usual",
+            ),
+            (
+                "caption_tag_dropout",
+                self.caption_tag_dropout,
+                "each tag's chance to be left out; 0.1 is usual",
+            ),
+        ] {
+            if let Some(r) = rate
+                && !(0.0..1.0).contains(&r)
+            {
+                return Err(ParamError::new(key, format!("{r} is not in [0, 1)"), hint));
+            }
+        }
+        let splits = self.shuffle_caption || self.caption_tag_dropout.is_some();
+        for (key, set) in [
+            ("keep_tokens", self.keep_tokens.is_some()),
+            ("caption_separator", self.caption_separator.is_some()),
+        ] {
+            if set && !splits {
+                return Err(ParamError::new(
+                    key,
+                    format!(
+                        "{key} applies to the tags shuffle_caption or caption_tag_dropout work on, and neither is set"
+                    ),
+                    "set shuffle_caption = true (or caption_tag_dropout), or leave the key out",
+                ));
+            }
+        }
+        if self.caption_separator.as_deref().is_some_and(str::is_empty) {
+            return Err(ParamError::new(
+                "caption_separator",
+                "the separator is empty",
+                "kohya's default is \",\"",
+            ));
+        }
+        Ok(())
+    }
+
     pub(in crate::stages) fn validate(&self) -> Result<(), ParamError> {
         if self.steps == 0 {
             return Err(ParamError::new(
@@ -133,6 +179,7 @@ impl TrainParams {
             ));
         }
         self.validate_timestep_sampling()?;
+        self.validate_captions()?;
         self.validate_parameterization()?;
         if self.min_timestep >= self.max_timestep || self.max_timestep > 1000 {
             return Err(ParamError::new(

@@ -2,7 +2,7 @@
 //! trains), with prior preservation `loss = mse(instance) + w · mse(class)`, one class
 //! micro-batch drawn beside each instance micro-batch.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -10,7 +10,7 @@ use dfdx::prelude::*;
 
 use super::joint::{TextInputs, joint_grads};
 use crate::diffusion::host_tensor::HostTensor;
-use crate::diffusion::nn::{Elem, Tensor3};
+use crate::diffusion::nn::Elem;
 use crate::diffusion::params::{copy_params, named_grads};
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::{TextEncoder, UNet};
@@ -29,20 +29,17 @@ pub const CLASS_SALT: u64 = 0xC1A5_5EED_0000_0001;
 
 /// Full fine-tuning: every UNet layer trainable.
 pub struct DreamboothSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
-    /// CLIP skip of the text encoder.
-    pub clip_skip: usize,
     /// How the class (prior) batches are drawn.
     pub sampling: Sampling,
     /// The UNet the passes run through (computing in `E`).
     pub unet: &'a mut UNet<D, E>,
     /// The text encoder when it trains too (contexts are then computed per batch).
     pub text_encoder: Option<&'a mut TextEncoder<D>>,
-    /// Token ids by caption.
-    pub ids: &'a HashMap<String, Vec<u32>>,
     pub ddpm: &'a Ddpm,
     pub items: &'a [Item],
     pub class_items: &'a [Item],
-    pub contexts: &'a HashMap<String, Tensor3<D>>,
+    /// The captions' token ids and frozen-encoder states (instance and class).
+    pub text: TextInputs<'a, D>,
     pub optimizer: &'a mut AdamW<D>,
     pub scratch: &'a Path,
     pub scaling: f32,
@@ -69,21 +66,14 @@ pub fn as_f32<D: Device<f32> + Device<E>, E: Elem>(
 impl<D: Device<f32> + Device<E>, E: Elem> DreamboothSteps<'_, D, E> {
     fn batch_grads(
         &mut self,
-        items: &[Item],
         batch: &Batch<D>,
     ) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
-        let text = TextInputs {
-            contexts: self.contexts,
-            ids: self.ids,
-            clip_skip: self.clip_skip,
-        };
         let g = joint_grads(
             self.unet,
             self.text_encoder.as_deref_mut(),
             self.ddpm,
-            items,
             batch,
-            &text,
+            &self.text,
             &mut self.scaler,
             |unet, grads| named_grads(unet, grads),
             |te, grads| named_grads(te, grads),
@@ -100,7 +90,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for DreamboothSteps<'_, D
     type Batch = Batch<D>;
 
     fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
-        let (mut loss, mut grads) = self.batch_grads(self.items, batch)?;
+        let (mut loss, mut grads) = self.batch_grads(batch)?;
         if !self.class_items.is_empty() {
             let dev = batch.latents.device().clone();
             let class_batch = self.sampling.draw(
@@ -111,7 +101,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for DreamboothSteps<'_, D
                 batch.micro,
                 &dev,
             );
-            let (class_loss, class_grads) = self.batch_grads(self.class_items, &class_batch)?;
+            let (class_loss, class_grads) = self.batch_grads(&class_batch)?;
             loss += self.prior_weight * class_loss;
             for (name, g) in class_grads {
                 if let Some(acc) = grads.get_mut(&name) {

@@ -1,30 +1,31 @@
 //! Hypernetwork inside the shared loop: f32 master networks, copies in the UNet's element
 //! type hooked into its attentions for each micro-batch (with that micro-batch's dropout seed).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use dfdx::prelude::*;
 
 use crate::diffusion::UNet;
 use crate::diffusion::host_tensor::HostTensor;
-use crate::diffusion::nn::{Elem, Tensor3};
+use crate::diffusion::nn::Elem;
 use crate::diffusion::schedulers::Ddpm;
 use crate::formats::hypernetwork::{Hypernetwork, write_hypernetwork_safetensors};
-use crate::train::batch::{Batch, Item, batch_context, mix};
+use crate::train::batch::{Batch, mix};
 use crate::train::hypernetwork::{HyperNet, apply_grads, install, param_grads};
 use crate::train::mixed::{self, StepScaler};
 use crate::train::optim::AdamW;
 use crate::train::resume::{self, TrainState};
 use crate::train::run_loop::{TrainMethod, TrainStep};
+use crate::train::text::TextInputs;
 
 /// Hypernetwork: f32 master weights here, copies (in the UNet's element type) hooked into the
 /// attentions for each micro-batch (with that micro-batch's dropout seed).
 pub struct HyperSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     pub unet: &'a mut UNet<D, E>,
     pub ddpm: &'a Ddpm,
-    pub items: &'a [Item],
-    pub contexts: &'a HashMap<String, Tensor3<D>>,
+    /// The captions' frozen-encoder states.
+    pub text: TextInputs<'a, D>,
     pub net: HyperNet<D>,
     pub optimizer: &'a mut AdamW<D>,
     pub scratch: &'a Path,
@@ -43,7 +44,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for HyperSteps<'_, D, E> 
         let dropout_seed = mix(self.seed ^ 0xd80_9047, step, micro);
         let working = self.net.to_elem::<E>();
         install(self.unet, &[(&working, 1.0)], Some(dropout_seed))?;
-        let context = batch_context(self.items, self.contexts, &batch.picked)?.to_dtype::<E>();
+        let context = self.text.batch_context(&batch.captions)?.to_dtype::<E>();
         let (loss, mut grads) = mixed::loss_and_grads(
             self.unet,
             self.ddpm,

@@ -1,7 +1,7 @@
 //! One micro-batch through the UNet and, when it trains too, the text encoder: what LoRA (with
 //! `text_encoder = true`) and DreamBooth (with `train_text_encoder`) share.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use dfdx::prelude::*;
 
@@ -9,18 +9,9 @@ use crate::diffusion::host_tensor::HostTensor;
 use crate::diffusion::nn::{Elem, Tensor3};
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::{TextEncoder, UNet};
-use crate::train::batch::{Batch, Item, batch_context};
+use crate::train::batch::Batch;
 use crate::train::mixed::{self, StepScaler};
-
-/// Where a micro-batch's text states come from.
-pub struct TextInputs<'a, D: Device<f32>> {
-    /// The frozen text encoder's states by caption, used when the encoder does not train.
-    pub contexts: &'a HashMap<String, Tensor3<D>>,
-    /// Token ids by caption, used when it does.
-    pub ids: &'a HashMap<String, Vec<u32>>,
-    /// Text-encoder layers skipped from the end (diffusers' convention).
-    pub clip_skip: usize,
-}
+pub use crate::train::text::TextInputs;
 
 /// The gradients of one micro-batch, by part.
 pub struct JointGrads {
@@ -32,7 +23,7 @@ pub struct JointGrads {
     pub text_encoder: BTreeMap<String, HostTensor>,
 }
 
-/// The loss and gradients of the micro-batch `batch` of `items`, the UNet computing in `E`
+/// The loss and gradients of the micro-batch `batch`, the UNet computing in `E`
 /// with the loss scaled by `scaler`. With a `text_encoder` the states come from it, traced, in
 /// two backward passes: the UNet's gives the context's gradient (unscaled here), which the
 /// encoder's own pass, in f32, carries to its weights. `unet_grads` and `te_grads` name the
@@ -43,7 +34,6 @@ pub fn joint_grads<D: Device<f32> + Device<E>, E: Elem>(
     unet: &mut UNet<D, E>,
     text_encoder: Option<&mut TextEncoder<D>>,
     ddpm: &Ddpm,
-    items: &[Item],
     batch: &Batch<D>,
     text: &TextInputs<'_, D>,
     scaler: &mut StepScaler,
@@ -63,7 +53,7 @@ pub fn joint_grads<D: Device<f32> + Device<E>, E: Elem>(
         )
     };
     let Some(te) = text_encoder else {
-        let context = batch_context(items, text.contexts, &batch.picked)?.to_dtype::<E>();
+        let context = text.batch_context(&batch.captions)?.to_dtype::<E>();
         let (loss, grads) = loss_and_grads(unet, &context)?;
         let mut unet = unet_grads(unet, &grads);
         scaler.unscale(&mut unet);
@@ -73,11 +63,7 @@ pub fn joint_grads<D: Device<f32> + Device<E>, E: Elem>(
             text_encoder: BTreeMap::new(),
         });
     };
-    let ids: Vec<Vec<u32>> = batch
-        .picked
-        .iter()
-        .map(|&i| text.ids[&items[i].caption].clone())
-        .collect();
+    let ids = text.batch_ids(&batch.captions)?;
     let embeds = te.embed_tokens_traced(&ids)?;
     let (context, te_tape) = te.forward_embeds(embeds, text.clip_skip)?.split_tape();
     let context_e = context.clone().to_dtype::<E>();

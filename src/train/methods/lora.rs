@@ -1,18 +1,18 @@
 //! LoRA (and its text-encoder adapters) inside the shared loop: the adapters train through
 //! f32 masters; the UNet computes in `E`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use dfdx::prelude::*;
 
 use super::joint::{TextInputs, joint_grads};
 use crate::diffusion::host_tensor::HostTensor;
-use crate::diffusion::nn::{Elem, Tensor3};
+use crate::diffusion::nn::Elem;
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::lora::{KohyaMetadata, LoraComponent, LoraNetwork, write_kohya};
-use crate::train::batch::{Batch, Item, mix};
+use crate::train::batch::{Batch, mix};
 use crate::train::lora::{adapter_grads, extract, set_dropout};
 use crate::train::mixed::{Masters, StepScaler};
 use crate::train::optim::AdamW;
@@ -25,12 +25,8 @@ pub struct LoraSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     /// The text encoder when its adapters train too (contexts are then computed per batch).
     pub text_encoder: Option<&'a mut TextEncoder<D>>,
     pub ddpm: &'a Ddpm,
-    pub items: &'a [Item],
-    /// Frozen-text-encoder contexts by caption.
-    pub contexts: &'a HashMap<String, Tensor3<D>>,
-    /// Token ids by caption.
-    pub ids: &'a HashMap<String, Vec<u32>>,
-    pub clip_skip: usize,
+    /// The captions' token ids and frozen-encoder states.
+    pub text: TextInputs<'a, D>,
     pub optimizer: &'a mut AdamW<D>,
     pub scratch: &'a Path,
     pub alpha: f32,
@@ -71,18 +67,12 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for LoraSteps<'_, D, E> {
                 set_dropout(te, self.dropout, dropout_seed);
             }
         }
-        let text = TextInputs {
-            contexts: self.contexts,
-            ids: self.ids,
-            clip_skip: self.clip_skip,
-        };
         let g = joint_grads(
             self.unet,
             self.text_encoder.as_deref_mut(),
             self.ddpm,
-            self.items,
             batch,
-            &text,
+            &self.text,
             &mut self.scaler,
             |unet, grads| adapter_grads(unet, grads),
             |te, grads| adapter_grads(te, grads),

@@ -1,7 +1,7 @@
 //! Textual inversion inside the shared loop: the token's vectors, fed through the frozen text
 //! encoder and UNet.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context as _;
@@ -12,11 +12,12 @@ use crate::diffusion::nn::{Elem, Tensor2};
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::embedding::{Embedding, write_a1111_safetensors};
-use crate::train::batch::{Batch, Item};
+use crate::train::batch::Batch;
 use crate::train::mixed::StepScaler;
 use crate::train::optim::AdamW;
 use crate::train::resume::{self, TrainState};
 use crate::train::run_loop::{TrainMethod, TrainStep};
+use crate::train::text::TextInputs;
 
 /// Textual inversion: the token's vectors, fed through the frozen text encoder.
 pub struct TiSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
@@ -27,8 +28,8 @@ pub struct TiSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     /// The frozen UNet.
     pub unet: &'a UNet<D, E>,
     pub ddpm: &'a Ddpm,
-    pub items: &'a [Item],
-    pub ids: &'a HashMap<String, Vec<u32>>,
+    /// The captions' token ids (with the new token's).
+    pub text: TextInputs<'a, D>,
     pub extra: &'a mut Tensor2<D>,
     pub optimizer: &'a mut AdamW<D>,
     pub scratch: &'a Path,
@@ -45,11 +46,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for TiSteps<'_, D, E> {
     type Batch = Batch<D>;
 
     fn grads(&mut self, batch: &Batch<D>) -> anyhow::Result<(f32, BTreeMap<String, HostTensor>)> {
-        let batch_ids: Vec<Vec<u32>> = batch
-            .picked
-            .iter()
-            .map(|&i| self.ids[&self.items[i].caption].clone())
-            .collect();
+        let batch_ids = self.text.batch_ids(&batch.captions)?;
         let (loss, grad) = crate::train::textual_inversion::loss_and_grad(
             self.text_encoder,
             self.unet,
