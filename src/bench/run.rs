@@ -273,6 +273,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 masters,
                 te_keys: HashSet::new(),
                 scaler: StepScaler::new::<E>(None),
+                metadata: Default::default(),
             };
             let captions: Vec<String> = items.iter().map(|i| i.caption.clone()).collect();
             let draw = |_| whole_batch(&latents, &noise, &timesteps, &captions);
@@ -325,6 +326,9 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 te_lr_factor: 1.0,
                 master: master.as_mut(),
                 scaler: StepScaler::new::<E>(None),
+                write_model: &|_, _, _, _| {
+                    anyhow::bail!("the benchmark times steps and saves no checkpoint")
+                },
             };
             let captions: Vec<String> = items.iter().map(|i| i.caption.clone()).collect();
             let draw = |_| whole_batch(&latents, &noise, &timesteps, &captions);

@@ -62,4 +62,25 @@ impl Artifact {
     pub fn in_record(self, record: &Record) -> Option<&BlobRef> {
         record.outputs.get(self.file_name())
     }
+
+    /// The intermediate copies of this artifact a train stage saved (`save_every`), by step,
+    /// ascending.
+    pub fn snapshots(self, record: &Record) -> Vec<(u64, &BlobRef)> {
+        let mut found: Vec<(u64, &BlobRef)> = record
+            .outputs
+            .iter()
+            .filter_map(|(name, blob)| {
+                let (dir, file) = name.split_once('/')?;
+                let step = dir.strip_prefix("step=")?.parse().ok()?;
+                (file == self.file_name()).then_some((step, blob))
+            })
+            .collect();
+        found.sort_by_key(|(step, _)| *step);
+        found
+    }
+}
+
+/// The output name of `kind` saved after `step`: `step=N/<file>`.
+pub fn snapshot_output(step: u64, kind: Artifact) -> String {
+    format!("step={step}/{}", kind.file_name())
 }

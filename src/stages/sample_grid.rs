@@ -215,6 +215,19 @@ impl SampleGridParams {
         // a variant trained with another parameterisation or schedule is sampled with it
         let mut schedulers: Vec<Option<BlobRef>> = vec![None];
         for (instance, record) in &ctx.upstream {
+            // The artifacts a train stage saved on the way (`save_every`), as rows
+            // `NAME#step=N` before its final one.
+            for kind in Artifact::TRAINED {
+                for (step, blob) in kind.snapshots(record) {
+                    variants.push(format!("{}#step={step}", instance.name));
+                    let of = |k: Artifact| (kind == k).then(|| blob.clone());
+                    loras.push(of(Artifact::Lora));
+                    embeddings.push(of(Artifact::Embedding));
+                    hypernets.push(of(Artifact::Hypernetwork));
+                    checkpoints.push(of(Artifact::Checkpoint));
+                    schedulers.push(Artifact::SchedulerConfig.in_record(record).cloned());
+                }
+            }
             let lora = Artifact::Lora.in_record(record);
             let embedding = Artifact::Embedding.in_record(record);
             let hypernet = Artifact::Hypernetwork.in_record(record);

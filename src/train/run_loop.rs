@@ -36,6 +36,9 @@ pub trait TrainStep<D: Device<f32>> {
 pub trait TrainMethod<D: Device<f32>>: TrainStep<D, Batch = Batch<D>> {
     /// Writes a resumable checkpoint of the trained tensors and the optimiser after `state`.
     fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()>;
+    /// Writes the method's artifact (what a finished run publishes) for the weights after
+    /// `step` to `file` (`save_every`).
+    fn snapshot(&mut self, file: &Path, step: u64) -> anyhow::Result<()>;
     /// The keys to change when the loss diverges after some updates.
     fn divergence_advice(&self) -> &'static str {
         "lower `lr`, or set `max_grad_norm`"
@@ -55,6 +58,8 @@ pub struct LoopConfig {
     pub max_grad_norm: f64,
     /// Steps between resumable checkpoints; 0 writes none.
     pub checkpoint_every: u64,
+    /// Steps between saved intermediate artifacts ([`snapshot_dir`]); 0 saves none.
+    pub save_every: u64,
     /// How micro-batches are drawn.
     pub sampling: Sampling,
 }
@@ -80,6 +85,37 @@ pub struct LoopEnv<'a> {
     pub cancel: &'a CancelToken,
     /// The run's scratch folder (checkpoints).
     pub scratch: &'a Path,
+    /// The file name of the method's artifact, which snapshots are written under.
+    pub artifact: &'static str,
+}
+
+/// Where the artifact saved after `step` lives in the run's scratch folder.
+pub fn snapshot_dir(scratch: &Path, step: u64) -> std::path::PathBuf {
+    scratch.join("snapshots").join(format!("step={step}"))
+}
+
+/// Writes `method`'s snapshot after `step` into a fresh folder and renames it into place, so
+/// a kill never leaves a half-written one under its final name.
+fn save_snapshot<D: Device<f32>>(
+    env: &LoopEnv<'_>,
+    step: u64,
+    method: &mut dyn TrainMethod<D>,
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let dir = snapshot_dir(env.scratch, step);
+    let parent = dir.parent().context("a snapshot folder has a parent")?;
+    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+    let tmp = parent.join(format!(".step={step}.tmp-{}", std::process::id()));
+    if tmp.exists() {
+        std::fs::remove_dir_all(&tmp)?;
+    }
+    std::fs::create_dir_all(&tmp)?;
+    method.snapshot(&tmp.join(env.artifact), step)?;
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir)?;
+    }
+    std::fs::rename(&tmp, &dir).with_context(|| format!("publishing {}", dir.display()))?;
+    Ok(())
 }
 
 /// The result of one optimiser step.
@@ -147,6 +183,14 @@ impl LoopConfig {
             state.step += 1;
             bar.set_position(state.step);
             bar.set_message(format!("{} loss {:.4}", env.label, outcome.loss));
+            // The snapshot first: a checkpoint at a step means its snapshot exists, so a run
+            // resumed from it never has to write one it skipped.
+            if self.save_every > 0
+                && state.step.is_multiple_of(self.save_every)
+                && state.step < self.steps
+            {
+                save_snapshot(env, state.step, method)?;
+            }
             if self.checkpoint_every > 0
                 && state.step.is_multiple_of(self.checkpoint_every)
                 && state.step < self.steps

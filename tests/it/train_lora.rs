@@ -622,3 +622,98 @@ fn caption_shuffle_and_dropout_are_seeded_recorded_and_validated() {
         assert!(run.stderr.contains(key), "{}", run.stderr);
     }
 }
+
+/// `save_every` keeps the artifact of intermediate steps: each is exactly what a shorter run
+/// ends with, the grid samples each as a row `NAME#step=N`, and a killed and resumed run saves
+/// the same files. Every method saves its own kind of artifact.
+#[test]
+fn save_every_keeps_intermediate_artifacts_as_grid_rows() {
+    let saving = pipeline().set("stage.train.save_every", 10);
+    let p = Project::new(&saving);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let at10 = p.path("outputs/t/train/step=10/lora.safetensors");
+    assert!(p.path("outputs/t/train/step=20/lora.safetensors").exists());
+    assert!(
+        !p.path("outputs/t/train/step=30").exists(),
+        "the last step is the artifact"
+    );
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.path("outputs/t/grid/manifest.json")).unwrap())
+            .unwrap();
+    assert_eq!(
+        manifest["variants"],
+        serde_json::json!(["base", "train#step=10", "train#step=20", "train"])
+    );
+    // Row folders are percent-encoded variant names (`#` → `%23`).
+    let row = |v: &str| {
+        image::open(p.path(&format!("outputs/t/grid/images/{v}/00-1.png")))
+            .unwrap()
+            .to_rgb8()
+            .into_raw()
+    };
+    assert_ne!(row("train%23step=10"), row("train"));
+
+    // The step-10 artifact holds what a 10-step run ends with.
+    let short = Project::new(pipeline().set("stage.train.steps", 10).remove("stage.grid"));
+    assert_eq!(short.sdpipe(&["run", "p.toml"]).code, 0);
+    let (a, _) = sdpipe::formats::lora::read_lora(&at10, None).unwrap();
+    let (b, _) =
+        sdpipe::formats::lora::read_lora(&short.path("outputs/t/train/lora.safetensors"), None)
+            .unwrap();
+    assert_eq!(a.unet.len(), b.unet.len());
+    for (name, m) in &a.unet {
+        assert_eq!(m.up.data, b.unet[name].up.data, "{name}");
+        assert_eq!(m.down.data, b.unet[name].down.data, "{name}");
+    }
+    let meta = sdpipe::formats::read_safetensors(&at10).unwrap().metadata;
+    assert_eq!(meta["ss_steps"], "10");
+
+    // Killed after a checkpoint and resumed: the same snapshots.
+    let r = Project::new(&saving);
+    let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "60")]);
+    wait_for("a training checkpoint", || r.scratch_has_checkpoint());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let run = r.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    for step in [10, 20] {
+        let file = format!("outputs/t/train/step={step}/lora.safetensors");
+        assert_eq!(
+            std::fs::read(r.path(&file)).unwrap(),
+            std::fs::read(p.path(&file)).unwrap(),
+            "{file}"
+        );
+    }
+
+    // The other methods save theirs, and the grid samples them.
+    for (method, file) in [
+        ("textual_inversion", "embedding.safetensors"),
+        ("hypernetwork", "hypernetwork.pt"),
+        ("dreambooth", "model.safetensors"),
+    ] {
+        let other = saving
+            .clone()
+            .set("stage.train.method", method)
+            .set("stage.train.steps", 4)
+            .set("stage.train.save_every", 2)
+            .set("stage.train.textual_inversion.token", "zorb");
+        p.write_pipeline(&other);
+        let run = p.sdpipe(&["run", "p.toml"]);
+        assert_eq!(run.code, 0, "{method}: {}{}", run.stdout, run.stderr);
+        assert!(
+            p.path(&format!("outputs/t/train/step=2/{file}")).exists(),
+            "{method}"
+        );
+        assert!(
+            p.path("outputs/t/grid/images/train%23step=2/00-1.png")
+                .exists(),
+            "{method}"
+        );
+    }
+
+    p.write_pipeline(saving.set("stage.train.save_every", 30));
+    let run = p.sdpipe(&["plan", "p.toml"]);
+    assert_eq!(run.code, 2);
+    assert!(run.stderr.contains("save_every"), "{}", run.stderr);
+}

@@ -9,6 +9,8 @@ use crate::stages::artifact::Artifact;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
+use crate::formats::HostTensor;
+
 use anyhow::Context as _;
 use dfdx::prelude::*;
 use serde::{Deserialize, Serialize};
@@ -166,6 +168,51 @@ impl TrainParams {
         }
         let sched = schedule(self).map_err(anyhow::Error::msg)?;
         let mut optimizer = optimizer;
+        // The checkpoint a run publishes (and saves every `save_every` steps): the trained
+        // UNet (and text encoder) beside the base model's VAE.
+        let unet_config = unet.config.clone();
+        let write_model = |out: &Path,
+                           unet_tensors: BTreeMap<String, HostTensor>,
+                           te_tensors: Option<BTreeMap<String, HostTensor>>,
+                           step: u64|
+         -> anyhow::Result<()> {
+            let mut tensors = ModelTensors::read(&ckpt)
+                .with_context(|| format!("reading {}", model_path.display()))?;
+            tensors.unet = unet_tensors;
+            if let Some(te) = te_tensors {
+                tensors.text_encoder = te;
+            }
+            let recipe = serde_json::json!({
+                "method": "dreambooth",
+                "base_model": model_path.file_name().map(|n| n.to_string_lossy().into_owned()),
+                "base_model_hash": crate::sample::short_model_hash(&model_path).ok(),
+                "steps": step,
+                "lr": self.lr,
+                "lr_scheduler": self.lr_scheduler,
+                "batch_size": self.batch_size,
+                "gradient_accumulation": self.gradient_accumulation,
+                "prior_loss_weight": prior_weight,
+                "train_text_encoder": train_te,
+                "instance_images": manifest.items.len(),
+                "class_images": class_items.len(),
+                "seed": seed,
+            });
+            let metadata = BTreeMap::from([
+                ("sdpipe_train_recipe".to_string(), recipe.to_string()),
+                ("format".to_string(), "pt".to_string()),
+            ]);
+            write_single_file(
+                out,
+                &tensors,
+                &StoredConfigs {
+                    unet: unet_config.clone(),
+                    ..ckpt.configs()
+                },
+                self.dreambooth.save_dtype,
+                &metadata,
+            )?;
+            Ok(())
+        };
         let (trained_te, frozen_te) = if train_te {
             (Some(&mut text_encoder), None)
         } else {
@@ -193,6 +240,7 @@ impl TrainParams {
             te_lr_factor: self.dreambooth.text_encoder_lr.map_or(1.0, |l| l / self.lr),
             master: master.as_mut(),
             scaler: StepScaler::new::<E>(state.loss_scaler),
+            write_model: &write_model,
         };
         let wall_s = self.drive(
             ctx,
@@ -221,46 +269,14 @@ impl TrainParams {
         }
         let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
 
-        // The checkpoint: the trained UNet (and text encoder) beside the base model's VAE.
-        let mut tensors = ModelTensors::read(&ckpt)
-            .with_context(|| format!("reading {}", model_path.display()))?;
-        tensors.unet = match master.as_mut() {
+        let unet_tensors = match master.as_mut() {
             Some(m) => crate::diffusion::params::named_tensors(m),
             None => crate::diffusion::params::named_tensors(&mut unet),
         };
-        if train_te {
-            tensors.text_encoder = crate::diffusion::params::named_tensors(&mut text_encoder);
-        }
-        let recipe = serde_json::json!({
-            "method": "dreambooth",
-            "base_model": model_path.file_name().map(|n| n.to_string_lossy().into_owned()),
-            "base_model_hash": crate::sample::short_model_hash(&model_path).ok(),
-            "steps": self.steps,
-            "lr": self.lr,
-            "lr_scheduler": self.lr_scheduler,
-            "batch_size": self.batch_size,
-            "gradient_accumulation": self.gradient_accumulation,
-            "prior_loss_weight": prior_weight,
-            "train_text_encoder": train_te,
-            "instance_images": manifest.items.len(),
-            "class_images": class_items.len(),
-            "seed": seed,
-        });
-        let metadata = BTreeMap::from([
-            ("sdpipe_train_recipe".to_string(), recipe.to_string()),
-            ("format".to_string(), "pt".to_string()),
-        ]);
+        let te_tensors =
+            train_te.then(|| crate::diffusion::params::named_tensors(&mut text_encoder));
         let out = scratch.join(Artifact::Checkpoint.file_name());
-        write_single_file(
-            &out,
-            &tensors,
-            &StoredConfigs {
-                unet: unet.config.clone(),
-                ..ckpt.configs()
-            },
-            self.dreambooth.save_dtype,
-            &metadata,
-        )?;
+        write_model(&out, unet_tensors, te_tensors, self.steps)?;
         let blob = ctx.store.put_file(&out)?;
 
         let (mut result, metrics) = self.finish(

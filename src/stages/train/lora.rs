@@ -100,6 +100,28 @@ impl TrainParams {
         }
 
         let sched = schedule(self).map_err(anyhow::Error::msg)?;
+        let meta = KohyaMetadata {
+            base_model_name: model_path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned()),
+            base_model_hash: crate::sample::short_model_hash(&model_path).ok(),
+            output_name: Some(ctx.instance.name.clone()),
+            steps: Some(self.steps),
+            max_train_steps: Some(self.steps),
+            resolution: manifest.items.first().map(|i| (i.size[0], i.size[1])),
+            learning_rate: Some(self.lr),
+            unet_lr: Some(self.lr),
+            text_encoder_lr: self
+                .lora
+                .text_encoder
+                .then(|| self.lora.text_encoder_lr.unwrap_or(self.lr)),
+            lr_scheduler: Some(self.lr_scheduler.clone()),
+            optimizer: Some("AdamW".into()),
+            seed: Some(seed),
+            num_train_images: Some(manifest.items.len() as u64),
+            extra: self.objective_metadata(),
+            ..KohyaMetadata::default()
+        };
         // The encoder trains (its states come from each step's own pass) or encodes the
         // captions caption shaping makes, frozen.
         let (trained_te, frozen_te) = if self.lora.text_encoder {
@@ -127,6 +149,7 @@ impl TrainParams {
             masters,
             te_keys,
             scaler: StepScaler::new::<E>(state.loss_scaler),
+            metadata: meta.clone(),
         };
         let wall_s = self.drive(
             ctx, "lora", &mut state, &items, scaling, seed, &dev, &sched, &mut steps,
@@ -153,28 +176,6 @@ impl TrainParams {
         network.text_encoder = extract(&mut text_encoder, self.alpha()).text_encoder;
         masters.into_network(&mut network, LoraComponent::Unet);
         masters.into_network(&mut network, LoraComponent::TextEncoder);
-        let meta = KohyaMetadata {
-            base_model_name: model_path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned()),
-            base_model_hash: crate::sample::short_model_hash(&model_path).ok(),
-            output_name: Some(ctx.instance.name.clone()),
-            steps: Some(self.steps),
-            max_train_steps: Some(self.steps),
-            resolution: manifest.items.first().map(|i| (i.size[0], i.size[1])),
-            learning_rate: Some(self.lr),
-            unet_lr: Some(self.lr),
-            text_encoder_lr: self
-                .lora
-                .text_encoder
-                .then(|| self.lora.text_encoder_lr.unwrap_or(self.lr)),
-            lr_scheduler: Some(self.lr_scheduler.clone()),
-            optimizer: Some("AdamW".into()),
-            seed: Some(seed),
-            num_train_images: Some(manifest.items.len() as u64),
-            extra: self.objective_metadata(),
-            ..KohyaMetadata::default()
-        };
         let out = scratch.join("final.safetensors");
         write_kohya(&out, &network, &meta)?;
         let blob = ctx.store.put_file(&out)?;

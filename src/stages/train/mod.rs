@@ -30,6 +30,7 @@ use crate::diffusion::schedulers::{
 };
 use crate::diffusion::text_to_image::TextToImage;
 use crate::settings::PipelineSettings;
+use crate::stages::artifact::snapshot_output;
 use crate::train::batch::{Item, Sampling};
 use crate::train::captions::CaptionShaping;
 use crate::train::lr::{A1111Schedule, LrSchedule};
@@ -37,7 +38,7 @@ use crate::train::noise::NoiseShaping;
 use crate::train::optim::{AdamW, AdamWConfig};
 use crate::train::peak_memory_mib;
 use crate::train::resume::TrainState;
-use crate::train::run_loop::{LoopConfig, LoopData, LoopEnv, TrainMethod};
+use crate::train::run_loop::{LoopConfig, LoopData, LoopEnv, TrainMethod, snapshot_dir};
 use crate::train::timesteps::TimestepSampling;
 
 mod dreambooth;
@@ -306,6 +307,28 @@ impl TrainParams {
         }
     }
 
+    /// The artifact the method publishes (and saves every `save_every` steps).
+    fn artifact(&self) -> Artifact {
+        match self.method {
+            Method::Lora => Artifact::Lora,
+            Method::TextualInversion => Artifact::Embedding,
+            Method::Dreambooth => Artifact::Checkpoint,
+            Method::Hypernetwork => Artifact::Hypernetwork,
+        }
+    }
+
+    /// The steps `save_every` saves an intermediate artifact after (the last step is the
+    /// published artifact itself).
+    fn snapshot_steps(&self) -> Vec<u64> {
+        match self.save_every {
+            Some(every) if every > 0 => (1..)
+                .map(|k| k * every)
+                .take_while(|&s| s < self.steps)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
     /// How this stage changes captions each time an item is drawn.
     fn caption_shaping(&self) -> CaptionShaping {
         let d = CaptionShaping::default();
@@ -366,6 +389,7 @@ impl TrainParams {
             gradient_accumulation: self.gradient_accumulation,
             max_grad_norm: self.max_grad_norm,
             checkpoint_every: self.checkpoint_every,
+            save_every: self.save_every.unwrap_or(0),
             sampling: self.sampling(),
         };
         let scratch = ctx.scratch()?;
@@ -374,6 +398,7 @@ impl TrainParams {
             label: format!("{} {label}", ctx.instance.name),
             cancel: ctx.cancel,
             scratch: &scratch,
+            artifact: self.artifact().file_name(),
         };
         let data = LoopData {
             items,
@@ -401,6 +426,17 @@ impl TrainParams {
         } = trained;
         let metrics = self.metrics(state, &end, artifact.size);
         let mut result = self.result(ctx, sched, state, &metrics)?;
+        // The intermediate artifacts, as `step=N/<file>` (grid rows `NAME#step=N`).
+        let scratch = ctx.scratch()?;
+        for step in self.snapshot_steps() {
+            let file = snapshot_dir(&scratch, step).join(kind.file_name());
+            let blob = ctx
+                .store
+                .put_file(&file)
+                .with_context(|| format!("the artifact saved at step {step}"))?;
+            result.outputs.insert(snapshot_output(step, kind), blob);
+        }
+        let _ = std::fs::remove_dir_all(scratch.join("snapshots"));
         if let Some(csv) = self.captions_csv(items, ctx.settings.seed) {
             result
                 .outputs

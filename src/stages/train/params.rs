@@ -131,6 +131,11 @@ pub struct TrainParams {
     /// (diffusers' `--gradient_checkpointing`): less memory, about a third more compute.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Also save the trained artifact every this many steps (before the last), as
+    /// `step=N/<file>`; the grid samples each as its own row `NAME#step=N`, to see which step
+    /// is best.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub save_every: Option<u64>,
     /// Write a resumable checkpoint every this many steps (0: never). Does not change results.
     #[serde(default = "default_checkpoint_every")]
     pub checkpoint_every: u64,

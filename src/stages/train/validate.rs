@@ -180,6 +180,18 @@ impl TrainParams {
         }
         self.validate_timestep_sampling()?;
         self.validate_captions()?;
+        if let Some(every) = self.save_every
+            && (every == 0 || every >= self.steps)
+        {
+            return Err(ParamError::new(
+                "save_every",
+                format!(
+                    "save_every = {every} saves nothing before the last of {} steps",
+                    self.steps
+                ),
+                "pick a step count below `steps`, e.g. a quarter of it",
+            ));
+        }
         self.validate_parameterization()?;
         if self.min_timestep >= self.max_timestep || self.max_timestep > 1000 {
             return Err(ParamError::new(

@@ -52,7 +52,19 @@ pub struct DreamboothSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     pub master: Option<&'a mut UNet<D>>,
     /// Loss scaling (a fixed 1 in f32) and the step's overflow flag.
     pub scaler: StepScaler,
+    /// Writes the published checkpoint of the weights after a step (for snapshots).
+    pub write_model: &'a ModelWriter<'a>,
 }
+
+/// Writes the single-file checkpoint a DreamBooth run publishes to a path, from the trained
+/// UNet's tensors, the text encoder's when it trained, and the step.
+pub type ModelWriter<'a> = dyn Fn(
+        &Path,
+        BTreeMap<String, HostTensor>,
+        Option<BTreeMap<String, HostTensor>>,
+        u64,
+    ) -> anyhow::Result<()>
+    + 'a;
 
 /// `unet` as the f32 model it is when the run computes in f32.
 pub fn as_f32<D: Device<f32> + Device<E>, E: Elem>(
@@ -155,5 +167,17 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for DreamboothSteps<'_,
             self.optimizer.save(&dir.join("optimizer.safetensors"))?;
             Ok(())
         })
+    }
+
+    fn snapshot(&mut self, file: &Path, step: u64) -> anyhow::Result<()> {
+        let unet = match self.master.as_deref_mut() {
+            Some(master) => crate::diffusion::params::named_tensors(master),
+            None => crate::diffusion::params::named_tensors(self.unet),
+        };
+        let te = self
+            .text_encoder
+            .as_deref_mut()
+            .map(crate::diffusion::params::named_tensors);
+        (self.write_model)(file, unet, te, step)
     }
 }

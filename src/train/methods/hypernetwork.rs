@@ -10,7 +10,9 @@ use crate::diffusion::UNet;
 use crate::diffusion::host_tensor::HostTensor;
 use crate::diffusion::nn::Elem;
 use crate::diffusion::schedulers::Ddpm;
-use crate::formats::hypernetwork::{Hypernetwork, write_hypernetwork_safetensors};
+use crate::formats::hypernetwork::{
+    Hypernetwork, write_hypernetwork_pt, write_hypernetwork_safetensors,
+};
 use crate::train::batch::{Batch, mix};
 use crate::train::hypernetwork::{HyperNet, apply_grads, install, param_grads};
 use crate::train::mixed::{self, StepScaler};
@@ -82,5 +84,11 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for HyperSteps<'_, D, E
             self.optimizer.save(&dir.join("optimizer.safetensors"))?;
             Ok(())
         })
+    }
+
+    fn snapshot(&mut self, file: &Path, step: u64) -> anyhow::Result<()> {
+        let mut trained = self.net.to_host(self.template);
+        trained.step = step;
+        Ok(write_hypernetwork_pt(file, &trained)?)
     }
 }

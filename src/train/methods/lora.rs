@@ -40,6 +40,8 @@ pub struct LoraSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     pub te_keys: std::collections::HashSet<String>,
     /// Loss scaling (a fixed 1 in f32) and the step's overflow flag.
     pub scaler: StepScaler,
+    /// The kohya metadata a snapshot is written with (its `ss_steps` set to the step).
+    pub metadata: KohyaMetadata,
 }
 
 impl<D: Device<f32> + Device<E>, E: Elem> LoraSteps<'_, D, E> {
@@ -111,6 +113,13 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for LoraSteps<'_, D, E>
         let mut state = state.clone();
         state.loss_scaler = self.scaler.saved::<E>();
         save_lora_checkpoint(self.scratch, &network, self.optimizer, &state)
+    }
+
+    fn snapshot(&mut self, file: &Path, step: u64) -> anyhow::Result<()> {
+        let network = self.network();
+        let mut metadata = self.metadata.clone();
+        metadata.steps = Some(step);
+        Ok(write_kohya(file, &network, &metadata)?)
     }
 
     fn divergence_advice(&self) -> &'static str {

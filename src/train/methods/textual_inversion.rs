@@ -86,6 +86,13 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for TiSteps<'_, D, E> {
         state.loss_scaler = self.scaler.saved::<E>();
         save_ti_checkpoint(self.scratch, &embedding, self.optimizer, &state)
     }
+
+    fn snapshot(&mut self, file: &Path, step: u64) -> anyhow::Result<()> {
+        Ok(write_a1111_safetensors(
+            file,
+            &(self.embedding)(self.extra, step),
+        )?)
+    }
 }
 
 /// Writes a resumable textual-inversion checkpoint: the vectors (A1111 format) and the
