@@ -14,7 +14,7 @@ use crate::formats::hypernetwork::{Hypernetwork, write_hypernetwork_safetensors}
 use crate::train::batch::{Batch, Item, batch_context, mix};
 use crate::train::hypernetwork::{HyperNet, apply_grads, install, param_grads};
 use crate::train::mixed::{self, StepScaler};
-use crate::train::optim::AdamW;
+use crate::train::optim::Optimizer;
 use crate::train::resume::{self, TrainState};
 use crate::train::run_loop::{TrainMethod, TrainStep};
 
@@ -26,7 +26,7 @@ pub struct HyperSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     pub items: &'a [Item],
     pub contexts: &'a HashMap<String, Tensor3<D>>,
     pub net: HyperNet<D>,
-    pub optimizer: &'a mut AdamW<D>,
+    pub optimizer: &'a mut Optimizer<D>,
     pub scratch: &'a Path,
     pub template: &'a Hypernetwork,
     pub seed: u64,
