@@ -492,6 +492,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 vae: false,
             },
             unet_elem_bytes: E::BYTES as u64,
+            optimizer: crate::train::optim::OptimizerKind::AdamW,
         };
         estimate_train(&configs, &part, &shape).map(|e| e.total)
     });

@@ -347,6 +347,117 @@ fn min_snr_gamma_weights_the_loss_and_is_validated_at_its_key() {
     );
 }
 
+/// `optimizer` is a train-stage key: each optimiser trains the adapters to other bytes and
+/// names itself in `ss_optimizer` as kohya does; writing the default out keeps the cache key;
+/// an unknown optimiser, or Prodigy with a text encoder at its own rate, is refused at the key.
+#[test]
+fn each_optimizer_trains_names_itself_and_is_validated_at_its_key() {
+    let plain = pipeline().set("stage.train.steps", 3).remove("stage.grid");
+    let p = Project::new(&plain);
+    assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
+    let file = p.path("outputs/t/train/lora.safetensors");
+    let ss_optimizer = || {
+        let meta = sdpipe::formats::read_safetensors(&file).unwrap().metadata;
+        meta.get("ss_optimizer").cloned().unwrap_or_default()
+    };
+    assert_eq!(ss_optimizer(), "AdamW");
+    let mut seen = vec![std::fs::read(&file).unwrap()];
+
+    p.write_pipeline(plain.clone().set("stage.train.optimizer", "adamw"));
+    assert_eq!(
+        p.status_of("train").0,
+        "fresh",
+        "explicit adamw is the default"
+    );
+
+    for (kind, lr, class) in [
+        ("adamw8bit", 1e-3, "bitsandbytes.optim.adamw.AdamW8bit("),
+        ("lion", 1e-4, "lion_pytorch.lion_pytorch.Lion("),
+        ("prodigy", 1.0, "prodigyopt.prodigy.Prodigy("),
+        (
+            "schedulefree_adamw",
+            1e-3,
+            "schedulefree.adamw_schedulefree.AdamWScheduleFree(",
+        ),
+        ("adafactor", 1e-3, "transformers.optimization.Adafactor("),
+    ] {
+        p.write_pipeline(
+            plain
+                .clone()
+                .set("stage.train.optimizer", kind)
+                .set("stage.train.lr", lr),
+        );
+        let (status, reason) = p.status_of("train");
+        assert_eq!(status, "stale");
+        assert!(reason.contains("optimizer"), "{kind}: {reason}");
+        let run = p.sdpipe(&["run", "p.toml"]);
+        assert_eq!(run.code, 0, "{kind}: {}{}", run.stdout, run.stderr);
+        let trained = std::fs::read(&file).unwrap();
+        assert!(!seen.contains(&trained), "`{kind}` changed nothing");
+        seen.push(trained);
+        assert!(
+            ss_optimizer().starts_with(class),
+            "{kind}: {}",
+            ss_optimizer()
+        );
+        let loss = p.stats("train")["eval_loss_after"].as_f64().unwrap();
+        assert!(loss.is_finite(), "{kind}: eval loss {loss}");
+    }
+
+    p.write_pipeline(plain.clone().set("stage.train.optimizer", "sgd"));
+    let run = p.sdpipe(&["plan", "p.toml"]);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("optimizer") && run.stderr.contains("p.toml:"),
+        "{}",
+        run.stderr
+    );
+    p.write_pipeline(
+        plain
+            .set("stage.train.optimizer", "prodigy")
+            .set("stage.train.lr", 1.0)
+            .set("stage.train.lora.text_encoder", true)
+            .set("stage.train.lora.text_encoder_lr", 0.5),
+    );
+    let run = p.sdpipe(&["plan", "p.toml"]);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("optimizer") && run.stderr.contains("text_encoder_lr"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// Prodigy (with its step-wide estimate) and schedule-free AdamW (with its `z` and the `x` it
+/// saves) killed after a checkpoint and resumed end with the uninterrupted run's bytes.
+#[test]
+fn prodigy_and_schedulefree_resume_bit_identically() {
+    for (kind, lr) in [("prodigy", 1.0), ("schedulefree_adamw", 1e-3)] {
+        let pipeline = pipeline()
+            .remove("stage.grid")
+            .set("stage.train.optimizer", kind)
+            .set("stage.train.lr", lr);
+        let q = Project::new(&pipeline);
+        let run = q.sdpipe(&["run", "p.toml"]);
+        assert_eq!(run.code, 0, "{kind}: {}{}", run.stdout, run.stderr);
+        let straight = std::fs::read(q.path("outputs/t/train/lora.safetensors")).unwrap();
+
+        let r = Project::new(&pipeline);
+        let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "60")]);
+        wait_for("a training checkpoint", || r.scratch_has_checkpoint());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let run = r.sdpipe(&["run", "p.toml"]);
+        assert_eq!(run.code, 0, "{kind}: {}{}", run.stdout, run.stderr);
+        assert!(r.stats("train")["resumed_from"].as_u64().unwrap() >= 10);
+        let resumed = std::fs::read(r.path("outputs/t/train/lora.safetensors")).unwrap();
+        assert!(
+            resumed == straight,
+            "{kind}: the resumed run ends with other bytes than the uninterrupted one"
+        );
+    }
+}
+
 /// kohya's noise options are train-stage keys: `noise_offset` and pyramid noise each change the
 /// key and what is learned; a key that needs another names it.
 #[test]

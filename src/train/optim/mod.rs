@@ -188,8 +188,9 @@ impl OptimizerKind {
             Self::Prodigy => 4.0,
             // z, v
             Self::ScheduleFreeAdamW => 2.0,
-            // factored rows and columns: a small fraction of the matrix; vectors keep v
-            Self::Adafactor => 0.1,
+            // factored rows and columns (R + C per R×C: under a quarter for LoRA's rank ≥ 4
+            // matrices, far less for full weights); vectors keep one value each
+            Self::Adafactor => 0.25,
         }
     }
 }
