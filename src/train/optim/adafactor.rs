@@ -137,8 +137,8 @@ impl HostOptimizer for Adafactor {
                     }
                     let rows = &row[bi * r..(bi + 1) * r];
                     let row_mean = sum(rows.iter().copied()) / r as f32;
-                    for ri in 0..r {
-                        let r_factor = 1.0 / (rows[ri] / row_mean).sqrt();
+                    for (ri, &row_v) in rows.iter().enumerate() {
+                        let r_factor = 1.0 / (row_v / row_mean).sqrt();
                         for ci in 0..cc {
                             let c_factor = 1.0 / col[bi * cc + ci].sqrt();
                             let i = bi * r * cc + ri * cc + ci;

@@ -20,7 +20,9 @@ use std::path::Path;
 use dfdx::prelude::*;
 
 use super::OptimError;
-use crate::formats::{FormatError, HostTensor, read_safetensors, write_safetensors};
+use crate::formats::{
+    FormatError, HostTensor, SafetensorsFile, read_safetensors, write_safetensors,
+};
 
 /// AdamW hyper-parameters (defaults are torch's).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -197,7 +199,11 @@ impl<D: Device<f32>> AdamW<D> {
     /// Reads a state file written by [`save`](Self::save); the hyper-parameters come from the
     /// file.
     pub fn load(dev: &D, path: &Path) -> Result<Self, OptimError> {
-        let st = read_safetensors(path)?;
+        Self::from_file(dev, path, &read_safetensors(path)?)
+    }
+
+    /// [`load`](Self::load) of a file already read (`path` names it in errors).
+    pub fn from_file(dev: &D, path: &Path, st: &SafetensorsFile) -> Result<Self, OptimError> {
         let bad = |m: String| OptimError::File(FormatError::invalid(path, m));
         let parse = |k: &str| -> Result<serde_json::Value, OptimError> {
             let text = st

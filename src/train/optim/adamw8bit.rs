@@ -121,8 +121,9 @@ impl Moments {
 pub struct AdamW8bit {
     /// Hyper-parameters.
     pub config: AdamW8bitConfig,
-    signed: [f32; 256],
-    unsigned: [f32; 256],
+    /// The dynamic maps (boxed: 1 KiB each).
+    signed: Box<[f32; 256]>,
+    unsigned: Box<[f32; 256]>,
     states: BTreeMap<String, (u64, Moments)>,
 }
 
@@ -175,8 +176,8 @@ impl AdamW8bit {
     pub fn new(config: AdamW8bitConfig) -> Self {
         Self {
             config,
-            signed: dynamic_map(true),
-            unsigned: dynamic_map(false),
+            signed: Box::new(dynamic_map(true)),
+            unsigned: Box::new(dynamic_map(false)),
             states: BTreeMap::new(),
         }
     }

@@ -51,6 +51,9 @@ pub(super) trait StateIo: Sized {
     fn read(file: &StateFile) -> Result<Self, OptimError>;
 }
 
+/// One parameter's scalars in a state file.
+pub(super) type Scalars = Map<String, Value>;
+
 /// What [`StateIo::write`] fills.
 #[derive(Default)]
 pub(super) struct StateWriter {
@@ -184,7 +187,7 @@ impl StateFile {
     }
 
     /// The per-parameter scalars: `(name, object)` for every parameter with state.
-    pub fn params(&self) -> Result<Vec<(String, Map<String, Value>)>, OptimError> {
+    pub fn params(&self) -> Result<Vec<(String, Scalars)>, OptimError> {
         let params = self
             .object(&self.state, "optimizer.state")?
             .get("params")

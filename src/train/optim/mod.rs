@@ -368,17 +368,6 @@ impl<D: Device<f32>> Optimizer<D> {
     /// Reads a state file written by [`save`](Self::save), which must hold `kind`'s state
     /// (the hyper-parameters come from the file).
     pub fn load(dev: &D, path: &Path, kind: OptimizerKind) -> Result<Self, OptimError> {
-        if kind == OptimizerKind::AdamW {
-            let st = read_safetensors(path)?;
-            if let Some(found) = st.metadata.get(KIND_KEY) {
-                return Err(OptimError::Kind {
-                    path: path.to_path_buf(),
-                    expected: kind,
-                    found: found.clone(),
-                });
-            }
-            return Ok(Self::AdamW(AdamW::load(dev, path)?));
-        }
         let st = read_safetensors(path)?;
         let found = st.metadata.get(KIND_KEY).map_or("adamw", String::as_str);
         if found != kind.name() {
@@ -388,14 +377,18 @@ impl<D: Device<f32>> Optimizer<D> {
                 found: found.to_string(),
             });
         }
-        let file = host::StateFile::new(path, st.tensors, st.metadata);
+        let state_file = |st: crate::formats::SafetensorsFile| {
+            host::StateFile::new(path, st.tensors, st.metadata)
+        };
         Ok(match kind {
-            OptimizerKind::AdamW => unreachable!("read above"),
-            OptimizerKind::AdamW8bit => Self::AdamW8bit(host::from_file(&file)?),
-            OptimizerKind::Lion => Self::Lion(host::from_file(&file)?),
-            OptimizerKind::Prodigy => Self::Prodigy(host::from_file(&file)?),
-            OptimizerKind::ScheduleFreeAdamW => Self::ScheduleFree(host::from_file(&file)?),
-            OptimizerKind::Adafactor => Self::Adafactor(host::from_file(&file)?),
+            OptimizerKind::AdamW => Self::AdamW(AdamW::from_file(dev, path, &st)?),
+            OptimizerKind::AdamW8bit => Self::AdamW8bit(host::from_file(&state_file(st))?),
+            OptimizerKind::Lion => Self::Lion(host::from_file(&state_file(st))?),
+            OptimizerKind::Prodigy => Self::Prodigy(host::from_file(&state_file(st))?),
+            OptimizerKind::ScheduleFreeAdamW => {
+                Self::ScheduleFree(host::from_file(&state_file(st))?)
+            }
+            OptimizerKind::Adafactor => Self::Adafactor(host::from_file(&state_file(st))?),
         })
     }
 }
