@@ -27,7 +27,7 @@ use crate::train::batch::{Batch, Item, Sampling};
 use crate::train::lora::install;
 use crate::train::methods::{DreamboothSteps, LoraSteps, TiSteps};
 use crate::train::mixed::{Masters, StepScaler};
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::optim::{AdamW, AdamWConfig, Optimizer};
 use crate::train::run_loop::step as train_step;
 use crate::train::text::TextInputs;
 
@@ -250,7 +250,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
             install(&mut unet, &network, 1.0, dev).map_err(|e| step_err(&e))?;
             // the train stage's step: f32 masters, loss scaling in f16
             let masters = Masters::of_lora(&network, dev).map_err(|e| step_err(&e))?;
-            let mut optimizer = AdamW::new(dev, AdamWConfig::default());
+            let mut optimizer = Optimizer::AdamW(AdamW::new(dev, AdamWConfig::default()));
             let (items, contexts) = caption_contexts(&context, b);
             let (ids, scratch) = (HashMap::new(), std::env::temp_dir());
             let mut steps = LoraSteps {
@@ -294,7 +294,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
             } else {
                 None
             };
-            let mut optimizer = AdamW::new(dev, AdamWConfig::default());
+            let mut optimizer = Optimizer::AdamW(AdamW::new(dev, AdamWConfig::default()));
             let (items, contexts) = caption_contexts(&context, b);
             let (ids, scratch) = (HashMap::new(), std::env::temp_dir());
             let mut steps = DreamboothSteps {
@@ -372,7 +372,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 .collect();
             let ids: HashMap<String, Vec<u32>> =
                 (items.iter().map(|i| i.caption.clone())).zip(ids).collect();
-            let mut optimizer = AdamW::new(dev, AdamWConfig::default());
+            let mut optimizer = Optimizer::AdamW(AdamW::new(dev, AdamWConfig::default()));
             let scratch = std::env::temp_dir();
             let embedding = |vectors: &Tensor2<D>, step: u64| Embedding {
                 token: "bench".into(),
@@ -513,6 +513,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 vae: false,
             },
             unet_elem_bytes: E::BYTES as u64,
+            optimizer: crate::train::optim::OptimizerKind::AdamW,
         };
         estimate_train(&configs, &part, &shape).map(|e| e.total)
     });

@@ -1,5 +1,5 @@
 //! The peak memory of a training run, estimated from the model configs before anything is
-//! loaded: weights, what trains (gradients, AdamW's two moments, the host copies the step
+//! loaded: weights, what trains (gradients, the optimiser's state, the host copies the step
 //! loop makes), and the activations the UNet (and, for textual inversion, the text encoder)
 //! keeps for the backward pass.
 //!
@@ -23,6 +23,7 @@ use crate::diffusion::checkpoint::single_file::StoredConfigs;
 use crate::diffusion::clip::ClipConfig;
 use crate::diffusion::resnet::ResnetConfig;
 use crate::diffusion::unet::UNetPlan;
+use crate::train::optim::OptimizerKind;
 
 /// Bytes of one value (f32 everywhere for now).
 const F32: u64 = 4;
@@ -96,6 +97,8 @@ pub struct TrainShape {
     /// Bytes per element of the UNet's weights and activations: 4 (f32), or 2 in mixed
     /// precision (`precision = "f16"`; trained tensors keep f32 masters and optimiser state).
     pub unet_elem_bytes: u64,
+    /// The optimiser, whose state per trained parameter differs (AdamW: two f32 moments).
+    pub optimizer: OptimizerKind,
 }
 
 /// Which models besides the UNet are in memory.
@@ -122,7 +125,7 @@ impl Default for LoadedModels {
 pub struct MemoryEstimate {
     /// Weights of every model the stage loads.
     pub weights: u64,
-    /// Trained parameters' gradients, their host copies and AdamW's two moments.
+    /// Trained parameters' gradients, their host copies and the optimiser's state.
     pub training_state: u64,
     /// Activations at the peak of the backward pass.
     pub activations: u64,
@@ -507,6 +510,7 @@ pub fn estimate_pretrain(
         device: device.to_string(),
         loaded: LoadedModels::default(),
         unet_elem_bytes: 4,
+        optimizer: OptimizerKind::AdamW,
     };
     let diffusion = estimate_train(
         configs,
@@ -563,8 +567,8 @@ fn attention_kept(calls: &[(u64, u64, u64)], b: u64, chunk: u64, device: &str) -
 /// whole); the training state is, per trained parameter, dfdx's gradient, the step loop's
 /// host copy of it, a second host copy (DreamBooth's class batch under prior preservation, or
 /// the next micro-batch's with gradient accumulation; counted always, so the estimate stays on
-/// the safe side) and AdamW's two moments. An error says why the UNet's config cannot be laid
-/// out.
+/// the safe side) and the optimiser's state ([`OptimizerKind::state_floats_per_param`]:
+/// AdamW's two moments, …). An error says why the UNet's config cannot be laid out.
 pub fn estimate_train(
     configs: &StoredConfigs,
     part: &TrainedPart,
@@ -595,18 +599,19 @@ pub fn estimate_train(
         TrainedPart::FullUnet { text_encoder } => unet + if *text_encoder { te } else { 0 },
         TrainedPart::Hypernetwork { params } => *params as u64,
     };
-    // dfdx gradient + 2 host copies + 2 moments (+ the f32 masters of LoRA's adapters)
+    // dfdx gradient + 2 host copies + the optimiser's state (+ the f32 masters of LoRA's
+    // adapters)
     let copies = if matches!(part, TrainedPart::Lora { .. }) {
-        6
+        4.0
     } else {
-        5
-    };
+        3.0
+    } + shape.optimizer.state_floats_per_param();
     // mixed-precision full fine-tuning keeps an f32 master UNet beside the f16 one
     let masters = match part {
         TrainedPart::FullUnet { .. } if ub < 4 => unet * F32,
         _ => 0,
     };
-    let training_state = copies * trainable * F32 + masters;
+    let training_state = (copies * (trainable * F32) as f64).ceil() as u64 + masters;
 
     let f = configs.vae.downsampling_factor().max(1);
     let (h, w) = (shape.height / f, shape.width / f);
@@ -723,6 +728,7 @@ mod tests {
             device: device.into(),
             loaded: LoadedModels::default(),
             unet_elem_bytes: 4,
+            optimizer: OptimizerKind::AdamW,
         }
     }
 
@@ -751,6 +757,41 @@ mod tests {
                 plain.describe()
             );
         }
+    }
+
+    /// The training state counts the optimiser's: full fine-tuning of SD 1.5 holds AdamW's two
+    /// f32 moments (8 bytes per parameter), about a quarter of that in 8 bits, one moment with
+    /// Lion, four tensors with Prodigy; only the state changes.
+    #[test]
+    fn the_training_state_counts_each_optimizer() {
+        let full = TrainedPart::FullUnet {
+            text_encoder: false,
+        };
+        let with = |optimizer| {
+            let mut s = shape(1, 512, "cpu");
+            s.optimizer = optimizer;
+            estimate_train(&sd15(), &full, &s).unwrap()
+        };
+        let adamw = with(OptimizerKind::AdamW);
+        let per_param = |e: &MemoryEstimate| {
+            (e.training_state as f64 - adamw.training_state as f64) / e.trainable_params as f64
+        };
+        for (kind, bytes) in [
+            (OptimizerKind::AdamW8bit, -8.0 + 2.0 + 8.0 / 256.0),
+            (OptimizerKind::Lion, -4.0),
+            (OptimizerKind::Prodigy, 8.0),
+            (OptimizerKind::ScheduleFreeAdamW, 0.0),
+        ] {
+            let e = with(kind);
+            assert_eq!(e.weights, adamw.weights);
+            assert_eq!(e.activations, adamw.activations);
+            assert!(
+                (per_param(&e) - bytes).abs() < 1e-3,
+                "{kind}: {} bytes per parameter more than AdamW, expected {bytes}",
+                per_param(&e)
+            );
+        }
+        assert!(with(OptimizerKind::Adafactor).training_state < adamw.training_state);
     }
 
     /// The counts equal what the loaded tiny fixture model holds.

@@ -156,6 +156,7 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
                         crate::device::Precision::F16 => 2,
                         _ => 4,
                     },
+                    optimizer: p.optimizer,
                 },
             ),
         };

@@ -14,7 +14,7 @@ use crate::diffusion::nn::elem::Elem;
 use thiserror::Error;
 
 use super::objective;
-use super::optim::{AdamW, OptimError};
+use super::optim::{OptimError, Optimizer, ParamOptimizer, Pass};
 use crate::diffusion::UNet;
 use crate::diffusion::hypernetwork::{
     HyperActivation, HyperLayer, HyperMlp, HyperPair, HyperStack,
@@ -373,14 +373,37 @@ pub fn param_grads<E: Elem, D: Device<E>>(
     }
 }
 
-/// One AdamW update of every parameter of `net` with `grads` (by name, as [`param_grads`]
+/// One optimiser step of every parameter of `net` with `grads` (by name, as [`param_grads`]
 /// gives them; averaged or clipped by the caller as needed). Reinstall the network afterwards:
 /// the attentions hold copies.
 pub fn apply_grads<D: Device<f32>>(
     net: &mut HyperNet<D>,
     grads: &BTreeMap<String, HostTensor>,
-    optimizer: &mut AdamW<D>,
+    optimizer: &mut impl ParamOptimizer<D>,
     lr: f64,
+) -> Result<(), HyperTrainError> {
+    for &pass in optimizer.passes() {
+        apply_pass(net, grads, optimizer, lr, pass)?;
+    }
+    Ok(())
+}
+
+/// Every parameter of `net` as the optimiser evaluates it ([`Optimizer::to_eval`]:
+/// schedule-free AdamW's `x`).
+pub fn to_eval<D: Device<f32>>(net: &mut HyperNet<D>, optimizer: &Optimizer<D>) {
+    net.for_each_param_mut(|name, p| match p {
+        ParamMut::Matrix(t) => optimizer.to_eval(&name, t),
+        ParamMut::Vector(t) => optimizer.to_eval(&name, t),
+    });
+}
+
+/// One pass of [`apply_grads`].
+fn apply_pass<D: Device<f32>>(
+    net: &mut HyperNet<D>,
+    grads: &BTreeMap<String, HostTensor>,
+    optimizer: &mut impl ParamOptimizer<D>,
+    lr: f64,
+    pass: Pass,
 ) -> Result<(), HyperTrainError> {
     let mut error = None;
     net.for_each_param_mut(|name, p| {
@@ -395,7 +418,7 @@ pub fn apply_grads<D: Device<f32>>(
             ParamMut::Matrix(t) => {
                 let dev = t.device().clone();
                 match g.to_tensor::<(usize, usize), D>(&dev) {
-                    Some(g) => optimizer.update(&name, t, &g, lr),
+                    Some(g) => optimizer.apply(pass, &name, t, &g, lr),
                     None => {
                         error = Some(HyperTrainError::NoGradient(name));
                         return;
@@ -405,7 +428,7 @@ pub fn apply_grads<D: Device<f32>>(
             ParamMut::Vector(t) => {
                 let dev = t.device().clone();
                 match g.to_tensor::<(usize,), D>(&dev) {
-                    Some(g) => optimizer.update(&name, t, &g, lr),
+                    Some(g) => optimizer.apply(pass, &name, t, &g, lr),
                     None => {
                         error = Some(HyperTrainError::NoGradient(name));
                         return;

@@ -11,7 +11,7 @@ use crate::diffusion::nn::elem::Elem;
 use thiserror::Error;
 
 use super::objective;
-use super::optim::{AdamW, OptimError};
+use super::optim::{OptimError, ParamOptimizer, Pass};
 use crate::diffusion::nn::{Conv2d, ConvLoraAdapter, Linear, LoraAdapter, Tensor3, Tensor4};
 use crate::diffusion::params::{Layer, Layers};
 use crate::diffusion::schedulers::Ddpm;
@@ -368,7 +368,7 @@ pub fn extract<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
 }
 
 /// One optimisation step of the [`objective`] on the installed adapters:
-/// `loss = mse(unet(add_noise(latents, noise, t), t, context), target)`, backward, then AdamW on every adapter (parameter names `<module>.lora_A.weight` /
+/// `loss = mse(unet(add_noise(latents, noise, t), t, context), target)`, backward, then the optimiser on every adapter (parameter names `<module>.lora_A.weight` /
 /// `.lora_B.weight`, as PEFT calls them). Returns the loss before the update.
 #[allow(clippy::too_many_arguments)]
 pub fn train_step<D: Device<f32>>(
@@ -378,7 +378,7 @@ pub fn train_step<D: Device<f32>>(
     noise: &Tensor4<D>,
     timesteps: &[usize],
     context: &Tensor3<D>,
-    optimizer: &mut AdamW<D>,
+    optimizer: &mut impl ParamOptimizer<D>,
     lr: f64,
 ) -> Result<f32, LoraTrainError> {
     let (loss, grads) = loss_and_grads(unet, ddpm, latents, noise, timesteps, context)?;
@@ -387,9 +387,10 @@ pub fn train_step<D: Device<f32>>(
     Ok(loss)
 }
 
-/// One AdamW update of `param` by `grad` (host values of the same shape).
+/// Pass `pass` of the optimiser's step for `param` with `grad` (host values of the same shape).
 fn update<S: Shape, D: Device<f32>>(
-    optimizer: &mut AdamW<D>,
+    optimizer: &mut impl ParamOptimizer<D>,
+    pass: Pass,
     key: &str,
     param: &mut Tensor<S, f32, D>,
     grad: &HostTensor,
@@ -408,16 +409,30 @@ fn update<S: Shape, D: Device<f32>>(
                 shape.concrete()
             ),
         })?;
-    Ok(optimizer.update(key, param, &grad, lr)?)
+    Ok(optimizer.apply(pass, key, param, &grad, lr)?)
 }
 
-/// One AdamW update of every adapter with `grads` (by PEFT parameter name, as
+/// One optimiser step of every adapter with `grads` (by PEFT parameter name, as
 /// [`adapter_grads`] gives them; summed or clipped by the caller as needed).
 pub fn apply_grads<D: Device<f32>, M: LoraTarget<D>>(
     model: &mut M,
     grads: &BTreeMap<String, HostTensor>,
-    optimizer: &mut AdamW<D>,
+    optimizer: &mut impl ParamOptimizer<D>,
     lr: f64,
+) -> Result<(), LoraTrainError> {
+    for &pass in optimizer.passes() {
+        apply_pass(model, grads, optimizer, lr, pass)?;
+    }
+    Ok(())
+}
+
+/// One pass of [`apply_grads`].
+fn apply_pass<D: Device<f32>, M: LoraTarget<D>>(
+    model: &mut M,
+    grads: &BTreeMap<String, HostTensor>,
+    optimizer: &mut impl ParamOptimizer<D>,
+    lr: f64,
+    pass: Pass,
 ) -> Result<(), LoraTrainError> {
     let mut error = None;
     model.for_each_lora_layer_mut(&mut |name, layer| {
@@ -440,14 +455,14 @@ pub fn apply_grads<D: Device<f32>, M: LoraTarget<D>>(
                     .into_iter()
                     .try_for_each(|(suffix, param)| {
                         let (key, g) = grad(suffix)?;
-                        update(optimizer, &key, param, &g, lr)
+                        update(optimizer, pass, &key, param, &g, lr)
                     })
             }
             Adaptable::Conv(Conv2d { lora: Some(c), .. }) => grad("lora_A.weight")
-                .and_then(|(key, g)| update(optimizer, &key, &mut c.down, &g, lr))
+                .and_then(|(key, g)| update(optimizer, pass, &key, &mut c.down, &g, lr))
                 .and_then(|()| {
                     let (key, g) = grad("lora_B.weight")?;
-                    update(optimizer, &key, &mut c.up, &as_1x1(g), lr)
+                    update(optimizer, pass, &key, &mut c.up, &as_1x1(g), lr)
                 }),
             _ => Ok(()),
         };

@@ -8,7 +8,7 @@
 //!    zero in f16;
 //! 2. the trained tensors' gradients are copied to f32 on the host and divided by the scale;
 //! 3. if any is not finite (an f16 overflow) the step is skipped and the scale halved, else
-//!    AdamW updates the f32 masters ([`Masters`]) and the model's f16 tensors are refreshed from
+//!    the optimiser updates the f32 masters ([`Masters`]) and the model's f16 tensors are refreshed from
 //!    them; after `growth_interval` good steps in a row the scale doubles.
 //!
 //! With `f32` as the element type the scale is 1 and the masters are the model's own tensors'
@@ -28,7 +28,7 @@ use crate::formats::HostTensor;
 use crate::formats::lora::{LoraComponent, LoraModule, LoraNetwork};
 use crate::train::lora::{Adaptable, LoraTarget, LoraTrainError};
 use crate::train::objective;
-use crate::train::optim::{AdamW, OptimError};
+use crate::train::optim::{OptimError, Optimizer, ParamOptimizer, Pass};
 
 /// Dynamic loss scaling (PyTorch `GradScaler`'s defaults: start at 2^16, halve on an
 /// overflow, double after 2000 good steps).
@@ -210,12 +210,14 @@ impl<D: Device<f32>> Masters<D> {
         Ok(Self { tensors })
     }
 
-    /// One AdamW update of every master named in `grads` (unscaled f32 gradients) at `lr`.
+    /// Pass `pass` of the optimiser's step for every master `filter` keeps (each named in
+    /// `grads`, unscaled f32 gradients) at `lr`.
     pub fn update(
         &mut self,
         grads: &BTreeMap<String, HostTensor>,
-        optimizer: &mut AdamW<D>,
+        optimizer: &mut impl ParamOptimizer<D>,
         lr: f64,
+        pass: Pass,
         filter: impl Fn(&str) -> bool,
     ) -> Result<(), LoraTrainError> {
         for (name, master) in self.tensors.iter_mut().filter(|(n, _)| filter(n)) {
@@ -228,10 +230,18 @@ impl<D: Device<f32>> Masters<D> {
                     reason: "no gradient".into(),
                 })?;
             optimizer
-                .update(name, master, &grad, lr)
+                .apply(pass, name, master, &grad, lr)
                 .map_err(|e: OptimError| LoraTrainError::from(e))?;
         }
         Ok(())
+    }
+
+    /// Every master as the optimiser evaluates it ([`Optimizer::to_eval`]: schedule-free
+    /// AdamW's `x`).
+    pub fn to_eval(&mut self, optimizer: &Optimizer<D>) {
+        for (name, master) in self.tensors.iter_mut() {
+            optimizer.to_eval(name, master);
+        }
     }
 
     /// Copies the masters into the adapters of `model` (rounded to `E`).

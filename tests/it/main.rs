@@ -20,6 +20,7 @@ mod parity_embedding;
 mod parity_lora;
 mod parity_lora_training;
 mod parity_models;
+mod parity_optimizers;
 mod parity_pipeline;
 mod parity_schedulers;
 mod parity_tokenizer;

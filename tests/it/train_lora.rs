@@ -347,6 +347,117 @@ fn min_snr_gamma_weights_the_loss_and_is_validated_at_its_key() {
     );
 }
 
+/// `optimizer` is a train-stage key: each optimiser trains the adapters to other bytes and
+/// names itself in `ss_optimizer` as kohya does; writing the default out keeps the cache key;
+/// an unknown optimiser, or Prodigy with a text encoder at its own rate, is refused at the key.
+#[test]
+fn each_optimizer_trains_names_itself_and_is_validated_at_its_key() {
+    let plain = pipeline().set("stage.train.steps", 3).remove("stage.grid");
+    let p = Project::new(&plain);
+    assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
+    let file = p.path("outputs/t/train/lora.safetensors");
+    let ss_optimizer = || {
+        let meta = sdpipe::formats::read_safetensors(&file).unwrap().metadata;
+        meta.get("ss_optimizer").cloned().unwrap_or_default()
+    };
+    assert_eq!(ss_optimizer(), "AdamW");
+    let mut seen = vec![std::fs::read(&file).unwrap()];
+
+    p.write_pipeline(plain.clone().set("stage.train.optimizer", "adamw"));
+    assert_eq!(
+        p.status_of("train").0,
+        "fresh",
+        "explicit adamw is the default"
+    );
+
+    for (kind, lr, class) in [
+        ("adamw8bit", 1e-3, "bitsandbytes.optim.adamw.AdamW8bit("),
+        ("lion", 1e-4, "lion_pytorch.lion_pytorch.Lion("),
+        ("prodigy", 1.0, "prodigyopt.prodigy.Prodigy("),
+        (
+            "schedulefree_adamw",
+            1e-3,
+            "schedulefree.adamw_schedulefree.AdamWScheduleFree(",
+        ),
+        ("adafactor", 1e-3, "transformers.optimization.Adafactor("),
+    ] {
+        p.write_pipeline(
+            plain
+                .clone()
+                .set("stage.train.optimizer", kind)
+                .set("stage.train.lr", lr),
+        );
+        let (status, reason) = p.status_of("train");
+        assert_eq!(status, "stale");
+        assert!(reason.contains("optimizer"), "{kind}: {reason}");
+        let run = p.sdpipe(&["run", "p.toml"]);
+        assert_eq!(run.code, 0, "{kind}: {}{}", run.stdout, run.stderr);
+        let trained = std::fs::read(&file).unwrap();
+        assert!(!seen.contains(&trained), "`{kind}` changed nothing");
+        seen.push(trained);
+        assert!(
+            ss_optimizer().starts_with(class),
+            "{kind}: {}",
+            ss_optimizer()
+        );
+        let loss = p.stats("train")["eval_loss_after"].as_f64().unwrap();
+        assert!(loss.is_finite(), "{kind}: eval loss {loss}");
+    }
+
+    p.write_pipeline(plain.clone().set("stage.train.optimizer", "sgd"));
+    let run = p.sdpipe(&["plan", "p.toml"]);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("optimizer") && run.stderr.contains("p.toml:"),
+        "{}",
+        run.stderr
+    );
+    p.write_pipeline(
+        plain
+            .set("stage.train.optimizer", "prodigy")
+            .set("stage.train.lr", 1.0)
+            .set("stage.train.lora.text_encoder", true)
+            .set("stage.train.lora.text_encoder_lr", 0.5),
+    );
+    let run = p.sdpipe(&["plan", "p.toml"]);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("optimizer") && run.stderr.contains("text_encoder_lr"),
+        "{}",
+        run.stderr
+    );
+}
+
+/// Prodigy (with its step-wide estimate) and schedule-free AdamW (with its `z` and the `x` it
+/// saves) killed after a checkpoint and resumed end with the uninterrupted run's bytes.
+#[test]
+fn prodigy_and_schedulefree_resume_bit_identically() {
+    for (kind, lr) in [("prodigy", 1.0), ("schedulefree_adamw", 1e-3)] {
+        let pipeline = pipeline()
+            .remove("stage.grid")
+            .set("stage.train.optimizer", kind)
+            .set("stage.train.lr", lr);
+        let q = Project::new(&pipeline);
+        let run = q.sdpipe(&["run", "p.toml"]);
+        assert_eq!(run.code, 0, "{kind}: {}{}", run.stdout, run.stderr);
+        let straight = std::fs::read(q.path("outputs/t/train/lora.safetensors")).unwrap();
+
+        let r = Project::new(&pipeline);
+        let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "60")]);
+        wait_for("a training checkpoint", || r.scratch_has_checkpoint());
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let run = r.sdpipe(&["run", "p.toml"]);
+        assert_eq!(run.code, 0, "{kind}: {}{}", run.stdout, run.stderr);
+        assert!(r.stats("train")["resumed_from"].as_u64().unwrap() >= 10);
+        let resumed = std::fs::read(r.path("outputs/t/train/lora.safetensors")).unwrap();
+        assert!(
+            resumed == straight,
+            "{kind}: the resumed run ends with other bytes than the uninterrupted one"
+        );
+    }
+}
+
 /// kohya's noise options are train-stage keys: `noise_offset` and pyramid noise each change the
 /// key and what is learned; a key that needs another names it.
 #[test]
@@ -654,20 +765,33 @@ fn save_every_keeps_intermediate_artifacts_as_grid_rows() {
     };
     assert_ne!(row("train%23step=10"), row("train"));
 
-    // The step-10 artifact holds what a 10-step run ends with.
+    // The step-10 artifact holds what a 10-step run ends with; with schedule-free AdamW that
+    // is its evaluation point x, not the training point y the run goes on from.
+    let same_adapters = |a: &std::path::Path, b: &std::path::Path| {
+        let (a, _) = sdpipe::formats::lora::read_lora(a, None).unwrap();
+        let (b, _) = sdpipe::formats::lora::read_lora(b, None).unwrap();
+        assert_eq!(a.unet.len(), b.unet.len());
+        for (name, m) in &a.unet {
+            assert_eq!(m.up.data, b.unet[name].up.data, "{name}");
+            assert_eq!(m.down.data, b.unet[name].down.data, "{name}");
+        }
+    };
     let short = Project::new(pipeline().set("stage.train.steps", 10).remove("stage.grid"));
     assert_eq!(short.sdpipe(&["run", "p.toml"]).code, 0);
-    let (a, _) = sdpipe::formats::lora::read_lora(&at10, None).unwrap();
-    let (b, _) =
-        sdpipe::formats::lora::read_lora(&short.path("outputs/t/train/lora.safetensors"), None)
-            .unwrap();
-    assert_eq!(a.unet.len(), b.unet.len());
-    for (name, m) in &a.unet {
-        assert_eq!(m.up.data, b.unet[name].up.data, "{name}");
-        assert_eq!(m.down.data, b.unet[name].down.data, "{name}");
-    }
+    same_adapters(&at10, &short.path("outputs/t/train/lora.safetensors"));
     let meta = sdpipe::formats::read_safetensors(&at10).unwrap().metadata;
     assert_eq!(meta["ss_steps"], "10");
+    let free = |p: PipelineToml| p.set("stage.train.optimizer", "schedulefree_adamw");
+    let sf = Project::new(free(saving.clone()).remove("stage.grid"));
+    assert_eq!(sf.sdpipe(&["run", "p.toml"]).code, 0);
+    let sf_short = Project::new(free(
+        pipeline().set("stage.train.steps", 10).remove("stage.grid"),
+    ));
+    assert_eq!(sf_short.sdpipe(&["run", "p.toml"]).code, 0);
+    same_adapters(
+        &sf.path("outputs/t/train/step=10/lora.safetensors"),
+        &sf_short.path("outputs/t/train/lora.safetensors"),
+    );
 
     // Killed after a checkpoint and resumed: the same snapshots.
     let r = Project::new(&saving);

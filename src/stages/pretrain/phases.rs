@@ -13,7 +13,7 @@ use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::{TextEncoder, UNet, Vae};
 use crate::formats::HostTensor;
 use crate::train::lora::loss_and_grads_taped;
-use crate::train::optim::{AdamW, update_layers};
+use crate::train::optim::{AdamW, Pass, update_layers};
 use crate::train::run_loop::{Grads, TrainStep};
 
 /// The three models being trained.
@@ -53,7 +53,7 @@ impl<D: Device<f32>> TrainStep<D> for VaePhase<'_, D> {
     }
 
     fn apply(&mut self, grads: &Grads, lr: f64) -> anyhow::Result<()> {
-        update_layers(self.vae, VAE, grads, self.optimizer, lr)?;
+        update_layers(self.vae, VAE, grads, self.optimizer, lr, Pass::Update)?;
         Ok(())
     }
 }
@@ -96,8 +96,22 @@ impl<D: Device<f32>> TrainStep<D> for DiffusionPhase<'_, D> {
     }
 
     fn apply(&mut self, grads: &Grads, lr: f64) -> anyhow::Result<()> {
-        update_layers(&mut self.models.unet, UNET, grads, self.optimizer, lr)?;
-        update_layers(&mut self.models.text_encoder, TE, grads, self.optimizer, lr)?;
+        update_layers(
+            &mut self.models.unet,
+            UNET,
+            grads,
+            self.optimizer,
+            lr,
+            Pass::Update,
+        )?;
+        update_layers(
+            &mut self.models.text_encoder,
+            TE,
+            grads,
+            self.optimizer,
+            lr,
+            Pass::Update,
+        )?;
         Ok(())
     }
 }

@@ -28,7 +28,7 @@ use crate::train::eval::eval_loss;
 use crate::train::methods::DreamboothSteps;
 use crate::train::methods::dreambooth::as_f32;
 use crate::train::mixed::StepScaler;
-use crate::train::optim::AdamW;
+use crate::train::optim::{Optimizer, OptimizerKind};
 use crate::train::resume::{self, TrainState, read_state};
 use crate::train::text::TextInputs;
 
@@ -135,8 +135,15 @@ impl TrainParams {
         };
         let te_for_resume = train_te.then_some(&mut text_encoder);
         let resumed = match master.as_mut() {
-            Some(m) => load_full_checkpoint(&scratch, m, te_for_resume, &dev, ctx)?,
-            None => load_full_checkpoint(&scratch, as_f32(&mut unet)?, te_for_resume, &dev, ctx)?,
+            Some(m) => load_full_checkpoint(&scratch, m, te_for_resume, self.optimizer, &dev, ctx)?,
+            None => load_full_checkpoint(
+                &scratch,
+                as_f32(&mut unet)?,
+                te_for_resume,
+                self.optimizer,
+                &dev,
+                ctx,
+            )?,
         };
         if let (Some(m), Some(_)) = (master.as_mut(), &resumed) {
             copy_params(m, &mut unet).map_err(anyhow::Error::msg)?;
@@ -253,6 +260,8 @@ impl TrainParams {
             &sched,
             &mut steps,
         )?;
+        // schedule-free AdamW evaluates and saves x, not the training point
+        steps.to_eval()?;
         let skipped = steps.scaler.scaler.skipped;
         if skipped > 0 {
             ctx.progress.message(&format!(
@@ -325,10 +334,11 @@ fn load_full_checkpoint<D: Device<f32>>(
     scratch: &Path,
     unet: &mut UNet<D>,
     text_encoder: Option<&mut TextEncoder<D>>,
+    kind: OptimizerKind,
     dev: &D,
     ctx: &StageContext<'_>,
-) -> anyhow::Result<Option<(AdamW<D>, TrainState)>> {
-    type Loaded<E> = (UNet<E>, Option<TextEncoder<E>>, AdamW<E>, TrainState);
+) -> anyhow::Result<Option<(Optimizer<D>, TrainState)>> {
+    type Loaded<E> = (UNet<E>, Option<TextEncoder<E>>, Optimizer<E>, TrainState);
     let found = resume::newest(
         scratch,
         |m| ctx.progress.message(m),
@@ -346,7 +356,7 @@ fn load_full_checkpoint<D: Device<f32>>(
                 }
                 None => None,
             };
-            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+            let optimizer = Optimizer::load(dev, &dir.join("optimizer.safetensors"), kind)?;
             Ok((candidate, te, optimizer, state))
         },
     )?;

@@ -36,7 +36,7 @@ use crate::train::eval::eval_loss;
 use crate::train::hypernetwork::{HyperNet, install};
 use crate::train::methods::HyperSteps;
 use crate::train::mixed::StepScaler;
-use crate::train::optim::AdamW;
+use crate::train::optim::{Optimizer, OptimizerKind};
 use crate::train::resume::{self, TrainState, read_state};
 use crate::train::text::TextInputs;
 
@@ -248,14 +248,14 @@ impl TrainParams {
 
         let scratch = ctx.scratch()?;
         let seed = settings.seed;
-        let (net, mut optimizer, mut state) = match load_checkpoint(&scratch, &template, &dev, ctx)?
-        {
-            Some(found) => found,
-            None => {
-                let (optimizer, state) = self.fresh_start(&dev);
-                (HyperNet::from_host(&template, &dev)?, optimizer, state)
-            }
-        };
+        let (net, mut optimizer, mut state) =
+            match load_checkpoint(&scratch, &template, self.optimizer, &dev, ctx)? {
+                Some(found) => found,
+                None => {
+                    let (optimizer, state) = self.fresh_start(&dev);
+                    (HyperNet::from_host(&template, &dev)?, optimizer, state)
+                }
+            };
         let trainable_params = net.num_params();
         let resumed_from = state.step;
         if state.step == 0 {
@@ -298,7 +298,9 @@ impl TrainParams {
             &sched,
             &mut steps,
         )?;
-        let net = steps.net;
+        let mut net = steps.net;
+        // schedule-free AdamW evaluates and saves x, not the training point
+        crate::train::hypernetwork::to_eval(&mut net, &optimizer);
 
         install(&mut unet, &[(&net.to_elem::<E>(), 1.0)], None)?;
         let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
@@ -348,12 +350,13 @@ impl TrainParams {
 }
 
 /// What a hypernetwork checkpoint restores: weights, optimiser, state.
-type HyperResume<D> = (HyperNet<D>, AdamW<D>, TrainState);
+type HyperResume<D> = (HyperNet<D>, Optimizer<D>, TrainState);
 
 /// The newest readable checkpoint whose settings and widths are this run's.
 fn load_checkpoint<D: Device<f32>>(
     scratch: &Path,
     template: &Hypernetwork,
+    kind: OptimizerKind,
     dev: &D,
     ctx: &StageContext<'_>,
 ) -> anyhow::Result<Option<HyperResume<D>>> {
@@ -373,7 +376,7 @@ fn load_checkpoint<D: Device<f32>>(
             let mut restored = template.clone();
             restored.modules = file.modules;
             let net = HyperNet::from_host(&restored, dev)?;
-            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+            let optimizer = Optimizer::load(dev, &dir.join("optimizer.safetensors"), kind)?;
             Ok((net, optimizer, state))
         },
     )

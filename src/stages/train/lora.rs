@@ -20,7 +20,7 @@ use crate::train::lora::{LoraTarget, extract, install};
 use crate::train::methods::LoraSteps;
 use crate::train::mixed::Masters;
 use crate::train::mixed::StepScaler;
-use crate::train::optim::AdamW;
+use crate::train::optim::{Optimizer, OptimizerKind};
 use crate::train::resume::{self, TrainState, read_state};
 use crate::train::text::TextInputs;
 
@@ -71,7 +71,7 @@ impl TrainParams {
             .sum();
         let known = fresh.clone();
         let (network, mut optimizer, mut state) =
-            match load_checkpoint(&scratch, &known, &dev, ctx)? {
+            match load_checkpoint(&scratch, &known, self.optimizer, &dev, ctx)? {
                 Some((n, o, s)) => (n, o, s),
                 None => {
                     let (optimizer, state) = self.fresh_start(&dev);
@@ -116,7 +116,7 @@ impl TrainParams {
                 .text_encoder
                 .then(|| self.lora.text_encoder_lr.unwrap_or(self.lr)),
             lr_scheduler: Some(self.lr_scheduler.clone()),
-            optimizer: Some("AdamW".into()),
+            optimizer: Some(self.optimizer.kohya_name(self.weight_decay)),
             seed: Some(seed),
             num_train_images: Some(manifest.items.len() as u64),
             extra: self.objective_metadata(),
@@ -154,6 +154,8 @@ impl TrainParams {
         let wall_s = self.drive(
             ctx, "lora", &mut state, &items, scaling, seed, &dev, &sched, &mut steps,
         )?;
+        // schedule-free AdamW evaluates and saves x, not the training point
+        steps.to_eval();
         let LoraSteps {
             masters, scaler, ..
         } = steps;
@@ -252,9 +254,10 @@ impl TrainParams {
 fn load_checkpoint<D: Device<f32>>(
     scratch: &Path,
     known: &LoraNetwork,
+    kind: OptimizerKind,
     dev: &D,
     ctx: &StageContext<'_>,
-) -> anyhow::Result<Option<(LoraNetwork, AdamW<D>, TrainState)>> {
+) -> anyhow::Result<Option<(LoraNetwork, Optimizer<D>, TrainState)>> {
     resume::newest(
         scratch,
         |m| ctx.progress.message(m),
@@ -278,7 +281,7 @@ fn load_checkpoint<D: Device<f32>>(
                     );
                 }
             }
-            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+            let optimizer = Optimizer::load(dev, &dir.join("optimizer.safetensors"), kind)?;
             Ok((network, optimizer, state))
         },
     )

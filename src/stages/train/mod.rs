@@ -35,7 +35,7 @@ use crate::train::batch::{Item, Sampling};
 use crate::train::captions::CaptionShaping;
 use crate::train::lr::{A1111Schedule, LrSchedule};
 use crate::train::noise::NoiseShaping;
-use crate::train::optim::{AdamW, AdamWConfig};
+use crate::train::optim::Optimizer;
 use crate::train::peak_memory_mib;
 use crate::train::resume::TrainState;
 use crate::train::run_loop::{LoopConfig, LoopData, LoopEnv, TrainMethod, snapshot_dir};
@@ -532,12 +532,9 @@ impl TrainParams {
 
 impl TrainParams {
     /// A fresh optimiser and step 0, for a run with no usable checkpoint.
-    fn fresh_start<D: Device<f32>>(&self, dev: &D) -> (AdamW<D>, TrainState) {
-        let cfg = AdamWConfig {
-            weight_decay: self.weight_decay,
-            ..AdamWConfig::default()
-        };
-        (AdamW::new(dev, cfg), TrainState::fresh())
+    fn fresh_start<D: Device<f32>>(&self, dev: &D) -> (Optimizer<D>, TrainState) {
+        let optimizer = Optimizer::new(dev, self.optimizer, self.weight_decay);
+        (optimizer, TrainState::fresh())
     }
 }
 

@@ -5,6 +5,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::diffusion::schedulers::PredictionType;
+use crate::train::optim::OptimizerKind;
 use crate::train::timesteps::{TimestepBias, TimestepDistribution};
 
 use super::{DreamboothParams, HypernetworkParams, Method};
@@ -34,9 +35,17 @@ pub struct TrainParams {
     /// Warm-up steps of the named schedules.
     #[serde(default)]
     pub lr_warmup_steps: u64,
-    /// AdamW's decoupled weight decay.
+    /// Weight decay, decoupled (`p ← p − lr·wd·p`) for every optimiser but schedule-free
+    /// AdamW, which adds `wd·y` to its normalised gradient as its package does.
     #[serde(default = "default_weight_decay")]
     pub weight_decay: f64,
+    /// The optimiser: `"adamw"` (default), `"adamw8bit"`, `"lion"`, `"prodigy"` (set
+    /// `lr = 1.0`: it multiplies Prodigy's own step-size estimate), `"schedulefree_adamw"`
+    /// or `"adafactor"`, each with its reference implementation's defaults
+    /// ([`crate::train::optim`]). Left out when serialised as `adamw`, so pipelines without
+    /// the key keep their cache keys.
+    #[serde(default, skip_serializing_if = "OptimizerKind::is_adamw")]
+    pub optimizer: OptimizerKind,
     /// Global gradient-norm clipping; 0 turns it off.
     #[serde(default = "default_max_grad_norm")]
     pub max_grad_norm: f64,

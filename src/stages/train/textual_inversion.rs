@@ -18,7 +18,7 @@ use crate::stages::context::{StageContext, StageResult};
 use crate::train::eval::eval_loss;
 use crate::train::methods::TiSteps;
 use crate::train::mixed::StepScaler;
-use crate::train::optim::AdamW;
+use crate::train::optim::{Optimizer, OptimizerKind};
 use crate::train::resume::{self, TrainState, read_state};
 use crate::train::text::TextInputs;
 
@@ -81,15 +81,21 @@ impl TrainParams {
 
         let scratch = ctx.scratch()?;
         let seed = settings.seed;
-        let (mut extra, mut optimizer, mut state) =
-            match load_ti_checkpoint(&scratch, &token, ti.num_vectors * d, &dev, ctx)? {
-                Some(found) => found,
-                None => {
-                    let extra = dev.tensor_from_vec(vectors.clone(), (ti.num_vectors, d));
-                    let (optimizer, state) = self.fresh_start(&dev);
-                    (extra, optimizer, state)
-                }
-            };
+        let (mut extra, mut optimizer, mut state) = match load_ti_checkpoint(
+            &scratch,
+            &token,
+            ti.num_vectors * d,
+            self.optimizer,
+            &dev,
+            ctx,
+        )? {
+            Some(found) => found,
+            None => {
+                let extra = dev.tensor_from_vec(vectors.clone(), (ti.num_vectors, d));
+                let (optimizer, state) = self.fresh_start(&dev);
+                (extra, optimizer, state)
+            }
+        };
         let resumed_from = state.step;
         let contexts_now = |t2i: &mut TextToImage<D, E>,
                             extra: &Tensor2<D>|
@@ -151,6 +157,11 @@ impl TrainParams {
             &sched,
             &mut steps,
         )?;
+        // schedule-free AdamW evaluates and saves x, not the training point
+        optimizer.to_eval(
+            crate::train::methods::textual_inversion::EMB_PARAMS,
+            &mut extra,
+        );
         let contexts = contexts_now(&mut t2i, &extra)?;
         let eval_after = eval_loss(
             &t2i.models.unet,
@@ -221,13 +232,14 @@ impl TrainParams {
 }
 
 /// What a textual-inversion checkpoint restores: vectors, optimiser, state.
-type TiResume<D> = (Tensor2<D>, AdamW<D>, TrainState);
+type TiResume<D> = (Tensor2<D>, Optimizer<D>, TrainState);
 
 /// The newest readable textual-inversion checkpoint (vectors, optimiser, state).
 fn load_ti_checkpoint<D: Device<f32>>(
     scratch: &Path,
     token: &str,
     numel: usize,
+    kind: OptimizerKind,
     dev: &D,
     ctx: &StageContext<'_>,
 ) -> anyhow::Result<Option<TiResume<D>>> {
@@ -244,7 +256,7 @@ fn load_ti_checkpoint<D: Device<f32>>(
                 emb.vectors.data.clone(),
                 (emb.vectors.shape[0], emb.vectors.shape[1]),
             );
-            let optimizer = AdamW::load(dev, &dir.join("optimizer.safetensors"))?;
+            let optimizer = Optimizer::load(dev, &dir.join("optimizer.safetensors"), kind)?;
             Ok((extra, optimizer, state))
         },
     )

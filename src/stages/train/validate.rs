@@ -3,6 +3,7 @@
 use super::{Method, TrainParams, schedule};
 use crate::diffusion::schedulers::PredictionType;
 use crate::stages::{ParamError, checks};
+use crate::train::optim::OptimizerKind;
 use crate::train::timesteps::{TimestepBias, TimestepDistribution};
 
 /// Why zero terminal SNR needs v-prediction, for the errors that refuse it.
@@ -76,6 +77,40 @@ impl TrainParams {
         Ok(())
     }
 
+    /// `optimizer`: Prodigy estimates one step size for every parameter, so (as prodigyopt,
+    /// which refuses parameter groups at different rates) the text encoder cannot train at its
+    /// own rate.
+    fn validate_optimizer(&self) -> Result<(), ParamError> {
+        if self.optimizer != OptimizerKind::Prodigy {
+            return Ok(());
+        }
+        for (key, te_lr) in [
+            ("lora.text_encoder_lr", self.lora.text_encoder_lr),
+            (
+                "dreambooth.text_encoder_lr",
+                self.dreambooth.text_encoder_lr,
+            ),
+        ] {
+            if let Some(te_lr) = te_lr
+                && te_lr != self.lr
+                && te_lr != 0.0
+            {
+                return Err(ParamError::new(
+                    "optimizer",
+                    format!(
+                        "Prodigy estimates one step size for all parameters; `{key}` = {te_lr} \
+                         differs from lr = {}",
+                        self.lr
+                    ),
+                    format!(
+                        "leave `{key}` out (with Prodigy set lr = 1.0), or pick another optimizer"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
     pub(in crate::stages) fn validate(&self) -> Result<(), ParamError> {
         if self.steps == 0 {
             return Err(ParamError::new(
@@ -116,8 +151,9 @@ impl TrainParams {
         checks::non_negative(
             "weight_decay",
             self.weight_decay,
-            "AdamW's decoupled decay; 1e-2 is the default, 0 turns it off",
+            "the optimiser's weight decay; 1e-2 is the default, 0 turns it off",
         )?;
+        self.validate_optimizer()?;
         checks::non_negative(
             "max_grad_norm",
             self.max_grad_norm,

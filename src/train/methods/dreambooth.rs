@@ -17,7 +17,7 @@ use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::write_safetensors;
 use crate::train::batch::{Batch, Item, Sampling};
 use crate::train::mixed::StepScaler;
-use crate::train::optim::{AdamW, update_layers as update_all};
+use crate::train::optim::{Optimizer, ParamOptimizer, layers_to_eval, update_layers as update_all};
 use crate::train::resume::{self, TrainState};
 use crate::train::run_loop::{TrainMethod, TrainStep};
 
@@ -40,7 +40,7 @@ pub struct DreamboothSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     pub class_items: &'a [Item],
     /// The captions' token ids and frozen-encoder states (instance and class).
     pub text: TextInputs<'a, D>,
-    pub optimizer: &'a mut AdamW<D>,
+    pub optimizer: &'a mut Optimizer<D>,
     pub scratch: &'a Path,
     pub scaling: f32,
     pub prior_weight: f32,
@@ -76,6 +76,22 @@ pub fn as_f32<D: Device<f32> + Device<E>, E: Elem>(
 }
 
 impl<D: Device<f32> + Device<E>, E: Elem> DreamboothSteps<'_, D, E> {
+    /// After training: the weights as the optimiser evaluates them (schedule-free AdamW's
+    /// `x`), for the evaluation and the trained file.
+    pub fn to_eval(&mut self) -> anyhow::Result<()> {
+        match self.master.as_deref_mut() {
+            Some(master) => {
+                layers_to_eval(master, "", self.optimizer)?;
+                copy_params(master, self.unet).map_err(anyhow::Error::msg)?;
+            }
+            None => layers_to_eval(as_f32(self.unet)?, "", self.optimizer)?,
+        }
+        if let Some(te) = self.text_encoder.as_deref_mut() {
+            layers_to_eval(te, TE, self.optimizer)?;
+        }
+        Ok(())
+    }
+
     fn batch_grads(
         &mut self,
         batch: &Batch<D>,
@@ -131,15 +147,18 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for DreamboothSteps<'_, D
             // an f16 overflow: the step is skipped with a smaller scale (GradScaler)
             return Ok(());
         }
-        match self.master.as_deref_mut() {
-            Some(master) => {
-                update_all(master, "", grads, self.optimizer, lr)?;
-                copy_params(master, self.unet).map_err(anyhow::Error::msg)?;
+        for &pass in self.optimizer.passes() {
+            match self.master.as_deref_mut() {
+                Some(master) => update_all(master, "", grads, self.optimizer, lr, pass)?,
+                None => update_all(as_f32(self.unet)?, "", grads, self.optimizer, lr, pass)?,
             }
-            None => update_all(as_f32(self.unet)?, "", grads, self.optimizer, lr)?,
+            if let Some(te) = self.text_encoder.as_deref_mut() {
+                let te_lr = lr * self.te_lr_factor;
+                update_all(te, TE, grads, self.optimizer, te_lr, pass)?;
+            }
         }
-        if let Some(te) = self.text_encoder.as_deref_mut() {
-            update_all(te, TE, grads, self.optimizer, lr * self.te_lr_factor)?;
+        if let Some(master) = self.master.as_deref_mut() {
+            copy_params(master, self.unet).map_err(anyhow::Error::msg)?;
         }
         self.scaler.applied();
         Ok(())
@@ -170,14 +189,22 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for DreamboothSteps<'_,
     }
 
     fn snapshot(&mut self, file: &Path, step: u64) -> anyhow::Result<()> {
-        let unet = match self.master.as_deref_mut() {
+        let mut unet = match self.master.as_deref_mut() {
             Some(master) => crate::diffusion::params::named_tensors(master),
             None => crate::diffusion::params::named_tensors(self.unet),
         };
-        let te = self
+        let mut te = self
             .text_encoder
             .as_deref_mut()
             .map(crate::diffusion::params::named_tensors);
+        // The weights as evaluated (schedule-free's x), on these host copies.
+        for (name, t) in unet.iter_mut() {
+            self.optimizer.to_eval_host(name, &mut t.data);
+        }
+        for (name, t) in te.iter_mut().flatten() {
+            self.optimizer
+                .to_eval_host(&format!("{TE}{name}"), &mut t.data);
+        }
         (self.write_model)(file, unet, te, step)
     }
 }

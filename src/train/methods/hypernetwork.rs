@@ -16,7 +16,7 @@ use crate::formats::hypernetwork::{
 use crate::train::batch::{Batch, mix};
 use crate::train::hypernetwork::{HyperNet, apply_grads, install, param_grads};
 use crate::train::mixed::{self, StepScaler};
-use crate::train::optim::AdamW;
+use crate::train::optim::Optimizer;
 use crate::train::resume::{self, TrainState};
 use crate::train::run_loop::{TrainMethod, TrainStep};
 use crate::train::text::TextInputs;
@@ -29,7 +29,7 @@ pub struct HyperSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     /// The captions' frozen-encoder states.
     pub text: TextInputs<'a, D>,
     pub net: HyperNet<D>,
-    pub optimizer: &'a mut AdamW<D>,
+    pub optimizer: &'a mut Optimizer<D>,
     pub scratch: &'a Path,
     pub template: &'a Hypernetwork,
     pub seed: u64,
@@ -87,7 +87,9 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for HyperSteps<'_, D, E
     }
 
     fn snapshot(&mut self, file: &Path, step: u64) -> anyhow::Result<()> {
-        let mut trained = self.net.to_host(self.template);
+        let mut net = self.net.clone();
+        crate::train::hypernetwork::to_eval(&mut net, self.optimizer);
+        let mut trained = net.to_host(self.template);
         trained.step = step;
         Ok(write_hypernetwork_pt(file, &trained)?)
     }

@@ -15,7 +15,7 @@ use crate::formats::lora::{KohyaMetadata, LoraComponent, LoraNetwork, write_kohy
 use crate::train::batch::{Batch, mix};
 use crate::train::lora::{adapter_grads, extract, set_dropout};
 use crate::train::mixed::{Masters, StepScaler};
-use crate::train::optim::AdamW;
+use crate::train::optim::{Optimizer, ParamOptimizer};
 use crate::train::resume::{self, TrainState};
 use crate::train::run_loop::{TrainMethod, TrainStep};
 
@@ -27,7 +27,7 @@ pub struct LoraSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     pub ddpm: &'a Ddpm,
     /// The captions' token ids and frozen-encoder states.
     pub text: TextInputs<'a, D>,
-    pub optimizer: &'a mut AdamW<D>,
+    pub optimizer: &'a mut Optimizer<D>,
     pub scratch: &'a Path,
     pub alpha: f32,
     pub dropout: f32,
@@ -45,6 +45,16 @@ pub struct LoraSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
 }
 
 impl<D: Device<f32> + Device<E>, E: Elem> LoraSteps<'_, D, E> {
+    /// After training: the masters and adapters as the optimiser evaluates them
+    /// (schedule-free AdamW's `x`), for the evaluation and the trained file.
+    pub fn to_eval(&mut self) {
+        self.masters.to_eval(self.optimizer);
+        self.masters.write_lora(self.unet);
+        if let Some(te) = self.text_encoder.as_deref_mut() {
+            self.masters.write_lora(te);
+        }
+    }
+
     /// The adapters as a network, with their f32 master values.
     pub fn network(&mut self) -> LoraNetwork {
         let mut network = extract(self.unet, self.alpha);
@@ -90,13 +100,15 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for LoraSteps<'_, D, E> {
             return Ok(());
         }
         let te_keys = &self.te_keys;
-        self.masters
-            .update(grads, self.optimizer, lr, |n| !te_keys.contains(n))?;
-        if self.text_encoder.is_some() {
+        for &pass in self.optimizer.passes() {
             self.masters
-                .update(grads, self.optimizer, lr * self.te_lr_factor, |n| {
-                    te_keys.contains(n)
-                })?;
+                .update(grads, self.optimizer, lr, pass, |n| !te_keys.contains(n))?;
+            if self.text_encoder.is_some() {
+                self.masters
+                    .update(grads, self.optimizer, lr * self.te_lr_factor, pass, |n| {
+                        te_keys.contains(n)
+                    })?;
+            }
         }
         self.masters.write_lora(self.unet);
         if let Some(te) = self.text_encoder.as_deref_mut() {
@@ -116,7 +128,12 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for LoraSteps<'_, D, E>
     }
 
     fn snapshot(&mut self, file: &Path, step: u64) -> anyhow::Result<()> {
-        let network = self.network();
+        // The weights as evaluated (schedule-free's x), from a copy of the masters.
+        let mut network = self.network();
+        let mut masters = self.masters.clone();
+        masters.to_eval(self.optimizer);
+        masters.into_network(&mut network, LoraComponent::Unet);
+        masters.into_network(&mut network, LoraComponent::TextEncoder);
         let mut metadata = self.metadata.clone();
         metadata.steps = Some(step);
         Ok(write_kohya(file, &network, &metadata)?)
@@ -131,7 +148,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for LoraSteps<'_, D, E>
 pub fn save_lora_checkpoint<D: Device<f32>>(
     scratch: &Path,
     network: &LoraNetwork,
-    optimizer: &AdamW<D>,
+    optimizer: &Optimizer<D>,
     state: &TrainState,
 ) -> anyhow::Result<()> {
     resume::save(scratch, state, |dir| {

@@ -14,7 +14,7 @@ use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::embedding::{Embedding, write_a1111_safetensors};
 use crate::train::batch::Batch;
 use crate::train::mixed::StepScaler;
-use crate::train::optim::AdamW;
+use crate::train::optim::{Optimizer, ParamOptimizer};
 use crate::train::resume::{self, TrainState};
 use crate::train::run_loop::{TrainMethod, TrainStep};
 use crate::train::text::TextInputs;
@@ -31,7 +31,7 @@ pub struct TiSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     /// The captions' token ids (with the new token's).
     pub text: TextInputs<'a, D>,
     pub extra: &'a mut Tensor2<D>,
-    pub optimizer: &'a mut AdamW<D>,
+    pub optimizer: &'a mut Optimizer<D>,
     pub scratch: &'a Path,
     /// The embedding a checkpoint writes for the vectors at a step.
     pub embedding: &'a dyn Fn(&Tensor2<D>, u64) -> Embedding,
@@ -75,7 +75,11 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for TiSteps<'_, D, E> {
             .get(EMB_PARAMS)
             .and_then(|g| g.to_tensor::<(usize, usize), D>(&dev))
             .context("no gradient for the embedding")?;
-        Ok(self.optimizer.update(EMB_PARAMS, self.extra, &grad, lr)?)
+        for &pass in self.optimizer.passes() {
+            self.optimizer
+                .apply(pass, EMB_PARAMS, self.extra, &grad, lr)?;
+        }
+        Ok(())
     }
 }
 
@@ -88,9 +92,11 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for TiSteps<'_, D, E> {
     }
 
     fn snapshot(&mut self, file: &Path, step: u64) -> anyhow::Result<()> {
+        let mut vectors = self.extra.clone();
+        self.optimizer.to_eval(EMB_PARAMS, &mut vectors);
         Ok(write_a1111_safetensors(
             file,
-            &(self.embedding)(self.extra, step),
+            &(self.embedding)(&vectors, step),
         )?)
     }
 }
@@ -100,7 +106,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for TiSteps<'_, D, E> {
 pub fn save_ti_checkpoint<D: Device<f32>>(
     scratch: &Path,
     embedding: &Embedding,
-    optimizer: &AdamW<D>,
+    optimizer: &Optimizer<D>,
     state: &TrainState,
 ) -> anyhow::Result<()> {
     resume::save(scratch, state, |dir| {

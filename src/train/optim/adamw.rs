@@ -1,6 +1,6 @@
 //! AdamW exactly as `torch.optim.AdamW` (single-tensor path) computes it, on dfdx tensors of
-//! any shape and device, with per-parameter state that checkpoints to safetensors; and
-//! gradient clipping by global norm as `torch.nn.utils.clip_grad_norm_`.
+//! any shape and device, with per-parameter state that checkpoints to safetensors (the file
+//! format every checkpoint written before the `optimizer` key has).
 //!
 //! One update of parameter `p` with gradient `g` at its step `t` (1-based), learning rate
 //! `lr`:
@@ -19,7 +19,10 @@ use std::path::Path;
 
 use dfdx::prelude::*;
 
-use crate::formats::{FormatError, HostTensor, read_safetensors, write_safetensors};
+use super::OptimError;
+use crate::formats::{
+    FormatError, HostTensor, SafetensorsFile, read_safetensors, write_safetensors,
+};
 
 /// AdamW hyper-parameters (defaults are torch's).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -43,34 +46,6 @@ impl Default for AdamWConfig {
             weight_decay: 1e-2,
         }
     }
-}
-
-/// Errors of the optimiser.
-#[derive(Debug, thiserror::Error)]
-pub enum OptimError {
-    /// The gradient's shape is not the parameter's.
-    #[error("parameter `{name}`: gradient has {grad} elements, the parameter {param}")]
-    GradShape {
-        /// Parameter name.
-        name: String,
-        /// Parameter elements.
-        param: usize,
-        /// Gradient elements.
-        grad: usize,
-    },
-    /// The stored state does not fit the parameter (e.g. a checkpoint of another config).
-    #[error("parameter `{name}`: optimiser state has {state} elements, the parameter {param}")]
-    StateShape {
-        /// Parameter name.
-        name: String,
-        /// Parameter elements.
-        param: usize,
-        /// State elements.
-        state: usize,
-    },
-    /// Reading or writing the state file failed, or it is malformed.
-    #[error(transparent)]
-    File(#[from] FormatError),
 }
 
 /// AdamW state of one parameter, flattened.
@@ -224,7 +199,11 @@ impl<D: Device<f32>> AdamW<D> {
     /// Reads a state file written by [`save`](Self::save); the hyper-parameters come from the
     /// file.
     pub fn load(dev: &D, path: &Path) -> Result<Self, OptimError> {
-        let st = read_safetensors(path)?;
+        Self::from_file(dev, path, &read_safetensors(path)?)
+    }
+
+    /// [`load`](Self::load) of a file already read (`path` names it in errors).
+    pub fn from_file(dev: &D, path: &Path, st: &SafetensorsFile) -> Result<Self, OptimError> {
         let bad = |m: String| OptimError::File(FormatError::invalid(path, m));
         let parse = |k: &str| -> Result<serde_json::Value, OptimError> {
             let text = st
@@ -280,84 +259,4 @@ impl<D: Device<f32>> AdamW<D> {
             dev: dev.clone(),
         })
     }
-}
-
-/// The L2 norm of a gradient (computed on its device).
-pub fn grad_norm<S: Shape, D: Device<f32>>(grad: &Tensor<S, f32, D>) -> f32 {
-    let n = grad.shape().num_elements();
-    grad.clone()
-        .reshape_like(&(n,))
-        .square()
-        .sum::<Rank0, _>()
-        .as_vec()
-        .first()
-        .copied()
-        .unwrap_or(0.0)
-        .sqrt()
-}
-
-/// `clip_grad_norm_`'s factor: the total norm `sqrt(Σ normᵢ²)` of the per-tensor norms and
-/// the coefficient `min(1, max_norm / (total + 1e-6))` every gradient is multiplied by.
-pub fn clip_coefficient(norms: &[f32], max_norm: f32) -> (f32, f32) {
-    let total = norms.iter().map(|n| n * n).sum::<f32>().sqrt();
-    (total, (max_norm / (total + 1e-6)).min(1.0))
-}
-
-/// Clips gradients of one shape by their global norm in place, as
-/// `torch.nn.utils.clip_grad_norm_(max_norm, norm_type=2)`; returns the total norm before
-/// clipping. For gradients of mixed shapes use [`grad_norm`] and [`clip_coefficient`], then
-/// multiply each gradient by the coefficient.
-pub fn clip_grad_norm<S: Shape, D: Device<f32>>(
-    grads: &mut [Tensor<S, f32, D>],
-    max_norm: f32,
-) -> f32 {
-    let norms: Vec<f32> = grads.iter().map(grad_norm).collect();
-    let (total, coef) = clip_coefficient(&norms, max_norm);
-    for g in grads.iter_mut() {
-        *g = g.clone() * coef;
-    }
-    total
-}
-
-/// One AdamW update of every parameter of `model` with `grads` (by `prefix` + the parameter's
-/// full name, as [`crate::diffusion::params::named_grads`] gives them): full fine-tuning's
-/// step (DreamBooth, pretraining, `sdpipe bench --task full-train`).
-pub fn update_layers<D: Device<f32>, M: crate::diffusion::params::Layers<D>>(
-    model: &mut M,
-    prefix: &str,
-    grads: &BTreeMap<String, HostTensor>,
-    optimizer: &mut AdamW<D>,
-    lr: f64,
-) -> anyhow::Result<()> {
-    use crate::diffusion::params::{ParamMut, try_for_each_named_param};
-    use anyhow::Context as _;
-    try_for_each_named_param(model, |name, param| {
-        let key = format!("{prefix}{name}");
-        let grad = grads
-            .get(&key)
-            .with_context(|| format!("no gradient for `{key}`"))?;
-        let shape_err = || anyhow::anyhow!("gradient of `{key}` has shape {:?}", grad.shape);
-        match param {
-            ParamMut::T1(t) => {
-                let dev = t.device().clone();
-                let g = grad.to_tensor::<(usize,), D>(&dev).ok_or_else(shape_err)?;
-                optimizer.update(&key, t, &g, lr)?;
-            }
-            ParamMut::T2(t) => {
-                let dev = t.device().clone();
-                let g = grad
-                    .to_tensor::<(usize, usize), D>(&dev)
-                    .ok_or_else(shape_err)?;
-                optimizer.update(&key, t, &g, lr)?;
-            }
-            ParamMut::T4(t) => {
-                let dev = t.device().clone();
-                let g = grad
-                    .to_tensor::<(usize, usize, usize, usize), D>(&dev)
-                    .ok_or_else(shape_err)?;
-                optimizer.update(&key, t, &g, lr)?;
-            }
-        }
-        Ok(())
-    })
 }
