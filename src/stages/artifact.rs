@@ -80,6 +80,18 @@ impl Artifact {
     }
 }
 
+impl Artifact {
+    /// The artifact of a train stage's EMA weights (`ema_decay`), if it kept one.
+    pub fn ema(self, record: &Record) -> Option<&BlobRef> {
+        record.outputs.get(&ema_output(self))
+    }
+}
+
+/// The output name of `kind` written from the EMA weights: `ema/<file>`.
+pub fn ema_output(kind: Artifact) -> String {
+    format!("ema/{}", kind.file_name())
+}
+
 /// The output name of `kind` saved after `step`: `step=N/<file>`.
 pub fn snapshot_output(step: u64, kind: Artifact) -> String {
     format!("step={step}/{}", kind.file_name())

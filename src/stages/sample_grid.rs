@@ -240,6 +240,18 @@ impl SampleGridParams {
                 checkpoints.push(checkpoint.cloned());
                 schedulers.push(Artifact::SchedulerConfig.in_record(record).cloned());
             }
+            // The EMA weights' artifact (`ema_decay`), as the row `NAME#ema` after it.
+            for kind in Artifact::TRAINED {
+                if let Some(blob) = kind.ema(record) {
+                    variants.push(format!("{}#ema", instance.name));
+                    let of = |k: Artifact| (kind == k).then(|| blob.clone());
+                    loras.push(of(Artifact::Lora));
+                    embeddings.push(of(Artifact::Embedding));
+                    hypernets.push(of(Artifact::Hypernetwork));
+                    checkpoints.push(of(Artifact::Checkpoint));
+                    schedulers.push(Artifact::SchedulerConfig.in_record(record).cloned());
+                }
+            }
         }
         // Each prompt: the text the model sees, and its tags resolved to upstream files.
         let mut prompt_networks: Vec<(String, Vec<(NetworkTag, BlobRef)>)> = Vec::new();

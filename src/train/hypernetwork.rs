@@ -388,6 +388,43 @@ pub fn apply_grads<D: Device<f32>>(
     Ok(())
 }
 
+/// Host copies of every parameter of `net`, by name.
+pub fn named_values<D: Device<f32>>(net: &HyperNet<D>) -> BTreeMap<String, HostTensor> {
+    let mut out = BTreeMap::new();
+    net.for_each_param(|name, p| {
+        let t = match p {
+            ParamRef::Matrix(t) => HostTensor::from_tensor(t),
+            ParamRef::Vector(t) => HostTensor::from_tensor(t),
+        };
+        out.insert(name, t);
+    });
+    out
+}
+
+/// Replaces every parameter of `net` with its value in `weights` (an EMA's); one missing
+/// there or of another size is an error naming it.
+pub fn overwrite<D: Device<f32>>(
+    net: &mut HyperNet<D>,
+    weights: &BTreeMap<String, HostTensor>,
+) -> anyhow::Result<()> {
+    let mut result = Ok(());
+    net.for_each_param_mut(|name, p| {
+        if result.is_err() {
+            return;
+        }
+        let Some(w) = weights.get(&name) else {
+            result = Err(anyhow::anyhow!("no value for `{name}`"));
+            return;
+        };
+        let done = match p {
+            ParamMut::Matrix(t) => crate::train::mixed::overwrite(t, &w.data).map(|n| *t = n),
+            ParamMut::Vector(t) => crate::train::mixed::overwrite(t, &w.data).map(|n| *t = n),
+        };
+        result = done.map_err(|e| anyhow::anyhow!("`{name}`: {e}"));
+    });
+    result
+}
+
 /// Every parameter of `net` as the optimiser evaluates it ([`Optimizer::to_eval`]:
 /// schedule-free AdamW's `x`).
 pub fn to_eval<D: Device<f32>>(net: &mut HyperNet<D>, optimizer: &Optimizer<D>) {

@@ -236,6 +236,26 @@ impl<D: Device<f32>> Masters<D> {
         Ok(())
     }
 
+    /// Host copies of every master, by name.
+    pub fn to_host(&self) -> BTreeMap<String, HostTensor> {
+        self.tensors
+            .iter()
+            .map(|(name, t)| (name.clone(), HostTensor::from_tensor(t)))
+            .collect()
+    }
+
+    /// Replaces every master with its value in `weights` (an EMA's); a master missing there
+    /// or of another size is an error naming it.
+    pub fn overwrite(&mut self, weights: &BTreeMap<String, HostTensor>) -> anyhow::Result<()> {
+        for (name, master) in self.tensors.iter_mut() {
+            let w = weights
+                .get(name)
+                .ok_or_else(|| anyhow::anyhow!("no value for `{name}`"))?;
+            *master = overwrite(master, &w.data).map_err(|e| anyhow::anyhow!("`{name}`: {e}"))?;
+        }
+        Ok(())
+    }
+
     /// Every master as the optimiser evaluates it ([`Optimizer::to_eval`]: schedule-free
     /// AdamW's `x`).
     pub fn to_eval(&mut self, optimizer: &Optimizer<D>) {
@@ -294,4 +314,19 @@ impl<D: Device<f32>> Masters<D> {
             }
         }
     }
+}
+
+/// A tensor of `like`'s shape and device holding `values`; an error when the sizes differ.
+pub fn overwrite<S: Shape, D: Device<f32>>(
+    like: &Tensor<S, f32, D>,
+    values: &[f32],
+) -> anyhow::Result<Tensor<S, f32, D>> {
+    let shape = *like.shape();
+    anyhow::ensure!(
+        values.len() == shape.num_elements(),
+        "{} values for a tensor of {}",
+        values.len(),
+        shape.num_elements()
+    );
+    Ok(like.device().tensor_from_vec(values.to_vec(), shape))
 }

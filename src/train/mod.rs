@@ -5,6 +5,7 @@
 
 pub mod batch;
 pub mod captions;
+pub mod ema;
 pub mod eval;
 pub mod hypernetwork;
 pub mod lora;

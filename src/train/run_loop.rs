@@ -9,6 +9,7 @@ use std::path::Path;
 use dfdx::prelude::*;
 
 use super::batch::{Batch, Item, Sampling};
+use super::ema::{Ema, EmaConfig};
 use super::lr::LrSchedule;
 use super::objective::ObjectiveError;
 use super::optim::clip_coefficient;
@@ -36,9 +37,17 @@ pub trait TrainStep<D: Device<f32>> {
 pub trait TrainMethod<D: Device<f32>>: TrainStep<D, Batch = Batch<D>> {
     /// Writes a resumable checkpoint of the trained tensors and the optimiser after `state`.
     fn checkpoint(&mut self, state: &TrainState) -> anyhow::Result<()>;
-    /// Writes the method's artifact (what a finished run publishes) for the weights after
-    /// `step` to `file` (`save_every`).
-    fn snapshot(&mut self, file: &Path, step: u64) -> anyhow::Result<()>;
+    /// Writes the method's artifact (what a finished run publishes) after `step` to `file`:
+    /// of its current weights as they are evaluated (`save_every`), or of `weights` by the
+    /// trained tensors' names (the EMA's).
+    fn write_artifact(
+        &mut self,
+        file: &Path,
+        weights: Option<&Grads>,
+        step: u64,
+    ) -> anyhow::Result<()>;
+    /// The trained tensors' current values, by the names their gradients have (for the EMA).
+    fn trained(&mut self) -> anyhow::Result<Grads>;
     /// The keys to change when the loss diverges after some updates.
     fn divergence_advice(&self) -> &'static str {
         "lower `lr`, or set `max_grad_norm`"
@@ -60,6 +69,8 @@ pub struct LoopConfig {
     pub checkpoint_every: u64,
     /// Steps between saved intermediate artifacts ([`snapshot_dir`]); 0 saves none.
     pub save_every: u64,
+    /// Keep an EMA of the trained weights, written at the end as [`ema_artifact`].
+    pub ema: Option<EmaConfig>,
     /// How micro-batches are drawn.
     pub sampling: Sampling,
 }
@@ -89,6 +100,16 @@ pub struct LoopEnv<'a> {
     pub artifact: &'static str,
 }
 
+/// Where the artifact of the EMA weights lives in the run's scratch folder after the run.
+pub fn ema_artifact(scratch: &Path, artifact: &str) -> std::path::PathBuf {
+    scratch.join("ema").join("final").join(artifact)
+}
+
+/// Where the EMA saved beside the checkpoint of `step` lives.
+fn ema_state(scratch: &Path, step: u64) -> std::path::PathBuf {
+    scratch.join("ema").join(format!("step={step}.safetensors"))
+}
+
 /// Where the artifact saved after `step` lives in the run's scratch folder.
 pub fn snapshot_dir(scratch: &Path, step: u64) -> std::path::PathBuf {
     scratch.join("snapshots").join(format!("step={step}"))
@@ -110,7 +131,7 @@ fn save_snapshot<D: Device<f32>>(
         std::fs::remove_dir_all(&tmp)?;
     }
     std::fs::create_dir_all(&tmp)?;
-    method.snapshot(&tmp.join(env.artifact), step)?;
+    method.write_artifact(&tmp.join(env.artifact), None, step)?;
     if dir.exists() {
         std::fs::remove_dir_all(&dir)?;
     }
@@ -154,7 +175,20 @@ impl LoopConfig {
         method: &mut dyn TrainMethod<D>,
         env: &LoopEnv<'_>,
     ) -> anyhow::Result<f64> {
+        use anyhow::Context as _;
         let started = std::time::Instant::now();
+        // The EMA: fresh, or the one saved beside the checkpoint this run resumes from.
+        let mut ema =
+            match self.ema {
+                None => None,
+                Some(config) if state.step == 0 => Some(Ema::new(config)),
+                Some(config) => {
+                    let path = ema_state(env.scratch, state.step);
+                    Some(Ema::load(&path, config).with_context(|| {
+                        format!("the EMA of the checkpoint at step {}", state.step)
+                    })?)
+                }
+            };
         let bar = env.progress.bar(self.steps, &env.label);
         bar.set_position(state.step);
         while state.step < self.steps {
@@ -181,6 +215,9 @@ impl LoopConfig {
             }
             state.losses.push(outcome.loss);
             state.step += 1;
+            if let Some(ema) = ema.as_mut() {
+                ema.update(&method.trained()?);
+            }
             bar.set_position(state.step);
             bar.set_message(format!("{} loss {:.4}", env.label, outcome.loss));
             // The snapshot first: a checkpoint at a step means its snapshot exists, so a run
@@ -195,10 +232,25 @@ impl LoopConfig {
                 && state.step.is_multiple_of(self.checkpoint_every)
                 && state.step < self.steps
             {
+                // The EMA first, so every checkpoint has its EMA.
+                if let Some(ema) = &ema {
+                    let path = ema_state(env.scratch, state.step);
+                    if let Some(dir) = path.parent() {
+                        std::fs::create_dir_all(dir)?;
+                    }
+                    ema.save(&path)?;
+                }
                 method.checkpoint(state)?;
             }
         }
         bar.finish_and_clear();
+        if let Some(ema) = &ema {
+            let file = ema_artifact(env.scratch, env.artifact);
+            if let Some(dir) = file.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            method.write_artifact(&file, Some(ema.weights()), self.steps)?;
+        }
         Ok(started.elapsed().as_secs_f64())
     }
 }

@@ -841,3 +841,117 @@ fn save_every_keeps_intermediate_artifacts_as_grid_rows() {
     assert_eq!(run.code, 2);
     assert!(run.stderr.contains("save_every"), "{}", run.stderr);
 }
+
+/// `ema_decay` keeps diffusers' EMA of the trained weights: its artifact is the average of
+/// every step's weights by diffusers' decay schedule (checked against the per-step artifacts
+/// `save_every = 1` keeps), the grid samples it as the row `NAME#ema`, a killed and resumed run
+/// writes the same file, and every method writes its own.
+#[test]
+fn ema_of_the_weights_is_written_sampled_and_resumable() {
+    let decay = 0.9f64;
+    let steps = 12u64;
+    let with_ema = pipeline()
+        .set("stage.train.steps", steps as i64)
+        .set("stage.train.checkpoint_every", 4)
+        .set("stage.train.ema_decay", decay);
+    let p = Project::new(with_ema.clone().set("stage.train.save_every", 1));
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let ema_file = p.path("outputs/t/train/ema/lora.safetensors");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.path("outputs/t/grid/manifest.json")).unwrap())
+            .unwrap();
+    let variants = manifest["variants"].as_array().unwrap();
+    assert_eq!(variants.last().unwrap(), "train#ema", "{variants:?}");
+
+    // The average by hand: s₁ = w₁, then s −= (1 − d(t))·(s − w_t), d(t) = min(decay, t/(9 + t)).
+    let read = |path: std::path::PathBuf| sdpipe::formats::lora::read_lora(&path, None).unwrap().0;
+    let weights: Vec<_> = (1..=steps)
+        .map(|t| {
+            read(if t == steps {
+                p.path("outputs/t/train/lora.safetensors")
+            } else {
+                p.path(&format!("outputs/t/train/step={t}/lora.safetensors"))
+            })
+        })
+        .collect();
+    let mut avg = weights[0].clone();
+    for (i, w) in weights.iter().enumerate().skip(1) {
+        let k = i as f64; // t − 1
+        let one_minus = (1.0 - ((1.0 + k) / (10.0 + k)).min(decay)) as f32;
+        for (name, m) in avg.unet.iter_mut() {
+            for (s, &x) in m.up.data.iter_mut().zip(&w.unet[name].up.data) {
+                *s -= one_minus * (*s - x);
+            }
+            for (s, &x) in m.down.data.iter_mut().zip(&w.unet[name].down.data) {
+                *s -= one_minus * (*s - x);
+            }
+        }
+    }
+    let ema = read(ema_file.clone());
+    for (name, m) in &ema.unet {
+        assert_eq!(m.up.data, avg.unet[name].up.data, "{name}");
+        assert_eq!(m.down.data, avg.unet[name].down.data, "{name}");
+    }
+    assert_ne!(
+        ema.unet, weights[11].unet,
+        "the average is not the last weights"
+    );
+
+    // Killed after a checkpoint and resumed: the same average.
+    let r = Project::new(with_ema.clone().remove("stage.grid"));
+    let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "80")]);
+    wait_for("a training checkpoint", || r.scratch_has_checkpoint());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let run = r.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(r.stats("train")["resumed_from"].as_u64().unwrap() >= 4);
+    assert_eq!(
+        std::fs::read(r.path("outputs/t/train/ema/lora.safetensors")).unwrap(),
+        std::fs::read(&ema_file).unwrap()
+    );
+
+    for (method, file) in [
+        ("textual_inversion", "embedding.safetensors"),
+        ("hypernetwork", "hypernetwork.pt"),
+        ("dreambooth", "model.safetensors"),
+    ] {
+        let other = with_ema
+            .clone()
+            .set("stage.train.method", method)
+            .set("stage.train.steps", 3)
+            .set("stage.train.textual_inversion.token", "zorb");
+        p.write_pipeline(&other);
+        let run = p.sdpipe(&["run", "p.toml"]);
+        assert_eq!(run.code, 0, "{method}: {}{}", run.stdout, run.stderr);
+        assert!(
+            p.path(&format!("outputs/t/train/ema/{file}")).exists(),
+            "{method}"
+        );
+        assert!(
+            p.path("outputs/t/grid/images/train%23ema/00-1.png")
+                .exists(),
+            "{method}"
+        );
+    }
+
+    for (edited, key) in [
+        (
+            with_ema.clone().set("stage.train.ema_decay", 1.0),
+            "ema_decay",
+        ),
+        (
+            with_ema
+                .clone()
+                .set("stage.train.optimizer", "schedulefree_adamw"),
+            "ema_decay",
+        ),
+        (pipeline().set("stage.train.ema_warmup", true), "ema_warmup"),
+    ] {
+        p.write_pipeline(&edited);
+        let run = p.sdpipe(&["plan", "p.toml"]);
+        assert_eq!(run.code, 2, "{edited}");
+        assert!(run.stderr.contains(key), "{}", run.stderr);
+    }
+}

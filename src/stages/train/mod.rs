@@ -30,15 +30,18 @@ use crate::diffusion::schedulers::{
 };
 use crate::diffusion::text_to_image::TextToImage;
 use crate::settings::PipelineSettings;
-use crate::stages::artifact::snapshot_output;
+use crate::stages::artifact::{ema_output, snapshot_output};
 use crate::train::batch::{Item, Sampling};
 use crate::train::captions::CaptionShaping;
+use crate::train::ema::EmaConfig;
 use crate::train::lr::{A1111Schedule, LrSchedule};
 use crate::train::noise::NoiseShaping;
 use crate::train::optim::Optimizer;
 use crate::train::peak_memory_mib;
 use crate::train::resume::TrainState;
-use crate::train::run_loop::{LoopConfig, LoopData, LoopEnv, TrainMethod, snapshot_dir};
+use crate::train::run_loop::{
+    LoopConfig, LoopData, LoopEnv, TrainMethod, ema_artifact, snapshot_dir,
+};
 use crate::train::timesteps::TimestepSampling;
 
 mod dreambooth;
@@ -390,6 +393,10 @@ impl TrainParams {
             max_grad_norm: self.max_grad_norm,
             checkpoint_every: self.checkpoint_every,
             save_every: self.save_every.unwrap_or(0),
+            ema: self.ema_decay.map(|decay| EmaConfig {
+                decay,
+                warmup: self.ema_warmup,
+            }),
             sampling: self.sampling(),
         };
         let scratch = ctx.scratch()?;
@@ -437,6 +444,16 @@ impl TrainParams {
             result.outputs.insert(snapshot_output(step, kind), blob);
         }
         let _ = std::fs::remove_dir_all(scratch.join("snapshots"));
+        // The EMA weights' artifact, as `ema/<file>` (grid row `NAME#ema`).
+        if self.ema_decay.is_some() {
+            let file = ema_artifact(&scratch, kind.file_name());
+            let blob = ctx
+                .store
+                .put_file(&file)
+                .context("the artifact of the EMA weights")?;
+            result.outputs.insert(ema_output(kind), blob);
+            let _ = std::fs::remove_dir_all(scratch.join("ema"));
+        }
         if let Some(csv) = self.captions_csv(items, ctx.settings.seed) {
             result
                 .outputs

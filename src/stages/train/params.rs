@@ -140,6 +140,15 @@ pub struct TrainParams {
     /// (diffusers' `--gradient_checkpointing`): less memory, about a third more compute.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Keep an exponential moving average of the trained weights with this largest decay
+    /// (diffusers' `--use_ema`; 0.999 suits a few hundred steps, 0.9999 long runs). Its
+    /// artifact is written as `ema/<file>` and sampled by the grid as the row `NAME#ema`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ema_decay: Option<f64>,
+    /// diffusers' `use_ema_warmup`: the decay grows as `1 − (1 + step)^(−2/3)` instead of
+    /// `(1 + step) / (10 + step)`.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub ema_warmup: bool,
     /// Also save the trained artifact every this many steps (before the last), as
     /// `step=N/<file>`; the grid samples each as its own row `NAME#step=N`, to see which step
     /// is best.

@@ -111,6 +111,29 @@ impl TrainParams {
         Ok(())
     }
 
+    /// `ema_decay` in (0, 1); `ema_warmup` only beside it; not with schedule-free AdamW,
+    /// whose evaluation point is already an average of the iterates.
+    fn validate_ema(&self) -> Result<(), ParamError> {
+        match self.ema_decay {
+            None if self.ema_warmup => Err(ParamError::new(
+                "ema_warmup",
+                "ema_warmup shapes the EMA's decay, and ema_decay is not set",
+                "set ema_decay too, e.g. ema_decay = 0.999",
+            )),
+            Some(d) if !(d > 0.0 && d < 1.0) => Err(ParamError::new(
+                "ema_decay",
+                format!("{d} is not in (0, 1)"),
+                "0.999 suits a few hundred steps, 0.9999 long runs",
+            )),
+            Some(_) if self.optimizer == OptimizerKind::ScheduleFreeAdamW => Err(ParamError::new(
+                "ema_decay",
+                "schedule-free AdamW already evaluates an average of its iterates",
+                "leave ema_decay out, or pick another optimizer",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub(in crate::stages) fn validate(&self) -> Result<(), ParamError> {
         if self.steps == 0 {
             return Err(ParamError::new(
@@ -216,6 +239,7 @@ impl TrainParams {
         }
         self.validate_timestep_sampling()?;
         self.validate_captions()?;
+        self.validate_ema()?;
         if let Some(every) = self.save_every
             && (every == 0 || every >= self.steps)
         {

@@ -114,6 +114,28 @@ impl<D: Device<f32> + Device<E>, E: Elem> DreamboothSteps<'_, D, E> {
     }
 }
 
+impl<D: Device<f32> + Device<E>, E: Elem> DreamboothSteps<'_, D, E> {
+    /// Host copies of the f32 weights: the UNet's (the masters' in mixed precision) and the
+    /// text encoder's when it trains.
+    #[allow(clippy::type_complexity)]
+    fn weights(
+        &mut self,
+    ) -> anyhow::Result<(
+        BTreeMap<String, HostTensor>,
+        Option<BTreeMap<String, HostTensor>>,
+    )> {
+        let unet = match self.master.as_deref_mut() {
+            Some(master) => crate::diffusion::params::named_tensors(master),
+            None => crate::diffusion::params::named_tensors(as_f32(self.unet)?),
+        };
+        let te = self
+            .text_encoder
+            .as_deref_mut()
+            .map(crate::diffusion::params::named_tensors);
+        Ok((unet, te))
+    }
+}
+
 impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for DreamboothSteps<'_, D, E> {
     type Batch = Batch<D>;
 
@@ -188,23 +210,45 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for DreamboothSteps<'_,
         })
     }
 
-    fn snapshot(&mut self, file: &Path, step: u64) -> anyhow::Result<()> {
-        let mut unet = match self.master.as_deref_mut() {
-            Some(master) => crate::diffusion::params::named_tensors(master),
-            None => crate::diffusion::params::named_tensors(self.unet),
-        };
-        let mut te = self
-            .text_encoder
-            .as_deref_mut()
-            .map(crate::diffusion::params::named_tensors);
-        // The weights as evaluated (schedule-free's x), on these host copies.
-        for (name, t) in unet.iter_mut() {
-            self.optimizer.to_eval_host(name, &mut t.data);
-        }
-        for (name, t) in te.iter_mut().flatten() {
-            self.optimizer
-                .to_eval_host(&format!("{TE}{name}"), &mut t.data);
+    fn write_artifact(
+        &mut self,
+        file: &Path,
+        weights: Option<&BTreeMap<String, HostTensor>>,
+        step: u64,
+    ) -> anyhow::Result<()> {
+        let (mut unet, mut te) = self.weights()?;
+        match weights {
+            Some(w) => {
+                for (name, t) in unet.iter_mut() {
+                    if let Some(avg) = w.get(name) {
+                        t.data.clone_from(&avg.data);
+                    }
+                }
+                for (name, t) in te.iter_mut().flatten() {
+                    if let Some(avg) = w.get(&format!("{TE}{name}")) {
+                        t.data.clone_from(&avg.data);
+                    }
+                }
+            }
+            // the weights as evaluated (schedule-free's x), on these host copies
+            None => {
+                for (name, t) in unet.iter_mut() {
+                    self.optimizer.to_eval_host(name, &mut t.data);
+                }
+                for (name, t) in te.iter_mut().flatten() {
+                    self.optimizer
+                        .to_eval_host(&format!("{TE}{name}"), &mut t.data);
+                }
+            }
         }
         (self.write_model)(file, unet, te, step)
+    }
+
+    fn trained(&mut self) -> anyhow::Result<BTreeMap<String, HostTensor>> {
+        let (mut all, te) = self.weights()?;
+        for (name, t) in te.into_iter().flatten() {
+            all.insert(format!("{TE}{name}"), t);
+        }
+        Ok(all)
     }
 }

@@ -86,11 +86,23 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for HyperSteps<'_, D, E
         })
     }
 
-    fn snapshot(&mut self, file: &Path, step: u64) -> anyhow::Result<()> {
+    fn write_artifact(
+        &mut self,
+        file: &Path,
+        weights: Option<&BTreeMap<String, HostTensor>>,
+        step: u64,
+    ) -> anyhow::Result<()> {
         let mut net = self.net.clone();
-        crate::train::hypernetwork::to_eval(&mut net, self.optimizer);
+        match weights {
+            Some(w) => crate::train::hypernetwork::overwrite(&mut net, w)?,
+            None => crate::train::hypernetwork::to_eval(&mut net, self.optimizer),
+        }
         let mut trained = net.to_host(self.template);
         trained.step = step;
         Ok(write_hypernetwork_pt(file, &trained)?)
+    }
+
+    fn trained(&mut self) -> anyhow::Result<BTreeMap<String, HostTensor>> {
+        Ok(crate::train::hypernetwork::named_values(&self.net))
     }
 }

@@ -127,16 +127,28 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for LoraSteps<'_, D, E>
         save_lora_checkpoint(self.scratch, &network, self.optimizer, &state)
     }
 
-    fn snapshot(&mut self, file: &Path, step: u64) -> anyhow::Result<()> {
-        // The weights as evaluated (schedule-free's x), from a copy of the masters.
+    fn write_artifact(
+        &mut self,
+        file: &Path,
+        weights: Option<&BTreeMap<String, HostTensor>>,
+        step: u64,
+    ) -> anyhow::Result<()> {
         let mut network = self.network();
         let mut masters = self.masters.clone();
-        masters.to_eval(self.optimizer);
+        match weights {
+            Some(w) => masters.overwrite(w)?,
+            // the weights as evaluated (schedule-free's x), from a copy of the masters
+            None => masters.to_eval(self.optimizer),
+        }
         masters.into_network(&mut network, LoraComponent::Unet);
         masters.into_network(&mut network, LoraComponent::TextEncoder);
         let mut metadata = self.metadata.clone();
         metadata.steps = Some(step);
         Ok(write_kohya(file, &network, &metadata)?)
+    }
+
+    fn trained(&mut self) -> anyhow::Result<BTreeMap<String, HostTensor>> {
+        Ok(self.masters.to_host())
     }
 
     fn divergence_advice(&self) -> &'static str {

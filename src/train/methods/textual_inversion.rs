@@ -14,6 +14,7 @@ use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::embedding::{Embedding, write_a1111_safetensors};
 use crate::train::batch::Batch;
 use crate::train::mixed::StepScaler;
+use crate::train::mixed::overwrite;
 use crate::train::optim::{Optimizer, ParamOptimizer};
 use crate::train::resume::{self, TrainState};
 use crate::train::run_loop::{TrainMethod, TrainStep};
@@ -91,13 +92,28 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for TiSteps<'_, D, E> {
         save_ti_checkpoint(self.scratch, &embedding, self.optimizer, &state)
     }
 
-    fn snapshot(&mut self, file: &Path, step: u64) -> anyhow::Result<()> {
+    fn write_artifact(
+        &mut self,
+        file: &Path,
+        weights: Option<&BTreeMap<String, HostTensor>>,
+        step: u64,
+    ) -> anyhow::Result<()> {
         let mut vectors = self.extra.clone();
-        self.optimizer.to_eval(EMB_PARAMS, &mut vectors);
+        match weights.and_then(|w| w.get(EMB_PARAMS)) {
+            Some(w) => vectors = overwrite(&vectors, &w.data)?,
+            None => self.optimizer.to_eval(EMB_PARAMS, &mut vectors),
+        }
         Ok(write_a1111_safetensors(
             file,
             &(self.embedding)(&vectors, step),
         )?)
+    }
+
+    fn trained(&mut self) -> anyhow::Result<BTreeMap<String, HostTensor>> {
+        Ok(BTreeMap::from([(
+            EMB_PARAMS.to_string(),
+            HostTensor::from_tensor(self.extra),
+        )]))
     }
 }
 
