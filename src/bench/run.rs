@@ -514,6 +514,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
             },
             unet_elem_bytes: E::BYTES as u64,
             optimizer: crate::train::optim::OptimizerKind::AdamW,
+            ema: false,
         };
         estimate_train(&configs, &part, &shape).map(|e| e.total)
     });

@@ -99,6 +99,9 @@ pub struct TrainShape {
     pub unet_elem_bytes: u64,
     /// The optimiser, whose state per trained parameter differs (AdamW: two f32 moments).
     pub optimizer: OptimizerKind,
+    /// Whether an EMA of the trained weights is kept (`ema_decay`): its f32 shadow and the
+    /// host copy of the weights each update reads.
+    pub ema: bool,
 }
 
 /// Which models besides the UNet are in memory.
@@ -511,6 +514,7 @@ pub fn estimate_pretrain(
         loaded: LoadedModels::default(),
         unet_elem_bytes: 4,
         optimizer: OptimizerKind::AdamW,
+        ema: false,
     };
     let diffusion = estimate_train(
         configs,
@@ -600,12 +604,13 @@ pub fn estimate_train(
         TrainedPart::Hypernetwork { params } => *params as u64,
     };
     // dfdx gradient + 2 host copies + the optimiser's state (+ the f32 masters of LoRA's
-    // adapters)
+    // adapters, + the EMA's shadow and the weights' copy it reads)
     let copies = if matches!(part, TrainedPart::Lora { .. }) {
         4.0
     } else {
         3.0
-    } + shape.optimizer.state_floats_per_param();
+    } + shape.optimizer.state_floats_per_param()
+        + if shape.ema { 2.0 } else { 0.0 };
     // mixed-precision full fine-tuning keeps an f32 master UNet beside the f16 one
     let masters = match part {
         TrainedPart::FullUnet { .. } if ub < 4 => unet * F32,
@@ -729,6 +734,7 @@ mod tests {
             loaded: LoadedModels::default(),
             unet_elem_bytes: 4,
             optimizer: OptimizerKind::AdamW,
+            ema: false,
         }
     }
 
@@ -792,6 +798,11 @@ mod tests {
             );
         }
         assert!(with(OptimizerKind::Adafactor).training_state < adamw.training_state);
+        // An EMA adds its f32 shadow and the copy of the weights each update reads.
+        let mut s = shape(1, 512, "cpu");
+        s.ema = true;
+        let ema = estimate_train(&sd15(), &full, &s).unwrap();
+        assert!((per_param(&ema) - 8.0).abs() < 1e-3, "{}", per_param(&ema));
     }
 
     /// The counts equal what the loaded tiny fixture model holds.

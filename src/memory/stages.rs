@@ -157,6 +157,7 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
                         _ => 4,
                     },
                     optimizer: p.optimizer,
+                    ema: p.ema_decay.is_some(),
                 },
             ),
         };
