@@ -285,7 +285,14 @@ impl ReportParams {
         if name == "base" {
             return Ok(v);
         }
-        let Some((instance, record)) = ctx.upstream.iter().find(|(i, _)| i.name == name) else {
+        // A train stage's EMA row (`NAME#ema`) and saved steps (`NAME#step=N`) are its stage's
+        // other artifacts.
+        let (stage_name, part) = match name.split_once('#') {
+            Some((stage, part)) => (stage, Some(part)),
+            None => (name, None),
+        };
+        let Some((instance, record)) = ctx.upstream.iter().find(|(i, _)| i.name == stage_name)
+        else {
             // A grid row whose stage is not in the report's `needs`: its images are scored,
             // its figures are unknown here.
             v.method = "(not in the report's needs)".into();
@@ -295,9 +302,22 @@ impl ReportParams {
         v.stage_kind = Some(instance.params.kind().to_string());
         v.key = Some(record.key.clone());
         v.stage_seconds = Some(record.duration_s);
+        let step = part.and_then(|p| p.strip_prefix("step=")?.parse::<u64>().ok());
         v.artifact = StageArtifact::TRAINED.iter().find_map(|kind| {
-            kind.in_record(record).map(|b| Artifact {
-                file: kind.file_name().to_string(),
+            let blob = match (part, step) {
+                (None, _) => kind.in_record(record),
+                (Some("ema"), _) => kind.ema(record),
+                (_, Some(n)) => kind
+                    .snapshots(record)
+                    .into_iter()
+                    .find_map(|(s, b)| (s == n).then_some(b)),
+                _ => None,
+            };
+            blob.map(|b| Artifact {
+                file: match part {
+                    Some(p) => format!("{p}/{}", kind.file_name()),
+                    None => kind.file_name().to_string(),
+                },
                 bytes: b.size,
             })
         });
@@ -305,6 +325,15 @@ impl ReportParams {
             StageParams::Train(p) => {
                 let method = serde_json::to_value(p.method)?;
                 v.method = method_label(method.as_str().unwrap_or_default());
+                if let Some(part) = part {
+                    // The run's figures and loss curve belong to its final row.
+                    v.method = match step {
+                        Some(n) => format!("{} after step {n}", v.method),
+                        None if part == "ema" => format!("{} (EMA of the weights)", v.method),
+                        None => format!("{} ({part})", v.method),
+                    };
+                    return Ok(v);
+                }
                 v.training = serde_json::from_value::<TrainMetrics>(record.stats.clone()).ok();
                 if StageArtifact::LossCurve.in_record(record).is_some() {
                     v.loss = Some(ctx.read_json(record, StageArtifact::LossCurve.file_name())?);

@@ -335,3 +335,37 @@ fn a_report_needs_one_sample_grid() {
         run.stderr
     );
 }
+
+/// A train stage's EMA and saved steps are report lines of their own beside its final weights:
+/// each names its artifact; the run's figures stay on the final line.
+#[test]
+fn ema_and_saved_steps_are_report_lines() {
+    let p = Project::new(
+        pipeline("heart")
+            .set("stage.train.ema_decay", 0.9)
+            .set("stage.train.save_every", 6),
+    );
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.path("outputs/t/report/report.json")).unwrap())
+            .unwrap();
+    let variants = report["variants"].as_array().unwrap();
+    let line = |name: &str| {
+        variants
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no line {name}: {variants:?}"))
+    };
+    let ema = line("train@method=lora#ema");
+    assert!(ema["method"].as_str().unwrap().contains("EMA"), "{ema}");
+    assert_eq!(ema["artifact"]["file"], "ema/lora.safetensors");
+    assert!(ema["training"].is_null());
+    let step = line("train@method=textual_inversion#step=6");
+    assert!(
+        step["method"].as_str().unwrap().contains("step 6"),
+        "{step}"
+    );
+    assert_eq!(step["artifact"]["file"], "step=6/embedding.safetensors");
+    assert!(!line("train@method=lora")["training"].is_null());
+}
