@@ -44,3 +44,37 @@ fn the_quickstart_plans_the_whole_dag() {
         );
     }
 }
+
+/// Every bundled pipeline parses and plans against the bundled model and data (the docs cite
+/// their runs).
+#[test]
+fn every_bundled_pipeline_plans() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let tmp = tempfile::tempdir().unwrap();
+    let mut files: Vec<_> = std::fs::read_dir(std::path::Path::new(root).join("pipelines"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "toml"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 2, "{files:?}");
+    for file in files {
+        let out = Command::new(env!("CARGO_BIN_EXE_sdpipe"))
+            .current_dir(root)
+            .args(["--cache-dir"])
+            .arg(tmp.path().join("cache"))
+            .args(["--outputs"])
+            .arg(tmp.path().join("outputs"))
+            .arg("plan")
+            .arg(&file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
