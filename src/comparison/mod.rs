@@ -65,6 +65,10 @@ pub struct VariantReport {
     pub stage_seconds: Option<f64>,
     /// Per-step training loss (train stages).
     pub loss: Option<Vec<f32>>,
+    /// The validation loss on held-out images, as (step, loss) (train stages with
+    /// `validate_every`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation: Option<Vec<(u64, f32)>>,
     /// Fidelity averaged over the row's images (when a concept is set).
     pub quality: Option<QualitySummary>,
     /// Every image of the row with its scores.

@@ -13,6 +13,8 @@ pub struct Curve<'a> {
     pub label: &'a str,
     /// Loss per step (step 1 first).
     pub loss: &'a [f32],
+    /// Validation losses on held-out images, as (step, loss); drawn dashed with markers.
+    pub validation: &'a [(u64, f32)],
 }
 
 /// Colour-blind-safe line colours (Okabe–Ito), cycled.
@@ -86,7 +88,12 @@ pub fn loss_plot(
         .max(2);
     let mut finite: Vec<f32> = curves
         .iter()
-        .flat_map(|c| c.loss.iter().copied())
+        .flat_map(|c| {
+            c.loss
+                .iter()
+                .copied()
+                .chain(c.validation.iter().map(|(_, v)| *v))
+        })
         .filter(|v| v.is_finite())
         .collect();
     let lo = finite.iter().copied().fold(f32::INFINITY, f32::min);
@@ -159,6 +166,33 @@ pub fn loss_plot(
                 .legend(move |(x, y)| {
                     PathElement::new(vec![(x, y), (x + 18, y)], color.stroke_width(2))
                 });
+            if !curve.validation.is_empty() {
+                let points: Vec<(f64, f64)> = curve
+                    .validation
+                    .iter()
+                    .filter(|(_, v)| v.is_finite())
+                    .map(|&(s, v)| ((s as f64).max(1.0), clamp(v)))
+                    .collect();
+                chart
+                    .draw_series(DashedLineSeries::new(
+                        points.clone(),
+                        6,
+                        4,
+                        color.stroke_width(2),
+                    ))
+                    .map_err(|e| err(&e))?
+                    .label(format!("{} (validation)", curve.label))
+                    .legend(move |(x, y)| {
+                        PathElement::new(vec![(x, y), (x + 18, y)], color.mix(0.6).stroke_width(2))
+                    });
+                chart
+                    .draw_series(
+                        points
+                            .into_iter()
+                            .map(|p| Circle::new(p, 3, color.filled())),
+                    )
+                    .map_err(|e| err(&e))?;
+            }
         }
         if !curves.is_empty() {
             chart
@@ -218,10 +252,12 @@ mod tests {
                 Curve {
                     label: "lora",
                     loss: &a,
+                    validation: &[(0, 1.2), (30, 0.4), (60, 0.3)],
                 },
                 Curve {
                     label: "dreambooth",
                     loss: &b,
+                    validation: &[],
                 },
             ],
             "Training loss",
@@ -238,8 +274,11 @@ mod tests {
             .filter_map(|s| s.rsplit('>').next())
             .map(str::trim)
             .collect();
+        // the validation points: dashed, with a marker each and a legend entry
+        assert_eq!(svg.matches("<circle").count(), 3, "{svg}");
         for label in [
             "lora",
+            "lora (validation)",
             "dreambooth",
             "training loss",
             "step",

@@ -165,6 +165,7 @@ impl ReportParams {
                 v.loss.as_deref().map(|loss| svg::Curve {
                     label: &v.name,
                     loss,
+                    validation: v.validation.as_deref().unwrap_or_default(),
                 })
             })
             .collect();
@@ -279,6 +280,7 @@ impl ReportParams {
             artifact: None,
             stage_seconds: None,
             loss: None,
+            validation: None,
             quality,
             images,
         };
@@ -335,6 +337,9 @@ impl ReportParams {
                     return Ok(v);
                 }
                 v.training = serde_json::from_value::<TrainMetrics>(record.stats.clone()).ok();
+                if let Some(blob) = record.outputs.get("validation.csv") {
+                    v.validation = Some(parse_validation(&ctx.store.read_blob(blob)?)?);
+                }
                 if StageArtifact::LossCurve.in_record(record).is_some() {
                     v.loss = Some(ctx.read_json(record, StageArtifact::LossCurve.file_name())?);
                 }
@@ -348,6 +353,20 @@ impl ReportParams {
         }
         Ok(v)
     }
+}
+
+/// A train stage's `validation.csv` (`step,validation_loss` rows).
+fn parse_validation(bytes: &[u8]) -> anyhow::Result<Vec<(u64, f32)>> {
+    let text = std::str::from_utf8(bytes).context("validation.csv is not UTF-8")?;
+    text.lines()
+        .skip(1)
+        .map(|line| {
+            let (step, loss) = line
+                .split_once(',')
+                .with_context(|| format!("validation.csv: bad row {line:?}"))?;
+            Ok((step.parse()?, loss.parse()?))
+        })
+        .collect()
 }
 
 /// The run's provenance as the report records it.

@@ -12,7 +12,8 @@ use crate::diffusion::nn::{Elem, Tensor3};
 use crate::diffusion::schedulers::{Ddpm, SeededNoise};
 
 /// Mean loss over a fixed evaluation set: up to 8 items at their latent means, fixed noise and
-/// timesteps spread over the range, no gradients.
+/// timesteps spread over the range, no gradients; `contexts` holds the items' captions' text
+/// states.
 pub fn eval_loss<E: Elem, D: Device<f32> + Device<E>>(
     unet: &UNet<D, E>,
     ddpm: &Ddpm,
@@ -20,7 +21,31 @@ pub fn eval_loss<E: Elem, D: Device<f32> + Device<E>>(
     contexts: &HashMap<String, Tensor3<D>>,
     scaling: f32,
     seed: u64,
-    dev: &D,
+) -> anyhow::Result<f32> {
+    eval_loss_with(
+        unet,
+        ddpm,
+        items,
+        &mut |caption| {
+            contexts
+                .get(caption)
+                .cloned()
+                .context("caption not encoded")
+        },
+        scaling,
+        seed,
+    )
+}
+
+/// [`eval_loss`] with the text states from `context_of(caption)`, `[1, 77, d]` (a method's
+/// current text encoder or embedding, for the validation loss during training).
+pub fn eval_loss_with<E: Elem, D: Device<f32> + Device<E>>(
+    unet: &UNet<D, E>,
+    ddpm: &Ddpm,
+    items: &[Item],
+    context_of: &mut dyn FnMut(&str) -> anyhow::Result<Tensor3<D>>,
+    scaling: f32,
+    seed: u64,
 ) -> anyhow::Result<f32> {
     let n = items.len().min(8);
     let mut total = 0.0f32;
@@ -32,12 +57,10 @@ pub fn eval_loss<E: Elem, D: Device<f32> + Device<E>>(
             .map(|_| noise_src.next_normal() as f32)
             .collect();
         let t = 50 + (900 * i) / n.max(1);
+        let context = context_of(&item.caption)?;
+        let dev = context.device().clone();
         let latents = dev.tensor_from_vec(latents, (1, c, h, w));
         let noise = dev.tensor_from_vec(noise, (1, c, h, w));
-        let context = contexts
-            .get(&item.caption)
-            .cloned()
-            .context("caption not encoded")?;
         total += super::objective::eval_loss(
             unet,
             ddpm,

@@ -27,6 +27,10 @@ pub struct TrainState {
     /// The loss scaler of a mixed-precision run (absent in f32 runs and older checkpoints).
     #[serde(default)]
     pub loss_scaler: Option<LossScaler>,
+    /// The validation loss after each `validate_every` steps, as (step, loss); step 0 is
+    /// before training.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub validation: Vec<(u64, f32)>,
 }
 
 impl TrainState {
@@ -37,6 +41,7 @@ impl TrainState {
             losses: Vec::new(),
             eval_loss_before: f32::NAN,
             loss_scaler: None,
+            validation: Vec::new(),
         }
     }
 }

@@ -48,6 +48,9 @@ pub trait TrainMethod<D: Device<f32>>: TrainStep<D, Batch = Batch<D>> {
     ) -> anyhow::Result<()>;
     /// The trained tensors' current values, by the names their gradients have (for the EMA).
     fn trained(&mut self) -> anyhow::Result<Grads>;
+    /// The evaluation loss ([`super::eval::eval_loss_with`]) of `items` with the current
+    /// weights (the validation loss during training).
+    fn validation_loss(&mut self, items: &[Item], scaling: f32, seed: u64) -> anyhow::Result<f32>;
     /// The keys to change when the loss diverges after some updates.
     fn divergence_advice(&self) -> &'static str {
         "lower `lr`, or set `max_grad_norm`"
@@ -71,6 +74,8 @@ pub struct LoopConfig {
     pub save_every: u64,
     /// Keep an EMA of the trained weights, written at the end as [`ema_artifact`].
     pub ema: Option<EmaConfig>,
+    /// Steps between validation losses on [`LoopData::validation`]; 0 computes none.
+    pub validate_every: u64,
     /// How micro-batches are drawn.
     pub sampling: Sampling,
 }
@@ -84,6 +89,8 @@ pub struct LoopData<'a> {
     pub scaling: f32,
     /// The seed every draw derives from.
     pub seed: u64,
+    /// Held-out items the validation loss is computed on (never trained on).
+    pub validation: &'a [Item],
 }
 
 /// Where the loop reports and what stops it.
@@ -189,6 +196,11 @@ impl LoopConfig {
                     })?)
                 }
             };
+        let validates = self.validate_every > 0 && !data.validation.is_empty();
+        if validates && state.step == 0 && state.validation.is_empty() {
+            let loss = method.validation_loss(data.validation, data.scaling, data.seed)?;
+            state.validation.push((0, loss));
+        }
         let bar = env.progress.bar(self.steps, &env.label);
         bar.set_position(state.step);
         while state.step < self.steps {
@@ -217,6 +229,12 @@ impl LoopConfig {
             state.step += 1;
             if let Some(ema) = ema.as_mut() {
                 ema.update(&method.trained()?);
+            }
+            if validates
+                && (state.step.is_multiple_of(self.validate_every) || state.step == self.steps)
+            {
+                let loss = method.validation_loss(data.validation, data.scaling, data.seed)?;
+                state.validation.push((state.step, loss));
             }
             bar.set_position(state.step);
             bar.set_message(format!("{} loss {:.4}", env.label, outcome.loss));

@@ -337,13 +337,16 @@ fn a_report_needs_one_sample_grid() {
 }
 
 /// A train stage's EMA and saved steps are report lines of their own beside its final weights:
-/// each names its artifact; the run's figures stay on the final line.
+/// each names its artifact; the run's figures (and its validation loss, which the loss plot
+/// draws) stay on the final line.
 #[test]
 fn ema_and_saved_steps_are_report_lines() {
     let p = Project::new(
         pipeline("heart")
             .set("stage.train.ema_decay", 0.9)
-            .set("stage.train.save_every", 6),
+            .set("stage.train.save_every", 6)
+            .set("stage.train.validation_split", 0.3)
+            .set("stage.train.validate_every", 6),
     );
     let run = p.sdpipe(&["run", "p.toml"]);
     assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
@@ -367,5 +370,10 @@ fn ema_and_saved_steps_are_report_lines() {
         "{step}"
     );
     assert_eq!(step["artifact"]["file"], "step=6/embedding.safetensors");
-    assert!(!line("train@method=lora")["training"].is_null());
+    let lora = line("train@method=lora");
+    assert!(!lora["training"].is_null());
+    // the validation loss before training and after steps 6 and 12, plotted beside the loss
+    assert_eq!(lora["validation"].as_array().unwrap().len(), 3, "{lora}");
+    let svg = std::fs::read_to_string(p.path("outputs/t/report/loss.svg")).unwrap();
+    assert!(svg.contains("train@method=lora (validation)"));
 }

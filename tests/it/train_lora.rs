@@ -955,3 +955,65 @@ fn ema_of_the_weights_is_written_sampled_and_resumable() {
         assert!(run.stderr.contains(key), "{}", run.stderr);
     }
 }
+
+/// `validation_split` holds images out of training and `validate_every` logs their loss (fixed
+/// latents, noise and timesteps) before training and every N steps into `validation.csv`; a
+/// killed and resumed run logs the same values; the keys that need each other say so.
+#[test]
+fn validation_loss_on_held_out_images_is_logged_and_resumable() {
+    let validating = pipeline()
+        .set("stage.train.validation_split", 0.25)
+        .set("stage.train.validate_every", 10)
+        .remove("stage.grid");
+    let p = Project::new(&validating);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let csv = std::fs::read_to_string(p.path("outputs/t/train/validation.csv")).unwrap();
+    let rows: Vec<(u64, f32)> = csv
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let (s, v) = l.split_once(',').unwrap();
+            (s.parse().unwrap(), v.parse().unwrap())
+        })
+        .collect();
+    assert_eq!(
+        rows.iter().map(|r| r.0).collect::<Vec<_>>(),
+        vec![0, 10, 20, 30],
+        "{csv}"
+    );
+    assert!(rows.iter().all(|r| r.1.is_finite() && r.1 > 0.0), "{csv}");
+    assert_ne!(rows[0].1, rows[3].1, "training changed nothing held out");
+    let stats = p.stats("train");
+    assert_eq!(
+        stats["validation_loss_after"].as_f64().unwrap() as f32,
+        rows[3].1
+    );
+
+    let r = Project::new(&validating);
+    let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "60")]);
+    wait_for("a training checkpoint", || r.scratch_has_checkpoint());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(r.sdpipe(&["run", "p.toml"]).code, 0);
+    assert_eq!(
+        std::fs::read_to_string(r.path("outputs/t/train/validation.csv")).unwrap(),
+        csv
+    );
+
+    for (edited, key) in [
+        (
+            pipeline().set("stage.train.validate_every", 10),
+            "validate_every",
+        ),
+        (
+            pipeline().set("stage.train.validation_split", 1.0),
+            "validation_split",
+        ),
+    ] {
+        p.write_pipeline(&edited);
+        let run = p.sdpipe(&["plan", "p.toml"]);
+        assert_eq!(run.code, 2, "{edited}");
+        assert!(run.stderr.contains(key), "{}", run.stderr);
+    }
+}

@@ -85,6 +85,7 @@ impl TrainParams {
         let Setup {
             manifest,
             items,
+            validation,
             ckpt,
             model_path,
             t2i,
@@ -160,8 +161,7 @@ impl TrainParams {
         }
         let resumed_from = state.step;
         if state.step == 0 {
-            state.eval_loss_before =
-                eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
+            state.eval_loss_before = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed)?;
         } else {
             ctx.progress.message(&format!(
                 "{}: resuming from the checkpoint at step {}",
@@ -253,7 +253,7 @@ impl TrainParams {
             ctx,
             "dreambooth",
             &mut state,
-            &items,
+            (&items, &validation),
             scaling,
             seed,
             &dev,
@@ -276,7 +276,7 @@ impl TrainParams {
                 *c = text_encoder.encode(&[ids[caption].clone()], self.clip_skip)?;
             }
         }
-        let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
+        let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed)?;
 
         let unet_tensors = match master.as_mut() {
             Some(m) => crate::diffusion::params::named_tensors(m),

@@ -214,6 +214,7 @@ impl TrainParams {
         let Setup {
             manifest,
             items,
+            validation,
             ckpt: _,
             model_path,
             t2i,
@@ -260,8 +261,7 @@ impl TrainParams {
         let resumed_from = state.step;
         if state.step == 0 {
             install(&mut unet, &[(&net.to_elem::<E>(), 1.0)], None)?;
-            state.eval_loss_before =
-                eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
+            state.eval_loss_before = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed)?;
         } else {
             ctx.progress.message(&format!(
                 "{}: resuming from the checkpoint at step {}",
@@ -291,7 +291,7 @@ impl TrainParams {
             ctx,
             "hypernetwork",
             &mut state,
-            &items,
+            (&items, &validation),
             scaling,
             seed,
             &dev,
@@ -303,7 +303,7 @@ impl TrainParams {
         crate::train::hypernetwork::to_eval(&mut net, &optimizer);
 
         install(&mut unet, &[(&net.to_elem::<E>(), 1.0)], None)?;
-        let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
+        let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed)?;
         let mut trained = net.to_host(&template);
         trained.step = self.steps;
         let pt = scratch.join(Artifact::Hypernetwork.file_name());

@@ -36,6 +36,7 @@ impl TrainParams {
         let Setup {
             manifest,
             items,
+            validation,
             ckpt: _,
             model_path,
             t2i,
@@ -90,8 +91,7 @@ impl TrainParams {
             .collect();
         let resumed_from = state.step;
         if state.step == 0 {
-            state.eval_loss_before =
-                eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
+            state.eval_loss_before = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed)?;
         } else {
             ctx.progress.message(&format!(
                 "{}: resuming from the checkpoint at step {}",
@@ -152,7 +152,15 @@ impl TrainParams {
             metadata: meta.clone(),
         };
         let wall_s = self.drive(
-            ctx, "lora", &mut state, &items, scaling, seed, &dev, &sched, &mut steps,
+            ctx,
+            "lora",
+            &mut state,
+            (&items, &validation),
+            scaling,
+            seed,
+            &dev,
+            &sched,
+            &mut steps,
         )?;
         // schedule-free AdamW evaluates and saves x, not the training point
         steps.to_eval();
@@ -173,7 +181,7 @@ impl TrainParams {
                 *c = text_encoder.encode(&[ids[caption].clone()], self.clip_skip)?;
             }
         }
-        let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed, &dev)?;
+        let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed)?;
         let mut network = extract(&mut unet, self.alpha());
         network.text_encoder = extract(&mut text_encoder, self.alpha()).text_encoder;
         masters.into_network(&mut network, LoraComponent::Unet);

@@ -73,6 +73,8 @@ fn schedule(p: &TrainParams) -> Result<LrSchedule, String> {
 struct Setup<D: Device<f32> + Device<E>, E: Elem = f32> {
     manifest: LatentsManifest,
     items: Vec<Item>,
+    /// The items `validation_split` holds out of training, for the validation loss.
+    validation: Vec<Item>,
     ckpt: crate::diffusion::Checkpoint,
     model_path: PathBuf,
     t2i: TextToImage<D, E>,
@@ -194,14 +196,48 @@ impl TrainParams {
         t2i.models
             .unet
             .set_gradient_checkpointing(self.gradient_checkpointing);
+        let (items, validation) = self.hold_out(items, settings.seed)?;
         Ok(Setup {
             manifest,
             items,
+            validation,
             ckpt,
             model_path,
             t2i,
             dev,
         })
+    }
+
+    /// `items` split into the training items and the `validation_split` share held out for
+    /// the validation loss (at least one item when the share is set), chosen by a generator
+    /// seeded by the pipeline seed. Holding out every item is an error.
+    fn hold_out(&self, items: Vec<Item>, seed: u64) -> anyhow::Result<(Vec<Item>, Vec<Item>)> {
+        use rand::SeedableRng;
+        use rand::seq::SliceRandom;
+        let Some(share) = self.validation_split else {
+            return Ok((items, Vec::new()));
+        };
+        let n = items.len();
+        let held = ((n as f64 * share).round() as usize).max(1);
+        if held >= n {
+            bail!(
+                "validation_split = {share} holds out {held} of the {n} items and leaves none to \
+                 train on: lower it or add images"
+            );
+        }
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut rng =
+            rand_chacha::ChaCha8Rng::seed_from_u64(crate::train::batch::mix(seed, 0x7A11_D47E, 0));
+        order.shuffle(&mut rng);
+        let held_out: std::collections::HashSet<usize> = order[..held].iter().copied().collect();
+        let (validation, train): (Vec<_>, Vec<_>) = items
+            .into_iter()
+            .enumerate()
+            .partition(|(i, _)| held_out.contains(i));
+        Ok((
+            train.into_iter().map(|(_, it)| it).collect(),
+            validation.into_iter().map(|(_, it)| it).collect(),
+        ))
     }
 
     /// The frozen text encoder's states of every distinct caption of `items`.
@@ -379,7 +415,7 @@ impl TrainParams {
         ctx: &StageContext<'_>,
         label: &str,
         state: &mut TrainState,
-        items: &[Item],
+        (items, validation): (&[Item], &[Item]),
         scaling: f32,
         seed: u64,
         dev: &D,
@@ -393,6 +429,7 @@ impl TrainParams {
             max_grad_norm: self.max_grad_norm,
             checkpoint_every: self.checkpoint_every,
             save_every: self.save_every.unwrap_or(0),
+            validate_every: self.validate_every.unwrap_or(0),
             ema: self.ema_decay.map(|decay| EmaConfig {
                 decay,
                 warmup: self.ema_warmup,
@@ -411,6 +448,7 @@ impl TrainParams {
             items,
             scaling,
             seed,
+            validation,
         };
         config.run(data, dev, sched, state, method, &env)
     }
@@ -453,6 +491,21 @@ impl TrainParams {
                 .context("the artifact of the EMA weights")?;
             result.outputs.insert(ema_output(kind), blob);
             let _ = std::fs::remove_dir_all(scratch.join("ema"));
+        }
+        if !state.validation.is_empty() {
+            let mut csv = String::from("step,validation_loss\n");
+            for (step, loss) in &state.validation {
+                csv.push_str(&format!("{step},{loss}\n"));
+            }
+            result.outputs.insert(
+                "validation.csv".into(),
+                ctx.store.put_bytes(csv.as_bytes())?,
+            );
+            if let Some((_, last)) = state.validation.last() {
+                result
+                    .stats
+                    .insert("validation_loss_after".into(), (*last as f64).into());
+            }
         }
         if let Some(csv) = self.captions_csv(items, ctx.settings.seed) {
             result

@@ -140,6 +140,15 @@ pub struct TrainParams {
     /// (diffusers' `--gradient_checkpointing`): less memory, about a third more compute.
     #[serde(default)]
     pub gradient_checkpointing: bool,
+    /// Hold this share of the dataset out of training (at least one item), chosen by the
+    /// seed, for the validation loss (kohya's `validation_split`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validation_split: Option<f64>,
+    /// Compute the validation loss on the held-out items (fixed latents, noise and timesteps)
+    /// before training and every this many steps; logged in `validation.csv` and plotted in
+    /// the report beside the training loss. Needs `validation_split`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub validate_every: Option<u64>,
     /// Keep an exponential moving average of the trained weights with this largest decay
     /// (diffusers' `--use_ema`; 0.999 suits a few hundred steps, 0.9999 long runs). Its
     /// artifact is written as `ema/<file>` and sampled by the grid as the row `NAME#ema`.

@@ -39,6 +39,7 @@ impl TrainParams {
         let Setup {
             manifest,
             items,
+            validation,
             ckpt: _,
             model_path,
             mut t2i,
@@ -109,15 +110,8 @@ impl TrainParams {
         };
         if state.step == 0 {
             let contexts = contexts_now(&mut t2i, &extra)?;
-            state.eval_loss_before = eval_loss(
-                &t2i.models.unet,
-                &ddpm,
-                &items,
-                &contexts,
-                scaling,
-                seed,
-                &dev,
-            )?;
+            state.eval_loss_before =
+                eval_loss(&t2i.models.unet, &ddpm, &items, &contexts, scaling, seed)?;
         } else {
             ctx.progress.message(&format!(
                 "{}: resuming from the checkpoint at step {}",
@@ -150,7 +144,7 @@ impl TrainParams {
             ctx,
             "embedding",
             &mut state,
-            &items,
+            (&items, &validation),
             scaling,
             seed,
             &dev,
@@ -163,15 +157,7 @@ impl TrainParams {
             &mut extra,
         );
         let contexts = contexts_now(&mut t2i, &extra)?;
-        let eval_after = eval_loss(
-            &t2i.models.unet,
-            &ddpm,
-            &items,
-            &contexts,
-            scaling,
-            seed,
-            &dev,
-        )?;
+        let eval_after = eval_loss(&t2i.models.unet, &ddpm, &items, &contexts, scaling, seed)?;
 
         let embedding = self.embedding(&token, &extra, self.steps, &model_path);
         let a1111 = scratch.join(Artifact::Embedding.file_name());

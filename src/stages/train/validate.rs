@@ -240,6 +240,32 @@ impl TrainParams {
         self.validate_timestep_sampling()?;
         self.validate_captions()?;
         self.validate_ema()?;
+        if let Some(share) = self.validation_split
+            && !(share > 0.0 && share < 1.0)
+        {
+            return Err(ParamError::new(
+                "validation_split",
+                format!("{share} is not in (0, 1)"),
+                "the share of images held out for the validation loss, e.g. 0.1",
+            ));
+        }
+        match (self.validate_every, self.validation_split) {
+            (Some(0), _) => {
+                return Err(ParamError::new(
+                    "validate_every",
+                    "validate_every must be positive",
+                    "e.g. a tenth of `steps`",
+                ));
+            }
+            (Some(_), None) => {
+                return Err(ParamError::new(
+                    "validate_every",
+                    "validate_every computes the loss of held-out images, and validation_split is not set",
+                    "set validation_split too, e.g. validation_split = 0.1",
+                ));
+            }
+            _ => {}
+        }
         if let Some(every) = self.save_every
             && (every == 0 || every >= self.steps)
         {

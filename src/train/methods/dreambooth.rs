@@ -244,6 +244,17 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for DreamboothSteps<'_,
         (self.write_model)(file, unet, te, step)
     }
 
+    fn validation_loss(&mut self, items: &[Item], scaling: f32, seed: u64) -> anyhow::Result<f32> {
+        super::joint::validation_loss(
+            self.unet,
+            self.text_encoder.as_deref(),
+            &self.text,
+            self.ddpm,
+            items,
+            (scaling, seed),
+        )
+    }
+
     fn trained(&mut self) -> anyhow::Result<BTreeMap<String, HostTensor>> {
         let (mut all, te) = self.weights()?;
         for (name, t) in te.into_iter().flatten() {

@@ -102,6 +102,25 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for HyperSteps<'_, D, E
         Ok(write_hypernetwork_pt(file, &trained)?)
     }
 
+    fn validation_loss(
+        &mut self,
+        items: &[crate::train::batch::Item],
+        scaling: f32,
+        seed: u64,
+    ) -> anyhow::Result<f32> {
+        // the current network, without dropout (each step installs its own copy again)
+        install(self.unet, &[(&self.net.to_elem::<E>(), 1.0)], None)?;
+        let text = &self.text;
+        crate::train::eval::eval_loss_with(
+            self.unet,
+            self.ddpm,
+            items,
+            &mut |caption| text.batch_context(&[caption.to_string()]),
+            scaling,
+            seed,
+        )
+    }
+
     fn trained(&mut self) -> anyhow::Result<BTreeMap<String, HostTensor>> {
         Ok(crate::train::hypernetwork::named_values(&self.net))
     }

@@ -81,3 +81,24 @@ pub fn joint_grads<D: Device<f32> + Device<E>, E: Elem>(
         text_encoder,
     })
 }
+
+/// The evaluation loss ([`crate::train::eval::eval_loss_with`]) of `items` through `unet` with
+/// the text states of the current `text_encoder` when it trains, else the frozen ones of `text`:
+/// the validation loss of LoRA and DreamBooth during training.
+pub fn validation_loss<D: Device<f32> + Device<E>, E: Elem>(
+    unet: &UNet<D, E>,
+    text_encoder: Option<&TextEncoder<D>>,
+    text: &TextInputs<'_, D>,
+    ddpm: &Ddpm,
+    items: &[crate::train::batch::Item],
+    (scaling, seed): (f32, u64),
+) -> anyhow::Result<f32> {
+    let mut context_of = |caption: &str| -> anyhow::Result<crate::diffusion::nn::Tensor3<D>> {
+        let captions = [caption.to_string()];
+        match text_encoder {
+            Some(te) => Ok(te.encode(&text.batch_ids(&captions)?, text.clip_skip)?),
+            None => text.batch_context(&captions),
+        }
+    };
+    crate::train::eval::eval_loss_with(unet, ddpm, items, &mut context_of, scaling, seed)
+}

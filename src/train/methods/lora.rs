@@ -151,6 +151,22 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for LoraSteps<'_, D, E>
         Ok(self.masters.to_host())
     }
 
+    fn validation_loss(
+        &mut self,
+        items: &[crate::train::batch::Item],
+        scaling: f32,
+        seed: u64,
+    ) -> anyhow::Result<f32> {
+        super::joint::validation_loss(
+            self.unet,
+            self.text_encoder.as_deref(),
+            &self.text,
+            self.ddpm,
+            items,
+            (scaling, seed),
+        )
+    }
+
     fn divergence_advice(&self) -> &'static str {
         "lower `lr` or `lora.alpha` (the update is scaled by alpha / rank), or set `max_grad_norm`"
     }

@@ -109,6 +109,27 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for TiSteps<'_, D, E> {
         )?)
     }
 
+    fn validation_loss(
+        &mut self,
+        items: &[crate::train::batch::Item],
+        scaling: f32,
+        seed: u64,
+    ) -> anyhow::Result<f32> {
+        let (te, text, extra) = (self.text_encoder, &self.text, &*self.extra);
+        crate::train::eval::eval_loss_with(
+            self.unet,
+            self.ddpm,
+            items,
+            &mut |caption| {
+                let ids = text.batch_ids(&[caption.to_string()])?;
+                let embeds = te.embed_tokens_with_extra(&ids, extra.clone())?;
+                Ok(te.forward_embeds(embeds, text.clip_skip)?)
+            },
+            scaling,
+            seed,
+        )
+    }
+
     fn trained(&mut self) -> anyhow::Result<BTreeMap<String, HostTensor>> {
         Ok(BTreeMap::from([(
             EMB_PARAMS.to_string(),
