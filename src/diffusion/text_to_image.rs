@@ -226,6 +226,16 @@ impl NoiseSource for BatchNoise {
     }
 }
 
+/// The tokenizer [`TextToImage::load_as`] uses for `ckpt`: `config_dir`'s, the diffusers
+/// folder's own, or the bundled CLIP tokenizer for a single file.
+pub fn tokenizer_for(ckpt: &Checkpoint, config_dir: Option<&Path>) -> Result<ClipTokenizer> {
+    Ok(match (config_dir, ckpt.layout) {
+        (Some(d), _) => ClipTokenizer::for_model(d)?,
+        (None, CheckpointLayout::Diffusers) => ClipTokenizer::for_model(&ckpt.path)?,
+        (None, CheckpointLayout::SingleFile) => ClipTokenizer::bundled()?,
+    })
+}
+
 /// The scheduler config of a model folder: `scheduler/scheduler_config.json` when present
 /// (any diffusers scheduler class; fields it lacks keep SD 1.5's values), else SD 1.5's.
 pub fn scheduler_config_for(dir: &Path) -> Result<SchedulerConfig> {

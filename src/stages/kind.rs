@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use super::model::{self, Component};
 use super::pretrain::{self, Init};
 use super::{
-    CaptionParams, ClassImagesParams, EncodeLatentsParams, MergeParams, ParamError,
-    PreprocessParams, PretrainParams, ReportParams, SampleGridParams, StageContext, StageResult,
-    TrainParams, caption, class_images, encode_latents, merge, preprocess, report, sample_grid,
-    train,
+    CaptionParams, ClassImagesParams, EncodeLatentsParams, EncodeTextParams, MergeParams,
+    ParamError, PreprocessParams, PretrainParams, ReportParams, SampleGridParams, StageContext,
+    StageResult, TrainParams, caption, class_images, encode_latents, encode_text, merge,
+    preprocess, report, sample_grid, train,
 };
 use crate::cache::FileHasher;
 use crate::settings::PipelineSettings;
@@ -153,6 +153,31 @@ impl StageKind for EncodeLatentsParams {
     }
     fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
         EncodeLatentsParams::run(self, ctx)
+    }
+}
+
+impl StageKind for EncodeTextParams {
+    const KIND: &'static str = "encode_text";
+    const VERSION: u32 = encode_text::VERSION;
+    const REQUIRED_UPSTREAM: &'static [&'static str] = &["encode_latents"];
+    fn validate(&self) -> Result<(), ParamError> {
+        EncodeTextParams::validate(self)
+    }
+    fn key_params(&self, settings: &PipelineSettings) -> serde_json::Value {
+        EncodeTextParams::key_params(self, settings)
+    }
+    fn inputs(
+        &self,
+        settings: &PipelineSettings,
+        hasher: &FileHasher,
+    ) -> anyhow::Result<BTreeMap<String, String>> {
+        model_files(settings, hasher, EncodeTextParams::components())
+    }
+    fn uses_model(&self) -> bool {
+        true
+    }
+    fn run(&self, ctx: &StageContext<'_>) -> anyhow::Result<StageResult> {
+        EncodeTextParams::run(self, ctx)
     }
 }
 

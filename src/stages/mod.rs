@@ -7,6 +7,7 @@ mod checks;
 mod class_images;
 mod context;
 mod encode_latents;
+mod encode_text;
 mod instance;
 mod kind;
 mod merge;
@@ -22,6 +23,7 @@ pub use caption::{CaptionItem, CaptionManifest, CaptionParams};
 pub use class_images::ClassImagesParams;
 pub use context::{Cancelled, StageContext, StageResult};
 pub use encode_latents::{EncodeLatentsParams, LatentItem, LatentsManifest};
+pub use encode_text::EncodeTextParams;
 pub use instance::StageInstance;
 pub use kind::StageKind;
 pub use merge::{MergeMode, MergeParams, RECIPE_KEY};
@@ -141,6 +143,7 @@ stage_kinds! {
     Caption(CaptionParams),
     Preprocess(PreprocessParams),
     EncodeLatents(EncodeLatentsParams),
+    EncodeText(EncodeTextParams),
     Train(TrainParams),
     SampleGrid(SampleGridParams),
     ClassImages(ClassImagesParams),

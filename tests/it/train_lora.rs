@@ -1017,3 +1017,36 @@ fn validation_loss_on_held_out_images_is_logged_and_resumable() {
         assert!(run.stderr.contains(key), "{}", run.stderr);
     }
 }
+
+/// An `encode_text` stage encodes the captions once for every train stage that needs it: the
+/// trained files are bit for bit those of stages that encode their captions themselves, and a
+/// clip skip that differs from the train stage's is refused naming both.
+#[test]
+fn an_encode_text_stage_shares_the_captions_states_bit_for_bit() {
+    let own = pipeline().set("stage.train.steps", 3).remove("stage.grid");
+    let p = Project::new(&own);
+    assert_eq!(p.sdpipe(&["run", "p.toml"]).code, 0);
+    let encoded_here = std::fs::read(p.path("outputs/t/train/lora.safetensors")).unwrap();
+
+    let shared = own
+        .clone()
+        .stage("text", "encode_text", &["latents"])
+        .set("stage.train.needs", vec!["latents", "text"]);
+    let q = Project::new(&shared);
+    let run = q.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    assert!(q.path("outputs/t/text/text_states.safetensors").exists());
+    assert_eq!(
+        std::fs::read(q.path("outputs/t/train/lora.safetensors")).unwrap(),
+        encoded_here
+    );
+
+    q.write_pipeline(shared.set("stage.text.clip_skip", 1));
+    let run = q.sdpipe(&["run", "p.toml"]);
+    assert_ne!(run.code, 0);
+    let said = format!("{}{}", run.stdout, run.stderr);
+    assert!(
+        said.contains("clip_skip = 1") && said.contains("clip_skip = 0"),
+        "{said}"
+    );
+}

@@ -106,7 +106,7 @@ impl TrainParams {
             ));
         }
 
-        let mut contexts = self.frozen_contexts(&t2i, items.iter().chain(&class_items))?;
+        let mut contexts = self.frozen_contexts(ctx, &t2i, items.iter().chain(&class_items))?;
         let mut ids: HashMap<String, Vec<u32>> = HashMap::new();
         for item in items.iter().chain(&class_items) {
             if !ids.contains_key(&item.caption) {

@@ -42,7 +42,7 @@ impl TrainParams {
             t2i,
             dev,
         } = self.setup::<E, D>(ctx, dev)?;
-        let mut contexts = self.frozen_contexts(&t2i, &items)?;
+        let mut contexts = self.frozen_contexts(ctx, &t2i, &items)?;
         let (ddpm, sampling) = self.noise_process(&t2i.scheduler_config)?;
         let scaling = manifest.scaling_factor as f32;
         let mut unet = t2i.models.unet;

@@ -240,17 +240,26 @@ impl TrainParams {
         ))
     }
 
-    /// The frozen text encoder's states of every distinct caption of `items`.
+    /// The frozen text encoder's states of every distinct caption of `items`: from an
+    /// `encode_text` stage in `needs` when there is one, else encoded here.
     fn frozen_contexts<'i, E: Elem, D: Device<f32> + Device<E>>(
         &self,
+        ctx: &StageContext<'_>,
         t2i: &TextToImage<D, E>,
         items: impl IntoIterator<Item = &'i Item>,
     ) -> anyhow::Result<HashMap<String, Tensor3<D>>> {
+        let dev = t2i.models.text_encoder().token_embedding.device().clone();
+        let mut cached = super::encode_text::cached_states(ctx, self.clip_skip, &dev)?;
         let mut contexts = HashMap::new();
         for item in items {
             if !contexts.contains_key(&item.caption) {
-                let ids = t2i.tokenizer.encode(&item.caption)?.input_ids;
-                let c = t2i.models.text_encoder().encode(&[ids], self.clip_skip)?;
+                let c = match cached.as_mut().and_then(|c| c.remove(&item.caption)) {
+                    Some(c) => c,
+                    None => {
+                        let ids = t2i.tokenizer.encode(&item.caption)?.input_ids;
+                        t2i.models.text_encoder().encode(&[ids], self.clip_skip)?
+                    }
+                };
                 contexts.insert(item.caption.clone(), c);
             }
         }
