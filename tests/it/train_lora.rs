@@ -414,6 +414,19 @@ fn each_optimizer_trains_names_itself_and_is_validated_at_its_key() {
     );
     p.write_pipeline(
         plain
+            .clone()
+            .set("stage.train.optimizer", "schedulefree_adamw")
+            .set("stage.train.lr_scheduler", "cosine"),
+    );
+    let run = p.sdpipe(&["plan", "p.toml"]);
+    assert_eq!(run.code, 2);
+    assert!(
+        run.stderr.contains("lr_scheduler") && run.stderr.contains("schedule-free"),
+        "{}",
+        run.stderr
+    );
+    p.write_pipeline(
+        plain
             .set("stage.train.optimizer", "prodigy")
             .set("stage.train.lr", 1.0)
             .set("stage.train.lora.text_encoder", true)

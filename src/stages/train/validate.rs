@@ -77,10 +77,28 @@ impl TrainParams {
         Ok(())
     }
 
-    /// `optimizer`: Prodigy estimates one step size for every parameter, so (as prodigyopt,
+    /// `optimizer`: schedule-free AdamW runs at a constant rate (after an optional warm-up).
+    /// Prodigy estimates one step size for every parameter, so (as prodigyopt,
     /// which refuses parameter groups at different rates) the text encoder cannot train at its
     /// own rate.
     fn validate_optimizer(&self) -> Result<(), ParamError> {
+        // Schedule-free AdamW replaces the schedule (Defazio et al. 2024): its package allows
+        // a warm-up, nothing that decays the rate.
+        if self.optimizer == OptimizerKind::ScheduleFreeAdamW
+            && !matches!(
+                self.lr_scheduler.as_str(),
+                "constant" | "constant_with_warmup"
+            )
+        {
+            return Err(ParamError::new(
+                "lr_scheduler",
+                format!(
+                    "schedule-free AdamW needs no schedule, and `{}` decays the rate on top of it",
+                    self.lr_scheduler
+                ),
+                "use lr_scheduler = \"constant\" (or \"constant_with_warmup\")",
+            ));
+        }
         if self.optimizer != OptimizerKind::Prodigy {
             return Ok(());
         }
