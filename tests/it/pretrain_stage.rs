@@ -2,7 +2,7 @@
 //! is a single-file model that opens with its own configs (no config folder) and samples; a
 //! killed run resumes to the same bytes; a bad parameter is reported at its key.
 
-use crate::common::{PipelineToml, Project, wait_for};
+use crate::common::{PipelineToml, Project, killed_and_resumed};
 
 fn pipeline() -> PipelineToml {
     PipelineToml::new(3).merge(toml::toml! {
@@ -73,13 +73,7 @@ fn pretraining_learns_writes_a_self_describing_model_and_resumes_identically() {
     let uninterrupted = std::fs::read(&model).unwrap();
 
     // Killed after a checkpoint, then resumed: the same bytes.
-    let r = Project::new(pipeline());
-    let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "150")]);
-    wait_for("a pretraining checkpoint", || r.scratch_has_checkpoint());
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let resumed = r.sdpipe(&["run", "p.toml"]);
-    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    let r = killed_and_resumed(pipeline(), 150);
     assert!(r.stats("base")["resumed_from"].as_u64().unwrap() > 0);
     assert!(
         uninterrupted == std::fs::read(r.path("outputs/t/base/model.safetensors")).unwrap(),

@@ -4,7 +4,7 @@
 //! bit-identically and resumes after a kill to the same bytes; class images are cached one by
 //! one.
 
-use crate::common::{PipelineToml, Project, wait_for};
+use crate::common::{PipelineToml, Project, killed_and_resumed};
 
 fn pipeline(class_count: i64) -> PipelineToml {
     PipelineToml::tiny_latents(5)
@@ -151,13 +151,7 @@ fn dreambooth_learns_writes_a_loadable_checkpoint_and_resumes_identically() {
     assert_eq!(p.stats("class")["images_computed"], 1);
 
     // Killed after a checkpoint, then resumed: the same bytes as the uninterrupted run.
-    let r = Project::new(pipeline(3));
-    let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "150")]);
-    wait_for("a training checkpoint", || r.scratch_has_checkpoint());
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let resumed = r.sdpipe(&["run", "p.toml"]);
-    assert_eq!(resumed.code, 0, "{}", resumed.stderr);
+    let r = killed_and_resumed(pipeline(3), 150);
     assert!(r.stats("train")["resumed_from"].as_u64().unwrap() > 0);
     assert!(
         uninterrupted == std::fs::read(r.path("outputs/t/train/model.safetensors")).unwrap(),

@@ -3,7 +3,7 @@
 //! rerun and after a kill + resume, changes the grid and `sdpipe sample --hypernetwork`
 //! (multiplier 0 = the base image), and a width the model lacks is a clear error.
 
-use crate::common::{PipelineToml, Project, wait_for};
+use crate::common::{PipelineToml, Project, killed_and_resumed};
 
 /// A hypernetwork stage `hyper` with `hypernetwork` as its `[stage.hyper.hypernetwork]` table,
 /// and a grid that samples it (and applies it at 0.5 through a prompt tag).
@@ -199,13 +199,7 @@ fn hypernetwork_training_learns_writes_a1111_files_and_changes_samples() {
     );
 
     // Killed after a checkpoint, then resumed: the same file as the uninterrupted run.
-    let r = Project::new(pipeline(hyper()));
-    let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "80")]);
-    wait_for("a training checkpoint", || r.scratch_has_checkpoint());
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let run = r.sdpipe(&["run", "p.toml"]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let r = killed_and_resumed(pipeline(hyper()), 80);
     assert!(r.stats("hyper")["resumed_from"].as_u64().unwrap() >= 10);
     assert!(
         std::fs::read(&pt).unwrap()

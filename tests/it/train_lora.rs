@@ -2,7 +2,7 @@
 //! writes a kohya file, is bit-identical on rerun and after a kill + resume, and its LoRA
 //! changes the sampled image in the grid.
 
-use crate::common::{PipelineToml, Project, wait_for};
+use crate::common::{PipelineToml, Project, killed_and_resumed};
 
 fn pipeline() -> PipelineToml {
     PipelineToml::tiny_latents(5)
@@ -152,13 +152,7 @@ fn lora_training_learns_writes_kohya_and_changes_the_grid() {
     assert!(same, "a rerun in another project gives other bytes");
 
     // Killed after a checkpoint, then resumed: the same file as the uninterrupted run.
-    let r = Project::new(pipeline());
-    let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "60")]);
-    wait_for("a training checkpoint", || r.scratch_has_checkpoint());
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let run = r.sdpipe(&["run", "p.toml"]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let r = killed_and_resumed(pipeline(), 60);
     assert!(r.stats("train")["resumed_from"].as_u64().unwrap() >= 10);
     let same = std::fs::read(&lora).unwrap()
         == std::fs::read(r.path("outputs/t/train/lora.safetensors")).unwrap();
@@ -455,13 +449,7 @@ fn prodigy_and_schedulefree_resume_bit_identically() {
         assert_eq!(run.code, 0, "{kind}: {}{}", run.stdout, run.stderr);
         let straight = std::fs::read(q.path("outputs/t/train/lora.safetensors")).unwrap();
 
-        let r = Project::new(&pipeline);
-        let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "60")]);
-        wait_for("a training checkpoint", || r.scratch_has_checkpoint());
-        child.kill().unwrap();
-        child.wait().unwrap();
-        let run = r.sdpipe(&["run", "p.toml"]);
-        assert_eq!(run.code, 0, "{kind}: {}{}", run.stdout, run.stderr);
+        let r = killed_and_resumed(&pipeline, 60);
         assert!(r.stats("train")["resumed_from"].as_u64().unwrap() >= 10);
         let resumed = std::fs::read(r.path("outputs/t/train/lora.safetensors")).unwrap();
         assert!(
@@ -807,13 +795,7 @@ fn save_every_keeps_intermediate_artifacts_as_grid_rows() {
     );
 
     // Killed after a checkpoint and resumed: the same snapshots.
-    let r = Project::new(&saving);
-    let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "60")]);
-    wait_for("a training checkpoint", || r.scratch_has_checkpoint());
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let run = r.sdpipe(&["run", "p.toml"]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let r = killed_and_resumed(&saving, 60);
     for step in [10, 20] {
         let file = format!("outputs/t/train/step={step}/lora.safetensors");
         assert_eq!(
@@ -912,13 +894,7 @@ fn ema_of_the_weights_is_written_sampled_and_resumable() {
     );
 
     // Killed after a checkpoint and resumed: the same average.
-    let r = Project::new(with_ema.clone().remove("stage.grid"));
-    let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "80")]);
-    wait_for("a training checkpoint", || r.scratch_has_checkpoint());
-    child.kill().unwrap();
-    child.wait().unwrap();
-    let run = r.sdpipe(&["run", "p.toml"]);
-    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let r = killed_and_resumed(with_ema.clone().remove("stage.grid"), 80);
     assert!(r.stats("train")["resumed_from"].as_u64().unwrap() >= 4);
     assert_eq!(
         std::fs::read(r.path("outputs/t/train/ema/lora.safetensors")).unwrap(),
@@ -1003,12 +979,7 @@ fn validation_loss_on_held_out_images_is_logged_and_resumable() {
         rows[3].1
     );
 
-    let r = Project::new(&validating);
-    let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", "60")]);
-    wait_for("a training checkpoint", || r.scratch_has_checkpoint());
-    child.kill().unwrap();
-    child.wait().unwrap();
-    assert_eq!(r.sdpipe(&["run", "p.toml"]).code, 0);
+    let r = killed_and_resumed(&validating, 60);
     assert_eq!(
         std::fs::read_to_string(r.path("outputs/t/train/validation.csv")).unwrap(),
         csv

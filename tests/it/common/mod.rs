@@ -180,6 +180,20 @@ pub fn count_files(dir: &Path) -> usize {
     std::fs::read_dir(dir).map(|d| d.count()).unwrap_or(0)
 }
 
+/// A project running `pipeline`, killed after its first training checkpoint (every item slowed
+/// by `delay_ms` so the kill lands mid-run) and run again to the end, which must succeed.
+pub fn killed_and_resumed(pipeline: impl Display, delay_ms: u64) -> Project {
+    let r = Project::new(pipeline);
+    let delay = delay_ms.to_string();
+    let mut child = r.spawn(&["run", "p.toml"], &[("SDPIPE_TEST_ITEM_DELAY_MS", &delay)]);
+    wait_for("a training checkpoint", || r.scratch_has_checkpoint());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let run = r.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "resumed run: {}{}", run.stdout, run.stderr);
+    r
+}
+
 /// Runs `text` in one project (f32) and with `precision = "f16"` in another, and compares the
 /// train stage `stage`: both runs succeed, the f16 run lowers its evaluation loss, and ends
 /// within `tolerance` (relative) of the f32 run's final loss. Returns (f32, f16) projects.
