@@ -69,6 +69,10 @@ pub struct VariantReport {
     /// `validate_every`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub validation: Option<Vec<(u64, f32)>>,
+    /// What sets this train stage apart from the report's other train stages of its method:
+    /// `key=value` of each train key whose value differs between them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settings: Vec<String>,
     /// Fidelity averaged over the row's images (when a concept is set).
     pub quality: Option<QualitySummary>,
     /// Every image of the row with its scores.
@@ -347,6 +351,9 @@ impl ComparisonReport {
                 let mut method = v.method.clone();
                 if !v.sources.is_empty() {
                     method = format!("{method} (from {})", v.sources.join(", "));
+                }
+                if !v.settings.is_empty() {
+                    method = format!("{method} · {}", v.settings.join(", "));
                 }
                 TableRow {
                     variant: v.name.clone(),

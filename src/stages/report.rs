@@ -142,6 +142,7 @@ impl ReportParams {
             variants.push(self.variant(ctx, name, images)?);
         }
         bar.finish_and_clear();
+        mark_differences(ctx, &mut variants);
 
         let report = ComparisonReport {
             title: self
@@ -281,6 +282,7 @@ impl ReportParams {
             stage_seconds: None,
             loss: None,
             validation: None,
+            settings: Vec::new(),
             quality,
             images,
         };
@@ -352,6 +354,73 @@ impl ReportParams {
             other => v.method = other.kind().to_string(),
         }
         Ok(v)
+    }
+}
+
+/// Sets each train variant's `settings` to the train keys whose values differ between the
+/// report's train stages of the same method (`min_snr_gamma=5.0`, `optimizer=prodigy`), so a
+/// comparison of options says what each row changed. Stages alone with their method list
+/// nothing.
+fn mark_differences(ctx: &StageContext<'_>, variants: &mut [VariantReport]) {
+    let mut params: BTreeMap<String, (String, BTreeMap<String, String>)> = BTreeMap::new();
+    for (instance, _) in &ctx.upstream {
+        if let StageParams::Train(p) = &instance.params {
+            let mut flat = BTreeMap::new();
+            flatten("", &p.key_params(ctx.settings), &mut flat);
+            for k in ["seed", "device", "method"] {
+                flat.remove(k);
+            }
+            let method = serde_json::to_value(p.method)
+                .ok()
+                .and_then(|m| m.as_str().map(String::from))
+                .unwrap_or_default();
+            params.insert(instance.name.clone(), (method, flat));
+        }
+    }
+    for v in variants.iter_mut().filter(|v| !v.name.contains('#')) {
+        let Some((method, mine)) = params.get(&v.name) else {
+            continue;
+        };
+        let peers: Vec<&BTreeMap<String, String>> = params
+            .iter()
+            .filter(|(name, (m, _))| m == method && *name != &v.name)
+            .map(|(_, (_, p))| p)
+            .collect();
+        if peers.is_empty() {
+            continue;
+        }
+        let keys: std::collections::BTreeSet<&String> = peers
+            .iter()
+            .flat_map(|p| p.keys())
+            .chain(mine.keys())
+            .collect();
+        v.settings = keys
+            .into_iter()
+            .filter(|k| peers.iter().any(|p| p.get(*k) != mine.get(*k)))
+            .filter_map(|k| mine.get(k).map(|value| format!("{k}={value}")))
+            .collect();
+    }
+}
+
+/// `value` as dotted keys (`lora.rank`) → compact text (strings unquoted, arrays as JSON).
+fn flatten(prefix: &str, value: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+    match value {
+        serde_json::Value::Object(map) => {
+            for (k, v) in map {
+                let key = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&key, v, out);
+            }
+        }
+        serde_json::Value::String(s) => {
+            out.insert(prefix.to_string(), s.clone());
+        }
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
     }
 }
 

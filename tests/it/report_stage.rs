@@ -377,3 +377,57 @@ fn ema_and_saved_steps_are_report_lines() {
     let svg = std::fs::read_to_string(p.path("outputs/t/report/loss.svg")).unwrap();
     assert!(svg.contains("train@method=lora (validation)"));
 }
+
+/// Train stages of one method that differ in their options say how, in the method column:
+/// each lists the keys whose values differ from the others'.
+#[test]
+fn the_report_says_what_each_train_stage_of_a_method_changed() {
+    let p = Project::new(
+        PipelineToml::tiny_latents(3)
+            .merge(toml::toml! {
+                [stage.plain]
+                kind = "train"
+                needs = ["latents"]
+                method = "lora"
+                steps = 4
+
+                [stage.weighted]
+                kind = "train"
+                needs = ["latents"]
+                method = "lora"
+                steps = 4
+                min_snr_gamma = 5.0
+                optimizer = "lion"
+
+                [stage.report]
+                kind = "report"
+                needs = ["plain", "weighted", "grid", "preprocess"]
+            })
+            .tiny_grid("grid", &["plain", "weighted"])
+            .set("stage.grid.steps", 2),
+    );
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(p.path("outputs/t/report/report.json")).unwrap())
+            .unwrap();
+    let settings = |name: &str| {
+        report["variants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap()["settings"]
+            .clone()
+    };
+    assert_eq!(
+        settings("weighted"),
+        serde_json::json!(["min_snr_gamma=5.0", "optimizer=lion"])
+    );
+    assert!(settings("plain").is_null(), "{}", settings("plain"));
+    let md = std::fs::read_to_string(p.path("outputs/t/report/report.md")).unwrap();
+    assert!(
+        md.contains("LoRA · min_snr_gamma=5.0, optimizer=lion"),
+        "{md}"
+    );
+}
