@@ -204,55 +204,41 @@ impl SampleGridParams {
         let inputs = model_inputs(settings, ctx.hasher, Self::components())?;
         let model_digest = hash_bytes(canonical_json(&serde_json::to_value(&inputs)?).as_bytes());
         let device_key = crate::device::key_fragment(settings.device, settings.precision);
-        // The variants: the base model, then every upstream training result (a LoRA applied at
-        // multiplier 1, or an embedding for its token), named after its stage instance.
-        let mut variants = vec!["base".to_string()];
-        let mut loras: Vec<Option<BlobRef>> = vec![None];
-        let mut embeddings: Vec<Option<BlobRef>> = vec![None];
-        let mut hypernets: Vec<Option<BlobRef>> = vec![None];
-        // a whole checkpoint (DreamBooth, merge) replaces the base model for its row
-        let mut checkpoints: Vec<Option<BlobRef>> = vec![None];
-        // a variant trained with another parameterisation or schedule is sampled with it
-        let mut schedulers: Vec<Option<BlobRef>> = vec![None];
+        // The rows: the base model, then for every upstream training result (a LoRA applied
+        // at multiplier 1, an embedding for its token, a hypernetwork, or a whole checkpoint
+        // that replaces the base model) its saved steps (`NAME#step=N`, `save_every`), its
+        // final artifact (named after its stage instance) and its EMA (`NAME#ema`). Each
+        // row's files by kind, in `Artifact::TRAINED` order, and the scheduler config a
+        // variant trained with another parameterisation or schedule is sampled with.
+        type Row = (String, [Option<BlobRef>; 4], Option<BlobRef>);
+        let mut rows: Vec<Row> = vec![("base".to_string(), Default::default(), None)];
         for (instance, record) in &ctx.upstream {
-            // The artifacts a train stage saved on the way (`save_every`), as rows
-            // `NAME#step=N` before its final one.
+            let scheduler = Artifact::SchedulerConfig.in_record(record).cloned();
+            let only = |kind: Artifact, blob: &BlobRef| {
+                Artifact::TRAINED.map(|k| (k == kind).then(|| blob.clone()))
+            };
             for kind in Artifact::TRAINED {
                 for (step, blob) in kind.snapshots(record) {
-                    variants.push(format!("{}#step={step}", instance.name));
-                    let of = |k: Artifact| (kind == k).then(|| blob.clone());
-                    loras.push(of(Artifact::Lora));
-                    embeddings.push(of(Artifact::Embedding));
-                    hypernets.push(of(Artifact::Hypernetwork));
-                    checkpoints.push(of(Artifact::Checkpoint));
-                    schedulers.push(Artifact::SchedulerConfig.in_record(record).cloned());
+                    let name = format!("{}#step={step}", instance.name);
+                    rows.push((name, only(kind, blob), scheduler.clone()));
                 }
             }
-            let lora = Artifact::Lora.in_record(record);
-            let embedding = Artifact::Embedding.in_record(record);
-            let hypernet = Artifact::Hypernetwork.in_record(record);
-            let checkpoint = Artifact::Checkpoint.in_record(record);
-            if lora.is_some() || embedding.is_some() || hypernet.is_some() || checkpoint.is_some() {
-                variants.push(instance.name.clone());
-                loras.push(lora.cloned());
-                embeddings.push(embedding.cloned());
-                hypernets.push(hypernet.cloned());
-                checkpoints.push(checkpoint.cloned());
-                schedulers.push(Artifact::SchedulerConfig.in_record(record).cloned());
+            let last = Artifact::TRAINED.map(|k| k.in_record(record).cloned());
+            if last.iter().any(Option::is_some) {
+                rows.push((instance.name.clone(), last, scheduler.clone()));
             }
-            // The EMA weights' artifact (`ema_decay`), as the row `NAME#ema` after it.
             for kind in Artifact::TRAINED {
                 if let Some(blob) = kind.ema(record) {
-                    variants.push(format!("{}#ema", instance.name));
-                    let of = |k: Artifact| (kind == k).then(|| blob.clone());
-                    loras.push(of(Artifact::Lora));
-                    embeddings.push(of(Artifact::Embedding));
-                    hypernets.push(of(Artifact::Hypernetwork));
-                    checkpoints.push(of(Artifact::Checkpoint));
-                    schedulers.push(Artifact::SchedulerConfig.in_record(record).cloned());
+                    let name = format!("{}#ema", instance.name);
+                    rows.push((name, only(kind, blob), scheduler.clone()));
                 }
             }
         }
+        let variants: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+        let files =
+            |i: usize| -> Vec<Option<BlobRef>> { rows.iter().map(|r| r.1[i].clone()).collect() };
+        let (loras, embeddings, hypernets, checkpoints) = (files(0), files(1), files(2), files(3));
+        let schedulers: Vec<Option<BlobRef>> = rows.iter().map(|r| r.2.clone()).collect();
         // Each prompt: the text the model sees, and its tags resolved to upstream files.
         let mut prompt_networks: Vec<(String, Vec<(NetworkTag, BlobRef)>)> = Vec::new();
         for prompt in &self.prompts {
