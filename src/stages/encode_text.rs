@@ -16,7 +16,7 @@ use super::context::{StageContext, StageResult};
 use super::encode_latents::LatentsManifest;
 use super::model::{Component, open_checkpoint};
 use crate::diffusion::nn::Tensor3;
-use crate::formats::{HostTensor, read_safetensors, write_safetensors};
+use crate::formats::{HostTensor, parse_safetensors, safetensors_bytes};
 use crate::settings::PipelineSettings;
 
 /// Implementation version (part of the key).
@@ -110,14 +110,11 @@ impl EncodeTextParams {
             (CAPTIONS_KEY.to_string(), serde_json::to_string(&captions)?),
             (CLIP_SKIP_KEY.to_string(), self.clip_skip.to_string()),
         ]);
-        let scratch = ctx.scratch()?;
-        std::fs::create_dir_all(&scratch)?;
-        let file = scratch.join(STATES);
-        write_safetensors(&file, &tensors, Some(meta))?;
+        let bytes = safetensors_bytes(std::path::Path::new(STATES), &tensors, Some(meta))?;
         let mut result = StageResult::default();
         result
             .outputs
-            .insert(STATES.into(), ctx.store.put_file(&file)?);
+            .insert(STATES.into(), ctx.store.put_bytes(&bytes)?);
         result.summary = format!(
             "{} captions encoded (clip skip {})",
             captions.len(),
@@ -146,9 +143,7 @@ pub(super) fn cached_states<D: Device<f32>>(
         .outputs
         .get(STATES)
         .with_context(|| format!("stage `{}` has no {STATES}", instance.name))?;
-    let tmp = tempfile::Builder::new().suffix(".safetensors").tempfile()?;
-    std::fs::write(tmp.path(), ctx.store.read_blob(blob)?)?;
-    let file = read_safetensors(tmp.path())?;
+    let file = parse_safetensors(std::path::Path::new(STATES), &ctx.store.read_blob(blob)?)?;
     let theirs: usize = file
         .metadata
         .get(CLIP_SKIP_KEY)

@@ -216,22 +216,21 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for DreamboothSteps<'_,
         weights: Option<&BTreeMap<String, HostTensor>>,
         step: u64,
     ) -> anyhow::Result<()> {
-        let (mut unet, mut te) = self.weights()?;
-        match weights {
+        let (unet, te) = match weights {
+            // the EMA's: every trained tensor, the text encoder's under the `TE` prefix
             Some(w) => {
-                for (name, t) in unet.iter_mut() {
-                    if let Some(avg) = w.get(name) {
-                        t.data.clone_from(&avg.data);
-                    }
+                let (mut unet, mut te) = (BTreeMap::new(), BTreeMap::new());
+                for (name, t) in w {
+                    match name.strip_prefix(TE) {
+                        Some(local) => te.insert(local.to_string(), t.clone()),
+                        None => unet.insert(name.clone(), t.clone()),
+                    };
                 }
-                for (name, t) in te.iter_mut().flatten() {
-                    if let Some(avg) = w.get(&format!("{TE}{name}")) {
-                        t.data.clone_from(&avg.data);
-                    }
-                }
+                (unet, self.text_encoder.is_some().then_some(te))
             }
             // the weights as evaluated (schedule-free's x), on these host copies
             None => {
+                let (mut unet, mut te) = self.weights()?;
                 for (name, t) in unet.iter_mut() {
                     self.optimizer.to_eval_host(name, &mut t.data);
                 }
@@ -239,8 +238,9 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainMethod<D> for DreamboothSteps<'_,
                     self.optimizer
                         .to_eval_host(&format!("{TE}{name}"), &mut t.data);
                 }
+                (unet, te)
             }
-        }
+        };
         (self.write_model)(file, unet, te, step)
     }
 
