@@ -273,6 +273,7 @@ pub fn op_outputs<D: Device<f32>>(dev: &D) -> Vec<Output> {
         weight: t2(dev, 3, (48, 96)),
         bias: Some(t1(dev, 4, 48, 1.0)),
         lora: None,
+        delta: None,
         trainable: false,
     };
     out.push("linear", &linear.forward(t3(dev, 5, (2, 64, 96))));
@@ -285,6 +286,7 @@ pub fn op_outputs<D: Device<f32>>(dev: &D) -> Vec<Output> {
             stride,
             padding: Padding2d::same(1),
             lora: None,
+            delta: None,
             trainable: false,
         };
         let x = t4(dev, seed + 2, (2, 8, 12, 10), 1.0);
@@ -298,6 +300,7 @@ pub fn op_outputs<D: Device<f32>>(dev: &D) -> Vec<Output> {
         stride: 1,
         padding: Padding2d::same(0),
         lora: None,
+        delta: None,
         trainable: false,
     };
     out.push(

@@ -234,7 +234,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 let (o, i) = *linear.weight.shape();
                 match LoraModule::init(&[o, i], rank, rank as f32, opts.seed) {
                     Ok(module) => {
-                        network.unet.insert(name.to_string(), module);
+                        network.unet.insert(name.to_string(), module.into());
                     }
                     Err(e) => init_err = Some(e),
                 }
@@ -242,11 +242,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
             if let Some(e) = init_err {
                 return Err(step_err(&e));
             }
-            trainable_params = network
-                .unet
-                .values()
-                .map(|m| m.down.numel() + m.up.numel())
-                .sum();
+            trainable_params = network.unet.values().map(|m| m.num_params()).sum();
             install(&mut unet, &network, 1.0, dev).map_err(|e| step_err(&e))?;
             // the train stage's step: f32 masters, loss scaling in f16
             let masters = Masters::of_lora(&network, dev).map_err(|e| step_err(&e))?;
@@ -274,6 +270,9 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 te_keys: HashSet::new(),
                 scaler: StepScaler::new::<E>(None),
                 metadata: Default::default(),
+                modules: network,
+                base_weights: Default::default(),
+                dev: dev.clone(),
             };
             let captions: Vec<String> = items.iter().map(|i| i.caption.clone()).collect();
             let draw = |_| whole_batch(&latents, &noise, &timesteps, &captions);

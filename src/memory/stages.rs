@@ -58,11 +58,13 @@ fn upstream_resolution(pipeline: &Pipeline, instance: &StageInstance) -> Option<
 /// What `p` trains.
 pub fn trained_part(p: &TrainParams, configs: &StoredConfigs) -> TrainedPart {
     match p.method {
-        Method::Lora => TrainedPart::Lora {
-            rank: p.lora.rank,
-            targets: p.lora.targets.clone(),
-            text_encoder: (p.lora.text_encoder).then(|| p.lora.text_encoder_targets.clone()),
-        },
+        Method::Lora | Method::Locon | Method::Loha | Method::Lokr | Method::Dora => {
+            TrainedPart::Lora {
+                rank: p.lora.rank,
+                targets: p.lora.targets.clone(),
+                text_encoder: (p.lora.text_encoder).then(|| p.lora.text_encoder_targets.clone()),
+            }
+        }
         Method::TextualInversion => TrainedPart::TextualInversion {
             vectors: p.textual_inversion.num_vectors,
         },
@@ -170,7 +172,9 @@ pub fn train_stage_estimates(pipeline: &Pipeline) -> Vec<StageMemory> {
             method: Some(p.method),
             half: pipeline.settings.precision == crate::device::Precision::F16,
             size_key: match p.method {
-                Method::Lora => Some(format!("lora.rank (now {})", p.lora.rank)),
+                Method::Lora | Method::Locon | Method::Loha | Method::Lokr | Method::Dora => {
+                    Some(format!("lora.rank (now {})", p.lora.rank))
+                }
                 Method::TextualInversion => Some(format!(
                     "textual_inversion.num_vectors (now {})",
                     p.textual_inversion.num_vectors

@@ -71,7 +71,8 @@ pub fn combine_loras(loras: &[(&LoraNetwork, f32)], method: CombineMethod) -> Re
     }
     let mut by_module: BTreeMap<(LoraComponent, &String), Vec<Part>> = BTreeMap::new();
     for (i, (net, w)) in loras.iter().enumerate() {
-        for (c, path, m) in net.iter() {
+        let modules = net.lora_modules().map_err(MergeError::Invalid)?;
+        for (c, path, m) in modules {
             by_module.entry((c, path)).or_default().push((i, m, *w));
         }
     }
@@ -103,8 +104,8 @@ pub fn combine_loras(loras: &[(&LoraNetwork, f32)], method: CombineMethod) -> Re
             }
         };
         match component {
-            LoraComponent::Unet => out.unet.insert(path.clone(), module),
-            LoraComponent::TextEncoder => out.text_encoder.insert(path.clone(), module),
+            LoraComponent::Unet => out.unet.insert(path.clone(), module.into()),
+            LoraComponent::TextEncoder => out.text_encoder.insert(path.clone(), module.into()),
         };
     }
     Ok(out)
@@ -179,7 +180,7 @@ mod tests {
             let mut m = LoraModule::init(&shape, rank, alpha, seed + i as u64).unwrap();
             m.up.data =
                 crate::formats::InitRng::new(seed + 100 + i as u64).normal(m.up.numel(), 1.0);
-            n.unet.insert(format!("m{i}"), m);
+            n.unet.insert(format!("m{i}"), m.into());
         }
         n
     }
@@ -187,7 +188,7 @@ mod tests {
     fn summed(loras: &[(&LoraNetwork, f32)], module: &str) -> HostTensor {
         let mut total: Option<HostTensor> = None;
         for (n, w) in loras {
-            let d = n.unet[module].delta(*w);
+            let d = n.unet[module].as_lora().unwrap().delta(*w);
             match &mut total {
                 None => total = Some(d),
                 Some(t) => t.data.iter_mut().zip(d.data).for_each(|(a, b)| *a += b),
@@ -203,7 +204,11 @@ mod tests {
         let c = combine_loras(&loras, CombineMethod::Concat).unwrap();
         for m in ["m0", "m1"] {
             assert_eq!(c.unet[m].rank(), 5);
-            let err = c.unet[m].delta(1.0).max_abs_diff(&summed(&loras, m));
+            let err = c.unet[m]
+                .as_lora()
+                .unwrap()
+                .delta(1.0)
+                .max_abs_diff(&summed(&loras, m));
             assert!(err < 1e-6, "{m}: {err}");
         }
     }
@@ -223,7 +228,11 @@ mod tests {
         for alpha in [None, Some(1.0)] {
             let c = combine_loras(&loras, svd(5, alpha)).unwrap();
             for m in ["m0", "m1"] {
-                let err = c.unet[m].delta(1.0).max_abs_diff(&summed(&loras, m));
+                let err = c.unet[m]
+                    .as_lora()
+                    .unwrap()
+                    .delta(1.0)
+                    .max_abs_diff(&summed(&loras, m));
                 assert!(err < 1e-5, "{m}: {err}");
             }
         }
@@ -231,7 +240,7 @@ mod tests {
         let c = combine_loras(&loras, svd(2, None)).unwrap();
         let full = summed(&loras, "m0");
         let s = low_rank(&full.data, 6, 5, 5, 0).singular_values;
-        let got = c.unet["m0"].delta(1.0);
+        let got = c.unet["m0"].as_lora().unwrap().delta(1.0);
         let err: f64 = got
             .data
             .iter()
@@ -248,8 +257,10 @@ mod tests {
     fn mismatched_module_shapes_are_named() {
         let a = net(1, 2, 1.0);
         let mut b = LoraNetwork::default();
-        b.unet
-            .insert("m0".into(), LoraModule::init(&[6, 7], 2, 1.0, 0).unwrap());
+        b.unet.insert(
+            "m0".into(),
+            LoraModule::init(&[6, 7], 2, 1.0, 0).unwrap().into(),
+        );
         let err = combine_loras(&[(&a, 1.0), (&b, 1.0)], CombineMethod::Concat)
             .unwrap_err()
             .to_string();

@@ -175,7 +175,7 @@ pub fn extract_lora(
         let delta = difference("UNet", key, t, &base.unet)?;
         let m = factorise(&delta, rank, opts.alpha, opts.clamp_quantile, opts.seed);
         account(&delta, &m);
-        net.unet.insert(module.to_string(), m);
+        net.unet.insert(module.to_string(), m.into());
     }
     if opts.text_encoder {
         let mut deltas = Vec::new();
@@ -201,7 +201,7 @@ pub fn extract_lora(
                     opts.seed,
                 );
                 account(&delta, &m);
-                net.text_encoder.insert(module, m);
+                net.text_encoder.insert(module, m.into());
             }
         }
     }
@@ -272,11 +272,11 @@ mod tests {
         let key = "down_blocks.0.resnets.0.conv1";
         let m = &net.unet[key];
         assert_eq!(
-            m.down.shape,
+            m.as_lora().unwrap().down.shape,
             vec![4, 3, 3, 3],
             "rank capped at min(out, in·k·k)"
         );
-        assert_eq!(m.alpha, 4.0);
+        assert_eq!(m.alpha(), 4.0);
         let want = difference(
             "UNet",
             &format!("{key}.weight"),
@@ -284,7 +284,7 @@ mod tests {
             &base.unet,
         )
         .unwrap();
-        assert!(m.delta(1.0).max_abs_diff(&want) < 1e-5);
+        assert!(m.as_lora().unwrap().delta(1.0).max_abs_diff(&want) < 1e-5);
 
         // low rank: the error is the singular-value tail; alpha only moves the scale
         let low = ExtractOptions {
@@ -305,7 +305,7 @@ mod tests {
         )
         .unwrap();
         let s = super::super::svd::low_rank(&d.data, 8, 6, 6, 0).singular_values;
-        let got = net.unet[k].delta(1.0);
+        let got = net.unet[k].as_lora().unwrap().delta(1.0);
         let err = got
             .data
             .iter()

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use super::{MergeError, Result};
 use crate::formats::HostTensor;
 use crate::formats::checkpoint::ModelTensors;
-use crate::formats::lora::{KnownModules, LoraComponent, LoraModule, LoraNetwork};
+use crate::formats::lora::{KnownModules, LoraComponent, LoraNetwork, NetworkModule};
 
 /// The model's LoRA-able modules and their weight shapes, for reading kohya names exactly
 /// ([`crate::formats::lora::read_lora`]): UNet weights as they are, text-encoder weights
@@ -72,9 +72,28 @@ fn add_delta(
     module_path: &str,
     key: &str,
     weight: &mut HostTensor,
-    module: &LoraModule,
+    module: &NetworkModule,
     multiplier: f32,
 ) -> Result<()> {
+    let misfit = |expected: Vec<usize>| MergeError::TargetShape {
+        lora: lora.to_string(),
+        module: module_path.to_string(),
+        weight: key.to_string(),
+        expected,
+        found: weight.shape.clone(),
+    };
+    let module = match module {
+        NetworkModule::Lora(m) => m,
+        // LoHa, LoKr and DoRA: the update for this weight (DoRA's depends on it)
+        other => {
+            let delta =
+                (other.delta_for(weight, multiplier)).map_err(|_| misfit(other.weight_shape()))?;
+            for (w, d) in weight.data.iter_mut().zip(&delta.data) {
+                *w += d;
+            }
+            return Ok(());
+        }
+    };
     let delta = module.delta(multiplier);
     let squeeze = |s: &[usize]| -> Vec<usize> {
         if s.len() == 4 && s[2] == 1 && s[3] == 1 {
@@ -144,6 +163,7 @@ pub fn merge_loras(model: &mut ModelTensors, loras: &[(&str, &LoraNetwork, f32)]
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::formats::lora::LoraModule;
 
     fn model() -> ModelTensors {
         let mut m = ModelTensors::default();
@@ -168,12 +188,12 @@ mod tests {
         down: Vec<f32>,
         down_shape: Vec<usize>,
         alpha: f32,
-    ) -> LoraModule {
-        LoraModule {
+    ) -> NetworkModule {
+        NetworkModule::Lora(LoraModule {
             up: HostTensor::new(up_shape, up).unwrap(),
             down: HostTensor::new(down_shape, down).unwrap(),
             alpha,
-        }
+        })
     }
 
     #[test]

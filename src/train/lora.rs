@@ -17,7 +17,7 @@ use crate::diffusion::params::{Layer, Layers};
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::{TextEncoder, UNet};
 use crate::formats::HostTensor;
-use crate::formats::lora::{LoraComponent, LoraModule, LoraNetwork};
+use crate::formats::lora::{LoraComponent, LoraModule, LoraNetwork, NetworkModule};
 
 /// A layer LoRA can adapt: a linear layer (the classic LoRA) or a convolution (LoCon), each
 /// carrying its optional adapter.
@@ -38,11 +38,66 @@ impl<E: Elem, D: Device<E>> Adaptable<'_, D, E> {
         }
     }
 
-    /// Removes the adapter.
+    /// Removes the adapter (and any full-size update).
     pub fn remove_adapter(&mut self) {
         match self {
-            Adaptable::Linear(l) => l.lora = None,
-            Adaptable::Conv(c) => c.lora = None,
+            Adaptable::Linear(l) => (l.lora, l.delta) = (None, None),
+            Adaptable::Conv(c) => (c.lora, c.delta) = (None, None),
+        }
+    }
+
+    /// The layer's (frozen) weight on the host.
+    pub fn weight_host(&self) -> HostTensor {
+        match self {
+            Adaptable::Linear(l) => HostTensor::from_tensor(&l.weight),
+            Adaptable::Conv(c) => HostTensor::from_tensor(&c.weight),
+        }
+    }
+
+    /// Sets the full-size update `ΔW` (shaped like the weight) the layer adds to its output.
+    pub fn set_delta(&mut self, delta: &HostTensor, dev: &D) -> Result<(), String> {
+        let misfit = || format!("ΔW {:?} does not fit the layer", delta.shape);
+        match self {
+            Adaptable::Linear(l) => {
+                let shape = *l.weight.shape();
+                let d = delta.to_tensor_as::<(usize, usize), E, D>(dev);
+                l.delta = Some(d.filter(|d| *d.shape() == shape).ok_or_else(misfit)?);
+            }
+            Adaptable::Conv(c) => {
+                let shape = *c.weight.shape();
+                let d = delta.to_tensor_as::<Shape4, E, D>(dev);
+                c.delta = Some(d.filter(|d| *d.shape() == shape).ok_or_else(misfit)?);
+            }
+        }
+        Ok(())
+    }
+
+    /// The gradient of the layer's `ΔW` in `grads`, when it has one.
+    fn delta_grad(&self, grads: &Gradients<E, D>) -> Option<HostTensor> {
+        match self {
+            Adaptable::Linear(l) => {
+                (l.delta.as_ref()).map(|d| HostTensor::from_tensor(&grads.get(d)))
+            }
+            Adaptable::Conv(c) => {
+                (c.delta.as_ref()).map(|d| HostTensor::from_tensor(&grads.get(d)))
+            }
+        }
+    }
+
+    /// Installs `module` on the layer at `multiplier`: a LoRA as the adapter (scaled by
+    /// `multiplier · alpha / r`), the others as their update `ΔW`; why not when it does not fit.
+    fn install_module(
+        &mut self,
+        module: &NetworkModule,
+        multiplier: f32,
+        dev: &D,
+    ) -> Result<(), String> {
+        match module {
+            NetworkModule::Lora(m) => self.install(m, multiplier * m.scale(), dev),
+            m => {
+                let delta = m.delta_for(&self.weight_host(), multiplier)?;
+                self.set_delta(&delta, dev)
+            }
         }
     }
 
@@ -87,7 +142,7 @@ impl<E: Elem, D: Device<E>> Adaptable<'_, D, E> {
     }
 
     /// Adds `module`'s update at `multiplier` to the weight; why not when it does not fit.
-    fn merge(&mut self, module: &LoraModule, multiplier: f32) -> Result<(), String> {
+    fn merge(&mut self, module: &NetworkModule, multiplier: f32) -> Result<(), String> {
         match self {
             Adaptable::Linear(l) => {
                 let mut weight = HostTensor::from_tensor(&l.weight);
@@ -276,14 +331,14 @@ pub fn install<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
     multiplier: f32,
     dev: &D,
 ) -> Result<(), LoraTrainError> {
-    let mut remaining: BTreeMap<&String, &LoraModule> =
+    let mut remaining: BTreeMap<&String, &NetworkModule> =
         network.modules(M::COMPONENT).iter().collect();
     let mut error = None;
     model.for_each_lora_layer_mut(&mut |name, mut layer| {
         let Some(module) = remaining.remove(&name.to_string()) else {
             return;
         };
-        if let Err(reason) = layer.install(module, multiplier * module.scale(), dev) {
+        if let Err(reason) = layer.install_module(module, multiplier, dev) {
             error.get_or_insert(LoraTrainError::Shape {
                 name: name.to_string(),
                 reason,
@@ -307,7 +362,7 @@ pub fn merge_into_unet<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
     network: &LoraNetwork,
     multiplier: f32,
 ) -> Result<(), LoraTrainError> {
-    let mut remaining: BTreeMap<&String, &LoraModule> =
+    let mut remaining: BTreeMap<&String, &NetworkModule> =
         network.modules(M::COMPONENT).iter().collect();
     let mut error = None;
     model.for_each_lora_layer_mut(&mut |name, mut layer| {
@@ -361,7 +416,7 @@ pub fn extract<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
             let module = LoraModule { down, up, alpha };
             network
                 .modules_mut(M::COMPONENT)
-                .insert(name.to_string(), module);
+                .insert(name.to_string(), module.into());
         }
     });
     network
@@ -503,7 +558,12 @@ pub fn loss_and_grads<D: Device<f32>>(
     loss_and_grads_taped(unet, ddpm, latents, noise, timesteps, context.retaped())
 }
 
-/// The gradients of every adapter, by PEFT parameter name.
+/// The name suffix of a layer's `ΔW` gradient in [`adapter_grads`]' map.
+pub const DELTA_GRAD: &str = "delta_weight";
+
+/// The gradients of every adapter, by PEFT parameter name, and of every full-size update
+/// `ΔW` (LoHa, LoKr, DoRA) as `<module>.delta_weight` ([`DELTA_GRAD`]; see
+/// [`factor_grads_of`] for its factors').
 pub fn adapter_grads<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
     model: &mut M,
     grads: &Gradients<E, D>,
@@ -513,6 +573,86 @@ pub fn adapter_grads<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
         if let Some((down, up)) = layer.adapter_grads(grads) {
             out.insert(format!("{name}.lora_A.weight"), down);
             out.insert(format!("{name}.lora_B.weight"), up);
+        }
+        if let Some(g) = layer.delta_grad(grads) {
+            out.insert(format!("{name}.{DELTA_GRAD}"), g);
+        }
+    });
+    out
+}
+
+/// Replaces every `<module>.delta_weight` gradient in `grads` by the gradients of that
+/// module's factors ([`super::lycoris::factor_grads`]), the module taken from `network` (its
+/// current values) and its frozen weight from `weights` (module path → weight).
+pub fn factor_grads_of(
+    grads: &mut BTreeMap<String, HostTensor>,
+    network: &BTreeMap<String, NetworkModule>,
+    weights: &BTreeMap<String, HostTensor>,
+) -> Result<(), LoraTrainError> {
+    let keys: Vec<String> = (grads.keys())
+        .filter(|k| k.ends_with(DELTA_GRAD))
+        .cloned()
+        .collect();
+    for key in keys {
+        let Some(g) = grads.remove(&key) else {
+            continue;
+        };
+        let name = key.trim_end_matches(DELTA_GRAD).trim_end_matches('.');
+        let shape_error = |reason: String| LoraTrainError::Shape {
+            name: name.to_string(),
+            reason,
+        };
+        let (Some(module), Some(weight)) = (network.get(name), weights.get(name)) else {
+            return Err(shape_error("no module for its ΔW gradient".into()));
+        };
+        for (suffix, grad) in
+            super::lycoris::factor_grads(module, weight, &g).map_err(shape_error)?
+        {
+            grads.insert(format!("{name}.{suffix}"), grad);
+        }
+    }
+    Ok(())
+}
+
+/// Rebuilds the full-size update `ΔW` of every LoHa, LoKr and DoRA module of `modules` on its
+/// layer of `model` (after the optimiser changed their factors); `weights` holds each one's
+/// frozen weight.
+pub fn refresh_deltas<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
+    model: &mut M,
+    modules: &BTreeMap<String, NetworkModule>,
+    weights: &BTreeMap<String, HostTensor>,
+    dev: &D,
+) -> Result<(), LoraTrainError> {
+    let mut error = None;
+    model.for_each_lora_layer_mut(&mut |name, mut layer| {
+        let (Some(module), Some(weight)) = (modules.get(name), weights.get(name)) else {
+            return;
+        };
+        if module.as_lora().is_some() || error.is_some() {
+            return;
+        }
+        let result = module
+            .delta_for(weight, 1.0)
+            .and_then(|d| layer.set_delta(&d, dev));
+        if let Err(reason) = result {
+            error = Some(LoraTrainError::Shape {
+                name: name.to_string(),
+                reason,
+            });
+        }
+    });
+    error.map_or(Ok(()), Err)
+}
+
+/// The frozen weight of every layer of `model` that a non-LoRA module of `modules` adapts.
+pub fn delta_weights<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
+    model: &mut M,
+    modules: &BTreeMap<String, NetworkModule>,
+) -> BTreeMap<String, HostTensor> {
+    let mut out = BTreeMap::new();
+    model.for_each_lora_layer_mut(&mut |name, layer| {
+        if modules.get(name).is_some_and(|m| m.as_lora().is_none()) {
+            out.insert(name.to_string(), layer.weight_host());
         }
     });
     out

@@ -14,4 +14,23 @@ pub enum Method {
     Dreambooth,
     /// An A1111 hypernetwork on the attentions' key/value context.
     Hypernetwork,
+    /// LoRA on the ResNets' and samplers' convolutions too (kohya's LoCon, LyCORIS `locon`).
+    Locon,
+    /// LyCORIS LoHa: a Hadamard product of two low-rank products.
+    Loha,
+    /// LyCORIS LoKr: a Kronecker product with a low-rank factor.
+    Lokr,
+    /// DoRA: LoRA with a learned magnitude per weight column.
+    Dora,
+}
+
+impl Method {
+    /// Whether the method trains a LoRA-family network (the `[stage.NAME.lora]` table; a
+    /// `lora.safetensors` artifact).
+    pub fn is_network(self) -> bool {
+        matches!(
+            self,
+            Method::Lora | Method::Locon | Method::Loha | Method::Lokr | Method::Dora
+        )
+    }
 }

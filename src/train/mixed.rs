@@ -25,7 +25,7 @@ use crate::diffusion::nn::{Tensor2, Tensor3, Tensor4};
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::unet::UNet;
 use crate::formats::HostTensor;
-use crate::formats::lora::{LoraComponent, LoraModule, LoraNetwork};
+use crate::formats::lora::{LoraComponent, LoraNetwork, NetworkModule};
 use crate::train::lora::{Adaptable, LoraTarget, LoraTrainError};
 use crate::train::objective;
 use crate::train::optim::{OptimError, Optimizer, ParamOptimizer, Pass};
@@ -188,15 +188,12 @@ pub struct Masters<D: Device<f32>> {
 }
 
 impl<D: Device<f32>> Masters<D> {
-    /// The adapters of `network` (by PEFT parameter name, `<module>.lora_A.weight` /
-    /// `.lora_B.weight`) in f32 on `dev`.
+    /// The trained tensors of `network` (by parameter name: PEFT's `<module>.lora_A.weight` /
+    /// `.lora_B.weight`, LyCORIS' `<module>.hada_w1_a`, …) in f32 on `dev`.
     pub fn of_lora(network: &LoraNetwork, dev: &D) -> Result<Self, LoraTrainError> {
         let mut tensors = BTreeMap::new();
         for (_, name, module) in network.iter() {
-            for (suffix, t) in [
-                ("lora_A.weight", &module.down),
-                ("lora_B.weight", &module.up),
-            ] {
+            for (suffix, t) in module.params() {
                 let key = format!("{name}.{suffix}");
                 let tensor = as_rows(t)
                     .to_tensor::<(usize, usize), D>(dev)
@@ -299,12 +296,9 @@ impl<D: Device<f32>> Masters<D> {
     /// `network` with the master values of its `component` modules (the exact f32 values,
     /// where the model holds them rounded to f16).
     pub fn into_network(&self, network: &mut LoraNetwork, component: LoraComponent) {
-        let modules: &mut BTreeMap<String, LoraModule> = network.modules_mut(component);
+        let modules: &mut BTreeMap<String, NetworkModule> = network.modules_mut(component);
         for (name, module) in modules.iter_mut() {
-            for (suffix, t) in [
-                ("lora_A.weight", &mut module.down),
-                ("lora_B.weight", &mut module.up),
-            ] {
+            for (suffix, t) in module.params_mut() {
                 if let Some(m) = self.tensors.get(&format!("{name}.{suffix}")) {
                     // a conv module's down keeps its kernel axes
                     let shape = std::mem::take(&mut t.shape);

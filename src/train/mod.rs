@@ -10,6 +10,7 @@ pub mod eval;
 pub mod hypernetwork;
 pub mod lora;
 pub mod lr;
+pub mod lycoris;
 mod method;
 pub mod methods;
 mod metrics;

@@ -45,7 +45,7 @@ fn lora_three_layouts_decode_identically() {
     assert!(kohya.text_encoder.is_empty());
     for m in kohya.unet.values() {
         assert_eq!(m.rank(), 4);
-        assert_eq!(m.alpha, 2.0);
+        assert_eq!(m.alpha(), 2.0);
     }
     assert!(
         kohya
@@ -70,7 +70,7 @@ fn lora_diffusers_without_metadata_defaults_alpha_to_rank() {
     write_safetensors(&p, &src.tensors, None).unwrap();
     let (net, fmt) = read_lora(&p, None).unwrap();
     assert_eq!(fmt, LoraFormat::Diffusers);
-    assert!(net.unet.values().all(|m| m.alpha == 4.0));
+    assert!(net.unet.values().all(|m| m.alpha() == 4.0));
 }
 
 #[test]
@@ -122,7 +122,8 @@ fn sample_network() -> LoraNetwork {
             down: t(vec![3, 8], 0.1),
             up: t(vec![5, 3], 0.2),
             alpha: 1.5,
-        },
+        }
+        .into(),
     );
     net.unet.insert(
         "up_blocks.1.resnets.0.conv_shortcut".into(),
@@ -130,7 +131,8 @@ fn sample_network() -> LoraNetwork {
             down: t(vec![2, 6, 3, 3], 0.3),
             up: t(vec![4, 2], 0.4),
             alpha: 2.0,
-        },
+        }
+        .into(),
     );
     net.unet.insert(
         "mid_block.attentions.0.transformer_blocks.0.ff.net.0.proj".into(),
@@ -138,7 +140,8 @@ fn sample_network() -> LoraNetwork {
             down: t(vec![3, 8], 0.5),
             up: t(vec![16, 3], 0.6),
             alpha: 3.0,
-        },
+        }
+        .into(),
     );
     net.text_encoder.insert(
         "text_model.encoder.layers.11.self_attn.q_proj".into(),
@@ -146,7 +149,8 @@ fn sample_network() -> LoraNetwork {
             down: t(vec![3, 7], 0.7),
             up: t(vec![7, 3], 0.8),
             alpha: 1.0,
-        },
+        }
+        .into(),
     );
     net.text_encoder.insert(
         "text_model.encoder.layers.0.mlp.fc1".into(),
@@ -154,7 +158,8 @@ fn sample_network() -> LoraNetwork {
             down: t(vec![3, 7], 0.9),
             up: t(vec![9, 3], 1.0),
             alpha: 3.0,
-        },
+        }
+        .into(),
     );
     net
 }
@@ -909,10 +914,15 @@ fn lora_diffusers_text_encoder_and_peft_alpha_pattern() {
     let (net, f) = read_lora(dir.path(), None).unwrap();
     assert_eq!(f, LoraFormat::Diffusers);
     let m = &net.text_encoder["text_model.encoder.layers.1.self_attn.out_proj"];
-    assert_eq!((m.rank(), m.alpha), (2, 1.0));
+    assert_eq!((m.rank(), m.alpha()), (2, 1.0));
     let m = &net.unet["up_blocks.1.attentions.0.proj_in"];
     assert_eq!(
-        (m.rank(), m.alpha, m.is_conv(), m.up.shape.clone()),
+        (
+            m.rank(),
+            m.alpha(),
+            m.is_conv(),
+            m.as_lora().unwrap().up.shape.clone()
+        ),
         (8, 4.0, true, vec![32, 8])
     );
     assert_eq!(m.weight_shape(), vec![32, 32, 1, 1]);
@@ -955,11 +965,11 @@ fn lora_diffusers_text_encoder_and_peft_alpha_pattern() {
     let (net, f) = read_lora(&peft, Some(&unet_known())).unwrap();
     assert_eq!(f, LoraFormat::Peft);
     assert_eq!(
-        net.unet["mid_block.attentions.0.transformer_blocks.0.attn2.to_k"].alpha,
+        net.unet["mid_block.attentions.0.transformer_blocks.0.attn2.to_k"].alpha(),
         8.0
     );
     assert_eq!(
-        net.unet["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"].alpha,
+        net.unet["mid_block.attentions.0.transformer_blocks.0.attn2.to_v"].alpha(),
         2.0
     );
 }

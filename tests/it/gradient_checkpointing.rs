@@ -117,7 +117,7 @@ fn checkpointed_lora_gradients_equal_the_plain_ones() {
             up: HostTensor::new(vec![out, 2], values(2 * out, 50 + i as u64)).unwrap(),
             alpha: 2.0,
         };
-        network.unet.insert(name, module);
+        network.unet.insert(name, module.into());
     }
     install(&mut model, &network, 1.0, &dev).unwrap();
     let pick = |m: &mut UNet<Cpu>, g: &Gradients<f32, Cpu>| adapter_grads(m, g);

@@ -131,7 +131,7 @@ fn locon_file_installs_and_merges_alike() {
                 .collect(),
         )
         .unwrap();
-        network.unet.insert(name.clone(), module);
+        network.unet.insert(name.clone(), module.into());
     }
     assert!(convs > 20, "{convs} convolutions adapted");
 
@@ -158,7 +158,9 @@ fn locon_file_installs_and_merges_alike() {
     let unmerged = run(&unet);
     let mut back = extract(&mut unet, 1.0);
     for m in back.unet.values_mut() {
-        m.alpha = 1.0;
+        if let Some(m) = m.as_lora_mut() {
+            m.alpha = 1.0;
+        }
     }
     assert_eq!(
         back.unet, network.unet,

@@ -81,7 +81,12 @@ fn max_module_diff(
     );
     a.unet
         .iter()
-        .map(|(k, m)| m.delta(1.0).max_abs_diff(&b.unet[k].delta(1.0)))
+        .map(|(k, m)| {
+            m.as_lora()
+                .unwrap()
+                .delta(1.0)
+                .max_abs_diff(&b.unet[k].as_lora().unwrap().delta(1.0))
+        })
         .fold(0.0, f32::max)
 }
 
@@ -144,7 +149,14 @@ fn lora_baked_extracted_combined_and_sampled_as_a_checkpoint_row() {
     let scale = trained
         .unet
         .values()
-        .map(|m| m.delta(1.0).data.iter().fold(0.0f32, |a, v| a.max(v.abs())))
+        .map(|m| {
+            m.as_lora()
+                .unwrap()
+                .delta(1.0)
+                .data
+                .iter()
+                .fold(0.0f32, |a, v| a.max(v.abs()))
+        })
         .fold(0.0, f32::max);
     let err = max_module_diff(&trained, &extracted);
     println!(

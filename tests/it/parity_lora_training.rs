@@ -60,7 +60,8 @@ fn three_lora_steps_match_peft() {
                     down: t.clone(),
                     up,
                     alpha: 2.0,
-                },
+                }
+                .into(),
             );
         }
     }
@@ -119,11 +120,11 @@ fn three_lora_steps_match_peft() {
     let mut p = 0.0f32;
     for (module, m) in &trained.unet {
         p = p.max(max_diff(
-            &m.down,
+            &m.as_lora().unwrap().down,
             &golden[&format!("final.{module}.lora_A.weight")],
         ));
         p = p.max(max_diff(
-            &m.up,
+            &m.as_lora().unwrap().up,
             &golden[&format!("final.{module}.lora_B.weight")],
         ));
     }

@@ -55,7 +55,7 @@ fn lora_training_learns_writes_kohya_and_changes_the_grid() {
     let params: usize = network
         .unet
         .values()
-        .map(|m| m.down.numel() + m.up.numel())
+        .map(|m| m.as_lora().unwrap().down.numel() + m.as_lora().unwrap().up.numel())
         .sum();
     assert_eq!(stats["trainable_params"], params);
     let csv = std::fs::read_to_string(p.path("outputs/t/train/loss.csv")).unwrap();
@@ -214,7 +214,7 @@ fn text_encoder_lora_with_dropout_learns_and_writes_lora_te_modules() {
     let trained_up = network
         .text_encoder
         .values()
-        .any(|m| m.up.data.iter().any(|v| *v != 0.0));
+        .any(|m| m.as_lora().unwrap().up.data.iter().any(|v| *v != 0.0));
     assert!(trained_up, "the text-encoder adapters did not train");
     let file = sdpipe::formats::read_safetensors(&lora).unwrap();
     assert!(
@@ -262,7 +262,14 @@ fn half_precision_lora_training_tracks_f32() {
     assert!(!b.text_encoder.is_empty());
     let (mut diff, mut norm) = (0f64, 0f64);
     for ((_, _, ma), (_, _, mb)) in a.iter().zip(b.iter()) {
-        for (x, y) in ma.up.data.iter().zip(&mb.up.data) {
+        for (x, y) in ma
+            .as_lora()
+            .unwrap()
+            .up
+            .data
+            .iter()
+            .zip(&mb.as_lora().unwrap().up.data)
+        {
             diff += ((x - y) as f64).powi(2);
             norm += (*x as f64).powi(2);
         }
@@ -773,8 +780,16 @@ fn save_every_keeps_intermediate_artifacts_as_grid_rows() {
         let (b, _) = sdpipe::formats::lora::read_lora(b, None).unwrap();
         assert_eq!(a.unet.len(), b.unet.len());
         for (name, m) in &a.unet {
-            assert_eq!(m.up.data, b.unet[name].up.data, "{name}");
-            assert_eq!(m.down.data, b.unet[name].down.data, "{name}");
+            assert_eq!(
+                m.as_lora().unwrap().up.data,
+                b.unet[name].as_lora().unwrap().up.data,
+                "{name}"
+            );
+            assert_eq!(
+                m.as_lora().unwrap().down.data,
+                b.unet[name].as_lora().unwrap().down.data,
+                "{name}"
+            );
         }
     };
     let short = Project::new(pipeline().set("stage.train.steps", 10).remove("stage.grid"));
@@ -875,18 +890,40 @@ fn ema_of_the_weights_is_written_sampled_and_resumable() {
         let k = i as f64; // t − 1
         let one_minus = (1.0 - ((1.0 + k) / (10.0 + k)).min(decay)) as f32;
         for (name, m) in avg.unet.iter_mut() {
-            for (s, &x) in m.up.data.iter_mut().zip(&w.unet[name].up.data) {
+            for (s, &x) in m
+                .as_lora_mut()
+                .unwrap()
+                .up
+                .data
+                .iter_mut()
+                .zip(&w.unet[name].as_lora().unwrap().up.data)
+            {
                 *s -= one_minus * (*s - x);
             }
-            for (s, &x) in m.down.data.iter_mut().zip(&w.unet[name].down.data) {
+            for (s, &x) in m
+                .as_lora_mut()
+                .unwrap()
+                .down
+                .data
+                .iter_mut()
+                .zip(&w.unet[name].as_lora().unwrap().down.data)
+            {
                 *s -= one_minus * (*s - x);
             }
         }
     }
     let ema = read(ema_file.clone());
     for (name, m) in &ema.unet {
-        assert_eq!(m.up.data, avg.unet[name].up.data, "{name}");
-        assert_eq!(m.down.data, avg.unet[name].down.data, "{name}");
+        assert_eq!(
+            m.as_lora().unwrap().up.data,
+            avg.unet[name].as_lora().unwrap().up.data,
+            "{name}"
+        );
+        assert_eq!(
+            m.as_lora().unwrap().down.data,
+            avg.unet[name].as_lora().unwrap().down.data,
+            "{name}"
+        );
     }
     assert_ne!(
         ema.unet, weights[11].unet,

@@ -56,6 +56,9 @@ pub struct Conv2d<D: Storage<E>, E = f32> {
     pub padding: Padding2d,
     /// A low-rank adapter added to the output (LoCon; the weight stays untouched).
     pub lora: Option<ConvLoraAdapter<D, E>>,
+    /// A full-size update `ΔW` (`[c_out, c_in, kh, kw]`) convolved with the input beside the
+    /// weight: how LoHa, LoKr and DoRA modules act (see [`Linear::delta`](super::Linear::delta)).
+    pub delta: Option<Tensor4<D, NoneTape, E>>,
     /// Whether the weight and bias get gradients under a tape (full fine-tuning).
     pub trainable: bool,
 }
@@ -94,6 +97,7 @@ impl<E: Elem, D: Device<E>> Conv2d<D, E> {
             stride,
             padding,
             lora: None,
+            delta: None,
             trainable: false,
         })
     }
@@ -106,6 +110,7 @@ impl<E: Elem, D: Device<E>> Conv2d<D, E> {
     /// `[b, c_in, h, w] -> [b, c_out, ho, wo]`
     pub fn forward<T: Tape<E, D>>(&self, x: Tensor4<D, T, E>) -> Tensor4<D, T, E> {
         let lora_input = self.lora.as_ref().map(|_| x.retaped::<T>());
+        let delta_input = self.delta.as_ref().map(|_| x.retaped::<T>());
         let y = conv2d_with(
             x,
             &self.weight,
@@ -116,6 +121,15 @@ impl<E: Elem, D: Device<E>> Conv2d<D, E> {
             MAX_COLS_ELEMENTS,
             self.trainable && T::OWNS_TAPE,
         );
+        // [b, c_in, h, w] -> [b, c_out, ho, wo] through ΔW, which joins the tape
+        let y = match (&self.delta, delta_input) {
+            (Some(d), Some(x)) => {
+                let train = T::OWNS_TAPE;
+                let (stride, padding) = (self.stride, self.padding);
+                y + conv2d_with(x, d, None, stride, padding, true, MAX_COLS_ELEMENTS, train)
+            }
+            _ => y,
+        };
         match (&self.lora, lora_input) {
             (Some(lora), Some(x)) => {
                 // the adapter's tensors join the tape when there is one (they train)
@@ -583,6 +597,7 @@ mod tests {
                     up: dev.tensor_from_vec(up, (co, r, 1, 1)),
                     scale,
                 }),
+                delta: None,
                 trainable: false,
             };
             let layer = with(dv.clone(), uv.clone());

@@ -18,6 +18,10 @@ pub struct Linear<D: Storage<E>, E = f32> {
     pub bias: Option<Tensor1<D, NoneTape, E>>,
     /// A low-rank adapter added to the output (training, or unmerged inference).
     pub lora: Option<LoraAdapter<D, E>>,
+    /// A full-size update `ΔW` (`[out, in]`) added to the output as `x ΔWᵀ`: how LoHa, LoKr
+    /// and DoRA modules act (their trainer rebuilds it from the factors each step and reads its
+    /// gradient under its id).
+    pub delta: Option<Tensor2<D, NoneTape, E>>,
     /// Whether the weight and bias get gradients under a tape (full fine-tuning).
     pub trainable: bool,
 }
@@ -52,6 +56,7 @@ impl<E: Elem, D: Device<E>> Linear<D, E> {
                 None
             },
             lora: None,
+            delta: None,
             trainable: false,
         })
     }
@@ -69,10 +74,16 @@ impl<E: Elem, D: Device<E>> Linear<D, E> {
     /// `[m, in] -> [m, out]`
     pub fn forward2<T: Tape<E, D>>(&self, x: Tensor2<D, T, E>) -> Tensor2<D, T, E> {
         let lora_input = self.lora.as_ref().map(|_| x.retaped::<T>());
+        let delta_input = self.delta.as_ref().map(|_| x.retaped::<T>());
         let train = self.trainable && T::OWNS_TAPE;
         let y = match E::fused_linear(self, x, train) {
             Ok(y) => y,
             Err(x) => self.forward_generic(x, train),
+        };
+        // [m, in] x [in, out] -> [m, out], ΔW on the tape
+        let y = match (&self.delta, delta_input) {
+            (Some(d), Some(x)) => y + x.matmul(d.retaped::<T>().permute::<_, Axes2<1, 0>>()),
+            _ => y,
         };
         // The LoRA branch runs on dfdx ops, so its tensors get gradients.
         match (&self.lora, lora_input) {
@@ -173,6 +184,7 @@ mod tests {
             weight: dev.tensor_from_vec(v(o * i, 0.37), (o, i)),
             bias: Some(dev.tensor_from_vec(v(o, 1.3), (o,))),
             lora: None,
+            delta: None,
             trainable: true,
         };
         let x = dev.tensor_from_vec(v(m * i, 0.71), (m, i));

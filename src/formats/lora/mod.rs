@@ -9,9 +9,14 @@
 
 use std::collections::BTreeMap;
 
+mod lycoris;
 mod read;
 mod write;
 
+pub use lycoris::{
+    DoraModule, HadaModule, KronFactor, KronModule, column_norms, factorization, fits,
+};
+pub(crate) use lycoris::{Trans, matmul};
 pub use read::read_lora;
 pub use write::{KohyaMetadata, kohya_name, kohya_tensors, write_kohya};
 
@@ -152,18 +157,283 @@ impl LoraModule {
     }
 }
 
+/// Which algorithm a module uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ModuleKind {
+    /// LoRA (LoCon on a convolution).
+    Lora,
+    /// DoRA: LoRA with a learned magnitude.
+    Dora,
+    /// LyCORIS LoHa.
+    Hada,
+    /// LyCORIS LoKr.
+    Kron,
+}
+
+impl ModuleKind {
+    /// The name users know it by.
+    pub fn name(self) -> &'static str {
+        match self {
+            ModuleKind::Lora => "LoRA",
+            ModuleKind::Dora => "DoRA",
+            ModuleKind::Hada => "LoHa",
+            ModuleKind::Kron => "LoKr",
+        }
+    }
+}
+
+/// One module of a network: LoRA or one of the LyCORIS algorithms.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NetworkModule {
+    /// `alpha/r · up·down` (LoRA; LoCon on a convolution).
+    Lora(LoraModule),
+    /// A LoRA renormalised to a learned magnitude.
+    Dora(DoraModule),
+    /// `(w1_a·w1_b) ⊙ (w2_a·w2_b) · alpha/r`.
+    Hada(HadaModule),
+    /// `(w1 ⊗ w2) · alpha/r`.
+    Kron(KronModule),
+}
+
+impl From<LoraModule> for NetworkModule {
+    fn from(m: LoraModule) -> Self {
+        NetworkModule::Lora(m)
+    }
+}
+
+/// `v` as a scalar tensor.
+fn scalar(v: f32) -> HostTensor {
+    HostTensor {
+        shape: vec![],
+        data: vec![v],
+    }
+}
+
+impl NetworkModule {
+    /// The algorithm.
+    pub fn kind(&self) -> ModuleKind {
+        match self {
+            NetworkModule::Lora(_) => ModuleKind::Lora,
+            NetworkModule::Dora(_) => ModuleKind::Dora,
+            NetworkModule::Hada(_) => ModuleKind::Hada,
+            NetworkModule::Kron(_) => ModuleKind::Kron,
+        }
+    }
+
+    /// The plain LoRA module, if it is one.
+    pub fn as_lora(&self) -> Option<&LoraModule> {
+        match self {
+            NetworkModule::Lora(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The plain LoRA module, mutably, if it is one.
+    pub fn as_lora_mut(&mut self) -> Option<&mut LoraModule> {
+        match self {
+            NetworkModule::Lora(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The weight shape it applies to (see [`fits`]).
+    pub fn weight_shape(&self) -> Vec<usize> {
+        match self {
+            NetworkModule::Lora(m) => m.weight_shape(),
+            NetworkModule::Dora(m) => m.lora.weight_shape(),
+            NetworkModule::Hada(m) => m.shape.clone(),
+            NetworkModule::Kron(m) => m.shape.clone(),
+        }
+    }
+
+    /// The network alpha.
+    pub fn alpha(&self) -> f32 {
+        match self {
+            NetworkModule::Lora(m) => m.alpha,
+            NetworkModule::Dora(m) => m.lora.alpha,
+            NetworkModule::Hada(m) => m.alpha,
+            NetworkModule::Kron(m) => m.alpha,
+        }
+    }
+
+    /// The rank (`ss_network_dim`); a LoKr of two full factors reports 1 as LyCORIS does.
+    pub fn rank(&self) -> usize {
+        match self {
+            NetworkModule::Lora(m) => m.rank(),
+            NetworkModule::Dora(m) => m.lora.rank(),
+            NetworkModule::Hada(m) => m.rank(),
+            NetworkModule::Kron(m) => m.rank().unwrap_or(1),
+        }
+    }
+
+    /// Whether it applies to a convolution (known from a 4-d factor).
+    pub fn is_conv(&self) -> bool {
+        self.weight_shape().len() == 4
+    }
+
+    /// Trained values: `(parameter name, tensor)`, the names PEFT/LyCORIS give them
+    /// (`lora_A.weight`, `lora_B.weight`, `lora_magnitude_vector`, `hada_w1_a`, `lokr_w1`, …).
+    pub fn params(&self) -> Vec<(&'static str, &HostTensor)> {
+        match self {
+            NetworkModule::Lora(m) => vec![("lora_A.weight", &m.down), ("lora_B.weight", &m.up)],
+            NetworkModule::Dora(m) => vec![
+                ("lora_A.weight", &m.lora.down),
+                ("lora_B.weight", &m.lora.up),
+                ("lora_magnitude_vector", &m.magnitude),
+            ],
+            NetworkModule::Hada(m) => vec![
+                ("hada_w1_a", &m.w1_a),
+                ("hada_w1_b", &m.w1_b),
+                ("hada_w2_a", &m.w2_a),
+                ("hada_w2_b", &m.w2_b),
+            ],
+            NetworkModule::Kron(m) => {
+                let mut v = Vec::new();
+                for (f, full, a, b) in [
+                    (&m.w1, "lokr_w1", "lokr_w1_a", "lokr_w1_b"),
+                    (&m.w2, "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+                ] {
+                    match f {
+                        KronFactor::Full(t) => v.push((full, t)),
+                        KronFactor::LowRank { a: ta, b: tb } => v.extend([(a, ta), (b, tb)]),
+                    }
+                }
+                v
+            }
+        }
+    }
+
+    /// [`Self::params`], mutably.
+    pub fn params_mut(&mut self) -> Vec<(&'static str, &mut HostTensor)> {
+        match self {
+            NetworkModule::Lora(m) => {
+                vec![("lora_A.weight", &mut m.down), ("lora_B.weight", &mut m.up)]
+            }
+            NetworkModule::Dora(m) => vec![
+                ("lora_A.weight", &mut m.lora.down),
+                ("lora_B.weight", &mut m.lora.up),
+                ("lora_magnitude_vector", &mut m.magnitude),
+            ],
+            NetworkModule::Hada(m) => vec![
+                ("hada_w1_a", &mut m.w1_a),
+                ("hada_w1_b", &mut m.w1_b),
+                ("hada_w2_a", &mut m.w2_a),
+                ("hada_w2_b", &mut m.w2_b),
+            ],
+            NetworkModule::Kron(m) => {
+                let mut v = Vec::new();
+                for (f, full, a, b) in [
+                    (&mut m.w1, "lokr_w1", "lokr_w1_a", "lokr_w1_b"),
+                    (&mut m.w2, "lokr_w2", "lokr_w2_a", "lokr_w2_b"),
+                ] {
+                    match f {
+                        KronFactor::Full(t) => v.push((full, t)),
+                        KronFactor::LowRank { a: ta, b: tb } => v.extend([(a, ta), (b, tb)]),
+                    }
+                }
+                v
+            }
+        }
+    }
+
+    /// Takes `fresh`'s alpha and weight shape (a module read back from a checkpoint, whose
+    /// factors' file shapes may have flattened a conv kernel); an error when the kinds differ.
+    pub fn conform_to(&mut self, fresh: &NetworkModule) -> Result<(), String> {
+        if self.kind() != fresh.kind() {
+            return Err(format!(
+                "a {} module where a {} module is trained",
+                self.kind().name(),
+                fresh.kind().name()
+            ));
+        }
+        match (self, fresh) {
+            (NetworkModule::Lora(m), f) => m.alpha = f.alpha(),
+            (NetworkModule::Dora(m), f) => m.lora.alpha = f.alpha(),
+            (NetworkModule::Hada(m), f) => (m.alpha, m.shape) = (f.alpha(), f.weight_shape()),
+            (NetworkModule::Kron(m), f) => (m.alpha, m.shape) = (f.alpha(), f.weight_shape()),
+        }
+        Ok(())
+    }
+
+    /// Number of trained values.
+    pub fn num_params(&self) -> usize {
+        self.params().iter().map(|(_, t)| t.numel()).sum()
+    }
+
+    /// The tensors as kohya/LyCORIS files hold them, by key suffix (`lora_down.weight`,
+    /// `hada_w1_a`, `dora_scale`, `alpha`, …; a conv LoRA's `up` as `[out, r, 1, 1]`).
+    pub fn file_tensors(&self) -> Vec<(&'static str, HostTensor)> {
+        let lora = |m: &LoraModule| {
+            let mut up = m.up.clone();
+            if m.is_conv() {
+                up.shape.extend([1, 1]);
+            }
+            vec![
+                ("lora_down.weight", m.down.clone()),
+                ("lora_up.weight", up),
+                ("alpha", scalar(m.alpha)),
+            ]
+        };
+        match self {
+            NetworkModule::Lora(m) => lora(m),
+            NetworkModule::Dora(m) => {
+                let mut v = lora(&m.lora);
+                v.push(("dora_scale", m.magnitude.clone()));
+                v
+            }
+            NetworkModule::Hada(_) | NetworkModule::Kron(_) => {
+                let mut v: Vec<_> = (self.params().into_iter())
+                    .map(|(k, t)| (k, t.clone()))
+                    .collect();
+                v.push(("alpha", scalar(self.alpha())));
+                v
+            }
+        }
+    }
+
+    /// The update `multiplier` applies to `weight` (`W' − W`), shaped like `weight`; why not
+    /// when the module does not fit it.
+    pub fn delta_for(&self, weight: &HostTensor, multiplier: f32) -> Result<HostTensor, String> {
+        if !fits(&self.weight_shape(), &weight.shape) {
+            return Err(format!(
+                "{} module for a {:?} weight does not fit the model's {:?}",
+                self.kind().name(),
+                self.weight_shape(),
+                weight.shape
+            ));
+        }
+        let mut d = match self {
+            NetworkModule::Lora(m) => m.delta(multiplier),
+            NetworkModule::Dora(m) => m.delta(weight, multiplier)?,
+            NetworkModule::Hada(m) => m.delta(multiplier),
+            NetworkModule::Kron(m) => m.delta(multiplier)?,
+        };
+        d.shape = weight.shape.clone();
+        Ok(d)
+    }
+
+    /// Adds [`Self::delta_for`] to `weight` in place.
+    pub fn merge_into(&self, weight: &mut HostTensor, multiplier: f32) -> Result<(), String> {
+        let d = self.delta_for(weight, multiplier)?;
+        for (w, dv) in weight.data.iter_mut().zip(&d.data) {
+            *w += dv;
+        }
+        Ok(())
+    }
+}
+
 /// A LoRA network: modules by diffusers module path, per component.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct LoraNetwork {
     /// UNet modules (`down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`, …).
-    pub unet: BTreeMap<String, LoraModule>,
+    pub unet: BTreeMap<String, NetworkModule>,
     /// Text-encoder modules (`text_model.encoder.layers.0.self_attn.q_proj`, …).
-    pub text_encoder: BTreeMap<String, LoraModule>,
+    pub text_encoder: BTreeMap<String, NetworkModule>,
 }
 
 impl LoraNetwork {
     /// The modules of one component.
-    pub fn modules(&self, component: LoraComponent) -> &BTreeMap<String, LoraModule> {
+    pub fn modules(&self, component: LoraComponent) -> &BTreeMap<String, NetworkModule> {
         match component {
             LoraComponent::Unet => &self.unet,
             LoraComponent::TextEncoder => &self.text_encoder,
@@ -171,7 +441,10 @@ impl LoraNetwork {
     }
 
     /// The modules of one component, mutably.
-    pub fn modules_mut(&mut self, component: LoraComponent) -> &mut BTreeMap<String, LoraModule> {
+    pub fn modules_mut(
+        &mut self,
+        component: LoraComponent,
+    ) -> &mut BTreeMap<String, NetworkModule> {
         match component {
             LoraComponent::Unet => &mut self.unet,
             LoraComponent::TextEncoder => &mut self.text_encoder,
@@ -179,7 +452,7 @@ impl LoraNetwork {
     }
 
     /// All modules with their component.
-    pub fn iter(&self) -> impl Iterator<Item = (LoraComponent, &String, &LoraModule)> {
+    pub fn iter(&self) -> impl Iterator<Item = (LoraComponent, &String, &NetworkModule)> {
         self.unet
             .iter()
             .map(|(k, m)| (LoraComponent::Unet, k, m))
@@ -200,6 +473,27 @@ impl LoraNetwork {
         self.len() == 0
     }
 
+    /// The algorithms its modules use, each once.
+    pub fn kinds(&self) -> std::collections::BTreeSet<ModuleKind> {
+        self.iter().map(|(_, _, m)| m.kind()).collect()
+    }
+
+    /// Every module as plain LoRA; an error naming the first that is not (for what only LoRA
+    /// supports: concatenating ranks, SVD re-extraction).
+    pub fn lora_modules(
+        &self,
+    ) -> Result<impl Iterator<Item = (LoraComponent, &String, &LoraModule)>, String> {
+        if let Some((_, path, m)) = self.iter().find(|(_, _, m)| m.as_lora().is_none()) {
+            return Err(format!(
+                "module `{path}` is {}: only plain LoRA (and LoCon) modules can be used here",
+                m.kind().name()
+            ));
+        }
+        Ok(self
+            .iter()
+            .filter_map(|(c, p, m)| m.as_lora().map(|l| (c, p, l))))
+    }
+
     /// Checks every module against the model's weight shapes; the error names the module and
     /// the shapes, or lists some of the available module names when the model lacks it.
     pub fn check_against(&self, known: &KnownModules) -> Result<(), String> {
@@ -212,10 +506,19 @@ impl LoraNetwork {
                     avail.join(", ")
                 ));
             };
-            if *w != m.weight_shape() {
+            let fits = match m {
+                NetworkModule::Lora(l) => *w == l.weight_shape(),
+                _ => fits(&m.weight_shape(), w),
+            };
+            if !fits {
+                let detail = match m {
+                    NetworkModule::Lora(l) => {
+                        format!("down {:?} / up {:?}", l.down.shape, l.up.shape)
+                    }
+                    m => format!("{} factors for {:?}", m.kind().name(), m.weight_shape()),
+                };
                 return Err(format!(
-                    "LoRA module `{path}` ({component:?}) has down {:?} / up {:?}, which does not fit the model weight {:?}",
-                    m.down.shape, m.up.shape, w
+                    "LoRA module `{path}` ({component:?}) has {detail}, which does not fit the model weight {w:?}",
                 ));
             }
         }

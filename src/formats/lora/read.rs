@@ -4,7 +4,10 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use super::{KnownModules, LoraComponent, LoraFormat, LoraModule, LoraNetwork};
+use super::{
+    DoraModule, HadaModule, KnownModules, KronFactor, KronModule, LoraComponent, LoraFormat,
+    LoraModule, LoraNetwork, NetworkModule,
+};
 use crate::formats::{FormatError, HostTensor, Result, read_safetensors};
 
 /// Reads a LoRA file or directory in any supported layout, detecting which.
@@ -174,7 +177,7 @@ fn decode_ab(
         };
         let alpha = alpha_of(component, &module);
         let m = build_module(file, &dkey, &ukey, down, up, alpha.map(|a| a as f32))?;
-        net.modules_mut(component).insert(module, m);
+        net.modules_mut(component).insert(module, m.into());
     }
     if let Some(((_, _), (ukey, _))) = ups.into_iter().next() {
         return Err(FormatError::invalid(
@@ -340,12 +343,6 @@ fn decode_kohya(
         };
         [t(&k.unet), t(&k.text_encoder)]
     });
-    #[derive(Default)]
-    struct Parts {
-        down: Option<(String, HostTensor)>,
-        up: Option<(String, HostTensor)>,
-        alpha: Option<(String, HostTensor)>,
-    }
     let mut parts: BTreeMap<(LoraComponent, String), Parts> = BTreeMap::new();
     for (key, t) in tensors {
         let Some((name, part)) = key.split_once('.') else {
@@ -388,45 +385,166 @@ fn decode_kohya(
                 )
             })?,
         };
-        let entry = parts.entry((component, module)).or_default();
-        let slot = match part {
-            "lora_down.weight" => &mut entry.down,
-            "lora_up.weight" => &mut entry.up,
-            "alpha" => &mut entry.alpha,
-            _ => {
-                return Err(FormatError::invalid(
-                    file,
-                    format!(
-                        "`{key}`: unsupported part `{part}` (LoHa/LoKr and other LyCORIS networks are not supported)"
-                    ),
-                ));
-            }
+        let Some(&part) = KNOWN_PARTS.iter().find(|p| **p == part) else {
+            let hint = if part.starts_with("hada_t") || part.starts_with("lokr_t") {
+                " (LyCORIS' Tucker-decomposed conv factors are not supported; train with `use_tucker = false`)"
+            } else {
+                " (supported: LoRA/LoCon, DoRA, LoHa and LoKr keys)"
+            };
+            return Err(FormatError::invalid(
+                file,
+                format!("`{key}`: unsupported part `{part}`{hint}"),
+            ));
         };
-        *slot = Some((key, t));
+        let entry = parts.entry((component, module)).or_default();
+        entry.insert(part, (key, t));
     }
     let mut net = LoraNetwork::default();
     for ((component, module), p) in parts {
         let name = format!("{}{}", component.kohya_prefix(), module.replace('.', "_"));
-        let (Some((dkey, down)), Some((ukey, up))) = (p.down, p.up) else {
-            return Err(FormatError::invalid(
-                file,
-                format!("`{name}` needs both `.lora_down.weight` and `.lora_up.weight`"),
-            ));
-        };
-        let alpha = match p.alpha {
-            Some((akey, a)) => {
-                if a.numel() != 1 {
-                    return Err(FormatError::invalid(
-                        file,
-                        format!("`{akey}` has shape {:?}: expected a scalar", a.shape),
-                    ));
-                }
-                Some(a.data[0])
-            }
-            None => None,
-        };
-        let m = build_module(file, &dkey, &ukey, down, up, alpha)?;
+        let shape = known.and_then(|k| k.component(component).get(&module).cloned());
+        let m = build_kohya_module(file, &name, p, shape)?;
         net.modules_mut(component).insert(module, m);
     }
     Ok(net)
+}
+
+/// The key suffixes a kohya/LyCORIS module may have.
+const KNOWN_PARTS: &[&str] = &[
+    "lora_down.weight",
+    "lora_up.weight",
+    "alpha",
+    "dora_scale",
+    "hada_w1_a",
+    "hada_w1_b",
+    "hada_w2_a",
+    "hada_w2_b",
+    "lokr_w1",
+    "lokr_w1_a",
+    "lokr_w1_b",
+    "lokr_w2",
+    "lokr_w2_a",
+    "lokr_w2_b",
+];
+
+/// One module's tensors by key suffix, with their full keys.
+type Parts = BTreeMap<&'static str, (String, HostTensor)>;
+
+/// Builds one module from its parts: LoRA/LoCon (`lora_down`/`lora_up`, with `dora_scale` a
+/// DoRA), LoHa (`hada_*`) or LoKr (`lokr_*`). `shape` is the model's weight when known.
+fn build_kohya_module(
+    file: &Path,
+    name: &str,
+    mut p: Parts,
+    shape: Option<Vec<usize>>,
+) -> Result<NetworkModule> {
+    let alpha = match p.remove("alpha") {
+        Some((akey, a)) => {
+            if a.numel() != 1 {
+                return Err(FormatError::invalid(
+                    file,
+                    format!("`{akey}` has shape {:?}: expected a scalar", a.shape),
+                ));
+            }
+            Some(a.data[0])
+        }
+        None => None,
+    };
+    let dora = p.remove("dora_scale");
+    let invalid = |msg: String| FormatError::invalid(file, format!("`{name}`: {msg}"));
+    let module = if p.keys().any(|k| k.starts_with("hada_")) {
+        let mut take = |k: &'static str| {
+            p.remove(k)
+                .map(|(_, t)| t)
+                .ok_or_else(|| invalid(format!("a LoHa module needs `.{k}`")))
+        };
+        let (w1_a, w1_b, w2_a, w2_b) = (
+            take("hada_w1_a")?,
+            take("hada_w1_b")?,
+            take("hada_w2_a")?,
+            take("hada_w2_b")?,
+        );
+        let rank = w1_a.shape.get(1).copied().unwrap_or(0);
+        let flat = vec![w1_a.shape[0], w1_b.numel() / rank.max(1)];
+        let m = HadaModule {
+            shape: shape.unwrap_or(flat),
+            w1_a,
+            w1_b,
+            w2_a,
+            w2_b,
+            alpha: alpha.unwrap_or(rank as f32),
+        };
+        m.validate().map_err(invalid)?;
+        NetworkModule::Hada(m)
+    } else if p.keys().any(|k| k.starts_with("lokr_")) {
+        let mut factor = |full: &'static str, a: &'static str, b: &'static str| match (
+            p.remove(full),
+            p.remove(a),
+            p.remove(b),
+        ) {
+            (Some((_, t)), None, None) if t.shape.len() >= 2 => Ok(KronFactor::Full(t)),
+            (None, Some((_, a)), Some((_, b)))
+                if a.shape.len() == 2 && b.shape.first() == a.shape.get(1) =>
+            {
+                let mut b = b;
+                let r = b.shape[0];
+                b.shape = vec![r, b.numel() / r.max(1)];
+                Ok(KronFactor::LowRank { a, b })
+            }
+            _ => Err(invalid(format!(
+                "a LoKr module needs `.{full}` or both `.{a}` [rows, r] and `.{b}` [r, …]"
+            ))),
+        };
+        let w1 = factor("lokr_w1", "lokr_w1_a", "lokr_w1_b")?;
+        let w2 = factor("lokr_w2", "lokr_w2_a", "lokr_w2_b")?;
+        let (a, c, _) = w1.matrix();
+        let (b, dk, _) = w2.matrix();
+        let flat = match &w2 {
+            KronFactor::Full(t) if t.shape.len() == 4 => {
+                vec![a * b, c * t.shape[1], t.shape[2], t.shape[3]]
+            }
+            _ => vec![a * b, c * dk],
+        };
+        let rank = w1.rank().or(w2.rank());
+        let m = KronModule {
+            w1,
+            w2,
+            alpha: alpha.unwrap_or(rank.unwrap_or(1) as f32),
+            shape: shape.unwrap_or(flat),
+        };
+        m.delta(1.0).map_err(invalid)?;
+        NetworkModule::Kron(m)
+    } else {
+        let (Some((dkey, down)), Some((ukey, up))) =
+            (p.remove("lora_down.weight"), p.remove("lora_up.weight"))
+        else {
+            return Err(invalid(
+                "needs both `.lora_down.weight` and `.lora_up.weight`".into(),
+            ));
+        };
+        let lora = build_module(file, &dkey, &ukey, down, up, alpha)?;
+        match dora {
+            None => NetworkModule::Lora(lora),
+            Some((skey, magnitude)) => {
+                let inp = lora.down.shape[1];
+                if magnitude.numel() != inp || magnitude.shape.first() != Some(&1) {
+                    return Err(FormatError::invalid(
+                        file,
+                        format!(
+                            "`{skey}` has shape {:?}: expected [1, {inp}] (the magnitude per input column, as LyCORIS writes it)",
+                            magnitude.shape
+                        ),
+                    ));
+                }
+                return Ok(NetworkModule::Dora(DoraModule { lora, magnitude }));
+            }
+        }
+    };
+    if let Some((k, _)) = p.into_values().next().or(dora) {
+        return Err(FormatError::invalid(
+            file,
+            format!("`{k}` does not belong with the module's other keys"),
+        ));
+    }
+    Ok(module)
 }

@@ -4,7 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
-use super::{LoraComponent, LoraNetwork};
+use super::{LoraComponent, LoraNetwork, ModuleKind};
 use crate::formats::{HostTensor, Result, write_safetensors};
 
 /// Training facts written as kohya `ss_*` metadata. `None` fields are left out.
@@ -60,12 +60,34 @@ impl KohyaMetadata {
     /// `sd_v1`, then the fields that are set.
     pub fn to_map(&self, net: &LoraNetwork) -> HashMap<String, String> {
         let mut m = HashMap::new();
-        m.insert("ss_network_module".into(), "networks.lora".into());
+        let kinds = net.kinds();
+        let lycoris = kinds.iter().any(|k| *k != ModuleKind::Lora);
+        let module = if lycoris {
+            "lycoris.kohya"
+        } else {
+            "networks.lora"
+        };
+        m.insert("ss_network_module".into(), module.into());
+        if lycoris {
+            // LyCORIS' own record of the algorithm: `algo`, and `dora_wd` for DoRA
+            let algo = if kinds.contains(&ModuleKind::Hada) {
+                "loha"
+            } else if kinds.contains(&ModuleKind::Kron) {
+                "lokr"
+            } else {
+                "locon"
+            };
+            let mut args = serde_json::json!({ "algo": algo });
+            if kinds.contains(&ModuleKind::Dora) {
+                args["dora_wd"] = "True".into();
+            }
+            m.insert("ss_network_args".into(), args.to_string());
+        }
         m.insert("ss_base_model_version".into(), "sd_v1".into());
         m.insert("ss_v2".into(), "False".into());
         if let Some((_, _, first)) = net.iter().next() {
             m.insert("ss_network_dim".into(), first.rank().to_string());
-            m.insert("ss_network_alpha".into(), py_float(first.alpha as f64));
+            m.insert("ss_network_alpha".into(), py_float(first.alpha() as f64));
         }
         let mut put = |k: &str, v: Option<String>| {
             if let Some(v) = v {
@@ -130,24 +152,14 @@ pub fn kohya_name(component: LoraComponent, module: &str) -> String {
     format!("{}{}", component.kohya_prefix(), module.replace('.', "_"))
 }
 
-/// The kohya tensors of `net` (conv `up` written as `[out, rank, 1, 1]`).
+/// The kohya/LyCORIS tensors of `net` (see [`NetworkModule::file_tensors`](super::NetworkModule::file_tensors)).
 pub fn kohya_tensors(net: &LoraNetwork) -> BTreeMap<String, HostTensor> {
     let mut t = BTreeMap::new();
     for (component, module, m) in net.iter() {
         let name = kohya_name(component, module);
-        let mut up = m.up.clone();
-        if m.is_conv() {
-            up.shape.extend([1, 1]);
+        for (suffix, tensor) in m.file_tensors() {
+            t.insert(format!("{name}.{suffix}"), tensor);
         }
-        t.insert(format!("{name}.lora_down.weight"), m.down.clone());
-        t.insert(format!("{name}.lora_up.weight"), up);
-        t.insert(
-            format!("{name}.alpha"),
-            HostTensor {
-                shape: vec![],
-                data: vec![m.alpha],
-            },
-        );
     }
     t
 }

@@ -11,12 +11,15 @@ use anyhow::{Context as _, bail};
 use dfdx::prelude::*;
 
 use crate::diffusion::nn::Elem;
+use crate::formats::HostTensor;
 use crate::formats::lora::{
-    KohyaMetadata, LoraComponent, LoraModule, LoraNetwork, read_lora, write_kohya,
+    DoraModule, HadaModule, KohyaMetadata, KronModule, LoraComponent, LoraModule, LoraNetwork,
+    NetworkModule, read_lora, write_kohya,
 };
 use crate::stages::context::{StageContext, StageResult};
+use crate::train::Method;
 use crate::train::eval::eval_loss;
-use crate::train::lora::{LoraTarget, extract, install};
+use crate::train::lora::{LoraTarget, delta_weights, install};
 use crate::train::methods::LoraSteps;
 use crate::train::mixed::Masters;
 use crate::train::mixed::StepScaler;
@@ -66,10 +69,7 @@ impl TrainParams {
             fresh.text_encoder =
                 self.init_modules(&mut text_encoder, &self.lora.text_encoder_targets, seed)?;
         }
-        let trainable_params: usize = fresh
-            .iter()
-            .map(|(_, _, m)| m.down.numel() + m.up.numel())
-            .sum();
+        let trainable_params: usize = fresh.iter().map(|(_, _, m)| m.num_params()).sum();
         let known = fresh.clone();
         let (network, mut optimizer, mut state) =
             match load_checkpoint(&scratch, &known, self.optimizer, &dev, ctx)? {
@@ -84,11 +84,12 @@ impl TrainParams {
         // The optimiser updates f32 masters; the adapters are refreshed from them (rounded to
         // f16 in mixed precision).
         let masters = Masters::of_lora(&network, &dev)?;
-        let te_keys: std::collections::HashSet<String> = network
-            .text_encoder
-            .keys()
-            .flat_map(|n| [format!("{n}.lora_A.weight"), format!("{n}.lora_B.weight")])
+        let te_keys: std::collections::HashSet<String> = (network.text_encoder.iter())
+            .flat_map(|(n, m)| m.params().into_iter().map(move |(k, _)| format!("{n}.{k}")))
             .collect();
+        // LoHa, LoKr and DoRA act through ΔW, rebuilt from their factors and these weights
+        let mut base_weights = delta_weights(&mut unet, &network.unet);
+        base_weights.extend(delta_weights(&mut text_encoder, &network.text_encoder));
         let resumed_from = state.step;
         if state.step == 0 {
             state.eval_loss_before = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed)?;
@@ -150,6 +151,9 @@ impl TrainParams {
             te_keys,
             scaler: StepScaler::new::<E>(state.loss_scaler),
             metadata: meta.clone(),
+            modules: network,
+            base_weights,
+            dev: dev.clone(),
         };
         let wall_s = self.drive(
             ctx,
@@ -163,10 +167,9 @@ impl TrainParams {
             &mut steps,
         )?;
         // schedule-free AdamW evaluates and saves x, not the training point
-        steps.to_eval();
-        let LoraSteps {
-            masters, scaler, ..
-        } = steps;
+        steps.to_eval()?;
+        let network = steps.network();
+        let LoraSteps { scaler, .. } = steps;
         let scaler = scaler.scaler;
         if scaler.skipped > 0 {
             ctx.progress.message(&format!(
@@ -182,10 +185,6 @@ impl TrainParams {
             }
         }
         let eval_after = eval_loss(&unet, &ddpm, &items, &contexts, scaling, seed)?;
-        let mut network = extract(&mut unet, self.alpha());
-        network.text_encoder = extract(&mut text_encoder, self.alpha()).text_encoder;
-        masters.into_network(&mut network, LoraComponent::Unet);
-        masters.into_network(&mut network, LoraComponent::TextEncoder);
         let out = scratch.join("final.safetensors");
         write_kohya(&out, &network, &meta)?;
         let blob = ctx.store.put_file(&out)?;
@@ -208,7 +207,8 @@ impl TrainParams {
             &items,
         )?;
         result.summary = format!(
-            "lora r{} α{}: {} steps, eval loss {:.4} → {:.4}, {:.1} steps/s, {} KiB",
+            "{} r{} α{}: {} steps, eval loss {:.4} → {:.4}, {:.1} steps/s, {} KiB",
+            self.method_name(),
             self.lora.rank,
             self.alpha(),
             self.steps,
@@ -221,15 +221,36 @@ impl TrainParams {
         Ok(result)
     }
 
-    /// Kohya/PEFT-initialised adapters for every module of `model` whose path ends with one of
-    /// `targets`; an unmatched target is an error listing the module names that exist.
+    /// The method as its summary line names it.
+    fn method_name(&self) -> &'static str {
+        match self.method {
+            Method::Locon => "locon",
+            Method::Loha => "loha",
+            Method::Lokr => "lokr",
+            Method::Dora => "dora",
+            _ => "lora",
+        }
+    }
+
+    /// Freshly initialised modules of the method (LoRA/LoCon as kohya and PEFT initialise
+    /// them, LoHa, LoKr and DoRA as LyCORIS does) for every module of `model` whose path ends
+    /// with one of `targets`; an unmatched target is an error listing the module names that
+    /// exist.
     pub(super) fn init_modules<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
         &self,
         model: &mut M,
         targets: &[String],
         seed: u64,
-    ) -> anyhow::Result<BTreeMap<String, LoraModule>> {
+    ) -> anyhow::Result<BTreeMap<String, NetworkModule>> {
         let modules = crate::train::lora::lora_modules(model);
+        let mut weights: BTreeMap<String, HostTensor> = BTreeMap::new();
+        if self.method == Method::Dora {
+            model.for_each_lora_layer_mut(&mut |name, layer| {
+                if targets.iter().any(|t| name.ends_with(&format!(".{t}"))) {
+                    weights.insert(name.to_string(), layer.weight_host());
+                }
+            });
+        }
         let mut out = BTreeMap::new();
         for target in targets {
             let matching: Vec<&(String, Vec<usize>)> = modules
@@ -249,8 +270,24 @@ impl TrainParams {
             for (name, shape) in matching {
                 let module_seed = seed
                     ^ u64::from_le_bytes(blake3::hash(name.as_bytes()).as_bytes()[..8].try_into()?);
-                let module = LoraModule::init(shape, self.lora.rank, self.alpha(), module_seed)
-                    .map_err(anyhow::Error::msg)?;
+                let (rank, alpha) = (self.lora.rank, self.alpha());
+                let module = match self.method {
+                    Method::Loha => {
+                        HadaModule::init(shape, rank, alpha, module_seed).map(NetworkModule::Hada)
+                    }
+                    Method::Lokr => {
+                        KronModule::init(shape, rank, alpha, self.lora.factor, module_seed)
+                            .map(NetworkModule::Kron)
+                    }
+                    Method::Dora => match weights.get(name) {
+                        Some(w) => {
+                            DoraModule::init(w, rank, alpha, module_seed).map(NetworkModule::Dora)
+                        }
+                        None => Err(format!("no weight for `{name}`")),
+                    },
+                    _ => LoraModule::init(shape, rank, alpha, module_seed).map(NetworkModule::Lora),
+                }
+                .map_err(anyhow::Error::msg)?;
                 out.insert(name.clone(), module);
             }
         }
@@ -279,7 +316,7 @@ fn load_checkpoint<D: Device<f32>>(
                     let fresh = expected
                         .get(name)
                         .context("checkpoint has a module this run does not train")?;
-                    m.alpha = fresh.alpha;
+                    m.conform_to(fresh).map_err(anyhow::Error::msg)?;
                 }
                 if found.len() != expected.len() {
                     bail!(

@@ -46,6 +46,11 @@ use crate::train::timesteps::TimestepSampling;
 
 mod dreambooth;
 mod lora;
+
+/// What `method = "locon"` adapts beside the default attention projections, when `targets`
+/// is left as it is: the ResNets' convolutions and the down/up-samplers' (`…samplers.0.conv`),
+/// as kohya's LoCon (`conv_dim`) does.
+const LOCON_TARGETS: [&str; 3] = ["conv1", "conv2", "conv"];
 mod params;
 mod textual_inversion;
 mod validate;
@@ -103,7 +108,9 @@ impl TrainParams {
         // A method's own rate replaces the stage's, so everything downstream (schedule, records,
         // metadata, the cache key) sees the rate the method really trains with.
         let method_lr = match self.method {
-            Method::Lora => self.lora.lr,
+            Method::Lora | Method::Locon | Method::Loha | Method::Lokr | Method::Dora => {
+                self.lora.lr
+            }
             Method::TextualInversion => self.textual_inversion.lr,
             Method::Dreambooth => self.dreambooth.lr,
             Method::Hypernetwork => self.hypernetwork.lr,
@@ -113,6 +120,10 @@ impl TrainParams {
         }
         if self.lora.alpha.is_none() {
             self.lora.alpha = Some(self.lora.rank as f32);
+        }
+        if self.method == Method::Locon && self.lora.targets == params::default_targets() {
+            // kohya's LoCon: the ResNets' and samplers' convolutions beside the attention
+            self.lora.targets.extend(LOCON_TARGETS.map(String::from));
         }
     }
 
@@ -130,7 +141,9 @@ impl TrainParams {
                 ("dreambooth", Method::Dreambooth),
                 ("hypernetwork", Method::Hypernetwork),
             ] {
-                if self.method != method {
+                let uses =
+                    self.method == method || (method == Method::Lora && self.method.is_network());
+                if !uses {
                     map.remove(section);
                 }
             }
@@ -167,7 +180,9 @@ impl TrainParams {
         dev: D,
     ) -> anyhow::Result<StageResult> {
         match self.method {
-            Method::Lora => self.run_lora::<E, D>(ctx, dev),
+            Method::Lora | Method::Locon | Method::Loha | Method::Lokr | Method::Dora => {
+                self.run_lora::<E, D>(ctx, dev)
+            }
             Method::TextualInversion => self.run_textual_inversion::<E, D>(ctx, dev),
             Method::Dreambooth => self.run_dreambooth::<E, D>(ctx, dev),
             Method::Hypernetwork => self.run_hypernetwork::<E, D>(ctx, dev),
@@ -358,7 +373,9 @@ impl TrainParams {
     /// The artifact the method publishes (and saves every `save_every` steps).
     fn artifact(&self) -> Artifact {
         match self.method {
-            Method::Lora => Artifact::Lora,
+            Method::Lora | Method::Locon | Method::Loha | Method::Lokr | Method::Dora => {
+                Artifact::Lora
+            }
             Method::TextualInversion => Artifact::Embedding,
             Method::Dreambooth => Artifact::Checkpoint,
             Method::Hypernetwork => Artifact::Hypernetwork,

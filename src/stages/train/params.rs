@@ -203,6 +203,14 @@ pub struct TextualInversionParams {
     pub lr: Option<f64>,
 }
 
+fn minus_one() -> i64 {
+    -1
+}
+
+fn is_minus_one(v: &i64) -> bool {
+    *v == -1
+}
+
 impl Default for TextualInversionParams {
     fn default() -> Self {
         TextualInversionParams {
@@ -249,6 +257,10 @@ pub struct LoraParams {
     /// This method's learning rate in a `matrix.method` stage; default the stage's `lr`.
     #[serde(default)]
     pub lr: Option<f64>,
+    /// LoKr's factorization factor (LyCORIS' `factor`): each of a weight's dimensions splits
+    /// into `factor × rest`; -1 (the default) splits as close to a square as possible.
+    #[serde(default = "minus_one", skip_serializing_if = "is_minus_one")]
+    pub factor: i64,
 }
 
 impl Default for LoraParams {
@@ -262,6 +274,7 @@ impl Default for LoraParams {
             text_encoder_targets: default_te_targets(),
             text_encoder_lr: None,
             lr: None,
+            factor: -1,
         }
     }
 }
@@ -299,7 +312,7 @@ fn default_checkpoint_every() -> u64 {
 fn default_rank() -> usize {
     4
 }
-fn default_targets() -> Vec<String> {
+pub(super) fn default_targets() -> Vec<String> {
     ["to_q", "to_k", "to_v", "to_out.0"]
         .map(String::from)
         .to_vec()

@@ -11,9 +11,9 @@ use crate::diffusion::host_tensor::HostTensor;
 use crate::diffusion::nn::Elem;
 use crate::diffusion::schedulers::Ddpm;
 use crate::diffusion::{TextEncoder, UNet};
-use crate::formats::lora::{KohyaMetadata, LoraComponent, LoraNetwork, write_kohya};
+use crate::formats::lora::{KohyaMetadata, LoraComponent, LoraNetwork, ModuleKind, write_kohya};
 use crate::train::batch::{Batch, mix};
-use crate::train::lora::{adapter_grads, extract, set_dropout};
+use crate::train::lora::{adapter_grads, factor_grads_of, refresh_deltas, set_dropout};
 use crate::train::mixed::{Masters, StepScaler};
 use crate::train::optim::{Optimizer, ParamOptimizer};
 use crate::train::resume::{self, TrainState};
@@ -42,29 +42,50 @@ pub struct LoraSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     pub scaler: StepScaler,
     /// The kohya metadata a snapshot is written with (its `ss_steps` set to the step).
     pub metadata: KohyaMetadata,
+    /// The network's modules (their kinds, alphas and shapes; their values as of the last
+    /// update for LoHa, LoKr and DoRA, which act through `ΔW`).
+    pub modules: LoraNetwork,
+    /// The frozen weight of each layer a LoHa, LoKr or DoRA module adapts, by module path.
+    pub base_weights: BTreeMap<String, HostTensor>,
+    /// The device the updates `ΔW` are built on.
+    pub dev: D,
 }
 
 impl<D: Device<f32> + Device<E>, E: Elem> LoraSteps<'_, D, E> {
     /// After training: the masters and adapters as the optimiser evaluates them
     /// (schedule-free AdamW's `x`), for the evaluation and the trained file.
-    pub fn to_eval(&mut self) {
+    pub fn to_eval(&mut self) -> anyhow::Result<()> {
         self.masters.to_eval(self.optimizer);
-        self.masters.write_lora(self.unet);
-        if let Some(te) = self.text_encoder.as_deref_mut() {
-            self.masters.write_lora(te);
-        }
+        self.refresh()
     }
 
     /// The adapters as a network, with their f32 master values.
     pub fn network(&mut self) -> LoraNetwork {
-        let mut network = extract(self.unet, self.alpha);
-        if let Some(te) = self.text_encoder.as_deref_mut() {
-            network.text_encoder = extract(te, self.alpha).text_encoder;
-        }
+        let mut network = self.modules.clone();
         self.masters.into_network(&mut network, LoraComponent::Unet);
         self.masters
             .into_network(&mut network, LoraComponent::TextEncoder);
         network
+    }
+
+    /// Puts the masters' values into the model: the LoRA adapters', and the `ΔW` of every
+    /// LoHa, LoKr and DoRA module rebuilt from its factors.
+    fn refresh(&mut self) -> anyhow::Result<()> {
+        self.masters.write_lora(self.unet);
+        if let Some(te) = self.text_encoder.as_deref_mut() {
+            self.masters.write_lora(te);
+        }
+        if self.modules.kinds().iter().any(|k| *k != ModuleKind::Lora) {
+            for component in [LoraComponent::Unet, LoraComponent::TextEncoder] {
+                self.masters.into_network(&mut self.modules, component);
+            }
+            let (modules, weights, dev) = (&self.modules, &self.base_weights, &self.dev);
+            refresh_deltas(self.unet, &modules.unet, weights, dev)?;
+            if let Some(te) = self.text_encoder.as_deref_mut() {
+                refresh_deltas(te, &modules.text_encoder, weights, dev)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -91,6 +112,9 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for LoraSteps<'_, D, E> {
         )?;
         let mut out = g.unet;
         out.extend(g.text_encoder);
+        // LoHa, LoKr and DoRA: ΔW's gradient to the factors'
+        factor_grads_of(&mut out, &self.modules.unet, &self.base_weights)?;
+        factor_grads_of(&mut out, &self.modules.text_encoder, &self.base_weights)?;
         Ok((g.loss, out))
     }
 
@@ -110,10 +134,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for LoraSteps<'_, D, E> {
                     })?;
             }
         }
-        self.masters.write_lora(self.unet);
-        if let Some(te) = self.text_encoder.as_deref_mut() {
-            self.masters.write_lora(te);
-        }
+        self.refresh()?;
         self.scaler.applied();
         Ok(())
     }
