@@ -33,6 +33,7 @@ mod robustness;
 mod sample_cli;
 mod sample_grid;
 mod single_file_writer;
+mod train_adapters;
 mod train_bad_input;
 mod train_dreambooth;
 mod train_foundations;

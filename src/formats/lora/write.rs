@@ -82,6 +82,13 @@ impl KohyaMetadata {
                 args["dora_wd"] = "True".into();
             }
             m.insert("ss_network_args".into(), args.to_string());
+        } else if let Some((_, _, conv)) = net.iter().find(|(_, _, m)| m.is_conv()) {
+            // kohya's record of a LoCon: the convolutions' rank and alpha
+            let args = serde_json::json!({
+                "conv_dim": conv.rank().to_string(),
+                "conv_alpha": py_float(conv.alpha() as f64),
+            });
+            m.insert("ss_network_args".into(), args.to_string());
         }
         m.insert("ss_base_model_version".into(), "sd_v1".into());
         m.insert("ss_v2".into(), "False".into());
