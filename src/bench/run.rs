@@ -492,6 +492,7 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 .map(String::from)
                 .to_vec(),
             text_encoder: None,
+            method: crate::train::Method::Lora,
         }),
         BenchTask::FullTrain => Some(TrainedPart::FullUnet {
             text_encoder: false,

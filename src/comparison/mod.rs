@@ -423,6 +423,10 @@ pub fn method_label(method: &str) -> String {
         "textual_inversion" => "Textual Inversion".into(),
         "dreambooth" => "DreamBooth".into(),
         "hypernetwork" => "Hypernetwork".into(),
+        "locon" => "LoCon".into(),
+        "loha" => "LoHa".into(),
+        "lokr" => "LoKr".into(),
+        "dora" => "DoRA".into(),
         other => other.into(),
     }
 }

@@ -58,6 +58,8 @@ pub enum TrainedPart {
         targets: Vec<String>,
         /// Module-path suffixes in the text encoder (`q_proj`, `mlp.fc1`…), when it is adapted.
         text_encoder: Option<Vec<String>>,
+        /// The algorithm (`Lora`, `Locon`, `Loha`, `Lokr`, `Dora`).
+        method: crate::train::Method,
     },
     /// `vectors` new token vectors (textual inversion): the text encoder runs under the tape.
     TextualInversion {
@@ -299,6 +301,37 @@ pub fn unet_lora_params(plan: &UNetPlan, rank: usize, targets: &[String]) -> u64
         .filter(|(name, _)| wanted(name))
         .map(|(_, shape)| (rank * (shape[0] + shape[1..].iter().product::<usize>())) as u64)
         .sum()
+}
+
+/// Values of the UNet weights whose paths end with one of `targets` (what full-size updates
+/// of those layers hold).
+pub fn unet_target_weights(plan: &UNetPlan, targets: &[String]) -> u64 {
+    let wanted = |name: &str| targets.iter().any(|t| name.ends_with(&format!(".{t}")));
+    (plan.weight_shapes().iter())
+        .filter(|(name, _)| wanted(name))
+        .map(|(_, shape)| shape.iter().product::<usize>() as u64)
+        .sum()
+}
+
+/// Values of the text encoder's weights whose paths end with one of `targets`.
+pub fn clip_target_weights(c: &ClipConfig, targets: &[String]) -> u64 {
+    let (d, i) = (c.hidden_size, c.intermediate_size);
+    let layer: usize = [
+        ("self_attn.q_proj", d * d),
+        ("self_attn.k_proj", d * d),
+        ("self_attn.v_proj", d * d),
+        ("self_attn.out_proj", d * d),
+        ("mlp.fc1", i * d),
+        ("mlp.fc2", d * i),
+    ]
+    .iter()
+    .filter(|(name, _)| {
+        let path = format!(".{name}");
+        targets.iter().any(|t| path.ends_with(&format!(".{t}")))
+    })
+    .map(|&(_, n)| n)
+    .sum();
+    (c.num_hidden_layers * layer) as u64
 }
 
 /// Parameters of rank-`rank` LoRA adapters on the text encoder's layers whose paths end with one
@@ -591,11 +624,18 @@ pub fn estimate_train(
             rank,
             targets,
             text_encoder,
+            method,
         } => {
             let te = (text_encoder.as_deref())
                 .map(|t| clip_lora_params(&configs.text_encoder, *rank, t))
                 .unwrap_or(0);
-            unet_lora_params(&plan, *rank, targets) + te
+            let lora = unet_lora_params(&plan, *rank, targets) + te;
+            // LoHa holds two LoRA-sized pairs; LoKr's factors are smaller than a LoRA's
+            if *method == crate::train::Method::Loha {
+                2 * lora
+            } else {
+                lora
+            }
         }
         TrainedPart::TextualInversion { vectors } => {
             (*vectors * configs.text_encoder.hidden_size) as u64
@@ -616,7 +656,27 @@ pub fn estimate_train(
         TrainedPart::FullUnet { .. } if ub < 4 => unet * F32,
         _ => 0,
     };
-    let training_state = (copies * (trainable * F32) as f64).ceil() as u64 + masters;
+    // LoHa, LoKr and DoRA act through a full-size ΔW per adapted layer: it and its gradient
+    // in the UNet's element type, and on the host ΔW, its gradient and the frozen weight
+    let full_size = match part {
+        TrainedPart::Lora {
+            method,
+            targets,
+            text_encoder,
+            ..
+        } if matches!(
+            method,
+            crate::train::Method::Loha | crate::train::Method::Lokr | crate::train::Method::Dora
+        ) =>
+        {
+            let te = (text_encoder.as_deref())
+                .map(|t| clip_target_weights(&configs.text_encoder, t))
+                .unwrap_or(0);
+            (unet_target_weights(&plan, targets) + te) * (2 * ub + 3 * F32)
+        }
+        _ => 0,
+    };
+    let training_state = (copies * (trainable * F32) as f64).ceil() as u64 + masters + full_size;
 
     let f = configs.vae.downsampling_factor().max(1);
     let (h, w) = (shape.height / f, shape.width / f);
@@ -748,6 +808,7 @@ mod tests {
                 .map(String::from)
                 .to_vec(),
             text_encoder: None,
+            method: crate::train::Method::Lora,
         };
         for device in ["cpu", "cuda:0"] {
             let plain = estimate_train(&sd15(), &lora, &shape(4, 512, device)).unwrap();
@@ -864,6 +925,7 @@ mod tests {
             rank: 4,
             targets: vec!["to_q".into(), "to_v".into()],
             text_encoder: None,
+            method: crate::train::Method::Lora,
         };
         for part in [
             lora,
@@ -900,6 +962,7 @@ mod tests {
             rank: 16,
             targets,
             text_encoder: None,
+            method: crate::train::Method::Lora,
         };
         let full = TrainedPart::FullUnet {
             text_encoder: false,
@@ -962,6 +1025,7 @@ mod tests {
                 rank: 16,
                 targets: vec!["to_q".into()],
                 text_encoder: None,
+                method: crate::train::Method::Lora,
             },
             &s,
         )

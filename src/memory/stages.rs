@@ -63,6 +63,7 @@ pub fn trained_part(p: &TrainParams, configs: &StoredConfigs) -> TrainedPart {
                 rank: p.lora.rank,
                 targets: p.lora.targets.clone(),
                 text_encoder: (p.lora.text_encoder).then(|| p.lora.text_encoder_targets.clone()),
+                method: p.method,
             }
         }
         Method::TextualInversion => TrainedPart::TextualInversion {
