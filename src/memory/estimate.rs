@@ -660,15 +660,12 @@ pub fn estimate_train(
     // in the UNet's element type, and on the host ΔW, its gradient and the frozen weight
     let full_size = match part {
         TrainedPart::Lora {
-            method,
+            method:
+                crate::train::Method::Loha | crate::train::Method::Lokr | crate::train::Method::Dora,
             targets,
             text_encoder,
             ..
-        } if matches!(
-            method,
-            crate::train::Method::Loha | crate::train::Method::Lokr | crate::train::Method::Dora
-        ) =>
-        {
+        } => {
             let te = (text_encoder.as_deref())
                 .map(|t| clip_target_weights(&configs.text_encoder, t))
                 .unwrap_or(0);

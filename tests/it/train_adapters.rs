@@ -252,3 +252,46 @@ fn lycoris_files_round_trip_and_unsupported_parts_are_named() {
         .to_string();
     assert!(err.contains("only plain LoRA"), "{err}");
 }
+
+#[test]
+fn lycoris_keys_on_methods_without_them_are_refused_at_the_key() {
+    let p = Project::new(pipeline(&["lokr"], 2));
+    for (text, key, says) in [
+        (
+            pipeline(&["lora", "lokr"], 2).set("stage.train.lora.factor", 4),
+            "lora.factor",
+            "method = \"lora\" has none",
+        ),
+        (
+            pipeline(&["lokr"], 2).set("stage.train.lora.factor", 0),
+            "lora.factor",
+            "neither -1 nor a positive factor",
+        ),
+        (
+            pipeline(&["dora"], 2).set("stage.train.lora.dropout", 0.1),
+            "lora.dropout",
+            "full-size weight update",
+        ),
+    ] {
+        p.write_pipeline(text);
+        let run = p.sdpipe(&["plan", "p.toml"]);
+        assert_eq!(run.code, 2, "{}{}", run.stdout, run.stderr);
+        assert!(
+            run.stderr.contains(key) && run.stderr.contains(says) && run.stderr.contains("p.toml:"),
+            "{}",
+            run.stderr
+        );
+    }
+    // a factor LoKr can use changes the split
+    p.write_pipeline(pipeline(&["lokr"], 2).set("stage.train.lora.factor", 2));
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let st = read_safetensors(&p.path("outputs/t/train@method=lokr/lora.safetensors")).unwrap();
+    let w1 =
+        &st.tensors["lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q.lokr_w1"];
+    assert_eq!(
+        w1.shape,
+        vec![2, 2],
+        "32 = 2 × 16 with factor 2 (4 × 8 by default)"
+    );
+}

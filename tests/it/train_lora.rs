@@ -338,7 +338,23 @@ fn min_snr_gamma_weights_the_loss_and_is_validated_at_its_key() {
     let weighted = std::fs::read(p.path("outputs/t/train/lora.safetensors")).unwrap();
     assert!(weighted != unweighted, "the weighting changed nothing");
 
-    p.write_pipeline(plain.set("stage.train.min_snr_gamma", 0.0));
+    // 0 turns it off, as in kohya, so a matrix can sweep it on and off
+    p.write_pipeline(plain.clone().set("stage.train.min_snr_gamma", 0.0));
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    let tensors = |bytes: &[u8]| {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("l.safetensors");
+        std::fs::write(&f, bytes).unwrap();
+        sdpipe::formats::read_safetensors(&f).unwrap().tensors
+    };
+    let off = std::fs::read(p.path("outputs/t/train/lora.safetensors")).unwrap();
+    assert!(
+        tensors(&off) == tensors(&unweighted),
+        "min_snr_gamma = 0 weighted the loss"
+    );
+
+    p.write_pipeline(plain.set("stage.train.min_snr_gamma", -1.0));
     let run = p.sdpipe(&["plan", "p.toml"]);
     assert_eq!(run.code, 2);
     assert!(

@@ -235,7 +235,8 @@ impl KronModule {
     /// A fresh module as LyCORIS builds one with its defaults (`decompose_both = false`):
     /// `out` and `in` split by [`factorization`] with `factor`; `w1 [a, c]` full,
     /// kaiming-uniform (a = √5); `w2 [b, d·kh·kw]` low-rank (`w2_a` kaiming-uniform, `w2_b`
-    /// zero) when `rank < max(b, d)/2`, else full and zero. Deterministic for `seed`.
+    /// zero) when `rank < max(b, d)/2`, else full and zero (and `alpha` set to `rank`, as
+    /// LyCORIS records it: the scale is then 1). Deterministic for `seed`.
     pub fn init(
         shape: &[usize],
         rank: usize,
@@ -262,6 +263,12 @@ impl KronModule {
             let mut s = vec![out_b, in_d];
             s.extend_from_slice(&shape[2..]);
             KronFactor::Full(HostTensor::zeros(s))
+        };
+        // with both factors full the scale is 1, and LyCORIS records alpha = rank
+        let alpha = if w2.rank().is_none() {
+            rank as f32
+        } else {
+            alpha
         };
         Ok(Self {
             w1,

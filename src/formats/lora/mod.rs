@@ -256,13 +256,14 @@ impl NetworkModule {
         }
     }
 
-    /// The rank (`ss_network_dim`); a LoKr of two full factors reports 1 as LyCORIS does.
+    /// The rank (`ss_network_dim`); a LoKr of two full factors has none and reports its alpha,
+    /// which LyCORIS sets to the rank it was made with.
     pub fn rank(&self) -> usize {
         match self {
             NetworkModule::Lora(m) => m.rank(),
             NetworkModule::Dora(m) => m.lora.rank(),
             NetworkModule::Hada(m) => m.rank(),
-            NetworkModule::Kron(m) => m.rank().unwrap_or(1),
+            NetworkModule::Kron(m) => m.rank().unwrap_or((m.alpha.round() as usize).max(1)),
         }
     }
 

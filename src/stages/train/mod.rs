@@ -365,7 +365,8 @@ impl TrainParams {
     /// How this stage weights each sample's loss by its timestep.
     fn loss_weighting(&self) -> LossWeighting {
         LossWeighting {
-            min_snr_gamma: self.min_snr_gamma,
+            // 0 turns it off, as kohya's `if args.min_snr_gamma:` does
+            min_snr_gamma: self.min_snr_gamma.filter(|g| *g > 0.0),
             debiased_estimation: self.debiased_estimation,
         }
     }

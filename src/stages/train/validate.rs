@@ -12,6 +12,50 @@ pub(super) const ZERO_SNR_NEEDS_V: &str = "with zero terminal SNR the last times
      divides by ᾱ = 0 (Lin et al. 2023, §3.2)";
 
 impl TrainParams {
+    /// The LyCORIS keys: `lora.factor` only for LoKr (-1 or a positive factor); no adapter
+    /// dropout for the methods that act through a full-size ΔW.
+    fn validate_lycoris(&self) -> Result<(), ParamError> {
+        let name = serde_json::to_value(self.method)
+            .ok()
+            .and_then(|v| v.as_str().map(String::from))
+            .unwrap_or_default();
+        if self.lora.factor != -1 {
+            if self.method != Method::Lokr {
+                return Err(ParamError::new(
+                    "lora.factor",
+                    format!(
+                        "lora.factor splits LoKr's Kronecker factors, and method = \"{name}\" has none"
+                    ),
+                    "set method = \"lokr\", or leave lora.factor out",
+                ));
+            }
+            if self.lora.factor < 1 {
+                return Err(ParamError::new(
+                    "lora.factor",
+                    format!(
+                        "lora.factor = {} is neither -1 nor a positive factor",
+                        self.lora.factor
+                    ),
+                    "-1 (the default) splits each dimension as close to a square as possible; \
+                     a factor f splits it into f × rest, as LyCORIS' `factor` does (4 or 8 are common)",
+                ));
+            }
+        }
+        if self.lora.dropout > 0.0
+            && matches!(self.method, Method::Loha | Method::Lokr | Method::Dora)
+        {
+            return Err(ParamError::new(
+                "lora.dropout",
+                format!(
+                    "lora.dropout drops a LoRA adapter's input, and method = \"{name}\" acts \
+                     through a full-size weight update instead (LyCORIS has no dropout for it either)"
+                ),
+                "leave lora.dropout out, or use method = \"lora\" or \"locon\"",
+            ));
+        }
+        Ok(())
+    }
+
     /// `prediction_type` and `zero_terminal_snr`: x₀-prediction is not a training target, and
     /// an explicit ε-prediction cannot go with zero terminal SNR (a base model's own ε is
     /// refused when the run loads it).
@@ -201,10 +245,11 @@ impl TrainParams {
             "the global gradient norm is clipped to it; 1.0 is the default, 0 turns clipping off",
         )?;
         if let Some(gamma) = self.min_snr_gamma {
-            checks::positive(
+            checks::non_negative(
                 "min_snr_gamma",
                 gamma,
-                "the SNR at which weights are clipped; 5 is the paper's and kohya's usual value",
+                "the SNR at which weights are clipped; 5 is the paper's and kohya's usual value, \
+                 0 turns it off (as in kohya)",
             )?;
         }
         if let Some(offset) = self.noise_offset {
@@ -365,6 +410,7 @@ impl TrainParams {
                 "the default is [\"q_proj\", \"k_proj\", \"v_proj\", \"out_proj\"]",
             ));
         }
+        self.validate_lycoris()?;
         if let Some(alpha) = self.lora.alpha {
             checks::positive(
                 "lora.alpha",
