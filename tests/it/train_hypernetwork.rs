@@ -268,32 +268,11 @@ fn lora_tags_in_grid_prompts_apply_the_upstream_lora() {
     );
     // the tag merges the LoRA at 0.5 into the weights, as `sample --lora FILE:0.5` does
     let lora = p.path("outputs/t/style/lora.safetensors");
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
-    let out = p.path("half.png");
     let arg = format!("{}:0.5", lora.display());
-    let direct = p.sdpipe(&[
-        "sample",
-        "--model",
-        model,
-        "--prompt",
-        "a photo of zorb",
-        "--steps",
-        "4",
-        "--sampler",
-        "ddim",
-        "--seed",
-        "1",
-        "--width",
-        "16",
-        "--height",
-        "16",
-        "--lora",
-        &arg,
-        "--out",
-        out.to_str().unwrap(),
-    ]);
-    assert_eq!(direct.code, 0, "{}", direct.stderr);
-    assert_eq!(read_rgb(&out).as_raw(), tagged.as_raw());
+    assert_eq!(
+        p.sample_tiny_cell(&["--lora", &arg]).as_raw(),
+        tagged.as_raw()
+    );
     let params =
         sdpipe::render::png_meta::read_parameters(p.path("outputs/t/grid/images/base/01-1.png"))
             .unwrap()

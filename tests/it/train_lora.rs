@@ -601,35 +601,11 @@ fn v_prediction_with_zero_terminal_snr_trains_and_samples_with_its_schedule() {
     let cell = image::open(p.path("outputs/t/grid/images/train/00-1.png"))
         .unwrap()
         .to_rgb8();
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
     let lora = p.path("outputs/t/train/lora.safetensors");
     let sample = |extra: &[&str]| {
-        let out = p.path("direct.png");
-        let mut args = vec![
-            "sample",
-            "--model",
-            model,
-            "--prompt",
-            "a photo of zorb",
-            "--steps",
-            "4",
-            "--sampler",
-            "ddim",
-            "--seed",
-            "1",
-            "--width",
-            "16",
-            "--height",
-            "16",
-            "--lora",
-            lora.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ];
+        let mut args = vec!["--lora", lora.to_str().unwrap()];
         args.extend_from_slice(extra);
-        let run = p.sdpipe(&args);
-        assert_eq!(run.code, 0, "{}", run.stderr);
-        let img = image::open(&out).unwrap().to_rgb8();
+        let img = p.sample_tiny_cell(&args);
         img.as_raw()
             .iter()
             .zip(cell.as_raw())

@@ -88,6 +88,41 @@ impl Project {
         Run::from(self.command(args).output().unwrap())
     }
 
+    /// `sdpipe sample` of the tiny grid's first cell (see `PipelineToml::tiny_grid`: "a photo
+    /// of zorb", seed 1, 4 DDIM steps, 16×16) on the tiny fixture model, with `extra`
+    /// arguments (`--lora FILE`, `--embedding FILE:token`, …); the sampled image.
+    pub fn sample_tiny_cell(&self, extra: &[&str]) -> image::RgbImage {
+        let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
+        let out = self.path("tiny-cell.png");
+        let mut args = vec![
+            "sample",
+            "--model",
+            model,
+            "--prompt",
+            "a photo of zorb",
+            "--steps",
+            "4",
+            "--sampler",
+            "ddim",
+            "--seed",
+            "1",
+            "--width",
+            "16",
+            "--height",
+            "16",
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let run = self.sdpipe(&args);
+        assert_eq!(
+            run.code, 0,
+            "sample {extra:?}: {}{}",
+            run.stdout, run.stderr
+        );
+        image::open(&out).unwrap().to_rgb8()
+    }
+
     pub fn spawn(&self, args: &[&str], env: &[(&str, &str)]) -> Child {
         let mut cmd = self.command(args);
         for (k, v) in env {
