@@ -88,33 +88,8 @@ fn lora_training_learns_writes_kohya_and_changes_the_grid() {
     );
 
     // `sdpipe sample --lora` (merged into the weights) draws the grid's LoRA cell (adapters).
-    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
-    let out = p.path("direct.png");
     let lora_arg = format!("{}:1.0", lora.display());
-    let args = [
-        "sample",
-        "--model",
-        model,
-        "--prompt",
-        "a photo of zorb",
-        "--steps",
-        "4",
-        "--sampler",
-        "ddim",
-        "--seed",
-        "1",
-        "--width",
-        "16",
-        "--height",
-        "16",
-        "--lora",
-        &lora_arg,
-        "--out",
-        out.to_str().unwrap(),
-    ];
-    let direct = p.sdpipe(&args);
-    assert_eq!(direct.code, 0, "{}", direct.stderr);
-    let merged = image::open(&out).unwrap().to_rgb8();
+    let merged = p.sample_tiny_cell(&["--lora", &lora_arg]);
     let diff = merged
         .as_raw()
         .iter()
@@ -126,6 +101,7 @@ fn lora_training_learns_writes_kohya_and_changes_the_grid() {
         diff <= 2,
         "merged and unmerged LoRA images differ by {diff}/255"
     );
+    let model = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/tiny-sd");
     let bad = p.sdpipe(&[
         "sample",
         "--model",
