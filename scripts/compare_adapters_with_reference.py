@@ -31,6 +31,12 @@ Usage (from the repository root, after `cargo build --release`):
 
     pip install torch diffusers transformers peft safetensors
     python3 scripts/compare_adapters_with_reference.py --model tests/fixtures/tiny-sd
+
+and, for LoHa, LoKr and DoRA on convolutions too and LoKr with a low-rank `w2` scaled by
+alpha/r = 2:
+
+    python3 scripts/compare_adapters_with_reference.py --rank 1 \
+        --targets to_q,to_k,to_v,to_out.0,conv1,conv2
 """
 
 import argparse
@@ -83,8 +89,9 @@ steps = 30
 lr = 1e-2
 
 [stage.train.lora]
-rank = 4
+rank = {rank}
 alpha = 2
+{targets}
 """
 
 
@@ -226,6 +233,8 @@ def main():
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--cfg", type=float, default=7.5)
     ap.add_argument("--keep", action="store_true", help="keep the temporary project")
+    ap.add_argument("--rank", type=int, default=4, help="adapter rank (2 makes LoKr's w2 low-rank on the tiny model)")
+    ap.add_argument("--targets", default="", help="comma-separated lora.targets, e.g. to_q,to_k,to_v,to_out.0,conv1,conv2 (default: each method's own)")
     args = ap.parse_args()
 
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -239,7 +248,11 @@ def main():
     work = tempfile.mkdtemp(prefix="sdpipe-adapters-")
     shutil.copytree(args.images, os.path.join(work, "images"))
     with open(os.path.join(work, "p.toml"), "w") as f:
-        f.write(PIPELINE.format(model=model))
+        f.write(PIPELINE.format(
+            model=model,
+            rank=args.rank,
+            targets=f"targets = {json.dumps(args.targets.split(','))}" if args.targets else "",
+        ))
     print(f"training in {work} ...", flush=True)
     run([sdpipe, "run", "p.toml"], cwd=work)
     out = os.path.join(work, "outputs", "cmp")
