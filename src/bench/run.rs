@@ -262,7 +262,6 @@ pub fn run_on<E: Elem, D: Device<f32> + Device<E> + dfdx::tensor::Synchronize>(
                 },
                 optimizer: &mut optimizer,
                 scratch: &scratch,
-                alpha: rank as f32,
                 dropout: 0.0,
                 seed: opts.seed,
                 te_lr_factor: 1.0,

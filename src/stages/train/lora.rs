@@ -143,7 +143,6 @@ impl TrainParams {
             },
             optimizer: &mut optimizer,
             scratch: &scratch,
-            alpha: self.alpha(),
             dropout: self.lora.dropout,
             seed,
             te_lr_factor: self.lora.text_encoder_lr.map_or(1.0, |l| l / self.lr),

@@ -29,7 +29,6 @@ pub struct LoraSteps<'a, D: Device<f32> + Device<E>, E: Elem> {
     pub text: TextInputs<'a, D>,
     pub optimizer: &'a mut Optimizer<D>,
     pub scratch: &'a Path,
-    pub alpha: f32,
     pub dropout: f32,
     pub seed: u64,
     /// Text-encoder learning rate / UNet learning rate.
