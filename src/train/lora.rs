@@ -581,12 +581,13 @@ pub fn adapter_grads<E: Elem, D: Device<E>, M: LoraTarget<D, E>>(
     out
 }
 
-/// Replaces every `<module>.delta_weight` gradient in `grads` by the gradients of that
-/// module's factors ([`super::lycoris::factor_grads`]), the module taken from `network` (its
-/// current values) and its frozen weight from `weights` (module path → weight).
+/// Replaces every `<module>.delta_weight` gradient in `grads` (the UNet's and the text
+/// encoder's) by the gradients of that module's factors ([`super::lycoris::factor_grads`]), the
+/// module taken from `network` (its current values) and its frozen weight from `weights`
+/// (module path → weight).
 pub fn factor_grads_of(
     grads: &mut BTreeMap<String, HostTensor>,
-    network: &BTreeMap<String, NetworkModule>,
+    network: &LoraNetwork,
     weights: &BTreeMap<String, HostTensor>,
 ) -> Result<(), LoraTrainError> {
     let keys: Vec<String> = (grads.keys())
@@ -602,7 +603,8 @@ pub fn factor_grads_of(
             name: name.to_string(),
             reason,
         };
-        let (Some(module), Some(weight)) = (network.get(name), weights.get(name)) else {
+        let module = (network.unet.get(name)).or_else(|| network.text_encoder.get(name));
+        let (Some(module), Some(weight)) = (module, weights.get(name)) else {
             return Err(shape_error("no module for its ΔW gradient".into()));
         };
         for (suffix, grad) in

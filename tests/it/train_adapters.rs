@@ -267,3 +267,23 @@ fn lycoris_keys_on_methods_without_them_are_refused_at_the_key() {
         "32 = 2 × 16 with factor 2 (4 × 8 by default)"
     );
 }
+
+#[test]
+fn adapter_methods_train_the_text_encoder_too() {
+    let text = pipeline(&["loha", "dora"], 4).set("stage.train.lora.text_encoder", true);
+    let p = Project::new(text);
+    let run = p.sdpipe(&["run", "p.toml"]);
+    assert_eq!(run.code, 0, "{}{}", run.stdout, run.stderr);
+    for (method, kind) in [("loha", ModuleKind::Hada), ("dora", ModuleKind::Dora)] {
+        let file = p.path(&format!("outputs/t/train@method={method}/lora.safetensors"));
+        let (net, _) = read_lora(&file, None).unwrap();
+        assert!(
+            !net.text_encoder.is_empty(),
+            "{method}: no text-encoder modules"
+        );
+        assert!(
+            net.text_encoder.values().all(|m| m.kind() == kind),
+            "{method}"
+        );
+    }
+}

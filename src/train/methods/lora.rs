@@ -112,8 +112,7 @@ impl<D: Device<f32> + Device<E>, E: Elem> TrainStep<D> for LoraSteps<'_, D, E> {
         let mut out = g.unet;
         out.extend(g.text_encoder);
         // LoHa, LoKr and DoRA: ΔW's gradient to the factors'
-        factor_grads_of(&mut out, &self.modules.unet, &self.base_weights)?;
-        factor_grads_of(&mut out, &self.modules.text_encoder, &self.base_weights)?;
+        factor_grads_of(&mut out, &self.modules, &self.base_weights)?;
         Ok((g.loss, out))
     }
 
