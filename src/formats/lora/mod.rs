@@ -507,11 +507,11 @@ impl LoraNetwork {
                     avail.join(", ")
                 ));
             };
-            let fits = match m {
+            let fitting = match m {
                 NetworkModule::Lora(l) => *w == l.weight_shape(),
                 _ => fits(&m.weight_shape(), w),
             };
-            if !fits {
+            if !fitting {
                 let detail = match m {
                     NetworkModule::Lora(l) => {
                         format!("down {:?} / up {:?}", l.down.shape, l.up.shape)
